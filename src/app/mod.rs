@@ -1,0 +1,909 @@
+//! The use-cases: submit, wait, vote, cancel, expire, grant, pair, audit.
+//!
+//! [`Gateway`] ties the pure core to a [`Store`]. It knows nothing of sockets
+//! or Discord: every surface (socket, CLI, bot) calls these methods, so every
+//! surface gets the same rules, the same audit and the same answers.
+
+pub mod scheduler;
+mod waiters;
+
+use crate::config::Config;
+use crate::domain::audit::{self, events, AuditEntry, AuditEvent};
+use crate::domain::pairing;
+use crate::domain::policy::{
+    self, AllowlistAnswer, Call, Effect, Facts, Grant, PolicySettings, PolicyState, Scope,
+    ToolPattern, Verdict,
+};
+use crate::domain::redact::{self, Redactor};
+use crate::domain::request::{ApprovalRequest, DecidedBy, RequestId, State, TransitionError, Vote};
+use crate::domain::Risk;
+use crate::store::{PairedUser, PairingRefused, PendingPairing, Store, StoreError, StoredGrant};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+use uuid::Uuid;
+pub use waiters::Waiters;
+
+/// Wall-clock now in epoch milliseconds. The only clock read outside tests.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// What went wrong, with a stable code for the socket and a message safe to show.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    InvalidParams(String),
+    #[error("no request with id {0}")]
+    NotFound(String),
+    #[error("already decided: {0}")]
+    AlreadyDecided(State),
+    #[error("{0} has already voted on this request")]
+    AlreadyVoted(String),
+    #[error("this operation is for admins only")]
+    NotAdmin,
+    #[error("this is a critical request: only an admin may decide it")]
+    AdminOnly,
+    #[error("agent `{0}` is not allowed to connect from uid {1}")]
+    AgentRefused(String, u32),
+    #[error("request {0} belongs to another agent")]
+    NotYourRequest(String),
+    #[error("agent `{agent}` already has {max} pending requests; wait for some to be decided")]
+    TooManyPending { agent: String, max: usize },
+    #[error("{0}")]
+    Pairing(String),
+    #[error("internal error; the call was not carried out (see the server log)")]
+    Store(#[from] StoreError),
+}
+
+impl AppError {
+    /// A stable snake_case code for clients to match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AppError::InvalidParams(_) => "invalid_params",
+            AppError::NotFound(_) => "not_found",
+            AppError::AlreadyDecided(_) => "already_decided",
+            AppError::AlreadyVoted(_) => "already_voted",
+            AppError::NotAdmin => "not_admin",
+            AppError::AdminOnly => "admin_only",
+            AppError::AgentRefused(..) => "agent_refused",
+            AppError::NotYourRequest(_) => "not_your_request",
+            AppError::TooManyPending { .. } => "too_many_pending",
+            AppError::Pairing(_) => "pairing_refused",
+            AppError::Store(_) => "internal",
+        }
+    }
+}
+
+fn bad(msg: impl Into<String>) -> AppError {
+    AppError::InvalidParams(msg.into())
+}
+
+/// A tool call as an agent submits it.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Submission {
+    pub tool: String,
+    pub args: serde_json::Value,
+    pub user_id: Option<String>,
+    pub channel_id: Option<String>,
+    pub justification: String,
+    pub task_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    /// Cost of this call, counted against the task budget.
+    pub cost: f64,
+    /// Ask for a shorter (or longer, up to the maximum) wait than the default.
+    pub timeout_secs: Option<u64>,
+    /// Nobody is watching: deny at once instead of asking a human.
+    pub unattended: bool,
+}
+
+/// A change that surfaces (the Discord bot) follow.
+#[derive(Debug, Clone)]
+pub enum RequestEvent {
+    /// A request now waits for a human.
+    Queued(ApprovalRequest),
+    /// A request reached its terminal state (any source).
+    Resolved(ApprovalRequest),
+}
+
+/// What `check` answers: what the policy would do, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckAnswer {
+    pub verdict: Verdict,
+    pub risk: Risk,
+    pub allowlist: AllowlistAnswer,
+}
+
+/// The live policy data: config entries merged with the store's.
+#[derive(Default)]
+struct PolicyView {
+    grants: Vec<Grant>,
+    risks: HashMap<String, Risk>,
+    /// Paired user id → roles.
+    users: HashMap<String, Vec<String>>,
+}
+
+/// Limits on submitted fields.
+const MAX_ID_LEN: usize = 100;
+const MAX_KEY_LEN: usize = 200;
+
+pub struct Gateway {
+    cfg: Arc<Config>,
+    store: Arc<dyn Store>,
+    redactor: Redactor,
+    settings: PolicySettings,
+    view: RwLock<PolicyView>,
+    limits: Mutex<PolicyState>,
+    waiters: Waiters,
+    deadlines: mpsc::Sender<(i64, RequestId)>,
+    events: broadcast::Sender<RequestEvent>,
+    server_uid: u32,
+}
+
+impl Gateway {
+    /// Builds the gateway and loads the policy view. The receiver is for
+    /// [`scheduler::run`].
+    pub async fn new(
+        cfg: Arc<Config>,
+        store: Arc<dyn Store>,
+        server_uid: u32,
+    ) -> Result<(Arc<Gateway>, mpsc::Receiver<(i64, RequestId)>), AppError> {
+        let (deadlines, rx) = mpsc::channel(65_536);
+        let (events, _) = broadcast::channel(4096);
+        let gw = Arc::new(Gateway {
+            settings: cfg.policy_settings(),
+            redactor: Redactor::default(),
+            cfg,
+            store,
+            view: RwLock::default(),
+            limits: Mutex::default(),
+            waiters: Waiters::default(),
+            deadlines,
+            events,
+            server_uid,
+        });
+        gw.refresh_policy().await?;
+        Ok((gw, rx))
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<RequestEvent> {
+        self.events.subscribe()
+    }
+
+    /// Reloads grants, tool risks and paired users from config and store.
+    pub async fn refresh_policy(&self) -> Result<(), AppError> {
+        let mut grants = self.cfg.config_grants().map_err(|e| bad(e.to_string()))?;
+        grants.extend(self.store.grants().await?.into_iter().map(|g| g.grant));
+        let mut risks: HashMap<String, Risk> = self
+            .cfg
+            .tools
+            .iter()
+            .map(|t| (t.name.clone(), t.risk))
+            .collect();
+        risks.extend(self.store.tool_risks().await?);
+        let mut users: HashMap<String, Vec<String>> = self
+            .cfg
+            .users
+            .iter()
+            .map(|u| (u.id.clone(), u.roles.clone()))
+            .collect();
+        for u in self.store.paired_users().await? {
+            users.entry(u.user_id).or_default().extend(u.roles);
+        }
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = PolicyView {
+            grants,
+            risks,
+            users,
+        };
+        Ok(())
+    }
+
+    /// Whether `uid` may run admin operations.
+    pub fn is_admin_uid(&self, uid: u32) -> bool {
+        if self.cfg.admin.uids.is_empty() {
+            uid == self.server_uid
+        } else {
+            self.cfg.admin.uids.contains(&uid)
+        }
+    }
+
+    /// Whether some agent or admin may connect from `uid` at all.
+    pub fn uid_may_connect(&self, uid: u32) -> bool {
+        self.is_admin_uid(uid) || self.cfg.agents.iter().any(|a| self.agent_uid_ok(a, uid))
+    }
+
+    fn agent_uid_ok(&self, a: &crate::config::AgentConfig, uid: u32) -> bool {
+        if a.uids.is_empty() {
+            uid == self.server_uid
+        } else {
+            a.uids.contains(&uid)
+        }
+    }
+
+    /// Checks that `name` is a configured agent allowed from `uid`, with the
+    /// right token if it has one.
+    pub fn authenticate_agent(
+        &self,
+        name: &str,
+        token: Option<&str>,
+        uid: u32,
+    ) -> Result<(), AppError> {
+        let refused = || AppError::AgentRefused(name.chars().take(64).collect(), uid);
+        let a = self.cfg.agent(name).ok_or_else(refused)?;
+        if !self.agent_uid_ok(a, uid) {
+            return Err(refused());
+        }
+        if !a.token.0.is_empty() {
+            use subtle::ConstantTimeEq;
+            let given = token.unwrap_or("").as_bytes();
+            if !bool::from(given.ct_eq(a.token.0.as_bytes())) {
+                return Err(refused());
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self, s: &Submission) -> Result<(), AppError> {
+        policy::validate_tool_name(&s.tool).map_err(bad)?;
+        if !s.args.is_object() {
+            return Err(bad("`args` must be a JSON object"));
+        }
+        let size = s.args.to_string().len();
+        if size > self.cfg.server.max_args_bytes {
+            return Err(bad(format!(
+                "`args` is {size} bytes; the limit is {} (server.max_args_bytes)",
+                self.cfg.server.max_args_bytes
+            )));
+        }
+        if s.justification.len() > self.cfg.server.max_justification_bytes {
+            return Err(bad(format!(
+                "`justification` is {} bytes; the limit is {}",
+                s.justification.len(),
+                self.cfg.server.max_justification_bytes
+            )));
+        }
+        for (field, v, kind) in [
+            ("user_id", &s.user_id, "user"),
+            ("channel_id", &s.channel_id, "channel"),
+        ] {
+            if let Some(v) = v {
+                if v.len() > MAX_ID_LEN || Scope::new(kind, v).is_err() {
+                    return Err(bad(format!(
+                        "`{field}` must be 1-{MAX_ID_LEN} characters of letters, digits, `_-.@`"
+                    )));
+                }
+            }
+        }
+        for (field, v) in [
+            ("task_id", &s.task_id),
+            ("idempotency_key", &s.idempotency_key),
+        ] {
+            if let Some(v) = v {
+                if v.is_empty() || v.len() > MAX_KEY_LEN || v.chars().any(char::is_control) {
+                    return Err(bad(format!(
+                        "`{field}` must be 1-{MAX_KEY_LEN} bytes without control characters"
+                    )));
+                }
+            }
+        }
+        if !(s.cost.is_finite() && s.cost >= 0.0) {
+            return Err(bad("`cost` must be a finite number >= 0"));
+        }
+        if s.timeout_secs == Some(0) {
+            return Err(bad("`timeout_secs` must be at least 1"));
+        }
+        Ok(())
+    }
+
+    fn evaluate(
+        &self,
+        agent: &str,
+        s: &Submission,
+        now: i64,
+        dry_run: bool,
+    ) -> (Verdict, Risk, AllowlistAnswer) {
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        let no_roles = Vec::new();
+        let roles = s
+            .user_id
+            .as_ref()
+            .and_then(|u| view.users.get(u))
+            .unwrap_or(&no_roles);
+        let call = Call {
+            agent,
+            user: s.user_id.as_deref(),
+            roles,
+            channel: s.channel_id.as_deref(),
+            tool: &s.tool,
+            task: s.task_id.as_deref(),
+            cost: s.cost,
+        };
+        let agent_cfg = self.cfg.agent(agent);
+        let risk = view.risks.get(&s.tool).copied().unwrap_or(Risk::High);
+        let facts = Facts {
+            agent_known: agent_cfg.is_some(),
+            user_paired: s
+                .user_id
+                .as_ref()
+                .is_some_and(|u| view.users.contains_key(u)),
+            unattended: s.unattended || agent_cfg.is_some_and(|a| a.unattended),
+            risk,
+            ..Facts::default()
+        };
+        let allowlist = policy::resolve_allowlist(&view.grants, &call);
+        let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        let verdict = policy::evaluate(
+            &self.settings,
+            &view.grants,
+            &call,
+            &facts,
+            &mut limits,
+            now,
+            dry_run,
+        );
+        (verdict, risk, allowlist)
+    }
+
+    /// What the policy would do with `s`, without queueing or using a token.
+    pub fn check(&self, agent: &str, s: &Submission) -> Result<CheckAnswer, AppError> {
+        self.validate(s)?;
+        let (verdict, risk, allowlist) = self.evaluate(agent, s, now_ms(), true);
+        Ok(CheckAnswer {
+            verdict,
+            risk,
+            allowlist,
+        })
+    }
+
+    /// Submits a call. Returns the request, already terminal when the policy
+    /// decided it, or pending (persisted, with its deadline scheduled).
+    pub async fn submit(&self, agent: &str, s: Submission) -> Result<ApprovalRequest, AppError> {
+        self.validate(&s)?;
+        if let Some(key) = &s.idempotency_key {
+            if let Some(existing) = self.store.find_by_idempotency_key(agent, key).await? {
+                return Ok(existing);
+            }
+        }
+        let now = now_ms();
+        let (verdict, tool_risk, _) = self.evaluate(agent, &s, now, false);
+        let redacted = self.redactor.redact_value(&s.args);
+        let (justification, _) = self.redactor.redact_text(&s.justification);
+        let mut req = ApprovalRequest {
+            id: RequestId(Uuid::new_v4()),
+            agent: agent.to_string(),
+            args_hash: redact::args_hash(&s.args),
+            args: redacted.value,
+            tool: s.tool,
+            user_id: s.user_id,
+            channel_id: s.channel_id,
+            justification,
+            task_id: s.task_id,
+            idempotency_key: s.idempotency_key,
+            risk: match &verdict {
+                Verdict::Allow { risk, .. } | Verdict::Ask { risk, .. } => *risk,
+                Verdict::Deny { .. } => tool_risk,
+            },
+            approvals_required: 1,
+            admin_only: false,
+            rule: verdict.rule().to_string(),
+            rule_detail: String::new(),
+            flags: vec![],
+            created_ms: now,
+            deadline_ms: now,
+            state: State::Pending,
+            decided_by: None,
+            decided_who: None,
+            decided_reason: None,
+            decided_ms: None,
+        };
+        match &verdict {
+            Verdict::Allow { detail, log, .. } => {
+                req.rule_detail = detail.clone();
+                req.state = State::Approved;
+                if *log {
+                    tracing::info!(request.id = %req.id, agent = %req.agent, tool = %req.tool, rule = %req.rule, "allowed and logged");
+                }
+            }
+            Verdict::Deny { detail, .. } => {
+                req.rule_detail = detail.clone();
+                req.state = State::Denied;
+            }
+            Verdict::Ask {
+                risk,
+                admin_only,
+                approvals,
+                detail,
+                ..
+            } => {
+                let max = self.cfg.agent(agent).map(|a| a.max_pending).unwrap_or(0);
+                if self.store.count_pending_for_agent(agent).await? >= max as u64 {
+                    return Err(AppError::TooManyPending {
+                        agent: agent.to_string(),
+                        max,
+                    });
+                }
+                let default = self.cfg.timeout_for(*risk);
+                let wanted = s.timeout_secs.map(Duration::from_secs).unwrap_or(default);
+                let wait = wanted.min(self.cfg.risk.max_timeout.0);
+                req.deadline_ms = now + wait.as_millis() as i64;
+                req.admin_only = *admin_only;
+                req.approvals_required = *approvals;
+                req.rule_detail = detail.clone();
+            }
+        }
+        if req.state.is_terminal() {
+            req.decided_by = Some(DecidedBy::Policy);
+            req.decided_who = Some("policy".into());
+            req.decided_reason = Some(req.rule_detail.clone());
+            req.decided_ms = Some(now);
+        }
+        let audit = vec![events::submitted(&req), events::policy(&req)];
+        let req = match self.store.insert_request(req, audit).await? {
+            crate::store::Inserted::Existing(r) => return Ok(r),
+            crate::store::Inserted::New(r) => r,
+        };
+        if req.state == State::Pending {
+            tracing::info!(request.id = %req.id, agent = %req.agent, tool = %req.tool, risk = %req.risk, "queued for approval");
+            // Bounded channel: if the scheduler is far behind, the submit waits.
+            if self
+                .deadlines
+                .send((req.deadline_ms, req.id))
+                .await
+                .is_err()
+            {
+                tracing::error!(request.id = %req.id, "deadline scheduler is gone");
+            }
+            let _ = self.events.send(RequestEvent::Queued(req.clone()));
+        }
+        Ok(req)
+    }
+
+    /// The request as stored.
+    pub async fn status(&self, id: RequestId) -> Result<ApprovalRequest, AppError> {
+        self.store
+            .get_request(id)
+            .await?
+            .ok_or_else(|| AppError::NotFound(id.to_string()))
+    }
+
+    /// Checks that `agent` submitted `id` (admins may see every request).
+    pub async fn status_for(
+        &self,
+        id: RequestId,
+        agent: Option<&str>,
+    ) -> Result<ApprovalRequest, AppError> {
+        let r = self.status(id).await?;
+        match agent {
+            Some(a) if a != r.agent => Err(AppError::NotYourRequest(id.to_string())),
+            _ => Ok(r),
+        }
+    }
+
+    /// Blocks until `id` is terminal, or `max_wait` passes (then returns it pending).
+    pub async fn wait(
+        &self,
+        id: RequestId,
+        agent: Option<&str>,
+        max_wait: Option<Duration>,
+    ) -> Result<ApprovalRequest, AppError> {
+        let woken = self.waiters.register(id);
+        let r = self.status_for(id, agent).await?;
+        if r.state.is_terminal() {
+            return Ok(r);
+        }
+        // The scheduler times the request out at its deadline; the grace
+        // covers a store that is briefly slow.
+        let until_deadline = Duration::from_millis((r.deadline_ms - now_ms()).max(0) as u64)
+            + Duration::from_secs(5);
+        let limit = max_wait.map_or(until_deadline, |m| m.min(until_deadline));
+        match tokio::time::timeout(limit, woken).await {
+            Ok(Ok(done)) => Ok(done),
+            _ => self.status(id).await,
+        }
+    }
+
+    /// Records a person's vote. `is_admin` says whether the voter may decide
+    /// critical requests.
+    pub async fn vote(
+        &self,
+        id: RequestId,
+        voter: &str,
+        name: Option<String>,
+        approve: bool,
+        reason: Option<String>,
+        is_admin: bool,
+    ) -> Result<crate::store::Voted, AppError> {
+        let r = self.status(id).await?;
+        if r.admin_only && !is_admin {
+            return Err(AppError::AdminOnly);
+        }
+        let reason = reason
+            .filter(|r| !r.trim().is_empty())
+            .map(|r| self.redactor.redact_text(&r).0);
+        let vote = Vote {
+            voter: voter.to_string(),
+            name,
+            approve,
+            reason,
+            at_ms: now_ms(),
+        };
+        match self.store.vote(id, vote).await? {
+            Ok(v) => {
+                if v.request.state.is_terminal() {
+                    tracing::info!(request.id = %id, state = %v.request.state, "decided");
+                    self.finished(&v.request);
+                }
+                Ok(v)
+            }
+            Err(TransitionError::PastDeadline) => {
+                // The decision lost to the timeout; make the timeout happen now.
+                let _ = self.expire(id).await;
+                Err(AppError::AlreadyDecided(State::TimedOut))
+            }
+            Err(e) => Err(transition(id, e)),
+        }
+    }
+
+    /// Cancels a pending request.
+    pub async fn cancel(
+        &self,
+        id: RequestId,
+        who: &str,
+        agent: Option<&str>,
+        reason: Option<String>,
+    ) -> Result<ApprovalRequest, AppError> {
+        self.status_for(id, agent).await?;
+        match self
+            .store
+            .cancel(id, who.to_string(), reason, now_ms())
+            .await?
+        {
+            Ok(r) => {
+                self.finished(&r);
+                Ok(r)
+            }
+            Err(e) => Err(transition(id, e)),
+        }
+    }
+
+    /// Times out `id` if its deadline has passed (called by the scheduler).
+    pub async fn expire(&self, id: RequestId) -> Result<(), AppError> {
+        match self.store.time_out(id, now_ms()).await? {
+            Ok(r) => {
+                tracing::info!(request.id = %id, "timed out");
+                self.finished(&r);
+            }
+            Err(TransitionError::NotDue) => {
+                // Woken early (clock change): schedule again.
+                if let Ok(r) = self.status(id).await {
+                    let _ = self.deadlines.send((r.deadline_ms, id)).await;
+                }
+            }
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    fn finished(&self, r: &ApprovalRequest) {
+        self.waiters.wake(r);
+        let _ = self.events.send(RequestEvent::Resolved(r.clone()));
+    }
+
+    pub async fn pending(&self, limit: u32) -> Result<Vec<ApprovalRequest>, AppError> {
+        Ok(self.store.pending(limit).await?)
+    }
+
+    // ---- grants and risks ------------------------------------------------
+
+    pub async fn grant(
+        &self,
+        scope: &str,
+        tool: &str,
+        effect: Effect,
+        by: &str,
+    ) -> Result<bool, AppError> {
+        let scope: Scope = scope.parse().map_err(bad)?;
+        let tool: ToolPattern = tool.parse().map_err(bad)?;
+        let g = Grant {
+            scope,
+            tool,
+            effect,
+            source: "store".into(),
+        };
+        let added = self.store.add_grant(g, by.to_string(), now_ms()).await?;
+        self.refresh_policy().await?;
+        Ok(added)
+    }
+
+    pub async fn revoke(
+        &self,
+        scope: &str,
+        tool: &str,
+        effect: Effect,
+        by: &str,
+    ) -> Result<bool, AppError> {
+        let scope: Scope = scope.parse().map_err(bad)?;
+        let tool: ToolPattern = tool.parse().map_err(bad)?;
+        if self
+            .cfg
+            .config_grants()
+            .map_err(|e| bad(e.to_string()))?
+            .iter()
+            .any(|g| g.scope == scope && g.tool == tool && g.effect == effect)
+        {
+            return Err(bad(format!(
+                "`{tool}` in {scope} is granted by the config file; remove it there"
+            )));
+        }
+        let removed = self
+            .store
+            .remove_grant(scope, tool, effect, by.to_string(), now_ms())
+            .await?;
+        self.refresh_policy().await?;
+        Ok(removed)
+    }
+
+    /// Every grant, config first, optionally only one scope.
+    pub async fn grants(&self, scope: Option<&str>) -> Result<Vec<StoredGrant>, AppError> {
+        let scope: Option<Scope> = scope.map(str::parse).transpose().map_err(bad)?;
+        let mut all: Vec<StoredGrant> = self
+            .cfg
+            .config_grants()
+            .map_err(|e| bad(e.to_string()))?
+            .into_iter()
+            .map(|grant| StoredGrant {
+                grant,
+                created_by: "config".into(),
+                created_ms: 0,
+            })
+            .collect();
+        all.extend(self.store.grants().await?);
+        Ok(all
+            .into_iter()
+            .filter(|g| scope.as_ref().is_none_or(|s| &g.grant.scope == s))
+            .collect())
+    }
+
+    /// Which scope decides for a context, and what it says about `tool`.
+    pub fn effective(
+        &self,
+        agent: &str,
+        user: Option<&str>,
+        channel: Option<&str>,
+        roles: Option<Vec<String>>,
+        tool: &str,
+    ) -> Result<AllowlistAnswer, AppError> {
+        if tool != "*" {
+            policy::validate_tool_name(tool).map_err(bad)?;
+        }
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        let roles = roles.unwrap_or_else(|| {
+            user.and_then(|u| view.users.get(u))
+                .cloned()
+                .unwrap_or_default()
+        });
+        let call = Call {
+            agent,
+            user,
+            roles: &roles,
+            channel,
+            tool,
+            task: None,
+            cost: 0.0,
+        };
+        Ok(policy::resolve_allowlist(&view.grants, &call))
+    }
+
+    pub async fn set_risk(&self, tool: &str, risk: Option<Risk>, by: &str) -> Result<(), AppError> {
+        policy::validate_tool_name(tool).map_err(bad)?;
+        self.store
+            .set_tool_risk(tool.to_string(), risk, by.to_string(), now_ms())
+            .await?;
+        self.refresh_policy().await
+    }
+
+    /// Every tool with a known risk (config, then store overrides).
+    pub fn tool_risks(&self) -> Vec<(String, Risk)> {
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(String, Risk)> = view.risks.iter().map(|(k, r)| (k.clone(), *r)).collect();
+        v.sort();
+        v
+    }
+
+    // ---- pairing ---------------------------------------------------------
+
+    /// Issues a pairing code for an unknown user (shown to them once).
+    pub async fn request_pairing(
+        &self,
+        user_id: &str,
+        display_name: Option<String>,
+    ) -> Result<(String, i64), AppError> {
+        Scope::new("user", user_id).map_err(bad)?;
+        if self
+            .view
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .users
+            .contains_key(user_id)
+        {
+            return Err(AppError::Pairing(format!(
+                "user {user_id} is already paired"
+            )));
+        }
+        let code = loop {
+            let mut bytes = [0u8; 64];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+            if let Some(c) = pairing::code_from_random(&bytes) {
+                break c;
+            }
+        };
+        let now = now_ms();
+        let expires = now + self.cfg.pairing.code_ttl.0.as_millis() as i64;
+        let display_name = display_name.map(|n| n.chars().take(100).collect());
+        match self
+            .store
+            .create_pairing_code(
+                user_id.to_string(),
+                display_name,
+                pairing::hash_code(&code),
+                now,
+                expires,
+                self.cfg.pairing.max_live_codes,
+            )
+            .await?
+        {
+            Ok(()) => Ok((code, expires)),
+            Err(e @ (PairingRefused::AlreadyPaired(_) | PairingRefused::TooManyCodes(_))) => {
+                Err(AppError::Pairing(e.to_string()))
+            }
+        }
+    }
+
+    /// Approves a typed code; returns the user now paired.
+    pub async fn approve_pairing(&self, code: &str, by: &str) -> Result<PairedUser, AppError> {
+        let code = pairing::normalize(code);
+        if code.len() != pairing::CODE_LEN {
+            return Err(bad(format!(
+                "a pairing code has {} characters",
+                pairing::CODE_LEN
+            )));
+        }
+        let user = self
+            .store
+            .redeem_pairing_code(code, by.to_string(), now_ms())
+            .await?
+            .ok_or_else(|| {
+                AppError::Pairing("no live pairing code matches (wrong, used or expired)".into())
+            })?;
+        self.refresh_policy().await?;
+        Ok(user)
+    }
+
+    /// Pairs a user directly, with optional roles.
+    pub async fn pair_user(
+        &self,
+        user_id: &str,
+        roles: Vec<String>,
+        by: &str,
+    ) -> Result<bool, AppError> {
+        Scope::new("user", user_id).map_err(bad)?;
+        for r in &roles {
+            Scope::new("role", r).map_err(bad)?;
+        }
+        let added = self
+            .store
+            .pair_user(PairedUser {
+                user_id: user_id.to_string(),
+                roles,
+                display_name: None,
+                paired_by: by.to_string(),
+                paired_ms: now_ms(),
+            })
+            .await?;
+        self.refresh_policy().await?;
+        Ok(added)
+    }
+
+    pub async fn revoke_pairing(&self, user_id: &str, by: &str) -> Result<bool, AppError> {
+        if self.cfg.users.iter().any(|u| u.id == user_id) {
+            return Err(bad(format!(
+                "user {user_id} is paired by the config file; remove it there"
+            )));
+        }
+        let removed = self
+            .store
+            .unpair_user(user_id.to_string(), by.to_string(), now_ms())
+            .await?;
+        self.refresh_policy().await?;
+        Ok(removed)
+    }
+
+    pub async fn pairings(&self) -> Result<(Vec<PairedUser>, Vec<PendingPairing>), AppError> {
+        let mut users: Vec<PairedUser> = self
+            .cfg
+            .users
+            .iter()
+            .map(|u| PairedUser {
+                user_id: u.id.clone(),
+                roles: u.roles.clone(),
+                display_name: None,
+                paired_by: "config".into(),
+                paired_ms: 0,
+            })
+            .collect();
+        users.extend(self.store.paired_users().await?);
+        Ok((users, self.store.pairing_codes(now_ms()).await?))
+    }
+
+    // ---- audit -----------------------------------------------------------
+
+    pub async fn audit(&self, event: AuditEvent) -> Result<(), AppError> {
+        Ok(self.store.append_audit(vec![event]).await?)
+    }
+
+    pub async fn audit_tail(&self, n: u32) -> Result<Vec<AuditEntry>, AppError> {
+        Ok(self.store.audit_tail(n).await?)
+    }
+
+    pub async fn audit_after(&self, after: i64, limit: u32) -> Result<Vec<AuditEntry>, AppError> {
+        Ok(self.store.audit_after(after, limit).await?)
+    }
+
+    /// Walks the whole chain; `Err` names the first broken entry.
+    pub async fn audit_verify(&self) -> Result<Result<u64, audit::Break>, AppError> {
+        let (head_seq, head_hash) = self.store.audit_head().await?;
+        let mut after = 0;
+        let mut expected: Option<(i64, String)> = None;
+        let mut total = 0;
+        loop {
+            let page = self.store.audit_after(after, 5000).await?;
+            let Some(last) = page.last().cloned() else {
+                break;
+            };
+            if expected.is_none() {
+                let first = &page[0];
+                expected = Some(if first.seq == 1 {
+                    (0, audit::GENESIS.to_string())
+                } else {
+                    (first.seq - 1, first.prev_hash.clone())
+                });
+            }
+            match audit::verify(&page, expected.clone()) {
+                Ok(n) => total += n,
+                Err(b) => return Ok(Err(b)),
+            }
+            expected = Some((last.seq, last.hash.clone()));
+            after = last.seq;
+        }
+        let (seq, hash) = expected.unwrap_or((0, audit::GENESIS.to_string()));
+        if seq != head_seq || hash != head_hash {
+            return Ok(Err(audit::Break {
+                seq: seq + 1,
+                problem: format!(
+                    "the chain ends at entry {seq} but the recorded head is entry {head_seq} (rows at the end were deleted or the head was edited)"
+                ),
+            }));
+        }
+        Ok(Ok(total))
+    }
+}
+
+fn transition(id: RequestId, e: TransitionError) -> AppError {
+    match e {
+        TransitionError::NotFound => AppError::NotFound(id.to_string()),
+        TransitionError::AlreadyDecided { state } => AppError::AlreadyDecided(state),
+        TransitionError::PastDeadline => AppError::AlreadyDecided(State::TimedOut),
+        TransitionError::AlreadyVoted { voter } => AppError::AlreadyVoted(voter),
+        TransitionError::NotDue => bad("the deadline has not been reached"),
+    }
+}

@@ -1,0 +1,805 @@
+//! The command line: `serve` runs the daemon; every other subcommand is a
+//! client of its socket. Human-readable output by default, `--json` everywhere.
+
+use crate::config::Config;
+use crate::ipc::client::Client;
+use crate::ipc::protocol::DecisionView;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "keyturn",
+    version,
+    about = "Human-in-the-loop approval gateway for AI agents"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Conn {
+    /// Config file (used to find the socket).
+    #[arg(long, global = true, env = "KEYTURN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Socket path (overrides the config). Default: ./keyturn.sock
+    #[arg(long, global = true, env = "KEYTURN_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Args, Clone)]
+struct CallArgs {
+    /// Tool name, e.g. delete_file.
+    #[arg(long)]
+    tool: String,
+    /// Arguments as a JSON object.
+    #[arg(long, default_value = "{}")]
+    args: String,
+    /// On whose behalf (user id).
+    #[arg(long)]
+    user: Option<String>,
+    /// Channel id the request comes from.
+    #[arg(long)]
+    channel: Option<String>,
+    #[arg(long, default_value = "")]
+    justification: String,
+    #[arg(long)]
+    task: Option<String>,
+    /// Cost of the call, counted against the task budget.
+    #[arg(long, default_value_t = 0.0)]
+    cost: f64,
+    /// Agent name.
+    #[arg(long, env = "KEYTURN_AGENT", default_value = "cli")]
+    agent: String,
+    /// Agent token, if the agent has one.
+    #[arg(long, env = "KEYTURN_AGENT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, env = "KEYTURN_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file without starting.
+    CheckConfig {
+        #[arg(long, env = "KEYTURN_CONFIG")]
+        config: PathBuf,
+    },
+    /// Submit a tool call and wait for the decision (exit 0 approved, 1 denied or timed out, 2 error).
+    Request {
+        #[command(flatten)]
+        call: CallArgs,
+        /// Retrying with the same key returns the same request.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Ask for a shorter wait than the default (seconds).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Return at once with the request id instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// What the policy would do with a call, without queueing it.
+    Check {
+        #[command(flatten)]
+        call: CallArgs,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Wait for a request's decision (agents resume with this after reconnecting).
+    Wait {
+        id: String,
+        #[arg(long, env = "KEYTURN_AGENT")]
+        agent: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show a request.
+    Status {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Cancel a pending request.
+    Cancel {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List pending requests (admin).
+    Pending {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Approve a pending request (admin).
+    Approve {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Your name, shown beside your uid. Default: $USER.
+        #[arg(long = "as")]
+        operator: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Deny a pending request (admin).
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long = "as")]
+        operator: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Allow a tool (or glob) in a scope: global, agent:NAME, role:ID, channel:ID, user:ID (admin).
+    Grant {
+        #[arg(long)]
+        scope: String,
+        #[arg(long)]
+        tool: String,
+        /// Add a deny entry instead of an allow entry.
+        #[arg(long)]
+        deny: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Remove a grant (admin).
+    Revoke {
+        #[arg(long)]
+        scope: String,
+        #[arg(long)]
+        tool: String,
+        #[arg(long)]
+        deny: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Grants, risks and the effective allowlist (admin).
+    Tools {
+        #[command(subcommand)]
+        cmd: Option<ToolsCmd>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Pairing of users (admin).
+    Pairing {
+        #[command(subcommand)]
+        cmd: PairingCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The audit log (admin).
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand)]
+enum ToolsCmd {
+    /// List grants and tool risks.
+    List {
+        #[arg(long)]
+        scope: Option<String>,
+    },
+    /// Which scope decides for a context, and why.
+    Effective {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        channel: Option<String>,
+        /// Role ids (default: the user's recorded roles).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        #[arg(long, default_value = "cli")]
+        agent: String,
+        #[arg(long, default_value = "*")]
+        tool: String,
+    },
+    /// Set a tool's risk (low, medium, high, critical) or `clear` the override.
+    Risk { tool: String, level: String },
+}
+
+#[derive(Subcommand)]
+enum PairingCmd {
+    /// Paired users and live codes.
+    List,
+    /// Issue a pairing code for a user (as if they had asked the bot).
+    Request {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Approve a pairing code.
+    Approve { code: String },
+    /// Pair a user directly.
+    Add {
+        user: String,
+        #[arg(long = "role")]
+        roles: Vec<String>,
+    },
+    /// Revoke a user's pairing.
+    Revoke { user: String },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// The newest entries.
+    Tail {
+        #[arg(short, long, default_value_t = 20)]
+        n: u32,
+    },
+    /// Every entry as JSON Lines.
+    Export {
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+    },
+    /// Walk the hash chain and report the first broken link.
+    Verify {
+        /// Verify an exported JSON Lines file offline instead of the live log.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+}
+
+/// Exit codes: 0 ok/approved, 1 denied/timed out, 2 error.
+const EXIT_DENIED: u8 = 1;
+const EXIT_ERROR: u8 = 2;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Command::Serve { .. }));
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keyturn: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("keyturn: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn init_tracing(server: bool) {
+    let default = if server {
+        "keyturn=info"
+    } else {
+        "keyturn=warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYTURN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+impl Conn {
+    fn socket_path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        if let Some(c) = &self.config {
+            let cfg = Config::load(c)?;
+            return Ok(cfg.server.socket_path);
+        }
+        Ok(PathBuf::from("keyturn.sock"))
+    }
+
+    async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(&self.socket_path()?).await?)
+    }
+}
+
+fn parse_args(s: &str) -> anyhow::Result<Value> {
+    let v: Value = serde_json::from_str(s).context("--args is not valid JSON")?;
+    anyhow::ensure!(
+        v.is_object(),
+        "--args must be a JSON object, e.g. '{{\"path\":\"/tmp/x\"}}'"
+    );
+    Ok(v)
+}
+
+fn call_params(c: &CallArgs) -> anyhow::Result<Value> {
+    let mut p = json!({
+        "agent": c.agent, "tool": c.tool, "args": parse_args(&c.args)?,
+        "justification": c.justification, "cost": c.cost,
+    });
+    for (k, v) in [
+        ("user_id", &c.user),
+        ("channel_id", &c.channel),
+        ("task_id", &c.task),
+        ("token", &c.token),
+    ] {
+        if let Some(v) = v {
+            p[k] = json!(v);
+        }
+    }
+    Ok(p)
+}
+
+fn print(json_out: bool, v: &Value, text: impl FnOnce(&Value) -> String) {
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        println!("{}", text(v));
+    }
+}
+
+fn decision_text(v: &Value) -> String {
+    match serde_json::from_value::<DecisionView>(v.clone()) {
+        Ok(d) => format!("{} {}: {}", d.request_id, d.tool, d.summary),
+        Err(_) => v.to_string(),
+    }
+}
+
+fn operator(o: Option<String>) -> Option<String> {
+    o.or_else(|| std::env::var("USER").ok())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Serve { config } => {
+            let cfg = Config::load(&config)?;
+            crate::serve::run(cfg).await?;
+            Ok(0)
+        }
+        Command::CheckConfig { config } => {
+            let cfg = Config::load(&config)?;
+            println!(
+                "{}: ok ({} agents, {} grants, {} tools, {} users, discord {})",
+                config.display(),
+                cfg.agents.len(),
+                cfg.grants.len(),
+                cfg.tools.len(),
+                cfg.users.len(),
+                if cfg.discord_enabled() { "on" } else { "off" }
+            );
+            Ok(0)
+        }
+        Command::Request {
+            call,
+            idempotency_key,
+            timeout,
+            no_wait,
+            conn,
+        } => {
+            let mut p = call_params(&call)?;
+            p["wait"] = json!(!no_wait);
+            if let Some(k) = idempotency_key {
+                p["idempotency_key"] = json!(k);
+            }
+            if let Some(t) = timeout {
+                p["timeout_secs"] = json!(t);
+            }
+            let mut client = conn.client().await?;
+            let v = client.call("submit", p).await?;
+            print(conn.json, &v, decision_text);
+            let d: DecisionView = serde_json::from_value(v)?;
+            Ok(
+                if d.approved || (no_wait && d.state == crate::domain::request::State::Pending) {
+                    0
+                } else {
+                    EXIT_DENIED
+                },
+            )
+        }
+        Command::Check { call, conn } => {
+            let v = conn
+                .client()
+                .await?
+                .call("check", call_params(&call)?)
+                .await?;
+            print(conn.json, &v, |v| {
+                let verdict = &v["verdict"];
+                let action = verdict["action"].as_str().unwrap_or("?");
+                format!(
+                    "{action} ({}): {}",
+                    verdict["rule"].as_str().unwrap_or("?"),
+                    verdict["detail"].as_str().unwrap_or("")
+                )
+            });
+            Ok(0)
+        }
+        Command::Wait { id, agent, conn } => {
+            let mut p = json!({"id": id});
+            if let Some(a) = agent {
+                p["agent"] = json!(a);
+            }
+            let v = conn.client().await?.call("wait", p).await?;
+            print(conn.json, &v, decision_text);
+            Ok(if v["approved"] == json!(true) {
+                0
+            } else {
+                EXIT_DENIED
+            })
+        }
+        Command::Status { id, conn } => {
+            let v = conn
+                .client()
+                .await?
+                .call("status", json!({"id": id}))
+                .await?;
+            print(conn.json, &v, decision_text);
+            Ok(0)
+        }
+        Command::Cancel { id, reason, conn } => {
+            let v = conn
+                .client()
+                .await?
+                .call("cancel", json!({"id": id, "reason": reason}))
+                .await?;
+            print(conn.json, &v, decision_text);
+            Ok(0)
+        }
+        Command::Pending { limit, conn } => {
+            let v = conn
+                .client()
+                .await?
+                .call("pending", json!({"limit": limit}))
+                .await?;
+            print(conn.json, &v, |v| {
+                let list = v.as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    return "no pending requests".into();
+                }
+                list.iter()
+                    .map(|r| {
+                        let left = (r["deadline_ms"].as_i64().unwrap_or(0) - crate::app::now_ms()) / 1000;
+                        format!(
+                            "{}  {}  risk={}  agent={}  user={}  channel={}  {}s left\n    args: {}\n    why: {}",
+                            r["id"].as_str().unwrap_or("?"),
+                            r["tool"].as_str().unwrap_or("?"),
+                            r["risk"].as_str().unwrap_or("?"),
+                            r["agent"].as_str().unwrap_or("?"),
+                            r["user_id"].as_str().unwrap_or("-"),
+                            r["channel_id"].as_str().unwrap_or("-"),
+                            left.max(0),
+                            r["args"],
+                            r["justification"].as_str().unwrap_or("").escape_debug(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+            Ok(0)
+        }
+        Command::Approve {
+            id,
+            reason,
+            operator: op,
+            conn,
+        } => decide(&conn, "approve", id, reason, op).await,
+        Command::Deny {
+            id,
+            reason,
+            operator: op,
+            conn,
+        } => decide(&conn, "deny", id, reason, op).await,
+        Command::Grant {
+            scope,
+            tool,
+            deny,
+            conn,
+        } => grant(&conn, "grant", scope, tool, deny).await,
+        Command::Revoke {
+            scope,
+            tool,
+            deny,
+            conn,
+        } => grant(&conn, "revoke", scope, tool, deny).await,
+        Command::Tools { cmd, conn } => {
+            tools(&conn, cmd.unwrap_or(ToolsCmd::List { scope: None })).await
+        }
+        Command::Pairing { cmd, conn } => pairing_cmd(&conn, cmd).await,
+        Command::Audit { cmd, conn } => audit_cmd(&conn, cmd).await,
+    }
+}
+
+async fn decide(
+    conn: &Conn,
+    method: &str,
+    id: String,
+    reason: Option<String>,
+    op: Option<String>,
+) -> anyhow::Result<u8> {
+    let v = conn
+        .client()
+        .await?
+        .call(
+            method,
+            json!({"id": id, "reason": reason, "operator": operator(op)}),
+        )
+        .await?;
+    print(conn.json, &v, |v| {
+        let d = &v["decision"];
+        if d["state"] == json!("pending") {
+            format!(
+                "{}: vote recorded ({} of {} approvals)",
+                d["request_id"].as_str().unwrap_or("?"),
+                v["approvals"],
+                v["approvals_required"]
+            )
+        } else {
+            decision_text(d)
+        }
+    });
+    Ok(0)
+}
+
+async fn grant(
+    conn: &Conn,
+    method: &str,
+    scope: String,
+    tool: String,
+    deny: bool,
+) -> anyhow::Result<u8> {
+    let effect = if deny { "deny" } else { "allow" };
+    let v = conn
+        .client()
+        .await?
+        .call(
+            method,
+            json!({"scope": scope, "tool": tool, "effect": effect}),
+        )
+        .await?;
+    print(conn.json, &v, |v| {
+        let changed = v["changed"] == json!(true);
+        match (method, changed) {
+            ("grant", true) => format!("{effect} `{tool}` in {scope}: added"),
+            ("grant", false) => format!("{effect} `{tool}` in {scope}: already present"),
+            (_, true) => format!("{effect} `{tool}` in {scope}: removed"),
+            _ => format!("{effect} `{tool}` in {scope}: there was no such grant"),
+        }
+    });
+    Ok(0)
+}
+
+async fn tools(conn: &Conn, cmd: ToolsCmd) -> anyhow::Result<u8> {
+    let mut c = conn.client().await?;
+    match cmd {
+        ToolsCmd::List { scope } => {
+            let v = c.call("tools.list", json!({"scope": scope})).await?;
+            print(conn.json, &v, |v| {
+                let mut out = vec!["grants:".to_string()];
+                for g in v["grants"].as_array().into_iter().flatten() {
+                    out.push(format!(
+                        "  {:<20} {:<6} {:<30} (by {})",
+                        g["scope"].as_str().unwrap_or("?"),
+                        g["effect"].as_str().unwrap_or("?"),
+                        g["tool"].as_str().unwrap_or("?"),
+                        g["created_by"].as_str().unwrap_or("?")
+                    ));
+                }
+                out.push("risks (unlisted tools are high):".into());
+                for r in v["risks"].as_array().into_iter().flatten() {
+                    out.push(format!(
+                        "  {:<30} {}",
+                        r["tool"].as_str().unwrap_or("?"),
+                        r["risk"].as_str().unwrap_or("?")
+                    ));
+                }
+                out.join("\n")
+            });
+        }
+        ToolsCmd::Effective {
+            user,
+            channel,
+            roles,
+            agent,
+            tool,
+        } => {
+            let roles = (!roles.is_empty()).then_some(roles);
+            let v = c
+                .call("tools.effective", json!({"user_id": user, "channel_id": channel, "roles": roles, "agent": agent, "tool": tool}))
+                .await?;
+            print(conn.json, &v, |v| {
+                let mut out = vec![format!(
+                    "{} — deciding scope: {}",
+                    v["detail"].as_str().unwrap_or(""),
+                    v["deciding_scope"].as_str().unwrap_or("none (deny)")
+                )];
+                for g in v["entries"].as_array().into_iter().flatten() {
+                    out.push(format!(
+                        "  {} {} {}",
+                        g["scope"].as_str().unwrap_or("?"),
+                        g["effect"].as_str().unwrap_or("?"),
+                        g["tool"].as_str().unwrap_or("?")
+                    ));
+                }
+                out.join("\n")
+            });
+        }
+        ToolsCmd::Risk { tool, level } => {
+            let risk = if level == "clear" {
+                Value::Null
+            } else {
+                json!(level)
+            };
+            let v = c
+                .call("tools.risk", json!({"tool": tool, "risk": risk}))
+                .await?;
+            print(conn.json, &v, |v| {
+                format!(
+                    "{}: {}",
+                    v["tool"].as_str().unwrap_or("?"),
+                    v["risk"].as_str().unwrap_or("cleared (config or high)")
+                )
+            });
+        }
+    }
+    Ok(0)
+}
+
+async fn pairing_cmd(conn: &Conn, cmd: PairingCmd) -> anyhow::Result<u8> {
+    let mut c = conn.client().await?;
+    let (method, params) = match cmd {
+        PairingCmd::List => ("pairing.list", json!({})),
+        PairingCmd::Request { user, name } => (
+            "pairing.request",
+            json!({"user_id": user, "display_name": name}),
+        ),
+        PairingCmd::Approve { code } => ("pairing.approve", json!({"code": code})),
+        PairingCmd::Add { user, roles } => {
+            ("pairing.add", json!({"user_id": user, "roles": roles}))
+        }
+        PairingCmd::Revoke { user } => ("pairing.revoke", json!({"user_id": user})),
+    };
+    let v = c.call(method, params).await?;
+    print(conn.json, &v, |v| match method {
+        "pairing.list" => {
+            let mut out = vec!["paired users:".to_string()];
+            for u in v["paired"].as_array().into_iter().flatten() {
+                out.push(format!(
+                    "  {}  roles={}  by {}",
+                    u["user_id"].as_str().unwrap_or("?"),
+                    u["roles"],
+                    u["paired_by"].as_str().unwrap_or("?")
+                ));
+            }
+            out.push("live pairing codes:".into());
+            for p in v["pending_codes"].as_array().into_iter().flatten() {
+                out.push(format!(
+                    "  user {}  expires in {}s",
+                    p["user_id"].as_str().unwrap_or("?"),
+                    (p["expires_ms"].as_i64().unwrap_or(0) - crate::app::now_ms()) / 1000
+                ));
+            }
+            out.join("\n")
+        }
+        "pairing.request" => format!(
+            "pairing code for user {}: {}",
+            v["user_id"].as_str().unwrap_or("?"),
+            v["code"].as_str().unwrap_or("?")
+        ),
+        "pairing.approve" => format!(
+            "user {} is now paired",
+            v["user_id"].as_str().unwrap_or("?")
+        ),
+        _ => format!("changed: {}", v["changed"]),
+    });
+    Ok(0)
+}
+
+async fn audit_cmd(conn: &Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
+    if let AuditCmd::Verify { file: Some(f) } = &cmd {
+        return verify_file(f, conn.json);
+    }
+    let mut c = conn.client().await?;
+    match cmd {
+        AuditCmd::Tail { n } => {
+            let v = c.call("audit.tail", json!({"n": n})).await?;
+            for e in v.as_array().into_iter().flatten() {
+                if conn.json {
+                    println!("{e}");
+                } else {
+                    let at =
+                        chrono::DateTime::from_timestamp_millis(e["at_ms"].as_i64().unwrap_or(0))
+                            .map(|t| t.to_rfc3339())
+                            .unwrap_or_default();
+                    println!(
+                        "#{} {} {:<18} {:<22} {} {}",
+                        e["seq"],
+                        at,
+                        e["kind"].as_str().unwrap_or("?"),
+                        e["actor"].as_str().unwrap_or("?"),
+                        e["request_id"].as_str().unwrap_or("-"),
+                        e["detail"]
+                    );
+                }
+            }
+        }
+        AuditCmd::Export { mut after } => loop {
+            let v = c
+                .call("audit.export", json!({"after": after, "limit": 5000}))
+                .await?;
+            let page = v.as_array().cloned().unwrap_or_default();
+            let Some(last) = page.last() else { break };
+            after = last["seq"].as_i64().unwrap_or(i64::MAX);
+            for e in &page {
+                println!("{e}");
+            }
+        },
+        AuditCmd::Verify { .. } => {
+            let v = c.call("audit.verify", json!({})).await?;
+            print(conn.json, &v, |v| {
+                if v["ok"] == json!(true) {
+                    format!("audit chain ok: {} entries", v["entries"])
+                } else {
+                    format!(
+                        "audit chain BROKEN at entry {}: {}",
+                        v["broken_at"],
+                        v["problem"].as_str().unwrap_or("")
+                    )
+                }
+            });
+            return Ok(if v["ok"] == json!(true) {
+                0
+            } else {
+                EXIT_DENIED
+            });
+        }
+    }
+    Ok(0)
+}
+
+fn verify_file(path: &std::path::Path, json_out: bool) -> anyhow::Result<u8> {
+    use crate::domain::audit::{verify, AuditEntry, GENESIS};
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("while reading {}", path.display()))?;
+    let mut entries = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let e: AuditEntry = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not an audit entry", path.display(), i + 1))?;
+        entries.push(e);
+    }
+    let start = entries.first().map(|f| {
+        if f.seq == 1 {
+            (0, GENESIS.to_string())
+        } else {
+            (f.seq - 1, f.prev_hash.clone())
+        }
+    });
+    let result = verify(&entries, start);
+    let v = match &result {
+        Ok(n) => json!({"ok": true, "entries": n}),
+        Err(b) => json!({"ok": false, "broken_at": b.seq, "problem": b.problem}),
+    };
+    print(json_out, &v, |v| match &result {
+        Ok(_) => format!("audit export ok: {} entries", v["entries"]),
+        Err(b) => format!("audit export BROKEN at entry {}: {}", b.seq, b.problem),
+    });
+    Ok(if result.is_ok() { 0 } else { EXIT_DENIED })
+}

@@ -1,0 +1,714 @@
+//! The configuration file: TOML, every key documented in `config.example.toml`.
+//!
+//! Parsing rejects unknown keys; [`Config::validate`] rejects bad values and
+//! impossible combinations, naming the key. Secrets may come from the
+//! environment instead of the file, and are redacted in `Debug`.
+
+use crate::domain::policy::{Autonomy, Effect, Grant, PolicySettings, Scope, ToolPattern};
+use crate::domain::ratelimit::Rate;
+use crate::domain::Risk;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A bad configuration, with the key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A secret string: never printed by `Debug`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"[redacted]\"")
+        }
+    }
+}
+
+/// A duration written as `30s`, `5m`, `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Dur(pub Duration);
+
+impl TryFrom<String> for Dur {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| format!("`{s}` is not a duration (e.g. `30s`, `5m`, `1h`): {e}"))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub agents: Vec<AgentConfig>,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub risk: RiskConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub tools: Vec<ToolConfig>,
+    #[serde(default)]
+    pub grants: Vec<GrantConfig>,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    #[serde(default)]
+    pub pairing: PairingConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub discord: DiscordConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Path of the agent socket.
+    pub socket_path: PathBuf,
+    /// Octal file mode of the socket: `0600`, or `0660` with `socket_group`.
+    pub socket_mode: String,
+    /// Group (name or gid) that may connect when the mode allows the group.
+    pub socket_group: Option<String>,
+    pub max_connections: usize,
+    /// Longest accepted line on the socket, in bytes.
+    pub max_line_bytes: usize,
+    /// Largest accepted `args` object (serialized), in bytes.
+    pub max_args_bytes: usize,
+    /// Largest justification, in bytes.
+    pub max_justification_bytes: usize,
+    /// Requests one connection may have in flight at once.
+    pub max_inflight_per_connection: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            socket_path: PathBuf::from("keyturn.sock"),
+            socket_mode: "0600".into(),
+            socket_group: None,
+            max_connections: 256,
+            max_line_bytes: 256 * 1024,
+            max_args_bytes: 64 * 1024,
+            max_justification_bytes: 4096,
+            max_inflight_per_connection: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (created if missing).
+    pub url: String,
+    /// SQLite `synchronous`: `normal` (durable across process crashes) or
+    /// `full` (also across power loss, slower).
+    pub sqlite_synchronous: String,
+    /// Largest number of writes committed together in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "sqlite://keyturn.db".into(),
+            sqlite_synchronous: "normal".into(),
+            max_batch: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Unix uids allowed to run admin operations. Empty: the uid running the server.
+    pub uids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub name: String,
+    /// Unix uids this agent may connect from. Empty: the uid running the server.
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    /// Optional shared secret; `KEYTURN_AGENT_<NAME>_TOKEN` overrides it.
+    #[serde(default)]
+    pub token: Secret,
+    /// Nobody watches this agent: calls that need a human are denied at once.
+    #[serde(default)]
+    pub unattended: bool,
+    /// Most pending requests this agent may have at once.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+}
+
+fn default_max_pending() -> usize {
+    100
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub autonomy: Autonomy,
+    /// Per-channel autonomy, e.g. `{ "7" = "approval_required" }`.
+    pub channel_autonomy: HashMap<String, Autonomy>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RiskLevelConfig {
+    /// How long a request waits for a human before it times out.
+    pub timeout: Dur,
+    /// Distinct approvals needed.
+    pub approvals: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RiskConfig {
+    pub high: RiskLevelConfig,
+    pub critical: RiskLevelConfig,
+    /// The longest deadline an agent may ask for.
+    pub max_timeout: Dur,
+}
+
+impl Default for RiskLevelConfig {
+    fn default() -> Self {
+        RiskLevelConfig {
+            timeout: Dur(Duration::from_secs(300)),
+            approvals: 1,
+        }
+    }
+}
+
+impl Default for RiskConfig {
+    fn default() -> Self {
+        RiskConfig {
+            high: RiskLevelConfig::default(),
+            critical: RiskLevelConfig {
+                timeout: Dur(Duration::from_secs(900)),
+                approvals: 1,
+            },
+            max_timeout: Dur(Duration::from_secs(3600)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Calls per agent, e.g. `600/min`. Unset: unlimited.
+    pub agent_rate: Option<Rate>,
+    /// Calls on behalf of one user, e.g. `60/min`. Unset: unlimited.
+    pub user_rate: Option<Rate>,
+    /// Most calls in one task (same task id). Unset: unlimited.
+    pub task_max_steps: Option<u64>,
+    /// Most total reported cost in one task. Unset: unlimited.
+    pub task_max_cost: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolConfig {
+    pub name: String,
+    pub risk: Risk,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantConfig {
+    /// `global`, `agent:NAME`, `role:ID`, `channel:ID` or `user:ID`.
+    pub scope: String,
+    /// Tool name or glob (`fs.*`, `*`).
+    pub tool: String,
+    #[serde(default)]
+    pub effect: Effect,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// The user's id (a Discord user id, or any id your agents use).
+    pub id: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PairingConfig {
+    /// How long a pairing code stays valid.
+    pub code_ttl: Dur,
+    /// Most live codes at once, across all users.
+    pub max_live_codes: usize,
+}
+
+impl Default for PairingConfig {
+    fn default() -> Self {
+        PairingConfig {
+            code_ttl: Dur(Duration::from_secs(3600)),
+            max_live_codes: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Prune entries older than this many days (0: keep forever).
+    pub retention_days: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscordConfig {
+    /// Bot token; `KEYTURN_DISCORD_TOKEN` overrides it. Empty: no bot.
+    pub token: Secret,
+    /// Unset: real Discord. A local base such as `http://127.0.0.1:8765` for tests.
+    pub api_base: Option<String>,
+    pub gateway_url: Option<String>,
+    pub guild_id: Option<u64>,
+    pub approvals_channel_id: Option<u64>,
+    pub approver_role_id: Option<u64>,
+    pub admin_role_id: Option<u64>,
+    /// Ping the approver role on high-risk cards.
+    pub ping_approvers: bool,
+    /// Ping the admin role on critical cards.
+    pub ping_admins: bool,
+    /// The user a request is for may approve it.
+    pub allow_self_approval: bool,
+}
+
+/// Names under which config secrets may come from the environment.
+pub const ENV_DISCORD_TOKEN: &str = "KEYTURN_DISCORD_TOKEN";
+
+fn agent_token_env(name: &str) -> String {
+    let upper: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("KEYTURN_AGENT_{upper}_TOKEN")
+}
+
+impl Config {
+    /// Reads, parses, applies environment secrets and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        cfg.apply_env(|k| std::env::var(k).ok());
+        // Relative paths are relative to the config file, so any cwd works.
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Secrets from the environment override the file.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(t) = get(ENV_DISCORD_TOKEN).filter(|t| !t.is_empty()) {
+            self.discord.token = Secret(t);
+        }
+        for a in &mut self.agents {
+            if let Some(t) = get(&agent_token_env(&a.name)).filter(|t| !t.is_empty()) {
+                a.token = Secret(t);
+            }
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if self.server.socket_path.is_relative() {
+            self.server.socket_path = base.join(&self.server.socket_path);
+        }
+        if let Some(rest) = self.store.url.strip_prefix("sqlite://") {
+            let p = Path::new(rest);
+            if p.is_relative() && rest != ":memory:" {
+                self.store.url = format!("sqlite://{}", base.join(p).display());
+            }
+        }
+    }
+
+    /// Rejects bad values and impossible combinations, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.socket_path.as_os_str().is_empty() {
+            return Err(invalid("server.socket_path", "must not be empty"));
+        }
+        // Linux limits socket paths to 107 bytes.
+        if s.socket_path.as_os_str().len() > 107 {
+            return Err(invalid(
+                "server.socket_path",
+                format!(
+                    "`{}` is longer than the 107 bytes a Unix socket path may have",
+                    s.socket_path.display()
+                ),
+            ));
+        }
+        let mode = self.socket_mode()?;
+        if mode & 0o007 != 0 {
+            return Err(invalid(
+                "server.socket_mode",
+                "must not give access to others (use 0600, or 0660 with server.socket_group)",
+            ));
+        }
+        if mode & 0o070 != 0 && s.socket_group.is_none() {
+            return Err(invalid(
+                "server.socket_mode",
+                format!(
+                    "{:04o} gives the group access, so server.socket_group must be set",
+                    mode
+                ),
+            ));
+        }
+        for (key, v, min) in [
+            ("server.max_connections", s.max_connections, 1),
+            ("server.max_line_bytes", s.max_line_bytes, 1024),
+            ("server.max_args_bytes", s.max_args_bytes, 64),
+            (
+                "server.max_justification_bytes",
+                s.max_justification_bytes,
+                16,
+            ),
+            (
+                "server.max_inflight_per_connection",
+                s.max_inflight_per_connection,
+                1,
+            ),
+            ("store.max_batch", self.store.max_batch, 1),
+            ("pairing.max_live_codes", self.pairing.max_live_codes, 1),
+        ] {
+            if v < min {
+                return Err(invalid(key, format!("must be at least {min} (got {v})")));
+            }
+        }
+        if s.max_args_bytes >= s.max_line_bytes {
+            return Err(invalid(
+                "server.max_args_bytes",
+                "must be smaller than server.max_line_bytes",
+            ));
+        }
+        if !self.store.url.starts_with("sqlite://") {
+            return Err(invalid(
+                "store.url",
+                format!("`{}`: only sqlite:// URLs are supported", self.store.url),
+            ));
+        }
+        if !["normal", "full"].contains(&self.store.sqlite_synchronous.as_str()) {
+            return Err(invalid(
+                "store.sqlite_synchronous",
+                "must be `normal` or `full`",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, a) in self.agents.iter().enumerate() {
+            let key = format!("agents[{i}].name");
+            if a.name.is_empty()
+                || a.name.len() > 64
+                || !a
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+            {
+                return Err(invalid(
+                    key,
+                    "must be 1-64 characters of letters, digits, `_-.`",
+                ));
+            }
+            if !names.insert(a.name.as_str()) {
+                return Err(invalid(key, format!("agent `{}` is listed twice", a.name)));
+            }
+            if a.max_pending == 0 {
+                return Err(invalid(
+                    format!("agents[{i}].max_pending"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        for (level, r) in [("high", &self.risk.high), ("critical", &self.risk.critical)] {
+            if r.approvals == 0 || r.approvals > 10 {
+                return Err(invalid(format!("risk.{level}.approvals"), "must be 1-10"));
+            }
+            if r.timeout.0.is_zero() {
+                return Err(invalid(format!("risk.{level}.timeout"), "must be positive"));
+            }
+            if r.timeout.0 > self.risk.max_timeout.0 {
+                return Err(invalid(
+                    format!("risk.{level}.timeout"),
+                    "must not exceed risk.max_timeout",
+                ));
+            }
+        }
+        if let Some(c) = self.limits.task_max_cost {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(invalid("limits.task_max_cost", "must be a positive number"));
+            }
+        }
+        if self.limits.task_max_steps == Some(0) {
+            return Err(invalid("limits.task_max_steps", "must be at least 1"));
+        }
+        let mut tools = std::collections::HashSet::new();
+        for (i, t) in self.tools.iter().enumerate() {
+            crate::domain::policy::validate_tool_name(&t.name)
+                .map_err(|m| invalid(format!("tools[{i}].name"), m))?;
+            if !tools.insert(t.name.as_str()) {
+                return Err(invalid(
+                    format!("tools[{i}].name"),
+                    format!("`{}` is listed twice", t.name),
+                ));
+            }
+        }
+        self.config_grants()?;
+        for (i, u) in self.users.iter().enumerate() {
+            Scope::new("user", &u.id).map_err(|m| invalid(format!("users[{i}].id"), m))?;
+            for r in &u.roles {
+                Scope::new("role", r).map_err(|m| invalid(format!("users[{i}].roles"), m))?;
+            }
+        }
+        for (ch, _) in &self.policy.channel_autonomy {
+            Scope::new("channel", ch)
+                .map_err(|m| invalid(format!("policy.channel_autonomy.{ch}"), m))?;
+        }
+        self.validate_discord()
+    }
+
+    fn validate_discord(&self) -> Result<(), ConfigError> {
+        let d = &self.discord;
+        if d.token.0.is_empty() {
+            return Ok(());
+        }
+        if d.guild_id.is_none() {
+            return Err(invalid(
+                "discord.guild_id",
+                "is required when a bot token is set",
+            ));
+        }
+        if d.approvals_channel_id.is_none() {
+            return Err(invalid(
+                "discord.approvals_channel_id",
+                "is required when a bot token is set",
+            ));
+        }
+        if d.approver_role_id.is_none() {
+            return Err(invalid(
+                "discord.approver_role_id",
+                "is required when a bot token is set (nobody could approve)",
+            ));
+        }
+        if d.admin_role_id.is_none() {
+            return Err(invalid(
+                "discord.admin_role_id",
+                "is required when a bot token is set (nobody could approve critical requests)",
+            ));
+        }
+        if let Some(base) = &d.api_base {
+            if !(base.starts_with("http://") || base.starts_with("https://")) {
+                return Err(invalid(
+                    "discord.api_base",
+                    "must start with http:// or https://",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket's file mode as a number.
+    pub fn socket_mode(&self) -> Result<u32, ConfigError> {
+        let m = &self.server.socket_mode;
+        u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|v| *v <= 0o777)
+            .ok_or_else(|| {
+                invalid(
+                    "server.socket_mode",
+                    format!("`{m}` is not an octal mode like 0600"),
+                )
+            })
+    }
+
+    /// Grants written in the config file.
+    pub fn config_grants(&self) -> Result<Vec<Grant>, ConfigError> {
+        self.grants
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                Ok(Grant {
+                    scope: g
+                        .scope
+                        .parse()
+                        .map_err(|m: String| invalid(format!("grants[{i}].scope"), m))?,
+                    tool: g
+                        .tool
+                        .parse::<ToolPattern>()
+                        .map_err(|m| invalid(format!("grants[{i}].tool"), m))?,
+                    effect: g.effect,
+                    source: "config".into(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn policy_settings(&self) -> PolicySettings {
+        PolicySettings {
+            autonomy: self.policy.autonomy,
+            channel_autonomy: self.policy.channel_autonomy.clone(),
+            agent_rate: self.limits.agent_rate,
+            user_rate: self.limits.user_rate,
+            task_max_steps: self.limits.task_max_steps,
+            task_max_cost: self.limits.task_max_cost,
+            approvals_high: self.risk.high.approvals,
+            approvals_critical: self.risk.critical.approvals,
+        }
+    }
+
+    /// Default wait for a risk level (only high and critical wait).
+    pub fn timeout_for(&self, risk: Risk) -> Duration {
+        match risk {
+            Risk::Critical => self.risk.critical.timeout.0,
+            _ => self.risk.high.timeout.0,
+        }
+    }
+
+    pub fn agent(&self, name: &str) -> Option<&AgentConfig> {
+        self.agents.iter().find(|a| a.name == name)
+    }
+
+    /// Whether the bot should run.
+    pub fn discord_enabled(&self) -> bool {
+        !self.discord.token.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(text: &str) -> Config {
+        let c = Config::parse(text).unwrap();
+        c.validate().unwrap();
+        c
+    }
+
+    fn err(text: &str) -> String {
+        match Config::parse(text) {
+            Err(e) => e,
+            Ok(c) => c.validate().unwrap_err().to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_config_is_valid_with_defaults() {
+        let c = parse_ok("");
+        assert_eq!(c.server.socket_mode, "0600");
+        assert_eq!(c.risk.high.timeout.0, Duration::from_secs(300));
+        assert_eq!(c.risk.critical.timeout.0, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn the_example_config_parses_and_validates() {
+        let text = include_str!("../config.example.toml");
+        let c = parse_ok(text);
+        assert!(c.agents.iter().any(|a| a.name == "cli"));
+        assert!(c.users.iter().any(|u| u.id == "42"));
+        let grants = c.config_grants().unwrap();
+        assert!(grants
+            .iter()
+            .any(|g| g.scope.to_string() == "channel:7" && g.tool.as_str() == "delete_file"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(err("[server]\nsocket = \"x\"").contains("unknown field `socket`"));
+        assert!(err("colour = 1").contains("unknown field"));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        assert!(err("[server]\nsocket_mode = \"0666\"").contains("server.socket_mode"));
+        assert!(err("[server]\nsocket_mode = \"0660\"").contains("server.socket_group"));
+        assert!(err("[server]\nsocket_mode = \"rw\"").contains("server.socket_mode"));
+        assert!(err("[risk.high]\napprovals = 0").contains("risk.high.approvals"));
+        assert!(err("[risk.high]\ntimeout = \"soon\"").contains("not a duration"));
+        assert!(err("[risk]\nmax_timeout = \"1m\"").contains("risk.high.timeout"));
+        assert!(err("[limits]\nagent_rate = \"fast\"").contains("not a rate"));
+        assert!(err("[[grants]]\nscope = \"planet:1\"\ntool = \"x\"").contains("grants[0].scope"));
+        assert!(err("[[grants]]\nscope = \"global\"\ntool = \"rm -rf\"").contains("grants[0].tool"));
+        assert!(err("[[tools]]\nname = \"x\"\nrisk = \"extreme\"").contains("unknown risk level"));
+        assert!(
+            err("[[agents]]\nname = \"a\"\n[[agents]]\nname = \"a\"").contains("agents[1].name")
+        );
+        assert!(err("[store]\nurl = \"mysql://x\"").contains("store.url"));
+        assert!(err("[discord]\ntoken = \"t\"").contains("discord.guild_id"));
+    }
+
+    #[test]
+    fn env_secrets_override_the_file_and_debug_hides_them() {
+        let mut c =
+            Config::parse("[[agents]]\nname = \"my-agent\"\ntoken = \"filetoken\"").unwrap();
+        c.apply_env(|k| (k == "KEYTURN_AGENT_MY_AGENT_TOKEN").then(|| "envtoken".to_string()));
+        assert_eq!(c.agents[0].token.0, "envtoken");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("envtoken") && !dbg.contains("filetoken"));
+        c.apply_env(|k| (k == ENV_DISCORD_TOKEN).then(|| "bot".to_string()));
+        assert_eq!(c.discord.token.0, "bot");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let mut c =
+            Config::parse("[store]\nurl = \"sqlite://k.db\"\n[server]\nsocket_path = \"k.sock\"")
+                .unwrap();
+        c.resolve_paths(Path::new("/etc/keyturn"));
+        assert_eq!(c.store.url, "sqlite:///etc/keyturn/k.db");
+        assert_eq!(c.server.socket_path, PathBuf::from("/etc/keyturn/k.sock"));
+    }
+}

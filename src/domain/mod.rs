@@ -1,0 +1,16 @@
+//! The pure core: request lifecycle, policy, rate limits, audit chain and pairing.
+//!
+//! Nothing here reads a clock, draws a random number or does I/O: time, ids and
+//! codes are parameters. Nothing here may import tokio, sqlx or serenity.
+
+pub mod audit;
+pub mod flags;
+pub mod pairing;
+pub mod policy;
+pub mod ratelimit;
+pub mod redact;
+pub mod request;
+pub mod risk;
+
+pub use request::RequestId;
+pub use risk::Risk;

@@ -1,0 +1,470 @@
+//! The request lifecycle: `pending → approved | denied | timed_out | cancelled`.
+//!
+//! Every transition is decided here by pure functions over a snapshot; the store
+//! applies the result with one conditional update (`... WHERE state = 'pending'`),
+//! so two deciders racing can never both win.
+
+use super::risk::Risk;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+/// A request's identity. Generated outside the core and passed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RequestId(pub Uuid);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for RequestId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s.trim())
+            .map(RequestId)
+            .map_err(|_| format!("`{s}` is not a request id (expected a UUID)"))
+    }
+}
+
+/// Where a request is in its life. Exactly one terminal state is ever reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Pending,
+    Approved,
+    Denied,
+    TimedOut,
+    Cancelled,
+}
+
+impl State {
+    pub fn is_terminal(self) -> bool {
+        self != State::Pending
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Approved => "approved",
+            State::Denied => "denied",
+            State::TimedOut => "timed_out",
+            State::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "pending" => State::Pending,
+            "approved" => State::Approved,
+            "denied" => State::Denied,
+            "timed_out" => State::TimedOut,
+            "cancelled" => State::Cancelled,
+            other => return Err(format!("unknown request state `{other}`")),
+        })
+    }
+}
+
+/// Who or what brought a request to its terminal state. Together with
+/// [`State`] this tells an agent a timeout from a human's no.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecidedBy {
+    /// The policy decided at once (allowed or denied by a rule).
+    Policy,
+    /// One or more people voted.
+    Human,
+    /// Nobody answered before the deadline.
+    Timeout,
+    /// The agent (or an admin on its behalf) withdrew the request.
+    Cancel,
+}
+
+impl DecidedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecidedBy::Policy => "policy",
+            DecidedBy::Human => "human",
+            DecidedBy::Timeout => "timeout",
+            DecidedBy::Cancel => "cancel",
+        }
+    }
+}
+
+impl FromStr for DecidedBy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "policy" => DecidedBy::Policy,
+            "human" => DecidedBy::Human,
+            "timeout" => DecidedBy::Timeout,
+            "cancel" => DecidedBy::Cancel,
+            other => return Err(format!("unknown decider `{other}`")),
+        })
+    }
+}
+
+/// A tool call as an agent submitted it, after redaction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalRequest {
+    pub id: RequestId,
+    pub agent: String,
+    pub tool: String,
+    /// Arguments with secrets masked: what is shown, stored and audited.
+    pub args: serde_json::Value,
+    /// SHA-256 of the canonical JSON of the *full* arguments.
+    pub args_hash: String,
+    pub user_id: Option<String>,
+    pub channel_id: Option<String>,
+    pub justification: String,
+    pub task_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub risk: Risk,
+    /// Distinct approvals needed to approve.
+    pub approvals_required: u32,
+    /// Only admins may vote (critical risk).
+    pub admin_only: bool,
+    /// The policy rule that decided or asked, e.g. `risk_high` or `tool_not_allowed`.
+    pub rule: String,
+    /// Human-readable explanation of `rule`.
+    pub rule_detail: String,
+    /// Content flags raised on the arguments or justification.
+    pub flags: Vec<serde_json::Value>,
+    pub created_ms: i64,
+    pub deadline_ms: i64,
+    pub state: State,
+    pub decided_by: Option<DecidedBy>,
+    /// Who decided: approvers joined by ", ", the denier, or the canceller.
+    pub decided_who: Option<String>,
+    pub decided_reason: Option<String>,
+    pub decided_ms: Option<i64>,
+}
+
+/// One person's vote on a pending request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vote {
+    /// A stable identity, e.g. `discord:1234` or `cli:alice`. One vote per voter.
+    pub voter: String,
+    /// A display name for the voter (e.g. the operator's name); not used for identity.
+    pub name: Option<String>,
+    pub approve: bool,
+    pub reason: Option<String>,
+    pub at_ms: i64,
+}
+
+/// The terminal fields a transition writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    pub state: State,
+    pub decided_by: DecidedBy,
+    pub who: Option<String>,
+    pub reason: Option<String>,
+    pub at_ms: i64,
+}
+
+/// Why a vote, cancel or timeout did not change anything.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    #[error("no such request")]
+    NotFound,
+    #[error("already decided: {state}")]
+    AlreadyDecided { state: State },
+    #[error("the deadline has passed")]
+    PastDeadline,
+    #[error("{voter} has already voted on this request")]
+    AlreadyVoted { voter: String },
+    #[error("the deadline has not been reached")]
+    NotDue,
+}
+
+/// What a valid vote does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoteEffect {
+    /// Recorded; more approvals are needed (`have` of `need`).
+    Recorded { have: u32, need: u32 },
+    /// Recorded, and the request is now terminal.
+    Resolved(Resolution),
+}
+
+/// Applies `vote` to a request whose current votes are `earlier`.
+///
+/// The first deny denies; the Nth distinct approval approves; a person votes
+/// once; a vote at or after the deadline loses to the timeout.
+pub fn apply_vote(
+    req: &ApprovalRequest,
+    earlier: &[Vote],
+    vote: &Vote,
+) -> Result<VoteEffect, TransitionError> {
+    if req.state.is_terminal() {
+        return Err(TransitionError::AlreadyDecided { state: req.state });
+    }
+    if vote.at_ms >= req.deadline_ms {
+        return Err(TransitionError::PastDeadline);
+    }
+    if earlier.iter().any(|v| v.voter == vote.voter) {
+        return Err(TransitionError::AlreadyVoted {
+            voter: vote.voter.clone(),
+        });
+    }
+    if !vote.approve {
+        return Ok(VoteEffect::Resolved(Resolution {
+            state: State::Denied,
+            decided_by: DecidedBy::Human,
+            who: Some(vote.display()),
+            reason: vote.reason.clone(),
+            at_ms: vote.at_ms,
+        }));
+    }
+    let approvers: Vec<String> = earlier
+        .iter()
+        .filter(|v| v.approve)
+        .chain(std::iter::once(vote))
+        .map(Vote::display)
+        .collect();
+    let have = approvers.len() as u32;
+    let need = req.approvals_required.max(1);
+    if have < need {
+        return Ok(VoteEffect::Recorded { have, need });
+    }
+    let reasons: Vec<&str> = earlier
+        .iter()
+        .filter_map(|v| v.reason.as_deref())
+        .chain(vote.reason.as_deref())
+        .filter(|r| !r.is_empty())
+        .collect();
+    Ok(VoteEffect::Resolved(Resolution {
+        state: State::Approved,
+        decided_by: DecidedBy::Human,
+        who: Some(approvers.join(", ")),
+        reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+        at_ms: vote.at_ms,
+    }))
+}
+
+/// Cancels a pending request on behalf of `who`.
+pub fn cancel(
+    req: &ApprovalRequest,
+    who: &str,
+    reason: Option<String>,
+    now_ms: i64,
+) -> Result<Resolution, TransitionError> {
+    if req.state.is_terminal() {
+        return Err(TransitionError::AlreadyDecided { state: req.state });
+    }
+    Ok(Resolution {
+        state: State::Cancelled,
+        decided_by: DecidedBy::Cancel,
+        who: Some(who.to_string()),
+        reason,
+        at_ms: now_ms,
+    })
+}
+
+/// Times out a pending request whose deadline has been reached.
+pub fn time_out(req: &ApprovalRequest, now_ms: i64) -> Result<Resolution, TransitionError> {
+    if req.state.is_terminal() {
+        return Err(TransitionError::AlreadyDecided { state: req.state });
+    }
+    if now_ms < req.deadline_ms {
+        return Err(TransitionError::NotDue);
+    }
+    Ok(Resolution {
+        state: State::TimedOut,
+        decided_by: DecidedBy::Timeout,
+        who: None,
+        reason: Some("no decision before the deadline".into()),
+        at_ms: now_ms,
+    })
+}
+
+impl Vote {
+    /// `alice (uid:1000)`, or the bare identity when there is no name.
+    pub fn display(&self) -> String {
+        match &self.name {
+            Some(n) if !n.is_empty() && n != &self.voter => format!("{n} ({})", self.voter),
+            _ => self.voter.clone(),
+        }
+    }
+}
+
+impl ApprovalRequest {
+    /// Applies a resolution to this snapshot (the store does the same in SQL).
+    pub fn resolve(&mut self, r: &Resolution) {
+        self.state = r.state;
+        self.decided_by = Some(r.decided_by);
+        self.decided_who = r.who.clone();
+        self.decided_reason = r.reason.clone();
+        self.decided_ms = Some(r.at_ms);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn pending(approvals: u32, deadline_ms: i64) -> ApprovalRequest {
+        ApprovalRequest {
+            id: RequestId(Uuid::from_u128(1)),
+            agent: "a".into(),
+            tool: "delete_file".into(),
+            args: serde_json::json!({"path": "/x"}),
+            args_hash: "h".into(),
+            user_id: Some("42".into()),
+            channel_id: Some("7".into()),
+            justification: "j".into(),
+            task_id: None,
+            idempotency_key: None,
+            risk: Risk::High,
+            approvals_required: approvals,
+            admin_only: false,
+            rule: "risk_high".into(),
+            rule_detail: String::new(),
+            flags: vec![],
+            created_ms: 0,
+            deadline_ms,
+            state: State::Pending,
+            decided_by: None,
+            decided_who: None,
+            decided_reason: None,
+            decided_ms: None,
+        }
+    }
+
+    fn vote(voter: &str, approve: bool, at_ms: i64) -> Vote {
+        Vote {
+            voter: voter.into(),
+            name: None,
+            approve,
+            reason: Some(format!("{voter} says")),
+            at_ms,
+        }
+    }
+
+    #[test]
+    fn single_approval_approves() {
+        let r = pending(1, 100);
+        let e = apply_vote(&r, &[], &vote("alice", true, 10)).unwrap();
+        match e {
+            VoteEffect::Resolved(res) => {
+                assert_eq!(res.state, State::Approved);
+                assert_eq!(res.who.as_deref(), Some("alice"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn two_person_rule_needs_two_distinct_approvers() {
+        let r = pending(2, 100);
+        let first = vote("alice", true, 10);
+        assert_eq!(
+            apply_vote(&r, &[], &first).unwrap(),
+            VoteEffect::Recorded { have: 1, need: 2 }
+        );
+        // The same person cannot supply the second key.
+        assert_eq!(
+            apply_vote(&r, std::slice::from_ref(&first), &vote("alice", true, 11)),
+            Err(TransitionError::AlreadyVoted {
+                voter: "alice".into()
+            })
+        );
+        match apply_vote(&r, &[first], &vote("bob", true, 12)).unwrap() {
+            VoteEffect::Resolved(res) => {
+                assert_eq!(res.state, State::Approved);
+                assert_eq!(res.who.as_deref(), Some("alice, bob"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn first_deny_denies_even_after_an_approval() {
+        let r = pending(2, 100);
+        let e = apply_vote(&r, &[vote("alice", true, 10)], &vote("bob", false, 11)).unwrap();
+        match e {
+            VoteEffect::Resolved(res) => {
+                assert_eq!(res.state, State::Denied);
+                assert_eq!(res.who.as_deref(), Some("bob"));
+                assert_eq!(res.reason.as_deref(), Some("bob says"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn double_decision_is_refused() {
+        let mut r = pending(1, 100);
+        let VoteEffect::Resolved(res) = apply_vote(&r, &[], &vote("alice", true, 10)).unwrap()
+        else {
+            panic!("not resolved")
+        };
+        r.resolve(&res);
+        assert_eq!(
+            apply_vote(&r, &[], &vote("bob", false, 11)),
+            Err(TransitionError::AlreadyDecided {
+                state: State::Approved
+            })
+        );
+    }
+
+    #[test]
+    fn vote_at_or_after_deadline_loses_to_timeout() {
+        let r = pending(1, 100);
+        assert_eq!(
+            apply_vote(&r, &[], &vote("alice", true, 100)),
+            Err(TransitionError::PastDeadline)
+        );
+        assert_eq!(time_out(&r, 100).unwrap().state, State::TimedOut);
+    }
+
+    #[test]
+    fn timeout_before_deadline_is_refused() {
+        let r = pending(1, 100);
+        assert_eq!(time_out(&r, 99), Err(TransitionError::NotDue));
+    }
+
+    #[test]
+    fn cancel_after_decision_is_refused() {
+        let mut r = pending(1, 100);
+        r.resolve(&time_out(&r, 100).unwrap());
+        assert_eq!(
+            cancel(&r, "agent", None, 120),
+            Err(TransitionError::AlreadyDecided {
+                state: State::TimedOut
+            })
+        );
+    }
+
+    #[test]
+    fn cancel_pending_records_who() {
+        let r = pending(1, 100);
+        let res = cancel(&r, "agent:a", Some("changed my mind".into()), 5).unwrap();
+        assert_eq!(res.state, State::Cancelled);
+        assert_eq!(res.decided_by, DecidedBy::Cancel);
+    }
+
+    #[test]
+    fn states_round_trip_through_text() {
+        for s in [
+            State::Pending,
+            State::Approved,
+            State::Denied,
+            State::TimedOut,
+            State::Cancelled,
+        ] {
+            assert_eq!(s.as_str().parse::<State>().unwrap(), s);
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! A small client for the socket, used by the CLI and the tests.
+
+use super::protocol::RpcError;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::path::Path;
+use tokio::net::UnixStream;
+use tokio_util::codec::{Framed, LinesCodec};
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to Keyturn at {path}: {source} (is `keyturn serve` running?)")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to Keyturn lost: {0}")]
+    Io(String),
+    #[error("Keyturn sent something that is not a JSON-RPC response: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Rpc(RpcError),
+}
+
+pub struct Client {
+    framed: Framed<UnixStream, LinesCodec>,
+    next_id: u64,
+}
+
+impl Client {
+    pub async fn connect(path: &Path) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Client {
+            framed: Framed::new(stream, LinesCodec::new_with_max_length(64 * 1024 * 1024)),
+            next_id: 1,
+        })
+    }
+
+    /// Calls `method` and waits for its response.
+    pub async fn call(&mut self, method: &str, params: Value) -> Result<Value, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let line =
+            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+        self.framed
+            .send(line)
+            .await
+            .map_err(|e| ClientError::Io(e.to_string()))?;
+        loop {
+            let line = match self.framed.next().await {
+                None => return Err(ClientError::Io("the server closed the connection".into())),
+                Some(Err(e)) => return Err(ClientError::Io(e.to_string())),
+                Some(Ok(l)) => l,
+            };
+            let v: Value =
+                serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            // A refusal at connect time has a null id.
+            let rid = v.get("id");
+            if rid != Some(&json!(id)) && rid != Some(&Value::Null) {
+                continue;
+            }
+            if let Some(err) = v.get("error") {
+                let e: RpcError = serde_json::from_value(err.clone())
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                return Err(ClientError::Rpc(e));
+            }
+            return v
+                .get("result")
+                .cloned()
+                .ok_or_else(|| ClientError::Protocol(line.clone()));
+        }
+    }
+}

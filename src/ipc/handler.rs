@@ -1,0 +1,430 @@
+//! One JSON-RPC line in, one response line out. No sockets here: the server
+//! passes the peer's uid, and tests can drive this directly.
+
+use super::protocol::{response, DecisionView, RpcError};
+use crate::app::{AppError, Gateway, Submission};
+use crate::domain::policy::Effect;
+use crate::domain::request::RequestId;
+use crate::domain::Risk;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Who is on the other end of a connection (from SO_PEERCRED).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub uid: u32,
+    pub pid: Option<i32>,
+}
+
+pub struct Handler {
+    gw: Arc<Gateway>,
+}
+
+impl From<AppError> for RpcError {
+    fn from(e: AppError) -> RpcError {
+        if let AppError::Store(inner) = &e {
+            tracing::error!(error = %inner, "store error");
+        }
+        RpcError::new(e.code(), e.to_string())
+    }
+}
+
+fn params<T: DeserializeOwned>(p: Value) -> Result<T, RpcError> {
+    let p = if p.is_null() { json!({}) } else { p };
+    serde_json::from_value(p)
+        .map_err(|e| RpcError::new("invalid_params", format!("invalid params: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitParams {
+    agent: String,
+    token: Option<String>,
+    tool: String,
+    #[serde(default = "empty_object")]
+    args: Value,
+    user_id: Option<String>,
+    channel_id: Option<String>,
+    #[serde(default)]
+    justification: String,
+    task_id: Option<String>,
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    cost: f64,
+    timeout_secs: Option<u64>,
+    #[serde(default)]
+    unattended: bool,
+    /// Block until the decision instead of returning at once.
+    #[serde(default)]
+    wait: bool,
+}
+
+fn empty_object() -> Value {
+    json!({})
+}
+
+impl SubmitParams {
+    fn split(self) -> (String, Option<String>, bool, Submission) {
+        (
+            self.agent,
+            self.token,
+            self.wait,
+            Submission {
+                tool: self.tool,
+                args: self.args,
+                user_id: self.user_id,
+                channel_id: self.channel_id,
+                justification: self.justification,
+                task_id: self.task_id,
+                idempotency_key: self.idempotency_key,
+                cost: self.cost,
+                timeout_secs: self.timeout_secs,
+                unattended: self.unattended,
+            },
+        )
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ById {
+    /// Agent name; admins may leave it out to act on any request.
+    agent: Option<String>,
+    token: Option<String>,
+    id: String,
+    /// For `wait`: give up after this long and return the request still pending.
+    timeout_secs: Option<u64>,
+    /// For `cancel`.
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecideParams {
+    id: String,
+    reason: Option<String>,
+    /// The operator's name, shown beside their uid.
+    operator: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantParams {
+    scope: String,
+    tool: String,
+    #[serde(default)]
+    effect: Effect,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    limit: Option<u32>,
+    scope: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EffectiveParams {
+    #[serde(default = "default_agent")]
+    agent: String,
+    user_id: Option<String>,
+    channel_id: Option<String>,
+    roles: Option<Vec<String>>,
+    #[serde(default = "star")]
+    tool: String,
+}
+
+fn default_agent() -> String {
+    "cli".into()
+}
+fn star() -> String {
+    "*".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RiskParams {
+    tool: String,
+    /// `null` clears the override.
+    risk: Option<Risk>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PairingParams {
+    code: Option<String>,
+    user_id: Option<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+    display_name: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    n: Option<u32>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+fn parse_id(s: &str) -> Result<RequestId, RpcError> {
+    s.parse()
+        .map_err(|m: String| RpcError::new("invalid_params", m))
+}
+
+fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
+    serde_json::to_value(v).map_err(|e| RpcError::new("internal", e.to_string()))
+}
+
+/// Methods only admins may call.
+pub const ADMIN_METHODS: &[&str] = &[
+    "pending",
+    "approve",
+    "deny",
+    "grant",
+    "revoke",
+    "tools.list",
+    "tools.effective",
+    "tools.risk",
+    "tools.risks",
+    "pairing.list",
+    "pairing.request",
+    "pairing.approve",
+    "pairing.add",
+    "pairing.revoke",
+    "audit.tail",
+    "audit.export",
+    "audit.verify",
+];
+
+impl Handler {
+    pub fn new(gw: Arc<Gateway>) -> Handler {
+        Handler { gw }
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gw
+    }
+
+    /// Handles one line. `None` for a notification (no `id`), which gets no answer.
+    pub async fn handle_line(&self, peer: Peer, line: &str) -> Option<String> {
+        let msg: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => {
+                return Some(response(
+                    &Value::Null,
+                    Err(RpcError::new("parse_error", format!("not valid JSON: {e}"))),
+                ))
+            }
+        };
+        let Some(obj) = msg.as_object() else {
+            return Some(response(
+                &Value::Null,
+                Err(RpcError::new("invalid_request", "expected a JSON object")),
+            ));
+        };
+        let id = obj.get("id").cloned();
+        let id_ok = matches!(
+            &id,
+            None | Some(Value::Null | Value::Number(_) | Value::String(_))
+        );
+        let method = obj.get("method").and_then(Value::as_str);
+        let (Some(method), true, Some("2.0")) =
+            (method, id_ok, obj.get("jsonrpc").and_then(Value::as_str))
+        else {
+            return Some(response(
+                &id.unwrap_or(Value::Null),
+                Err(RpcError::new(
+                    "invalid_request",
+                    "expected {\"jsonrpc\":\"2.0\",\"id\":…,\"method\":\"…\",\"params\":{…}}",
+                )),
+            ));
+        };
+        let p = obj.get("params").cloned().unwrap_or(Value::Null);
+        if !(p.is_object() || p.is_null()) {
+            return Some(response(
+                &id.unwrap_or(Value::Null),
+                Err(RpcError::new("invalid_params", "params must be an object")),
+            ));
+        }
+        let result = self.dispatch(peer, method, p).await;
+        id.map(|id| response(&id, result))
+    }
+
+    async fn dispatch(&self, peer: Peer, method: &str, p: Value) -> Result<Value, RpcError> {
+        let gw = &self.gw;
+        let admin = gw.is_admin_uid(peer.uid);
+        if ADMIN_METHODS.contains(&method) && !admin {
+            return Err(AppError::NotAdmin.into());
+        }
+        let actor = |operator: &Option<String>| {
+            let name: String = operator
+                .as_deref()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(64)
+                .collect();
+            (
+                format!("uid:{}", peer.uid),
+                (!name.is_empty()).then_some(name),
+            )
+        };
+        let who = format!("uid:{}", peer.uid);
+        match method {
+            "ping" => Ok(json!({"pong": true, "admin": admin})),
+            "submit" => {
+                let (agent, token, wait, sub) = params::<SubmitParams>(p)?.split();
+                gw.authenticate_agent(&agent, token.as_deref(), peer.uid)?;
+                let r = gw.submit(&agent, sub).await?;
+                let r = if wait && !r.state.is_terminal() {
+                    gw.wait(r.id, Some(&agent), None).await?
+                } else {
+                    r
+                };
+                to_value(DecisionView::from(&r))
+            }
+            "check" => {
+                let (agent, token, _, sub) = params::<SubmitParams>(p)?.split();
+                gw.authenticate_agent(&agent, token.as_deref(), peer.uid)?;
+                to_value(gw.check(&agent, &sub)?)
+            }
+            "wait" | "status" | "cancel" => {
+                let q: ById = params(p)?;
+                let id = parse_id(&q.id)?;
+                let agent = match &q.agent {
+                    Some(a) => {
+                        gw.authenticate_agent(a, q.token.as_deref(), peer.uid)?;
+                        Some(a.as_str())
+                    }
+                    None if admin => None,
+                    None => return Err(RpcError::new("invalid_params", "`agent` is required")),
+                };
+                let r = match method {
+                    "wait" => {
+                        gw.wait(id, agent, q.timeout_secs.map(Duration::from_secs))
+                            .await?
+                    }
+                    "status" => gw.status_for(id, agent).await?,
+                    _ => {
+                        let by = agent.map(|a| format!("agent:{a}")).unwrap_or(who);
+                        gw.cancel(id, &by, agent, q.reason).await?
+                    }
+                };
+                to_value(DecisionView::from(&r))
+            }
+            "pending" => {
+                let q: ListParams = params(p)?;
+                to_value(gw.pending(q.limit.unwrap_or(100).min(10_000)).await?)
+            }
+            "approve" | "deny" => {
+                let q: DecideParams = params(p)?;
+                let id = parse_id(&q.id)?;
+                let (voter, name) = actor(&q.operator);
+                let v = gw
+                    .vote(id, &voter, name, method == "approve", q.reason, true)
+                    .await?;
+                Ok(json!({
+                    "decision": DecisionView::from(&v.request),
+                    "approvals": v.have,
+                    "approvals_required": v.need,
+                }))
+            }
+            "grant" | "revoke" => {
+                let q: GrantParams = params(p)?;
+                let changed = if method == "grant" {
+                    gw.grant(&q.scope, &q.tool, q.effect, &who).await?
+                } else {
+                    gw.revoke(&q.scope, &q.tool, q.effect, &who).await?
+                };
+                Ok(json!({"changed": changed}))
+            }
+            "tools.list" => {
+                let q: ListParams = params(p)?;
+                Ok(json!({
+                    "grants": to_value(gw.grants(q.scope.as_deref()).await?)?,
+                    "risks": gw.tool_risks().into_iter().map(|(t, r)| json!({"tool": t, "risk": r})).collect::<Vec<_>>(),
+                }))
+            }
+            "tools.effective" => {
+                let q: EffectiveParams = params(p)?;
+                to_value(gw.effective(
+                    &q.agent,
+                    q.user_id.as_deref(),
+                    q.channel_id.as_deref(),
+                    q.roles,
+                    &q.tool,
+                )?)
+            }
+            "tools.risk" => {
+                let q: RiskParams = params(p)?;
+                gw.set_risk(&q.tool, q.risk, &who).await?;
+                Ok(json!({"tool": q.tool, "risk": q.risk}))
+            }
+            "tools.risks" => Ok(json!(gw
+                .tool_risks()
+                .into_iter()
+                .map(|(t, r)| json!({"tool": t, "risk": r}))
+                .collect::<Vec<_>>())),
+            "pairing.list" => {
+                let (users, codes) = gw.pairings().await?;
+                Ok(json!({"paired": to_value(users)?, "pending_codes": to_value(codes)?}))
+            }
+            "pairing.request" => {
+                let q: PairingParams = params(p)?;
+                let user = q
+                    .user_id
+                    .ok_or_else(|| RpcError::new("invalid_params", "`user_id` is required"))?;
+                let (code, expires_ms) = gw.request_pairing(&user, q.display_name).await?;
+                Ok(json!({"user_id": user, "code": code, "expires_ms": expires_ms}))
+            }
+            "pairing.approve" => {
+                let q: PairingParams = params(p)?;
+                let code = q
+                    .code
+                    .ok_or_else(|| RpcError::new("invalid_params", "`code` is required"))?;
+                to_value(gw.approve_pairing(&code, &who).await?)
+            }
+            "pairing.add" => {
+                let q: PairingParams = params(p)?;
+                let user = q
+                    .user_id
+                    .ok_or_else(|| RpcError::new("invalid_params", "`user_id` is required"))?;
+                Ok(json!({"changed": gw.pair_user(&user, q.roles, &who).await?}))
+            }
+            "pairing.revoke" => {
+                let q: PairingParams = params(p)?;
+                let user = q
+                    .user_id
+                    .ok_or_else(|| RpcError::new("invalid_params", "`user_id` is required"))?;
+                Ok(json!({"changed": gw.revoke_pairing(&user, &who).await?}))
+            }
+            "audit.tail" => {
+                let q: AuditParams = params(p)?;
+                to_value(gw.audit_tail(q.n.unwrap_or(20).min(10_000)).await?)
+            }
+            "audit.export" => {
+                let q: AuditParams = params(p)?;
+                to_value(
+                    gw.audit_after(q.after.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000))
+                        .await?,
+                )
+            }
+            "audit.verify" => match gw.audit_verify().await? {
+                Ok(n) => Ok(json!({"ok": true, "entries": n})),
+                Err(b) => Ok(json!({"ok": false, "broken_at": b.seq, "problem": b.problem})),
+            },
+            other => Err(RpcError::new(
+                "method_not_found",
+                format!(
+                    "unknown method `{}`",
+                    other.chars().take(64).collect::<String>()
+                ),
+            )),
+        }
+    }
+}

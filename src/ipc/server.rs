@@ -1,0 +1,256 @@
+//! The Unix socket listener: connection limit, peer credentials, line
+//! framing with a length limit, and a shutdown that waits for handlers.
+
+use super::handler::{Handler, Peer};
+use super::protocol::{response, RpcError};
+use futures::{SinkExt, StreamExt};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec, LinesCodecError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Why the socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another Keyturn is already listening on {0}")]
+    InUse(PathBuf),
+    #[error("cannot use socket path {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket group `{0}` does not exist")]
+    NoSuchGroup(String),
+}
+
+pub struct SocketOptions {
+    pub path: PathBuf,
+    pub mode: u32,
+    pub group: Option<String>,
+    pub max_connections: usize,
+    pub max_line_bytes: usize,
+    pub max_inflight: usize,
+}
+
+/// Binds the socket, replacing a stale file but never a live listener.
+pub async fn bind(opts: &SocketOptions) -> Result<UnixListener, BindError> {
+    let path = &opts.path;
+    let io = |source| BindError::Io {
+        path: path.clone(),
+        source,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(BindError::InUse(path.clone()));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(opts.mode)).map_err(io)?;
+    if let Some(group) = &opts.group {
+        let gid = match group.parse::<u32>() {
+            Ok(g) => g,
+            Err(_) => nix::unistd::Group::from_name(group)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw())
+                .ok_or_else(|| BindError::NoSuchGroup(group.clone()))?,
+        };
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(io)?;
+    }
+    Ok(listener)
+}
+
+/// Accepts connections until `stop` is cancelled, then waits for the
+/// in-flight handlers and removes the socket file.
+pub async fn serve(
+    listener: UnixListener,
+    opts: SocketOptions,
+    handler: Arc<Handler>,
+    stop: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(opts.max_connections));
+    let tracker = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    // Out of file descriptors and the like: back off briefly.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracker.spawn(refuse(
+                stream,
+                "too_many_connections",
+                format!(
+                    "the server already has {} connections",
+                    opts.max_connections
+                ),
+            ));
+            continue;
+        };
+        let handler = handler.clone();
+        let stop = stop.clone();
+        let (max_line, max_inflight) = (opts.max_line_bytes, opts.max_inflight);
+        tracker.spawn(async move {
+            connection(stream, handler, max_line, max_inflight, stop).await;
+            drop(permit);
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    let _ = std::fs::remove_file(&opts.path);
+}
+
+async fn refuse(stream: UnixStream, code: &str, message: String) {
+    let mut w = FramedWrite::new(stream, LinesCodec::new());
+    let _ = w
+        .send(response(
+            &serde_json::Value::Null,
+            Err(RpcError::new(code, message)),
+        ))
+        .await;
+}
+
+async fn connection(
+    stream: UnixStream,
+    handler: Arc<Handler>,
+    max_line: usize,
+    max_inflight: usize,
+    stop: CancellationToken,
+) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer {
+            uid: c.uid(),
+            pid: c.pid(),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "no peer credentials; refusing");
+            return;
+        }
+    };
+    if !handler_may_connect(&handler, peer.uid) {
+        tracing::warn!(
+            peer.uid = peer.uid,
+            "connection from a uid that is neither an agent nor an admin"
+        );
+        refuse(
+            stream,
+            "peer_refused",
+            format!(
+                "uid {} may not connect (not a configured agent or admin uid)",
+                peer.uid
+            ),
+        )
+        .await;
+        return;
+    }
+    let (read, write) = stream.into_split();
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(max_line));
+    let mut sink = FramedWrite::new(write, LinesCodec::new());
+    let (out_tx, mut out_rx) = mpsc::channel::<String>(max_inflight);
+    let inflight = Arc::new(Semaphore::new(max_inflight));
+    let writer = tokio::spawn(async move {
+        while let Some(line) = out_rx.recv().await {
+            if sink.send(line).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Calls in flight; aborted when the peer goes away (its requests stay
+    // pending in the store, and a reconnecting agent can `wait` again).
+    let mut calls = tokio::task::JoinSet::new();
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(_) = calls.join_next(), if !calls.is_empty() => continue,
+            n = lines.next() => n,
+        };
+        let line = match next {
+            None => break,
+            Some(Ok(l)) => l,
+            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                // The codec discards the rest of the line; the connection stays usable.
+                let e = RpcError::new(
+                    "line_too_long",
+                    format!("line longer than {max_line} bytes (server.max_line_bytes)"),
+                );
+                if out_tx
+                    .send(response(&serde_json::Value::Null, Err(e)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+            Some(Err(LinesCodecError::Io(e))) => {
+                tracing::debug!(error = %e, "connection read failed");
+                break;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Ok(permit) = inflight.clone().try_acquire_owned() else {
+            let e = RpcError::new(
+                "too_many_inflight",
+                format!("more than {max_inflight} calls in flight on this connection"),
+            );
+            let id = serde_json::from_str::<serde_json::Value>(&line)
+                .ok()
+                .and_then(|v| v.get("id").cloned())
+                .unwrap_or_default();
+            if out_tx.send(response(&id, Err(e))).await.is_err() {
+                break;
+            }
+            continue;
+        };
+        let handler = handler.clone();
+        let out = out_tx.clone();
+        calls.spawn(async move {
+            if let Some(resp) = handler.handle_line(peer, &line).await {
+                let _ = out.send(resp).await;
+            }
+            drop(permit);
+        });
+    }
+    // On EOF the peer may only have half-closed (`echo … | socat`), so its
+    // calls still get answers; each is bounded by its request's deadline.
+    // On shutdown, blocked calls are aborted: their requests stay pending in
+    // the store and a reconnecting agent can `wait` again.
+    if stop.is_cancelled() {
+        calls.abort_all();
+    }
+    loop {
+        tokio::select! {
+            done = calls.join_next() => if done.is_none() { break },
+            _ = stop.cancelled() => calls.abort_all(),
+        }
+    }
+    drop(out_tx);
+    let _ = writer.await;
+}
+
+fn handler_may_connect(h: &Handler, uid: u32) -> bool {
+    h.gateway().uid_may_connect(uid)
+}
+
+/// Removes the socket file if it is ours (used on shutdown paths that skip `serve`).
+pub fn remove_socket(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}

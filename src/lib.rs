@@ -1,0 +1,13 @@
+//! Keyturn: a self-hosted, human-in-the-loop approval gateway for AI agents.
+//!
+//! Layout: `domain` is the pure core; `app` holds the use-cases over the
+//! `store` port; `ipc` (agent socket), `cli` and `discord` are adapters that
+//! call `app`. Adapters never call each other.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod ipc;
+pub mod serve;
+pub mod store;

@@ -1,0 +1,78 @@
+//! `keyturn serve`: wire the store, the gateway, the scheduler and the
+//! socket together, and shut them down in order.
+
+use crate::app::{scheduler, Gateway};
+use crate::config::Config;
+use crate::ipc::handler::Handler;
+use crate::ipc::server::{self, SocketOptions};
+use crate::store::{SqliteStore, Store};
+use anyhow::Context;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Runs until SIGINT or SIGTERM (a second signal exits at once).
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(
+            &cfg.store.url,
+            &cfg.store.sqlite_synchronous,
+            cfg.store.max_batch,
+        )
+        .await
+        .with_context(|| format!("while opening the store {}", cfg.store.url))?,
+    );
+    let uid = nix::unistd::getuid().as_raw();
+    let (gw, deadlines) = Gateway::new(cfg.clone(), store.clone(), uid)
+        .await
+        .context("while loading the policy")?;
+
+    let opts = SocketOptions {
+        path: cfg.server.socket_path.clone(),
+        mode: cfg.socket_mode()?,
+        group: cfg.server.socket_group.clone(),
+        max_connections: cfg.server.max_connections,
+        max_line_bytes: cfg.server.max_line_bytes,
+        max_inflight: cfg.server.max_inflight_per_connection,
+    };
+    let listener = server::bind(&opts).await?;
+
+    let stop = CancellationToken::new();
+    spawn_signal_handler(stop.clone());
+    let sched = tokio::spawn(scheduler::run(gw.clone(), deadlines, stop.clone()));
+
+    tracing::info!(socket = %opts.path.display(), store = %cfg.store.url, "keyturn is ready");
+    // A line on stdout that scripts and tests can wait for.
+    println!("keyturn: listening on {}", opts.path.display());
+
+    server::serve(
+        listener,
+        opts,
+        Arc::new(Handler::new(gw.clone())),
+        stop.clone(),
+    )
+    .await;
+    stop.cancel();
+    let _ = sched.await;
+    store.close().await;
+    tracing::info!("stopped; pending requests stay pending in the store");
+    Ok(())
+}
+
+fn spawn_signal_handler(stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        tracing::info!("shutting down (send the signal again to exit at once)");
+        stop.cancel();
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,184 @@
+//! Persistence: the [`Store`] port and its sqlx implementation.
+//!
+//! Every SQL statement lives under this module; nothing outside it imports
+//! sqlx. Every mutation writes its audit events in the same transaction, and
+//! writes are group-committed by one writer task.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use crate::domain::audit::{AuditEntry, AuditEvent};
+use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
+use crate::domain::request::{ApprovalRequest, RequestId, TransitionError, Vote};
+use crate::domain::Risk;
+use async_trait::async_trait;
+use serde::Serialize;
+
+/// A storage failure. Callers treat every one of these as *deny*.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("database migration failed: {0}")]
+    Migration(String),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Result of inserting a request.
+#[derive(Debug, Clone)]
+pub enum Inserted {
+    /// Stored as new.
+    New(ApprovalRequest),
+    /// The agent had already submitted this idempotency key: here is that request.
+    Existing(ApprovalRequest),
+}
+
+/// Result of a vote that the lifecycle accepted.
+#[derive(Debug, Clone)]
+pub struct Voted {
+    /// The request after the vote (terminal if the vote decided it).
+    pub request: ApprovalRequest,
+    pub have: u32,
+    pub need: u32,
+}
+
+/// A user Keyturn may act for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PairedUser {
+    pub user_id: String,
+    pub roles: Vec<String>,
+    pub display_name: Option<String>,
+    pub paired_by: String,
+    pub paired_ms: i64,
+}
+
+/// A live pairing code (the code itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PendingPairing {
+    pub user_id: String,
+    pub display_name: Option<String>,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// Why a pairing code could not be created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PairingRefused {
+    #[error("user {0} is already paired")]
+    AlreadyPaired(String),
+    #[error("too many live pairing codes ({0}); try again later")]
+    TooManyCodes(usize),
+}
+
+/// A grant as stored, with who added it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredGrant {
+    #[serde(flatten)]
+    pub grant: Grant,
+    pub created_by: String,
+    pub created_ms: i64,
+}
+
+/// The persistence port the application uses.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new request with its audit events, or returns the request the
+    /// agent already submitted under the same idempotency key.
+    async fn insert_request(
+        &self,
+        req: ApprovalRequest,
+        audit: Vec<AuditEvent>,
+    ) -> StoreResult<Inserted>;
+    /// Applies a vote atomically (see [`crate::domain::request::apply_vote`]).
+    async fn vote(&self, id: RequestId, vote: Vote) -> StoreResult<Result<Voted, TransitionError>>;
+    /// Cancels a pending request.
+    async fn cancel(
+        &self,
+        id: RequestId,
+        who: String,
+        reason: Option<String>,
+        now_ms: i64,
+    ) -> StoreResult<Result<ApprovalRequest, TransitionError>>;
+    /// Times out a pending request whose deadline has passed.
+    async fn time_out(
+        &self,
+        id: RequestId,
+        now_ms: i64,
+    ) -> StoreResult<Result<ApprovalRequest, TransitionError>>;
+    async fn get_request(&self, id: RequestId) -> StoreResult<Option<ApprovalRequest>>;
+    /// The request `agent` submitted under `key`, if any.
+    async fn find_by_idempotency_key(
+        &self,
+        agent: &str,
+        key: &str,
+    ) -> StoreResult<Option<ApprovalRequest>>;
+    async fn votes(&self, id: RequestId) -> StoreResult<Vec<Vote>>;
+    /// Pending requests, oldest deadline first.
+    async fn pending(&self, limit: u32) -> StoreResult<Vec<ApprovalRequest>>;
+    /// Every pending request's deadline (for the scheduler at start-up).
+    async fn pending_deadlines(&self) -> StoreResult<Vec<(RequestId, i64)>>;
+    async fn count_pending_for_agent(&self, agent: &str) -> StoreResult<u64>;
+
+    /// Adds a grant; `false` if it already existed.
+    async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool>;
+    /// Removes a grant; `false` if there was none.
+    async fn remove_grant(
+        &self,
+        scope: Scope,
+        tool: ToolPattern,
+        effect: Effect,
+        by: String,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    async fn grants(&self) -> StoreResult<Vec<StoredGrant>>;
+    /// Sets (or with `None` clears) a tool's risk override.
+    async fn set_tool_risk(
+        &self,
+        tool: String,
+        risk: Option<Risk>,
+        by: String,
+        now_ms: i64,
+    ) -> StoreResult<()>;
+    async fn tool_risks(&self) -> StoreResult<Vec<(String, Risk)>>;
+
+    async fn paired_users(&self) -> StoreResult<Vec<PairedUser>>;
+    /// Pairs a user directly (admin action); `false` if already paired.
+    async fn pair_user(&self, user: PairedUser) -> StoreResult<bool>;
+    async fn unpair_user(&self, user_id: String, by: String, now_ms: i64) -> StoreResult<bool>;
+    /// Stores a pairing code's hash for a user, replacing that user's earlier code.
+    async fn create_pairing_code(
+        &self,
+        user_id: String,
+        display_name: Option<String>,
+        code_hash: String,
+        now_ms: i64,
+        expires_ms: i64,
+        max_live: usize,
+    ) -> StoreResult<Result<(), PairingRefused>>;
+    /// Redeems a typed code (compared in constant time against live hashes):
+    /// pairs its user and deletes the code.
+    async fn redeem_pairing_code(
+        &self,
+        code: String,
+        by: String,
+        now_ms: i64,
+    ) -> StoreResult<Option<PairedUser>>;
+    async fn pairing_codes(&self, now_ms: i64) -> StoreResult<Vec<PendingPairing>>;
+
+    async fn append_audit(&self, events: Vec<AuditEvent>) -> StoreResult<()>;
+    /// The newest `n` entries, oldest first.
+    async fn audit_tail(&self, n: u32) -> StoreResult<Vec<AuditEntry>>;
+    /// Entries with `seq > after`, oldest first.
+    async fn audit_after(&self, after: i64, limit: u32) -> StoreResult<Vec<AuditEntry>>;
+    /// The chain head `(seq, hash)` as recorded at the last commit.
+    async fn audit_head(&self) -> StoreResult<(i64, String)>;
+
+    /// Flushes and closes.
+    async fn close(&self);
+}

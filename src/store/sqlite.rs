@@ -1,0 +1,1071 @@
+//! The SQLite store: WAL, one writer connection that group-commits, and a
+//! small pool of readers.
+//!
+//! Writes are queued to one task. It takes every write waiting (up to
+//! `max_batch`), runs them in one transaction with their audit entries, and
+//! answers each only after the commit: many callers, one fsync.
+
+use super::{
+    Inserted, PairedUser, PairingRefused, PendingPairing, Store, StoreError, StoreResult,
+    StoredGrant, Voted,
+};
+use crate::domain::audit::{self, events, AuditEntry, AuditEvent};
+use crate::domain::pairing;
+use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
+use crate::domain::request::{
+    self, ApprovalRequest, RequestId, State, TransitionError, Vote, VoteEffect,
+};
+use crate::domain::Risk;
+use async_trait::async_trait;
+use serde_json::json;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, FromRow, QueryBuilder, Row, Sqlite, Transaction};
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::task::JoinHandle;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Writes waiting for the writer; beyond this, callers wait (backpressure).
+const WRITE_QUEUE: usize = 8192;
+
+fn db(e: sqlx::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+pub struct SqliteStore {
+    reads: SqlitePool,
+    jobs: mpsc::Sender<Job>,
+    writer: Mutex<Option<(oneshot::Sender<()>, JoinHandle<()>)>>,
+}
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<StoreResult<Reply>>,
+}
+
+enum Op {
+    Insert(Box<ApprovalRequest>, Vec<AuditEvent>),
+    Vote(RequestId, Vote),
+    Cancel(RequestId, String, Option<String>, i64),
+    TimeOut(RequestId, i64),
+    AddGrant(Grant, String, i64),
+    RemoveGrant(Scope, ToolPattern, Effect, String, i64),
+    SetRisk(String, Option<Risk>, String, i64),
+    Pair(PairedUser),
+    Unpair(String, String, i64),
+    CreateCode {
+        user_id: String,
+        display_name: Option<String>,
+        code_hash: String,
+        now_ms: i64,
+        expires_ms: i64,
+        max_live: usize,
+    },
+    Redeem(String, String, i64),
+    Audit(Vec<AuditEvent>),
+}
+
+enum Reply {
+    Inserted(Inserted),
+    Voted(Result<Voted, TransitionError>),
+    Finished(Result<ApprovalRequest, TransitionError>),
+    Bool(bool),
+    Unit,
+    Code(Result<(), PairingRefused>),
+    Redeemed(Option<PairedUser>),
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) and migrates the database at `url`.
+    pub async fn open(url: &str, synchronous: &str, max_batch: usize) -> StoreResult<SqliteStore> {
+        let sync = match synchronous {
+            "full" => SqliteSynchronous::Full,
+            _ => SqliteSynchronous::Normal,
+        };
+        let opts = SqliteConnectOptions::from_str(url)
+            .map_err(db)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(sync)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let mut writer = SqliteConnection::connect_with(&opts).await.map_err(db)?;
+        MIGRATOR
+            .run(&mut writer)
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts.read_only(true))
+            .await
+            .map_err(db)?;
+        let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
+        let (stop, stopped) = oneshot::channel();
+        let handle = tokio::spawn(run_writer(writer, rx, stopped, max_batch.max(1)));
+        Ok(SqliteStore {
+            reads,
+            jobs,
+            writer: Mutex::new(Some((stop, handle))),
+        })
+    }
+
+    async fn write(&self, op: Op) -> StoreResult<Reply> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job { op, reply: tx })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn unexpected() -> StoreError {
+    StoreError::Database("writer replied with the wrong kind of answer".into())
+}
+
+async fn run_writer(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Job>,
+    mut stop: oneshot::Receiver<()>,
+    max_batch: usize,
+) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
+    let mut stopping = false;
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut jobs, max_batch) => n,
+            _ = &mut stop, if !stopping => {
+                // Refuse new writes, but commit everything already queued.
+                stopping = true;
+                rx.close();
+                continue;
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        write_batch(&mut conn, &mut jobs).await;
+    }
+    let _ = conn.close().await;
+}
+
+async fn write_batch(conn: &mut SqliteConnection, jobs: &mut Vec<Job>) {
+    {
+        let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
+        match run_batch(conn, &ops).await {
+            Ok(replies) => {
+                for (job, reply) in jobs.drain(..).zip(replies) {
+                    let _ = job.reply.send(Ok(reply));
+                }
+            }
+            Err(e) if jobs.len() == 1 => {
+                tracing::error!(error = %e, "store write failed");
+                if let Some(job) = jobs.pop() {
+                    let _ = job.reply.send(Err(db(e)));
+                }
+            }
+            Err(e) => {
+                // One bad write must not fail its neighbours: retry each alone.
+                tracing::warn!(error = %e, batch = jobs.len(), "batch failed; retrying writes one by one");
+                for job in jobs.drain(..) {
+                    let r = run_batch(conn, &[&job.op]).await;
+                    let r = r
+                        .map_err(db)
+                        .and_then(|mut v| v.pop().ok_or_else(unexpected));
+                    if let Err(e) = &r {
+                        tracing::error!(error = %e, "store write failed");
+                    }
+                    let _ = job.reply.send(r);
+                }
+            }
+        }
+    }
+}
+
+async fn run_batch(conn: &mut SqliteConnection, ops: &[&Op]) -> Result<Vec<Reply>, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    let mut replies = Vec::with_capacity(ops.len());
+    let mut audit_events = Vec::new();
+    for op in ops {
+        replies.push(exec(&mut tx, op, &mut audit_events).await?);
+    }
+    if !audit_events.is_empty() {
+        append_audit(&mut tx, audit_events).await?;
+    }
+    tx.commit().await?;
+    Ok(replies)
+}
+
+type Tx<'a> = Transaction<'a, Sqlite>;
+
+async fn exec(tx: &mut Tx<'_>, op: &Op, ev: &mut Vec<AuditEvent>) -> Result<Reply, sqlx::Error> {
+    Ok(match op {
+        Op::Insert(req, audit) => {
+            if let Some(key) = &req.idempotency_key {
+                let existing = sqlx::query_as::<_, RequestRow>(
+                    "SELECT * FROM requests WHERE agent = $1 AND idempotency_key = $2",
+                )
+                .bind(&req.agent)
+                .bind(key)
+                .fetch_optional(&mut **tx)
+                .await?;
+                if let Some(row) = existing {
+                    return Ok(Reply::Inserted(Inserted::Existing(row.into_request()?)));
+                }
+            }
+            insert_request(tx, req).await?;
+            ev.extend(audit.iter().cloned());
+            Reply::Inserted(Inserted::New((**req).clone()))
+        }
+        Op::Vote(id, vote) => {
+            let Some(mut req) = load(tx, *id).await? else {
+                return Ok(Reply::Voted(Err(TransitionError::NotFound)));
+            };
+            let earlier = load_votes(&mut **tx, *id).await?;
+            let effect = match request::apply_vote(&req, &earlier, vote) {
+                Ok(e) => e,
+                Err(e) => return Ok(Reply::Voted(Err(e))),
+            };
+            sqlx::query(
+                "INSERT INTO votes (request_id, voter, name, approve, reason, at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(id.to_string())
+            .bind(&vote.voter)
+            .bind(&vote.name)
+            .bind(vote.approve)
+            .bind(&vote.reason)
+            .bind(vote.at_ms)
+            .execute(&mut **tx)
+            .await?;
+            ev.push(events::vote(&req, vote));
+            let (have, need) = match effect {
+                VoteEffect::Recorded { have, need } => (have, need),
+                VoteEffect::Resolved(res) => {
+                    req.resolve(&res);
+                    resolve(tx, &req).await?;
+                    ev.push(events::resolved(&req));
+                    let need = req.approvals_required.max(1);
+                    (if vote.approve { need } else { 0 }, need)
+                }
+            };
+            Reply::Voted(Ok(Voted {
+                request: req,
+                have,
+                need,
+            }))
+        }
+        Op::Cancel(id, who, reason, now) => {
+            finish(tx, *id, ev, |r| {
+                request::cancel(r, who, reason.clone(), *now)
+            })
+            .await?
+        }
+        Op::TimeOut(id, now) => finish(tx, *id, ev, |r| request::time_out(r, *now)).await?,
+        Op::AddGrant(g, by, now) => {
+            let done = sqlx::query(
+                "INSERT INTO grants (scope, tool, effect, created_by, created_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .bind(g.scope.to_string())
+            .bind(g.tool.as_str())
+            .bind(effect_str(g.effect))
+            .bind(by)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if done {
+                ev.push(events::admin(
+                    *now,
+                    "grant_added",
+                    by,
+                    json!({"scope": g.scope, "tool": g.tool, "effect": g.effect}),
+                ));
+            }
+            Reply::Bool(done)
+        }
+        Op::RemoveGrant(scope, tool, effect, by, now) => {
+            let done =
+                sqlx::query("DELETE FROM grants WHERE scope = $1 AND tool = $2 AND effect = $3")
+                    .bind(scope.to_string())
+                    .bind(tool.as_str())
+                    .bind(effect_str(*effect))
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected()
+                    == 1;
+            if done {
+                ev.push(events::admin(
+                    *now,
+                    "grant_removed",
+                    by,
+                    json!({"scope": scope, "tool": tool, "effect": effect}),
+                ));
+            }
+            Reply::Bool(done)
+        }
+        Op::SetRisk(tool, risk, by, now) => {
+            match risk {
+                Some(r) => {
+                    sqlx::query(
+                        "INSERT INTO tool_risks (tool, risk, set_by, set_ms) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (tool) DO UPDATE SET risk = excluded.risk, set_by = excluded.set_by, set_ms = excluded.set_ms",
+                    )
+                    .bind(tool)
+                    .bind(r.as_str())
+                    .bind(by)
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                None => {
+                    sqlx::query("DELETE FROM tool_risks WHERE tool = $1")
+                        .bind(tool)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+            }
+            ev.push(events::admin(
+                *now,
+                "risk_set",
+                by,
+                json!({"tool": tool, "risk": risk}),
+            ));
+            Reply::Unit
+        }
+        Op::Pair(u) => {
+            let done = insert_paired(tx, u).await?;
+            if done {
+                ev.push(events::admin(
+                    u.paired_ms,
+                    "user_paired",
+                    &u.paired_by,
+                    json!({"user_id": u.user_id, "roles": u.roles}),
+                ));
+            }
+            Reply::Bool(done)
+        }
+        Op::Unpair(user_id, by, now) => {
+            let done = sqlx::query("DELETE FROM paired_users WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected()
+                == 1;
+            sqlx::query("DELETE FROM pairing_codes WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut **tx)
+                .await?;
+            if done {
+                ev.push(events::admin(
+                    *now,
+                    "pairing_revoked",
+                    by,
+                    json!({"user_id": user_id}),
+                ));
+            }
+            Reply::Bool(done)
+        }
+        Op::CreateCode {
+            user_id,
+            display_name,
+            code_hash,
+            now_ms,
+            expires_ms,
+            max_live,
+        } => {
+            let paired: Option<(String,)> =
+                sqlx::query_as("SELECT user_id FROM paired_users WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            if paired.is_some() {
+                return Ok(Reply::Code(Err(PairingRefused::AlreadyPaired(
+                    user_id.clone(),
+                ))));
+            }
+            sqlx::query("DELETE FROM pairing_codes WHERE expires_ms <= $1 OR user_id = $2")
+                .bind(now_ms)
+                .bind(user_id)
+                .execute(&mut **tx)
+                .await?;
+            let live: i64 = sqlx::query("SELECT COUNT(*) FROM pairing_codes")
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get(0)?;
+            if live as usize >= *max_live {
+                return Ok(Reply::Code(Err(PairingRefused::TooManyCodes(*max_live))));
+            }
+            sqlx::query(
+                "INSERT INTO pairing_codes (code_hash, user_id, display_name, created_ms, expires_ms) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(code_hash)
+            .bind(user_id)
+            .bind(display_name)
+            .bind(now_ms)
+            .bind(expires_ms)
+            .execute(&mut **tx)
+            .await?;
+            ev.push(events::admin(
+                *now_ms,
+                "pairing_requested",
+                &format!("user:{user_id}"),
+                json!({"user_id": user_id, "expires_ms": expires_ms}),
+            ));
+            Reply::Code(Ok(()))
+        }
+        Op::Redeem(code, by, now) => {
+            let live: Vec<(String, String, Option<String>)> = sqlx::query_as(
+                "SELECT code_hash, user_id, display_name FROM pairing_codes WHERE expires_ms > $1",
+            )
+            .bind(now)
+            .fetch_all(&mut **tx)
+            .await?;
+            // Compare against every live hash in constant time; no early exit.
+            let mut found = None;
+            for (hash, user_id, name) in live {
+                if pairing::matches(code, &hash) {
+                    found = Some((hash, user_id, name));
+                }
+            }
+            let Some((hash, user_id, display_name)) = found else {
+                return Ok(Reply::Redeemed(None));
+            };
+            sqlx::query("DELETE FROM pairing_codes WHERE code_hash = $1")
+                .bind(&hash)
+                .execute(&mut **tx)
+                .await?;
+            let user = PairedUser {
+                user_id,
+                roles: vec![],
+                display_name,
+                paired_by: by.clone(),
+                paired_ms: *now,
+            };
+            insert_paired(tx, &user).await?;
+            ev.push(events::admin(
+                *now,
+                "pairing_approved",
+                by,
+                json!({"user_id": user.user_id}),
+            ));
+            Reply::Redeemed(Some(user))
+        }
+        Op::Audit(list) => {
+            ev.extend(list.iter().cloned());
+            Reply::Unit
+        }
+    })
+}
+
+async fn finish(
+    tx: &mut Tx<'_>,
+    id: RequestId,
+    ev: &mut Vec<AuditEvent>,
+    transition: impl FnOnce(&ApprovalRequest) -> Result<request::Resolution, TransitionError>,
+) -> Result<Reply, sqlx::Error> {
+    let Some(mut req) = load(tx, id).await? else {
+        return Ok(Reply::Finished(Err(TransitionError::NotFound)));
+    };
+    match transition(&req) {
+        Ok(res) => {
+            req.resolve(&res);
+            resolve(tx, &req).await?;
+            ev.push(events::resolved(&req));
+            Ok(Reply::Finished(Ok(req)))
+        }
+        Err(e) => Ok(Reply::Finished(Err(e))),
+    }
+}
+
+async fn insert_paired(tx: &mut Tx<'_>, u: &PairedUser) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query(
+        "INSERT INTO paired_users (user_id, roles, display_name, paired_by, paired_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )
+    .bind(&u.user_id)
+    .bind(serde_json::to_string(&u.roles).unwrap_or_else(|_| "[]".into()))
+    .bind(&u.display_name)
+    .bind(&u.paired_by)
+    .bind(u.paired_ms)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+fn effect_str(e: Effect) -> &'static str {
+    match e {
+        Effect::Allow => "allow",
+        Effect::Deny => "deny",
+    }
+}
+
+async fn insert_request(tx: &mut Tx<'_>, r: &ApprovalRequest) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO requests (id, agent, tool, args, args_hash, user_id, channel_id, justification, \
+         task_id, idempotency_key, risk, approvals_required, admin_only, rule, rule_detail, flags, \
+         created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
+    )
+    .bind(r.id.to_string())
+    .bind(&r.agent)
+    .bind(&r.tool)
+    .bind(r.args.to_string())
+    .bind(&r.args_hash)
+    .bind(&r.user_id)
+    .bind(&r.channel_id)
+    .bind(&r.justification)
+    .bind(&r.task_id)
+    .bind(&r.idempotency_key)
+    .bind(r.risk.as_str())
+    .bind(r.approvals_required as i64)
+    .bind(r.admin_only)
+    .bind(&r.rule)
+    .bind(&r.rule_detail)
+    .bind(serde_json::Value::Array(r.flags.clone()).to_string())
+    .bind(r.created_ms)
+    .bind(r.deadline_ms)
+    .bind(r.state.as_str())
+    .bind(r.decided_by.map(|d| d.as_str()))
+    .bind(&r.decided_who)
+    .bind(&r.decided_reason)
+    .bind(r.decided_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The conditional update that makes exactly one terminal state win.
+async fn resolve(tx: &mut Tx<'_>, r: &ApprovalRequest) -> Result<(), sqlx::Error> {
+    let n = sqlx::query(
+        "UPDATE requests SET state = $1, decided_by = $2, decided_who = $3, decided_reason = $4, decided_ms = $5 \
+         WHERE id = $6 AND state = 'pending'",
+    )
+    .bind(r.state.as_str())
+    .bind(r.decided_by.map(|d| d.as_str()))
+    .bind(&r.decided_who)
+    .bind(&r.decided_reason)
+    .bind(r.decided_ms)
+    .bind(r.id.to_string())
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if n != 1 {
+        // Cannot happen with one writer; if it does, refuse rather than report a win.
+        return Err(sqlx::Error::Protocol(format!(
+            "request {} was no longer pending",
+            r.id
+        )));
+    }
+    Ok(())
+}
+
+async fn load(tx: &mut Tx<'_>, id: RequestId) -> Result<Option<ApprovalRequest>, sqlx::Error> {
+    sqlx::query_as::<_, RequestRow>("SELECT * FROM requests WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(RequestRow::into_request)
+        .transpose()
+}
+
+async fn load_votes<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    ex: E,
+    id: RequestId,
+) -> Result<Vec<Vote>, sqlx::Error> {
+    let rows: Vec<(String, Option<String>, bool, Option<String>, i64)> = sqlx::query_as(
+        "SELECT voter, name, approve, reason, at_ms FROM votes WHERE request_id = $1 ORDER BY at_ms, voter",
+    )
+    .bind(id.to_string())
+    .fetch_all(ex)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(voter, name, approve, reason, at_ms)| Vote {
+            voter,
+            name,
+            approve,
+            reason,
+            at_ms,
+        })
+        .collect())
+}
+
+async fn append_audit(tx: &mut Tx<'_>, list: Vec<AuditEvent>) -> Result<(), sqlx::Error> {
+    let (seq, hash): (i64, String) =
+        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&mut **tx)
+            .await?;
+    let entries = audit::link(seq, &hash, list);
+    // SQLite allows 32766 bound parameters; 8 per row.
+    for chunk in entries.chunks(2000) {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO audit (seq, at_ms, kind, actor, request_id, detail, prev_hash, hash) ",
+        );
+        qb.push_values(chunk, |mut b, e| {
+            b.push_bind(e.seq)
+                .push_bind(e.event.at_ms)
+                .push_bind(&e.event.kind)
+                .push_bind(&e.event.actor)
+                .push_bind(&e.event.request_id)
+                .push_bind(e.event.detail.to_string())
+                .push_bind(&e.prev_hash)
+                .push_bind(&e.hash);
+        });
+        qb.build().execute(&mut **tx).await?;
+    }
+    if let Some(last) = entries.last() {
+        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+            .bind(last.seq)
+            .bind(&last.hash)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+#[derive(FromRow)]
+struct RequestRow {
+    id: String,
+    agent: String,
+    tool: String,
+    args: String,
+    args_hash: String,
+    user_id: Option<String>,
+    channel_id: Option<String>,
+    justification: String,
+    task_id: Option<String>,
+    idempotency_key: Option<String>,
+    risk: String,
+    approvals_required: i64,
+    admin_only: bool,
+    rule: String,
+    rule_detail: String,
+    flags: String,
+    created_ms: i64,
+    deadline_ms: i64,
+    state: String,
+    decided_by: Option<String>,
+    decided_who: Option<String>,
+    decided_reason: Option<String>,
+    decided_ms: Option<i64>,
+}
+
+fn corrupt(what: String) -> sqlx::Error {
+    sqlx::Error::Decode(what.into())
+}
+
+impl RequestRow {
+    fn into_request(self) -> Result<ApprovalRequest, sqlx::Error> {
+        let flags = match serde_json::from_str(&self.flags) {
+            Ok(serde_json::Value::Array(a)) => a,
+            _ => return Err(corrupt(format!("request {}: bad flags", self.id))),
+        };
+        Ok(ApprovalRequest {
+            id: self.id.parse().map_err(corrupt)?,
+            agent: self.agent,
+            tool: self.tool,
+            args: serde_json::from_str(&self.args)
+                .map_err(|e| corrupt(format!("request {}: bad args: {e}", self.id)))?,
+            args_hash: self.args_hash,
+            user_id: self.user_id,
+            channel_id: self.channel_id,
+            justification: self.justification,
+            task_id: self.task_id,
+            idempotency_key: self.idempotency_key,
+            risk: self.risk.parse().map_err(corrupt)?,
+            approvals_required: self.approvals_required.clamp(1, 100) as u32,
+            admin_only: self.admin_only,
+            rule: self.rule,
+            rule_detail: self.rule_detail,
+            flags,
+            created_ms: self.created_ms,
+            deadline_ms: self.deadline_ms,
+            state: self.state.parse::<State>().map_err(corrupt)?,
+            decided_by: self
+                .decided_by
+                .map(|d| d.parse())
+                .transpose()
+                .map_err(corrupt)?,
+            decided_who: self.decided_who,
+            decided_reason: self.decided_reason,
+            decided_ms: self.decided_ms,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct AuditRow {
+    seq: i64,
+    at_ms: i64,
+    kind: String,
+    actor: String,
+    request_id: Option<String>,
+    detail: String,
+    prev_hash: String,
+    hash: String,
+}
+
+impl AuditRow {
+    fn into_entry(self) -> AuditEntry {
+        AuditEntry {
+            seq: self.seq,
+            event: AuditEvent {
+                at_ms: self.at_ms,
+                kind: self.kind,
+                actor: self.actor,
+                request_id: self.request_id,
+                // A detail that no longer parses is kept as text so verify names the row.
+                detail: serde_json::from_str(&self.detail)
+                    .unwrap_or(serde_json::Value::String(self.detail)),
+            },
+            prev_hash: self.prev_hash,
+            hash: self.hash,
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_request(
+        &self,
+        req: ApprovalRequest,
+        audit: Vec<AuditEvent>,
+    ) -> StoreResult<Inserted> {
+        match self.write(Op::Insert(Box::new(req), audit)).await? {
+            Reply::Inserted(i) => Ok(i),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn vote(&self, id: RequestId, vote: Vote) -> StoreResult<Result<Voted, TransitionError>> {
+        match self.write(Op::Vote(id, vote)).await? {
+            Reply::Voted(v) => Ok(v),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn cancel(
+        &self,
+        id: RequestId,
+        who: String,
+        reason: Option<String>,
+        now_ms: i64,
+    ) -> StoreResult<Result<ApprovalRequest, TransitionError>> {
+        match self.write(Op::Cancel(id, who, reason, now_ms)).await? {
+            Reply::Finished(f) => Ok(f),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn time_out(
+        &self,
+        id: RequestId,
+        now_ms: i64,
+    ) -> StoreResult<Result<ApprovalRequest, TransitionError>> {
+        match self.write(Op::TimeOut(id, now_ms)).await? {
+            Reply::Finished(f) => Ok(f),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn get_request(&self, id: RequestId) -> StoreResult<Option<ApprovalRequest>> {
+        sqlx::query_as::<_, RequestRow>("SELECT * FROM requests WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(db)?
+            .map(|r| {
+                r.into_request()
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .transpose()
+    }
+
+    async fn find_by_idempotency_key(
+        &self,
+        agent: &str,
+        key: &str,
+    ) -> StoreResult<Option<ApprovalRequest>> {
+        sqlx::query_as::<_, RequestRow>(
+            "SELECT * FROM requests WHERE agent = $1 AND idempotency_key = $2",
+        )
+        .bind(agent)
+        .bind(key)
+        .fetch_optional(&self.reads)
+        .await
+        .map_err(db)?
+        .map(|r| {
+            r.into_request()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .transpose()
+    }
+
+    async fn votes(&self, id: RequestId) -> StoreResult<Vec<Vote>> {
+        load_votes(&self.reads, id).await.map_err(db)
+    }
+
+    async fn pending(&self, limit: u32) -> StoreResult<Vec<ApprovalRequest>> {
+        sqlx::query_as::<_, RequestRow>(
+            "SELECT * FROM requests WHERE state = 'pending' ORDER BY deadline_ms, id LIMIT $1",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?
+        .into_iter()
+        .map(|r| {
+            r.into_request()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .collect()
+    }
+
+    async fn pending_deadlines(&self) -> StoreResult<Vec<(RequestId, i64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT id, deadline_ms FROM requests WHERE state = 'pending'")
+                .fetch_all(&self.reads)
+                .await
+                .map_err(db)?;
+        rows.into_iter()
+            .map(|(id, d)| Ok((id.parse().map_err(StoreError::Corrupt)?, d)))
+            .collect()
+    }
+
+    async fn count_pending_for_agent(&self, agent: &str) -> StoreResult<u64> {
+        let n: i64 =
+            sqlx::query("SELECT COUNT(*) FROM requests WHERE state = 'pending' AND agent = $1")
+                .bind(agent)
+                .fetch_one(&self.reads)
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(db)?;
+        Ok(n as u64)
+    }
+
+    async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool> {
+        match self.write(Op::AddGrant(grant, by, now_ms)).await? {
+            Reply::Bool(b) => Ok(b),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn remove_grant(
+        &self,
+        scope: Scope,
+        tool: ToolPattern,
+        effect: Effect,
+        by: String,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        match self
+            .write(Op::RemoveGrant(scope, tool, effect, by, now_ms))
+            .await?
+        {
+            Reply::Bool(b) => Ok(b),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn grants(&self) -> StoreResult<Vec<StoredGrant>> {
+        let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(
+            "SELECT scope, tool, effect, created_by, created_ms FROM grants ORDER BY scope, tool",
+        )
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(|(scope, tool, effect, created_by, created_ms)| {
+                Ok(StoredGrant {
+                    grant: Grant {
+                        scope: scope.parse().map_err(StoreError::Corrupt)?,
+                        tool: tool.parse().map_err(StoreError::Corrupt)?,
+                        effect: if effect == "deny" {
+                            Effect::Deny
+                        } else {
+                            Effect::Allow
+                        },
+                        source: "store".into(),
+                    },
+                    created_by,
+                    created_ms,
+                })
+            })
+            .collect()
+    }
+
+    async fn set_tool_risk(
+        &self,
+        tool: String,
+        risk: Option<Risk>,
+        by: String,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        match self.write(Op::SetRisk(tool, risk, by, now_ms)).await? {
+            Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn tool_risks(&self) -> StoreResult<Vec<(String, Risk)>> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT tool, risk FROM tool_risks ORDER BY tool")
+                .fetch_all(&self.reads)
+                .await
+                .map_err(db)?;
+        rows.into_iter()
+            .map(|(t, r)| Ok((t, r.parse().map_err(StoreError::Corrupt)?)))
+            .collect()
+    }
+
+    async fn paired_users(&self) -> StoreResult<Vec<PairedUser>> {
+        let rows: Vec<(String, String, Option<String>, String, i64)> = sqlx::query_as(
+            "SELECT user_id, roles, display_name, paired_by, paired_ms FROM paired_users ORDER BY paired_ms",
+        )
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(|(user_id, roles, display_name, paired_by, paired_ms)| {
+                Ok(PairedUser {
+                    roles: serde_json::from_str(&roles)
+                        .map_err(|e| StoreError::Corrupt(format!("roles of {user_id}: {e}")))?,
+                    user_id,
+                    display_name,
+                    paired_by,
+                    paired_ms,
+                })
+            })
+            .collect()
+    }
+
+    async fn pair_user(&self, user: PairedUser) -> StoreResult<bool> {
+        match self.write(Op::Pair(user)).await? {
+            Reply::Bool(b) => Ok(b),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn unpair_user(&self, user_id: String, by: String, now_ms: i64) -> StoreResult<bool> {
+        match self.write(Op::Unpair(user_id, by, now_ms)).await? {
+            Reply::Bool(b) => Ok(b),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn create_pairing_code(
+        &self,
+        user_id: String,
+        display_name: Option<String>,
+        code_hash: String,
+        now_ms: i64,
+        expires_ms: i64,
+        max_live: usize,
+    ) -> StoreResult<Result<(), PairingRefused>> {
+        match self
+            .write(Op::CreateCode {
+                user_id,
+                display_name,
+                code_hash,
+                now_ms,
+                expires_ms,
+                max_live,
+            })
+            .await?
+        {
+            Reply::Code(c) => Ok(c),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn redeem_pairing_code(
+        &self,
+        code: String,
+        by: String,
+        now_ms: i64,
+    ) -> StoreResult<Option<PairedUser>> {
+        match self.write(Op::Redeem(code, by, now_ms)).await? {
+            Reply::Redeemed(u) => Ok(u),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn pairing_codes(&self, now_ms: i64) -> StoreResult<Vec<PendingPairing>> {
+        let rows: Vec<(String, Option<String>, i64, i64)> = sqlx::query_as(
+            "SELECT user_id, display_name, created_ms, expires_ms FROM pairing_codes WHERE expires_ms > $1 ORDER BY created_ms",
+        )
+        .bind(now_ms)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(user_id, display_name, created_ms, expires_ms)| PendingPairing {
+                    user_id,
+                    display_name,
+                    created_ms,
+                    expires_ms,
+                },
+            )
+            .collect())
+    }
+
+    async fn append_audit(&self, events: Vec<AuditEvent>) -> StoreResult<()> {
+        match self.write(Op::Audit(events)).await? {
+            Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn audit_tail(&self, n: u32) -> StoreResult<Vec<AuditEntry>> {
+        let mut rows: Vec<AuditEntry> =
+            sqlx::query_as::<_, AuditRow>("SELECT * FROM audit ORDER BY seq DESC LIMIT $1")
+                .bind(n as i64)
+                .fetch_all(&self.reads)
+                .await
+                .map_err(db)?
+                .into_iter()
+                .map(AuditRow::into_entry)
+                .collect();
+        rows.reverse();
+        Ok(rows)
+    }
+
+    async fn audit_after(&self, after: i64, limit: u32) -> StoreResult<Vec<AuditEntry>> {
+        Ok(sqlx::query_as::<_, AuditRow>(
+            "SELECT * FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?
+        .into_iter()
+        .map(AuditRow::into_entry)
+        .collect())
+    }
+
+    async fn audit_head(&self) -> StoreResult<(i64, String)> {
+        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&self.reads)
+            .await
+            .map_err(db)
+    }
+
+    async fn close(&self) {
+        // The writer commits what is queued, then closes its connection.
+        if let Some((stop, handle)) = self.writer.lock().await.take() {
+            let _ = stop.send(());
+            let _ = handle.await;
+        }
+        self.reads.close().await;
+    }
+}
