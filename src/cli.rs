@@ -192,6 +192,13 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Agent hooks: `keyturn hook claude-code` (see docs/integrations.md).
+    #[command(subcommand)]
+    Hook(crate::integrations::hook::HookCmd),
+    /// Ask for approval, then run a command (its exit code; 126 when not approved).
+    Exec(crate::integrations::exec::ExecArgs),
+    /// Gate the tool calls of an MCP server that speaks stdio.
+    McpProxy(crate::integrations::mcp_proxy::ProxyArgs),
 }
 
 #[derive(Subcommand)]
@@ -268,6 +275,13 @@ const EXIT_ERROR: u8 = 2;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Hook and exec block on plain sockets: no runtime, no tracing set-up,
+    // because the hook's start-up time is paid before every tool call.
+    let cli = match cli.command {
+        Command::Hook(cmd) => return ExitCode::from(crate::integrations::hook::main(cmd)),
+        Command::Exec(a) => return ExitCode::from(crate::integrations::exec::main(a)),
+        command => Cli { command },
+    };
     init_tracing(matches!(cli.command, Command::Serve { .. }));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -367,6 +381,9 @@ fn operator(o: Option<String>) -> Option<String> {
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
+        Command::Hook(cmd) => Ok(crate::integrations::hook::main(cmd)),
+        Command::Exec(a) => Ok(crate::integrations::exec::main(a)),
+        Command::McpProxy(a) => crate::integrations::mcp_proxy::run(a).await,
         Command::Serve { config } => {
             let cfg = Config::load(&config)?;
             crate::serve::run(cfg).await?;

@@ -8,6 +8,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod integrations;
 pub mod ipc;
 pub mod serve;
 pub mod store;

@@ -1,0 +1,267 @@
+//! `keyturn hook claude-code`: a Claude Code `PreToolUse` hook.
+//!
+//! Claude Code runs the hook before every tool call with one JSON object on
+//! stdin and reads a permission decision from stdout. Any exit code other
+//! than 0 or 2 lets the tool run, so this command answers with a JSON `deny`
+//! (exit 0) for every failure it can see — no socket, garbage input, a
+//! protocol error, a panic — and exits 2 only if it cannot even write that
+//! answer. It uses blocking `std` I/O and no async runtime: it runs before
+//! every tool call, so its start-up time is the product.
+
+use super::{ask, policy_tool_name, socket_path, Identity, Outcome};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Largest hook input read from stdin.
+const MAX_INPUT_BYTES: u64 = 16 * 1024 * 1024;
+/// Longest `idempotency_key` / `task_id` the gateway accepts.
+const MAX_KEY_LEN: usize = 200;
+
+#[derive(clap::Subcommand)]
+pub enum HookCmd {
+    /// Claude Code `PreToolUse` hook: reads the hook JSON on stdin, prints allow or deny.
+    ClaudeCode(ClaudeCodeArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClaudeCodeArgs {
+    /// Agent name (an `[[agents]]` entry in the config).
+    #[arg(long, env = "KEYTURN_AGENT", default_value = "claude-code")]
+    pub agent: String,
+    /// Agent token, if the agent has one.
+    #[arg(long, env = "KEYTURN_AGENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Socket path (overrides the config).
+    #[arg(long, env = "KEYTURN_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Config file (used to find the socket).
+    #[arg(long, env = "KEYTURN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Longest wait for a human (`90s`, `9m`; a bare number is seconds). Keep it
+    /// below the hook's `timeout` in settings.json (Claude Code's default: 600 s).
+    #[arg(long, default_value = "540s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Nobody is watching: calls that need a human are denied at once.
+    #[arg(long)]
+    pub unattended: bool,
+    /// On whose behalf (a paired user id).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Channel id the work belongs to.
+    #[arg(long)]
+    pub channel: Option<String>,
+}
+
+/// `30` (seconds), `30s`, `5m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration: {e}"))
+}
+
+/// The fields of Claude Code's hook input that Keyturn uses; the rest
+/// (`transcript_path`, `permission_mode`, …) is ignored.
+#[derive(Debug, Deserialize)]
+pub struct HookInput {
+    pub session_id: Option<String>,
+    pub cwd: Option<String>,
+    pub hook_event_name: Option<String>,
+    pub tool_name: String,
+    #[serde(default)]
+    pub tool_input: Value,
+    pub tool_use_id: Option<String>,
+}
+
+/// `mcp__server__tool` → `mcp.server.tool`; other names as they are, with
+/// characters policies cannot match replaced by `_`.
+pub fn map_tool_name(name: &str) -> String {
+    if let Some((server, tool)) = name
+        .strip_prefix("mcp__")
+        .and_then(|rest| rest.split_once("__"))
+    {
+        return policy_tool_name(&format!("mcp.{server}.{tool}"));
+    }
+    policy_tool_name(name)
+}
+
+/// A key the gateway accepts: as is when it fits, else its SHA-256.
+fn key(s: &str) -> String {
+    if s.len() <= MAX_KEY_LEN && !s.is_empty() && !s.chars().any(char::is_control) {
+        s.to_string()
+    } else {
+        use sha2::{Digest, Sha256};
+        format!("sha256:{}", hex::encode(Sha256::digest(s.as_bytes())))
+    }
+}
+
+/// The `submit` params for one hook input.
+pub fn submission(input: &HookInput, a: &ClaudeCodeArgs) -> Value {
+    let args = match &input.tool_input {
+        Value::Object(_) => input.tool_input.clone(),
+        Value::Null => json!({}),
+        other => json!({ "input": other }),
+    };
+    let what = args
+        .get("description")
+        .and_then(Value::as_str)
+        .map(|d| d.chars().take(1000).collect::<String>());
+    let justification = match (&input.cwd, what) {
+        (Some(cwd), Some(d)) => format!("Claude Code in {cwd}: {d}"),
+        (Some(cwd), None) => format!("Claude Code in {cwd}"),
+        (None, Some(d)) => format!("Claude Code: {d}"),
+        (None, None) => "Claude Code".to_string(),
+    };
+    let mut p = json!({
+        "tool": map_tool_name(&input.tool_name),
+        "args": args,
+        "justification": justification,
+        "unattended": a.unattended,
+    });
+    if let Some(id) = &input.tool_use_id {
+        p["idempotency_key"] = json!(key(id));
+    }
+    if let Some(s) = &input.session_id {
+        p["task_id"] = json!(key(s));
+    }
+    if let Some(u) = &a.user {
+        p["user_id"] = json!(u);
+    }
+    if let Some(c) = &a.channel {
+        p["channel_id"] = json!(c);
+    }
+    p
+}
+
+/// Decides one hook input: `(allow, reason)`.
+pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
+    let input: HookInput = match serde_json::from_slice(raw) {
+        Ok(i) => i,
+        Err(e) => {
+            return (
+                false,
+                format!("Keyturn could not read the hook input ({e}); failing closed, the call was not run"),
+            )
+        }
+    };
+    if let Some(ev) = input.hook_event_name.as_deref() {
+        if ev != "PreToolUse" {
+            return (
+                false,
+                format!("Keyturn's hook handles PreToolUse, not {ev}; failing closed"),
+            );
+        }
+    }
+    let socket = match socket_path(a.socket.as_deref(), a.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            return (
+                false,
+                format!("Keyturn could not read its config ({e}); failing closed, the call was not run"),
+            )
+        }
+    };
+    let id = Identity {
+        socket,
+        agent: a.agent.clone(),
+        token: a.token.clone(),
+    };
+    let outcome = ask(&id, submission(&input, a), a.timeout);
+    (matches!(outcome, Outcome::Approved(_)), outcome.reason())
+}
+
+/// Runs the hook: stdin in, one JSON line out, exit 0 (or 2 if stdout is gone).
+pub fn main(cmd: HookCmd) -> u8 {
+    let HookCmd::ClaudeCode(a) = cmd;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut raw = Vec::new();
+        match std::io::stdin()
+            .lock()
+            .take(MAX_INPUT_BYTES)
+            .read_to_end(&mut raw)
+        {
+            Ok(_) => decide(&raw, &a),
+            Err(e) => (
+                false,
+                format!("Keyturn could not read stdin ({e}); failing closed"),
+            ),
+        }
+    }));
+    let (allow, reason) = result.unwrap_or_else(|_| {
+        (
+            false,
+            "Keyturn's hook hit an internal error; failing closed, the call was not run".into(),
+        )
+    });
+    let out = json!({"hookSpecificOutput": {
+        "hookEventName": "PreToolUse",
+        "permissionDecision": if allow { "allow" } else { "deny" },
+        "permissionDecisionReason": reason,
+    }});
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{out}").and_then(|_| stdout.flush()) {
+        Ok(()) => 0,
+        Err(_) => {
+            // Exit 2 blocks the call and shows stderr to Claude.
+            eprintln!("{reason}");
+            2
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ClaudeCodeArgs {
+        ClaudeCodeArgs {
+            agent: "claude-code".into(),
+            token: None,
+            socket: Some("/nonexistent/keyturn.sock".into()),
+            config: None,
+            timeout: Duration::from_secs(1),
+            unattended: false,
+            user: None,
+            channel: None,
+        }
+    }
+
+    #[test]
+    fn mcp_tool_names_map_to_dotted_names() {
+        assert_eq!(map_tool_name("mcp__github__create_issue"), "mcp.github.create_issue");
+        assert_eq!(map_tool_name("mcp__my-srv__a__b"), "mcp.my-srv.a__b");
+        assert_eq!(map_tool_name("Bash"), "Bash");
+        assert_eq!(map_tool_name("mcp__solo"), "mcp__solo");
+        assert_eq!(map_tool_name("weird name!"), "weird_name_");
+    }
+
+    #[test]
+    fn submission_carries_ids_and_input() {
+        let input: HookInput = serde_json::from_value(json!({
+            "session_id": "s1", "cwd": "/p", "hook_event_name": "PreToolUse",
+            "tool_name": "Bash", "tool_input": {"command": "ls", "description": "list"},
+            "tool_use_id": "toolu_1", "permission_mode": "default", "extra": 1
+        }))
+        .unwrap();
+        let p = submission(&input, &args());
+        assert_eq!(p["tool"], "Bash");
+        assert_eq!(p["args"], json!({"command": "ls", "description": "list"}));
+        assert_eq!(p["idempotency_key"], "toolu_1");
+        assert_eq!(p["task_id"], "s1");
+        assert_eq!(p["justification"], "Claude Code in /p: list");
+        let long = "x".repeat(300);
+        assert!(key(&long).starts_with("sha256:"));
+    }
+
+    #[test]
+    fn garbage_and_unreachable_socket_deny() {
+        let (allow, why) = decide(b"not json", &args());
+        assert!(!allow && why.contains("could not read the hook input"), "{why}");
+        let (allow, why) = decide(br#"{"tool_name":"Bash","tool_input":{}}"#, &args());
+        assert!(!allow && why.contains("cannot connect"), "{why}");
+    }
+}

@@ -1,0 +1,279 @@
+//! Adapters that put Keyturn in front of agents people already run: the
+//! Claude Code hook, `keyturn exec` and the MCP gating proxy. They are clients
+//! of the agent socket like any other agent, and they fail closed: whatever
+//! goes wrong on the way to a decision (no socket, garbage, a timeout) ends in
+//! "not approved".
+//!
+//! This module owns the blocking gate used by the hook and `exec` — plain
+//! `std` sockets, no async runtime, because the hook runs before every tool
+//! call and its start-up time is felt all day. It must not import `app`,
+//! `store` or `discord`: it speaks only the wire protocol of `ipc::protocol`.
+
+pub mod exec;
+pub mod hook;
+pub mod mcp_proxy;
+
+use crate::ipc::protocol::{DecisionView, RpcError};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where the socket is: `--socket`, else the config file's `socket_path`,
+/// else `./keyturn.sock` (the same rule as the rest of the CLI).
+pub fn socket_path(socket: Option<&Path>, config: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(s) = socket {
+        return Ok(s.to_path_buf());
+    }
+    if let Some(c) = config {
+        let cfg = crate::config::Config::load(c).map_err(|e| e.to_string())?;
+        return Ok(cfg.server.socket_path);
+    }
+    Ok(PathBuf::from("keyturn.sock"))
+}
+
+/// Why the gate could not get a decision.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("cannot connect to Keyturn at {path}: {source} (is `keyturn serve` running?)")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to Keyturn failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("Keyturn sent something that is not a JSON-RPC response: {0}")]
+    Protocol(String),
+    #[error("Keyturn refused the call: {0}")]
+    Rpc(RpcError),
+}
+
+/// A blocking JSON-RPC client over the agent socket: one line out, one in.
+pub struct LineClient {
+    reader: BufReader<UnixStream>,
+    next_id: u64,
+}
+
+impl LineClient {
+    pub fn connect(path: &Path) -> Result<LineClient, GateError> {
+        let stream = UnixStream::connect(path).map_err(|source| GateError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(LineClient {
+            reader: BufReader::new(stream),
+            next_id: 1,
+        })
+    }
+
+    /// Calls `method`; `deadline` bounds the wait for the answer (an
+    /// `Io` error of kind `WouldBlock`/`TimedOut` when it passes).
+    pub fn call(
+        &mut self,
+        method: &str,
+        params: Value,
+        deadline: Option<Instant>,
+    ) -> Result<Value, GateError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut line =
+            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+        line.push('\n');
+        let stream = self.reader.get_mut();
+        stream.write_all(line.as_bytes())?;
+        loop {
+            let timeout = match deadline {
+                Some(d) => Some(
+                    d.checked_duration_since(Instant::now())
+                        .filter(|t| !t.is_zero())
+                        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut))?,
+                ),
+                None => None,
+            };
+            self.reader.get_ref().set_read_timeout(timeout)?;
+            let mut buf = String::new();
+            if self.reader.read_line(&mut buf)? == 0 {
+                return Err(GateError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                )));
+            }
+            let v: Value = serde_json::from_str(buf.trim_end())
+                .map_err(|e| GateError::Protocol(format!("{e}")))?;
+            // A refusal at connect time has a null id.
+            let rid = v.get("id");
+            if rid != Some(&json!(id)) && rid != Some(&Value::Null) {
+                continue;
+            }
+            if let Some(err) = v.get("error") {
+                let e: RpcError = serde_json::from_value(err.clone())
+                    .map_err(|e| GateError::Protocol(e.to_string()))?;
+                return Err(GateError::Rpc(e));
+            }
+            return v
+                .get("result")
+                .cloned()
+                .ok_or_else(|| GateError::Protocol("response without a result".into()));
+        }
+    }
+}
+
+fn is_timeout(e: &GateError) -> bool {
+    matches!(e, GateError::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+}
+
+/// Who is asking, on which socket.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub socket: PathBuf,
+    pub agent: String,
+    pub token: Option<String>,
+}
+
+/// The outcome of asking, reduced to what a gate does with it.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Run it.
+    Approved(DecisionView),
+    /// Denied by a person or the policy, or cancelled.
+    Denied(DecisionView),
+    /// Nobody decided in time: Keyturn's own deadline (`view` is the
+    /// timed-out request) or the gate's wait budget (`view` is `None`).
+    TimedOut {
+        view: Option<DecisionView>,
+        waited: Duration,
+        request_id: Option<String>,
+    },
+    /// No decision could be had; fail closed.
+    Failed(GateError),
+}
+
+impl Outcome {
+    pub fn approved(&self) -> bool {
+        matches!(self, Outcome::Approved(_))
+    }
+
+    /// One line for the agent (or the person reading its transcript).
+    pub fn reason(&self) -> String {
+        match self {
+            Outcome::Approved(v) => format!("Keyturn {}: {}", v.request_id, v.summary),
+            Outcome::Denied(v) => format!(
+                "Keyturn {}: {} — the call was not run",
+                v.request_id, v.summary
+            ),
+            Outcome::TimedOut {
+                waited, request_id, ..
+            } => format!(
+                "Keyturn{}: timed out after {:.0?} waiting for a human decision; nobody approved, so the call was not run",
+                request_id.as_deref().map(|i| format!(" {i}")).unwrap_or_default(),
+                waited
+            ),
+            Outcome::Failed(e) => {
+                format!("Keyturn could not decide ({e}); failing closed, the call was not run")
+            }
+        }
+    }
+}
+
+fn view(v: Value) -> Result<DecisionView, GateError> {
+    serde_json::from_value(v).map_err(|e| GateError::Protocol(format!("bad decision: {e}")))
+}
+
+fn classify(d: DecisionView, waited: Duration) -> Outcome {
+    use crate::domain::request::State;
+    match d.state {
+        State::Approved => Outcome::Approved(d),
+        State::TimedOut => Outcome::TimedOut {
+            request_id: Some(d.request_id.clone()),
+            view: Some(d),
+            waited,
+        },
+        State::Pending => Outcome::TimedOut {
+            request_id: Some(d.request_id.clone()),
+            view: Some(d),
+            waited,
+        },
+        State::Denied | State::Cancelled => Outcome::Denied(d),
+    }
+}
+
+/// Submits `params` (a `submit` params object without `agent`/`token`/`wait`)
+/// and blocks until a decision or until `budget` has passed. On its own
+/// timeout it cancels the request, so a late click cannot approve a call
+/// nobody is waiting for.
+pub fn ask(id: &Identity, mut params: Value, budget: Duration) -> Outcome {
+    let started = Instant::now();
+    let deadline = started + budget;
+    params["agent"] = json!(id.agent);
+    if let Some(t) = &id.token {
+        params["token"] = json!(t);
+    }
+    params["wait"] = json!(false);
+    let mut client = match LineClient::connect(&id.socket) {
+        Ok(c) => c,
+        Err(e) => return Outcome::Failed(e),
+    };
+    let first = match client.call("submit", params, Some(deadline)).and_then(view) {
+        Ok(d) => d,
+        Err(e) if is_timeout(&e) => {
+            return Outcome::TimedOut {
+                view: None,
+                waited: started.elapsed(),
+                request_id: None,
+            }
+        }
+        Err(e) => return Outcome::Failed(e),
+    };
+    if first.state.is_terminal() {
+        return classify(first, started.elapsed());
+    }
+    let request_id = first.request_id.clone();
+    let mut p = json!({"agent": id.agent, "id": request_id});
+    if let Some(t) = &id.token {
+        p["token"] = json!(t);
+    }
+    // The server answers at the decision (woken, not polled) or at the
+    // request's own deadline; our read deadline enforces the budget.
+    match client.call("wait", p, Some(deadline)).and_then(view) {
+        Ok(d) if d.state.is_terminal() => classify(d, started.elapsed()),
+        Ok(_) => give_up(id, &request_id, started),
+        Err(e) if is_timeout(&e) => give_up(id, &request_id, started),
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+fn give_up(id: &Identity, request_id: &str, started: Instant) -> Outcome {
+    let waited = started.elapsed();
+    let mut p = json!({"agent": id.agent, "id": request_id,
+        "reason": format!("the agent stopped waiting after {waited:.0?}")});
+    if let Some(t) = &id.token {
+        p["token"] = json!(t);
+    }
+    // Best effort, on a fresh connection (the old one has a half-read answer).
+    let cancelled = LineClient::connect(&id.socket)
+        .and_then(|mut c| c.call("cancel", p, Some(Instant::now() + Duration::from_secs(2))));
+    // A decision can land between our timeout and the cancel: honour a
+    // denial, but never run an approval we no longer wait for.
+    let view = cancelled.ok().and_then(|v| view(v).ok());
+    Outcome::TimedOut {
+        view,
+        waited,
+        request_id: Some(request_id.to_string()),
+    }
+}
+
+/// Maps a tool name onto the characters policies accept (ASCII letters,
+/// digits and `_.:-/`); anything else becomes `_`.
+pub fn policy_tool_name(raw: &str) -> String {
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.:-/".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
