@@ -1,0 +1,130 @@
+"""Fixtures: the client module from this checkout, and a real `keyturn serve`
+(the binary from $KEYTURN_BIN, which `cargo test` sets, else target/debug/keyturn)
+on a temp socket and database, with its log read line by line so tests wait
+for events instead of sleeping."""
+
+import json
+import os
+import pathlib
+import queue
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+sys.path.insert(0, str(HERE.parent))
+
+CONFIG = """
+[server]
+socket_path = "{sock}"
+
+[store]
+url = "sqlite://{db}"
+
+[[agents]]
+name = "py"
+
+[[agents]]
+name = "robot"
+unattended = true
+
+[[tools]]
+name = "read_file"
+risk = "low"
+
+[[tools]]
+name = "delete_file"
+risk = "high"
+
+[[tools]]
+name = "wire_money"
+risk = "high"
+
+[[grants]]
+scope = "global"
+tool = "*"
+effect = "allow"
+"""
+
+
+def keyturn_bin():
+    b = os.environ.get("KEYTURN_BIN") or str(ROOT / "target/debug/keyturn")
+    if not os.path.exists(b):
+        pytest.fail(f"keyturn binary not found at {b}; run `cargo build` or set KEYTURN_BIN")
+    return b
+
+
+class Server:
+    def __init__(self, tmp):
+        self.sock = str(tmp / "k.sock")
+        cfg = tmp / "config.toml"
+        cfg.write_text(CONFIG.format(sock=self.sock, db=tmp / "k.db"))
+        env = dict(os.environ, KEYTURN_LOG="keyturn=info", NO_COLOR="1")
+        self.proc = subprocess.Popen(
+            [keyturn_bin(), "serve", "--config", str(cfg)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        self.lines = queue.Queue()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+        self.wait_log(lambda l: l.startswith("keyturn: listening on"))
+
+    def _pump(self, stream):
+        for line in stream:
+            self.lines.put(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line.rstrip("\n")))
+        self.lines.put(None)
+
+    def wait_log(self, pred, within=10.0):
+        until = time.monotonic() + within
+        while True:
+            left = until - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no matching server log line in time")
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError("the server exited")
+            if pred(line):
+                return line
+
+    def wait_queued(self, tool):
+        line = self.wait_log(lambda l: "queued for approval" in l and f"tool={tool} " in l)
+        return re.search(r"request\.id=(\S+)", line).group(1)
+
+    def admin(self, method, params):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(self.sock)
+        s.sendall((json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}) + "\n").encode())
+        msg = json.loads(s.makefile().readline())
+        s.close()
+        assert "error" not in msg, msg
+        return msg["result"]
+
+    def approve(self, rid, reason="ok"):
+        return self.admin("approve", {"id": rid, "reason": reason, "operator": "alice"})
+
+    def deny(self, rid, reason="no"):
+        return self.admin("deny", {"id": rid, "reason": reason, "operator": "bob"})
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path)
+    yield s
+    s.stop()

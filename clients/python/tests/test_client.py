@@ -1,0 +1,157 @@
+"""The Python client against a real `keyturn serve`: approvals, denials,
+timeouts, unattended mode, and the decorator's checks."""
+
+import random
+import threading
+
+import pytest
+
+import keyturn_client as kc
+
+
+def client(server, **kw):
+    kw.setdefault("agent", "py")
+    return kc.Client(server.sock, **kw)
+
+
+def in_thread(fn, *a, **kw):
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn(*a, **kw)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+def test_low_risk_is_approved_by_policy_and_hash_matches(server):
+    kt = client(server)
+    args = {"path": "/srv/a.txt", "n": 3, "f": 0.1, "é": ["x", None, True]}
+    d = kt.submit("read_file", args)
+    assert d.approved and d.decided_by == "policy" and d.rule == "risk_low"
+    assert d.args_hash == kc.args_hash(args)
+
+
+def test_hash_agrees_with_server_on_random_values(server):
+    kt = client(server)
+    rng = random.Random(5)
+    floats = [rng.uniform(-1, 1) * 10 ** rng.randint(-30, 30) for _ in range(1500)]
+    floats += [float(rng.randint(-(2**60), 2**60)) for _ in range(200)]
+    ints = [rng.randint(-(2**63), 2**64 - 1) for _ in range(200)]
+    text = "".join(chr(rng.choice([rng.randint(0, 0x7F), rng.randint(0x80, 0xD7FF), rng.randint(0xE000, 0x10FFFF)])) for _ in range(300))
+    args = {"floats": floats, "ints": ints, "text": text, text[:5]: 1, "Z": {"b": 1, "a": [2]}}
+    d = kt.submit("read_file", args)
+    assert d.args_hash == kc.args_hash(args)
+
+
+def test_decorator_runs_only_after_human_approval(server, tmp_path):
+    victim = tmp_path / "old.log"
+    victim.write_text("x")
+
+    @kc.require_approval(tool="delete_file", risk="high", client=client(server), justification="rotate logs")
+    def delete_file(path):
+        victim.unlink()
+        return "deleted " + path
+
+    t, box = in_thread(delete_file, str(victim))
+    rid = server.wait_queued("delete_file")
+    assert victim.exists()
+    server.approve(rid, "fine")
+    t.join(10)
+    assert box.get("value") == "deleted " + str(victim), box
+    assert not victim.exists()
+
+
+def test_denial_raises_with_reason_and_approver(server):
+    ran = []
+
+    @kc.require_approval(tool="wire_money", client=client(server))
+    def wire_money(to, amount):
+        ran.append(1)
+
+    t, box = in_thread(wire_money, "acct-9", 10_000)
+    rid = server.wait_queued("wire_money")
+    server.deny(rid, "looks like fraud")
+    t.join(10)
+    e = box.get("error")
+    assert isinstance(e, kc.ApprovalDenied) and not isinstance(e, kc.ApprovalTimedOut), box
+    assert e.reason == "looks like fraud"
+    assert "bob" in e.approver
+    assert "looks like fraud" in str(e)
+    assert ran == []
+
+
+def test_own_timeout_raises_timed_out_and_cancels(server):
+    kt = client(server, max_wait=1)
+    with pytest.raises(kc.ApprovalTimedOut) as ei:
+        kt.submit("delete_file", {"path": "/x"}).raise_unless_approved()
+    assert "timed out" in str(ei.value)
+    assert kt.status(ei.value.request_id).state == "cancelled"
+
+
+def test_unattended_denies_at_once(server):
+    with pytest.raises(kc.ApprovalDenied) as ei:
+        client(server, unattended=True).submit("delete_file", {"path": "/x"}).raise_unless_approved()
+    assert ei.value.rule == "unattended"
+    d = client(server, agent="robot").submit("delete_file", {"path": "/x"})
+    assert not d.approved and d.rule == "unattended"
+    assert client(server, agent="robot").submit("read_file", {"path": "/x"}).approved
+
+
+def test_check_and_wait_after_reconnect(server):
+    kt = client(server)
+    assert kt.check("read_file", {"path": "/x"})["verdict"]["action"] == "allow"
+    assert kt.check("delete_file", {"path": "/x"})["verdict"]["action"] == "ask"
+    d = kt.submit("delete_file", {"path": "/y"}, wait=False, idempotency_key="k1")
+    assert d.pending
+    server.approve(d.request_id)
+    again = kc.Client(server.sock, agent="py").wait(d.request_id)
+    assert again.approved and again.who and "alice" in again.who
+
+
+def test_args_changed_after_approval_are_refused(server):
+    ran = []
+
+    @kc.require_approval(tool="delete_file", client=client(server))
+    def delete_many(paths):
+        ran.append(list(paths))
+
+    paths = ["/tmp/a"]
+    t, box = in_thread(delete_many, paths)
+    rid = server.wait_queued("delete_file")
+    paths.append("/etc/passwd")  # swapped while the human looked at the card
+    server.approve(rid)
+    t.join(10)
+    assert isinstance(box.get("error"), kc.ArgsMismatch), box
+    assert ran == []
+
+
+def test_declared_risk_is_never_lowered(server):
+    @kc.require_approval(tool="read_file", risk="critical", client=client(server))
+    def read_file(path):
+        return "ran"
+
+    with pytest.raises(kc.RiskMismatch):
+        read_file("/x")
+
+
+def test_socket_down_fails_closed(tmp_path):
+    ran = []
+
+    @kc.require_approval(tool="delete_file", client=kc.Client(str(tmp_path / "none.sock"), agent="py"))
+    def delete_file(path):
+        ran.append(path)
+
+    with pytest.raises(kc.ConnectionFailed):
+        delete_file("/x")
+    assert ran == []
+
+
+def test_unknown_agent_is_an_rpc_error(server):
+    with pytest.raises(kc.RpcError) as ei:
+        kc.Client(server.sock, agent="nobody").submit("read_file", {})
+    assert ei.value.code == "agent_refused"
