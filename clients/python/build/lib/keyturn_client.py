@@ -1,0 +1,503 @@
+"""Keyturn client: ask a human (or the policy) before a tool call runs.
+
+A single file, standard library only. It speaks Keyturn's agent socket:
+JSON-RPC 2.0 over a Unix socket, one JSON object per line.
+
+    from keyturn_client import Client, require_approval
+
+    kt = Client(agent="my-agent")            # socket: $KEYTURN_SOCKET or ./keyturn.sock
+
+    @require_approval(tool="delete_file", risk="high", client=kt)
+    def delete_file(path):
+        os.remove(path)
+
+    delete_file("/srv/old.log")   # blocks until decided; raises ApprovalDenied if not approved
+
+Everything fails closed: no socket, a protocol error or a timeout raises, so
+the decorated function does not run.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import itertools
+import json
+import math
+import os
+import socket
+import time
+from typing import Any, Callable, Dict, Optional
+
+__all__ = [
+    "Client",
+    "Decision",
+    "KeyturnError",
+    "ConnectionFailed",
+    "RpcError",
+    "ApprovalDenied",
+    "ApprovalTimedOut",
+    "ArgsMismatch",
+    "RiskMismatch",
+    "require_approval",
+    "canonical_json",
+    "args_hash",
+]
+
+__version__ = "0.1.0"
+
+RISKS = ("low", "medium", "high", "critical")
+
+
+# --------------------------------------------------------------------------
+# Errors
+
+
+class KeyturnError(Exception):
+    """Base class: no approval could be had, so nothing should run."""
+
+
+class ConnectionFailed(KeyturnError):
+    """The socket could not be reached or the connection broke."""
+
+
+class _ReadTimeout(ConnectionFailed):
+    """No answer within the call's timeout."""
+
+
+class RpcError(KeyturnError):
+    """Keyturn answered with a JSON-RPC error (``code`` is the stable name)."""
+
+    def __init__(self, code: str, message: str, number: int = 0):
+        super().__init__(f"{message} ({code})")
+        self.code = code
+        self.message = message
+        self.number = number
+
+
+class ApprovalDenied(KeyturnError):
+    """The call was denied (by a person or the policy) or cancelled.
+
+    ``reason`` says why, ``approver`` who decided (``policy`` for the policy),
+    ``decision`` is the full :class:`Decision`.
+    """
+
+    def __init__(self, decision: "Decision"):
+        self.decision = decision
+        self.reason = decision.reason
+        self.approver = decision.who
+        self.rule = decision.rule
+        self.request_id = decision.request_id
+        super().__init__(
+            f"Keyturn {decision.request_id}: {decision.tool} was not approved: {decision.summary}"
+        )
+
+
+class ApprovalTimedOut(ApprovalDenied):
+    """Nobody decided in time (Keyturn's deadline or the client's own wait)."""
+
+    def __init__(self, decision: "Decision"):
+        super().__init__(decision)
+        self.args = (
+            f"Keyturn {decision.request_id}: {decision.tool} timed out waiting for approval "
+            f"({decision.summary})",
+        )
+
+
+class ArgsMismatch(KeyturnError):
+    """The arguments about to run are not the ones that were approved."""
+
+
+class RiskMismatch(KeyturnError):
+    """The code declares a higher risk than the gateway applied; refusing to
+    run on an automatic approval (risk may be raised, never lowered)."""
+
+
+# --------------------------------------------------------------------------
+# Canonical JSON and the arguments hash (must match src/domain/redact.rs)
+
+
+def _ryu_float(x: float) -> str:
+    """A float as serde_json prints it: the shortest round-trip digits,
+    plain from 1e-5 up to below 1e16, else ``1e+16`` / ``1.5e-7``."""
+    if math.isnan(x) or math.isinf(x):
+        raise ValueError("NaN and infinity cannot be sent as JSON")
+    if x == 0.0:
+        return "-0.0" if math.copysign(1.0, x) < 0 else "0.0"
+    sign = "-" if x < 0 else ""
+    r = repr(abs(x))  # shortest round-trip digits, like ryu
+    mant, _, exp = r.partition("e")
+    exp_i = int(exp) if exp else 0
+    int_part, _, frac = mant.partition(".")
+    digits = (int_part + frac).lstrip("0")
+    # value = 0.digits * 10**kk
+    point = len(int_part) + exp_i
+    lead_zeros = len(int_part + frac) - len((int_part + frac).lstrip("0"))
+    kk = point - lead_zeros
+    digits = digits.rstrip("0") or "0"
+    length = len(digits)
+    k = kk - length  # value = digits * 10**k
+    if 0 <= k and kk <= 16:
+        out = digits + "0" * k + ".0"
+    elif 0 < kk <= 16:
+        out = digits[:kk] + "." + digits[kk:]
+    elif -5 < kk <= 0:
+        out = "0." + "0" * (-kk) + digits
+    else:
+        e = kk - 1
+        exp_s = ("e+%d" % e) if e >= 0 else ("e%d" % e)
+        out = (digits if length == 1 else digits[0] + "." + digits[1:]) + exp_s
+    return sign + out
+
+
+def _number(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        # serde_json keeps integers that fit i64/u64; larger ones become f64.
+        if -(2**63) <= v < 2**64:
+            return str(v)
+        return _ryu_float(float(v))
+    return _ryu_float(float(v))
+
+
+def _string(s: str) -> str:
+    out = ['"']
+    for c in s:
+        o = ord(c)
+        if c == '"':
+            out.append('\\"')
+        elif c == "\\":
+            out.append("\\\\")
+        elif c == "\n":
+            out.append("\\n")
+        elif c == "\r":
+            out.append("\\r")
+        elif c == "\t":
+            out.append("\\t")
+        elif c == "\b":
+            out.append("\\b")
+        elif c == "\f":
+            out.append("\\f")
+        elif o < 0x20:
+            out.append("\\u%04x" % o)
+        elif 0xD800 <= o <= 0xDFFF:
+            raise ValueError("lone surrogates cannot be sent as JSON")
+        else:
+            out.append(c)
+    out.append('"')
+    return "".join(out)
+
+
+def _canon(v: Any, out: list) -> None:
+    if v is None:
+        out.append("null")
+    elif isinstance(v, bool):
+        out.append("true" if v else "false")
+    elif isinstance(v, (int, float)):
+        out.append(_number(v))
+    elif isinstance(v, str):
+        out.append(_string(v))
+    elif isinstance(v, (list, tuple)):
+        out.append("[")
+        for i, item in enumerate(v):
+            if i:
+                out.append(",")
+            _canon(item, out)
+        out.append("]")
+    elif isinstance(v, dict):
+        for k in v:
+            if not isinstance(k, str):
+                raise TypeError(f"object keys must be strings, not {type(k).__name__}")
+        out.append("{")
+        # Code point order is UTF-8 byte order.
+        for i, k in enumerate(sorted(v)):
+            if i:
+                out.append(",")
+            out.append(_string(k))
+            out.append(":")
+            _canon(v[k], out)
+        out.append("}")
+    else:
+        raise TypeError(f"{type(v).__name__} is not JSON (arguments must be JSON values)")
+
+
+def canonical_json(v: Any) -> str:
+    """Keys sorted by UTF-8 bytes at every level, no whitespace, numbers as
+    serde_json prints them: the text Keyturn hashes."""
+    out: list = []
+    _canon(v, out)
+    return "".join(out)
+
+
+def args_hash(v: Any) -> str:
+    """Lowercase hex SHA-256 of :func:`canonical_json`."""
+    return hashlib.sha256(canonical_json(v).encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------
+# The decision
+
+
+class Decision(dict):
+    """Keyturn's answer (a dict, with attribute access for the usual fields)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def pending(self) -> bool:
+        return self.get("state") == "pending"
+
+    def raise_unless_approved(self) -> "Decision":
+        if self.get("approved") is True:
+            return self
+        if self.get("state") in ("timed_out", "pending") or self.get("client_timed_out"):
+            raise ApprovalTimedOut(self)
+        raise ApprovalDenied(self)
+
+
+# --------------------------------------------------------------------------
+# The client
+
+
+class Client:
+    """One agent's view of Keyturn.
+
+    ``socket_path`` defaults to ``$KEYTURN_SOCKET`` or ``./keyturn.sock``,
+    ``agent`` to ``$KEYTURN_AGENT`` or ``"cli"``, ``token`` to
+    ``$KEYTURN_AGENT_TOKEN``. ``unattended=True`` says nobody is watching:
+    calls that need a human are denied at once (rule ``unattended``).
+    ``max_wait`` bounds how long :meth:`submit` blocks (seconds, default: until
+    Keyturn's own deadline); the request is cancelled when it passes.
+    """
+
+    def __init__(
+        self,
+        socket_path: Optional[str] = None,
+        agent: Optional[str] = None,
+        token: Optional[str] = None,
+        *,
+        unattended: bool = False,
+        max_wait: Optional[float] = None,
+        connect_timeout: float = 5.0,
+    ):
+        self.socket_path = socket_path or os.environ.get("KEYTURN_SOCKET") or "keyturn.sock"
+        self.agent = agent or os.environ.get("KEYTURN_AGENT") or "cli"
+        self.token = token if token is not None else os.environ.get("KEYTURN_AGENT_TOKEN")
+        self.unattended = unattended
+        self.max_wait = max_wait
+        self.connect_timeout = connect_timeout
+        self._ids = itertools.count(1)
+
+    # -- transport ---------------------------------------------------------
+
+    def call(self, method: str, params: Dict[str, Any], timeout: Optional[float] = None) -> Any:
+        """One JSON-RPC call on its own connection. ``timeout`` bounds the
+        wait for the answer (``None``: no bound)."""
+        rid = next(self._ids)
+        line = json.dumps(
+            {"jsonrpc": "2.0", "id": rid, "method": method, "params": params},
+            ensure_ascii=False,
+            allow_nan=False,
+        )
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(self.connect_timeout)
+            try:
+                s.connect(self.socket_path)
+            except OSError as e:
+                raise ConnectionFailed(
+                    f"cannot connect to Keyturn at {self.socket_path}: {e} (is `keyturn serve` running?)"
+                ) from e
+            s.settimeout(timeout)
+            try:
+                s.sendall(line.encode("utf-8") + b"\n")
+                f = s.makefile("rb")
+                while True:
+                    raw = f.readline()
+                    if not raw:
+                        raise ConnectionFailed("Keyturn closed the connection")
+                    try:
+                        msg = json.loads(raw)
+                    except ValueError as e:
+                        raise KeyturnError(f"Keyturn sent something that is not JSON: {raw[:200]!r}") from e
+                    if not isinstance(msg, dict):
+                        raise KeyturnError(f"Keyturn sent something that is not a response: {raw[:200]!r}")
+                    if msg.get("id") not in (rid, None):
+                        continue
+                    if "error" in msg:
+                        err = msg["error"] or {}
+                        code = (err.get("data") or {}).get("code", "error")
+                        raise RpcError(code, err.get("message", "error"), err.get("code", 0))
+                    if "result" not in msg:
+                        raise KeyturnError(f"response without a result: {raw[:200]!r}")
+                    return msg["result"]
+            except socket.timeout as e:
+                raise _ReadTimeout(f"no answer from Keyturn within {timeout}s") from e
+            except OSError as e:
+                raise ConnectionFailed(f"connection to Keyturn failed: {e}") from e
+        finally:
+            s.close()
+
+    def _auth(self, p: Dict[str, Any]) -> Dict[str, Any]:
+        p["agent"] = self.agent
+        if self.token:
+            p["token"] = self.token
+        return p
+
+    # -- API ---------------------------------------------------------------
+
+    def _submit_params(
+        self,
+        tool: str,
+        args: Optional[Dict[str, Any]],
+        justification: str = "",
+        *,
+        task_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        user_id: Optional[str] = None,
+        channel_id: Optional[str] = None,
+        cost: Optional[float] = None,
+        timeout_secs: Optional[int] = None,
+        unattended: Optional[bool] = None,
+    ) -> Dict[str, Any]:
+        args = {} if args is None else args
+        if not isinstance(args, dict):
+            raise TypeError("args must be a dict (a JSON object)")
+        canonical_json(args)  # fail early on values that are not JSON
+        p: Dict[str, Any] = {"tool": tool, "args": args, "justification": justification}
+        for k, v in (
+            ("task_id", task_id),
+            ("idempotency_key", idempotency_key),
+            ("user_id", user_id),
+            ("channel_id", channel_id),
+            ("cost", cost),
+            ("timeout_secs", timeout_secs),
+        ):
+            if v is not None:
+                p[k] = v
+        if unattended if unattended is not None else self.unattended:
+            p["unattended"] = True
+        return self._auth(p)
+
+    def submit(self, tool: str, args: Optional[Dict[str, Any]] = None, justification: str = "", *,
+               wait: bool = True, **kw: Any) -> Decision:
+        """Submits a tool call. With ``wait`` (the default) blocks until it is
+        decided, Keyturn's deadline passes, or ``max_wait`` passes (then the
+        request is cancelled and the returned decision is not approved).
+        Keyword arguments: task_id, idempotency_key, user_id, channel_id,
+        cost, timeout_secs, unattended."""
+        p = self._submit_params(tool, args, justification, **kw)
+        p["wait"] = False
+        d = Decision(self.call("submit", p, timeout=30.0))
+        if not wait or d.state != "pending":
+            return d
+        return self.wait(d.request_id, max_wait=self.max_wait)
+
+    def wait(self, request_id: str, max_wait: Optional[float] = None) -> Decision:
+        """Blocks until ``request_id`` is decided (woken by Keyturn, no polling).
+        After ``max_wait`` seconds the request is cancelled and returned."""
+        p = self._auth({"id": request_id})
+        if max_wait is not None:
+            p["timeout_secs"] = max(1, math.ceil(max_wait))
+        started = time.monotonic()
+        try:
+            d = Decision(self.call("wait", p, timeout=max_wait))
+        except _ReadTimeout:
+            d = None
+        if d is None or d.state == "pending":
+            waited = time.monotonic() - started
+            try:
+                d = self.cancel(request_id, reason=f"the agent stopped waiting after {waited:.0f}s")
+            except RpcError as e:
+                if e.code != "already_decided":
+                    raise
+                d = self.status(request_id)
+            # Whatever landed between our timeout and the cancel, we stopped
+            # waiting: never treat it as approved.
+            d = Decision(d, approved=False, client_timed_out=True)
+        return d
+
+    def status(self, request_id: str) -> Decision:
+        return Decision(self.call("status", self._auth({"id": request_id}), timeout=30.0))
+
+    def cancel(self, request_id: str, reason: Optional[str] = None) -> Decision:
+        p = self._auth({"id": request_id})
+        if reason:
+            p["reason"] = reason
+        return Decision(self.call("cancel", p, timeout=30.0))
+
+    def check(self, tool: str, args: Optional[Dict[str, Any]] = None, **kw: Any) -> Dict[str, Any]:
+        """What the policy would do with a call, without queueing it:
+        ``{"verdict": {"action": "allow"|"ask"|"deny", "rule", "detail", …}, "risk", "allowlist"}``."""
+        p = self._submit_params(tool, args, **kw)
+        return self.call("check", p, timeout=30.0)
+
+    def ping(self) -> Dict[str, Any]:
+        return self.call("ping", {}, timeout=10.0)
+
+
+# --------------------------------------------------------------------------
+# The decorator
+
+
+def require_approval(
+    tool: Optional[str] = None,
+    risk: Optional[str] = None,
+    *,
+    client: Optional[Client] = None,
+    justification: Any = "",
+    **submit_kw: Any,
+) -> Callable:
+    """Runs the decorated function only after Keyturn approves the call.
+
+    The call's arguments (bound by name, defaults applied) are the request's
+    ``args``; they must be JSON values. ``tool`` defaults to the function's
+    name. ``justification`` may be a string or a function of the same
+    arguments. ``risk`` is what the code believes the tool's risk is: when
+    the gateway approved automatically at a lower risk, :class:`RiskMismatch`
+    is raised rather than running (a risk may be raised, never lowered).
+
+    Before running, the arguments are hashed again and compared with the
+    approved ``args_hash``; a difference raises :class:`ArgsMismatch`.
+    Denials raise :class:`ApprovalDenied` (``.reason``, ``.approver``),
+    timeouts :class:`ApprovalTimedOut`.
+    """
+    if risk is not None and risk not in RISKS:
+        raise ValueError(f"risk must be one of {RISKS}")
+
+    def deco(fn: Callable) -> Callable:
+        name = tool or fn.__name__
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            kt = client or Client()
+            bound = sig.bind(*a, **kw)
+            bound.apply_defaults()
+            args = dict(bound.arguments)
+            why = justification(*a, **kw) if callable(justification) else justification
+            d = kt.submit(name, args, why or "", **submit_kw).raise_unless_approved()
+            if risk is not None and d.get("decided_by") == "policy":
+                if RISKS.index(d.get("risk", "low")) < RISKS.index(risk):
+                    raise RiskMismatch(
+                        f"{name} is declared {risk} risk but Keyturn approved it automatically at "
+                        f"{d.get('risk')} risk; configure [[tools]] risk for {name} in Keyturn"
+                    )
+            # Hash what is about to run, now, against what was approved.
+            now = args_hash(dict(bound.arguments))
+            if now != d.get("args_hash"):
+                raise ArgsMismatch(
+                    f"{name}: the arguments changed after approval (approved {d.get('args_hash')}, running {now})"
+                )
+            return fn(*bound.args, **bound.kwargs)
+
+        wrapper.keyturn_tool = name  # type: ignore[attr-defined]
+        return wrapper
+
+    return deco
