@@ -14,7 +14,8 @@ fn rust_side_matches_the_recorded_vectors() {
     let mut cases: Vec<Value> = serde_json::from_str(&text).expect("vectors JSON");
     let write = std::env::var_os("KEYTURN_WRITE_VECTORS").is_some();
     for c in &mut cases {
-        let args: Value = serde_json::from_str(c["args_json"].as_str().expect("args_json")).expect("args");
+        let args: Value =
+            serde_json::from_str(c["args_json"].as_str().expect("args_json")).expect("args");
         let (canon, hash) = (canonical_json(&args), args_hash(&args));
         if write {
             c["canonical"] = Value::String(canon);

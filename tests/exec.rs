@@ -8,7 +8,11 @@ use std::process::{Command, Output, Stdio};
 
 fn exec(s: &Server, extra: &[&str], cmd: &[&str]) -> Command {
     let mut c = Command::new(BIN);
-    c.args(["exec", "--socket"]).arg(&s.socket).args(extra).arg("--").args(cmd);
+    c.args(["exec", "--socket"])
+        .arg(&s.socket)
+        .args(extra)
+        .arg("--")
+        .args(cmd);
     c.env_remove("KEYTURN_AGENT").stdin(Stdio::null());
     c
 }
@@ -35,16 +39,23 @@ risk = "high"
 #[test]
 fn approved_command_runs_with_a_scrubbed_environment() {
     let s = Server::start(EXTRA);
-    let (code, stdout, stderr) = out(exec(&s, &["--tool", "shell.ls"], &["sh", "-c", "echo hi; env; exit 3"])
-        .env("LD_PRELOAD", "/tmp/evil.so")
-        .env("PYTHONPATH", "/tmp/evil")
-        .env("https_proxy", "http://evil:8080")
-        .env("NODE_OPTIONS", "--require /tmp/evil.js")
-        .env("KEEP_ME", "yes"));
+    let (code, stdout, stderr) = out(exec(
+        &s,
+        &["--tool", "shell.ls"],
+        &["sh", "-c", "echo hi; env; exit 3"],
+    )
+    .env("LD_PRELOAD", "/tmp/evil.so")
+    .env("PYTHONPATH", "/tmp/evil")
+    .env("https_proxy", "http://evil:8080")
+    .env("NODE_OPTIONS", "--require /tmp/evil.js")
+    .env("KEEP_ME", "yes"));
     assert_eq!(code, 3, "{stderr}");
     assert!(stdout.starts_with("hi\n"), "{stdout}");
     for bad in ["LD_PRELOAD", "PYTHONPATH", "https_proxy", "NODE_OPTIONS"] {
-        assert!(!stdout.contains(&format!("{bad}=")), "{bad} leaked: {stdout}");
+        assert!(
+            !stdout.contains(&format!("{bad}=")),
+            "{bad} leaked: {stdout}"
+        );
     }
     assert!(stdout.contains("KEEP_ME=yes"));
     assert!(stderr.contains("approved by policy"), "{stderr}");
@@ -59,15 +70,24 @@ fn human_approval_runs_and_denial_exits_126_without_running() {
     std::fs::write(&victim, "x").expect("write");
     let v = victim.display().to_string();
 
-    let mut denied = exec(&s, &["--tool", "shell.rm", "--justification", "cleanup"], &["rm", &v]);
+    let mut denied = exec(
+        &s,
+        &["--tool", "shell.rm", "--justification", "cleanup"],
+        &["rm", &v],
+    );
     let t = std::thread::spawn(move || out(&mut denied));
     let id = s.wait_queued("shell.rm");
-    let req = s.rpc("status", serde_json::json!({"id": id})).expect("status");
+    let req = s
+        .rpc("status", serde_json::json!({"id": id}))
+        .expect("status");
     assert_eq!(req["tool"], "shell.rm");
     s.deny(&id, "keep it");
     let (code, _, stderr) = t.join().expect("join");
     assert_eq!(code, 126, "{stderr}");
-    assert!(stderr.contains("denied by") && stderr.contains("keep it"), "{stderr}");
+    assert!(
+        stderr.contains("denied by") && stderr.contains("keep it"),
+        "{stderr}"
+    );
     assert!(victim.exists());
 
     let mut approved = exec(&s, &["--tool", "shell.rm"], &["rm", &v]);
@@ -82,14 +102,30 @@ fn human_approval_runs_and_denial_exits_126_without_running() {
 #[test]
 fn unattended_timeouts_and_unreachable_socket_exit_126() {
     let s = Server::start(EXTRA);
-    let (code, _, stderr) = out(&mut exec(&s, &["--tool", "shell.rm", "--unattended"], &["true"]));
+    let (code, _, stderr) = out(&mut exec(
+        &s,
+        &["--tool", "shell.rm", "--unattended"],
+        &["true"],
+    ));
     assert_eq!(code, 126);
     assert!(stderr.contains("unattended"), "{stderr}");
-    let (code, _, stderr) = out(&mut exec(&s, &["--tool", "shell.rm", "--approval-timeout", "1s"], &["true"]));
+    let (code, _, stderr) = out(&mut exec(
+        &s,
+        &["--tool", "shell.rm", "--approval-timeout", "1s"],
+        &["true"],
+    ));
     assert_eq!(code, 126);
     assert!(stderr.contains("timed out"), "{stderr}");
     let mut c = Command::new(BIN);
-    c.args(["exec", "--socket", "/nonexistent/k.sock", "--tool", "shell.ls", "--", "true"]);
+    c.args([
+        "exec",
+        "--socket",
+        "/nonexistent/k.sock",
+        "--tool",
+        "shell.ls",
+        "--",
+        "true",
+    ]);
     let (code, _, stderr) = out(&mut c);
     assert_eq!(code, 126);
     assert!(stderr.contains("cannot connect"), "{stderr}");
@@ -99,7 +135,11 @@ fn unattended_timeouts_and_unreachable_socket_exit_126() {
 fn command_timeout_and_output_truncation() {
     let s = Server::start(EXTRA);
     let started = std::time::Instant::now();
-    let (code, _, stderr) = out(&mut exec(&s, &["--tool", "shell.ls", "--timeout", "1s"], &["sleep", "30"]));
+    let (code, _, stderr) = out(&mut exec(
+        &s,
+        &["--tool", "shell.ls", "--timeout", "1s"],
+        &["sleep", "30"],
+    ));
     assert_eq!(code, 124, "{stderr}");
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     let (code, stdout, _) = out(&mut exec(
@@ -109,8 +149,15 @@ fn command_timeout_and_output_truncation() {
     ));
     assert_eq!(code, 0);
     assert!(stdout.starts_with(&"a".repeat(100)), "{stdout}");
-    assert!(stdout.contains("[keyturn: stdout truncated at 100 bytes"), "{stdout}");
+    assert!(
+        stdout.contains("[keyturn: stdout truncated at 100 bytes"),
+        "{stdout}"
+    );
     assert!(stdout.len() < 400, "{}", stdout.len());
-    let (code, _, _) = out(&mut exec(&s, &["--tool", "shell.ls"], &["/nonexistent/cmd"]));
+    let (code, _, _) = out(&mut exec(
+        &s,
+        &["--tool", "shell.ls"],
+        &["/nonexistent/cmd"],
+    ));
     assert_eq!(code, 127);
 }

@@ -12,26 +12,36 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/claude-code").join(name))
-        .expect("fixture")
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/claude-code")
+            .join(name),
+    )
+    .expect("fixture")
 }
 
 fn hook(socket: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(BIN);
-    c.args(["hook", "claude-code", "--socket"]).arg(socket).args(extra);
+    c.args(["hook", "claude-code", "--socket"])
+        .arg(socket)
+        .args(extra);
     c.env_remove("KEYTURN_AGENT").env_remove("KEYTURN_CONFIG");
     c
 }
 
 /// (exit code, permissionDecision, permissionDecisionReason)
 fn parse(code: i32, out: &str) -> (i32, String, String) {
-    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"));
+    let v: Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"));
     let h = &v["hookSpecificOutput"];
     assert_eq!(h["hookEventName"], "PreToolUse", "{out}");
     (
         code,
         h["permissionDecision"].as_str().unwrap_or("?").to_string(),
-        h["permissionDecisionReason"].as_str().unwrap_or("").to_string(),
+        h["permissionDecisionReason"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
     )
 }
 
@@ -63,7 +73,10 @@ fn human_approval_allows_and_wakes_the_hook_quickly() {
     let wake = woke.duration_since(clicked);
     eprintln!("approval → hook answered in {wake:?} (includes hook exit)");
     assert_eq!((code, decision.as_str()), (0, "allow"), "{reason}");
-    assert!(reason.contains("approved by") && reason.contains("deploy is fine"), "{reason}");
+    assert!(
+        reason.contains("approved by") && reason.contains("deploy is fine"),
+        "{reason}"
+    );
     assert!(wake < Duration::from_secs(2), "woke after {wake:?}");
 
     // Claude Code retrying the same tool_use_id re-attaches to the request.
@@ -81,7 +94,10 @@ fn human_denial_denies_with_who_and_why_and_mcp_names_are_mapped() {
     s.deny(&id, "not on a Friday");
     let (code, decision, reason) = waiting.join().expect("hook thread");
     assert_eq!((code, decision.as_str()), (0, "deny"), "{reason}");
-    assert!(reason.contains("denied by") && reason.contains("not on a Friday"), "{reason}");
+    assert!(
+        reason.contains("denied by") && reason.contains("not on a Friday"),
+        "{reason}"
+    );
     assert!(!reason.contains("timed out"), "{reason}");
 }
 
@@ -89,15 +105,23 @@ fn human_denial_denies_with_who_and_why_and_mcp_names_are_mapped() {
 fn own_timeout_denies_saying_timed_out_and_cancels_the_request() {
     let s = Server::start("");
     let started = Instant::now();
-    let (code, decision, reason) = run(hook(&s.socket, &["--timeout", "1"]), &fixture("write.json"));
+    let (code, decision, reason) =
+        run(hook(&s.socket, &["--timeout", "1"]), &fixture("write.json"));
     let took = started.elapsed();
     assert_eq!((code, decision.as_str()), (0, "deny"), "{reason}");
     assert!(reason.contains("timed out"), "{reason}");
     assert!(!reason.contains("denied by"), "{reason}");
     assert!(took < Duration::from_secs(5), "{took:?}");
     // A late click can no longer approve it.
-    let id = reason.split_whitespace().nth(1).unwrap_or("").trim_end_matches(':').to_string();
-    let st = s.rpc("status", serde_json::json!({"id": id})).expect("status");
+    let id = reason
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .trim_end_matches(':')
+        .to_string();
+    let st = s
+        .rpc("status", serde_json::json!({"id": id}))
+        .expect("status");
     assert_eq!(st["state"], "cancelled", "{st}");
 }
 
@@ -107,11 +131,17 @@ fn unattended_flag_and_unattended_agent_deny_at_once() {
     let (code, decision, reason) = run(hook(&s.socket, &["--unattended"]), &fixture("bash.json"));
     assert_eq!((code, decision.as_str()), (0, "deny"), "{reason}");
     assert!(reason.contains("unattended"), "{reason}");
-    let (_, decision, reason) = run(hook(&s.socket, &["--agent", "robot"]), &fixture("bash.json"));
+    let (_, decision, reason) = run(
+        hook(&s.socket, &["--agent", "robot"]),
+        &fixture("bash.json"),
+    );
     assert_eq!(decision, "deny", "{reason}");
     assert!(reason.contains("unattended"), "{reason}");
     // Low risk still runs unattended.
-    let (_, decision, _) = run(hook(&s.socket, &["--agent", "robot"]), &fixture("read.json"));
+    let (_, decision, _) = run(
+        hook(&s.socket, &["--agent", "robot"]),
+        &fixture("read.json"),
+    );
     assert_eq!(decision, "allow");
 }
 
@@ -123,7 +153,13 @@ fn failures_deny_and_exit_zero() {
     assert_eq!((code, decision.as_str()), (0, "deny"), "{reason}");
     assert!(reason.contains("cannot connect"), "{reason}");
 
-    for garbage in [&b"{\"tool_name\": "[..], b"", b"\xff\xfe\x00", b"[1,2,3]", b"{\"tool_input\":{}}"] {
+    for garbage in [
+        &b"{\"tool_name\": "[..],
+        b"",
+        b"\xff\xfe\x00",
+        b"[1,2,3]",
+        b"{\"tool_input\":{}}",
+    ] {
         let (code, decision, reason) = run(hook(&gone, &[]), garbage);
         assert_eq!((code, decision.as_str()), (0, "deny"), "{reason}");
     }

@@ -14,18 +14,31 @@ use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 fn fs_server() -> Option<PathBuf> {
-    let p = std::env::var_os("KEYTURN_MCP_FS_SERVER").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("target/mcp/node_modules/@modelcontextprotocol/server-filesystem/dist/index.js")
-    });
-    let node = Command::new("node").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let p = std::env::var_os("KEYTURN_MCP_FS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(
+                "target/mcp/node_modules/@modelcontextprotocol/server-filesystem/dist/index.js",
+            )
+        });
+    let node = Command::new("node")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if p.exists() && node {
         return Some(p);
     }
     if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{} (and node) are required under CI; .ci/run installs them", p.display());
+        panic!(
+            "{} (and node) are required under CI; .ci/run installs them",
+            p.display()
+        );
     }
-    eprintln!("\n*** SKIPPED: MCP server not installed at {} (run .ci/run) ***\n", p.display());
+    eprintln!(
+        "\n*** SKIPPED: MCP server not installed at {} (run .ci/run) ***\n",
+        p.display()
+    );
     None
 }
 
@@ -63,7 +76,13 @@ impl Mcp {
                 let _ = etx.send(l);
             }
         });
-        Mcp { child, stdin, lines, stderr, next: 1 }
+        Mcp {
+            child,
+            stdin,
+            lines,
+            stderr,
+            next: 1,
+        }
     }
 
     fn send(&mut self, v: Value) {
@@ -80,8 +99,12 @@ impl Mcp {
 
     fn response(&self, id: u64) -> Value {
         loop {
-            let l = self.lines.recv_timeout(Duration::from_secs(10)).expect("a response in time");
-            let v: Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"));
+            let l = self
+                .lines
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a response in time");
+            let v: Value =
+                serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"));
             if v["id"] == json!(id) && v.get("method").is_none() {
                 return v;
             }
@@ -102,7 +125,10 @@ impl Drop for Mcp {
 }
 
 fn text(v: &Value) -> String {
-    v["result"]["content"][0]["text"].as_str().unwrap_or("").to_string()
+    v["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 const EXTRA: &str = r#"
@@ -137,35 +163,60 @@ fn gates_a_real_filesystem_server() {
     std::fs::write(root.join("hello.txt"), "hi").expect("write");
     let root_s = root.display().to_string();
     let mut c = Mcp::start(&[
-        "--name".into(), "fs".into(),
-        "--socket".into(), s.socket.display().to_string(),
+        "--name".into(),
+        "fs".into(),
+        "--socket".into(),
+        s.socket.display().to_string(),
         "--filter-tools".into(),
-        "--approval-timeout".into(), "2s".into(),
-        "--".into(), "node".into(), server_js.display().to_string(), root_s.clone(),
+        "--approval-timeout".into(),
+        "2s".into(),
+        "--".into(),
+        "node".into(),
+        server_js.display().to_string(),
+        root_s.clone(),
     ]);
 
-    let init = c.call("initialize", json!({
-        "protocolVersion": "2025-06-18", "capabilities": {},
-        "clientInfo": {"name": "keyturn-test", "version": "1"}
-    }));
+    let init = c.call(
+        "initialize",
+        json!({
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "keyturn-test", "version": "1"}
+        }),
+    );
     assert!(init["result"]["serverInfo"]["name"].is_string(), "{init}");
     c.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
 
     let list = c.call("tools/list", json!({}));
-    let names: Vec<&str> = list["result"]["tools"].as_array().expect("tools").iter()
-        .filter_map(|t| t["name"].as_str()).collect();
-    assert!(names.contains(&"list_directory") && names.contains(&"write_file"), "{names:?}");
-    assert!(!names.contains(&"move_file"), "denied tool not filtered: {names:?}");
+    let names: Vec<&str> = list["result"]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"list_directory") && names.contains(&"write_file"),
+        "{names:?}"
+    );
+    assert!(
+        !names.contains(&"move_file"),
+        "denied tool not filtered: {names:?}"
+    );
 
     // Allowed by policy: runs at once.
-    let r = c.call("tools/call", json!({"name": "list_directory", "arguments": {"path": root_s}}));
+    let r = c.call(
+        "tools/call",
+        json!({"name": "list_directory", "arguments": {"path": root_s}}),
+    );
     assert_ne!(r["result"]["isError"], json!(true), "{r}");
     assert!(text(&r).contains("hello.txt"), "{r}");
 
     // Gated, approved by a human: the server writes the file.
     let approved = root.join("approved.txt");
-    let id = c.request("tools/call", json!({"name": "write_file",
-        "arguments": {"path": approved.display().to_string(), "content": "yes"}}));
+    let id = c.request(
+        "tools/call",
+        json!({"name": "write_file",
+        "arguments": {"path": approved.display().to_string(), "content": "yes"}}),
+    );
     let rid = s.wait_queued("fs.write_file");
     assert!(!approved.exists());
     s.approve(&rid, "go ahead");
@@ -175,35 +226,50 @@ fn gates_a_real_filesystem_server() {
 
     // Gated, denied: never reaches the server.
     let denied = root.join("denied.txt");
-    let id = c.request("tools/call", json!({"name": "write_file",
-        "arguments": {"path": denied.display().to_string(), "content": "no"}}));
+    let id = c.request(
+        "tools/call",
+        json!({"name": "write_file",
+        "arguments": {"path": denied.display().to_string(), "content": "no"}}),
+    );
     let rid = s.wait_queued("fs.write_file");
     s.deny(&rid, "not that file");
     let r = c.response(id);
     assert_eq!(r["result"]["isError"], json!(true), "{r}");
     let t = text(&r);
-    assert!(t.contains("denied by") && t.contains("bob") && t.contains("not that file"), "{t}");
+    assert!(
+        t.contains("denied by") && t.contains("bob") && t.contains("not that file"),
+        "{t}"
+    );
     assert!(!denied.exists());
 
     // Gated, nobody answers: timed out, not run.
     let late = root.join("late.txt");
-    let r = c.call("tools/call", json!({"name": "write_file",
-        "arguments": {"path": late.display().to_string(), "content": "late"}}));
+    let r = c.call(
+        "tools/call",
+        json!({"name": "write_file",
+        "arguments": {"path": late.display().to_string(), "content": "late"}}),
+    );
     assert_eq!(r["result"]["isError"], json!(true), "{r}");
     assert!(text(&r).contains("timed out"), "{r}");
     assert!(!late.exists());
 
     // A hidden tool called anyway is still denied by the policy.
-    let r = c.call("tools/call", json!({"name": "move_file",
+    let r = c.call(
+        "tools/call",
+        json!({"name": "move_file",
         "arguments": {"source": root.join("hello.txt").display().to_string(),
-                      "destination": root.join("moved.txt").display().to_string()}}));
+                      "destination": root.join("moved.txt").display().to_string()}}),
+    );
     assert_eq!(r["result"]["isError"], json!(true), "{r}");
     assert!(root.join("hello.txt").exists());
 
     // A batch cannot smuggle a call past the gate.
     c.send(json!([{"jsonrpc": "2.0", "id": 99, "method": "tools/call",
         "params": {"name": "write_file", "arguments": {"path": late.display().to_string(), "content": "x"}}}]));
-    let l = c.lines.recv_timeout(Duration::from_secs(10)).expect("answer to batch");
+    let l = c
+        .lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answer to batch");
     assert!(l.contains("batches"), "{l}");
     assert!(!late.exists());
 }
@@ -213,13 +279,24 @@ fn server_exit_answers_in_flight_requests_and_ends_the_proxy() {
     let s = Server::start(EXTRA);
     // A stand-in server that reads one request, complains on stderr and dies.
     let mut c = Mcp::start(&[
-        "--name".into(), "fs".into(),
-        "--socket".into(), s.socket.display().to_string(),
-        "--".into(), "sh".into(), "-c".into(), "read line; echo boom >&2; exit 7".into(),
+        "--name".into(),
+        "fs".into(),
+        "--socket".into(),
+        s.socket.display().to_string(),
+        "--".into(),
+        "sh".into(),
+        "-c".into(),
+        "read line; echo boom >&2; exit 7".into(),
     ]);
     let id = c.request("initialize", json!({}));
     let r = c.response(id);
-    assert!(r["error"]["message"].as_str().unwrap_or("").contains("exited"), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exited"),
+        "{r}"
+    );
     let status = c.child.wait().expect("proxy exit");
     assert_eq!(status.code(), Some(7));
     // The child's stderr came through ours (read until it shows or ends).
@@ -237,12 +314,20 @@ fn server_exit_answers_in_flight_requests_and_ends_the_proxy() {
 fn unattended_proxy_denies_gated_calls_at_once() {
     let s = Server::start(EXTRA);
     let mut c = Mcp::start(&[
-        "--name".into(), "fs".into(),
-        "--socket".into(), s.socket.display().to_string(),
+        "--name".into(),
+        "fs".into(),
+        "--socket".into(),
+        s.socket.display().to_string(),
         "--unattended".into(),
-        "--".into(), "sh".into(), "-c".into(), "cat >/dev/null".into(),
+        "--".into(),
+        "sh".into(),
+        "-c".into(),
+        "cat >/dev/null".into(),
     ]);
-    let r = c.call("tools/call", json!({"name": "write_file", "arguments": {"path": "/x", "content": ""}}));
+    let r = c.call(
+        "tools/call",
+        json!({"name": "write_file", "arguments": {"path": "/x", "content": ""}}),
+    );
     assert_eq!(r["result"]["isError"], json!(true), "{r}");
     assert!(text(&r).contains("unattended"), "{r}");
 }

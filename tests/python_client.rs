@@ -25,7 +25,14 @@ fn python_client_pytest_suite() {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("python3")
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "clients/python/tests"])
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "clients/python/tests",
+        ])
         .current_dir(root)
         .env("KEYTURN_BIN", env!("CARGO_BIN_EXE_keyturn"))
         .env("PYTHONDONTWRITEBYTECODE", "1")

@@ -155,7 +155,7 @@ fn pass_through(mut from: impl Read, mut to: impl Write, limit: u64, stream: &st
         }
     }
     if dropped > 0 {
-        let _ = write!(to, "[keyturn: {dropped} more bytes of {stream} dropped]\n");
+        let _ = writeln!(to, "[keyturn: {dropped} more bytes of {stream} dropped]");
         let _ = to.flush();
     }
 }
@@ -182,7 +182,11 @@ pub fn main(a: ExecArgs) -> u8 {
         "justification": a.justification,
         "unattended": a.unattended,
     });
-    for (k, v) in [("user_id", &a.user), ("channel_id", &a.channel), ("task_id", &a.task)] {
+    for (k, v) in [
+        ("user_id", &a.user),
+        ("channel_id", &a.channel),
+        ("task_id", &a.task),
+    ] {
         if let Some(v) = v {
             p[k] = json!(v);
         }
@@ -215,7 +219,10 @@ fn run(a: &ExecArgs) -> u8 {
     }
     if !removed.is_empty() {
         removed.sort();
-        eprintln!("keyturn: removed from the environment: {}", removed.join(" "));
+        eprintln!(
+            "keyturn: removed from the environment: {}",
+            removed.join(" ")
+        );
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -250,12 +257,17 @@ fn run(a: &ExecArgs) -> u8 {
                 use nix::unistd::Pid;
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 let _ = rx.recv();
-                eprintln!("\nkeyturn: {} ran past --timeout {t:?} and was killed", a.command[0]);
+                eprintln!(
+                    "\nkeyturn: {} ran past --timeout {t:?} and was killed",
+                    a.command[0]
+                );
                 // Output a grandchild still holds open is not waited for.
                 return EXIT_TIMED_OUT;
             }
         },
-        None => rx.recv().unwrap_or_else(|_| Err(std::io::Error::other("waiter gone"))),
+        None => rx
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("waiter gone"))),
     };
     for r in readers.into_iter().flatten() {
         let _ = r.join();
@@ -283,13 +295,36 @@ mod tests {
     #[test]
     fn dangerous_variables_are_scrubbed() {
         for v in [
-            "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "DYLD_INSERT_LIBRARIES", "PYTHONPATH",
-            "PYTHONSTARTUP", "PYTHONHOME", "NODE_OPTIONS", "PERL5OPT", "RUBYOPT", "BASH_ENV", "ENV",
-            "http_proxy", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "no_proxy", "BASH_FUNC_ls%%",
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "LD_AUDIT",
+            "DYLD_INSERT_LIBRARIES",
+            "PYTHONPATH",
+            "PYTHONSTARTUP",
+            "PYTHONHOME",
+            "NODE_OPTIONS",
+            "PERL5OPT",
+            "RUBYOPT",
+            "BASH_ENV",
+            "ENV",
+            "http_proxy",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "NO_PROXY",
+            "no_proxy",
+            "BASH_FUNC_ls%%",
         ] {
             assert!(scrubbed(v), "{v}");
         }
-        for v in ["PATH", "HOME", "LANG", "TERM", "USER", "PYTHONUNBUFFERED", "ENVIRONMENT"] {
+        for v in [
+            "PATH",
+            "HOME",
+            "LANG",
+            "TERM",
+            "USER",
+            "PYTHONUNBUFFERED",
+            "ENVIRONMENT",
+        ] {
             assert!(!scrubbed(v), "{v}");
         }
     }
@@ -299,7 +334,10 @@ mod tests {
         let mut out = Vec::new();
         pass_through(&b"abcdefghij"[..], &mut out, 4, "stdout");
         let s = String::from_utf8(out).unwrap();
-        assert!(s.starts_with("abcd\n[keyturn: stdout truncated at 4 bytes"), "{s}");
+        assert!(
+            s.starts_with("abcd\n[keyturn: stdout truncated at 4 bytes"),
+            "{s}"
+        );
         assert!(s.contains("6 more bytes"), "{s}");
         let mut out = Vec::new();
         pass_through(&b"abcd"[..], &mut out, 4, "stdout");

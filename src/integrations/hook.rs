@@ -144,7 +144,9 @@ pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
         Err(e) => {
             return (
                 false,
-                format!("Keyturn could not read the hook input ({e}); failing closed, the call was not run"),
+                format!(
+                "Keyturn could not read the hook input ({e}); failing closed, the call was not run"
+            ),
             )
         }
     };
@@ -161,7 +163,9 @@ pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
         Err(e) => {
             return (
                 false,
-                format!("Keyturn could not read its config ({e}); failing closed, the call was not run"),
+                format!(
+                    "Keyturn could not read its config ({e}); failing closed, the call was not run"
+                ),
             )
         }
     };
@@ -232,7 +236,10 @@ mod tests {
 
     #[test]
     fn mcp_tool_names_map_to_dotted_names() {
-        assert_eq!(map_tool_name("mcp__github__create_issue"), "mcp.github.create_issue");
+        assert_eq!(
+            map_tool_name("mcp__github__create_issue"),
+            "mcp.github.create_issue"
+        );
         assert_eq!(map_tool_name("mcp__my-srv__a__b"), "mcp.my-srv.a__b");
         assert_eq!(map_tool_name("Bash"), "Bash");
         assert_eq!(map_tool_name("mcp__solo"), "mcp__solo");
@@ -260,7 +267,10 @@ mod tests {
     #[test]
     fn garbage_and_unreachable_socket_deny() {
         let (allow, why) = decide(b"not json", &args());
-        assert!(!allow && why.contains("could not read the hook input"), "{why}");
+        assert!(
+            !allow && why.contains("could not read the hook input"),
+            "{why}"
+        );
         let (allow, why) = decide(br#"{"tool_name":"Bash","tool_input":{}}"#, &args());
         assert!(!allow && why.contains("cannot connect"), "{why}");
     }

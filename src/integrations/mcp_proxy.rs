@@ -120,7 +120,7 @@ impl Proxy {
     }
 
     /// One line from the client.
-    fn from_client(self: &Arc<Self>, line: String) {
+    fn on_client_line(self: &Arc<Self>, line: String) {
         let msg: Value = match serde_json::from_str(&line) {
             Ok(v) => v,
             // Not ours to judge: the server answers garbage itself.
@@ -138,7 +138,10 @@ impl Proxy {
             ));
             return;
         }
-        let method = msg.get("method").and_then(Value::as_str).map(str::to_string);
+        let method = msg
+            .get("method")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let id = msg.get("id").cloned();
         match (method.as_deref(), id) {
             (Some(m), Some(id)) => {
@@ -215,7 +218,7 @@ impl Proxy {
     }
 
     /// One line from the server.
-    async fn from_child(&self, line: String) {
+    async fn on_child_line(&self, line: String) {
         let Ok(mut msg) = serde_json::from_str::<Value>(&line) else {
             self.send(line);
             return;
@@ -238,7 +241,9 @@ impl Proxy {
         if let Some(tools) = msg.pointer("/result/tools").and_then(Value::as_array) {
             let mut st = lock(&self.state);
             for t in tools {
-                if let (Some(n), Some(a)) = (t.get("name").and_then(Value::as_str), t.get("annotations")) {
+                if let (Some(n), Some(a)) =
+                    (t.get("name").and_then(Value::as_str), t.get("annotations"))
+                {
                     st.annotations.insert(n.to_string(), a.clone());
                 }
             }
@@ -257,12 +262,16 @@ impl Proxy {
             })
             .unwrap_or_default();
         let (ident, server, a) = (self.id.clone(), self.args.name.clone(), self.args.clone());
-        let denied = tokio::task::spawn_blocking(move || never_allowed(&ident, &server, &a, &names))
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
+        let denied =
+            tokio::task::spawn_blocking(move || never_allowed(&ident, &server, &a, &names))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
         match denied {
             Ok(denied) => {
-                if let Some(tools) = msg.pointer_mut("/result/tools").and_then(Value::as_array_mut) {
+                if let Some(tools) = msg
+                    .pointer_mut("/result/tools")
+                    .and_then(Value::as_array_mut)
+                {
                     tools.retain(|t| {
                         !t.get("name")
                             .and_then(Value::as_str)
@@ -318,7 +327,11 @@ fn never_allowed(
             p["channel_id"] = json!(ch);
         }
         let v = c
-            .call("check", p, Some(std::time::Instant::now() + Duration::from_secs(10)))
+            .call(
+                "check",
+                p,
+                Some(std::time::Instant::now() + Duration::from_secs(10)),
+            )
             .map_err(|e| e.to_string())?;
         if v.pointer("/verdict/action").and_then(Value::as_str) == Some("deny") {
             denied.insert(n.clone());
@@ -333,7 +346,8 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<u8> {
         !a.name.is_empty() && policy_tool_name(&a.name) == a.name,
         "--name may contain only ASCII letters, digits and `_.:-/`"
     );
-    let socket = socket_path(a.socket.as_deref(), a.config.as_deref()).map_err(anyhow::Error::msg)?;
+    let socket =
+        socket_path(a.socket.as_deref(), a.config.as_deref()).map_err(anyhow::Error::msg)?;
     let mut child = tokio::process::Command::new(&a.command[0])
         .args(&a.command[1..])
         .stdin(Stdio::piped())
@@ -353,7 +367,9 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<u8> {
             match m {
                 Out::Line(mut l) => {
                     l.push('\n');
-                    if stdout.write_all(l.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
+                    if stdout.write_all(l.as_bytes()).await.is_err()
+                        || stdout.flush().await.is_err()
+                    {
                         break;
                     }
                 }
@@ -407,7 +423,7 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<u8> {
         tokio::spawn(async move {
             let mut lines = BufReader::new(child_out).lines();
             while let Ok(Some(l)) = lines.next_line().await {
-                proxy.from_child(l).await;
+                proxy.on_child_line(l).await;
             }
         })
     };
@@ -416,7 +432,7 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<u8> {
     let status = loop {
         tokio::select! {
             line = in_rx.recv(), if stdin_open => match line {
-                Some(l) => proxy.from_client(l),
+                Some(l) => proxy.on_client_line(l),
                 None => {
                     // The client left: close the server's stdin and let it exit.
                     stdin_open = false;

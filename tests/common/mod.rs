@@ -106,7 +106,10 @@ impl Server {
             config,
             log,
         };
-        s.wait_log(|l| l.starts_with("keyturn: listening on"), Duration::from_secs(10));
+        s.wait_log(
+            |l| l.starts_with("keyturn: listening on"),
+            Duration::from_secs(10),
+        );
         s
     }
 
@@ -118,7 +121,9 @@ impl Server {
             match self.log.recv_timeout(left) {
                 Ok(l) if pred(&l) => return l,
                 Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => panic!("no matching server log line within {within:?}"),
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("no matching server log line within {within:?}")
+                }
                 Err(RecvTimeoutError::Disconnected) => panic!("the server exited"),
             }
         }
@@ -132,7 +137,11 @@ impl Server {
             Duration::from_secs(10),
         );
         let at = line.find("request.id=").expect("request.id in log") + "request.id=".len();
-        line[at..].split_whitespace().next().unwrap_or("").to_string()
+        line[at..]
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string()
     }
 
     /// One call on a fresh connection, as the server's own uid (an admin).
@@ -151,13 +160,19 @@ impl Server {
     }
 
     pub fn approve(&self, id: &str, reason: &str) -> Value {
-        self.rpc("approve", json!({"id": id, "reason": reason, "operator": "alice"}))
-            .expect("approve")
+        self.rpc(
+            "approve",
+            json!({"id": id, "reason": reason, "operator": "alice"}),
+        )
+        .expect("approve")
     }
 
     pub fn deny(&self, id: &str, reason: &str) -> Value {
-        self.rpc("deny", json!({"id": id, "reason": reason, "operator": "bob"}))
-            .expect("deny")
+        self.rpc(
+            "deny",
+            json!({"id": id, "reason": reason, "operator": "bob"}),
+        )
+        .expect("deny")
     }
 }
 
