@@ -579,6 +579,7 @@ async fn load_votes<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     ex: E,
     id: RequestId,
 ) -> Result<Vec<Vote>, sqlx::Error> {
+    #[allow(clippy::type_complexity)]
     let rows: Vec<(String, Option<String>, bool, Option<String>, i64)> = sqlx::query_as(
         "SELECT voter, name, approve, reason, at_ms FROM votes WHERE request_id = $1 ORDER BY at_ms, voter",
     )
