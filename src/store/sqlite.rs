@@ -152,6 +152,13 @@ async fn run_writer(
         }
         write_batch(&mut conn, &mut jobs).await;
     }
+    // Fold the WAL back into the main file so the database is one file at rest.
+    if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+    {
+        tracing::warn!(error = %e, "final checkpoint failed");
+    }
     let _ = conn.close().await;
 }
 
@@ -1061,11 +1068,12 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
-        // The writer commits what is queued, then closes its connection.
+        // Readers first, so the writer's final checkpoint is not blocked by
+        // them; the writer commits what is queued, checkpoints and closes.
+        self.reads.close().await;
         if let Some((stop, handle)) = self.writer.lock().await.take() {
             let _ = stop.send(());
             let _ = handle.await;
         }
-        self.reads.close().await;
     }
 }
