@@ -185,6 +185,18 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Measure throughput and latency against an in-process server.
+    Bench {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Approval wake-up rounds.
+        #[arg(long, default_value_t = 200)]
+        wakeups: usize,
+    },
     /// The audit log (admin).
     Audit {
         #[command(subcommand)]
@@ -521,6 +533,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Pairing { cmd, conn } => pairing_cmd(&conn, cmd).await,
         Command::Audit { cmd, conn } => audit_cmd(&conn, cmd).await,
+        Command::Bench { clients, seconds, wakeups } => {
+            crate::bench::run(crate::bench::BenchOptions { clients, seconds, wakeups }).await?;
+            Ok(0)
+        }
     }
 }
 

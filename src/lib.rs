@@ -5,6 +5,7 @@
 //! call `app`. Adapters never call each other.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod domain;

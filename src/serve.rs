@@ -12,6 +12,17 @@ use tokio_util::sync::CancellationToken;
 
 /// Runs until SIGINT or SIGTERM (a second signal exits at once).
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    spawn_signal_handler(stop.clone());
+    run_until(cfg, stop, None).await
+}
+
+/// Runs until `stop` is cancelled. `ready` is told once the socket accepts.
+pub async fn run_until(
+    cfg: Config,
+    stop: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(
@@ -37,13 +48,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let listener = server::bind(&opts).await?;
 
-    let stop = CancellationToken::new();
-    spawn_signal_handler(stop.clone());
     let sched = tokio::spawn(scheduler::run(gw.clone(), deadlines, stop.clone()));
 
     tracing::info!(socket = %opts.path.display(), store = %cfg.store.url, "keyturn is ready");
     // A line on stdout that scripts and tests can wait for.
     println!("keyturn: listening on {}", opts.path.display());
+    if let Some(r) = ready {
+        let _ = r.send(());
+    }
 
     server::serve(
         listener,

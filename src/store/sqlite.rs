@@ -94,11 +94,19 @@ impl SqliteStore {
             .synchronous(sync)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
-        let mut writer = SqliteConnection::connect_with(&opts).await.map_err(db)?;
+        // Migrate through a one-connection pool: `Migrator::run` on a bare
+        // connection makes the future non-`Send` (sqlx's `Acquire` bound).
+        let migrations = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await
+            .map_err(db)?;
         MIGRATOR
-            .run(&mut writer)
+            .run(&migrations)
             .await
             .map_err(|e| StoreError::Migration(e.to_string()))?;
+        migrations.close().await;
+        let writer = SqliteConnection::connect_with(&opts).await.map_err(db)?;
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
