@@ -78,13 +78,23 @@ tool = "gated"
             let mut lat = Vec::with_capacity(100_000);
             let mut i = 0u64;
             while Instant::now() < until {
-                let tool = if i % 2 == 0 { "fast_read" } else { "not_allowed" };
+                let tool = if i % 2 == 0 {
+                    "fast_read"
+                } else {
+                    "not_allowed"
+                };
                 let t = Instant::now();
                 let v = client
-                    .call("submit", json!({"agent": "bench", "tool": tool, "args": {"client": c, "i": i}}))
+                    .call(
+                        "submit",
+                        json!({"agent": "bench", "tool": tool, "args": {"client": c, "i": i}}),
+                    )
                     .await?;
                 lat.push(t.elapsed());
-                anyhow::ensure!(v["state"] == if i % 2 == 0 { "approved" } else { "denied" }, "unexpected {v}");
+                anyhow::ensure!(
+                    v["state"] == if i % 2 == 0 { "approved" } else { "denied" },
+                    "unexpected {v}"
+                );
                 i += 1;
             }
             anyhow::Ok(lat)
@@ -97,7 +107,11 @@ tool = "gated"
     }
     let elapsed = started.elapsed();
     all.sort();
-    println!("calls: {}  throughput: {:.0}/s", all.len(), all.len() as f64 / elapsed.as_secs_f64());
+    println!(
+        "calls: {}  throughput: {:.0}/s",
+        all.len(),
+        all.len() as f64 / elapsed.as_secs_f64()
+    );
     println!(
         "latency: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
         ms(percentile(&all, 0.5)),
@@ -112,13 +126,20 @@ tool = "gated"
     let mut after_commit = Vec::new();
     let mut end_to_end = Vec::new();
     for _ in 0..o.wakeups {
-        let r = admin.call("submit", json!({"agent": "bench", "tool": "gated", "args": {}})).await?;
+        let r = admin
+            .call(
+                "submit",
+                json!({"agent": "bench", "tool": "gated", "args": {}}),
+            )
+            .await?;
         let id = r["request_id"].as_str().unwrap_or_default().to_string();
         let mut agent = Client::connect(&sock).await?;
         let wid = id.clone();
         let (got_tx, got_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let v = agent.call("wait", json!({"agent": "bench", "id": wid})).await;
+            let v = agent
+                .call("wait", json!({"agent": "bench", "id": wid}))
+                .await;
             let _ = got_tx.send((Instant::now(), v));
         });
         // Give the waiter time to register (this is a benchmark, not a test).

@@ -533,8 +533,17 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Pairing { cmd, conn } => pairing_cmd(&conn, cmd).await,
         Command::Audit { cmd, conn } => audit_cmd(&conn, cmd).await,
-        Command::Bench { clients, seconds, wakeups } => {
-            crate::bench::run(crate::bench::BenchOptions { clients, seconds, wakeups }).await?;
+        Command::Bench {
+            clients,
+            seconds,
+            wakeups,
+        } => {
+            crate::bench::run(crate::bench::BenchOptions {
+                clients,
+                seconds,
+                wakeups,
+            })
+            .await?;
             Ok(0)
         }
     }

@@ -555,3 +555,45 @@ fn a_stale_socket_file_is_replaced() {
     let mode = std::fs::metadata(s.socket()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "")
+        .replace("[server]\n", "[server]\nmax_connections = 2\n");
+    let s = Server::start_in(dir, &text);
+    let mut a = s.client().await;
+    let mut b = s.client().await;
+    // Both are served (a round trip proves they hold their slots).
+    a.call("ping", json!({})).await.unwrap();
+    b.call("ping", json!({})).await.unwrap();
+    let mut raw = Raw::connect(&s);
+    let v = raw.read();
+    assert_eq!(v["error"]["data"]["code"], "too_many_connections");
+    drop(a);
+    // A freed slot is reusable: retry until the server has noticed the close.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = s.client().await;
+        match c.call("ping", json!({})).await {
+            Ok(_) => break,
+            Err(_) if std::time::Instant::now() < deadline => tokio::task::yield_now().await,
+            Err(e) => panic!("slot never freed: {e}"),
+        }
+    }
+}
+
+#[test]
+fn group_mode_sets_the_socket_group() {
+    let gid = nix::unistd::getgid().as_raw();
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "").replace(
+        "[server]\n",
+        &format!("[server]\nsocket_mode = \"0660\"\nsocket_group = \"{gid}\"\n"),
+    );
+    let s = Server::start_in(dir, &text);
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(s.socket()).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), gid);
+}

@@ -207,8 +207,23 @@ async fn run_batch(conn: &mut SqliteConnection, ops: &[&Op]) -> Result<Vec<Reply
     let mut tx = conn.begin().await?;
     let mut replies = Vec::with_capacity(ops.len());
     let mut audit_events = Vec::new();
+    // New requests without an idempotency key are inserted together at the
+    // end: nobody can refer to them before this batch's replies go out.
+    let mut new_rows: Vec<&ApprovalRequest> = Vec::new();
     for op in ops {
+        if let Op::Insert(req, audit) = op {
+            if req.idempotency_key.is_none() {
+                new_rows.push(req);
+                audit_events.extend(audit.iter().cloned());
+                replies.push(Reply::Inserted(Inserted::New((**req).clone())));
+                continue;
+            }
+        }
         replies.push(exec(&mut tx, op, &mut audit_events).await?);
+    }
+    // 23 columns a row; SQLite allows 32766 bound parameters.
+    for chunk in new_rows.chunks(1000) {
+        insert_requests(&mut tx, chunk).await?;
     }
     if !audit_events.is_empty() {
         append_audit(&mut tx, audit_events).await?;
@@ -234,7 +249,7 @@ async fn exec(tx: &mut Tx<'_>, op: &Op, ev: &mut Vec<AuditEvent>) -> Result<Repl
                     return Ok(Reply::Inserted(Inserted::Existing(row.into_request()?)));
                 }
             }
-            insert_request(tx, req).await?;
+            insert_requests(tx, &[req]).await?;
             ev.extend(audit.iter().cloned());
             Reply::Inserted(Inserted::New((**req).clone()))
         }
@@ -521,38 +536,38 @@ fn effect_str(e: Effect) -> &'static str {
     }
 }
 
-async fn insert_request(tx: &mut Tx<'_>, r: &ApprovalRequest) -> Result<(), sqlx::Error> {
-    sqlx::query(
+async fn insert_requests(tx: &mut Tx<'_>, rows: &[&ApprovalRequest]) -> Result<(), sqlx::Error> {
+    let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
         "INSERT INTO requests (id, agent, tool, args, args_hash, user_id, channel_id, justification, \
          task_id, idempotency_key, risk, approvals_required, admin_only, rule, rule_detail, flags, \
-         created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
-    )
-    .bind(r.id.to_string())
-    .bind(&r.agent)
-    .bind(&r.tool)
-    .bind(r.args.to_string())
-    .bind(&r.args_hash)
-    .bind(&r.user_id)
-    .bind(&r.channel_id)
-    .bind(&r.justification)
-    .bind(&r.task_id)
-    .bind(&r.idempotency_key)
-    .bind(r.risk.as_str())
-    .bind(r.approvals_required as i64)
-    .bind(r.admin_only)
-    .bind(&r.rule)
-    .bind(&r.rule_detail)
-    .bind(serde_json::Value::Array(r.flags.clone()).to_string())
-    .bind(r.created_ms)
-    .bind(r.deadline_ms)
-    .bind(r.state.as_str())
-    .bind(r.decided_by.map(|d| d.as_str()))
-    .bind(&r.decided_who)
-    .bind(&r.decided_reason)
-    .bind(r.decided_ms)
-    .execute(&mut **tx)
-    .await?;
+         created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms) ",
+    );
+    qb.push_values(rows, |mut b, r| {
+        b.push_bind(r.id.to_string())
+            .push_bind(&r.agent)
+            .push_bind(&r.tool)
+            .push_bind(r.args.to_string())
+            .push_bind(&r.args_hash)
+            .push_bind(&r.user_id)
+            .push_bind(&r.channel_id)
+            .push_bind(&r.justification)
+            .push_bind(&r.task_id)
+            .push_bind(&r.idempotency_key)
+            .push_bind(r.risk.as_str())
+            .push_bind(r.approvals_required as i64)
+            .push_bind(r.admin_only)
+            .push_bind(&r.rule)
+            .push_bind(&r.rule_detail)
+            .push_bind(serde_json::Value::Array(r.flags.clone()).to_string())
+            .push_bind(r.created_ms)
+            .push_bind(r.deadline_ms)
+            .push_bind(r.state.as_str())
+            .push_bind(r.decided_by.map(|d| d.as_str()))
+            .push_bind(&r.decided_who)
+            .push_bind(&r.decided_reason)
+            .push_bind(r.decided_ms);
+    });
+    qb.build().execute(&mut **tx).await?;
     Ok(())
 }
 
@@ -594,7 +609,8 @@ async fn load_votes<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     ex: E,
     id: RequestId,
 ) -> Result<Vec<Vote>, sqlx::Error> {
-    let rows: Vec<(String, Option<String>, bool, Option<String>, i64)> = sqlx::query_as(
+    type VoteRow = (String, Option<String>, bool, Option<String>, i64);
+    let rows: Vec<VoteRow> = sqlx::query_as(
         "SELECT voter, name, approve, reason, at_ms FROM votes WHERE request_id = $1 ORDER BY at_ms, voter",
     )
     .bind(id.to_string())
