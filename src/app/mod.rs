@@ -4,11 +4,13 @@
 //! or Discord: every surface (socket, CLI, bot) calls these methods, so every
 //! surface gets the same rules, the same audit and the same answers.
 
+pub mod retention;
 pub mod scheduler;
 mod waiters;
 
 use crate::config::Config;
 use crate::domain::audit::{self, events, AuditEntry, AuditEvent};
+use crate::domain::flags::{Flag, FlagScanner};
 use crate::domain::pairing;
 use crate::domain::policy::{
     self, AllowlistAnswer, Call, Effect, Facts, Grant, PolicySettings, PolicyState, Scope,
@@ -17,7 +19,10 @@ use crate::domain::policy::{
 use crate::domain::redact::{self, Redactor};
 use crate::domain::request::{ApprovalRequest, DecidedBy, RequestId, State, TransitionError, Vote};
 use crate::domain::Risk;
-use crate::store::{PairedUser, PairingRefused, PendingPairing, Store, StoreError, StoredGrant};
+use crate::domain::trifecta;
+use crate::store::{
+    PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError, StoredGrant,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -114,6 +119,34 @@ pub struct CheckAnswer {
     pub verdict: Verdict,
     pub risk: Risk,
     pub allowlist: AllowlistAnswer,
+    /// Content flags raised on the call.
+    pub flags: Vec<serde_json::Value>,
+}
+
+/// What `verify` answers: does an argument object match what was approved?
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyAnswer {
+    pub request_id: String,
+    /// The given arguments hash to the request's `args_hash`.
+    pub matches: bool,
+    /// The request is approved.
+    pub approved: bool,
+    pub state: State,
+    /// Hash of the arguments given to `verify`.
+    pub args_hash: String,
+    /// Hash of the arguments the request was submitted (and approved) with.
+    pub expected_hash: String,
+}
+
+/// The content guard's view of one call: what may be shown and stored, the
+/// flags raised, and what they do to the policy.
+struct Content {
+    args: serde_json::Value,
+    justification: String,
+    flags: Vec<serde_json::Value>,
+    raise_risk: Option<String>,
+    force_deny: Option<(String, String)>,
+    force_ask: Option<String>,
 }
 
 /// The live policy data: config entries merged with the store's.
@@ -133,6 +166,7 @@ pub struct Gateway {
     cfg: Arc<Config>,
     store: Arc<dyn Store>,
     redactor: Redactor,
+    scanner: FlagScanner,
     settings: PolicySettings,
     view: RwLock<PolicyView>,
     limits: Mutex<PolicyState>,
@@ -152,9 +186,15 @@ impl Gateway {
     ) -> Result<(Arc<Gateway>, mpsc::Receiver<(i64, RequestId)>), AppError> {
         let (deadlines, rx) = mpsc::channel(65_536);
         let (events, _) = broadcast::channel(4096);
+        let redactor = cfg.redactor().map_err(|e| bad(e.to_string()))?;
+        let scanner = FlagScanner::new(
+            cfg.content.allowed_domains.clone(),
+            cfg.tools.iter().map(|t| t.name.clone()).collect(),
+        );
         let gw = Arc::new(Gateway {
             settings: cfg.policy_settings(),
-            redactor: Redactor::default(),
+            redactor,
+            scanner,
             cfg,
             store,
             view: RwLock::default(),
@@ -309,6 +349,7 @@ impl Gateway {
         &self,
         agent: &str,
         s: &Submission,
+        content: &Content,
         now: i64,
         dry_run: bool,
     ) -> (Verdict, Risk, AllowlistAnswer) {
@@ -338,7 +379,9 @@ impl Gateway {
                 .is_some_and(|u| view.users.contains_key(u)),
             unattended: s.unattended || agent_cfg.is_some_and(|a| a.unattended),
             risk,
-            ..Facts::default()
+            raise_risk: content.raise_risk.clone(),
+            force_deny: content.force_deny.clone(),
+            force_ask: content.force_ask.clone(),
         };
         let allowlist = policy::resolve_allowlist(&view.grants, &call);
         let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
@@ -354,14 +397,125 @@ impl Gateway {
         (verdict, risk, allowlist)
     }
 
+    /// Masks, scans and checks the trifecta for one call. Fail closed: if
+    /// masking or scanning fails, the arguments are withheld and the call is
+    /// denied; if the task history cannot be read, the call fails.
+    async fn content(&self, agent: &str, s: &Submission) -> Result<Content, AppError> {
+        let guarded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let args = self.redactor.redact_value(&s.args).value;
+            let (justification, _) = self.redactor.redact_text(&s.justification);
+            let flags = self.scanner.scan(&s.tool, &s.args, &s.justification);
+            (args, justification, flags)
+        }));
+        let Ok((args, justification, flags)) = guarded else {
+            tracing::error!(agent = %agent, tool = %s.tool, "content guard failed; denying the call");
+            return Ok(Content {
+                args: serde_json::json!({"withheld": "the content guard failed on these arguments"}),
+                justification: "[withheld]".into(),
+                flags: vec![],
+                raise_risk: None,
+                force_deny: Some((
+                    "content_guard_failed".into(),
+                    "the arguments could not be masked and scanned, so the call is denied".into(),
+                )),
+                force_ask: None,
+            });
+        };
+        // Flag details quote paths and hosts: mask them like everything else.
+        let flags: Vec<Flag> = flags
+            .into_iter()
+            .map(|f| Flag {
+                kind: f.kind,
+                detail: self.redactor.redact_text(&f.detail).0,
+            })
+            .collect();
+        let c = &self.cfg.content;
+        let mut kinds: Vec<&str> = flags.iter().map(|f| f.kind.as_str()).collect();
+        kinds.dedup();
+        let raise_risk = (c.raise_risk_on_flags && !flags.is_empty())
+            .then(|| format!("content flags: {}", kinds.join(", ")));
+        let force_deny = flags
+            .iter()
+            .find(|f| c.deny_on_flags.contains(&f.kind))
+            .map(|f| {
+                (
+                    format!("flag_{}", f.kind.as_str()),
+                    format!(
+                        "{} flag (content.deny_on_flags denies it): {}",
+                        f.kind.as_str(),
+                        f.detail
+                    ),
+                )
+            });
+        let force_ask = self.trifecta(agent, s).await?;
+        Ok(Content {
+            args,
+            justification,
+            flags: flags
+                .iter()
+                .filter_map(|f| serde_json::to_value(f).ok())
+                .collect(),
+            raise_risk,
+            force_deny,
+            force_ask,
+        })
+    }
+
+    /// The trifecta reason for this call, from the task's approved history in
+    /// the store (so it holds across restarts).
+    async fn trifecta(&self, agent: &str, s: &Submission) -> Result<Option<String>, AppError> {
+        let tags = self.cfg.tool_tags(&s.tool);
+        let Some(task) = &s.task_id else {
+            return Ok(None);
+        };
+        if tags.is_empty() {
+            return Ok(None);
+        }
+        let history: Vec<(String, Vec<trifecta::ToolTag>)> = self
+            .store
+            .approved_task_tools(agent, task)
+            .await?
+            .into_iter()
+            .map(|t| {
+                let tags = self.cfg.tool_tags(&t).to_vec();
+                (t, tags)
+            })
+            .filter(|(_, t)| !t.is_empty())
+            .collect();
+        Ok(trifecta::check(&history, &s.tool, tags))
+    }
+
     /// What the policy would do with `s`, without queueing or using a token.
-    pub fn check(&self, agent: &str, s: &Submission) -> Result<CheckAnswer, AppError> {
+    pub async fn check(&self, agent: &str, s: &Submission) -> Result<CheckAnswer, AppError> {
         self.validate(s)?;
-        let (verdict, risk, allowlist) = self.evaluate(agent, s, now_ms(), true);
+        let content = self.content(agent, s).await?;
+        let (verdict, risk, allowlist) = self.evaluate(agent, s, &content, now_ms(), true);
         Ok(CheckAnswer {
             verdict,
             risk,
             allowlist,
+            flags: content.flags,
+        })
+    }
+
+    /// Whether `args` are exactly the arguments request `id` was submitted
+    /// with (compared by the SHA-256 of their canonical JSON), and whether it
+    /// is approved. Nothing about `args` is stored or logged.
+    pub async fn verify_args(
+        &self,
+        id: RequestId,
+        agent: Option<&str>,
+        args: &serde_json::Value,
+    ) -> Result<VerifyAnswer, AppError> {
+        let r = self.status_for(id, agent).await?;
+        let given = redact::args_hash(args);
+        Ok(VerifyAnswer {
+            request_id: r.id.to_string(),
+            matches: given == r.args_hash,
+            approved: r.state == State::Approved,
+            state: r.state,
+            args_hash: given,
+            expected_hash: r.args_hash,
         })
     }
 
@@ -374,15 +528,20 @@ impl Gateway {
                 return Ok(existing);
             }
         }
+        let content = self.content(agent, &s).await?;
         let now = now_ms();
-        let (verdict, tool_risk, _) = self.evaluate(agent, &s, now, false);
-        let redacted = self.redactor.redact_value(&s.args);
-        let (justification, _) = self.redactor.redact_text(&s.justification);
+        let (verdict, tool_risk, _) = self.evaluate(agent, &s, &content, now, false);
+        let Content {
+            args,
+            justification,
+            flags,
+            ..
+        } = content;
         let mut req = ApprovalRequest {
             id: RequestId(Uuid::new_v4()),
             agent: agent.to_string(),
             args_hash: redact::args_hash(&s.args),
-            args: redacted.value,
+            args,
             tool: s.tool,
             user_id: s.user_id,
             channel_id: s.channel_id,
@@ -397,7 +556,7 @@ impl Gateway {
             admin_only: false,
             rule: verdict.rule().to_string(),
             rule_detail: String::new(),
-            flags: vec![],
+            flags,
             created_ms: now,
             deadline_ms: now,
             state: State::Pending,
@@ -563,6 +722,7 @@ impl Gateway {
         reason: Option<String>,
     ) -> Result<ApprovalRequest, AppError> {
         self.status_for(id, agent).await?;
+        let reason = reason.map(|r| self.redactor.redact_text(&r).0);
         match self
             .store
             .cancel(id, who.to_string(), reason, now_ms())
@@ -862,30 +1022,25 @@ impl Gateway {
     /// Walks the whole chain; `Err` names the first broken entry.
     pub async fn audit_verify(&self) -> Result<Result<u64, audit::Break>, AppError> {
         let (head_seq, head_hash) = self.store.audit_head().await?;
+        let mut walk = audit::ChainVerifier::new();
         let mut after = 0;
-        let mut expected: Option<(i64, String)> = None;
-        let mut total = 0;
         loop {
             let page = self.store.audit_after(after, 5000).await?;
-            let Some(last) = page.last().cloned() else {
+            let Some(last) = page.last() else {
                 break;
             };
-            if expected.is_none() {
-                let first = &page[0];
-                expected = Some(if first.seq == 1 {
-                    (0, audit::GENESIS.to_string())
-                } else {
-                    (first.seq - 1, first.prev_hash.clone())
-                });
-            }
-            match audit::verify(&page, expected.clone()) {
-                Ok(n) => total += n,
-                Err(b) => return Ok(Err(b)),
-            }
-            expected = Some((last.seq, last.hash.clone()));
             after = last.seq;
+            for e in &page {
+                if let Err(b) = walk.push(e) {
+                    return Ok(Err(b));
+                }
+            }
         }
-        let (seq, hash) = expected.unwrap_or((0, audit::GENESIS.to_string()));
+        let total = match walk.finish() {
+            Ok(n) => n,
+            Err(b) => return Ok(Err(b)),
+        };
+        let (seq, hash) = walk.last();
         if seq != head_seq || hash != head_hash {
             return Ok(Err(audit::Break {
                 seq: seq + 1,
@@ -895,6 +1050,23 @@ impl Gateway {
             }));
         }
         Ok(Ok(total))
+    }
+
+    /// Prunes audit entries older than `days` days (retention), leaving a
+    /// checkpoint entry so the rest of the chain still verifies.
+    pub async fn prune_audit(&self, days: u32) -> Result<Option<Pruned>, AppError> {
+        let now = now_ms();
+        let cutoff = now - i64::from(days) * 86_400_000;
+        let pruned = self.store.prune_audit(cutoff, now).await?;
+        if let Some(p) = &pruned {
+            tracing::info!(
+                entries = p.entries,
+                through_seq = p.through_seq,
+                retention_days = days,
+                "pruned the audit log"
+            );
+        }
+        Ok(pruned)
     }
 }
 
