@@ -548,7 +548,7 @@ impl Config {
                 Scope::new("role", r).map_err(|m| invalid(format!("users[{i}].roles"), m))?;
             }
         }
-        for (ch, _) in &self.policy.channel_autonomy {
+        for ch in self.policy.channel_autonomy.keys() {
             Scope::new("channel", ch)
                 .map_err(|m| invalid(format!("policy.channel_autonomy.{ch}"), m))?;
         }
@@ -775,15 +775,23 @@ mod tests {
         assert!(err("[store]\nurl = \"mysql://x\"").contains("store.url"));
         assert!(err("[discord]\ntoken = \"t\"").contains("discord.guild_id"));
         assert!(err("[content]\ncolour = 1").contains("unknown field `colour`"));
-        assert!(err("[[content.secret_rules]]\nname = \"x\"\npattern = \"(unclosed\"")
-            .contains("content.secret_rules[0].pattern"));
-        assert!(err("[[content.secret_rules]]\nname = \"x\"\npattern = \"a*\"")
-            .contains("content.secret_rules[0].pattern"));
-        assert!(err("[[content.secret_rules]]\nname = \"bad name\"\npattern = \"a\"")
-            .contains("content.secret_rules[0].name"));
+        assert!(
+            err("[[content.secret_rules]]\nname = \"x\"\npattern = \"(unclosed\"")
+                .contains("content.secret_rules[0].pattern")
+        );
+        assert!(
+            err("[[content.secret_rules]]\nname = \"x\"\npattern = \"a*\"")
+                .contains("content.secret_rules[0].pattern")
+        );
+        assert!(
+            err("[[content.secret_rules]]\nname = \"bad name\"\npattern = \"a\"")
+                .contains("content.secret_rules[0].name")
+        );
         assert!(err("[content]\ndeny_on_flags = [\"rudeness\"]").contains("unknown variant"));
-        assert!(err("[[tools]]\nname = \"x\"\nrisk = \"low\"\ntags = [\"evil\"]")
-            .contains("unknown variant"));
+        assert!(
+            err("[[tools]]\nname = \"x\"\nrisk = \"low\"\ntags = [\"evil\"]")
+                .contains("unknown variant")
+        );
     }
 
     #[test]

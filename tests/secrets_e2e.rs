@@ -43,7 +43,10 @@ const B64: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345678
 fn secrets() -> Vec<(&'static str, String)> {
     let pem_lines: Vec<String> = (0..3).map(|i| rnd(&format!("pem{i}"), 64, B64)).collect();
     vec![
-        ("aws_access_key", format!("AKIA{}", rnd("aws", 16, UPPER_NUM))),
+        (
+            "aws_access_key",
+            format!("AKIA{}", rnd("aws", 16, UPPER_NUM)),
+        ),
         ("aws_secret_key", rnd("awssecret", 40, B62)),
         ("github_token", format!("ghp_{}", rnd("gh", 36, B62))),
         ("gitlab_token", format!("glpat-{}", rnd("gl", 20, B62))),
@@ -126,9 +129,16 @@ fn planted_justification(s: &[(&str, String)]) -> String {
 /// middle piece (masks keep at most the first and last four characters).
 fn needles(s: &[(&str, String)], agent_token: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for (kind, v) in s.iter().map(|(k, v)| (*k, v.as_str())).chain([("agent_token", agent_token)]) {
+    for (kind, v) in s
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .chain([("agent_token", agent_token)])
+    {
         out.push((kind.to_string(), v.to_string()));
-        for line in v.lines().filter(|l| l.len() >= 32 && !l.starts_with("-----")) {
+        for line in v
+            .lines()
+            .filter(|l| l.len() >= 32 && !l.starts_with("-----"))
+        {
             out.push((format!("{kind} line"), line.to_string()));
         }
         let chars: Vec<char> = v.chars().collect();
@@ -321,14 +331,31 @@ fn planted_secrets_never_reach_disk_logs_or_cli_output() {
     // Allowed at once by policy.
     let (code, out) = run(
         "request allowed",
-        &["request", "--tool", "read_file", "--args", &args, "--justification", &why, "--json"],
+        &[
+            "request",
+            "--tool",
+            "read_file",
+            "--args",
+            &args,
+            "--justification",
+            &why,
+            "--json",
+        ],
     );
     assert_eq!(code, 0, "{out}");
     let allowed = request_id(&out);
     // Text output of the same path.
     let (code, _) = run(
         "request allowed text",
-        &["request", "--tool", "read_file", "--args", &args, "--justification", &why],
+        &[
+            "request",
+            "--tool",
+            "read_file",
+            "--args",
+            &args,
+            "--justification",
+            &why,
+        ],
     );
     assert_eq!(code, 0);
     // Pending, then shown by `pending` and `status`.
@@ -337,8 +364,17 @@ fn planted_secrets_never_reach_disk_logs_or_cli_output() {
         let (code, out) = run(
             "request pending",
             &[
-                "request", "--no-wait", "--tool", "deploy", "--args", &args, "--justification", &why,
-                "--json", "--task", &format!("t{i}"),
+                "request",
+                "--no-wait",
+                "--tool",
+                "deploy",
+                "--args",
+                &args,
+                "--justification",
+                &why,
+                "--json",
+                "--task",
+                &format!("t{i}"),
             ],
         );
         assert_eq!(code, 0, "{out}");
@@ -363,14 +399,39 @@ fn planted_secrets_never_reach_disk_logs_or_cli_output() {
     // Denied by policy (no grant).
     let (code, out) = run(
         "request denied",
-        &["request", "--tool", "drop_db", "--args", &args, "--justification", &why],
+        &[
+            "request",
+            "--tool",
+            "drop_db",
+            "--args",
+            &args,
+            "--justification",
+            &why,
+        ],
     );
     assert_eq!(code, 1, "{out}");
     // Check, and verify with the full arguments.
-    run("check", &["check", "--tool", "deploy", "--args", &args, "--justification", &why]);
-    let (code, out) = run("verify", &["verify", &allowed, "--args", &args, "--agent", "cli"]);
+    run(
+        "check",
+        &[
+            "check",
+            "--tool",
+            "deploy",
+            "--args",
+            &args,
+            "--justification",
+            &why,
+        ],
+    );
+    let (code, out) = run(
+        "verify",
+        &["verify", &allowed, "--args", &args, "--agent", "cli"],
+    );
     assert_eq!(code, 0, "verify matches the approved args: {out}");
-    let (code, out) = run("verify json", &["verify", &pending[1], "--args", &args, "--json"]);
+    let (code, out) = run(
+        "verify json",
+        &["verify", &pending[1], "--args", &args, "--json"],
+    );
     assert_eq!(code, 1, "a denied request does not verify: {out}");
     // The audit log as the CLI shows it.
     let (_, export) = run("audit export", &["audit", "export"]);
@@ -385,7 +446,10 @@ fn planted_secrets_never_reach_disk_logs_or_cli_output() {
         .map(|f| dir.path().join(f))
         .collect();
     let live_db = read_all(&files);
-    assert!(contains(&live_db, "[github_token:"), "the db holds masked args");
+    assert!(
+        contains(&live_db, "[github_token:"),
+        "the db holds masked args"
+    );
     let (stdout, stderr) = server.stop();
     let db_after = read_all(&files);
     assert!(
@@ -399,7 +463,11 @@ fn planted_secrets_never_reach_disk_logs_or_cli_output() {
         ("server stdout".into(), stdout.into_bytes()),
         ("server stderr".into(), stderr.into_bytes()),
     ];
-    places.extend(outputs.into_iter().map(|(l, o)| (format!("cli {l}"), o.into_bytes())));
+    places.extend(
+        outputs
+            .into_iter()
+            .map(|(l, o)| (format!("cli {l}"), o.into_bytes())),
+    );
     let mut leaks = Vec::new();
     for (kind, needle) in needles(&s, &token) {
         for (place, bytes) in &places {
@@ -438,7 +506,13 @@ fn audit_verify_names_the_tampered_row_in_a_copied_database() {
         let (code, out) = cli(
             &cfg,
             "t",
-            &["request", "--tool", "read_file", "--args", &format!("{{\"i\":{i}}}")],
+            &[
+                "request",
+                "--tool",
+                "read_file",
+                "--args",
+                &format!("{{\"i\":{i}}}"),
+            ],
         );
         assert_eq!(code, 0, "{out}");
     }
@@ -453,7 +527,11 @@ fn audit_verify_names_the_tampered_row_in_a_copied_database() {
             &["UPDATE audit SET detail = '{\"tool\":\"rm\"}' WHERE seq = 3"],
             "BROKEN at entry 3",
         ),
-        ("delete", &["DELETE FROM audit WHERE seq = 4"], "BROKEN at entry 5"),
+        (
+            "delete",
+            &["DELETE FROM audit WHERE seq = 4"],
+            "BROKEN at entry 5",
+        ),
         (
             "reorder",
             &[
@@ -495,16 +573,28 @@ fn audit_verify_names_the_tampered_row_in_a_copied_database() {
         ("edit", edited, "BROKEN at entry 3"),
         ("delete", deleted, "BROKEN at entry 5"),
         ("reorder", reordered, "BROKEN at entry 7"),
-        ("first row deleted", lines[1..].to_vec(), "BROKEN at entry 2"),
+        (
+            "first row deleted",
+            lines[1..].to_vec(),
+            "BROKEN at entry 2",
+        ),
     ] {
         let f = dir.path().join(format!("{name}.jsonl"));
         std::fs::write(&f, l.join("\n")).unwrap();
-        let (code, out) = cli(&cfg, "t", &["audit", "verify", "--file", f.to_str().unwrap()]);
+        let (code, out) = cli(
+            &cfg,
+            "t",
+            &["audit", "verify", "--file", f.to_str().unwrap()],
+        );
         assert_eq!(code, 1, "{name}: {out}");
         assert!(out.contains(want), "{name}: want `{want}` in {out}");
     }
     let f = dir.path().join("good.jsonl");
     std::fs::write(&f, &export).unwrap();
-    let (code, out) = cli(&cfg, "t", &["audit", "verify", "--file", f.to_str().unwrap()]);
+    let (code, out) = cli(
+        &cfg,
+        "t",
+        &["audit", "verify", "--file", f.to_str().unwrap()],
+    );
     assert_eq!(code, 0, "{out}");
 }

@@ -18,8 +18,8 @@ use crate::domain::policy::{
 };
 use crate::domain::redact::{self, Redactor};
 use crate::domain::request::{ApprovalRequest, DecidedBy, RequestId, State, TransitionError, Vote};
-use crate::domain::Risk;
 use crate::domain::trifecta;
+use crate::domain::Risk;
 use crate::store::{
     PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError, StoredGrant,
 };

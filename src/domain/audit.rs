@@ -299,17 +299,28 @@ mod tests {
         let mut pruned: Vec<AuditEntry> = entries[3..].to_vec();
         pruned.extend(link(6, &entries[5].hash, vec![cp]));
         assert_eq!(walk(&pruned), Ok(4));
-        assert_eq!(checkpoint_mark(&pruned[3].event), Some((3, entries[2].hash.clone())));
+        assert_eq!(
+            checkpoint_mark(&pruned[3].event),
+            Some((3, entries[2].hash.clone()))
+        );
 
         // Deleting the first remaining row is seen through the checkpoint.
         let b = walk(&pruned[1..]).unwrap_err();
         assert_eq!(b.seq, 5);
-        assert!(b.problem.contains("checkpoint says entries up to 3"), "{}", b.problem);
+        assert!(
+            b.problem.contains("checkpoint says entries up to 3"),
+            "{}",
+            b.problem
+        );
 
         // Without any checkpoint, a log that skips entry 1 is broken.
         let b = walk(&entries[1..]).unwrap_err();
         assert_eq!(b.seq, 2);
-        assert!(b.problem.contains("no retention checkpoint"), "{}", b.problem);
+        assert!(
+            b.problem.contains("no retention checkpoint"),
+            "{}",
+            b.problem
+        );
 
         // Editing the checkpoint breaks its hash.
         let mut edited = pruned.clone();

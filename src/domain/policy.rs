@@ -499,12 +499,14 @@ pub fn evaluate(
                     format!("task `{task}` has used {used} of {max} steps"),
                 )
             }
-            Err(BudgetExceeded::Cost { used, adding, max }) => return deny(
-                "task_budget",
-                format!(
+            Err(BudgetExceeded::Cost { used, adding, max }) => {
+                return deny(
+                    "task_budget",
+                    format!(
                     "task `{task}` has used {used} of its budget {max}; this call adds {adding}"
                 ),
-            ),
+                )
+            }
             Ok(()) if !dry_run => {
                 let entry = state.tasks.entry(key).or_default();
                 entry.0.steps += 1;
@@ -715,7 +717,7 @@ mod tests {
     #[test]
     fn precedence_is_global_agent_role_channel_user() {
         let roles = vec!["30".to_string()];
-        let all = vec![
+        let all = [
             g("global", "t_global"),
             g("agent:bot", "t_agent"),
             g("role:30", "t_role"),

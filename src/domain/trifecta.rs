@@ -101,13 +101,18 @@ mod tests {
     use super::*;
     use ToolTag::*;
 
+    /// (history, tags of the call, escalated?)
+    type Case<'a> = (&'a [(&'a str, &'a [ToolTag])], &'a [ToolTag], bool);
+
     fn h(list: &[(&str, &[ToolTag])]) -> Vec<(String, Vec<ToolTag>)> {
-        list.iter().map(|(n, t)| (n.to_string(), t.to_vec())).collect()
+        list.iter()
+            .map(|(n, t)| (n.to_string(), t.to_vec()))
+            .collect()
     }
 
     #[test]
     fn table() {
-        let cases: &[(&[(&str, &[ToolTag])], &[ToolTag], bool)] = &[
+        let cases: &[Case] = &[
             // Nothing used yet: no single-kind tool escalates.
             (&[], &[CommunicatesExternally], false),
             // Two kinds used, the third arrives: escalate.
@@ -155,11 +160,7 @@ mod tests {
             // One tool that is all three at once.
             (
                 &[],
-                &[
-                    ReadsPrivateData,
-                    SeesUntrustedInput,
-                    CommunicatesExternally,
-                ],
+                &[ReadsPrivateData, SeesUntrustedInput, CommunicatesExternally],
                 true,
             ),
             // A tool with two kinds completes one already held.
@@ -197,8 +198,14 @@ mod tests {
             &[CommunicatesExternally],
         )
         .unwrap();
-        assert!(why.contains("reads_private_data (read_calendar, read_email)"), "{why}");
+        assert!(
+            why.contains("reads_private_data (read_calendar, read_email)"),
+            "{why}"
+        );
         assert!(why.contains("sees_untrusted_input (fetch_url)"), "{why}");
-        assert!(why.contains("`send_email` is communicates_externally"), "{why}");
+        assert!(
+            why.contains("`send_email` is communicates_externally"),
+            "{why}"
+        );
     }
 }

@@ -454,7 +454,9 @@ impl Handler {
                 let q: PruneParams = params(p)?;
                 let days = match q.older_than_days {
                     Some(d) => d,
-                    None if gw.config().audit.retention_days > 0 => gw.config().audit.retention_days,
+                    None if gw.config().audit.retention_days > 0 => {
+                        gw.config().audit.retention_days
+                    }
                     None => {
                         return Err(RpcError::new(
                             "invalid_params",
@@ -463,7 +465,9 @@ impl Handler {
                     }
                 };
                 Ok(match gw.prune_audit(days).await? {
-                    Some(p) => json!({"pruned": p.entries, "through_seq": p.through_seq, "through_hash": p.through_hash}),
+                    Some(p) => {
+                        json!({"pruned": p.entries, "through_seq": p.through_seq, "through_hash": p.through_hash})
+                    }
                     None => json!({"pruned": 0}),
                 })
             }

@@ -617,11 +617,14 @@ async fn load(tx: &mut Tx<'_>, id: RequestId) -> Result<Option<ApprovalRequest>,
         .transpose()
 }
 
+/// A `votes` row: voter, name, approve, reason, at_ms.
+type VoteRow = (String, Option<String>, bool, Option<String>, i64);
+
 async fn load_votes<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     ex: E,
     id: RequestId,
 ) -> Result<Vec<Vote>, sqlx::Error> {
-    let rows: Vec<(String, Option<String>, bool, Option<String>, i64)> = sqlx::query_as(
+    let rows: Vec<VoteRow> = sqlx::query_as(
         "SELECT voter, name, approve, reason, at_ms FROM votes WHERE request_id = $1 ORDER BY at_ms, voter",
     )
     .bind(id.to_string())
