@@ -399,10 +399,24 @@ fn flags_text(flags: &Value) -> String {
         out.push_str(&format!(
             "\n    !! {}: {}",
             f["kind"].as_str().unwrap_or("?"),
-            f["detail"].as_str().unwrap_or("").escape_debug()
+            printable(f["detail"].as_str().unwrap_or(""))
         ));
     }
     out
+}
+
+/// Control characters escaped, everything else as is.
+fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let e: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            e
+        })
+        .collect()
 }
 
 fn operator(o: Option<String>) -> Option<String> {
@@ -529,7 +543,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                             r["channel_id"].as_str().unwrap_or("-"),
                             left.max(0),
                             flags_text(&r["flags"]),
-                            r["rule_detail"].as_str().unwrap_or("").escape_debug(),
+                            printable(r["rule_detail"].as_str().unwrap_or("")),
                             r["args"],
                             r["justification"].as_str().unwrap_or("").escape_debug(),
                         )

@@ -429,3 +429,39 @@ async fn restore(c: &mut sqlx::SqliteConnection) {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_retention_task_prunes_at_start_when_configured() {
+    use keyturn::domain::audit::events;
+    let dir = tempfile::tempdir().unwrap();
+    let e = env(
+        dir.path(),
+        &format!("{TOOLS}\n[audit]\nretention_days = 30"),
+    )
+    .await;
+    e.store
+        .append_audit(vec![events::admin(1000, "old", "system", json!({}))])
+        .await
+        .unwrap();
+    e.gw.submit("a", call("read_file", json!({}), "", None))
+        .await
+        .unwrap();
+    // Already cancelled: the task prunes once, then sees the stop and returns.
+    let stop = tokio_util::sync::CancellationToken::new();
+    stop.cancel();
+    keyturn::app::retention::run(e.gw.clone(), stop).await;
+    let all = e.gw.audit_after(0, 100).await.unwrap();
+    let kinds: Vec<&str> = all.iter().map(|a| a.event.kind.as_str()).collect();
+    assert_eq!(kinds, ["submitted", "policy_allowed", "checkpoint"]);
+    assert_eq!(e.gw.audit_verify().await.unwrap(), Ok(3));
+
+    // Retention 0 keeps everything.
+    let dir = tempfile::tempdir().unwrap();
+    let e = env(dir.path(), TOOLS).await;
+    e.store
+        .append_audit(vec![events::admin(1000, "old", "system", json!({}))])
+        .await
+        .unwrap();
+    keyturn::app::retention::run(e.gw.clone(), tokio_util::sync::CancellationToken::new()).await;
+    assert_eq!(e.gw.audit_after(0, 100).await.unwrap().len(), 1);
+}

@@ -597,4 +597,41 @@ fn audit_verify_names_the_tampered_row_in_a_copied_database() {
         &["audit", "verify", "--file", f.to_str().unwrap()],
     );
     assert_eq!(code, 0, "{out}");
+
+    // Retention from the CLI: prune everything, the checkpoint keeps the
+    // chain verifiable live and exported, and a later deletion is still seen.
+    let verify_file = |f: &Path| {
+        cli(
+            &cfg,
+            "t",
+            &["audit", "verify", "--file", f.to_str().unwrap()],
+        )
+    };
+    let server = start(&cfg, "t");
+    let (code, out) = cli(&cfg, "t", &["audit", "prune"]);
+    assert_eq!(code, 2, "retention is off, so the age must be given: {out}");
+    let (code, out) = cli(&cfg, "t", &["audit", "prune", "--older-than-days", "0"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("pruned 8 entries"), "{out}");
+    let (code, out) = cli(
+        &cfg,
+        "t",
+        &["request", "--tool", "read_file", "--args", "{}"],
+    );
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = cli(&cfg, "t", &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: 3 entries"), "{out}");
+    let (_, pruned_export) = cli(&cfg, "t", &["audit", "export"]);
+    server.stop();
+    let lines: Vec<&str> = pruned_export.lines().collect();
+    assert!(lines[0].contains("\"checkpoint\""), "{pruned_export}");
+    let f = dir.path().join("pruned.jsonl");
+    std::fs::write(&f, lines.join("\n")).unwrap();
+    let (code, out) = verify_file(&f);
+    assert_eq!(code, 0, "{out}");
+    std::fs::write(&f, lines[1..].join("\n")).unwrap();
+    let (code, out) = verify_file(&f);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("BROKEN at entry 10"), "{out}");
 }

@@ -460,7 +460,7 @@ impl Handler {
                     None => {
                         return Err(RpcError::new(
                             "invalid_params",
-                            "audit.retention_days is 0 (keep forever); pass `older_than_days`",
+                            "audit.retention_days is 0 (keep forever); give the age to prune explicitly (`older_than_days`, CLI --older-than-days)",
                         ))
                     }
                 };
