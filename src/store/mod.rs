@@ -136,7 +136,14 @@ pub trait Store: Send + Sync + 'static {
     async fn count_pending_for_agent(&self, agent: &str) -> StoreResult<u64>;
     /// Distinct tools `agent` has had approved under `task_id` (for the
     /// lethal-trifecta guard, which must survive restarts).
-    async fn approved_task_tools(&self, agent: &str, task_id: &str) -> StoreResult<Vec<String>>;
+    /// The default refuses, so a store that cannot answer fails closed (the
+    /// call errors instead of skipping the guard).
+    async fn approved_task_tools(&self, agent: &str, task_id: &str) -> StoreResult<Vec<String>> {
+        let _ = (agent, task_id);
+        Err(StoreError::Database(
+            "this store cannot list a task's approved tools".into(),
+        ))
+    }
 
     /// Adds a grant; `false` if it already existed.
     async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool>;
@@ -194,7 +201,13 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the oldest entries (the longest prefix of the log older than
     /// `cutoff_ms`) and, in the same transaction, appends a checkpoint that
     /// names the last one deleted. `None` when nothing was old enough.
-    async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>>;
+    /// The default refuses (keeping entries is the safe failure).
+    async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>> {
+        let _ = (cutoff_ms, now_ms);
+        Err(StoreError::Database(
+            "this store cannot prune the audit log".into(),
+        ))
+    }
 
     /// Flushes and closes.
     async fn close(&self);
