@@ -4,13 +4,14 @@
 //! or Discord: every surface (socket, CLI, bot) calls these methods, so every
 //! surface gets the same rules, the same audit and the same answers.
 
+mod content;
 pub mod retention;
 pub mod scheduler;
 mod waiters;
 
 use crate::config::Config;
 use crate::domain::audit::{self, events, AuditEntry, AuditEvent};
-use crate::domain::flags::{Flag, FlagScanner};
+use crate::domain::flags::FlagScanner;
 use crate::domain::pairing;
 use crate::domain::policy::{
     self, AllowlistAnswer, Call, Effect, Facts, Grant, PolicySettings, PolicyState, Scope,
@@ -18,11 +19,10 @@ use crate::domain::policy::{
 };
 use crate::domain::redact::{self, Redactor};
 use crate::domain::request::{ApprovalRequest, DecidedBy, RequestId, State, TransitionError, Vote};
-use crate::domain::trifecta;
 use crate::domain::Risk;
-use crate::store::{
-    PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError, StoredGrant,
-};
+use crate::store::{PairedUser, PairingRefused, PendingPairing, Store, StoreError, StoredGrant};
+use content::Content;
+pub use content::VerifyAnswer;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -121,32 +121,6 @@ pub struct CheckAnswer {
     pub allowlist: AllowlistAnswer,
     /// Content flags raised on the call.
     pub flags: Vec<serde_json::Value>,
-}
-
-/// What `verify` answers: does an argument object match what was approved?
-#[derive(Debug, Clone, Serialize)]
-pub struct VerifyAnswer {
-    pub request_id: String,
-    /// The given arguments hash to the request's `args_hash`.
-    pub matches: bool,
-    /// The request is approved.
-    pub approved: bool,
-    pub state: State,
-    /// Hash of the arguments given to `verify`.
-    pub args_hash: String,
-    /// Hash of the arguments the request was submitted (and approved) with.
-    pub expected_hash: String,
-}
-
-/// The content guard's view of one call: what may be shown and stored, the
-/// flags raised, and what they do to the policy.
-struct Content {
-    args: serde_json::Value,
-    justification: String,
-    flags: Vec<serde_json::Value>,
-    raise_risk: Option<String>,
-    force_deny: Option<(String, String)>,
-    force_ask: Option<String>,
 }
 
 /// The live policy data: config entries merged with the store's.
@@ -397,94 +371,6 @@ impl Gateway {
         (verdict, risk, allowlist)
     }
 
-    /// Masks, scans and checks the trifecta for one call. Fail closed: if
-    /// masking or scanning fails, the arguments are withheld and the call is
-    /// denied; if the task history cannot be read, the call fails.
-    async fn content(&self, agent: &str, s: &Submission) -> Result<Content, AppError> {
-        let guarded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let args = self.redactor.redact_value(&s.args).value;
-            let (justification, _) = self.redactor.redact_text(&s.justification);
-            let flags = self.scanner.scan(&s.tool, &s.args, &s.justification);
-            (args, justification, flags)
-        }));
-        let Ok((args, justification, flags)) = guarded else {
-            tracing::error!(agent = %agent, tool = %s.tool, "content guard failed; denying the call");
-            return Ok(Content {
-                args: serde_json::json!({"withheld": "the content guard failed on these arguments"}),
-                justification: "[withheld]".into(),
-                flags: vec![],
-                raise_risk: None,
-                force_deny: Some((
-                    "content_guard_failed".into(),
-                    "the arguments could not be masked and scanned, so the call is denied".into(),
-                )),
-                force_ask: None,
-            });
-        };
-        // Flag details quote paths and hosts: mask them like everything else.
-        let flags: Vec<Flag> = flags
-            .into_iter()
-            .map(|f| Flag {
-                kind: f.kind,
-                detail: self.redactor.redact_text(&f.detail).0,
-            })
-            .collect();
-        let c = &self.cfg.content;
-        let mut kinds: Vec<&str> = flags.iter().map(|f| f.kind.as_str()).collect();
-        kinds.dedup();
-        let raise_risk = (c.raise_risk_on_flags && !flags.is_empty())
-            .then(|| format!("content flags: {}", kinds.join(", ")));
-        let force_deny = flags
-            .iter()
-            .find(|f| c.deny_on_flags.contains(&f.kind))
-            .map(|f| {
-                (
-                    format!("flag_{}", f.kind.as_str()),
-                    format!(
-                        "{} flag (content.deny_on_flags denies it): {}",
-                        f.kind.as_str(),
-                        f.detail
-                    ),
-                )
-            });
-        let force_ask = self.trifecta(agent, s).await?;
-        Ok(Content {
-            args,
-            justification,
-            flags: flags
-                .iter()
-                .filter_map(|f| serde_json::to_value(f).ok())
-                .collect(),
-            raise_risk,
-            force_deny,
-            force_ask,
-        })
-    }
-
-    /// The trifecta reason for this call, from the task's approved history in
-    /// the store (so it holds across restarts).
-    async fn trifecta(&self, agent: &str, s: &Submission) -> Result<Option<String>, AppError> {
-        let tags = self.cfg.tool_tags(&s.tool);
-        let Some(task) = &s.task_id else {
-            return Ok(None);
-        };
-        if tags.is_empty() {
-            return Ok(None);
-        }
-        let history: Vec<(String, Vec<trifecta::ToolTag>)> = self
-            .store
-            .approved_task_tools(agent, task)
-            .await?
-            .into_iter()
-            .map(|t| {
-                let tags = self.cfg.tool_tags(&t).to_vec();
-                (t, tags)
-            })
-            .filter(|(_, t)| !t.is_empty())
-            .collect();
-        Ok(trifecta::check(&history, &s.tool, tags))
-    }
-
     /// What the policy would do with `s`, without queueing or using a token.
     pub async fn check(&self, agent: &str, s: &Submission) -> Result<CheckAnswer, AppError> {
         self.validate(s)?;
@@ -495,27 +381,6 @@ impl Gateway {
             risk,
             allowlist,
             flags: content.flags,
-        })
-    }
-
-    /// Whether `args` are exactly the arguments request `id` was submitted
-    /// with (compared by the SHA-256 of their canonical JSON), and whether it
-    /// is approved. Nothing about `args` is stored or logged.
-    pub async fn verify_args(
-        &self,
-        id: RequestId,
-        agent: Option<&str>,
-        args: &serde_json::Value,
-    ) -> Result<VerifyAnswer, AppError> {
-        let r = self.status_for(id, agent).await?;
-        let given = redact::args_hash(args);
-        Ok(VerifyAnswer {
-            request_id: r.id.to_string(),
-            matches: given == r.args_hash,
-            approved: r.state == State::Approved,
-            state: r.state,
-            args_hash: given,
-            expected_hash: r.args_hash,
         })
     }
 
@@ -1050,23 +915,6 @@ impl Gateway {
             }));
         }
         Ok(Ok(total))
-    }
-
-    /// Prunes audit entries older than `days` days (retention), leaving a
-    /// checkpoint entry so the rest of the chain still verifies.
-    pub async fn prune_audit(&self, days: u32) -> Result<Option<Pruned>, AppError> {
-        let now = now_ms();
-        let cutoff = now - i64::from(days) * 86_400_000;
-        let pruned = self.store.prune_audit(cutoff, now).await?;
-        if let Some(p) = &pruned {
-            tracing::info!(
-                entries = p.entries,
-                through_seq = p.through_seq,
-                retention_days = days,
-                "pruned the audit log"
-            );
-        }
-        Ok(pruned)
     }
 }
 
