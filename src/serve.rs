@@ -1,7 +1,7 @@
 //! `keyturn serve`: wire the store, the gateway, the scheduler and the
 //! socket together, and shut them down in order.
 
-use crate::app::{scheduler, Gateway};
+use crate::app::{retention, scheduler, Gateway};
 use crate::config::Config;
 use crate::ipc::handler::Handler;
 use crate::ipc::server::{self, SocketOptions};
@@ -49,6 +49,7 @@ pub async fn run_until(
     let listener = server::bind(&opts).await?;
 
     let sched = tokio::spawn(scheduler::run(gw.clone(), deadlines, stop.clone()));
+    let retention = tokio::spawn(retention::run(gw.clone(), stop.clone()));
 
     tracing::info!(socket = %opts.path.display(), store = %cfg.store.url, "keyturn is ready");
     // A line on stdout that scripts and tests can wait for.
@@ -66,6 +67,7 @@ pub async fn run_until(
     .await;
     stop.cancel();
     let _ = sched.await;
+    let _ = retention.await;
     store.close().await;
     tracing::info!("stopped; pending requests stay pending in the store");
     Ok(())

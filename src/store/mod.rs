@@ -85,6 +85,16 @@ pub struct StoredGrant {
     pub created_ms: i64,
 }
 
+/// What a retention prune did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    /// Entries deleted.
+    pub entries: u64,
+    /// The last deleted entry, as the checkpoint records it.
+    pub through_seq: i64,
+    pub through_hash: String,
+}
+
 /// The persistence port the application uses.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -124,6 +134,16 @@ pub trait Store: Send + Sync + 'static {
     /// Every pending request's deadline (for the scheduler at start-up).
     async fn pending_deadlines(&self) -> StoreResult<Vec<(RequestId, i64)>>;
     async fn count_pending_for_agent(&self, agent: &str) -> StoreResult<u64>;
+    /// Distinct tools `agent` has had approved under `task_id` (for the
+    /// lethal-trifecta guard, which must survive restarts).
+    /// The default refuses, so a store that cannot answer fails closed (the
+    /// call errors instead of skipping the guard).
+    async fn approved_task_tools(&self, agent: &str, task_id: &str) -> StoreResult<Vec<String>> {
+        let _ = (agent, task_id);
+        Err(StoreError::Database(
+            "this store cannot list a task's approved tools".into(),
+        ))
+    }
 
     /// Adds a grant; `false` if it already existed.
     async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool>;
@@ -178,6 +198,16 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_after(&self, after: i64, limit: u32) -> StoreResult<Vec<AuditEntry>>;
     /// The chain head `(seq, hash)` as recorded at the last commit.
     async fn audit_head(&self) -> StoreResult<(i64, String)>;
+    /// Deletes the oldest entries (the longest prefix of the log older than
+    /// `cutoff_ms`) and, in the same transaction, appends a checkpoint that
+    /// names the last one deleted. `None` when nothing was old enough.
+    /// The default refuses (keeping entries is the safe failure).
+    async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>> {
+        let _ = (cutoff_ms, now_ms);
+        Err(StoreError::Database(
+            "this store cannot prune the audit log".into(),
+        ))
+    }
 
     /// Flushes and closes.
     async fn close(&self);

@@ -6,7 +6,7 @@
 //! answers each only after the commit: many callers, one fsync.
 
 use super::{
-    Inserted, PairedUser, PairingRefused, PendingPairing, Store, StoreError, StoreResult,
+    Inserted, PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError, StoreResult,
     StoredGrant, Voted,
 };
 use crate::domain::audit::{self, events, AuditEntry, AuditEvent};
@@ -68,6 +68,7 @@ enum Op {
     },
     Redeem(String, String, i64),
     Audit(Vec<AuditEvent>),
+    PruneAudit(i64, i64),
 }
 
 enum Reply {
@@ -78,6 +79,7 @@ enum Reply {
     Unit,
     Code(Result<(), PairingRefused>),
     Redeemed(Option<PairedUser>),
+    Pruned(Option<Pruned>),
 }
 
 impl SqliteStore {
@@ -491,7 +493,47 @@ async fn exec(tx: &mut Tx<'_>, op: &Op, ev: &mut Vec<AuditEvent>) -> Result<Repl
             ev.extend(list.iter().cloned());
             Reply::Unit
         }
+        Op::PruneAudit(cutoff, now) => Reply::Pruned(prune_audit(tx, ev, *cutoff, *now).await?),
     })
+}
+
+/// Deletes the oldest prefix of the log older than `cutoff` and queues the
+/// checkpoint that accounts for it (appended with this batch's events).
+async fn prune_audit(
+    tx: &mut Tx<'_>,
+    ev: &mut Vec<AuditEvent>,
+    cutoff: i64,
+    now: i64,
+) -> Result<Option<Pruned>, sqlx::Error> {
+    // The prefix ends just before the first entry that is young enough.
+    let (young,): (Option<i64>,) = sqlx::query_as("SELECT MIN(seq) FROM audit WHERE at_ms >= $1")
+        .bind(cutoff)
+        .fetch_one(&mut **tx)
+        .await?;
+    let last: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit WHERE seq < $1 ORDER BY seq DESC LIMIT 1")
+            .bind(young.unwrap_or(i64::MAX))
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some((through_seq, through_hash)) = last else {
+        return Ok(None);
+    };
+    let entries = sqlx::query("DELETE FROM audit WHERE seq <= $1")
+        .bind(through_seq)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    ev.push(audit::checkpoint(
+        now,
+        (through_seq, &through_hash),
+        entries,
+        cutoff,
+    ));
+    Ok(Some(Pruned {
+        entries,
+        through_seq,
+        through_hash,
+    }))
 }
 
 async fn finish(
@@ -605,11 +647,13 @@ async fn load(tx: &mut Tx<'_>, id: RequestId) -> Result<Option<ApprovalRequest>,
         .transpose()
 }
 
+/// A `votes` row: voter, name, approve, reason, at_ms.
+type VoteRow = (String, Option<String>, bool, Option<String>, i64);
+
 async fn load_votes<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     ex: E,
     id: RequestId,
 ) -> Result<Vec<Vote>, sqlx::Error> {
-    type VoteRow = (String, Option<String>, bool, Option<String>, i64);
     let rows: Vec<VoteRow> = sqlx::query_as(
         "SELECT voter, name, approve, reason, at_ms FROM votes WHERE request_id = $1 ORDER BY at_ms, voter",
     )
@@ -881,6 +925,18 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
+    async fn approved_task_tools(&self, agent: &str, task_id: &str) -> StoreResult<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT tool FROM requests WHERE agent = $1 AND task_id = $2 AND state = 'approved' ORDER BY tool",
+        )
+        .bind(agent)
+        .bind(task_id)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?;
+        Ok(rows.into_iter().map(|(t,)| t).collect())
+    }
+
     async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool> {
         match self.write(Op::AddGrant(grant, by, now_ms)).await? {
             Reply::Bool(b) => Ok(b),
@@ -1089,6 +1145,13 @@ impl Store for SqliteStore {
             .fetch_one(&self.reads)
             .await
             .map_err(db)
+    }
+
+    async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>> {
+        match self.write(Op::PruneAudit(cutoff_ms, now_ms)).await? {
+            Reply::Pruned(p) => Ok(p),
+            _ => Err(unexpected()),
+        }
     }
 
     async fn close(&self) {
