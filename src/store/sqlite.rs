@@ -95,7 +95,8 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(sync)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            .pragma("temp_store", "memory");
         // Migrate through a one-connection pool: `Migrator::run` on a bare
         // connection makes the future non-`Send` (sqlx's `Acquire` bound).
         let migrations = SqlitePoolOptions::new()
@@ -108,7 +109,13 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::Migration(e.to_string()))?;
         migrations.close().await;
-        let writer = SqliteConnection::connect_with(&opts).await.map_err(db)?;
+        // The writer never checkpoints (that fsyncs on the commit path); a
+        // separate connection folds the WAL back in the background.
+        let writer =
+            SqliteConnection::connect_with(&opts.clone().pragma("wal_autocheckpoint", "0"))
+                .await
+                .map_err(db)?;
+        let checkpointer = SqliteConnection::connect_with(&opts).await.map_err(db)?;
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
@@ -117,7 +124,11 @@ impl SqliteStore {
             .map_err(db)?;
         let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
         let (stop, stopped) = oneshot::channel();
-        let handle = tokio::spawn(run_writer(writer, rx, stopped, max_batch.max(1)));
+        let handle = tokio::spawn(async move {
+            let ckpt = tokio::spawn(run_checkpointer(checkpointer));
+            run_writer(writer, rx, stopped, max_batch.max(1)).await;
+            ckpt.abort();
+        });
         Ok(SqliteStore {
             reads,
             jobs,
@@ -137,6 +148,25 @@ impl SqliteStore {
 
 fn unexpected() -> StoreError {
     StoreError::Database("writer replied with the wrong kind of answer".into())
+}
+
+/// How often the WAL is folded back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+async fn run_checkpointer(mut conn: SqliteConnection) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // PASSIVE never blocks the writer or readers; what it cannot copy
+        // now it copies next time.
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
 }
 
 async fn run_writer(
