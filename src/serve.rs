@@ -27,6 +27,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .context("while loading the policy")?;
 
+    let stop = CancellationToken::new();
+    // The bot starts before the socket is bound, so a bad token or an
+    // unreachable API fails `serve` at once, leaving nothing behind.
+    let bot = if cfg.discord_enabled() {
+        Some(
+            crate::discord::start(gw.clone(), &stop)
+                .await
+                .context("while starting the Discord bot")?,
+        )
+    } else {
+        None
+    };
+
     let opts = SocketOptions {
         path: cfg.server.socket_path.clone(),
         mode: cfg.socket_mode()?,
@@ -37,7 +50,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let listener = server::bind(&opts).await?;
 
-    let stop = CancellationToken::new();
     spawn_signal_handler(stop.clone());
     let sched = tokio::spawn(scheduler::run(gw.clone(), deadlines, stop.clone()));
 
@@ -54,6 +66,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     .await;
     stop.cancel();
     let _ = sched.await;
+    if let Some(bot) = bot {
+        bot.shutdown().await;
+    }
     store.close().await;
     tracing::info!("stopped; pending requests stay pending in the store");
     Ok(())
