@@ -433,13 +433,15 @@ pub fn single_line(s: &str) -> String {
 pub fn plain(s: &str) -> String {
     let line = single_line(s);
     let mut out = String::with_capacity(line.len() + 8);
-    for c in line.chars() {
+    let chars: Vec<char> = line.chars().collect();
+    for (i, &c) in chars.iter().enumerate() {
         if c == '`' {
             out.push(BACKTICK_STANDIN);
             continue;
         }
-        // `:` only matters in `://` and `<t:`; escaping every one is simpler.
-        if "\\*_~|>#[]()<@!:-".contains(c) {
+        // `:` matters only in `://` (auto-links); `<t:` is broken by `\<`.
+        let url = c == ':' && chars.get(i + 1) == Some(&'/') && chars.get(i + 2) == Some(&'/');
+        if "\\*_~|>#[]()<@!-".contains(c) || url {
             out.push('\\');
         }
         out.push(c);
@@ -731,6 +733,7 @@ mod tests {
     fn escapers() {
         assert_eq!(plain("[a](b)"), "\\[a\\]\\(b\\)");
         assert_eq!(plain("@everyone"), "\\@everyone");
+        assert_eq!(plain("discord:1 https://x"), "discord:1 https\\://x");
         assert_eq!(inline_code("a`b", 50), "`aˋb`");
         assert_eq!(single_line("a\nb"), "a⏎b");
         assert_eq!(reveal("a\u{202E}b"), "a⟨U+202E⟩b");
