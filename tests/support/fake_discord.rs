@@ -642,6 +642,10 @@ impl FakeDiscord {
             .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(inner.clone());
         let server = tokio::spawn(async move {
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app).await;
         });
         FakeDiscord { inner, server }
