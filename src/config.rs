@@ -514,7 +514,7 @@ impl Config {
                 Scope::new("role", r).map_err(|m| invalid(format!("users[{i}].roles"), m))?;
             }
         }
-        for (ch, _) in &self.policy.channel_autonomy {
+        for ch in self.policy.channel_autonomy.keys() {
             Scope::new("channel", ch)
                 .map_err(|m| invalid(format!("policy.channel_autonomy.{ch}"), m))?;
         }

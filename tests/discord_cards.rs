@@ -526,7 +526,7 @@ async fn pairing_by_dm_then_admin_approval() {
         .as_array()
         .unwrap()
         .iter()
-        .any(|u| u["user_id"] == BOB.to_string()));
+        .any(|u| u["user_id"].as_str() == Some(BOB.to_string().as_str())));
     fake.assert_no_violations();
     server.stop().await;
 }
@@ -729,6 +729,63 @@ async fn a_bad_token_makes_serve_fail_fast() {
     };
     assert!(!err.status.expect("exited").success());
     assert!(err.log.contains("Discord"), "{}", err.log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_click_during_a_gateway_disconnect_is_not_lost() {
+    let (fake, server, _dir) = setup().await;
+    let agent = server.submit_waiting(delete_file());
+    let card = first_card(&fake).await;
+    fake.disconnect_gateway().await;
+    // Injected while the bot is disconnected: replayed when it resumes.
+    let h = fake
+        .click_button(card.id, &button(&card, "approve"), ALICE)
+        .await;
+    fake.wait_gateway(|g| g.connected && g.resume_count >= 1, WAIT)
+        .await
+        .expect("resumed");
+    fake.wait_interaction_response(&h, WAIT).await.expect("ack");
+    let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
+    assert_eq!(decision["state"], "approved");
+    card_until(&fake, card.id, |m| m.components.is_empty()).await;
+    fake.assert_no_violations();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_posted_oldest_deadline_first() {
+    let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = keyturn::config(&fake.api_base());
+    // Discord unusable: queue requests whose deadlines run opposite to
+    // their submission order.
+    let no_bot = cfg.replace("token = \"fake-token\"", "token = \"\"");
+    let quiet = keyturn::spawn(dir.path(), &no_bot).await.expect("start");
+    let mut ids = Vec::new();
+    for secs in [600, 500, 400, 300, 200] {
+        let mut p = delete_file();
+        p["timeout_secs"] = json!(secs);
+        ids.push(
+            quiet.submit(p).await["request_id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    quiet.stop().await;
+    let server = keyturn::spawn(dir.path(), &cfg).await.expect("restart");
+    fake.wait_for_messages(APPROVALS_CHANNEL_ID, |m| (m.len() == 5).then_some(()), WAIT)
+        .await
+        .expect("all posted");
+    let posted: Vec<String> = fake
+        .messages_in(APPROVALS_CHANNEL_ID)
+        .iter()
+        .map(request_id)
+        .collect();
+    ids.reverse();
+    assert_eq!(posted, ids, "oldest deadline first");
+    fake.assert_no_violations();
+    server.stop().await;
 }
 
 /// Click-to-agent latency. Run with `cargo test --release --test discord_cards -- --ignored --nocapture`.

@@ -717,7 +717,7 @@ mod tests {
     #[test]
     fn precedence_is_global_agent_role_channel_user() {
         let roles = vec!["30".to_string()];
-        let all = vec![
+        let all = [
             g("global", "t_global"),
             g("agent:bot", "t_agent"),
             g("role:30", "t_role"),

@@ -640,7 +640,8 @@ async fn load_votes<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     ex: E,
     id: RequestId,
 ) -> Result<Vec<Vote>, sqlx::Error> {
-    let rows: Vec<(String, Option<String>, bool, Option<String>, i64)> = sqlx::query_as(
+    type VoteRow = (String, Option<String>, bool, Option<String>, i64);
+    let rows: Vec<VoteRow> = sqlx::query_as(
         "SELECT voter, name, approve, reason, at_ms FROM votes WHERE request_id = $1 ORDER BY at_ms, voter",
     )
     .bind(id.to_string())
