@@ -788,6 +788,101 @@ async fn a_backlog_is_posted_oldest_deadline_first() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn critical_requests_need_the_admin_role() {
+    let (fake, server, _dir) = setup().await;
+    let agent = server.submit_waiting(json!({
+        "tool": "drop_db", "args": {"db": "prod"}, "user_id": "42", "justification": "reset",
+    }));
+    let card = first_card(&fake).await;
+    assert_eq!(card.embeds[0]["color"], 0xE7_4C_3C);
+    let am = card.allowed_mentions.clone().unwrap();
+    assert_eq!(
+        am["roles"],
+        json!([ADMIN_ROLE_ID.to_string()]),
+        "pings admins only"
+    );
+    // Alice is an approver but not an admin.
+    let h = fake
+        .click_button(card.id, &button(&card, "approve"), ALICE)
+        .await;
+    let text = ephemeral_reply(&fake, &h).await;
+    assert!(text.contains("only a Keyturn admin"), "{text}");
+    let h = fake
+        .click_button(card.id, &button(&card, "approve"), CAROL)
+        .await;
+    fake.wait_interaction_response(&h, WAIT).await.unwrap();
+    let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
+    assert_eq!(decision["state"], "approved");
+    assert!(decision["who"].as_str().unwrap().contains("discord:102"));
+    fake.assert_no_violations();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_discord_failing_requests_still_time_out_on_schedule() {
+    let (fake, server, _dir) = setup().await;
+    for _ in 0..3 {
+        fake.fail_next(
+            "POST /channels/*/messages",
+            503,
+            json!({"message": "unavailable", "code": 0}),
+        );
+    }
+    let mut p = delete_file();
+    p["timeout_secs"] = json!(1);
+    let started = Instant::now();
+    let agent = server.submit_waiting(p);
+    let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
+    assert_eq!(decision["state"], "timed_out");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // The card is delivered in the end, showing the truth.
+    let card = card_where(&fake, |m| {
+        m.embeds
+            .iter()
+            .any(|e| e["title"].as_str().unwrap_or("").contains("Timed out"))
+    })
+    .await;
+    assert!(card.components.is_empty());
+    assert_eq!(fake.messages_in(APPROVALS_CHANNEL_ID).len(), 1);
+    fake.assert_no_violations();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_gateway_close_reconnects_after_a_pause() {
+    let (fake, server, _dir) = setup().await;
+    assert_eq!(fake.identify_count(), 1);
+    let closed = Instant::now();
+    fake.close_gateway(4004, "Authentication failed.").await;
+    fake.wait_gateway(|g| g.identify_count >= 2 && g.connected, WAIT)
+        .await
+        .expect("a new session");
+    let gap = closed.elapsed();
+    assert!(
+        gap >= Duration::from_millis(900),
+        "no pause before re-identifying: {gap:?}"
+    );
+    // The new session works.
+    let agent = server.submit_waiting(delete_file());
+    let card = first_card(&fake).await;
+    fake.wait_ready(WAIT).await.unwrap();
+    let h = fake
+        .click_button(card.id, &button(&card, "approve"), ALICE)
+        .await;
+    fake.wait_interaction_response(&h, WAIT).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, agent).await.unwrap().unwrap()["state"],
+        "approved"
+    );
+    fake.assert_no_violations();
+    server.stop().await;
+}
+
 /// Click-to-agent latency. Run with `cargo test --release --test discord_cards -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
