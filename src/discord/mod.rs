@@ -91,7 +91,23 @@ fn describe(e: &serenity::Error) -> String {
                 s => format!("Discord answered HTTP {s}: {}", r.error.message),
             }
         }
-        other => other.to_string(),
+        other => {
+            // serenity's own text is vague ("Error while sending HTTP request"):
+            // add the causes (connection refused, DNS, timeout…).
+            let mut text = other.to_string();
+            let mut last = text.clone();
+            let mut cause = std::error::Error::source(other);
+            while let Some(c) = cause {
+                let t = c.to_string();
+                if t != last {
+                    text.push_str(": ");
+                    text.push_str(&t);
+                    last = t;
+                }
+                cause = c.source();
+            }
+            text
+        }
     }
 }
 
