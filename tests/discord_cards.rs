@@ -898,6 +898,42 @@ async fn a_fatal_gateway_close_reconnects_after_a_pause() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_person_rule_shows_the_count_on_the_card() {
+    let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = keyturn::config(&fake.api_base()).replace(
+        "[risk.high]\ntimeout = \"30s\"",
+        "[risk.high]\ntimeout = \"30s\"\napprovals = 2",
+    );
+    let server = keyturn::spawn(dir.path(), &cfg).await.expect("start");
+    fake.wait_ready(WAIT).await.unwrap();
+    let agent = server.submit_waiting(delete_file());
+    let card = first_card(&fake).await;
+    let h = fake
+        .click_button(card.id, &button(&card, "approve"), ALICE)
+        .await;
+    let text = ephemeral_reply(&fake, &h).await;
+    assert!(text.contains("1 of 2"), "{text}");
+    let shown = card_until(&fake, card.id, |m| m.all_text().contains("1 of 2")).await;
+    assert!(shown.all_text().contains("discord:100"));
+    assert_eq!(shown.custom_ids().len(), 3, "still open");
+    // The same person cannot approve twice.
+    let h = fake
+        .click_button(card.id, &button(&card, "approve"), ALICE)
+        .await;
+    assert!(ephemeral_reply(&fake, &h).await.contains("already voted"));
+    let h = fake
+        .click_button(card.id, &button(&card, "approve"), DAVE)
+        .await;
+    fake.wait_interaction_response(&h, WAIT).await.unwrap();
+    let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
+    assert_eq!(decision["state"], "approved");
+    card_until(&fake, card.id, |m| m.components.is_empty()).await;
+    fake.assert_no_violations();
+    server.stop().await;
+}
+
 /// Click-to-agent latency. Run with `cargo test --release --test discord_cards -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]

@@ -132,6 +132,17 @@ pub fn ping_role(req: &ApprovalRequest, s: &CardSettings) -> Option<u64> {
 /// Renders `req` as a card. `creating`: a new message (may carry the file)
 /// rather than an edit (which keeps the attachments already there).
 pub fn render(req: &ApprovalRequest, s: &CardSettings, creating: bool) -> RenderedCard {
+    render_with_votes(req, s, creating, &[])
+}
+
+/// [`render`], showing who has approved so far (`approvers`: display names)
+/// when a request needs several approvals.
+pub fn render_with_votes(
+    req: &ApprovalRequest,
+    s: &CardSettings,
+    creating: bool,
+    approvers: &[String],
+) -> RenderedCard {
     let mut truncated = false;
     let mut cut = |(text, was_cut): (String, bool)| {
         truncated |= was_cut;
@@ -194,12 +205,18 @@ pub fn render(req: &ApprovalRequest, s: &CardSettings, creating: bool) -> Render
     if let Some(t) = &req.task_id {
         fields.push(field("Task", inline_code(t, SHORT_BUDGET), true));
     }
-    if req.approvals_required > 1 {
-        fields.push(field(
-            "Approvals needed",
-            req.approvals_required.to_string(),
-            true,
-        ));
+    if req.approvals_required > 1 && req.state == State::Pending {
+        let who = if approvers.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", plain(&approvers.join(", ")))
+        };
+        let text = format!(
+            "{} of {}{who}",
+            approvers.len().min(req.approvals_required as usize),
+            req.approvals_required
+        );
+        fields.push(field("Approvals", fit(&text, 300).0, true));
     }
     if !req.flags.is_empty() {
         let flags = serde_json::to_string(&req.flags).unwrap_or_default();
@@ -714,6 +731,20 @@ mod tests {
         let text = all_text(&c.payload);
         assert!(text.contains(TRUNCATED));
         assert!(text.contains(&format!("request-{}.json", r.id)));
+    }
+
+    #[test]
+    fn a_two_person_card_counts_approvals() {
+        let mut r = request();
+        r.approvals_required = 2;
+        let p = render_with_votes(&r, &settings(), false, &["alice (discord:100)".into()]).payload;
+        check_limits(&p);
+        let text = all_text(&p);
+        assert!(text.contains("1 of 2: alice \\(discord:100\\)"), "{text}");
+        assert_eq!(
+            p["components"][0]["components"].as_array().unwrap().len(),
+            3
+        );
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct Bot {
 struct Shared {
     gw: Arc<Gateway>,
     cfg: DiscordConfig,
+    /// Pokes the outbox after a card was marked due from here.
+    wake: Arc<Notify>,
 }
 
 #[derive(Clone)]
@@ -171,6 +173,7 @@ pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Resu
     let shared = Arc::new(Shared {
         gw: gw.clone(),
         cfg: cfg.clone(),
+        wake: wake.clone(),
     });
     let tasks = vec![
         tokio::spawn(outbox.run(stop.clone())),
@@ -548,10 +551,21 @@ impl Handler {
                 tracing::info!(request.id = %id, voter = %voter, state = %v.request.state, "decided on Discord");
                 return;
             }
-            Ok(Ok(v)) => format!(
-                "Your approval is recorded ({} of {} needed).",
-                v.have, v.need
-            ),
+            Ok(Ok(v)) => {
+                // Not decided yet: show the count on the card.
+                if let Some(ch) = self.0.cfg.approvals_channel_id {
+                    match gw.store().card_touch(id, ch, v.request.deadline_ms).await {
+                        Ok(()) => self.0.wake.notify_one(),
+                        Err(e) => {
+                            tracing::warn!(request.id = %id, error = %e, "cannot queue a card update")
+                        }
+                    }
+                }
+                format!(
+                    "Your approval is recorded ({} of {} needed).",
+                    v.have, v.need
+                )
+            }
             Ok(Err(_)) => {
                 tracing::info!(request.id = %id, voter = %voter, "self-approval refused");
                 "You cannot approve a request made on your own behalf.".to_string()

@@ -83,15 +83,31 @@ impl Outbox {
                 return;
             }
         };
+        // Who approved so far, for cards that need several approvals.
+        let approvers: Vec<String> = if req.approvals_required > 1 && !req.state.is_terminal() {
+            match store.votes(req.id).await {
+                Ok(v) => v
+                    .iter()
+                    .filter(|v| v.approve)
+                    .map(|v| v.display())
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(request.id = %req.id, error = %e, "cannot load votes for a card");
+                    vec![]
+                }
+            }
+        } else {
+            vec![]
+        };
         let mut tries = 0;
         loop {
             let result = match c.message_id {
                 None => {
-                    let r = card::render(&req, &self.settings, true);
+                    let r = card::render_with_votes(&req, &self.settings, true, &approvers);
                     self.rest.post_message(c.channel_id, &r).await
                 }
                 Some(m) => {
-                    let r = card::render(&req, &self.settings, false);
+                    let r = card::render_with_votes(&req, &self.settings, false, &approvers);
                     self.rest
                         .edit_message(c.channel_id, m, &r.payload)
                         .await
