@@ -18,6 +18,9 @@ async fn setup() -> (FakeDiscord, Server, tempfile::TempDir) {
         .await
         .unwrap_or_else(|f| panic!("serve did not start: {:?}\n{}", f.status, f.log));
     fake.wait_ready(WAIT).await.expect("bot ready");
+    fake.wait_for_route("PUT /applications/*/guilds/*/commands", WAIT)
+        .await
+        .expect("commands registered");
     (fake, server, dir)
 }
 
@@ -930,6 +933,101 @@ async fn two_person_rule_shows_the_count_on_the_card() {
     let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
     assert_eq!(decision["state"], "approved");
     card_until(&fake, card.id, |m| m.components.is_empty()).await;
+    fake.assert_no_violations();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cancel_edits_the_card() {
+    let (fake, server, _dir) = setup().await;
+    let r = server.submit(delete_file()).await;
+    let id = r["request_id"].as_str().unwrap().to_string();
+    let card = card_where(&fake, |m| m.custom_ids().iter().any(|c| c.ends_with(&id))).await;
+    server
+        .call(
+            "cancel",
+            json!({"id": id, "agent": keyturn::AGENT, "reason": "task finished"}),
+        )
+        .await
+        .expect("cancel");
+    let edited = card_until(&fake, card.id, |m| m.components.is_empty()).await;
+    assert!(title(&edited).contains("Cancelled"));
+    assert!(edited.all_text().contains("task finished"));
+    fake.assert_no_violations();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pair_pending_audit_and_list_commands_answer() {
+    let (fake, server, _dir) = setup().await;
+    let reply = |h: InteractionHandle| {
+        let fake = &fake;
+        async move {
+            let call = fake
+                .wait_for_call(|c| c.method == "PATCH" && c.path.contains(&h.token), WAIT)
+                .await
+                .expect("answered");
+            call.body["content"].as_str().unwrap_or("").to_string()
+        }
+    };
+    fake.wait_for_route("PUT /applications/*/guilds/*/commands", WAIT)
+        .await
+        .unwrap();
+    // /pair works for anyone and gives a code.
+    let text = reply(fake.slash_command("pair", json!([]), BOB).await).await;
+    assert!(text.contains("pairing code"), "{text}");
+    // Already-paired alice is told so.
+    let text = reply(fake.slash_command("pair", json!([]), ALICE).await).await;
+    assert!(text.contains("already paired"), "{text}");
+
+    let r = server.submit(delete_file()).await;
+    let id = r["request_id"].as_str().unwrap().to_string();
+    let card = card_where(&fake, |m| m.custom_ids().iter().any(|c| c.ends_with(&id))).await;
+    cards_recorded(&fake, 1).await;
+    let text = reply(fake.slash_command("pending", json!([]), CAROL).await).await;
+    assert!(
+        text.contains(&format!(
+            "https://discord.com/channels/{GUILD_ID}/{APPROVALS_CHANNEL_ID}/{}",
+            card.id
+        )),
+        "{text}"
+    );
+    let text = reply(
+        fake.slash_command(
+            "audit",
+            json!([{"name": "recent", "type": 1, "options": [{"name": "count", "type": 4, "value": 5}]}]),
+            CAROL,
+        )
+        .await,
+    )
+    .await;
+    assert!(
+        text.contains("```") && text.contains("submitted") || text.contains(&id),
+        "{text}"
+    );
+    let text = reply(
+        fake.slash_command(
+            "tools",
+            json!([{"name": "list", "type": 1, "options": []}]),
+            CAROL,
+        )
+        .await,
+    )
+    .await;
+    assert!(
+        text.contains("delete_file") && text.contains("global"),
+        "{text}"
+    );
+    let text = reply(
+        fake.slash_command(
+            "pairing",
+            json!([{"name": "list", "type": 1, "options": []}]),
+            CAROL,
+        )
+        .await,
+    )
+    .await;
+    assert!(text.contains(&BOB.to_string()), "{text}");
     fake.assert_no_violations();
     server.stop().await;
 }
