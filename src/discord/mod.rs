@@ -34,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long start-up checks may take before `serve` gives up.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a click may wait for the store before the reason modal opens anyway.
+const MODAL_CHECK: Duration = Duration::from_millis(1500);
 /// Longest wait between two gateway sessions after failures.
 const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(300);
 /// A session that lasted this long resets the backoff.
@@ -442,8 +444,11 @@ impl Handler {
                     .await
             }
             Route::DenyWithReason(id) => {
-                // A modal cannot follow a deferral, so check the state first.
-                if let Ok(r) = self.0.gw.status(id).await {
+                // A modal cannot follow a deferral, so check the state first,
+                // but never so long that the 3-second window closes: a slow
+                // store just means the modal opens and the submit is refused.
+                let status = tokio::time::timeout(MODAL_CHECK, self.0.gw.status(id)).await;
+                if let Ok(Ok(r)) = status {
                     if r.state.is_terminal() {
                         reply.respond(&ctx.http, ephemeral(already(&r))).await;
                         return;
