@@ -299,6 +299,13 @@ pub fn render_with_votes(
         "components": components,
         "allowed_mentions": allowed,
     });
+    if creating {
+        // Discord drops a second create with the same nonce (for a few
+        // minutes): a post retried after a lost reply is not shown twice.
+        let nonce: String = req.id.0.simple().to_string().chars().take(25).collect();
+        payload["nonce"] = json!(nonce);
+        payload["enforce_nonce"] = json!(true);
+    }
     let file = (creating && truncated).then(|| CardFile {
         filename: format!("request-{}.json", req.id),
         data: full_payload(req),
