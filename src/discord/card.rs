@@ -356,7 +356,7 @@ fn field(name: &str, value: String, inline: bool) -> Value {
 
 /// Total characters Discord counts against [`limits::EMBED_TOTAL`].
 pub fn embed_size(embed: &Value) -> usize {
-    let len = |v: &Value| v.as_str().map_or(0, |s| s.chars().count());
+    let len = |v: &Value| v.as_str().map_or(0, length);
     let mut n = len(&embed["title"]) + len(&embed["description"]) + len(&embed["footer"]["text"]);
     for f in embed["fields"].as_array().into_iter().flatten() {
         n += len(&f["name"]) + len(&f["value"]);
@@ -400,13 +400,27 @@ pub fn reveal(s: &str) -> String {
 /// a code span or block.
 const BACKTICK_STANDIN: char = 'ˋ';
 
-/// Cuts `s` to at most `max` characters, marking the cut.
+/// Length as Discord's limits count it. Counted in UTF-16 units, which is
+/// never less than code points: safe whichever of the two Discord counts.
+pub fn length(s: &str) -> usize {
+    s.encode_utf16().count()
+}
+
+/// Cuts `s` to at most `max` characters ([`length`]), marking the cut.
 pub fn fit(s: &str, max: usize) -> (String, bool) {
-    if s.chars().count() <= max {
+    if length(s) <= max {
         return (s.to_string(), false);
     }
-    let keep = max.saturating_sub(TRUNCATED.chars().count());
-    let mut out: String = s.chars().take(keep).collect();
+    let keep = max.saturating_sub(length(TRUNCATED));
+    let mut out = String::new();
+    let mut n = 0;
+    for c in s.chars() {
+        n += c.len_utf16();
+        if n > keep {
+            break;
+        }
+        out.push(c);
+    }
     out.push_str(TRUNCATED);
     (out, true)
 }
@@ -421,7 +435,7 @@ pub fn code_block(s: &str, lang: &str, max: usize) -> (String, bool) {
         .collect();
     let open = format!("```{lang}\n");
     let close = "\n```";
-    let room = max.saturating_sub(open.chars().count() + close.chars().count());
+    let room = max.saturating_sub(length(&open) + length(close));
     let (body, cut) = fit(&body, room);
     (format!("{open}{body}{close}"), cut)
 }
@@ -535,7 +549,7 @@ mod tests {
     fn check_limits(payload: &Value) {
         let e = &payload["embeds"][0];
         assert!(embed_size(e) <= limits::EMBED_TOTAL, "{}", embed_size(e));
-        let n = |v: &Value| v.as_str().map_or(0, |s| s.chars().count());
+        let n = |v: &Value| v.as_str().map_or(0, length);
         assert!(n(&e["title"]) <= limits::EMBED_TITLE);
         assert!(n(&e["description"]) <= limits::EMBED_DESCRIPTION);
         assert!(n(&payload["content"]) <= limits::CONTENT);
