@@ -239,7 +239,10 @@ async fn card_is_posted_and_an_approver_click_unblocks_the_agent() {
 
     all_posts_have_allowed_mentions(&fake);
     fake.assert_no_violations();
-    server.stop().await;
+    assert!(
+        server.stop().await.success(),
+        "clean shutdown with the bot running"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
