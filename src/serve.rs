@@ -38,6 +38,18 @@ pub async fn run_until(
         .await
         .context("while loading the policy")?;
 
+    // The bot starts before the socket is bound, so a bad token or an
+    // unreachable API fails `serve` at once, leaving nothing behind.
+    let bot = if cfg.discord_enabled() {
+        Some(
+            crate::discord::start(gw.clone(), &stop)
+                .await
+                .context("while starting the Discord bot")?,
+        )
+    } else {
+        None
+    };
+
     let opts = SocketOptions {
         path: cfg.server.socket_path.clone(),
         mode: cfg.socket_mode()?,
@@ -68,6 +80,9 @@ pub async fn run_until(
     stop.cancel();
     let _ = sched.await;
     let _ = retention.await;
+    if let Some(bot) = bot {
+        bot.shutdown().await;
+    }
     store.close().await;
     tracing::info!("stopped; pending requests stay pending in the store");
     Ok(())

@@ -95,6 +95,24 @@ pub struct Pruned {
     pub through_hash: String,
 }
 
+/// A request's Discord card as the outbox knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardRow {
+    pub request_id: RequestId,
+    pub channel_id: u64,
+    /// Set once the card is posted; later changes edit this message.
+    pub message_id: Option<u64>,
+    /// The request state the posted message shows.
+    pub rendered_state: Option<String>,
+    /// The version wanted; the card is due while `want > done`.
+    pub want: i64,
+    pub done: i64,
+    /// Failed attempts since the last success.
+    pub attempts: i64,
+    pub next_attempt_ms: i64,
+    pub deadline_ms: i64,
+}
+
 /// The persistence port the application uses.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -208,6 +226,41 @@ pub trait Store: Send + Sync + 'static {
             "this store cannot prune the audit log".into(),
         ))
     }
+
+    // ---- Discord card outbox ------------------------------------------
+
+    /// Creates the card row for a request (due at once), or marks an
+    /// existing one due again (its request changed).
+    async fn card_touch(
+        &self,
+        request_id: RequestId,
+        channel_id: u64,
+        deadline_ms: i64,
+    ) -> StoreResult<()>;
+    /// After a restart: adds a row for every pending request without one,
+    /// and marks due every card whose message shows a stale state.
+    /// Returns how many rows changed.
+    async fn card_reconcile(&self, channel_id: u64) -> StoreResult<u64>;
+    /// Due cards (`want > done`, `next_attempt_ms <= now_ms`), oldest deadline first.
+    async fn cards_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<CardRow>>;
+    /// The earliest retry time among due cards, if any.
+    async fn card_next_attempt(&self) -> StoreResult<Option<i64>>;
+    async fn card(&self, request_id: RequestId) -> StoreResult<Option<CardRow>>;
+    /// Records a successful post or edit of version `version`.
+    async fn card_done(
+        &self,
+        request_id: RequestId,
+        message_id: u64,
+        version: i64,
+        rendered_state: String,
+    ) -> StoreResult<()>;
+    /// Records a failed attempt; the card is retried at `next_attempt_ms`.
+    async fn card_retry_later(
+        &self,
+        request_id: RequestId,
+        attempts: i64,
+        next_attempt_ms: i64,
+    ) -> StoreResult<()>;
 
     /// Flushes and closes.
     async fn close(&self);

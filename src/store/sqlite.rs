@@ -6,8 +6,8 @@
 //! answers each only after the commit: many callers, one fsync.
 
 use super::{
-    Inserted, PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError, StoreResult,
-    StoredGrant, Voted,
+    CardRow, Inserted, PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError,
+    StoreResult, StoredGrant, Voted,
 };
 use crate::domain::audit::{self, events, AuditEntry, AuditEvent};
 use crate::domain::pairing;
@@ -69,6 +69,10 @@ enum Op {
     Redeem(String, String, i64),
     Audit(Vec<AuditEvent>),
     PruneAudit(i64, i64),
+    CardTouch(RequestId, u64, i64),
+    CardReconcile(u64),
+    CardDone(RequestId, u64, i64, String),
+    CardRetry(RequestId, i64, i64),
 }
 
 enum Reply {
@@ -80,6 +84,7 @@ enum Reply {
     Code(Result<(), PairingRefused>),
     Redeemed(Option<PairedUser>),
     Pruned(Option<Pruned>),
+    Count(u64),
 }
 
 impl SqliteStore {
@@ -524,6 +529,62 @@ async fn exec(tx: &mut Tx<'_>, op: &Op, ev: &mut Vec<AuditEvent>) -> Result<Repl
             Reply::Unit
         }
         Op::PruneAudit(cutoff, now) => Reply::Pruned(prune_audit(tx, ev, *cutoff, *now).await?),
+        Op::CardTouch(id, channel, deadline) => {
+            sqlx::query(
+                "INSERT INTO discord_cards (request_id, channel_id, deadline_ms) VALUES ($1, $2, $3) \
+                 ON CONFLICT (request_id) DO UPDATE SET want = want + 1, attempts = 0, next_attempt_ms = 0",
+            )
+            .bind(id.to_string())
+            .bind(*channel as i64)
+            .bind(deadline)
+            .execute(&mut **tx)
+            .await?;
+            Reply::Unit
+        }
+        Op::CardReconcile(channel) => {
+            let added = sqlx::query(
+                "INSERT INTO discord_cards (request_id, channel_id, deadline_ms) \
+                 SELECT id, $1, deadline_ms FROM requests r WHERE r.state = 'pending' \
+                 AND NOT EXISTS (SELECT 1 FROM discord_cards c WHERE c.request_id = r.id)",
+            )
+            .bind(*channel as i64)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            let stale = sqlx::query(
+                "UPDATE discord_cards SET want = done + 1, attempts = 0, next_attempt_ms = 0 \
+                 WHERE want <= done AND rendered_state IS NOT \
+                 (SELECT state FROM requests r WHERE r.id = discord_cards.request_id)",
+            )
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            Reply::Count(added + stale)
+        }
+        Op::CardDone(id, message, version, state) => {
+            sqlx::query(
+                "UPDATE discord_cards SET message_id = $1, done = MAX(done, $2), rendered_state = $3, \
+                 attempts = 0, next_attempt_ms = 0 WHERE request_id = $4",
+            )
+            .bind(*message as i64)
+            .bind(version)
+            .bind(state)
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await?;
+            Reply::Unit
+        }
+        Op::CardRetry(id, attempts, next) => {
+            sqlx::query(
+                "UPDATE discord_cards SET attempts = $1, next_attempt_ms = $2 WHERE request_id = $3",
+            )
+            .bind(attempts)
+            .bind(next)
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await?;
+            Reply::Unit
+        }
     })
 }
 
@@ -801,6 +862,35 @@ impl RequestRow {
             decided_who: self.decided_who,
             decided_reason: self.decided_reason,
             decided_ms: self.decided_ms,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct CardDbRow {
+    request_id: String,
+    channel_id: i64,
+    message_id: Option<i64>,
+    rendered_state: Option<String>,
+    want: i64,
+    done: i64,
+    attempts: i64,
+    next_attempt_ms: i64,
+    deadline_ms: i64,
+}
+
+impl CardDbRow {
+    fn into_card(self) -> StoreResult<CardRow> {
+        Ok(CardRow {
+            request_id: self.request_id.parse().map_err(StoreError::Corrupt)?,
+            channel_id: self.channel_id as u64,
+            message_id: self.message_id.map(|m| m as u64),
+            rendered_state: self.rendered_state,
+            want: self.want,
+            done: self.done,
+            attempts: self.attempts,
+            next_attempt_ms: self.next_attempt_ms,
+            deadline_ms: self.deadline_ms,
         })
     }
 }
@@ -1180,6 +1270,98 @@ impl Store for SqliteStore {
     async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>> {
         match self.write(Op::PruneAudit(cutoff_ms, now_ms)).await? {
             Reply::Pruned(p) => Ok(p),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn card_touch(
+        &self,
+        request_id: RequestId,
+        channel_id: u64,
+        deadline_ms: i64,
+    ) -> StoreResult<()> {
+        match self
+            .write(Op::CardTouch(request_id, channel_id, deadline_ms))
+            .await?
+        {
+            Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn card_reconcile(&self, channel_id: u64) -> StoreResult<u64> {
+        match self.write(Op::CardReconcile(channel_id)).await? {
+            Reply::Count(n) => Ok(n),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn cards_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<CardRow>> {
+        sqlx::query_as::<_, CardDbRow>(
+            "SELECT * FROM discord_cards WHERE want > done AND next_attempt_ms <= $1 \
+             ORDER BY deadline_ms, request_id LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?
+        .into_iter()
+        .map(CardDbRow::into_card)
+        .collect()
+    }
+
+    async fn card_next_attempt(&self) -> StoreResult<Option<i64>> {
+        let (next,): (Option<i64>,) =
+            sqlx::query_as("SELECT MIN(next_attempt_ms) FROM discord_cards WHERE want > done")
+                .fetch_one(&self.reads)
+                .await
+                .map_err(db)?;
+        Ok(next)
+    }
+
+    async fn card(&self, request_id: RequestId) -> StoreResult<Option<CardRow>> {
+        sqlx::query_as::<_, CardDbRow>("SELECT * FROM discord_cards WHERE request_id = $1")
+            .bind(request_id.to_string())
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(db)?
+            .map(CardDbRow::into_card)
+            .transpose()
+    }
+
+    async fn card_done(
+        &self,
+        request_id: RequestId,
+        message_id: u64,
+        version: i64,
+        rendered_state: String,
+    ) -> StoreResult<()> {
+        match self
+            .write(Op::CardDone(
+                request_id,
+                message_id,
+                version,
+                rendered_state,
+            ))
+            .await?
+        {
+            Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn card_retry_later(
+        &self,
+        request_id: RequestId,
+        attempts: i64,
+        next_attempt_ms: i64,
+    ) -> StoreResult<()> {
+        match self
+            .write(Op::CardRetry(request_id, attempts, next_attempt_ms))
+            .await?
+        {
+            Reply::Unit => Ok(()),
             _ => Err(unexpected()),
         }
     }
