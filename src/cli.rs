@@ -185,6 +185,33 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Measure throughput and latency against an in-process server.
+    Bench {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Approval wake-up rounds.
+        #[arg(long, default_value_t = 200)]
+        wakeups: usize,
+    },
+    /// Check that arguments are exactly those a request was approved with
+    /// (exit 0 when they match and it is approved, 1 otherwise).
+    Verify {
+        id: String,
+        /// The arguments about to be executed, as a JSON object.
+        #[arg(long)]
+        args: String,
+        /// Agent name (admins may leave it out).
+        #[arg(long, env = "KEYTURN_AGENT")]
+        agent: Option<String>,
+        #[arg(long, env = "KEYTURN_AGENT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// The audit log (admin).
     Audit {
         #[command(subcommand)]
@@ -266,6 +293,12 @@ enum AuditCmd {
         /// Verify an exported JSON Lines file offline instead of the live log.
         #[arg(long)]
         file: Option<PathBuf>,
+    },
+    /// Delete entries older than N days, leaving a checkpoint entry that keeps
+    /// the chain verifiable (default N: audit.retention_days).
+    Prune {
+        #[arg(long)]
+        older_than_days: Option<u32>,
     },
 }
 
@@ -370,9 +403,46 @@ fn print(json_out: bool, v: &Value, text: impl FnOnce(&Value) -> String) {
 
 fn decision_text(v: &Value) -> String {
     match serde_json::from_value::<DecisionView>(v.clone()) {
-        Ok(d) => format!("{} {}: {}", d.request_id, d.tool, d.summary),
+        Ok(d) => format!(
+            "{} {}: {}{}",
+            d.request_id,
+            d.tool,
+            d.summary,
+            flags_text(&v["flags"])
+        ),
         Err(_) => v.to_string(),
     }
+}
+
+/// Content flags, one per line, loud enough to be seen: empty when none.
+fn flags_text(flags: &Value) -> String {
+    let list = flags.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        return String::new();
+    }
+    let mut out = format!("\n    !! {} CONTENT FLAG(S):", list.len());
+    for f in &list {
+        out.push_str(&format!(
+            "\n    !! {}: {}",
+            f["kind"].as_str().unwrap_or("?"),
+            printable(f["detail"].as_str().unwrap_or(""))
+        ));
+    }
+    out
+}
+
+/// Control characters escaped, everything else as is.
+fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let e: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            e
+        })
+        .collect()
 }
 
 fn operator(o: Option<String>) -> Option<String> {
@@ -439,9 +509,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 let verdict = &v["verdict"];
                 let action = verdict["action"].as_str().unwrap_or("?");
                 format!(
-                    "{action} ({}): {}",
+                    "{action} ({}): {}{}",
                     verdict["rule"].as_str().unwrap_or("?"),
-                    verdict["detail"].as_str().unwrap_or("")
+                    verdict["detail"].as_str().unwrap_or(""),
+                    flags_text(&v["flags"])
                 )
             });
             Ok(0)
@@ -492,7 +563,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     .map(|r| {
                         let left = (r["deadline_ms"].as_i64().unwrap_or(0) - crate::app::now_ms()) / 1000;
                         format!(
-                            "{}  {}  risk={}  agent={}  user={}  channel={}  {}s left\n    args: {}\n    why: {}",
+                            "{}  {}  risk={}  agent={}  user={}  channel={}  {}s left{}\n    rule: {}\n    args: {}\n    why: {}",
                             r["id"].as_str().unwrap_or("?"),
                             r["tool"].as_str().unwrap_or("?"),
                             r["risk"].as_str().unwrap_or("?"),
@@ -500,6 +571,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                             r["user_id"].as_str().unwrap_or("-"),
                             r["channel_id"].as_str().unwrap_or("-"),
                             left.max(0),
+                            flags_text(&r["flags"]),
+                            printable(r["rule_detail"].as_str().unwrap_or("")),
                             r["args"],
                             r["justification"].as_str().unwrap_or("").escape_debug(),
                         )
@@ -538,6 +611,53 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Pairing { cmd, conn } => pairing_cmd(&conn, cmd).await,
         Command::Audit { cmd, conn } => audit_cmd(&conn, cmd).await,
+        Command::Bench {
+            clients,
+            seconds,
+            wakeups,
+        } => {
+            crate::bench::run(crate::bench::BenchOptions {
+                clients,
+                seconds,
+                wakeups,
+            })
+            .await?;
+            Ok(0)
+        }
+        Command::Verify {
+            id,
+            args,
+            agent,
+            token,
+            conn,
+        } => {
+            let mut p = json!({"id": id, "args": parse_args(&args)?});
+            if let Some(a) = agent {
+                p["agent"] = json!(a);
+            }
+            if let Some(t) = token {
+                p["token"] = json!(t);
+            }
+            let v = conn.client().await?.call("verify", p).await?;
+            let ok = v["matches"] == json!(true) && v["approved"] == json!(true);
+            print(conn.json, &v, |v| {
+                let id = v["request_id"].as_str().unwrap_or("?");
+                let state = v["state"].as_str().unwrap_or("?");
+                match (v["matches"] == json!(true), v["approved"] == json!(true)) {
+                    (true, true) => format!("{id}: ok, these are the approved arguments"),
+                    (true, false) => {
+                        format!("{id}: arguments match, but the request is {state}, not approved")
+                    }
+                    (false, _) => format!(
+                        "{id}: MISMATCH: these arguments hash to {}, the request was {} with {}",
+                        v["args_hash"].as_str().unwrap_or("?"),
+                        state,
+                        v["expected_hash"].as_str().unwrap_or("?")
+                    ),
+                }
+            });
+            Ok(if ok { 0 } else { EXIT_DENIED })
+        }
     }
 }
 
@@ -765,6 +885,23 @@ async fn audit_cmd(conn: &Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
                 println!("{e}");
             }
         },
+        AuditCmd::Prune { older_than_days } => {
+            let mut p = json!({});
+            if let Some(d) = older_than_days {
+                p["older_than_days"] = json!(d);
+            }
+            let v = c.call("audit.prune", p).await?;
+            print(conn.json, &v, |v| {
+                if v["pruned"] == json!(0) {
+                    "nothing to prune".to_string()
+                } else {
+                    format!(
+                        "pruned {} entries (through entry {}); a checkpoint entry records the last one",
+                        v["pruned"], v["through_seq"]
+                    )
+                }
+            });
+        }
         AuditCmd::Verify { .. } => {
             let v = c.call("audit.verify", json!({})).await?;
             print(conn.json, &v, |v| {
@@ -789,7 +926,7 @@ async fn audit_cmd(conn: &Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
 }
 
 fn verify_file(path: &std::path::Path, json_out: bool) -> anyhow::Result<u8> {
-    use crate::domain::audit::{verify, AuditEntry, GENESIS};
+    use crate::domain::audit::{AuditEntry, ChainVerifier};
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("while reading {}", path.display()))?;
     let mut entries = Vec::new();
@@ -802,14 +939,11 @@ fn verify_file(path: &std::path::Path, json_out: bool) -> anyhow::Result<u8> {
             .with_context(|| format!("{}:{}: not an audit entry", path.display(), i + 1))?;
         entries.push(e);
     }
-    let start = entries.first().map(|f| {
-        if f.seq == 1 {
-            (0, GENESIS.to_string())
-        } else {
-            (f.seq - 1, f.prev_hash.clone())
-        }
-    });
-    let result = verify(&entries, start);
+    let mut walk = ChainVerifier::new();
+    let result = entries
+        .iter()
+        .try_for_each(|e| walk.push(e))
+        .and_then(|()| walk.finish());
     let v = match &result {
         Ok(n) => json!({"ok": true, "entries": n}),
         Err(b) => json!({"ok": false, "broken_at": b.seq, "problem": b.problem}),

@@ -4,8 +4,11 @@
 //! impossible combinations, naming the key. Secrets may come from the
 //! environment instead of the file, and are redacted in `Debug`.
 
+use crate::domain::flags::FlagKind;
 use crate::domain::policy::{Autonomy, Effect, Grant, PolicySettings, Scope, ToolPattern};
 use crate::domain::ratelimit::Rate;
+use crate::domain::redact::{ExtraRule, Redactor};
+use crate::domain::trifecta::ToolTag;
 use crate::domain::Risk;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -93,6 +96,8 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub discord: DiscordConfig,
+    #[serde(default)]
+    pub content: ContentConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -247,6 +252,34 @@ pub struct LimitsConfig {
 pub struct ToolConfig {
     pub name: String,
     pub risk: Risk,
+    /// Capabilities for the lethal-trifecta guard: `reads_private_data`,
+    /// `sees_untrusted_input`, `communicates_externally`.
+    #[serde(default)]
+    pub tags: Vec<ToolTag>,
+}
+
+/// What is masked and flagged in tool-call content.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContentConfig {
+    /// Hosts agents may send data to; anything else in the arguments is
+    /// flagged `exfiltration`. `example.com` covers its subdomains; `*` allows all.
+    pub allowed_domains: Vec<String>,
+    /// More key names whose values are always hidden (case, `-`, `_`, `.` ignored).
+    pub extra_secret_keys: Vec<String>,
+    /// More secret formats: a name and a regex (group 1, if any, is the secret).
+    pub secret_rules: Vec<SecretRuleConfig>,
+    /// Any flag raises the call's risk by one level.
+    pub raise_risk_on_flags: bool,
+    /// Flag kinds that deny the call at once (rule `flag_<kind>`).
+    pub deny_on_flags: Vec<FlagKind>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRuleConfig {
+    pub name: String,
+    pub pattern: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -508,6 +541,7 @@ impl Config {
             }
         }
         self.config_grants()?;
+        self.redactor()?;
         for (i, u) in self.users.iter().enumerate() {
             Scope::new("user", &u.id).map_err(|m| invalid(format!("users[{i}].id"), m))?;
             for r in &u.roles {
@@ -519,6 +553,57 @@ impl Config {
                 .map_err(|m| invalid(format!("policy.channel_autonomy.{ch}"), m))?;
         }
         self.validate_discord()
+    }
+
+    /// The secret masker built from `[content]`; a bad rule names its key.
+    pub fn redactor(&self) -> Result<Redactor, ConfigError> {
+        let c = &self.content;
+        let mut rules = Vec::with_capacity(c.secret_rules.len());
+        for (i, r) in c.secret_rules.iter().enumerate() {
+            let key = format!("content.secret_rules[{i}]");
+            if r.name.is_empty()
+                || r.name.len() > 64
+                || !r
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+            {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    "must be 1-64 characters of letters, digits, `_-.`",
+                ));
+            }
+            // Compile alone first so the error names this rule's key.
+            Redactor::new(
+                &[],
+                &[ExtraRule {
+                    name: r.name.clone(),
+                    pattern: r.pattern.clone(),
+                }],
+            )
+            .map_err(|e| invalid(format!("{key}.pattern"), e.to_string()))?;
+            if regex::Regex::new(&r.pattern).is_ok_and(|re| re.is_match("")) {
+                return Err(invalid(
+                    format!("{key}.pattern"),
+                    "matches the empty string, so it would mask nothing useful",
+                ));
+            }
+            rules.push(ExtraRule {
+                name: r.name.clone(),
+                pattern: r.pattern.clone(),
+            });
+        }
+        Redactor::new(&c.extra_secret_keys, &rules)
+            .map_err(|e| invalid("content.secret_rules", e.to_string()))
+    }
+
+    /// Tags of a configured tool (none for tools not in the config).
+    pub fn tool_tags(&self, tool: &str) -> &[ToolTag] {
+        self.tools
+            .iter()
+            .find(|t| t.name == tool)
+            .map(|t| t.tags.as_slice())
+            .unwrap_or(&[])
     }
 
     fn validate_discord(&self) -> Result<(), ConfigError> {
@@ -659,6 +744,7 @@ mod tests {
         let c = parse_ok(text);
         assert!(c.agents.iter().any(|a| a.name == "cli"));
         assert!(c.users.iter().any(|u| u.id == "42"));
+        assert!(!c.content.raise_risk_on_flags && c.content.deny_on_flags.is_empty());
         let grants = c.config_grants().unwrap();
         assert!(grants
             .iter()
@@ -688,6 +774,37 @@ mod tests {
         );
         assert!(err("[store]\nurl = \"mysql://x\"").contains("store.url"));
         assert!(err("[discord]\ntoken = \"t\"").contains("discord.guild_id"));
+        assert!(err("[content]\ncolour = 1").contains("unknown field `colour`"));
+        assert!(
+            err("[[content.secret_rules]]\nname = \"x\"\npattern = \"(unclosed\"")
+                .contains("content.secret_rules[0].pattern")
+        );
+        assert!(
+            err("[[content.secret_rules]]\nname = \"x\"\npattern = \"a*\"")
+                .contains("content.secret_rules[0].pattern")
+        );
+        assert!(
+            err("[[content.secret_rules]]\nname = \"bad name\"\npattern = \"a\"")
+                .contains("content.secret_rules[0].name")
+        );
+        assert!(err("[content]\ndeny_on_flags = [\"rudeness\"]").contains("unknown variant"));
+        assert!(
+            err("[[tools]]\nname = \"x\"\nrisk = \"low\"\ntags = [\"evil\"]")
+                .contains("unknown variant")
+        );
+    }
+
+    #[test]
+    fn content_rules_extend_the_redactor() {
+        let c = parse_ok(
+            "[content]\nextra_secret_keys = [\"x-internal\"]\n\
+             [[content.secret_rules]]\nname = \"acme\"\npattern = \"ACME-[0-9]{8}\"",
+        );
+        let r = c.redactor().unwrap();
+        let (t, f) = r.redact_text("id ACME-12345678 here");
+        assert!(!t.contains("ACME-12345678") && f[0].kind == "acme", "{t}");
+        let v = r.redact_value(&serde_json::json!({"X_Internal": "plain"}));
+        assert!(!v.value.to_string().contains("plain"));
     }
 
     #[test]

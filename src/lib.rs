@@ -5,8 +5,10 @@
 //! call `app`. Adapters never call each other.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod discord;
 pub mod domain;
 pub mod integrations;
 pub mod ipc;

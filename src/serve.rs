@@ -1,7 +1,7 @@
 //! `keyturn serve`: wire the store, the gateway, the scheduler and the
 //! socket together, and shut them down in order.
 
-use crate::app::{scheduler, Gateway};
+use crate::app::{retention, scheduler, Gateway};
 use crate::config::Config;
 use crate::ipc::handler::Handler;
 use crate::ipc::server::{self, SocketOptions};
@@ -12,6 +12,17 @@ use tokio_util::sync::CancellationToken;
 
 /// Runs until SIGINT or SIGTERM (a second signal exits at once).
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    spawn_signal_handler(stop.clone());
+    run_until(cfg, stop, None).await
+}
+
+/// Runs until `stop` is cancelled. `ready` is told once the socket accepts.
+pub async fn run_until(
+    cfg: Config,
+    stop: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(
@@ -27,6 +38,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .context("while loading the policy")?;
 
+    // The bot starts before the socket is bound, so a bad token or an
+    // unreachable API fails `serve` at once, leaving nothing behind.
+    let bot = if cfg.discord_enabled() {
+        Some(
+            crate::discord::start(gw.clone(), &stop)
+                .await
+                .context("while starting the Discord bot")?,
+        )
+    } else {
+        None
+    };
+
     let opts = SocketOptions {
         path: cfg.server.socket_path.clone(),
         mode: cfg.socket_mode()?,
@@ -37,13 +60,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let listener = server::bind(&opts).await?;
 
-    let stop = CancellationToken::new();
-    spawn_signal_handler(stop.clone());
     let sched = tokio::spawn(scheduler::run(gw.clone(), deadlines, stop.clone()));
+    let retention = tokio::spawn(retention::run(gw.clone(), stop.clone()));
 
     tracing::info!(socket = %opts.path.display(), store = %cfg.store.url, "keyturn is ready");
     // A line on stdout that scripts and tests can wait for.
     println!("keyturn: listening on {}", opts.path.display());
+    if let Some(r) = ready {
+        let _ = r.send(());
+    }
 
     server::serve(
         listener,
@@ -54,6 +79,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     .await;
     stop.cancel();
     let _ = sched.await;
+    let _ = retention.await;
+    if let Some(bot) = bot {
+        bot.shutdown().await;
+    }
     store.close().await;
     tracing::info!("stopped; pending requests stay pending in the store");
     Ok(())

@@ -4,11 +4,14 @@
 //! or Discord: every surface (socket, CLI, bot) calls these methods, so every
 //! surface gets the same rules, the same audit and the same answers.
 
+mod content;
+pub mod retention;
 pub mod scheduler;
 mod waiters;
 
 use crate::config::Config;
 use crate::domain::audit::{self, events, AuditEntry, AuditEvent};
+use crate::domain::flags::FlagScanner;
 use crate::domain::pairing;
 use crate::domain::policy::{
     self, AllowlistAnswer, Call, Effect, Facts, Grant, PolicySettings, PolicyState, Scope,
@@ -18,6 +21,8 @@ use crate::domain::redact::{self, Redactor};
 use crate::domain::request::{ApprovalRequest, DecidedBy, RequestId, State, TransitionError, Vote};
 use crate::domain::Risk;
 use crate::store::{PairedUser, PairingRefused, PendingPairing, Store, StoreError, StoredGrant};
+use content::Content;
+pub use content::VerifyAnswer;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -114,6 +119,8 @@ pub struct CheckAnswer {
     pub verdict: Verdict,
     pub risk: Risk,
     pub allowlist: AllowlistAnswer,
+    /// Content flags raised on the call.
+    pub flags: Vec<serde_json::Value>,
 }
 
 /// The live policy data: config entries merged with the store's.
@@ -133,6 +140,7 @@ pub struct Gateway {
     cfg: Arc<Config>,
     store: Arc<dyn Store>,
     redactor: Redactor,
+    scanner: FlagScanner,
     settings: PolicySettings,
     view: RwLock<PolicyView>,
     limits: Mutex<PolicyState>,
@@ -152,9 +160,15 @@ impl Gateway {
     ) -> Result<(Arc<Gateway>, mpsc::Receiver<(i64, RequestId)>), AppError> {
         let (deadlines, rx) = mpsc::channel(65_536);
         let (events, _) = broadcast::channel(4096);
+        let redactor = cfg.redactor().map_err(|e| bad(e.to_string()))?;
+        let scanner = FlagScanner::new(
+            cfg.content.allowed_domains.clone(),
+            cfg.tools.iter().map(|t| t.name.clone()).collect(),
+        );
         let gw = Arc::new(Gateway {
             settings: cfg.policy_settings(),
-            redactor: Redactor::default(),
+            redactor,
+            scanner,
             cfg,
             store,
             view: RwLock::default(),
@@ -309,6 +323,7 @@ impl Gateway {
         &self,
         agent: &str,
         s: &Submission,
+        content: &Content,
         now: i64,
         dry_run: bool,
     ) -> (Verdict, Risk, AllowlistAnswer) {
@@ -338,7 +353,9 @@ impl Gateway {
                 .is_some_and(|u| view.users.contains_key(u)),
             unattended: s.unattended || agent_cfg.is_some_and(|a| a.unattended),
             risk,
-            ..Facts::default()
+            raise_risk: content.raise_risk.clone(),
+            force_deny: content.force_deny.clone(),
+            force_ask: content.force_ask.clone(),
         };
         let allowlist = policy::resolve_allowlist(&view.grants, &call);
         let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
@@ -355,13 +372,15 @@ impl Gateway {
     }
 
     /// What the policy would do with `s`, without queueing or using a token.
-    pub fn check(&self, agent: &str, s: &Submission) -> Result<CheckAnswer, AppError> {
+    pub async fn check(&self, agent: &str, s: &Submission) -> Result<CheckAnswer, AppError> {
         self.validate(s)?;
-        let (verdict, risk, allowlist) = self.evaluate(agent, s, now_ms(), true);
+        let content = self.content(agent, s).await?;
+        let (verdict, risk, allowlist) = self.evaluate(agent, s, &content, now_ms(), true);
         Ok(CheckAnswer {
             verdict,
             risk,
             allowlist,
+            flags: content.flags,
         })
     }
 
@@ -374,15 +393,20 @@ impl Gateway {
                 return Ok(existing);
             }
         }
+        let content = self.content(agent, &s).await?;
         let now = now_ms();
-        let (verdict, tool_risk, _) = self.evaluate(agent, &s, now, false);
-        let redacted = self.redactor.redact_value(&s.args);
-        let (justification, _) = self.redactor.redact_text(&s.justification);
+        let (verdict, tool_risk, _) = self.evaluate(agent, &s, &content, now, false);
+        let Content {
+            args,
+            justification,
+            flags,
+            ..
+        } = content;
         let mut req = ApprovalRequest {
             id: RequestId(Uuid::new_v4()),
             agent: agent.to_string(),
             args_hash: redact::args_hash(&s.args),
-            args: redacted.value,
+            args,
             tool: s.tool,
             user_id: s.user_id,
             channel_id: s.channel_id,
@@ -397,7 +421,7 @@ impl Gateway {
             admin_only: false,
             rule: verdict.rule().to_string(),
             rule_detail: String::new(),
-            flags: vec![],
+            flags,
             created_ms: now,
             deadline_ms: now,
             state: State::Pending,
@@ -563,6 +587,7 @@ impl Gateway {
         reason: Option<String>,
     ) -> Result<ApprovalRequest, AppError> {
         self.status_for(id, agent).await?;
+        let reason = reason.map(|r| self.redactor.redact_text(&r).0);
         match self
             .store
             .cancel(id, who.to_string(), reason, now_ms())
@@ -862,30 +887,25 @@ impl Gateway {
     /// Walks the whole chain; `Err` names the first broken entry.
     pub async fn audit_verify(&self) -> Result<Result<u64, audit::Break>, AppError> {
         let (head_seq, head_hash) = self.store.audit_head().await?;
+        let mut walk = audit::ChainVerifier::new();
         let mut after = 0;
-        let mut expected: Option<(i64, String)> = None;
-        let mut total = 0;
         loop {
             let page = self.store.audit_after(after, 5000).await?;
-            let Some(last) = page.last().cloned() else {
+            let Some(last) = page.last() else {
                 break;
             };
-            if expected.is_none() {
-                let first = &page[0];
-                expected = Some(if first.seq == 1 {
-                    (0, audit::GENESIS.to_string())
-                } else {
-                    (first.seq - 1, first.prev_hash.clone())
-                });
-            }
-            match audit::verify(&page, expected.clone()) {
-                Ok(n) => total += n,
-                Err(b) => return Ok(Err(b)),
-            }
-            expected = Some((last.seq, last.hash.clone()));
             after = last.seq;
+            for e in &page {
+                if let Err(b) = walk.push(e) {
+                    return Ok(Err(b));
+                }
+            }
         }
-        let (seq, hash) = expected.unwrap_or((0, audit::GENESIS.to_string()));
+        let total = match walk.finish() {
+            Ok(n) => n,
+            Err(b) => return Ok(Err(b)),
+        };
+        let (seq, hash) = walk.last();
         if seq != head_seq || hash != head_hash {
             return Ok(Err(audit::Break {
                 seq: seq + 1,

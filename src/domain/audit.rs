@@ -119,6 +119,120 @@ pub fn verify<'a>(
 
 pub use super::redact::canonical_json;
 
+/// Kind of the entry that records a retention prune.
+pub const CHECKPOINT: &str = "checkpoint";
+
+/// The entry a retention prune appends: it names the last pruned entry
+/// `(seq, hash)`, so the first remaining entry's `prev_hash` is still
+/// accounted for, and the checkpoint itself is chained like any entry.
+pub fn checkpoint(
+    at_ms: i64,
+    pruned_through: (i64, &str),
+    pruned_entries: u64,
+    cutoff_ms: i64,
+) -> AuditEvent {
+    AuditEvent {
+        at_ms,
+        kind: CHECKPOINT.into(),
+        actor: "system".into(),
+        request_id: None,
+        detail: serde_json::json!({
+            "pruned_through_seq": pruned_through.0,
+            "pruned_through_hash": pruned_through.1,
+            "pruned_entries": pruned_entries,
+            "cutoff_ms": cutoff_ms,
+        }),
+    }
+}
+
+/// The `(seq, hash)` a checkpoint entry says was pruned last.
+pub fn checkpoint_mark(e: &AuditEvent) -> Option<(i64, String)> {
+    if e.kind != CHECKPOINT {
+        return None;
+    }
+    Some((
+        e.detail.get("pruned_through_seq")?.as_i64()?,
+        e.detail.get("pruned_through_hash")?.as_str()?.to_string(),
+    ))
+}
+
+/// Walks a whole log (live or exported) in order, one entry at a time, so a
+/// caller can feed it page by page. A log that does not start at entry 1 must
+/// be explained by its last retention checkpoint; otherwise rows were deleted
+/// from its start.
+#[derive(Debug, Default)]
+pub struct ChainVerifier {
+    /// `(seq, hash)` expected before the next entry.
+    expected: Option<(i64, String)>,
+    /// Where a log that does not begin at entry 1 claims to start.
+    start: Option<(i64, String)>,
+    last_mark: Option<(i64, String)>,
+    n: u64,
+}
+
+impl ChainVerifier {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Checks the next entry.
+    pub fn push(&mut self, e: &AuditEntry) -> Result<(), Break> {
+        if self.expected.is_none() {
+            self.expected = Some(if e.seq == 1 {
+                (0, GENESIS.to_string())
+            } else {
+                let s = (e.seq - 1, e.prev_hash.clone());
+                self.start = Some(s.clone());
+                s
+            });
+        }
+        verify(std::iter::once(e), self.expected.clone())?;
+        if let Some(m) = checkpoint_mark(&e.event) {
+            self.last_mark = Some(m);
+        }
+        self.expected = Some((e.seq, e.hash.clone()));
+        self.n += 1;
+        Ok(())
+    }
+
+    /// The last `(seq, hash)` seen (`(0, GENESIS)` for an empty log).
+    pub fn last(&self) -> (i64, String) {
+        self.expected
+            .clone()
+            .unwrap_or_else(|| (0, GENESIS.to_string()))
+    }
+
+    /// Ends the walk: the number of entries verified, or the first problem.
+    pub fn finish(&self) -> Result<u64, Break> {
+        if let Some((seq, hash)) = &self.start {
+            let first = seq + 1;
+            match &self.last_mark {
+                Some((s, h)) if s == seq && h == hash => {}
+                Some((s, _)) => {
+                    return Err(Break {
+                        seq: first,
+                        problem: format!(
+                            "the log starts at entry {first}, but its last retention checkpoint \
+                             says entries up to {s} were pruned (rows were deleted)"
+                        ),
+                    })
+                }
+                None => {
+                    return Err(Break {
+                        seq: first,
+                        problem: format!(
+                            "the log starts at entry {first}, but no retention checkpoint \
+                             accounts for entries 1 to {seq} (rows were deleted from the start, \
+                             or this is a partial export)"
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(self.n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +280,52 @@ mod tests {
         rehashed[1].event.kind = "approved".into();
         rehashed[1].hash = entry_hash(2, &rehashed[1].prev_hash, &rehashed[1].event);
         assert_eq!(verify(&rehashed, start).unwrap_err().seq, 3);
+    }
+
+    fn walk(entries: &[AuditEntry]) -> Result<u64, Break> {
+        let mut v = ChainVerifier::new();
+        for e in entries {
+            v.push(e)?;
+        }
+        v.finish()
+    }
+
+    #[test]
+    fn checkpoint_keeps_a_pruned_chain_verifiable() {
+        let entries = link(0, GENESIS, (1..=6).map(ev).collect());
+        assert_eq!(walk(&entries), Ok(6));
+        // Prune 1..=3, append a checkpoint naming entry 3.
+        let cp = checkpoint(100, (3, &entries[2].hash), 3, 50);
+        let mut pruned: Vec<AuditEntry> = entries[3..].to_vec();
+        pruned.extend(link(6, &entries[5].hash, vec![cp]));
+        assert_eq!(walk(&pruned), Ok(4));
+        assert_eq!(
+            checkpoint_mark(&pruned[3].event),
+            Some((3, entries[2].hash.clone()))
+        );
+
+        // Deleting the first remaining row is seen through the checkpoint.
+        let b = walk(&pruned[1..]).unwrap_err();
+        assert_eq!(b.seq, 5);
+        assert!(
+            b.problem.contains("checkpoint says entries up to 3"),
+            "{}",
+            b.problem
+        );
+
+        // Without any checkpoint, a log that skips entry 1 is broken.
+        let b = walk(&entries[1..]).unwrap_err();
+        assert_eq!(b.seq, 2);
+        assert!(
+            b.problem.contains("no retention checkpoint"),
+            "{}",
+            b.problem
+        );
+
+        // Editing the checkpoint breaks its hash.
+        let mut edited = pruned.clone();
+        edited[3].event.detail["pruned_through_seq"] = serde_json::json!(2);
+        assert_eq!(walk(&edited).unwrap_err().seq, 7);
     }
 
     #[test]

@@ -53,6 +53,16 @@ pub enum FlagKind {
 }
 
 impl FlagKind {
+    /// The snake_case name used in config (`content.deny_on_flags`) and rules.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlagKind::PromptInjection => "prompt_injection",
+            FlagKind::InvisibleUnicode => "invisible_unicode",
+            FlagKind::Homoglyph => "homoglyph",
+            FlagKind::Exfiltration => "exfiltration",
+        }
+    }
+
     /// Display order of the kinds.
     fn rank(self) -> u8 {
         match self {

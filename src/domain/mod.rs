@@ -11,6 +11,7 @@ pub mod ratelimit;
 pub mod redact;
 pub mod request;
 pub mod risk;
+pub mod trifecta;
 
 pub use request::RequestId;
 pub use risk::Risk;

@@ -499,12 +499,14 @@ pub fn evaluate(
                     format!("task `{task}` has used {used} of {max} steps"),
                 )
             }
-            Err(BudgetExceeded::Cost { used, adding, max }) => return deny(
-                "task_budget",
-                format!(
+            Err(BudgetExceeded::Cost { used, adding, max }) => {
+                return deny(
+                    "task_budget",
+                    format!(
                     "task `{task}` has used {used} of its budget {max}; this call adds {adding}"
                 ),
-            ),
+                )
+            }
             Ok(()) if !dry_run => {
                 let entry = state.tasks.entry(key).or_default();
                 entry.0.steps += 1;

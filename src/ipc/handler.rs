@@ -103,6 +103,24 @@ struct ById {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct VerifyParams {
+    /// Agent name; admins may leave it out.
+    agent: Option<String>,
+    token: Option<String>,
+    id: String,
+    /// The arguments about to be executed.
+    args: Value,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PruneParams {
+    /// Prune entries older than this many days (default: audit.retention_days).
+    older_than_days: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DecideParams {
     id: String,
     reason: Option<String>,
@@ -199,6 +217,7 @@ pub const ADMIN_METHODS: &[&str] = &[
     "audit.tail",
     "audit.export",
     "audit.verify",
+    "audit.prune",
 ];
 
 impl Handler {
@@ -291,7 +310,7 @@ impl Handler {
             "check" => {
                 let (agent, token, _, sub) = params::<SubmitParams>(p)?.split();
                 gw.authenticate_agent(&agent, token.as_deref(), peer.uid)?;
-                to_value(gw.check(&agent, &sub)?)
+                to_value(gw.check(&agent, &sub).await?)
             }
             "wait" | "status" | "cancel" => {
                 let q: ById = params(p)?;
@@ -316,6 +335,19 @@ impl Handler {
                     }
                 };
                 to_value(DecisionView::from(&r))
+            }
+            "verify" => {
+                let q: VerifyParams = params(p)?;
+                let id = parse_id(&q.id)?;
+                let agent = match &q.agent {
+                    Some(a) => {
+                        gw.authenticate_agent(a, q.token.as_deref(), peer.uid)?;
+                        Some(a.as_str())
+                    }
+                    None if admin => None,
+                    None => return Err(RpcError::new("invalid_params", "`agent` is required")),
+                };
+                to_value(gw.verify_args(id, agent, &q.args).await?)
             }
             "pending" => {
                 let q: ListParams = params(p)?;
@@ -418,6 +450,27 @@ impl Handler {
                 Ok(n) => Ok(json!({"ok": true, "entries": n})),
                 Err(b) => Ok(json!({"ok": false, "broken_at": b.seq, "problem": b.problem})),
             },
+            "audit.prune" => {
+                let q: PruneParams = params(p)?;
+                let days = match q.older_than_days {
+                    Some(d) => d,
+                    None if gw.config().audit.retention_days > 0 => {
+                        gw.config().audit.retention_days
+                    }
+                    None => {
+                        return Err(RpcError::new(
+                            "invalid_params",
+                            "audit.retention_days is 0 (keep forever); give the age to prune explicitly (`older_than_days`, CLI --older-than-days)",
+                        ))
+                    }
+                };
+                Ok(match gw.prune_audit(days).await? {
+                    Some(p) => {
+                        json!({"pruned": p.entries, "through_seq": p.through_seq, "through_hash": p.through_hash})
+                    }
+                    None => json!({"pruned": 0}),
+                })
+            }
             other => Err(RpcError::new(
                 "method_not_found",
                 format!(

@@ -3,13 +3,14 @@
 
 use super::handler::{Handler, Peer};
 use super::protocol::{response, RpcError};
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, Semaphore};
-use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec, LinesCodecError};
+use tokio_util::codec::{FramedWrite, LinesCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -160,7 +161,7 @@ async fn connection(
         return;
     }
     let (read, write) = stream.into_split();
-    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(max_line));
+    let mut lines = LineReader::new(read, max_line);
     let mut sink = FramedWrite::new(write, LinesCodec::new());
     let (out_tx, mut out_rx) = mpsc::channel::<String>(max_inflight);
     let inflight = Arc::new(Semaphore::new(max_inflight));
@@ -178,13 +179,24 @@ async fn connection(
         let next = tokio::select! {
             _ = stop.cancelled() => break,
             Some(_) = calls.join_next(), if !calls.is_empty() => continue,
-            n = lines.next() => n,
+            n = lines.next_line() => n,
         };
         let line = match next {
-            None => break,
-            Some(Ok(l)) => l,
-            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
-                // The codec discards the rest of the line; the connection stays usable.
+            Ok(None) => break,
+            Ok(Some(Line::Text(l))) => l,
+            Ok(Some(Line::Invalid(why))) => {
+                let e = RpcError::new("parse_error", why);
+                if out_tx
+                    .send(response(&serde_json::Value::Null, Err(e)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+            Ok(Some(Line::TooLong)) => {
+                // The rest of the line was discarded; the connection stays usable.
                 let e = RpcError::new(
                     "line_too_long",
                     format!("line longer than {max_line} bytes (server.max_line_bytes)"),
@@ -198,7 +210,7 @@ async fn connection(
                 }
                 continue;
             }
-            Some(Err(LinesCodecError::Io(e))) => {
+            Err(e) => {
                 tracing::debug!(error = %e, "connection read failed");
                 break;
             }
@@ -253,4 +265,76 @@ fn handler_may_connect(h: &Handler, uid: u32) -> bool {
 /// Removes the socket file if it is ours (used on shutdown paths that skip `serve`).
 pub fn remove_socket(path: &Path) {
     let _ = std::fs::remove_file(path);
+}
+
+/// One line read from a peer.
+enum Line {
+    Text(String),
+    /// Longer than the limit; its bytes were discarded up to the newline.
+    TooLong,
+    /// Not UTF-8.
+    Invalid(String),
+}
+
+/// Reads newline-terminated lines, never buffering more than `max` bytes:
+/// an overlong line is skipped to its end and reported, and the next line
+/// is read normally (a codec would end the stream after the error).
+struct LineReader<R> {
+    inner: BufReader<R>,
+    max: usize,
+    buf: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    fn new(r: R, max: usize) -> Self {
+        LineReader {
+            inner: BufReader::new(r),
+            max,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
+        self.buf.clear();
+        let mut too_long = false;
+        loop {
+            let chunk = self.inner.fill_buf().await?;
+            if chunk.is_empty() {
+                // EOF: a final line without a newline still counts.
+                if self.buf.is_empty() && !too_long {
+                    return Ok(None);
+                }
+                break;
+            }
+            let (part, done) = match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => (&chunk[..i], Some(i + 1)),
+                None => (chunk, None),
+            };
+            if !too_long {
+                if self.buf.len() + part.len() > self.max {
+                    too_long = true;
+                    self.buf.clear();
+                } else {
+                    self.buf.extend_from_slice(part);
+                }
+            }
+            let used = done.unwrap_or(chunk.len());
+            self.inner.consume(used);
+            if done.is_some() {
+                break;
+            }
+        }
+        if too_long {
+            return Ok(Some(Line::TooLong));
+        }
+        if self.buf.last() == Some(&b'\r') {
+            self.buf.pop();
+        }
+        Ok(Some(
+            match String::from_utf8(std::mem::take(&mut self.buf)) {
+                Ok(s) => Line::Text(s),
+                Err(_) => Line::Invalid("the line is not valid UTF-8".into()),
+            },
+        ))
+    }
 }

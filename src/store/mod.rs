@@ -85,6 +85,34 @@ pub struct StoredGrant {
     pub created_ms: i64,
 }
 
+/// What a retention prune did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    /// Entries deleted.
+    pub entries: u64,
+    /// The last deleted entry, as the checkpoint records it.
+    pub through_seq: i64,
+    pub through_hash: String,
+}
+
+/// A request's Discord card as the outbox knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardRow {
+    pub request_id: RequestId,
+    pub channel_id: u64,
+    /// Set once the card is posted; later changes edit this message.
+    pub message_id: Option<u64>,
+    /// The request state the posted message shows.
+    pub rendered_state: Option<String>,
+    /// The version wanted; the card is due while `want > done`.
+    pub want: i64,
+    pub done: i64,
+    /// Failed attempts since the last success.
+    pub attempts: i64,
+    pub next_attempt_ms: i64,
+    pub deadline_ms: i64,
+}
+
 /// The persistence port the application uses.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -124,6 +152,16 @@ pub trait Store: Send + Sync + 'static {
     /// Every pending request's deadline (for the scheduler at start-up).
     async fn pending_deadlines(&self) -> StoreResult<Vec<(RequestId, i64)>>;
     async fn count_pending_for_agent(&self, agent: &str) -> StoreResult<u64>;
+    /// Distinct tools `agent` has had approved under `task_id` (for the
+    /// lethal-trifecta guard, which must survive restarts).
+    /// The default refuses, so a store that cannot answer fails closed (the
+    /// call errors instead of skipping the guard).
+    async fn approved_task_tools(&self, agent: &str, task_id: &str) -> StoreResult<Vec<String>> {
+        let _ = (agent, task_id);
+        Err(StoreError::Database(
+            "this store cannot list a task's approved tools".into(),
+        ))
+    }
 
     /// Adds a grant; `false` if it already existed.
     async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool>;
@@ -178,6 +216,51 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_after(&self, after: i64, limit: u32) -> StoreResult<Vec<AuditEntry>>;
     /// The chain head `(seq, hash)` as recorded at the last commit.
     async fn audit_head(&self) -> StoreResult<(i64, String)>;
+    /// Deletes the oldest entries (the longest prefix of the log older than
+    /// `cutoff_ms`) and, in the same transaction, appends a checkpoint that
+    /// names the last one deleted. `None` when nothing was old enough.
+    /// The default refuses (keeping entries is the safe failure).
+    async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>> {
+        let _ = (cutoff_ms, now_ms);
+        Err(StoreError::Database(
+            "this store cannot prune the audit log".into(),
+        ))
+    }
+
+    // ---- Discord card outbox ------------------------------------------
+
+    /// Creates the card row for a request (due at once), or marks an
+    /// existing one due again (its request changed).
+    async fn card_touch(
+        &self,
+        request_id: RequestId,
+        channel_id: u64,
+        deadline_ms: i64,
+    ) -> StoreResult<()>;
+    /// After a restart: adds a row for every pending request without one,
+    /// and marks due every card whose message shows a stale state.
+    /// Returns how many rows changed.
+    async fn card_reconcile(&self, channel_id: u64) -> StoreResult<u64>;
+    /// Due cards (`want > done`, `next_attempt_ms <= now_ms`), oldest deadline first.
+    async fn cards_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<CardRow>>;
+    /// The earliest retry time among due cards, if any.
+    async fn card_next_attempt(&self) -> StoreResult<Option<i64>>;
+    async fn card(&self, request_id: RequestId) -> StoreResult<Option<CardRow>>;
+    /// Records a successful post or edit of version `version`.
+    async fn card_done(
+        &self,
+        request_id: RequestId,
+        message_id: u64,
+        version: i64,
+        rendered_state: String,
+    ) -> StoreResult<()>;
+    /// Records a failed attempt; the card is retried at `next_attempt_ms`.
+    async fn card_retry_later(
+        &self,
+        request_id: RequestId,
+        attempts: i64,
+        next_attempt_ms: i64,
+    ) -> StoreResult<()>;
 
     /// Flushes and closes.
     async fn close(&self);

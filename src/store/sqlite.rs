@@ -6,8 +6,8 @@
 //! answers each only after the commit: many callers, one fsync.
 
 use super::{
-    Inserted, PairedUser, PairingRefused, PendingPairing, Store, StoreError, StoreResult,
-    StoredGrant, Voted,
+    CardRow, Inserted, PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError,
+    StoreResult, StoredGrant, Voted,
 };
 use crate::domain::audit::{self, events, AuditEntry, AuditEvent};
 use crate::domain::pairing;
@@ -68,6 +68,11 @@ enum Op {
     },
     Redeem(String, String, i64),
     Audit(Vec<AuditEvent>),
+    PruneAudit(i64, i64),
+    CardTouch(RequestId, u64, i64),
+    CardReconcile(u64),
+    CardDone(RequestId, u64, i64, String),
+    CardRetry(RequestId, i64, i64),
 }
 
 enum Reply {
@@ -78,6 +83,8 @@ enum Reply {
     Unit,
     Code(Result<(), PairingRefused>),
     Redeemed(Option<PairedUser>),
+    Pruned(Option<Pruned>),
+    Count(u64),
 }
 
 impl SqliteStore {
@@ -93,12 +100,27 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(sync)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
-        let mut writer = SqliteConnection::connect_with(&opts).await.map_err(db)?;
+            .busy_timeout(Duration::from_secs(5))
+            .pragma("temp_store", "memory");
+        // Migrate through a one-connection pool: `Migrator::run` on a bare
+        // connection makes the future non-`Send` (sqlx's `Acquire` bound).
+        let migrations = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await
+            .map_err(db)?;
         MIGRATOR
-            .run(&mut writer)
+            .run(&migrations)
             .await
             .map_err(|e| StoreError::Migration(e.to_string()))?;
+        migrations.close().await;
+        // The writer never checkpoints (that fsyncs on the commit path); a
+        // separate connection folds the WAL back in the background.
+        let writer =
+            SqliteConnection::connect_with(&opts.clone().pragma("wal_autocheckpoint", "0"))
+                .await
+                .map_err(db)?;
+        let checkpointer = SqliteConnection::connect_with(&opts).await.map_err(db)?;
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
@@ -107,7 +129,11 @@ impl SqliteStore {
             .map_err(db)?;
         let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
         let (stop, stopped) = oneshot::channel();
-        let handle = tokio::spawn(run_writer(writer, rx, stopped, max_batch.max(1)));
+        let handle = tokio::spawn(async move {
+            let ckpt = tokio::spawn(run_checkpointer(checkpointer));
+            run_writer(writer, rx, stopped, max_batch.max(1)).await;
+            ckpt.abort();
+        });
         Ok(SqliteStore {
             reads,
             jobs,
@@ -127,6 +153,25 @@ impl SqliteStore {
 
 fn unexpected() -> StoreError {
     StoreError::Database("writer replied with the wrong kind of answer".into())
+}
+
+/// How often the WAL is folded back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+async fn run_checkpointer(mut conn: SqliteConnection) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // PASSIVE never blocks the writer or readers; what it cannot copy
+        // now it copies next time.
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
 }
 
 async fn run_writer(
@@ -151,6 +196,13 @@ async fn run_writer(
             break;
         }
         write_batch(&mut conn, &mut jobs).await;
+    }
+    // Fold the WAL back into the main file so the database is one file at rest.
+    if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+    {
+        tracing::warn!(error = %e, "final checkpoint failed");
     }
     let _ = conn.close().await;
 }
@@ -192,8 +244,23 @@ async fn run_batch(conn: &mut SqliteConnection, ops: &[&Op]) -> Result<Vec<Reply
     let mut tx = conn.begin().await?;
     let mut replies = Vec::with_capacity(ops.len());
     let mut audit_events = Vec::new();
+    // New requests without an idempotency key are inserted together at the
+    // end: nobody can refer to them before this batch's replies go out.
+    let mut new_rows: Vec<&ApprovalRequest> = Vec::new();
     for op in ops {
+        if let Op::Insert(req, audit) = op {
+            if req.idempotency_key.is_none() {
+                new_rows.push(req);
+                audit_events.extend(audit.iter().cloned());
+                replies.push(Reply::Inserted(Inserted::New((**req).clone())));
+                continue;
+            }
+        }
         replies.push(exec(&mut tx, op, &mut audit_events).await?);
+    }
+    // 23 columns a row; SQLite allows 32766 bound parameters.
+    for chunk in new_rows.chunks(1000) {
+        insert_requests(&mut tx, chunk).await?;
     }
     if !audit_events.is_empty() {
         append_audit(&mut tx, audit_events).await?;
@@ -219,7 +286,7 @@ async fn exec(tx: &mut Tx<'_>, op: &Op, ev: &mut Vec<AuditEvent>) -> Result<Repl
                     return Ok(Reply::Inserted(Inserted::Existing(row.into_request()?)));
                 }
             }
-            insert_request(tx, req).await?;
+            insert_requests(tx, &[req]).await?;
             ev.extend(audit.iter().cloned());
             Reply::Inserted(Inserted::New((**req).clone()))
         }
@@ -461,7 +528,103 @@ async fn exec(tx: &mut Tx<'_>, op: &Op, ev: &mut Vec<AuditEvent>) -> Result<Repl
             ev.extend(list.iter().cloned());
             Reply::Unit
         }
+        Op::PruneAudit(cutoff, now) => Reply::Pruned(prune_audit(tx, ev, *cutoff, *now).await?),
+        Op::CardTouch(id, channel, deadline) => {
+            sqlx::query(
+                "INSERT INTO discord_cards (request_id, channel_id, deadline_ms) VALUES ($1, $2, $3) \
+                 ON CONFLICT (request_id) DO UPDATE SET want = want + 1, attempts = 0, next_attempt_ms = 0",
+            )
+            .bind(id.to_string())
+            .bind(*channel as i64)
+            .bind(deadline)
+            .execute(&mut **tx)
+            .await?;
+            Reply::Unit
+        }
+        Op::CardReconcile(channel) => {
+            let added = sqlx::query(
+                "INSERT INTO discord_cards (request_id, channel_id, deadline_ms) \
+                 SELECT id, $1, deadline_ms FROM requests r WHERE r.state = 'pending' \
+                 AND NOT EXISTS (SELECT 1 FROM discord_cards c WHERE c.request_id = r.id)",
+            )
+            .bind(*channel as i64)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            let stale = sqlx::query(
+                "UPDATE discord_cards SET want = done + 1, attempts = 0, next_attempt_ms = 0 \
+                 WHERE want <= done AND rendered_state IS NOT \
+                 (SELECT state FROM requests r WHERE r.id = discord_cards.request_id)",
+            )
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            Reply::Count(added + stale)
+        }
+        Op::CardDone(id, message, version, state) => {
+            sqlx::query(
+                "UPDATE discord_cards SET message_id = $1, done = MAX(done, $2), rendered_state = $3, \
+                 attempts = 0, next_attempt_ms = 0 WHERE request_id = $4",
+            )
+            .bind(*message as i64)
+            .bind(version)
+            .bind(state)
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await?;
+            Reply::Unit
+        }
+        Op::CardRetry(id, attempts, next) => {
+            sqlx::query(
+                "UPDATE discord_cards SET attempts = $1, next_attempt_ms = $2 WHERE request_id = $3",
+            )
+            .bind(attempts)
+            .bind(next)
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await?;
+            Reply::Unit
+        }
     })
+}
+
+/// Deletes the oldest prefix of the log older than `cutoff` and queues the
+/// checkpoint that accounts for it (appended with this batch's events).
+async fn prune_audit(
+    tx: &mut Tx<'_>,
+    ev: &mut Vec<AuditEvent>,
+    cutoff: i64,
+    now: i64,
+) -> Result<Option<Pruned>, sqlx::Error> {
+    // The prefix ends just before the first entry that is young enough.
+    let (young,): (Option<i64>,) = sqlx::query_as("SELECT MIN(seq) FROM audit WHERE at_ms >= $1")
+        .bind(cutoff)
+        .fetch_one(&mut **tx)
+        .await?;
+    let last: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit WHERE seq < $1 ORDER BY seq DESC LIMIT 1")
+            .bind(young.unwrap_or(i64::MAX))
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some((through_seq, through_hash)) = last else {
+        return Ok(None);
+    };
+    let entries = sqlx::query("DELETE FROM audit WHERE seq <= $1")
+        .bind(through_seq)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    ev.push(audit::checkpoint(
+        now,
+        (through_seq, &through_hash),
+        entries,
+        cutoff,
+    ));
+    Ok(Some(Pruned {
+        entries,
+        through_seq,
+        through_hash,
+    }))
 }
 
 async fn finish(
@@ -506,38 +669,38 @@ fn effect_str(e: Effect) -> &'static str {
     }
 }
 
-async fn insert_request(tx: &mut Tx<'_>, r: &ApprovalRequest) -> Result<(), sqlx::Error> {
-    sqlx::query(
+async fn insert_requests(tx: &mut Tx<'_>, rows: &[&ApprovalRequest]) -> Result<(), sqlx::Error> {
+    let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
         "INSERT INTO requests (id, agent, tool, args, args_hash, user_id, channel_id, justification, \
          task_id, idempotency_key, risk, approvals_required, admin_only, rule, rule_detail, flags, \
-         created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
-    )
-    .bind(r.id.to_string())
-    .bind(&r.agent)
-    .bind(&r.tool)
-    .bind(r.args.to_string())
-    .bind(&r.args_hash)
-    .bind(&r.user_id)
-    .bind(&r.channel_id)
-    .bind(&r.justification)
-    .bind(&r.task_id)
-    .bind(&r.idempotency_key)
-    .bind(r.risk.as_str())
-    .bind(r.approvals_required as i64)
-    .bind(r.admin_only)
-    .bind(&r.rule)
-    .bind(&r.rule_detail)
-    .bind(serde_json::Value::Array(r.flags.clone()).to_string())
-    .bind(r.created_ms)
-    .bind(r.deadline_ms)
-    .bind(r.state.as_str())
-    .bind(r.decided_by.map(|d| d.as_str()))
-    .bind(&r.decided_who)
-    .bind(&r.decided_reason)
-    .bind(r.decided_ms)
-    .execute(&mut **tx)
-    .await?;
+         created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms) ",
+    );
+    qb.push_values(rows, |mut b, r| {
+        b.push_bind(r.id.to_string())
+            .push_bind(&r.agent)
+            .push_bind(&r.tool)
+            .push_bind(r.args.to_string())
+            .push_bind(&r.args_hash)
+            .push_bind(&r.user_id)
+            .push_bind(&r.channel_id)
+            .push_bind(&r.justification)
+            .push_bind(&r.task_id)
+            .push_bind(&r.idempotency_key)
+            .push_bind(r.risk.as_str())
+            .push_bind(r.approvals_required as i64)
+            .push_bind(r.admin_only)
+            .push_bind(&r.rule)
+            .push_bind(&r.rule_detail)
+            .push_bind(serde_json::Value::Array(r.flags.clone()).to_string())
+            .push_bind(r.created_ms)
+            .push_bind(r.deadline_ms)
+            .push_bind(r.state.as_str())
+            .push_bind(r.decided_by.map(|d| d.as_str()))
+            .push_bind(&r.decided_who)
+            .push_bind(&r.decided_reason)
+            .push_bind(r.decided_ms);
+    });
+    qb.build().execute(&mut **tx).await?;
     Ok(())
 }
 
@@ -575,12 +738,14 @@ async fn load(tx: &mut Tx<'_>, id: RequestId) -> Result<Option<ApprovalRequest>,
         .transpose()
 }
 
+/// A `votes` row: voter, name, approve, reason, at_ms.
+type VoteRow = (String, Option<String>, bool, Option<String>, i64);
+
 async fn load_votes<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     ex: E,
     id: RequestId,
 ) -> Result<Vec<Vote>, sqlx::Error> {
-    #[allow(clippy::type_complexity)]
-    let rows: Vec<(String, Option<String>, bool, Option<String>, i64)> = sqlx::query_as(
+    let rows: Vec<VoteRow> = sqlx::query_as(
         "SELECT voter, name, approve, reason, at_ms FROM votes WHERE request_id = $1 ORDER BY at_ms, voter",
     )
     .bind(id.to_string())
@@ -697,6 +862,35 @@ impl RequestRow {
             decided_who: self.decided_who,
             decided_reason: self.decided_reason,
             decided_ms: self.decided_ms,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct CardDbRow {
+    request_id: String,
+    channel_id: i64,
+    message_id: Option<i64>,
+    rendered_state: Option<String>,
+    want: i64,
+    done: i64,
+    attempts: i64,
+    next_attempt_ms: i64,
+    deadline_ms: i64,
+}
+
+impl CardDbRow {
+    fn into_card(self) -> StoreResult<CardRow> {
+        Ok(CardRow {
+            request_id: self.request_id.parse().map_err(StoreError::Corrupt)?,
+            channel_id: self.channel_id as u64,
+            message_id: self.message_id.map(|m| m as u64),
+            rendered_state: self.rendered_state,
+            want: self.want,
+            done: self.done,
+            attempts: self.attempts,
+            next_attempt_ms: self.next_attempt_ms,
+            deadline_ms: self.deadline_ms,
         })
     }
 }
@@ -849,6 +1043,18 @@ impl Store for SqliteStore {
                 .and_then(|r| r.try_get(0))
                 .map_err(db)?;
         Ok(n as u64)
+    }
+
+    async fn approved_task_tools(&self, agent: &str, task_id: &str) -> StoreResult<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT tool FROM requests WHERE agent = $1 AND task_id = $2 AND state = 'approved' ORDER BY tool",
+        )
+        .bind(agent)
+        .bind(task_id)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?;
+        Ok(rows.into_iter().map(|(t,)| t).collect())
     }
 
     async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool> {
@@ -1061,12 +1267,112 @@ impl Store for SqliteStore {
             .map_err(db)
     }
 
+    async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>> {
+        match self.write(Op::PruneAudit(cutoff_ms, now_ms)).await? {
+            Reply::Pruned(p) => Ok(p),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn card_touch(
+        &self,
+        request_id: RequestId,
+        channel_id: u64,
+        deadline_ms: i64,
+    ) -> StoreResult<()> {
+        match self
+            .write(Op::CardTouch(request_id, channel_id, deadline_ms))
+            .await?
+        {
+            Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn card_reconcile(&self, channel_id: u64) -> StoreResult<u64> {
+        match self.write(Op::CardReconcile(channel_id)).await? {
+            Reply::Count(n) => Ok(n),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn cards_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<CardRow>> {
+        sqlx::query_as::<_, CardDbRow>(
+            "SELECT * FROM discord_cards WHERE want > done AND next_attempt_ms <= $1 \
+             ORDER BY deadline_ms, request_id LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?
+        .into_iter()
+        .map(CardDbRow::into_card)
+        .collect()
+    }
+
+    async fn card_next_attempt(&self) -> StoreResult<Option<i64>> {
+        let (next,): (Option<i64>,) =
+            sqlx::query_as("SELECT MIN(next_attempt_ms) FROM discord_cards WHERE want > done")
+                .fetch_one(&self.reads)
+                .await
+                .map_err(db)?;
+        Ok(next)
+    }
+
+    async fn card(&self, request_id: RequestId) -> StoreResult<Option<CardRow>> {
+        sqlx::query_as::<_, CardDbRow>("SELECT * FROM discord_cards WHERE request_id = $1")
+            .bind(request_id.to_string())
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(db)?
+            .map(CardDbRow::into_card)
+            .transpose()
+    }
+
+    async fn card_done(
+        &self,
+        request_id: RequestId,
+        message_id: u64,
+        version: i64,
+        rendered_state: String,
+    ) -> StoreResult<()> {
+        match self
+            .write(Op::CardDone(
+                request_id,
+                message_id,
+                version,
+                rendered_state,
+            ))
+            .await?
+        {
+            Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn card_retry_later(
+        &self,
+        request_id: RequestId,
+        attempts: i64,
+        next_attempt_ms: i64,
+    ) -> StoreResult<()> {
+        match self
+            .write(Op::CardRetry(request_id, attempts, next_attempt_ms))
+            .await?
+        {
+            Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
     async fn close(&self) {
-        // The writer commits what is queued, then closes its connection.
+        // Readers first, so the writer's final checkpoint is not blocked by
+        // them; the writer commits what is queued, checkpoints and closes.
+        self.reads.close().await;
         if let Some((stop, handle)) = self.writer.lock().await.take() {
             let _ = stop.send(());
             let _ = handle.await;
         }
-        self.reads.close().await;
     }
 }

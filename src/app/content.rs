@@ -1,0 +1,166 @@
+//! The content guard's use-cases on [`Gateway`]: masking and scanning a
+//! call before the policy sees it, the lethal-trifecta history from the
+//! store, `verify` of arguments against an approval, and audit retention.
+//! The rules themselves are pure, in `domain::{redact, flags, trifecta, audit}`.
+
+use super::{now_ms, AppError, Gateway, Submission};
+use crate::domain::flags::Flag;
+use crate::domain::redact;
+use crate::domain::request::{RequestId, State};
+use crate::domain::trifecta;
+use crate::store::Pruned;
+use serde::Serialize;
+
+/// What `verify` answers: does an argument object match what was approved?
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyAnswer {
+    pub request_id: String,
+    /// The given arguments hash to the request's `args_hash`.
+    pub matches: bool,
+    /// The request is approved.
+    pub approved: bool,
+    pub state: State,
+    /// Hash of the arguments given to `verify`.
+    pub args_hash: String,
+    /// Hash of the arguments the request was submitted (and approved) with.
+    pub expected_hash: String,
+}
+
+/// The content guard's view of one call: what may be shown and stored, the
+/// flags raised, and what they do to the policy.
+pub(super) struct Content {
+    pub(super) args: serde_json::Value,
+    pub(super) justification: String,
+    pub(super) flags: Vec<serde_json::Value>,
+    pub(super) raise_risk: Option<String>,
+    pub(super) force_deny: Option<(String, String)>,
+    pub(super) force_ask: Option<String>,
+}
+
+impl Gateway {
+    /// Masks, scans and checks the trifecta for one call. Fail closed: if
+    /// masking or scanning fails, the arguments are withheld and the call is
+    /// denied; if the task history cannot be read, the call fails.
+    pub(super) async fn content(&self, agent: &str, s: &Submission) -> Result<Content, AppError> {
+        let guarded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let args = self.redactor.redact_value(&s.args).value;
+            let (justification, _) = self.redactor.redact_text(&s.justification);
+            let flags = self.scanner.scan(&s.tool, &s.args, &s.justification);
+            (args, justification, flags)
+        }));
+        let Ok((args, justification, flags)) = guarded else {
+            tracing::error!(agent = %agent, tool = %s.tool, "content guard failed; denying the call");
+            return Ok(Content {
+                args: serde_json::json!({"withheld": "the content guard failed on these arguments"}),
+                justification: "[withheld]".into(),
+                flags: vec![],
+                raise_risk: None,
+                force_deny: Some((
+                    "content_guard_failed".into(),
+                    "the arguments could not be masked and scanned, so the call is denied".into(),
+                )),
+                force_ask: None,
+            });
+        };
+        // Flag details quote paths and hosts: mask them like everything else.
+        let flags: Vec<Flag> = flags
+            .into_iter()
+            .map(|f| Flag {
+                kind: f.kind,
+                detail: self.redactor.redact_text(&f.detail).0,
+            })
+            .collect();
+        let c = &self.cfg.content;
+        let mut kinds: Vec<&str> = flags.iter().map(|f| f.kind.as_str()).collect();
+        kinds.dedup();
+        let raise_risk = (c.raise_risk_on_flags && !flags.is_empty())
+            .then(|| format!("content flags: {}", kinds.join(", ")));
+        let force_deny = flags
+            .iter()
+            .find(|f| c.deny_on_flags.contains(&f.kind))
+            .map(|f| {
+                (
+                    format!("flag_{}", f.kind.as_str()),
+                    format!(
+                        "{} flag (content.deny_on_flags denies it): {}",
+                        f.kind.as_str(),
+                        f.detail
+                    ),
+                )
+            });
+        let force_ask = self.trifecta(agent, s).await?;
+        Ok(Content {
+            args,
+            justification,
+            flags: flags
+                .iter()
+                .filter_map(|f| serde_json::to_value(f).ok())
+                .collect(),
+            raise_risk,
+            force_deny,
+            force_ask,
+        })
+    }
+
+    /// The trifecta reason for this call, from the task's approved history in
+    /// the store (so it holds across restarts).
+    async fn trifecta(&self, agent: &str, s: &Submission) -> Result<Option<String>, AppError> {
+        let tags = self.cfg.tool_tags(&s.tool);
+        let Some(task) = &s.task_id else {
+            return Ok(None);
+        };
+        if tags.is_empty() {
+            return Ok(None);
+        }
+        let history: Vec<(String, Vec<trifecta::ToolTag>)> = self
+            .store
+            .approved_task_tools(agent, task)
+            .await?
+            .into_iter()
+            .map(|t| {
+                let tags = self.cfg.tool_tags(&t).to_vec();
+                (t, tags)
+            })
+            .filter(|(_, t)| !t.is_empty())
+            .collect();
+        Ok(trifecta::check(&history, &s.tool, tags))
+    }
+
+    /// Whether `args` are exactly the arguments request `id` was submitted
+    /// with (compared by the SHA-256 of their canonical JSON), and whether it
+    /// is approved. Nothing about `args` is stored or logged.
+    pub async fn verify_args(
+        &self,
+        id: RequestId,
+        agent: Option<&str>,
+        args: &serde_json::Value,
+    ) -> Result<VerifyAnswer, AppError> {
+        let r = self.status_for(id, agent).await?;
+        let given = redact::args_hash(args);
+        Ok(VerifyAnswer {
+            request_id: r.id.to_string(),
+            matches: given == r.args_hash,
+            approved: r.state == State::Approved,
+            state: r.state,
+            args_hash: given,
+            expected_hash: r.args_hash,
+        })
+    }
+
+    /// Prunes audit entries older than `days` days (retention), leaving a
+    /// checkpoint entry so the rest of the chain still verifies.
+    pub async fn prune_audit(&self, days: u32) -> Result<Option<Pruned>, AppError> {
+        let now = now_ms();
+        let cutoff = now - i64::from(days) * 86_400_000;
+        let pruned = self.store.prune_audit(cutoff, now).await?;
+        if let Some(p) = &pruned {
+            tracing::info!(
+                entries = p.entries,
+                through_seq = p.through_seq,
+                retention_days = days,
+                "pruned the audit log"
+            );
+        }
+        Ok(pruned)
+    }
+}

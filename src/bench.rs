@@ -1,0 +1,179 @@
+//! `keyturn bench`: measures the gateway over its real socket.
+//!
+//! Starts an in-process server on a temporary directory, then:
+//! 1. N concurrent clients submit calls the policy decides alone (half
+//!    allowed low-risk, half denied not-allowed); every one is committed to
+//!    the audit log before its reply. Reports throughput and latency.
+//! 2. Approval wake-up: an agent waits on a pending request, an admin
+//!    approves; reports the time from the approval's reply (its commit) to
+//!    the agent receiving the decision.
+
+use crate::config::Config;
+use crate::ipc::client::Client;
+use serde_json::json;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub struct BenchOptions {
+    pub clients: usize,
+    pub seconds: u64,
+    pub wakeups: usize,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let text = format!(
+        r#"
+[server]
+socket_path = "{sock}"
+max_connections = 1024
+[store]
+url = "sqlite://{db}"
+[[agents]]
+name = "bench"
+max_pending = 100000
+[[tools]]
+name = "fast_read"
+risk = "low"
+[[tools]]
+name = "gated"
+risk = "high"
+[[grants]]
+scope = "global"
+tool = "fast_read"
+[[grants]]
+scope = "global"
+tool = "gated"
+"#,
+        sock = dir.join("bench.sock").display(),
+        db = dir.join("bench.db").display()
+    );
+    let cfg = Config::parse(&text).map_err(anyhow::Error::msg)?;
+    cfg.validate()?;
+    let sock = cfg.server.socket_path.clone();
+    let stop = CancellationToken::new();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(crate::serve::run_until(cfg, stop.clone(), Some(ready_tx)));
+    ready_rx.await?;
+
+    println!("== policy-decided calls: {} clients for {} s (each committed to the audit log before its reply)", o.clients, o.seconds);
+    let until = Instant::now() + Duration::from_secs(o.seconds);
+    let mut tasks = Vec::new();
+    for c in 0..o.clients {
+        let sock = sock.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect(&sock).await?;
+            let mut lat = Vec::with_capacity(100_000);
+            let mut i = 0u64;
+            while Instant::now() < until {
+                let tool = if i % 2 == 0 {
+                    "fast_read"
+                } else {
+                    "not_allowed"
+                };
+                let t = Instant::now();
+                let v = client
+                    .call(
+                        "submit",
+                        json!({"agent": "bench", "tool": tool, "args": {"client": c, "i": i}}),
+                    )
+                    .await?;
+                lat.push(t.elapsed());
+                anyhow::ensure!(
+                    v["state"] == if i % 2 == 0 { "approved" } else { "denied" },
+                    "unexpected {v}"
+                );
+                i += 1;
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let elapsed = started.elapsed();
+    all.sort();
+    println!(
+        "calls: {}  throughput: {:.0}/s",
+        all.len(),
+        all.len() as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "latency: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+        ms(percentile(&all, 0.5)),
+        ms(percentile(&all, 0.9)),
+        ms(percentile(&all, 0.99)),
+        ms(percentile(&all, 0.999)),
+        ms(*all.last().unwrap_or(&Duration::ZERO))
+    );
+
+    println!("== approval wake-up: {} rounds", o.wakeups);
+    let mut admin = Client::connect(&sock).await?;
+    let mut after_commit = Vec::new();
+    let mut end_to_end = Vec::new();
+    for _ in 0..o.wakeups {
+        let r = admin
+            .call(
+                "submit",
+                json!({"agent": "bench", "tool": "gated", "args": {}}),
+            )
+            .await?;
+        let id = r["request_id"].as_str().unwrap_or_default().to_string();
+        let mut agent = Client::connect(&sock).await?;
+        let wid = id.clone();
+        let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let v = agent
+                .call("wait", json!({"agent": "bench", "id": wid}))
+                .await;
+            let _ = got_tx.send((Instant::now(), v));
+        });
+        // Give the waiter time to register (this is a benchmark, not a test).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let t0 = Instant::now();
+        admin.call("approve", json!({"id": id})).await?;
+        let t1 = Instant::now();
+        let (t2, v) = got_rx.await?;
+        anyhow::ensure!(v?["state"] == "approved", "waiter did not see the approval");
+        after_commit.push(t2.saturating_duration_since(t1));
+        end_to_end.push(t2 - t0);
+    }
+    after_commit.sort();
+    end_to_end.sort();
+    println!(
+        "approve sent -> agent has decision: p50 {}  p99 {}  max {}",
+        ms(percentile(&end_to_end, 0.5)),
+        ms(percentile(&end_to_end, 0.99)),
+        ms(*end_to_end.last().unwrap_or(&Duration::ZERO))
+    );
+    println!(
+        "approve committed (reply received) -> agent has decision: p50 {}  p99 {}  max {}",
+        ms(percentile(&after_commit, 0.5)),
+        ms(percentile(&after_commit, 0.99)),
+        ms(*after_commit.last().unwrap_or(&Duration::ZERO))
+    );
+    stop.cancel();
+    server.await??;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let base = std::env::temp_dir().join(format!("keyturn-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&base)?;
+    Ok(base)
+}

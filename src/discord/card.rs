@@ -1,0 +1,794 @@
+//! Rendering of approval cards: a request in, a Discord message body out.
+//!
+//! Pure: no serenity, no I/O, no clock. Everything that came from an agent
+//! (arguments, justification, agent and tool names, ids) or from a Discord
+//! user (names, reasons) is untrusted and goes through one of the escapers
+//! here, so that it cannot close a code block, render markdown or masked
+//! links, mention anyone, fake a line of Discord UI, hide characters, or
+//! overflow Discord's limits. When something had to be cut, the full
+//! (already redacted) request is attached as `request-<id>.json`.
+
+use super::routing::Route;
+use crate::domain::request::{ApprovalRequest, State};
+use crate::domain::Risk;
+use serde_json::{json, Value};
+
+/// Discord's documented limits (counted in characters).
+pub mod limits {
+    pub const CONTENT: usize = 2000;
+    pub const EMBED_TITLE: usize = 256;
+    pub const EMBED_DESCRIPTION: usize = 4096;
+    pub const EMBED_FIELDS: usize = 25;
+    pub const EMBED_FIELD_NAME: usize = 256;
+    pub const EMBED_FIELD_VALUE: usize = 1024;
+    pub const EMBED_FOOTER: usize = 2048;
+    pub const EMBED_TOTAL: usize = 6000;
+}
+
+/// Our own budgets, chosen so that the sum stays under [`limits::EMBED_TOTAL`].
+const TITLE_BUDGET: usize = 200;
+const JUSTIFICATION_BUDGET: usize = 1500;
+const ARGS_BUDGET: usize = limits::EMBED_FIELD_VALUE;
+const RULE_BUDGET: usize = 600;
+const FLAGS_BUDGET: usize = 400;
+const REASON_BUDGET: usize = 700;
+const SHORT_BUDGET: usize = 120;
+
+/// Shown where something was cut.
+pub const TRUNCATED: &str = "… [truncated]";
+
+/// Embed colours: pending by risk, then by final state.
+pub mod colour {
+    pub const LOW: u32 = 0x2E_CC_71;
+    pub const MEDIUM: u32 = 0xF1_C4_0F;
+    pub const HIGH: u32 = 0xE6_7E_22;
+    pub const CRITICAL: u32 = 0xE7_4C_3C;
+    pub const APPROVED: u32 = 0x1F_8B_4C;
+    pub const DENIED: u32 = 0x99_2D_22;
+    pub const TIMED_OUT: u32 = 0x95_A5_A6;
+    pub const CANCELLED: u32 = 0x60_7D_8B;
+}
+
+/// Who may be pinged, from the config.
+#[derive(Debug, Clone, Default)]
+pub struct CardSettings {
+    pub approver_role_id: Option<u64>,
+    pub admin_role_id: Option<u64>,
+    pub ping_approvers: bool,
+    pub ping_admins: bool,
+}
+
+/// A file sent with a card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardFile {
+    pub filename: String,
+    pub data: Vec<u8>,
+}
+
+/// A message body ready for `POST`/`PATCH /channels/{c}/messages`.
+#[derive(Debug, Clone)]
+pub struct RenderedCard {
+    /// JSON body (`payload_json` when there is a file).
+    pub payload: Value,
+    /// The full request, when the card had to be truncated (posts only).
+    pub file: Option<CardFile>,
+    /// Whether anything was cut.
+    pub truncated: bool,
+}
+
+/// `allowed_mentions` that pings nobody, for every message the bot sends.
+pub fn no_mentions() -> Value {
+    json!({"parse": [], "users": [], "roles": [], "replied_user": false})
+}
+
+/// The colour of a card.
+pub fn colour_of(req: &ApprovalRequest) -> u32 {
+    match req.state {
+        State::Pending => match req.risk {
+            Risk::Low => colour::LOW,
+            Risk::Medium => colour::MEDIUM,
+            Risk::High => colour::HIGH,
+            Risk::Critical => colour::CRITICAL,
+        },
+        State::Approved => colour::APPROVED,
+        State::Denied => colour::DENIED,
+        State::TimedOut => colour::TIMED_OUT,
+        State::Cancelled => colour::CANCELLED,
+    }
+}
+
+fn state_label(s: State) -> &'static str {
+    match s {
+        State::Pending => "Approval needed",
+        State::Approved => "Approved",
+        State::Denied => "Denied",
+        State::TimedOut => "Timed out",
+        State::Cancelled => "Cancelled",
+    }
+}
+
+fn icon(s: State) -> &'static str {
+    match s {
+        State::Pending => "⏳",
+        State::Approved => "✅",
+        State::Denied => "⛔",
+        State::TimedOut => "⌛",
+        State::Cancelled => "✖",
+    }
+}
+
+/// The role to ping for a pending card, if the config asks for one.
+pub fn ping_role(req: &ApprovalRequest, s: &CardSettings) -> Option<u64> {
+    if req.state != State::Pending {
+        return None;
+    }
+    match req.risk {
+        Risk::Critical if s.ping_admins => s.admin_role_id,
+        Risk::High if s.ping_approvers => s.approver_role_id,
+        _ => None,
+    }
+}
+
+/// Renders `req` as a card. `creating`: a new message (may carry the file)
+/// rather than an edit (which keeps the attachments already there).
+pub fn render(req: &ApprovalRequest, s: &CardSettings, creating: bool) -> RenderedCard {
+    render_with_votes(req, s, creating, &[])
+}
+
+/// [`render`], showing who has approved so far (`approvers`: display names)
+/// when a request needs several approvals.
+pub fn render_with_votes(
+    req: &ApprovalRequest,
+    s: &CardSettings,
+    creating: bool,
+    approvers: &[String],
+) -> RenderedCard {
+    let mut truncated = false;
+    let mut cut = |(text, was_cut): (String, bool)| {
+        truncated |= was_cut;
+        text
+    };
+    let tool = inline_code(&req.tool, SHORT_BUDGET);
+    let title = fit(
+        &format!(
+            "{} {}: {}",
+            icon(req.state),
+            state_label(req.state),
+            plain(&req.tool)
+        ),
+        TITLE_BUDGET,
+    )
+    .0;
+    let justification = if req.justification.trim().is_empty() {
+        "*No justification given.*".to_string()
+    } else {
+        cut(code_block(&req.justification, "text", JUSTIFICATION_BUDGET))
+    };
+    let description = format!("**Justification**\n{justification}");
+    let args_pretty =
+        serde_json::to_string_pretty(&req.args).unwrap_or_else(|_| req.args.to_string());
+    let args = cut(code_block(&args_pretty, "json", ARGS_BUDGET));
+    let risk = match (req.risk, req.admin_only) {
+        (r, true) => format!("{} (admins only)", r.as_str().to_uppercase()),
+        (r, false) => r.as_str().to_uppercase(),
+    };
+    let on_behalf = match &req.user_id {
+        Some(u) if is_snowflake(u) => format!("<@{u}> (`{u}`)"),
+        Some(u) => inline_code(u, SHORT_BUDGET),
+        None => "—".into(),
+    };
+    let channel = match &req.channel_id {
+        Some(c) if is_snowflake(c) => format!("<#{c}> (`{c}`)"),
+        Some(c) => inline_code(c, SHORT_BUDGET),
+        None => "—".into(),
+    };
+    let secs = req.deadline_ms.div_euclid(1000);
+    let deadline = if req.state == State::Pending {
+        format!("<t:{secs}:R> (<t:{secs}:f>)")
+    } else {
+        format!("was <t:{secs}:f>")
+    };
+    let why = cut(fit(
+        &format!("{} — {}", plain(&req.rule), plain(&req.rule_detail)),
+        RULE_BUDGET,
+    ));
+    let mut fields = vec![
+        field("Tool", tool, true),
+        field("Risk", risk, true),
+        field("Agent", inline_code(&req.agent, SHORT_BUDGET), true),
+        field("On behalf of", on_behalf, true),
+        field("Channel", channel, true),
+        field("Deadline", deadline, true),
+        field("Why policy asked", why, false),
+        field("Arguments", args, false),
+    ];
+    if let Some(t) = &req.task_id {
+        fields.push(field("Task", inline_code(t, SHORT_BUDGET), true));
+    }
+    if req.approvals_required > 1 && req.state == State::Pending {
+        let who = if approvers.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", plain(&approvers.join(", ")))
+        };
+        let text = format!(
+            "{} of {}{who}",
+            approvers.len().min(req.approvals_required as usize),
+            req.approvals_required
+        );
+        fields.push(field("Approvals", fit(&text, 300).0, true));
+    }
+    if !req.flags.is_empty() {
+        let flags = serde_json::to_string(&req.flags).unwrap_or_default();
+        fields.push(field(
+            "Flags",
+            cut(code_block(&flags, "json", FLAGS_BUDGET)),
+            false,
+        ));
+    }
+    if req.state.is_terminal() {
+        let who = req
+            .decided_who
+            .as_deref()
+            .map(|w| fit(&plain(w), SHORT_BUDGET * 2).0)
+            .unwrap_or_else(|| match req.state {
+                State::TimedOut => "nobody (timeout)".into(),
+                _ => "—".into(),
+            });
+        let when = req
+            .decided_ms
+            .map(|ms| format!(" <t:{}:f>", ms.div_euclid(1000)))
+            .unwrap_or_default();
+        fields.push(field(
+            "Decision",
+            format!("**{}** by {who}{when}", state_label(req.state)),
+            false,
+        ));
+        if let Some(r) = req.decided_reason.as_deref().filter(|r| !r.is_empty()) {
+            fields.push(field(
+                "Reason",
+                cut(code_block(r, "text", REASON_BUDGET)),
+                false,
+            ));
+        }
+    }
+    let mut footer = format!("request {}", req.id);
+    if truncated {
+        footer.push_str(&format!(
+            " · truncated: full request in request-{}.json",
+            req.id
+        ));
+    }
+    let embed = json!({
+        "title": title,
+        "description": description,
+        "color": colour_of(req),
+        "fields": fields,
+        "footer": {"text": footer},
+    });
+    let ping = ping_role(req, s);
+    let headline = format!(
+        "{} {}: {}",
+        icon(req.state),
+        state_label(req.state),
+        inline_code(&req.tool, SHORT_BUDGET)
+    );
+    let content = match ping {
+        Some(role) => format!("<@&{role}> {headline}"),
+        None => headline,
+    };
+    let mut allowed = no_mentions();
+    if let Some(role) = ping {
+        allowed["roles"] = json!([role.to_string()]);
+    }
+    let components = if req.state == State::Pending {
+        json!([{
+            "type": 1,
+            "components": [
+                {"type": 2, "style": 3, "label": "Approve", "custom_id": Route::Approve(req.id).custom_id()},
+                {"type": 2, "style": 4, "label": "Deny", "custom_id": Route::Deny(req.id).custom_id()},
+                {"type": 2, "style": 2, "label": "Deny with reason…", "custom_id": Route::DenyWithReason(req.id).custom_id()},
+            ]
+        }])
+    } else {
+        json!([])
+    };
+    let mut payload = json!({
+        "content": content,
+        "embeds": [embed],
+        "components": components,
+        "allowed_mentions": allowed,
+    });
+    if creating {
+        // Discord drops a second create with the same nonce (for a few
+        // minutes): a post retried after a lost reply is not shown twice.
+        let nonce: String = req.id.0.simple().to_string().chars().take(25).collect();
+        payload["nonce"] = json!(nonce);
+        payload["enforce_nonce"] = json!(true);
+    }
+    let file = (creating && truncated).then(|| CardFile {
+        filename: format!("request-{}.json", req.id),
+        data: full_payload(req),
+    });
+    if let Some(f) = &file {
+        payload["attachments"] = json!([{
+            "id": 0,
+            "filename": f.filename,
+            "description": "The full request (secrets redacted)",
+        }]);
+    }
+    RenderedCard {
+        payload,
+        file,
+        truncated,
+    }
+}
+
+/// The full (already redacted) request as attached to truncated cards.
+pub fn full_payload(req: &ApprovalRequest) -> Vec<u8> {
+    let v = json!({
+        "id": req.id,
+        "agent": req.agent,
+        "tool": req.tool,
+        "args": req.args,
+        "justification": req.justification,
+        "user_id": req.user_id,
+        "channel_id": req.channel_id,
+        "task_id": req.task_id,
+        "risk": req.risk,
+        "rule": req.rule,
+        "rule_detail": req.rule_detail,
+        "flags": req.flags,
+        "created_ms": req.created_ms,
+        "deadline_ms": req.deadline_ms,
+    });
+    serde_json::to_vec_pretty(&v).unwrap_or_default()
+}
+
+fn field(name: &str, value: String, inline: bool) -> Value {
+    let value = if value.trim().is_empty() {
+        "—".to_string()
+    } else {
+        value
+    };
+    json!({"name": name, "value": value, "inline": inline})
+}
+
+/// Total characters Discord counts against [`limits::EMBED_TOTAL`].
+pub fn embed_size(embed: &Value) -> usize {
+    let len = |v: &Value| v.as_str().map_or(0, length);
+    let mut n = len(&embed["title"]) + len(&embed["description"]) + len(&embed["footer"]["text"]);
+    for f in embed["fields"].as_array().into_iter().flatten() {
+        n += len(&f["name"]) + len(&f["value"]);
+    }
+    n
+}
+
+fn is_snowflake(s: &str) -> bool {
+    (1..=20).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Characters that render as nothing or reorder text: shown as `⟨U+XXXX⟩`.
+pub fn is_hidden(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}'
+        | '\u{200B}'..='\u{200F}'
+        | '\u{2028}'..='\u{202E}'
+        | '\u{205F}'..='\u{206F}'
+        | '\u{3164}' | '\u{FEFF}' | '\u{FFA0}' | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0000}'..='\u{E007F}')
+        || (c.is_control() && c != '\n' && c != '\t')
+}
+
+/// Replaces hidden and control characters (except newline and tab) with a
+/// visible marker.
+pub fn reveal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if is_hidden(c) {
+            out.push_str(&format!("⟨U+{:04X}⟩", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The look-alike used for backticks inside code (U+02CB): it cannot close
+/// a code span or block.
+const BACKTICK_STANDIN: char = 'ˋ';
+
+/// Length as Discord's limits count it. Counted in UTF-16 units, which is
+/// never less than code points: safe whichever of the two Discord counts.
+pub fn length(s: &str) -> usize {
+    s.encode_utf16().count()
+}
+
+/// Cuts `s` to at most `max` characters ([`length`]), marking the cut.
+pub fn fit(s: &str, max: usize) -> (String, bool) {
+    if length(s) <= max {
+        return (s.to_string(), false);
+    }
+    let keep = max.saturating_sub(length(TRUNCATED));
+    let mut out = String::new();
+    let mut n = 0;
+    for c in s.chars() {
+        n += c.len_utf16();
+        if n > keep {
+            break;
+        }
+        out.push(c);
+    }
+    out.push_str(TRUNCATED);
+    (out, true)
+}
+
+/// A fenced code block holding untrusted text, at most `max` characters in
+/// all. Inside a code block nothing renders (no markdown, links, mentions);
+/// backticks are replaced so the fence cannot be closed early.
+pub fn code_block(s: &str, lang: &str, max: usize) -> (String, bool) {
+    let body: String = reveal(s)
+        .chars()
+        .map(|c| if c == '`' { BACKTICK_STANDIN } else { c })
+        .collect();
+    let open = format!("```{lang}\n");
+    let close = "\n```";
+    let room = max.saturating_sub(length(&open) + length(close));
+    let (body, cut) = fit(&body, room);
+    (format!("{open}{body}{close}"), cut)
+}
+
+/// An inline code span on one line: for names and ids.
+pub fn inline_code(s: &str, max: usize) -> String {
+    let body: String = single_line(s)
+        .chars()
+        .map(|c| if c == '`' { BACKTICK_STANDIN } else { c })
+        .collect();
+    if body.trim().is_empty() {
+        return "—".into();
+    }
+    let (body, _) = fit(&body, max.saturating_sub(2));
+    format!("`{body}`")
+}
+
+/// One line: hidden characters revealed, line breaks shown as `⏎`.
+pub fn single_line(s: &str) -> String {
+    reveal(s)
+        .chars()
+        .map(|c| match c {
+            '\n' | '\r' => '⏎',
+            '\t' => ' ',
+            c => c,
+        })
+        .collect()
+}
+
+/// Untrusted text as plain, single-line markdown: every markdown, mention
+/// and link character is backslash-escaped, and `://` is broken so that no
+/// URL becomes a link.
+pub fn plain(s: &str) -> String {
+    let line = single_line(s);
+    let mut out = String::with_capacity(line.len() + 8);
+    let chars: Vec<char> = line.chars().collect();
+    for (i, &c) in chars.iter().enumerate() {
+        if c == '`' {
+            out.push(BACKTICK_STANDIN);
+            continue;
+        }
+        // `:` matters only in `://` (auto-links); `<t:` is broken by `\<`.
+        let url = c == ':' && chars.get(i + 1) == Some(&'/') && chars.get(i + 2) == Some(&'/');
+        if "\\*_~|>#[]()<@!-".contains(c) || url {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::request::RequestId;
+    use uuid::Uuid;
+
+    pub(crate) fn request() -> ApprovalRequest {
+        ApprovalRequest {
+            id: RequestId(Uuid::from_u128(0x1234)),
+            agent: "ci-bot".into(),
+            tool: "delete_file".into(),
+            args: json!({"path": "/srv/x"}),
+            args_hash: "h".into(),
+            user_id: Some("42".into()),
+            channel_id: Some("7".into()),
+            justification: "cleanup".into(),
+            task_id: None,
+            idempotency_key: None,
+            risk: Risk::High,
+            approvals_required: 1,
+            admin_only: false,
+            rule: "risk_high".into(),
+            rule_detail: "high risk asks an approver".into(),
+            flags: vec![],
+            created_ms: 1_700_000_000_000,
+            deadline_ms: 1_700_000_300_000,
+            state: State::Pending,
+            decided_by: None,
+            decided_who: None,
+            decided_reason: None,
+            decided_ms: None,
+        }
+    }
+
+    fn settings() -> CardSettings {
+        CardSettings {
+            approver_role_id: Some(30),
+            admin_role_id: Some(31),
+            ping_approvers: true,
+            ping_admins: true,
+        }
+    }
+
+    fn all_text(payload: &Value) -> String {
+        let e = &payload["embeds"][0];
+        let mut s = payload["content"].as_str().unwrap_or("").to_string();
+        for k in ["title", "description"] {
+            s.push('\n');
+            s.push_str(e[k].as_str().unwrap_or(""));
+        }
+        for f in e["fields"].as_array().into_iter().flatten() {
+            s.push('\n');
+            s.push_str(f["value"].as_str().unwrap_or(""));
+        }
+        s.push('\n');
+        s.push_str(e["footer"]["text"].as_str().unwrap_or(""));
+        s
+    }
+
+    fn check_limits(payload: &Value) {
+        let e = &payload["embeds"][0];
+        assert!(embed_size(e) <= limits::EMBED_TOTAL, "{}", embed_size(e));
+        let n = |v: &Value| v.as_str().map_or(0, length);
+        assert!(n(&e["title"]) <= limits::EMBED_TITLE);
+        assert!(n(&e["description"]) <= limits::EMBED_DESCRIPTION);
+        assert!(n(&payload["content"]) <= limits::CONTENT);
+        let fields = e["fields"].as_array().unwrap();
+        assert!(fields.len() <= limits::EMBED_FIELDS);
+        for f in fields {
+            assert!(n(&f["name"]) <= limits::EMBED_FIELD_NAME);
+            let v = n(&f["value"]);
+            assert!(v <= limits::EMBED_FIELD_VALUE && v > 0, "{f}");
+        }
+        assert!(n(&e["footer"]["text"]) <= limits::EMBED_FOOTER);
+    }
+
+    /// Code fences in the rendered text must pair up exactly as we wrote
+    /// them: an even number of ``` runs, each on our own lines.
+    fn fences_intact(text: &str) {
+        assert_eq!(text.matches("```").count() % 2, 0, "{text}");
+    }
+
+    #[test]
+    fn a_pending_card_has_the_fields_buttons_and_mentions() {
+        let c = render(&request(), &settings(), true);
+        let p = &c.payload;
+        check_limits(p);
+        assert!(!c.truncated && c.file.is_none() && p.get("attachments").is_none());
+        let e = &p["embeds"][0];
+        assert_eq!(e["color"], colour::HIGH);
+        let names: Vec<&str> = e["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap())
+            .collect();
+        for n in [
+            "Tool",
+            "Risk",
+            "Agent",
+            "On behalf of",
+            "Channel",
+            "Deadline",
+            "Why policy asked",
+            "Arguments",
+        ] {
+            assert!(names.contains(&n), "{n} missing from {names:?}");
+        }
+        let text = all_text(p);
+        assert!(text.contains("<t:1700000300:R>"));
+        assert!(text.contains("<@42>"));
+        assert!(text.contains("\"path\": \"/srv/x\""));
+        assert!(text.contains(&request().id.to_string()));
+        let ids: Vec<&str> = p["components"][0]["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["custom_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 3);
+        assert!(ids[0].starts_with("keyturn:v1:approve:"));
+        // High risk pings the approver role, and only it.
+        assert!(p["content"].as_str().unwrap().starts_with("<@&30>"));
+        assert_eq!(p["allowed_mentions"]["roles"], json!(["30"]));
+        assert_eq!(p["allowed_mentions"]["users"], json!([]));
+        assert_eq!(p["allowed_mentions"]["parse"], json!([]));
+    }
+
+    #[test]
+    fn pings_follow_risk_and_config() {
+        let mut r = request();
+        r.risk = Risk::Critical;
+        let p = render(&r, &settings(), true).payload;
+        assert_eq!(p["allowed_mentions"]["roles"], json!(["31"]));
+        assert_eq!(p["embeds"][0]["color"], colour::CRITICAL);
+        let quiet = CardSettings {
+            ping_admins: false,
+            ..settings()
+        };
+        let p = render(&r, &quiet, true).payload;
+        assert_eq!(p["allowed_mentions"]["roles"], json!([]));
+        assert!(!p["content"].as_str().unwrap().contains("<@&"));
+        r.state = State::Approved;
+        let p = render(&r, &settings(), false).payload;
+        assert_eq!(p["allowed_mentions"]["roles"], json!([]));
+    }
+
+    #[test]
+    fn a_decided_card_shows_who_when_why_and_has_no_buttons() {
+        let mut r = request();
+        r.state = State::Denied;
+        r.decided_who = Some("alice (discord:100)".into());
+        r.decided_reason = Some("not today".into());
+        r.decided_ms = Some(1_700_000_100_000);
+        let p = render(&r, &settings(), false).payload;
+        check_limits(&p);
+        assert_eq!(p["components"], json!([]));
+        assert_eq!(p["embeds"][0]["color"], colour::DENIED);
+        let text = all_text(&p);
+        assert!(text.contains("Denied"));
+        assert!(text.contains("alice"));
+        assert!(text.contains("<t:1700000100:f>"));
+        assert!(text.contains("not today"));
+        assert!(p.get("attachments").is_none(), "edits keep attachments");
+    }
+
+    /// Arguments and justifications a hijacked agent might send.
+    fn spoofing_corpus() -> Vec<String> {
+        vec![
+            "```\n**APPROVED** by admin\n```".into(),
+            "````` ``` `` `".into(),
+            "@everyone @here please approve".into(),
+            "<@100> <@!100> <@&30> <#20> <t:0:R>".into(),
+            "[click here](https://evil.example/steal) https://evil.example".into(),
+            "# ✅ Approved by carol\n> Keyturn: this request is safe\n-# system".into(),
+            "zero\u{200B}width\u{200D}joiner\u{FEFF}bom\u{2060}".into(),
+            "rtl \u{202E}exe.txt\u{202C} \u{2066}isolate\u{2069}".into(),
+            "ctrl \u{0007}\u{001B}[31m red".into(),
+            "x".repeat(10_000),
+            "`".repeat(3000),
+            "🙂".repeat(3000),
+            "||spoiler|| ~~strike~~ __under__ *it*".into(),
+        ]
+    }
+
+    #[test]
+    fn the_spoofing_corpus_renders_safely() {
+        for bad in spoofing_corpus() {
+            let mut r = request();
+            r.args = json!({"cmd": bad, "nested": {"k": bad}});
+            r.justification = bad.clone();
+            r.agent = bad.chars().take(64).collect();
+            r.tool = bad.chars().take(128).collect();
+            r.task_id = Some(bad.chars().take(200).collect());
+            r.state = State::Denied;
+            r.decided_who = Some(bad.chars().take(100).collect());
+            r.decided_reason = Some(bad.clone());
+            for creating in [true, false] {
+                let c = render(&r, &settings(), creating);
+                let p = &c.payload;
+                check_limits(p);
+                let text = all_text(p);
+                fences_intact(&text);
+                // Nothing hidden survives.
+                assert!(!text.chars().any(is_hidden), "hidden char in {text:?}");
+                // No mention, link or timestamp from the corpus is live. Inside code
+                // blocks nothing renders, so look only outside them.
+                let outside = outside_code(&text);
+                for needle in ["@everyone", "@here", "<@", "<#", "](", "https://", "<t:0"] {
+                    for (i, _) in outside.match_indices(needle) {
+                        let before = &outside[..i];
+                        assert!(
+                            before.ends_with('\\') || ours(&outside, i),
+                            "live `{needle}` outside code in {outside:?}"
+                        );
+                    }
+                }
+                assert_eq!(p["allowed_mentions"]["parse"], json!([]));
+                if c.truncated && creating {
+                    let f = c.file.as_ref().expect("file when truncated");
+                    assert_eq!(f.filename, format!("request-{}.json", r.id));
+                    let v: Value = serde_json::from_slice(&f.data).unwrap();
+                    assert_eq!(v["justification"], json!(bad));
+                    assert!(text.contains(TRUNCATED));
+                }
+            }
+        }
+    }
+
+    /// Text outside fenced blocks and inline code spans.
+    fn outside_code(text: &str) -> String {
+        let mut out = String::new();
+        for (i, part) in text.split("```").enumerate() {
+            if i % 2 == 0 {
+                for (j, p) in part.split('`').enumerate() {
+                    if j % 2 == 0 {
+                        out.push_str(p);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The mentions the card itself writes (role ping, deadline stamps).
+    fn ours(text: &str, i: usize) -> bool {
+        let rest = &text[i..];
+        rest.starts_with("<@&30>")
+            || rest.starts_with("<@42>")
+            || rest.starts_with("<#7>")
+            || rest.starts_with("<t:17")
+    }
+
+    #[test]
+    fn long_arguments_are_cut_and_attached() {
+        let mut r = request();
+        r.args = json!({"blob": "y".repeat(5000)});
+        let c = render(&r, &settings(), true);
+        check_limits(&c.payload);
+        assert!(c.truncated);
+        let f = c.file.expect("file");
+        assert_eq!(c.payload["attachments"][0]["filename"], json!(f.filename));
+        let text = all_text(&c.payload);
+        assert!(text.contains(TRUNCATED));
+        assert!(text.contains(&format!("request-{}.json", r.id)));
+    }
+
+    #[test]
+    fn a_two_person_card_counts_approvals() {
+        let mut r = request();
+        r.approvals_required = 2;
+        let p = render_with_votes(&r, &settings(), false, &["alice (discord:100)".into()]).payload;
+        check_limits(&p);
+        let text = all_text(&p);
+        assert!(text.contains("1 of 2: alice \\(discord:100\\)"), "{text}");
+        assert_eq!(
+            p["components"][0]["components"].as_array().unwrap().len(),
+            3
+        );
+    }
+
+    #[test]
+    fn fit_is_exact_at_the_limit() {
+        assert_eq!(fit("abc", 3), ("abc".to_string(), false));
+        let (s, cut) = fit("abcd", 3 + TRUNCATED.chars().count());
+        assert!(!cut && s == "abcd");
+        let (s, cut) = fit(&"a".repeat(1025), 1024);
+        assert!(cut);
+        assert_eq!(s.chars().count(), 1024);
+        let (s, cut) = code_block(&"a".repeat(2000), "json", 1024);
+        assert!(cut);
+        assert_eq!(s.chars().count(), 1024);
+    }
+
+    #[test]
+    fn escapers() {
+        assert_eq!(plain("[a](b)"), "\\[a\\]\\(b\\)");
+        assert_eq!(plain("@everyone"), "\\@everyone");
+        assert_eq!(plain("discord:1 https://x"), "discord:1 https\\://x");
+        assert_eq!(inline_code("a`b", 50), "`aˋb`");
+        assert_eq!(single_line("a\nb"), "a⏎b");
+        assert_eq!(reveal("a\u{202E}b"), "a⟨U+202E⟩b");
+        assert_eq!(code_block("```", "text", 100).0, "```text\nˋˋˋ\n```");
+    }
+}

@@ -1,0 +1,519 @@
+//! Slash commands: their definitions (registered as guild commands at
+//! start) and what each does. Admin commands are hidden from members
+//! without Manage Server, and checked again here against the configured
+//! admin role, because Discord's default permissions can be changed by any
+//! server admin.
+
+use super::card::{code_block, inline_code, plain};
+use crate::app::{AppError, Gateway};
+use crate::domain::policy::Effect;
+use serenity::all::{
+    CommandDataOption, CommandDataOptionValue, CommandOptionType, CreateCommand,
+    CreateCommandOption, Permissions,
+};
+use std::sync::Arc;
+
+/// Longest reply we send (Discord's content limit is 2000).
+const REPLY_BUDGET: usize = 1900;
+
+/// Every command Keyturn registers.
+pub fn definitions() -> Vec<CreateCommand> {
+    let admin = Permissions::MANAGE_GUILD;
+    let scope = |required: bool| {
+        let mut o = CreateCommandOption::new(
+            CommandOptionType::String,
+            "scope",
+            "Where the grant applies",
+        )
+        .required(required);
+        for s in ["global", "agent", "role", "channel", "user"] {
+            o = o.add_string_choice(s, s);
+        }
+        o
+    };
+    let target = || {
+        CreateCommandOption::new(
+            CommandOptionType::String,
+            "target",
+            "The agent name, role, channel or user id (empty for global)",
+        )
+        .max_length(100)
+    };
+    let tool = |required: bool| {
+        CreateCommandOption::new(
+            CommandOptionType::String,
+            "tool",
+            "A tool name or glob such as fs.*",
+        )
+        .required(required)
+        .max_length(128)
+    };
+    let effect = || {
+        CreateCommandOption::new(
+            CommandOptionType::String,
+            "effect",
+            "allow (default) or deny",
+        )
+        .add_string_choice("allow", "allow")
+        .add_string_choice("deny", "deny")
+    };
+    let grant_like = |name: &str, what: &str| {
+        CreateCommandOption::new(CommandOptionType::SubCommand, name, what)
+            .add_sub_option(scope(true))
+            .add_sub_option(tool(true))
+            .add_sub_option(target())
+            .add_sub_option(effect())
+    };
+    vec![
+        CreateCommand::new("tools")
+            .description("Keyturn tool allowlist")
+            .default_member_permissions(admin)
+            .add_option(grant_like("grant", "Allow (or deny) a tool in a scope"))
+            .add_option(grant_like("revoke", "Remove a grant"))
+            .add_option(
+                CreateCommandOption::new(CommandOptionType::SubCommand, "list", "List grants")
+                    .add_sub_option(scope(false))
+                    .add_sub_option(target()),
+            )
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::SubCommand,
+                    "effective",
+                    "Which scope decides for a user in a channel, and why",
+                )
+                .add_sub_option(
+                    CreateCommandOption::new(CommandOptionType::User, "user", "The user")
+                        .required(true),
+                )
+                .add_sub_option(CreateCommandOption::new(
+                    CommandOptionType::Channel,
+                    "channel",
+                    "The channel",
+                ))
+                .add_sub_option(tool(false))
+                .add_sub_option(
+                    CreateCommandOption::new(CommandOptionType::String, "agent", "Agent name")
+                        .max_length(64),
+                ),
+            ),
+        CreateCommand::new("pending")
+            .description("Open Keyturn requests, with links to their cards")
+            .default_member_permissions(admin),
+        CreateCommand::new("audit")
+            .description("Keyturn audit log")
+            .default_member_permissions(admin)
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::SubCommand,
+                    "recent",
+                    "The newest audit entries",
+                )
+                .add_sub_option(
+                    CreateCommandOption::new(
+                        CommandOptionType::Integer,
+                        "count",
+                        "How many (1-50)",
+                    )
+                    .min_int_value(1)
+                    .max_int_value(50),
+                ),
+            ),
+        CreateCommand::new("pairing")
+            .description("Users Keyturn may act for")
+            .default_member_permissions(admin)
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::SubCommand,
+                "list",
+                "Paired users and live codes",
+            ))
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::SubCommand,
+                    "approve",
+                    "Approve a pairing code",
+                )
+                .add_sub_option(
+                    CreateCommandOption::new(CommandOptionType::String, "code", "The code")
+                        .required(true)
+                        .max_length(32),
+                ),
+            )
+            .add_option(
+                CreateCommandOption::new(CommandOptionType::SubCommand, "revoke", "Unpair a user")
+                    .add_sub_option(
+                        CreateCommandOption::new(CommandOptionType::User, "user", "The user")
+                            .required(true),
+                    ),
+            ),
+        CreateCommand::new("pair").description("Ask Keyturn for a pairing code"),
+    ]
+}
+
+/// Whether a command needs the admin role.
+pub fn is_admin_command(name: &str) -> bool {
+    matches!(name, "tools" | "pending" | "audit" | "pairing")
+}
+
+/// Flattened options: the subcommand name and its (name, value) pairs as text.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    pub command: String,
+    pub sub: Option<String>,
+    pub opts: Vec<(String, String)>,
+}
+
+impl Invocation {
+    pub fn from_options(command: &str, options: &[CommandDataOption]) -> Invocation {
+        let mut inv = Invocation {
+            command: command.to_string(),
+            ..Invocation::default()
+        };
+        for o in options {
+            match &o.value {
+                CommandDataOptionValue::SubCommand(inner) => {
+                    inv.sub = Some(o.name.clone());
+                    inv.opts.extend(inner.iter().filter_map(flat));
+                }
+                _ => inv.opts.extend(flat(o)),
+            }
+        }
+        inv
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.opts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn need(&self, name: &str) -> Result<&str, String> {
+        self.get(name)
+            .filter(|v| !v.trim().is_empty())
+            .ok_or_else(|| format!("option `{name}` is required"))
+    }
+}
+
+fn flat(o: &CommandDataOption) -> Option<(String, String)> {
+    let v = match &o.value {
+        CommandDataOptionValue::String(s) => s.clone(),
+        CommandDataOptionValue::Integer(i) => i.to_string(),
+        CommandDataOptionValue::Boolean(b) => b.to_string(),
+        CommandDataOptionValue::Number(n) => n.to_string(),
+        CommandDataOptionValue::User(u) => u.to_string(),
+        CommandDataOptionValue::Channel(c) => c.to_string(),
+        CommandDataOptionValue::Role(r) => r.to_string(),
+        CommandDataOptionValue::Mentionable(m) => m.to_string(),
+        _ => return None,
+    };
+    Some((o.name.clone(), v))
+}
+
+/// What a command did, for the reply and for the bot's follow-up actions.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub reply: String,
+    /// A user to DM, and the message (pairing approved).
+    pub dm: Option<(String, String)>,
+}
+
+fn reply(text: impl Into<String>) -> Outcome {
+    Outcome {
+        reply: text.into(),
+        dm: None,
+    }
+}
+
+/// Runs an admin or `/pair` command for `actor_id`. The admin check has
+/// been done by the caller. Errors are safe to show.
+pub async fn run(
+    gw: &Arc<Gateway>,
+    inv: &Invocation,
+    actor_id: u64,
+    actor_name: &str,
+    card_link: impl Fn(u64, u64) -> String,
+) -> Result<Outcome, String> {
+    let by = format!("discord:{actor_id}");
+    let shown = |e: AppError| match e {
+        AppError::Store(_) => "something went wrong (see the server log)".to_string(),
+        other => other.to_string(),
+    };
+    match (inv.command.as_str(), inv.sub.as_deref()) {
+        ("tools", Some(sub @ ("grant" | "revoke"))) => {
+            let kind = inv.need("scope")?;
+            let target = inv.get("target").unwrap_or("").trim();
+            let scope = if kind == "global" {
+                if !target.is_empty() {
+                    return Err("option `target` must be empty for scope `global`".into());
+                }
+                "global".to_string()
+            } else {
+                if target.is_empty() {
+                    return Err(format!(
+                        "option `target` is required for scope `{kind}` (e.g. an id)"
+                    ));
+                }
+                format!("{kind}:{target}")
+            };
+            let tool = inv.need("tool")?.trim();
+            let effect = match inv.get("effect").unwrap_or("allow") {
+                "deny" => Effect::Deny,
+                "allow" => Effect::Allow,
+                other => {
+                    return Err(format!(
+                        "option `effect`: `{}` is not allow or deny",
+                        plain(other)
+                    ))
+                }
+            };
+            let changed = if sub == "grant" {
+                gw.grant(&scope, tool, effect, &by).await
+            } else {
+                gw.revoke(&scope, tool, effect, &by).await
+            }
+            .map_err(|e| format!("cannot {sub}: {}", shown(e)))?;
+            let what = match effect {
+                Effect::Allow => "allow",
+                Effect::Deny => "deny",
+            };
+            Ok(reply(match (sub, changed) {
+                ("grant", true) => format!(
+                    "Granted: {what} {} in {}.",
+                    inline_code(tool, 140),
+                    inline_code(&scope, 120)
+                ),
+                ("grant", false) => format!(
+                    "Already granted: {what} {} in {}.",
+                    inline_code(tool, 140),
+                    inline_code(&scope, 120)
+                ),
+                (_, true) => format!(
+                    "Revoked: {what} {} in {}.",
+                    inline_code(tool, 140),
+                    inline_code(&scope, 120)
+                ),
+                (_, false) => format!(
+                    "No such grant: {what} {} in {}.",
+                    inline_code(tool, 140),
+                    inline_code(&scope, 120)
+                ),
+            }))
+        }
+        ("tools", Some("list")) => {
+            let scope = match (inv.get("scope"), inv.get("target").map(str::trim)) {
+                (None, _) => None,
+                (Some("global"), _) => Some("global".to_string()),
+                (Some(k), Some(t)) if !t.is_empty() => Some(format!("{k}:{t}")),
+                (Some(k), _) => return Err(format!("option `target` is required for scope `{k}`")),
+            };
+            let grants = gw.grants(scope.as_deref()).await.map_err(shown)?;
+            if grants.is_empty() {
+                return Ok(reply("No grants."));
+            }
+            let lines: Vec<String> = grants
+                .iter()
+                .map(|g| {
+                    format!(
+                        "{:<6} {:<24} {} ({})",
+                        match g.grant.effect {
+                            Effect::Allow => "allow",
+                            Effect::Deny => "deny",
+                        },
+                        g.grant.scope.to_string(),
+                        g.grant.tool.as_str(),
+                        g.created_by
+                    )
+                })
+                .collect();
+            Ok(reply(format!(
+                "Grants:\n{}",
+                code_block(&lines.join("\n"), "text", REPLY_BUDGET - 20).0
+            )))
+        }
+        ("tools", Some("effective")) => {
+            let user = inv.need("user")?;
+            let channel = inv.get("channel");
+            let tool = inv.get("tool").unwrap_or("*");
+            let agent = inv.get("agent").unwrap_or("");
+            let a = gw
+                .effective(agent, Some(user), channel, None, tool)
+                .map_err(|e| format!("option `tool`: {}", shown(e)))?;
+            let mut text = format!(
+                "For user {} in channel {}, tool {}: **{}** ({})\nDeciding scope: {}\n{}",
+                inline_code(user, 30),
+                channel.map_or("—".to_string(), |c| inline_code(c, 30)),
+                inline_code(tool, 140),
+                if a.allowed { "allowed" } else { "not allowed" },
+                a.rule,
+                a.deciding_scope.unwrap_or("none (fail closed)"),
+                plain(&a.detail),
+            );
+            if !a.entries.is_empty() {
+                let lines: Vec<String> = a
+                    .entries
+                    .iter()
+                    .map(|g| format!("{:?} {} {}", g.effect, g.scope, g.tool.as_str()))
+                    .collect();
+                text.push('\n');
+                text.push_str(&code_block(&lines.join("\n"), "text", 1000).0);
+            }
+            Ok(reply(text))
+        }
+        ("pending", _) => {
+            let list = gw.pending(20).await.map_err(shown)?;
+            if list.is_empty() {
+                return Ok(reply("No pending requests."));
+            }
+            let mut lines = Vec::new();
+            for r in &list {
+                let link = match gw.store().card(r.id).await {
+                    Ok(Some(c)) => c
+                        .message_id
+                        .map(|m| card_link(c.channel_id, m))
+                        .unwrap_or_else(|| "card not posted yet".into()),
+                    _ => "no card".into(),
+                };
+                lines.push(format!(
+                    "• {} ({}) from {} — deadline <t:{}:R> — {link}",
+                    inline_code(&r.tool, 60),
+                    r.risk,
+                    inline_code(&r.agent, 40),
+                    r.deadline_ms.div_euclid(1000)
+                ));
+            }
+            Ok(reply(super::card::fit(&lines.join("\n"), REPLY_BUDGET).0))
+        }
+        ("audit", _) => {
+            let n = inv
+                .get("count")
+                .map(|c| {
+                    c.parse::<u32>()
+                        .map_err(|_| "option `count` must be 1-50".to_string())
+                })
+                .transpose()?
+                .unwrap_or(10);
+            if !(1..=50).contains(&n) {
+                return Err("option `count` must be 1-50".into());
+            }
+            let entries = gw.audit_tail(n).await.map_err(shown)?;
+            let lines: Vec<String> = entries
+                .iter()
+                .map(|e| {
+                    format!(
+                        "#{} {} {} {}",
+                        e.seq,
+                        e.event.kind,
+                        e.event.actor,
+                        e.event.request_id.as_deref().unwrap_or("")
+                    )
+                })
+                .collect();
+            if lines.is_empty() {
+                return Ok(reply("The audit log is empty."));
+            }
+            Ok(reply(code_block(&lines.join("\n"), "text", REPLY_BUDGET).0))
+        }
+        ("pairing", Some("list")) => {
+            let (users, codes) = gw.pairings().await.map_err(shown)?;
+            let mut text = String::from("Paired users:\n");
+            let u: Vec<String> = users
+                .iter()
+                .map(|u| format!("{} (by {})", u.user_id, u.paired_by))
+                .collect();
+            let c: Vec<String> = codes
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} {} expires {}",
+                        c.user_id,
+                        c.display_name.as_deref().unwrap_or(""),
+                        c.expires_ms / 1000
+                    )
+                })
+                .collect();
+            text.push_str(&code_block(&u.join("\n"), "text", 900).0);
+            text.push_str("\nWaiting for approval:\n");
+            text.push_str(&code_block(&c.join("\n"), "text", 900).0);
+            Ok(reply(text))
+        }
+        ("pairing", Some("approve")) => {
+            let code = inv.need("code")?;
+            let user = gw
+                .approve_pairing(code, &by)
+                .await
+                .map_err(|e| format!("option `code`: {}", shown(e)))?;
+            Ok(Outcome {
+                reply: format!("Paired user {}.", inline_code(&user.user_id, 30)),
+                dm: Some((
+                    user.user_id.clone(),
+                    "You are now paired with Keyturn: agents may act on your behalf.".into(),
+                )),
+            })
+        }
+        ("pairing", Some("revoke")) => {
+            let user = inv.need("user")?;
+            let removed = gw
+                .revoke_pairing(user, &by)
+                .await
+                .map_err(|e| format!("option `user`: {}", shown(e)))?;
+            Ok(reply(if removed {
+                format!("Unpaired user {}.", inline_code(user, 30))
+            } else {
+                format!("User {} was not paired.", inline_code(user, 30))
+            }))
+        }
+        ("pair", _) => {
+            let (code, expires) = gw
+                .request_pairing(&actor_id.to_string(), Some(actor_name.to_string()))
+                .await
+                .map_err(shown)?;
+            Ok(reply(pairing_text(&code, expires)))
+        }
+        _ => Err(format!(
+            "unknown command `{}`",
+            plain(&format!(
+                "{} {}",
+                inv.command,
+                inv.sub.as_deref().unwrap_or("")
+            ))
+        )),
+    }
+}
+
+/// The text a user gets with their pairing code.
+pub fn pairing_text(code: &str, expires_ms: i64) -> String {
+    format!(
+        "Your Keyturn pairing code is `{}`. Give it to a Keyturn admin; it expires <t:{}:R>.",
+        crate::domain::pairing::display(code),
+        expires_ms.div_euclid(1000)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serenity::all::CreateCommand;
+
+    #[test]
+    fn definitions_fit_discord_limits() {
+        let defs: Vec<CreateCommand> = definitions();
+        let v = serde_json::to_value(&defs).unwrap();
+        for c in v.as_array().unwrap() {
+            let name = c["name"].as_str().unwrap();
+            assert!(name.len() <= 32 && !name.is_empty());
+            assert!(c["description"].as_str().unwrap().len() <= 100);
+            for o in c["options"].as_array().into_iter().flatten() {
+                assert!(o["description"].as_str().unwrap().len() <= 100);
+                for s in o["options"].as_array().into_iter().flatten() {
+                    assert!(s["description"].as_str().unwrap().len() <= 100, "{s}");
+                }
+            }
+            assert_eq!(
+                c.get("default_member_permissions")
+                    .is_some_and(|p| !p.is_null()),
+                is_admin_command(name),
+                "{name}"
+            );
+        }
+    }
+}

@@ -1,0 +1,667 @@
+//! The Discord bot: one more way for humans to decide, beside the CLI.
+//!
+//! It owns the serenity client (the only place serenity is imported), the
+//! card outbox, button/modal/slash-command handling and pairing by DM. It
+//! calls only [`crate::app::Gateway`]; it never talks to the socket or the
+//! CLI. Cards are rendered by [`card`] (pure), buttons routed by
+//! [`routing`] (pure), and posted/edited by [`outbox`] through [`rest`].
+
+pub mod card;
+pub mod commands;
+pub mod outbox;
+pub mod rest;
+pub mod routing;
+
+use crate::app::{AppError, Gateway, RequestEvent};
+use crate::config::DiscordConfig;
+use crate::domain::request::RequestId;
+use anyhow::Context as _;
+use card::CardSettings;
+use routing::Route;
+use serenity::all::{
+    ActionRowComponent, ClientBuilder, CommandInteraction, ComponentInteraction, Context,
+    CreateActionRow, CreateAllowedMentions, CreateInputText, CreateInteractionResponse,
+    CreateInteractionResponseFollowup, CreateInteractionResponseMessage, CreateMessage,
+    CreateModal, EditInteractionResponse, Event, EventHandler, GatewayIntents, GuildId, Http,
+    HttpBuilder, InputTextStyle, Interaction, Member, Message, ModalInteraction, RawEventHandler,
+    Ready, ShardManager, UserId,
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, Mutex, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long start-up checks may take before `serve` gives up.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a click may wait for the store before the reason modal opens anyway.
+const MODAL_CHECK: Duration = Duration::from_millis(1500);
+/// Longest wait between two gateway sessions after failures.
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(300);
+/// A session that lasted this long resets the backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+
+/// The running bot; [`Bot::shutdown`] stops it in order.
+pub struct Bot {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// What the event handlers share.
+struct Shared {
+    gw: Arc<Gateway>,
+    cfg: DiscordConfig,
+    /// Pokes the outbox after a card was marked due from here.
+    wake: Arc<Notify>,
+}
+
+#[derive(Clone)]
+struct Handler(Arc<Shared>);
+
+fn no_mentions() -> CreateAllowedMentions {
+    CreateAllowedMentions::new()
+        .empty_users()
+        .empty_roles()
+        .replied_user(false)
+}
+
+fn card_settings(cfg: &DiscordConfig) -> CardSettings {
+    CardSettings {
+        approver_role_id: cfg.approver_role_id,
+        admin_role_id: cfg.admin_role_id,
+        ping_approvers: cfg.ping_approvers,
+        ping_admins: cfg.ping_admins,
+    }
+}
+
+fn build_http(cfg: &DiscordConfig) -> Http {
+    let mut b = HttpBuilder::new(&cfg.token.0);
+    if let Some(base) = &cfg.api_base {
+        // Routes are "https://discord.com/api/v10/…"; the proxy replaces the
+        // origin. serenity's rate limiter builds URLs without the proxy, so it
+        // must be off; the outbox has its own 429 handling.
+        b = b
+            .proxy(base.trim_end_matches('/'))
+            .ratelimiter_disabled(true);
+    }
+    b.build()
+}
+
+fn describe(e: &serenity::Error) -> String {
+    match e {
+        serenity::Error::Http(serenity::http::HttpError::UnsuccessfulRequest(r)) => {
+            match r.status_code.as_u16() {
+                401 => "Discord rejected the bot token (HTTP 401); check discord.token or KEYTURN_DISCORD_TOKEN".into(),
+                s => format!("Discord answered HTTP {s}: {}", r.error.message),
+            }
+        }
+        other => {
+            // serenity's own text is vague ("Error while sending HTTP request"):
+            // add the causes (connection refused, DNS, timeout…).
+            let mut text = other.to_string();
+            let mut last = text.clone();
+            let mut cause = std::error::Error::source(other);
+            while let Some(c) = cause {
+                let t = c.to_string();
+                if t != last {
+                    text.push_str(": ");
+                    text.push_str(&t);
+                    last = t;
+                }
+                cause = c.source();
+            }
+            text
+        }
+    }
+}
+
+/// Starts the bot: checks the token and the API (failing fast with a clear
+/// error), brings the card outbox up to date, then runs the gateway session
+/// and the outbox in the background until [`Bot::shutdown`].
+pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Result<Bot> {
+    let cfg = gw.config().discord.clone();
+    let channel = cfg
+        .approvals_channel_id
+        .context("discord.approvals_channel_id is not set")?;
+    let where_ = cfg
+        .api_base
+        .clone()
+        .unwrap_or_else(|| "https://discord.com".into());
+    let http = build_http(&cfg);
+    let me = tokio::time::timeout(START_TIMEOUT, http.get_current_user())
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("Discord API at {where_} did not answer within {START_TIMEOUT:?}")
+        })?
+        .map_err(|e| {
+            anyhow::anyhow!("cannot start the Discord bot ({where_}): {}", describe(&e))
+        })?;
+    // serenity silently falls back to wss://gateway.discord.gg when this
+    // fails, and would then hang; ask ourselves and fail fast.
+    let gateway_url = match &cfg.gateway_url {
+        Some(u) => u.clone(),
+        None => {
+            tokio::time::timeout(START_TIMEOUT, http.get_gateway())
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("Discord API at {where_} did not answer GET /gateway")
+                })?
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot get the Discord gateway URL: {}", describe(&e))
+                })?
+                .url
+        }
+    };
+    tracing::info!(bot.id = %me.id, bot.name = %me.name, gateway = %gateway_url, "Discord bot token accepted");
+
+    let stop = parent.child_token();
+    let wake = Arc::new(Notify::new());
+    let events = gw.subscribe();
+    // Requests queued or decided while the bot was down.
+    let n = gw
+        .store()
+        .card_reconcile(channel)
+        .await
+        .context("while bringing the Discord card outbox up to date")?;
+    if n > 0 {
+        tracing::info!(cards = n, "cards to post or update after start");
+    }
+    let outbox = outbox::Outbox {
+        gw: gw.clone(),
+        rest: rest::Rest::new(&cfg.token.0, cfg.api_base.as_deref()),
+        settings: card_settings(&cfg),
+        wake: wake.clone(),
+    };
+    let shared = Arc::new(Shared {
+        gw: gw.clone(),
+        cfg: cfg.clone(),
+        wake: wake.clone(),
+    });
+    let tasks = vec![
+        tokio::spawn(outbox.run(stop.clone())),
+        tokio::spawn(follow_events(
+            gw.clone(),
+            events,
+            channel,
+            wake,
+            stop.clone(),
+        )),
+        tokio::spawn(run_gateway(Handler(shared), gateway_url, stop.clone())),
+    ];
+    Ok(Bot { stop, tasks })
+}
+
+impl Bot {
+    /// Closes the gateway session and stops the outbox; cards not yet
+    /// delivered stay in the store for the next start.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        tracing::info!("Discord bot stopped");
+    }
+}
+
+/// Every queued or resolved request marks its card due.
+async fn follow_events(
+    gw: Arc<Gateway>,
+    mut events: broadcast::Receiver<RequestEvent>,
+    channel: u64,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => break,
+            ev = events.recv() => ev,
+        };
+        let r = match ev {
+            Ok(RequestEvent::Queued(r) | RequestEvent::Resolved(r)) => {
+                gw.store().card_touch(r.id, channel, r.deadline_ms).await
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "card events lagged; reconciling");
+                gw.store().card_reconcile(channel).await.map(|_| ())
+            }
+            Err(broadcast::error::RecvError::Closed) => break,
+        };
+        if let Err(e) = r {
+            // The reconcile at the next start repairs this; try now too.
+            tracing::error!(error = %e, "cannot queue a card update");
+            let _ = gw.store().card_reconcile(channel).await;
+        }
+        wake.notify_one();
+    }
+}
+
+/// Logs events serenity could not parse (it drops them at DEBUG otherwise).
+struct UnknownEvents;
+
+#[serenity::async_trait]
+impl RawEventHandler for UnknownEvents {
+    async fn raw_event(&self, _ctx: Context, ev: Event) {
+        if let Event::Unknown(u) = ev {
+            tracing::warn!(kind = %u.kind, "Discord sent an event serenity could not parse");
+        }
+    }
+}
+
+/// Runs gateway sessions until stopped, backing off between failed ones so
+/// a crash loop does not burn the daily IDENTIFY quota.
+async fn run_gateway(handler: Handler, gateway_url: String, stop: CancellationToken) {
+    let intents = GatewayIntents::GUILDS | GatewayIntents::DIRECT_MESSAGES;
+    let mut backoff = Duration::from_secs(1);
+    let shards: Arc<Mutex<Option<Arc<ShardManager>>>> = Arc::default();
+    loop {
+        let started = Instant::now();
+        let built = ClientBuilder::new_with_http(build_http(&handler.0.cfg), intents)
+            .event_handler(handler.clone())
+            .raw_event_handler(UnknownEvents)
+            .await;
+        match built {
+            Ok(mut client) => {
+                *client.ws_url.lock().await = gateway_url.clone();
+                *shards.lock().await = Some(client.shard_manager.clone());
+                let mgr = client.shard_manager.clone();
+                let result = tokio::select! {
+                    r = client.start() => Some(r),
+                    _ = stop.cancelled() => None,
+                };
+                match result {
+                    None => {
+                        mgr.shutdown_all().await;
+                        break;
+                    }
+                    Some(Ok(())) => tracing::warn!("Discord gateway session ended"),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %describe(&e), "Discord gateway session failed")
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %describe(&e), "cannot build the Discord client"),
+        }
+        if started.elapsed() > HEALTHY_SESSION {
+            backoff = Duration::from_secs(1);
+        }
+        tracing::info!(wait = ?backoff, "reconnecting to Discord after a pause");
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+    }
+}
+
+/// The roles of whoever clicked: `(is_approver, is_admin)`; `None` outside a guild.
+fn roles_of(cfg: &DiscordConfig, member: Option<&Member>) -> Option<(bool, bool)> {
+    let m = member?;
+    let has = |role: Option<u64>| role.is_some_and(|r| m.roles.iter().any(|x| x.get() == r));
+    let admin = has(cfg.admin_role_id);
+    Some((admin || has(cfg.approver_role_id), admin))
+}
+
+fn ephemeral(text: impl Into<String>) -> CreateInteractionResponse {
+    CreateInteractionResponse::Message(
+        CreateInteractionResponseMessage::new()
+            .content(card::fit(&text.into(), 1900).0)
+            .ephemeral(true)
+            .allowed_mentions(no_mentions()),
+    )
+}
+
+fn followup(text: impl Into<String>) -> CreateInteractionResponseFollowup {
+    CreateInteractionResponseFollowup::new()
+        .content(card::fit(&text.into(), 1900).0)
+        .ephemeral(true)
+        .allowed_mentions(no_mentions())
+}
+
+#[serenity::async_trait]
+impl EventHandler for Handler {
+    async fn ready(&self, ctx: Context, ready: Ready) {
+        tracing::info!(bot = %ready.user.name, "Discord gateway ready");
+        if let Some(guild) = self.0.cfg.guild_id {
+            match GuildId::new(guild)
+                .set_commands(&ctx.http, commands::definitions())
+                .await
+            {
+                Ok(c) => tracing::info!(commands = c.len(), "slash commands registered"),
+                Err(e) => {
+                    tracing::error!(error = %describe(&e), "cannot register slash commands")
+                }
+            }
+        }
+    }
+
+    async fn message(&self, ctx: Context, msg: Message) {
+        // Only DMs from people; never our own echoes.
+        if msg.guild_id.is_some() || msg.author.bot || msg.author.id == ctx.cache.current_user().id
+        {
+            return;
+        }
+        let gw = &self.0.gw;
+        let user = msg.author.id.get().to_string();
+        let text = match gw
+            .request_pairing(&user, Some(msg.author.name.clone()))
+            .await
+        {
+            Ok((code, expires)) => commands::pairing_text(&code, expires),
+            Err(AppError::Pairing(m)) if m.contains("already paired") => {
+                "You are already paired with Keyturn.".to_string()
+            }
+            Err(AppError::Store(e)) => {
+                tracing::error!(error = %e, "pairing request failed");
+                "Something went wrong; try again later.".to_string()
+            }
+            Err(e) => format!("Cannot give you a pairing code: {e}"),
+        };
+        let reply = CreateMessage::new()
+            .content(text)
+            .allowed_mentions(no_mentions());
+        if let Err(e) = msg.channel_id.send_message(&ctx.http, reply).await {
+            tracing::warn!(error = %describe(&e), "cannot answer a DM");
+        }
+    }
+
+    async fn interaction_create(&self, ctx: Context, interaction: Interaction) {
+        match interaction {
+            Interaction::Component(c) => self.component(&ctx, c).await,
+            Interaction::Modal(m) => self.modal(&ctx, m).await,
+            Interaction::Command(c) => self.command(&ctx, c).await,
+            _ => {}
+        }
+    }
+}
+
+/// One interaction's reply channel, whatever its kind.
+enum Reply<'a> {
+    Component(&'a ComponentInteraction),
+    Modal(&'a ModalInteraction),
+}
+
+impl Reply<'_> {
+    async fn respond(&self, http: &Http, r: CreateInteractionResponse) {
+        let res = match self {
+            Reply::Component(c) => c.create_response(http, r).await,
+            Reply::Modal(m) => m.create_response(http, r).await,
+        };
+        if let Err(e) = res {
+            tracing::warn!(error = %describe(&e), "cannot answer an interaction");
+        }
+    }
+
+    async fn follow(&self, http: &Http, text: String) {
+        let res = match self {
+            Reply::Component(c) => c.create_followup(http, followup(text)).await,
+            Reply::Modal(m) => m.create_followup(http, followup(text)).await,
+        };
+        if let Err(e) = res {
+            tracing::warn!(error = %describe(&e), "cannot send an interaction follow-up");
+        }
+    }
+}
+
+impl Handler {
+    async fn component(&self, ctx: &Context, c: ComponentInteraction) {
+        let reply = Reply::Component(&c);
+        let route = match Route::parse(&c.data.custom_id) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, user.id = %c.user.id, "unknown button");
+                reply
+                    .respond(
+                        &ctx.http,
+                        ephemeral("This button is not one Keyturn knows."),
+                    )
+                    .await;
+                return;
+            }
+        };
+        let Some((approver, admin)) = roles_of(&self.0.cfg, c.member.as_ref()) else {
+            reply
+                .respond(&ctx.http, ephemeral("Requests are decided in the server."))
+                .await;
+            return;
+        };
+        if !approver {
+            tracing::info!(request.id = %route.request_id(), user.id = %c.user.id, "click refused: not an approver");
+            reply
+                .respond(
+                    &ctx.http,
+                    ephemeral("You need the approver role to decide Keyturn requests."),
+                )
+                .await;
+            return;
+        }
+        match route {
+            Route::Approve(id) => {
+                self.decide(ctx, &reply, &c.user, id, true, None, admin)
+                    .await
+            }
+            Route::Deny(id) => {
+                self.decide(ctx, &reply, &c.user, id, false, None, admin)
+                    .await
+            }
+            Route::DenyWithReason(id) => {
+                // A modal cannot follow a deferral, so check the state first,
+                // but never so long that the 3-second window closes: a slow
+                // store just means the modal opens and the submit is refused.
+                let status = tokio::time::timeout(MODAL_CHECK, self.0.gw.status(id)).await;
+                if let Ok(Ok(r)) = status {
+                    if r.state.is_terminal() {
+                        reply.respond(&ctx.http, ephemeral(already(&r))).await;
+                        return;
+                    }
+                }
+                let modal = CreateModal::new(Route::ReasonSubmit(id).custom_id(), "Deny request")
+                    .components(vec![CreateActionRow::InputText(
+                        CreateInputText::new(
+                            InputTextStyle::Paragraph,
+                            "Reason",
+                            routing::REASON_INPUT,
+                        )
+                        .required(true)
+                        .max_length(1000),
+                    )]);
+                reply
+                    .respond(&ctx.http, CreateInteractionResponse::Modal(modal))
+                    .await;
+            }
+            Route::ReasonSubmit(_) => {
+                reply
+                    .respond(
+                        &ctx.http,
+                        ephemeral("This button is not one Keyturn knows."),
+                    )
+                    .await;
+            }
+        }
+    }
+
+    async fn modal(&self, ctx: &Context, m: ModalInteraction) {
+        let reply = Reply::Modal(&m);
+        let id = match Route::parse(&m.data.custom_id) {
+            Ok(Route::ReasonSubmit(id)) => id,
+            _ => {
+                tracing::warn!(custom_id = %m.data.custom_id.chars().take(100).collect::<String>(), "unknown modal");
+                reply
+                    .respond(&ctx.http, ephemeral("This form is not one Keyturn knows."))
+                    .await;
+                return;
+            }
+        };
+        let Some((approver, admin)) = roles_of(&self.0.cfg, m.member.as_ref()) else {
+            reply
+                .respond(&ctx.http, ephemeral("Requests are decided in the server."))
+                .await;
+            return;
+        };
+        if !approver {
+            reply
+                .respond(
+                    &ctx.http,
+                    ephemeral("You need the approver role to decide Keyturn requests."),
+                )
+                .await;
+            return;
+        }
+        let reason = m
+            .data
+            .components
+            .iter()
+            .flat_map(|row| row.components.iter())
+            .find_map(|c| match c {
+                ActionRowComponent::InputText(t) if t.custom_id == routing::REASON_INPUT => {
+                    t.value.clone()
+                }
+                _ => None,
+            });
+        self.decide(ctx, &reply, &m.user, id, false, reason, admin)
+            .await;
+    }
+
+    /// Acknowledges at once (type 6) while the vote runs; refusals go out as
+    /// ephemeral follow-ups. The card itself is edited by the outbox, from
+    /// the stored state, when the request resolves.
+    #[allow(clippy::too_many_arguments)]
+    async fn decide(
+        &self,
+        ctx: &Context,
+        reply: &Reply<'_>,
+        user: &serenity::all::User,
+        id: RequestId,
+        approve: bool,
+        reason: Option<String>,
+        admin: bool,
+    ) {
+        let gw = &self.0.gw;
+        let ack = reply.respond(&ctx.http, CreateInteractionResponse::Acknowledge);
+        let voter = format!("discord:{}", user.id);
+        let work = async {
+            let r = gw.status(id).await?;
+            if approve
+                && !self.0.cfg.allow_self_approval
+                && r.user_id.as_deref() == Some(user.id.to_string().as_str())
+            {
+                return Ok(Err(r));
+            }
+            gw.vote(id, &voter, Some(user.name.clone()), approve, reason, admin)
+                .await
+                .map(Ok)
+        };
+        let ((), outcome) = tokio::join!(ack, work);
+        let text = match outcome {
+            Ok(Ok(v)) if v.request.state.is_terminal() => {
+                tracing::info!(request.id = %id, voter = %voter, state = %v.request.state, "decided on Discord");
+                return;
+            }
+            Ok(Ok(v)) => {
+                // Not decided yet: show the count on the card.
+                if let Some(ch) = self.0.cfg.approvals_channel_id {
+                    match gw.store().card_touch(id, ch, v.request.deadline_ms).await {
+                        Ok(()) => self.0.wake.notify_one(),
+                        Err(e) => {
+                            tracing::warn!(request.id = %id, error = %e, "cannot queue a card update")
+                        }
+                    }
+                }
+                format!(
+                    "Your approval is recorded ({} of {} needed).",
+                    v.have, v.need
+                )
+            }
+            Ok(Err(_)) => {
+                tracing::info!(request.id = %id, voter = %voter, "self-approval refused");
+                "You cannot approve a request made on your own behalf.".to_string()
+            }
+            Err(AppError::AlreadyDecided(_)) => match gw.status(id).await {
+                Ok(r) => already(&r),
+                Err(_) => "This request is already decided.".into(),
+            },
+            Err(AppError::AdminOnly) => {
+                "This is a critical request: only a Keyturn admin may decide it.".into()
+            }
+            Err(AppError::AlreadyVoted(_)) => "You have already voted on this request.".into(),
+            Err(AppError::NotFound(_)) => "Keyturn has no such request.".into(),
+            Err(e) => {
+                tracing::error!(request.id = %id, error = %e, "vote failed");
+                "Something went wrong; the decision was not recorded.".into()
+            }
+        };
+        reply.follow(&ctx.http, text).await;
+    }
+
+    async fn command(&self, ctx: &Context, c: CommandInteraction) {
+        let name = c.data.name.clone();
+        if commands::is_admin_command(&name) {
+            let admin = roles_of(&self.0.cfg, c.member.as_deref()).is_some_and(|(_, a)| a);
+            if !admin {
+                tracing::info!(user.id = %c.user.id, command = %name, "command refused: not an admin");
+                if let Err(e) = c
+                    .create_response(
+                        &ctx.http,
+                        ephemeral(
+                            "This command is for Keyturn admins (the configured admin role).",
+                        ),
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %describe(&e), "cannot answer a command");
+                }
+                return;
+            }
+        }
+        if let Err(e) = c.defer_ephemeral(&ctx.http).await {
+            tracing::warn!(error = %describe(&e), "cannot defer a command");
+            return;
+        }
+        let inv = commands::Invocation::from_options(&name, &c.data.options);
+        let guild = self.0.cfg.guild_id.unwrap_or(0);
+        let link = move |ch: u64, m: u64| format!("https://discord.com/channels/{guild}/{ch}/{m}");
+        let out = commands::run(&self.0.gw, &inv, c.user.id.get(), &c.user.name, link).await;
+        let text = match &out {
+            Ok(o) => o.reply.clone(),
+            Err(e) => format!("⚠️ {e}"),
+        };
+        if let Err(e) = c
+            .edit_response(
+                &ctx.http,
+                EditInteractionResponse::new()
+                    .content(card::fit(&text, 1900).0)
+                    .allowed_mentions(no_mentions()),
+            )
+            .await
+        {
+            tracing::warn!(error = %describe(&e), "cannot answer a command");
+        }
+        if let Ok(commands::Outcome {
+            dm: Some((user, text)),
+            ..
+        }) = out
+        {
+            if let Ok(uid) = user.parse::<u64>() {
+                let msg = CreateMessage::new()
+                    .content(text)
+                    .allowed_mentions(no_mentions());
+                if let Err(e) = UserId::new(uid).direct_message(&ctx.http, msg).await {
+                    tracing::warn!(user.id = uid, error = %describe(&e), "cannot DM a paired user");
+                }
+            }
+        }
+    }
+}
+
+/// "already decided: approved by … <t:…>".
+fn already(r: &crate::domain::request::ApprovalRequest) -> String {
+    let who = r
+        .decided_who
+        .as_deref()
+        .map(|w| format!(" by {}", card::plain(w)))
+        .unwrap_or_default();
+    let when = r
+        .decided_ms
+        .map(|ms| format!(" <t:{}:R>", ms.div_euclid(1000)))
+        .unwrap_or_default();
+    format!("Already decided: {}{who}{when}.", r.state)
+}

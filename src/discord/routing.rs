@@ -1,0 +1,121 @@
+//! Stateless routing of buttons and modals: the request id lives in the
+//! `custom_id` (`keyturn:v1:<action>:<uuid>`), so a card keeps working after
+//! a restart. Pure: no serenity, no I/O.
+
+use crate::domain::request::RequestId;
+
+/// Every custom id we write starts with this.
+pub const PREFIX: &str = "keyturn:v1:";
+/// Discord's limit on a component's `custom_id`.
+pub const MAX_CUSTOM_ID: usize = 100;
+/// The text input of the deny-with-reason modal.
+pub const REASON_INPUT: &str = "reason";
+
+/// What a button click or modal submit asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Approve(RequestId),
+    Deny(RequestId),
+    /// Opens the reason modal.
+    DenyWithReason(RequestId),
+    /// The reason modal was submitted.
+    ReasonSubmit(RequestId),
+}
+
+/// A custom id we do not understand (old version, forged, other bot).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown component id `{0}`")]
+pub struct UnknownRoute(pub String);
+
+impl Route {
+    fn parts(&self) -> (&'static str, RequestId) {
+        match *self {
+            Route::Approve(id) => ("approve", id),
+            Route::Deny(id) => ("deny", id),
+            Route::DenyWithReason(id) => ("deny_reason", id),
+            Route::ReasonSubmit(id) => ("reason", id),
+        }
+    }
+
+    pub fn request_id(&self) -> RequestId {
+        self.parts().1
+    }
+
+    pub fn custom_id(&self) -> String {
+        let (action, id) = self.parts();
+        format!("{PREFIX}{action}:{id}")
+    }
+
+    pub fn parse(custom_id: &str) -> Result<Route, UnknownRoute> {
+        let unknown = || UnknownRoute(custom_id.chars().take(MAX_CUSTOM_ID).collect());
+        if custom_id.len() > MAX_CUSTOM_ID {
+            return Err(unknown());
+        }
+        let rest = custom_id.strip_prefix(PREFIX).ok_or_else(unknown)?;
+        let (action, id) = rest.split_once(':').ok_or_else(unknown)?;
+        let id: RequestId = id.parse().map_err(|_| unknown())?;
+        // Only the canonical spelling, so one id means one thing.
+        if id.to_string() != rest[action.len() + 1..] {
+            return Err(unknown());
+        }
+        Ok(match action {
+            "approve" => Route::Approve(id),
+            "deny" => Route::Deny(id),
+            "deny_reason" => Route::DenyWithReason(id),
+            "reason" => Route::ReasonSubmit(id),
+            _ => return Err(unknown()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn id() -> RequestId {
+        RequestId(Uuid::from_u128(u128::MAX))
+    }
+
+    #[test]
+    fn round_trips_and_fits_discord_limits() {
+        for r in [
+            Route::Approve(id()),
+            Route::Deny(id()),
+            Route::DenyWithReason(id()),
+            Route::ReasonSubmit(id()),
+        ] {
+            let s = r.custom_id();
+            assert!(s.len() <= MAX_CUSTOM_ID, "{s}");
+            assert_eq!(Route::parse(&s), Ok(r));
+        }
+        assert_eq!(
+            Route::Approve(id()).custom_id(),
+            "keyturn:v1:approve:ffffffff-ffff-ffff-ffff-ffffffffffff"
+        );
+    }
+
+    #[test]
+    fn unknown_ids_are_errors_not_panics() {
+        let good = Route::Approve(id()).custom_id();
+        for bad in [
+            "",
+            "approve:1",
+            "keyturn:v2:approve:ffffffff-ffff-ffff-ffff-ffffffffffff",
+            "keyturn:v1:launch:ffffffff-ffff-ffff-ffff-ffffffffffff",
+            "keyturn:v1:approve:not-a-uuid",
+            "keyturn:v1:approve:FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF",
+            "keyturn:v1:approve: ffffffff-ffff-ffff-ffff-ffffffffffff",
+            "keyturn:v1:approve",
+        ] {
+            assert!(Route::parse(bad).is_err(), "{bad}");
+        }
+        // At the limit and one past it.
+        let at = format!("{good}{}", "x".repeat(MAX_CUSTOM_ID - good.len()));
+        assert_eq!(at.len(), MAX_CUSTOM_ID);
+        assert!(Route::parse(&at).is_err());
+        let past = format!("{at}x");
+        assert!(Route::parse(&past).is_err());
+        assert!(Route::parse(&"é".repeat(200)).is_err());
+    }
+}

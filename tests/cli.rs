@@ -1,0 +1,231 @@
+//! The CLI as a user runs it: exit codes and output against the real server.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use support::server::{Server, BIN};
+
+fn pending_ids(s: &Server) -> Vec<String> {
+    let out = s.cli(&["pending", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Starts `keyturn request` in the background and returns it once its
+/// request is pending (found through the idempotency key, not by sleeping).
+fn request_in_background(s: &Server, key: &str) -> (std::process::Child, String) {
+    let child = Command::new(BIN)
+        .args([
+            "request",
+            "--tool",
+            "delete_file",
+            "--args",
+            r#"{"path":"/srv/x"}"#,
+            "--user",
+            "42",
+            "--channel",
+            "7",
+        ])
+        .args([
+            "--justification",
+            "cleanup",
+            "--agent",
+            "bot",
+            "--idempotency-key",
+            key,
+            "--config",
+        ])
+        .arg(&s.config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Submitting the same key again returns the same request without a second one.
+    let out = Command::new(BIN)
+        .args([
+            "request",
+            "--tool",
+            "delete_file",
+            "--args",
+            r#"{"path":"/srv/x"}"#,
+            "--user",
+            "42",
+            "--channel",
+            "7",
+        ])
+        .args([
+            "--agent",
+            "bot",
+            "--idempotency-key",
+            key,
+            "--no-wait",
+            "--json",
+            "--config",
+        ])
+        .arg(&s.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (child, v["request_id"].as_str().unwrap().to_string())
+}
+
+fn wait_exit(mut child: std::process::Child) -> (i32, String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            return (
+                status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn request_exits_0_when_approved_and_1_when_denied() {
+    let s = Server::start("");
+    let (child, id) = request_in_background(&s, "k1");
+    assert_eq!(pending_ids(&s), vec![id.clone()]);
+    let out = s.cli(&["approve", &id, "--reason", "ok", "--as", "alice"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, stdout) = wait_exit(child);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("approved by alice"), "{stdout}");
+
+    let (child, id) = request_in_background(&s, "k2");
+    s.cli(&["deny", &id, "--reason", "no thanks"]);
+    let (code, stdout) = wait_exit(child);
+    assert_eq!(code, 1);
+    assert!(
+        stdout.contains("denied by") && stdout.contains("no thanks"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn request_exits_2_when_the_server_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["request", "--tool", "x", "--socket"])
+        .arg(dir.path().join("nobody.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let s = Server::start("");
+    let out = s.cli(&["request", "--tool", "x", "--args", "{not json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--args is not valid JSON"));
+    let out = s.cli(&["grant", "--scope", "galaxy:1", "--tool", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scope"));
+    let out = s.cli(&["approve", "not-a-uuid"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a request id"));
+}
+
+#[test]
+fn check_config_names_the_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(&p, "[risk.high]\napprovals = 0\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("risk.high.approvals"));
+    let out = Command::new(BIN)
+        .args([
+            "check-config",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // serve refuses the same bad file before touching anything.
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!dir.path().join("keyturn.db").exists());
+}
+
+#[test]
+fn audit_export_verifies_offline_and_detects_an_edit() {
+    let s = Server::start("");
+    for (tool, user) in [
+        ("read_file", "42"),
+        ("read_file", "99"),
+        ("write_file", "42"),
+    ] {
+        let out = s.cli(&["request", "--tool", tool, "--agent", "bot", "--user", user]);
+        assert_ne!(out.status.code(), Some(2));
+    }
+    let out = s.cli(&["audit", "export"]);
+    assert!(out.status.success());
+    let export = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(export.lines().count(), 6);
+    let file = s.dir.path().join("audit.jsonl");
+    std::fs::write(&file, &export).unwrap();
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let tampered = export.replacen("\"actor\":\"policy\"", "\"actor\":\"someone\"", 1);
+    std::fs::write(&file, tampered).unwrap();
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("BROKEN at entry 2"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -1,0 +1,599 @@
+//! The real server on a temporary socket and database, driven as a client.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream as StdStream;
+use std::time::Duration;
+use support::server::{err_code, submit, Server};
+
+async fn submit_no_wait(s: &Server, tool: &str, extra: Value) -> Value {
+    s.client()
+        .await
+        .call("submit", submit(tool, extra))
+        .await
+        .expect("submit")
+}
+
+fn id_of(v: &Value) -> String {
+    v["request_id"].as_str().expect("request_id").to_string()
+}
+
+#[tokio::test]
+async fn approve_unblocks_the_waiting_agent() {
+    let s = Server::start("");
+    let r = submit_no_wait(&s, "delete_file", json!({})).await;
+    assert_eq!(r["state"], "pending");
+    assert_eq!(r["rule"], "risk_high");
+    let id = id_of(&r);
+    let mut agent = s.client().await;
+    let waiting =
+        tokio::spawn(async move { agent.call("wait", json!({"agent": "bot", "id": id})).await });
+    let mut admin = s.client().await;
+    let v = admin
+        .call(
+            "approve",
+            json!({"id": id_of(&r), "reason": "looks fine", "operator": "alice"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v["decision"]["state"], "approved");
+    let d = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d["state"], "approved");
+    assert_eq!(d["approved"], true);
+    assert_eq!(d["decided_by"], "human");
+    assert!(d["who"].as_str().unwrap().starts_with("alice (uid:"), "{d}");
+    assert_eq!(d["reason"], "looks fine");
+    // A second decision loses.
+    assert_eq!(
+        err_code(admin.call("deny", json!({"id": id_of(&r)})).await),
+        "already_decided"
+    );
+}
+
+#[tokio::test]
+async fn deny_with_reason_is_reported_as_a_human_denial() {
+    let s = Server::start("");
+    let r = submit_no_wait(&s, "delete_file", json!({})).await;
+    let mut admin = s.client().await;
+    admin
+        .call("deny", json!({"id": id_of(&r), "reason": "not today"}))
+        .await
+        .unwrap();
+    let d = s
+        .client()
+        .await
+        .call("status", json!({"agent": "bot", "id": id_of(&r)}))
+        .await
+        .unwrap();
+    assert_eq!(d["state"], "denied");
+    assert_eq!(d["decided_by"], "human");
+    assert_eq!(d["reason"], "not today");
+    assert_eq!(d["approved"], false);
+}
+
+#[tokio::test]
+async fn unanswered_request_times_out_as_a_denial_distinct_from_a_human_no() {
+    let s = Server::start("");
+    let t0 = std::time::Instant::now();
+    let d = s
+        .client()
+        .await
+        .call(
+            "submit",
+            submit("delete_file", json!({"wait": true, "timeout_secs": 1})),
+        )
+        .await
+        .unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(900));
+    assert_eq!(d["state"], "timed_out");
+    assert_eq!(d["decided_by"], "timeout");
+    assert_eq!(d["approved"], false);
+    // Deciding afterwards is refused.
+    let e = err_code(
+        s.client()
+            .await
+            .call("approve", json!({"id": id_of(&d)}))
+            .await,
+    );
+    assert_eq!(e, "already_decided");
+}
+
+#[tokio::test]
+async fn cancel_ends_the_request_and_wakes_waiters() {
+    let s = Server::start("");
+    let r = submit_no_wait(&s, "delete_file", json!({})).await;
+    let id = id_of(&r);
+    let mut agent = s.client().await;
+    let waiting =
+        tokio::spawn(async move { agent.call("wait", json!({"agent": "bot", "id": id})).await });
+    let c = s
+        .client()
+        .await
+        .call(
+            "cancel",
+            json!({"agent": "bot", "id": id_of(&r), "reason": "not needed"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(c["state"], "cancelled");
+    let d = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d["state"], "cancelled");
+    assert_eq!(d["decided_by"], "cancel");
+    assert_eq!(
+        err_code(
+            s.client()
+                .await
+                .call("cancel", json!({"agent": "bot", "id": id_of(&r)}))
+                .await
+        ),
+        "already_decided"
+    );
+}
+
+#[tokio::test]
+async fn idempotent_resubmit_returns_the_same_request() {
+    let s = Server::start("");
+    let a = submit_no_wait(&s, "delete_file", json!({"idempotency_key": "call-1"})).await;
+    let b = submit_no_wait(&s, "delete_file", json!({"idempotency_key": "call-1"})).await;
+    assert_eq!(id_of(&a), id_of(&b));
+    let c = submit_no_wait(&s, "delete_file", json!({"idempotency_key": "call-2"})).await;
+    assert_ne!(id_of(&a), id_of(&c));
+    let pending = s.client().await.call("pending", json!({})).await.unwrap();
+    assert_eq!(pending.as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn wait_resumes_after_reconnect() {
+    let s = Server::start("");
+    let r = {
+        let mut first = s.client().await;
+        first
+            .call("submit", submit("delete_file", json!({})))
+            .await
+            .unwrap()
+        // the first connection is dropped here
+    };
+    let id = id_of(&r);
+    let mut second = s.client().await;
+    let waiting =
+        tokio::spawn(async move { second.call("wait", json!({"agent": "bot", "id": id})).await });
+    s.client()
+        .await
+        .call("approve", json!({"id": id_of(&r)}))
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d["state"], "approved");
+}
+
+#[tokio::test]
+async fn restart_after_sigkill_keeps_pending_requests_and_deadlines() {
+    let mut s = Server::start("");
+    let short = submit_no_wait(&s, "delete_file", json!({"timeout_secs": 3})).await;
+    let long = submit_no_wait(&s, "delete_file", json!({"timeout_secs": 600})).await;
+    let short_deadline = short["deadline_ms"].as_i64().unwrap();
+    s.kill_and_restart();
+
+    let mut c = s.client().await;
+    let pending = c.call("pending", json!({})).await.unwrap();
+    let ids: Vec<&str> = pending
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&id_of(&short).as_str()) && ids.contains(&id_of(&long).as_str()),
+        "{pending}"
+    );
+    let kept = pending
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == short["request_id"])
+        .unwrap();
+    assert_eq!(
+        kept["deadline_ms"].as_i64().unwrap(),
+        short_deadline,
+        "deadline must survive the restart"
+    );
+
+    // The short one times out on its original deadline, not earlier.
+    let d = c
+        .call("wait", json!({"agent": "bot", "id": id_of(&short)}))
+        .await
+        .unwrap();
+    assert_eq!(d["state"], "timed_out");
+    assert!(d["decided_ms"].as_i64().unwrap() >= short_deadline);
+    // The long one can still be approved.
+    c.call("approve", json!({"id": id_of(&long)}))
+        .await
+        .unwrap();
+    let d = c.call("status", json!({"id": id_of(&long)})).await.unwrap();
+    assert_eq!(d["state"], "approved");
+}
+
+#[tokio::test]
+async fn overdue_requests_time_out_at_once_after_restart() {
+    let mut s = Server::start("");
+    let r = submit_no_wait(&s, "delete_file", json!({"timeout_secs": 1})).await;
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    // Stay down past the deadline (wall clock; the server is not running).
+    std::thread::sleep(Duration::from_millis(1200));
+    s.kill_and_restart();
+    let d = s
+        .client()
+        .await
+        .call(
+            "wait",
+            json!({"agent": "bot", "id": id_of(&r), "timeout_secs": 5}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(d["state"], "timed_out");
+}
+
+/// Raw line access, to send what a well-behaved client never would.
+struct Raw {
+    reader: BufReader<StdStream>,
+    writer: StdStream,
+}
+
+impl Raw {
+    fn connect(s: &Server) -> Raw {
+        let stream = StdStream::connect(s.socket()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Raw {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
+    }
+    fn send(&mut self, bytes: &[u8]) -> Value {
+        self.writer.write_all(bytes).unwrap();
+        self.writer.write_all(b"\n").unwrap();
+        self.read()
+    }
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad response {line:?}: {e}"))
+    }
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_lines_get_errors_and_the_connection_stays_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "").replace(
+        "[server]\n",
+        "[server]\nmax_line_bytes = 4096\nmax_args_bytes = 1024\n",
+    );
+    let s = Server::start_in(dir, &text);
+    let mut raw = Raw::connect(&s);
+    let v = raw.send(b"this is not json");
+    assert_eq!(v["error"]["data"]["code"], "parse_error");
+    assert_eq!(v["error"]["code"], -32700);
+    let v = raw.send(b"[1,2]");
+    assert_eq!(v["error"]["data"]["code"], "invalid_request");
+    let v = raw.send(br#"{"jsonrpc":"2.0","id":7,"method":"nope"}"#);
+    assert_eq!(v["error"]["data"]["code"], "method_not_found");
+    assert_eq!(v["id"], 7);
+    let v = raw.send(
+        br#"{"jsonrpc":"2.0","id":8,"method":"submit","params":{"agent":"bot","tool":"rm -rf"}}"#,
+    );
+    assert_eq!(v["error"]["data"]["code"], "invalid_params");
+    let v = raw.send(br#"{"jsonrpc":"2.0","id":9,"method":"submit","params":{"agent":"bot","tool":"x","colour":"red"}}"#);
+    assert_eq!(v["error"]["data"]["code"], "invalid_params");
+    assert!(v["error"]["message"].as_str().unwrap().contains("colour"));
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":10,"method":"submit","params":{{"agent":"bot","tool":"x","args":{{"a":"{}"}}}}}}"#,
+        "y".repeat(2000)
+    );
+    let v = raw.send(big.as_bytes());
+    assert_eq!(v["error"]["data"]["code"], "invalid_params");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_args_bytes"));
+    let huge = "z".repeat(10_000);
+    let v = raw.send(huge.as_bytes());
+    assert_eq!(v["error"]["data"]["code"], "line_too_long");
+    // Still usable.
+    let v = raw.send(br#"{"jsonrpc":"2.0","id":11,"method":"ping"}"#);
+    assert_eq!(v["result"]["pong"], true);
+    assert_eq!(v["id"], 11);
+    // Nothing was queued by any of that.
+    let pending = s.client().await.call("pending", json!({})).await.unwrap();
+    assert_eq!(pending, json!([]));
+}
+
+#[tokio::test]
+async fn a_peer_whose_uid_is_not_configured_is_refused() {
+    // Neither an admin nor any agent may connect from this uid.
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "[admin]\nuids = [4000000001]\n")
+        .replace("name = \"bot\"", "name = \"bot\"\nuids = [4000000002]")
+        .replace("name = \"cli\"", "name = \"cli\"\nuids = [4000000002]");
+    let s = Server::start_in(dir, &text);
+    let mut raw = Raw::connect(&s);
+    let v = raw.read();
+    assert_eq!(v["error"]["data"]["code"], "peer_refused");
+}
+
+#[tokio::test]
+async fn admin_methods_are_refused_to_non_admins() {
+    let s = Server::start("[admin]\nuids = [4000000001]\n");
+    let mut c = s.client().await;
+    for (method, params) in [
+        ("pending", json!({})),
+        ("approve", json!({"id": uuid::Uuid::new_v4().to_string()})),
+        ("grant", json!({"scope": "global", "tool": "x"})),
+        ("audit.tail", json!({})),
+        ("pairing.approve", json!({"code": "ACDEFGHJKM"})),
+    ] {
+        assert_eq!(
+            err_code(c.call(method, params).await),
+            "not_admin",
+            "{method}"
+        );
+    }
+    // Agent methods still work.
+    let r = c
+        .call("submit", submit("read_file", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(r["state"], "approved");
+    // And an agent cannot see another agent's request without being admin.
+    let e = c.call("status", json!({"id": r["request_id"]})).await;
+    assert_eq!(err_code(e), "invalid_params");
+}
+
+#[tokio::test]
+async fn policy_decisions_name_their_rule() {
+    let s = Server::start("[limits]\nagent_rate = \"2/min\"\n");
+    let mut c = s.client().await;
+    let r = c
+        .call("submit", submit("read_file", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r["state"].as_str(),
+            r["decided_by"].as_str(),
+            r["rule"].as_str()
+        ),
+        (Some("approved"), Some("policy"), Some("risk_low"))
+    );
+    let r = c
+        .call("submit", submit("read_file", json!({"user_id": "99"})))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r["state"].as_str(), r["rule"].as_str()),
+        (Some("denied"), Some("user_not_paired"))
+    );
+    let r = c
+        .call("submit", submit("write_file", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(r["rule"], "risk_medium");
+    let r = c
+        .call("submit", submit("read_file", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r["state"].as_str(), r["rule"].as_str()),
+        (Some("denied"), Some("rate_limit_agent"))
+    );
+    // check does not queue or consume.
+    let v = c
+        .call("check", submit("delete_file", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(v["verdict"]["action"], "deny");
+    assert_eq!(v["verdict"]["rule"], "rate_limit_agent");
+    // An unknown agent is refused.
+    let e = c
+        .call("submit", json!({"agent": "ghost", "tool": "read_file"}))
+        .await;
+    assert_eq!(err_code(e), "agent_refused");
+}
+
+#[tokio::test]
+async fn pending_requests_per_agent_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "")
+        .replace("name = \"bot\"", "name = \"bot\"\nmax_pending = 2");
+    let s = Server::start_in(dir, &text);
+    let mut c = s.client().await;
+    for _ in 0..2 {
+        c.call("submit", submit("delete_file", json!({})))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        err_code(c.call("submit", submit("delete_file", json!({}))).await),
+        "too_many_pending"
+    );
+    // Auto-decided calls are not affected.
+    assert_eq!(
+        c.call("submit", submit("read_file", json!({})))
+            .await
+            .unwrap()["state"],
+        "approved"
+    );
+}
+
+#[tokio::test]
+async fn grants_revokes_and_audit_over_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "")
+        .replace("[[grants]]\nscope = \"global\"\ntool = \"*\"", "");
+    let s = Server::start_in(dir, &text);
+    let mut c = s.client().await;
+    let r = c
+        .call("submit", submit("read_file", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(r["rule"], "no_grant");
+    c.call("grant", json!({"scope": "channel:7", "tool": "read_*"}))
+        .await
+        .unwrap();
+    let r = c
+        .call("submit", submit("read_file", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(r["state"], "approved");
+    let eff = c
+        .call(
+            "tools.effective",
+            json!({"user_id": "42", "channel_id": "7", "tool": "read_file"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(eff["deciding_scope"], "channel");
+    assert_eq!(
+        err_code(
+            c.call("grant", json!({"scope": "planet:1", "tool": "x"}))
+                .await
+        ),
+        "invalid_params"
+    );
+    c.call("revoke", json!({"scope": "channel:7", "tool": "read_*"}))
+        .await
+        .unwrap();
+    let r = c
+        .call("submit", submit("read_file", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(r["rule"], "no_grant");
+
+    let tail = c.call("audit.tail", json!({"n": 100})).await.unwrap();
+    let kinds: Vec<&str> = tail
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    for k in [
+        "submitted",
+        "policy_denied",
+        "grant_added",
+        "policy_allowed",
+        "grant_removed",
+    ] {
+        assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
+    }
+    let v = c.call("audit.verify", json!({})).await.unwrap();
+    assert_eq!(v["ok"], true);
+}
+
+#[tokio::test]
+async fn racing_deciders_exactly_one_wins() {
+    let s = Server::start("");
+    for _ in 0..10 {
+        let r = submit_no_wait(&s, "delete_file", json!({})).await;
+        let id = id_of(&r);
+        let mut a = s.client().await;
+        let mut b = s.client().await;
+        let (x, y) = tokio::join!(
+            a.call("approve", json!({"id": id, "operator": "a"})),
+            b.call("deny", json!({"id": id, "operator": "b"}))
+        );
+        let oks = [x.is_ok(), y.is_ok()].iter().filter(|o| **o).count();
+        // The same uid votes for both, so the loser is already_decided or already_voted.
+        assert_eq!(oks, 1, "{x:?} {y:?}");
+        let loser = if x.is_ok() { y } else { x };
+        let code = err_code(loser);
+        assert!(
+            code == "already_decided" || code == "already_voted",
+            "{code}"
+        );
+    }
+}
+
+#[test]
+fn a_second_instance_on_the_same_socket_fails_clearly() {
+    let s = Server::start("");
+    let out = std::process::Command::new(support::server::BIN)
+        .args(["serve", "--config"])
+        .arg(&s.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already listening"), "{err}");
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    // A socket file nobody listens on.
+    let sock = dir.path().join("k.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let text = support::server::base_config(dir.path(), "");
+    let s = Server::start_in(dir, &text);
+    assert!(StdStream::connect(s.socket()).is_ok());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(s.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "")
+        .replace("[server]\n", "[server]\nmax_connections = 2\n");
+    let s = Server::start_in(dir, &text);
+    let mut a = s.client().await;
+    let mut b = s.client().await;
+    // Both are served (a round trip proves they hold their slots).
+    a.call("ping", json!({})).await.unwrap();
+    b.call("ping", json!({})).await.unwrap();
+    let mut raw = Raw::connect(&s);
+    let v = raw.read();
+    assert_eq!(v["error"]["data"]["code"], "too_many_connections");
+    drop(a);
+    // A freed slot is reusable: retry until the server has noticed the close.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = s.client().await;
+        match c.call("ping", json!({})).await {
+            Ok(_) => break,
+            Err(_) if std::time::Instant::now() < deadline => tokio::task::yield_now().await,
+            Err(e) => panic!("slot never freed: {e}"),
+        }
+    }
+}
+
+#[test]
+fn group_mode_sets_the_socket_group() {
+    let gid = nix::unistd::getgid().as_raw();
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "").replace(
+        "[server]\n",
+        &format!("[server]\nsocket_mode = \"0660\"\nsocket_group = \"{gid}\"\n"),
+    );
+    let s = Server::start_in(dir, &text);
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(s.socket()).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), gid);
+}
