@@ -288,15 +288,23 @@ fn server_exit_answers_in_flight_requests_and_ends_the_proxy() {
         "-c".into(),
         "read line; echo boom >&2; exit 7".into(),
     ]);
-    let id = c.request("initialize", json!({}));
-    let r = c.response(id);
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("exited"),
-        "{r}"
+    // One call waiting for a human, one request forwarded to the server.
+    let gated = c.request(
+        "tools/call",
+        json!({"name": "write_file", "arguments": {"path": "/x", "content": ""}}),
     );
+    s.wait_queued("fs.write_file");
+    let forwarded = c.request("initialize", json!({}));
+    // Both answered (in any order), then the proxy's stdout ends.
+    let mut answered = Vec::new();
+    while let Ok(l) = c.lines.recv_timeout(Duration::from_secs(10)) {
+        let v: Value = serde_json::from_str(&l).expect("json");
+        let msg = v["error"]["message"].as_str().unwrap_or("");
+        assert!(msg.contains("exited"), "{v}");
+        answered.push(v["id"].as_u64().unwrap_or(0));
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, vec![gated, forwarded]);
     let status = c.child.wait().expect("proxy exit");
     assert_eq!(status.code(), Some(7));
     // The child's stderr came through ours (read until it shows or ends).

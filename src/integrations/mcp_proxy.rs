@@ -461,5 +461,8 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<u8> {
     let _ = out_tx.send(Out::Flush(done));
     let _ = tokio::time::timeout(Duration::from_secs(5), flushed).await;
     drop(writer);
-    Ok(code.clamp(0, 255) as u8)
+    // Gate threads may still be blocked on Keyturn for calls nobody will
+    // read; dropping the runtime would wait for them. Everything owed to
+    // the client is written: leave now.
+    std::process::exit(code.clamp(0, 255));
 }
