@@ -56,6 +56,17 @@ fn low_risk_call_is_allowed_at_once() {
     let (code, decision, reason) = run(hook(&s.socket, &[]), &fixture("read.json"));
     assert_eq!((code, decision.as_str()), (0, "allow"), "{reason}");
     assert!(reason.contains("approved by policy"), "{reason}");
+
+    // The socket found through the config file (relative to it), from another cwd.
+    let cfg = s.dir.path().join("relative.toml");
+    std::fs::write(&cfg, "[server]\nsocket_path = \"k.sock\"\n").expect("write config");
+    let mut c = Command::new(BIN);
+    c.args(["hook", "claude-code", "--config"])
+        .arg(&cfg)
+        .current_dir("/");
+    c.env_remove("KEYTURN_AGENT").env_remove("KEYTURN_SOCKET");
+    let (code, decision, reason) = run(c, &fixture("read.json"));
+    assert_eq!((code, decision.as_str()), (0, "allow"), "{reason}");
 }
 
 #[test]

@@ -27,8 +27,19 @@ pub fn socket_path(socket: Option<&Path>, config: Option<&Path>) -> Result<PathB
         return Ok(s.to_path_buf());
     }
     if let Some(c) = config {
-        let cfg = crate::config::Config::load(c).map_err(|e| e.to_string())?;
-        return Ok(cfg.server.socket_path);
+        // Parse only: full validation compiles the redaction rules, which
+        // would cost the hook several milliseconds for one path.
+        let text = std::fs::read_to_string(c)
+            .map_err(|e| format!("cannot read config file {}: {e}", c.display()))?;
+        let cfg = crate::config::Config::parse(&text)
+            .map_err(|e| format!("config file {}: {e}", c.display()))?;
+        let p = cfg.server.socket_path;
+        // Relative to the config file, as `serve` resolves it.
+        return Ok(if p.is_relative() {
+            c.parent().unwrap_or(Path::new(".")).join(p)
+        } else {
+            p
+        });
     }
     Ok(PathBuf::from("keyturn.sock"))
 }
