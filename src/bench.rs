@@ -18,6 +18,8 @@ pub struct BenchOptions {
     pub clients: usize,
     pub seconds: u64,
     pub wakeups: usize,
+    /// Pending requests to create, then reload and expire after a restart.
+    pub pending: usize,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -43,7 +45,7 @@ max_connections = 1024
 url = "sqlite://{db}"
 [[agents]]
 name = "bench"
-max_pending = 100000
+max_pending = 1000000
 [[tools]]
 name = "fast_read"
 risk = "low"
@@ -63,10 +65,7 @@ tool = "gated"
     let cfg = Config::parse(&text).map_err(anyhow::Error::msg)?;
     cfg.validate()?;
     let sock = cfg.server.socket_path.clone();
-    let stop = CancellationToken::new();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(crate::serve::run_until(cfg, stop.clone(), Some(ready_tx)));
-    ready_rx.await?;
+    let (stop, server) = start(&text).await?;
 
     println!("== policy-decided calls: {} clients for {} s (each committed to the audit log before its reply)", o.clients, o.seconds);
     let until = Instant::now() + Duration::from_secs(o.seconds);
@@ -168,7 +167,94 @@ tool = "gated"
     );
     stop.cancel();
     server.await??;
+
+    if o.pending > 0 {
+        pending_phase(&text, &sock, o.pending, o.clients).await?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Starts the server on `text`'s config; returns its stop token and task.
+async fn start(
+    text: &str,
+) -> anyhow::Result<(
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let cfg = Config::parse(text).map_err(anyhow::Error::msg)?;
+    let stop = CancellationToken::new();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(crate::serve::run_until(cfg, stop.clone(), Some(ready_tx)));
+    ready_rx.await?;
+    Ok((stop, server))
+}
+
+/// Many pending requests: create them, restart, and time the reload and
+/// the expiry of every one (their deadline passes while the server is down).
+async fn pending_phase(
+    text: &str,
+    sock: &std::path::Path,
+    n: usize,
+    clients: usize,
+) -> anyhow::Result<()> {
+    println!("== {n} pending requests: create, restart, expire");
+    let (stop, server) = start(text).await?;
+    let t = Instant::now();
+    // Every deadline falls shortly after creation should end, so they pass
+    // while the server is down (assuming at least 2,000 creations a second).
+    let target = crate::app::now_ms() + (n as i64 / 2) + 5_000;
+    let per = n.div_ceil(clients);
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let sock = sock.to_path_buf();
+        let count = per.min(n.saturating_sub(c * per));
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect(&sock).await?;
+            for _ in 0..count {
+                let secs = ((target - crate::app::now_ms()) / 1000).max(1);
+                client
+                    .call("submit", json!({"agent": "bench", "tool": "gated", "args": {}, "timeout_secs": secs}))
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    println!("created {n} pending in {:.2} s", t.elapsed().as_secs_f64());
+    let mut admin = Client::connect(sock).await?;
+    let still = admin.call("stats", json!({})).await?["pending"]
+        .as_u64()
+        .unwrap_or(0);
+    stop.cancel();
+    server.await??;
+    // Stay down past every deadline.
+    let wait_ms = (target - crate::app::now_ms() + 1_000).max(0) as u64;
+    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    let t = Instant::now();
+    let (stop, server) = start(text).await?;
+    println!(
+        "{still} were pending at shutdown; restart to ready: {:.3} s",
+        t.elapsed().as_secs_f64()
+    );
+    let mut admin = Client::connect(sock).await?;
+    loop {
+        let left = admin.call("stats", json!({})).await?["pending"]
+            .as_u64()
+            .unwrap_or(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "all {still} overdue requests timed out {:.2} s after the restart began",
+        t.elapsed().as_secs_f64()
+    );
+    stop.cancel();
+    server.await??;
     Ok(())
 }
 

@@ -196,6 +196,9 @@ enum Command {
         /// Approval wake-up rounds.
         #[arg(long, default_value_t = 200)]
         wakeups: usize,
+        /// Then create this many pending requests, restart, and time their expiry.
+        #[arg(long, default_value_t = 0)]
+        pending: usize,
     },
     /// Check that arguments are exactly those a request was approved with
     /// (exit 0 when they match and it is approved, 1 otherwise).
@@ -615,11 +618,13 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             clients,
             seconds,
             wakeups,
+            pending,
         } => {
             crate::bench::run(crate::bench::BenchOptions {
                 clients,
                 seconds,
                 wakeups,
+                pending,
             })
             .await?;
             Ok(0)

@@ -132,6 +132,27 @@ struct PolicyView {
     users: HashMap<String, Vec<String>>,
 }
 
+/// A reserved pending slot, given back unless the request was stored.
+struct PendingSlot<'a> {
+    gw: &'a Gateway,
+    agent: String,
+    kept: bool,
+}
+
+impl PendingSlot<'_> {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for PendingSlot<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.gw.release_pending(&self.agent);
+        }
+    }
+}
+
 /// Limits on submitted fields.
 const MAX_ID_LEN: usize = 100;
 const MAX_KEY_LEN: usize = 200;
@@ -145,6 +166,8 @@ pub struct Gateway {
     view: RwLock<PolicyView>,
     limits: Mutex<PolicyState>,
     waiters: Waiters,
+    /// Pending requests per agent, for `max_pending`.
+    pending_by_agent: Mutex<HashMap<String, usize>>,
     deadlines: mpsc::Sender<(i64, RequestId)>,
     events: broadcast::Sender<RequestEvent>,
     server_uid: u32,
@@ -174,11 +197,21 @@ impl Gateway {
             view: RwLock::default(),
             limits: Mutex::default(),
             waiters: Waiters::default(),
+            pending_by_agent: Mutex::default(),
             deadlines,
             events,
             server_uid,
         });
         gw.refresh_policy().await?;
+        *gw.pending_by_agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = gw
+            .store
+            .pending_counts()
+            .await?
+            .into_iter()
+            .map(|(a, n)| (a, n as usize))
+            .collect();
         Ok((gw, rx))
     }
 
@@ -430,6 +463,7 @@ impl Gateway {
             decided_reason: None,
             decided_ms: None,
         };
+        let mut reservation = None;
         match &verdict {
             Verdict::Allow { detail, log, .. } => {
                 req.rule_detail = detail.clone();
@@ -450,12 +484,7 @@ impl Gateway {
                 ..
             } => {
                 let max = self.cfg.agent(agent).map(|a| a.max_pending).unwrap_or(0);
-                if self.store.count_pending_for_agent(agent).await? >= max as u64 {
-                    return Err(AppError::TooManyPending {
-                        agent: agent.to_string(),
-                        max,
-                    });
-                }
+                reservation = Some(self.reserve_pending(agent, max)?);
                 let default = self.cfg.timeout_for(*risk);
                 let wanted = s.timeout_secs.map(Duration::from_secs).unwrap_or(default);
                 let wait = wanted.min(self.cfg.risk.max_timeout.0);
@@ -476,6 +505,10 @@ impl Gateway {
             crate::store::Inserted::Existing(r) => return Ok(r),
             crate::store::Inserted::New(r) => r,
         };
+        // The slot now belongs to the stored request; `finished` frees it.
+        if let Some(r) = reservation {
+            r.keep();
+        }
         if req.state == State::Pending {
             tracing::info!(request.id = %req.id, agent = %req.agent, tool = %req.tool, risk = %req.risk, "queued for approval");
             // Bounded channel: if the scheduler is far behind, the submit waits.
@@ -620,8 +653,53 @@ impl Gateway {
     }
 
     fn finished(&self, r: &ApprovalRequest) {
+        self.release_pending(&r.agent);
         self.waiters.wake(r);
         let _ = self.events.send(RequestEvent::Resolved(r.clone()));
+    }
+
+    /// Takes one of `agent`'s pending slots, or refuses when all are taken.
+    /// Counted in memory (loaded from the store at start), so the check
+    /// costs nothing with 100,000 pending requests.
+    fn reserve_pending(&self, agent: &str, max: usize) -> Result<PendingSlot<'_>, AppError> {
+        let mut counts = self
+            .pending_by_agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(agent.to_string()).or_default();
+        if *n >= max {
+            return Err(AppError::TooManyPending {
+                agent: agent.to_string(),
+                max,
+            });
+        }
+        *n += 1;
+        Ok(PendingSlot {
+            gw: self,
+            agent: agent.to_string(),
+            kept: false,
+        })
+    }
+
+    /// Pending requests per agent, as counted in memory.
+    pub fn pending_counts(&self) -> HashMap<String, usize> {
+        self.pending_by_agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(a, n)| (a.clone(), *n))
+            .collect()
+    }
+
+    fn release_pending(&self, agent: &str) {
+        let mut counts = self
+            .pending_by_agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(agent) {
+            *n = n.saturating_sub(1);
+        }
     }
 
     pub async fn pending(&self, limit: u32) -> Result<Vec<ApprovalRequest>, AppError> {

@@ -200,6 +200,7 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
 
 /// Methods only admins may call.
 pub const ADMIN_METHODS: &[&str] = &[
+    "stats",
     "pending",
     "approve",
     "deny",
@@ -348,6 +349,11 @@ impl Handler {
                     None => return Err(RpcError::new("invalid_params", "`agent` is required")),
                 };
                 to_value(gw.verify_args(id, agent, &q.args).await?)
+            }
+            "stats" => {
+                let counts = gw.pending_counts();
+                let total: usize = counts.values().sum();
+                Ok(json!({"pending": total, "pending_by_agent": counts}))
             }
             "pending" => {
                 let q: ListParams = params(p)?;

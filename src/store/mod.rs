@@ -151,7 +151,9 @@ pub trait Store: Send + Sync + 'static {
     async fn pending(&self, limit: u32) -> StoreResult<Vec<ApprovalRequest>>;
     /// Every pending request's deadline (for the scheduler at start-up).
     async fn pending_deadlines(&self) -> StoreResult<Vec<(RequestId, i64)>>;
-    async fn count_pending_for_agent(&self, agent: &str) -> StoreResult<u64>;
+    /// Pending requests per agent (loaded once at start; the gateway keeps
+    /// the counts from then on).
+    async fn pending_counts(&self) -> StoreResult<Vec<(String, u64)>>;
     /// Distinct tools `agent` has had approved under `task_id` (for the
     /// lethal-trifecta guard, which must survive restarts).
     /// The default refuses, so a store that cannot answer fails closed (the

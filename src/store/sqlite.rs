@@ -1034,15 +1034,17 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn count_pending_for_agent(&self, agent: &str) -> StoreResult<u64> {
-        let n: i64 =
-            sqlx::query("SELECT COUNT(*) FROM requests WHERE state = 'pending' AND agent = $1")
-                .bind(agent)
-                .fetch_one(&self.reads)
-                .await
-                .and_then(|r| r.try_get(0))
-                .map_err(db)?;
-        Ok(n as u64)
+    async fn pending_counts(&self) -> StoreResult<Vec<(String, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT agent, COUNT(*) FROM requests WHERE state = 'pending' GROUP BY agent",
+        )
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|(a, n)| (a, n.max(0) as u64))
+            .collect())
     }
 
     async fn approved_task_tools(&self, agent: &str, task_id: &str) -> StoreResult<Vec<String>> {
