@@ -195,3 +195,37 @@ fn failures_deny_and_exit_zero() {
     let (code, _, _) = run_with_stdin(hook(&gone, &["--timeout", "soon"]), &fixture("bash.json"));
     assert_eq!(code, 2);
 }
+
+#[test]
+fn server_stops_promptly_when_a_gone_agent_was_still_waiting() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::io::Write;
+    // An agent gone mid-wait (a hook killed by Claude Code's own timeout)
+    // leaves a call in flight on a closed connection; SIGTERM must still
+    // stop the server at once.
+    let mut s = Server::start("");
+    let c = std::os::unix::net::UnixStream::connect(&s.socket).expect("connect");
+    let mut r = std::io::BufReader::new(c);
+    let submit = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "submit", "params": {
+        "agent": "claude-code", "tool": "Bash", "args": {"command": "ls"}}});
+    writeln!(r.get_mut(), "{submit}").expect("write");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut r, &mut line).expect("read");
+    let v: Value = serde_json::from_str(&line).expect("json");
+    let id = v["result"]["request_id"].as_str().expect("id").to_string();
+    let wait = serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "wait",
+        "params": {"agent": "claude-code", "id": id}});
+    writeln!(r.get_mut(), "{wait}").expect("write");
+    // Not a wait for an outcome: the server only has to have read the
+    // `wait` line and the EOF separately, before the signal, for the
+    // shutdown path under test to be taken.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(r);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    kill(Pid::from_raw(s.pid() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let status = s.wait_exit(Duration::from_secs(10));
+    assert!(status.is_some(), "server still running 10 s after SIGTERM");
+    eprintln!("server stopped {:?} after SIGTERM", started.elapsed());
+}

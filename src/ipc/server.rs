@@ -245,13 +245,20 @@ async fn connection(
     // calls still get answers; each is bounded by its request's deadline.
     // On shutdown, blocked calls are aborted: their requests stay pending in
     // the store and a reconnecting agent can `wait` again.
-    if stop.is_cancelled() {
+    let mut aborted = stop.is_cancelled();
+    if aborted {
         calls.abort_all();
     }
     loop {
+        // Abort once: a `stop.cancelled()` branch that is always ready would
+        // keep this task from ever yielding, and the aborted calls (often in
+        // this worker's LIFO slot) would never run to completion.
         tokio::select! {
             done = calls.join_next() => if done.is_none() { break },
-            _ = stop.cancelled() => calls.abort_all(),
+            _ = stop.cancelled(), if !aborted => {
+                calls.abort_all();
+                aborted = true;
+            }
         }
     }
     drop(out_tx);
