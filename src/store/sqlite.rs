@@ -210,8 +210,14 @@ async fn run_writer(
 async fn write_batch(conn: &mut SqliteConnection, jobs: &mut Vec<Job>) {
     {
         let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
+        let started = std::time::Instant::now();
         match run_batch(conn, &ops).await {
             Ok(replies) => {
+                tracing::trace!(
+                    batch = ops.len(),
+                    micros = started.elapsed().as_micros() as u64,
+                    "committed"
+                );
                 for (job, reply) in jobs.drain(..).zip(replies) {
                     let _ = job.reply.send(Ok(reply));
                 }
