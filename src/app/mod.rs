@@ -436,7 +436,10 @@ impl Gateway {
             ..
         } = content;
         let mut req = ApprovalRequest {
-            id: RequestId(Uuid::new_v4()),
+            // Time-ordered (UUIDv7): new rows land at the right edge of the
+            // id indexes, so a group commit touches a few pages instead of one
+            // random page per request (measured: the WAL writes dominated).
+            id: RequestId(Uuid::now_v7()),
             agent: agent.to_string(),
             args_hash: redact::args_hash(&s.args),
             args,

@@ -182,6 +182,7 @@ async fn run_writer(
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
     let mut stopping = false;
+    let mut head: Head = None;
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut jobs, max_batch) => n,
@@ -195,7 +196,7 @@ async fn run_writer(
         if n == 0 {
             break;
         }
-        write_batch(&mut conn, &mut jobs).await;
+        write_batch(&mut conn, &mut jobs, &mut head).await;
     }
     // Fold the WAL back into the main file so the database is one file at rest.
     if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -207,11 +208,11 @@ async fn run_writer(
     let _ = conn.close().await;
 }
 
-async fn write_batch(conn: &mut SqliteConnection, jobs: &mut Vec<Job>) {
+async fn write_batch(conn: &mut SqliteConnection, jobs: &mut Vec<Job>, head: &mut Head) {
     {
         let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
         let started = std::time::Instant::now();
-        match run_batch(conn, &ops).await {
+        match run_batch(conn, &ops, head).await {
             Ok(replies) => {
                 tracing::trace!(
                     batch = ops.len(),
@@ -232,7 +233,7 @@ async fn write_batch(conn: &mut SqliteConnection, jobs: &mut Vec<Job>) {
                 // One bad write must not fail its neighbours: retry each alone.
                 tracing::warn!(error = %e, batch = jobs.len(), "batch failed; retrying writes one by one");
                 for job in jobs.drain(..) {
-                    let r = run_batch(conn, &[&job.op]).await;
+                    let r = run_batch(conn, &[&job.op], head).await;
                     let r = r
                         .map_err(db)
                         .and_then(|mut v| v.pop().ok_or_else(unexpected));
@@ -246,7 +247,32 @@ async fn write_batch(conn: &mut SqliteConnection, jobs: &mut Vec<Job>) {
     }
 }
 
-async fn run_batch(conn: &mut SqliteConnection, ops: &[&Op]) -> Result<Vec<Reply>, sqlx::Error> {
+/// The audit chain head as of the last commit, known only to the writer
+/// (the one connection that appends), so a batch need not read it back.
+type Head = Option<(i64, String)>;
+
+async fn run_batch(
+    conn: &mut SqliteConnection,
+    ops: &[&Op],
+    head: &mut Head,
+) -> Result<Vec<Reply>, sqlx::Error> {
+    let known = head.take();
+    let result = run_batch_inner(conn, ops, known.clone()).await;
+    match result {
+        Ok((replies, new_head)) => {
+            *head = new_head.or(known);
+            Ok(replies)
+        }
+        // Rolled back: read the head from the database next time.
+        Err(e) => Err(e),
+    }
+}
+
+async fn run_batch_inner(
+    conn: &mut SqliteConnection,
+    ops: &[&Op],
+    head: Head,
+) -> Result<(Vec<Reply>, Head), sqlx::Error> {
     let mut tx = conn.begin().await?;
     let mut replies = Vec::with_capacity(ops.len());
     let mut audit_events = Vec::new();
@@ -268,11 +294,12 @@ async fn run_batch(conn: &mut SqliteConnection, ops: &[&Op]) -> Result<Vec<Reply
     for chunk in new_rows.chunks(1000) {
         insert_requests(&mut tx, chunk).await?;
     }
+    let mut new_head = None;
     if !audit_events.is_empty() {
-        append_audit(&mut tx, audit_events).await?;
+        new_head = Some(append_audit(&mut tx, audit_events, head).await?);
     }
     tx.commit().await?;
-    Ok(replies)
+    Ok((replies, new_head))
 }
 
 type Tx<'a> = Transaction<'a, Sqlite>;
@@ -769,11 +796,20 @@ async fn load_votes<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
         .collect())
 }
 
-async fn append_audit(tx: &mut Tx<'_>, list: Vec<AuditEvent>) -> Result<(), sqlx::Error> {
-    let (seq, hash): (i64, String) =
-        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_one(&mut **tx)
-            .await?;
+/// Links and inserts `list` after the chain head; returns the new head.
+async fn append_audit(
+    tx: &mut Tx<'_>,
+    list: Vec<AuditEvent>,
+    head: Head,
+) -> Result<(i64, String), sqlx::Error> {
+    let (seq, hash): (i64, String) = match head {
+        Some(h) => h,
+        None => {
+            sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+                .fetch_one(&mut **tx)
+                .await?
+        }
+    };
     let entries = audit::link(seq, &hash, list);
     // SQLite allows 32766 bound parameters; 8 per row.
     for chunk in entries.chunks(2000) {
@@ -792,14 +828,15 @@ async fn append_audit(tx: &mut Tx<'_>, list: Vec<AuditEvent>) -> Result<(), sqlx
         });
         qb.build().execute(&mut **tx).await?;
     }
-    if let Some(last) = entries.last() {
-        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
-            .bind(last.seq)
-            .bind(&last.hash)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
+    let Some(last) = entries.last() else {
+        return Ok((seq, hash));
+    };
+    sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+        .bind(last.seq)
+        .bind(&last.hash)
+        .execute(&mut **tx)
+        .await?;
+    Ok((last.seq, last.hash.clone()))
 }
 
 #[derive(FromRow)]
