@@ -196,6 +196,20 @@ async fn run_writer(
         if n == 0 {
             break;
         }
+        // Let handlers that are about to write queue up first: one yield
+        // grows the group commit (measured: more calls per commit, fewer commits).
+        if jobs.len() < max_batch {
+            tokio::task::yield_now().await;
+            let room = max_batch - jobs.len();
+            if room > 0 {
+                while let Ok(job) = rx.try_recv() {
+                    jobs.push(job);
+                    if jobs.len() >= max_batch {
+                        break;
+                    }
+                }
+            }
+        }
         write_batch(&mut conn, &mut jobs, &mut head).await;
     }
     // Fold the WAL back into the main file so the database is one file at rest.
