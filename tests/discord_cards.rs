@@ -1,7 +1,8 @@
 //! End to end: the real `keyturn serve` binary with its Discord bot pointed
-//! at the fake Discord in `support/fake_discord.rs`, agents on its socket.
+//! at the fake Discord in `discord_support/fake_discord.rs`, agents on its socket.
 //! Every wait has a deadline; nothing sleeps to hope.
 
+#[path = "discord_support/mod.rs"]
 mod support;
 
 use serde_json::{json, Value};

@@ -1,6 +1,7 @@
 //! Secrets planted in a request's arguments and justification never reach
 //! Discord: not in the card, its edits, its attached JSON, nor any other call.
 
+#[path = "discord_support/mod.rs"]
 mod support;
 
 use serde_json::json;

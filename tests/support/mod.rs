@@ -1,6 +1,4 @@
 //! Shared test support. Each test binary uses only part of it.
 #![allow(dead_code)]
 
-pub mod fake_discord;
-pub mod keyturn;
 pub mod server;
