@@ -10,7 +10,7 @@ pub mod scheduler;
 mod waiters;
 
 use crate::config::Config;
-use crate::domain::audit::{self, events, AuditEntry, AuditEvent};
+use crate::domain::audit::{self, events, AuditEntry};
 use crate::domain::flags::FlagScanner;
 use crate::domain::pairing;
 use crate::domain::policy::{
@@ -952,10 +952,6 @@ impl Gateway {
     }
 
     // ---- audit -----------------------------------------------------------
-
-    pub async fn audit(&self, event: AuditEvent) -> Result<(), AppError> {
-        Ok(self.store.append_audit(vec![event]).await?)
-    }
 
     pub async fn audit_tail(&self, n: u32) -> Result<Vec<AuditEntry>, AppError> {
         Ok(self.store.audit_tail(n).await?)

@@ -34,13 +34,4 @@ impl Waiters {
             let _ = w.send(req.clone());
         }
     }
-
-    /// Number of requests with at least one registered waiter.
-    pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

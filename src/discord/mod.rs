@@ -403,6 +403,32 @@ impl Reply<'_> {
 }
 
 impl Handler {
+    /// Whether the member may decide requests at all (approver role). On
+    /// `None` the refusal has been answered; `Some(is_admin)` otherwise.
+    async fn may_decide(
+        &self,
+        ctx: &Context,
+        reply: &Reply<'_>,
+        member: Option<&Member>,
+    ) -> Option<bool> {
+        let Some((approver, admin)) = roles_of(&self.0.cfg, member) else {
+            reply
+                .respond(&ctx.http, ephemeral("Requests are decided in the server."))
+                .await;
+            return None;
+        };
+        if !approver {
+            reply
+                .respond(
+                    &ctx.http,
+                    ephemeral("You need the approver role to decide Keyturn requests."),
+                )
+                .await;
+            return None;
+        }
+        Some(admin)
+    }
+
     async fn component(&self, ctx: &Context, c: ComponentInteraction) {
         let reply = Reply::Component(&c);
         let route = match Route::parse(&c.data.custom_id) {
@@ -418,22 +444,10 @@ impl Handler {
                 return;
             }
         };
-        let Some((approver, admin)) = roles_of(&self.0.cfg, c.member.as_ref()) else {
-            reply
-                .respond(&ctx.http, ephemeral("Requests are decided in the server."))
-                .await;
+        let Some(admin) = self.may_decide(ctx, &reply, c.member.as_ref()).await else {
+            tracing::info!(request.id = %route.request_id(), user.id = %c.user.id, "click refused: not an approver");
             return;
         };
-        if !approver {
-            tracing::info!(request.id = %route.request_id(), user.id = %c.user.id, "click refused: not an approver");
-            reply
-                .respond(
-                    &ctx.http,
-                    ephemeral("You need the approver role to decide Keyturn requests."),
-                )
-                .await;
-            return;
-        }
         match route {
             Route::Approve(id) => {
                 self.decide(ctx, &reply, &c.user, id, true, None, admin)
@@ -491,21 +505,9 @@ impl Handler {
                 return;
             }
         };
-        let Some((approver, admin)) = roles_of(&self.0.cfg, m.member.as_ref()) else {
-            reply
-                .respond(&ctx.http, ephemeral("Requests are decided in the server."))
-                .await;
+        let Some(admin) = self.may_decide(ctx, &reply, m.member.as_ref()).await else {
             return;
         };
-        if !approver {
-            reply
-                .respond(
-                    &ctx.http,
-                    ephemeral("You need the approver role to decide Keyturn requests."),
-                )
-                .await;
-            return;
-        }
         let reason = m
             .data
             .components

@@ -5,7 +5,7 @@ use super::handler::{Handler, Peer};
 use super::protocol::{response, RpcError};
 use futures::SinkExt;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -144,7 +144,7 @@ async fn connection(
             return;
         }
     };
-    if !handler_may_connect(&handler, peer.uid) {
+    if !handler.gateway().uid_may_connect(peer.uid) {
         tracing::warn!(
             peer.uid = peer.uid,
             "connection from a uid that is neither an agent nor an admin"
@@ -263,15 +263,6 @@ async fn connection(
     }
     drop(out_tx);
     let _ = writer.await;
-}
-
-fn handler_may_connect(h: &Handler, uid: u32) -> bool {
-    h.gateway().uid_may_connect(uid)
-}
-
-/// Removes the socket file if it is ours (used on shutdown paths that skip `serve`).
-pub fn remove_socket(path: &Path) {
-    let _ = std::fs::remove_file(path);
 }
 
 /// One line read from a peer.
