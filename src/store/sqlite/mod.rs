@@ -1,0 +1,715 @@
+//! The SQLite store: WAL, one writer thread that group-commits (see
+//! [`writer`]), a small pool of sqlx readers and a background checkpointer.
+
+mod writer;
+
+use super::{
+    CardRow, Inserted, PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError,
+    StoreResult, StoredGrant, Voted,
+};
+use crate::domain::audit::{AuditEntry, AuditEvent};
+use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
+use crate::domain::request::{ApprovalRequest, RequestId, State, TransitionError, Vote};
+use crate::domain::Risk;
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, FromRow, Sqlite};
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::task::JoinHandle;
+use writer::{Job, Msg, Op, Reply};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+fn db(e: sqlx::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+pub struct SqliteStore {
+    reads: SqlitePool,
+    jobs: mpsc::Sender<Msg>,
+    /// The checkpointer task and the writer's "all committed" signal.
+    shutdown: Mutex<Option<(JoinHandle<()>, oneshot::Receiver<()>)>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) and migrates the database at `url`.
+    pub async fn open(url: &str, synchronous: &str, max_batch: usize) -> StoreResult<SqliteStore> {
+        let full = synchronous == "full";
+        let opts = SqliteConnectOptions::from_str(url)
+            .map_err(db)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if full {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5))
+            .pragma("temp_store", "memory");
+        // Migrate through a one-connection pool: `Migrator::run` on a bare
+        // connection makes the future non-`Send` (sqlx's `Acquire` bound).
+        let migrations = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await
+            .map_err(db)?;
+        MIGRATOR
+            .run(&migrations)
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        migrations.close().await;
+        let (jobs, written) = writer::start(opts.get_filename(), full, max_batch)?;
+        let checkpointer = SqliteConnection::connect_with(&opts).await.map_err(db)?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts.read_only(true))
+            .await
+            .map_err(db)?;
+        Ok(SqliteStore {
+            reads,
+            jobs,
+            shutdown: Mutex::new(Some((
+                tokio::spawn(run_checkpointer(checkpointer)),
+                written,
+            ))),
+        })
+    }
+
+    async fn write(&self, op: Op) -> StoreResult<Reply> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Msg::Job(Job { op, reply: tx }))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn unexpected() -> StoreError {
+    StoreError::Database("writer replied with the wrong kind of answer".into())
+}
+
+/// How often the WAL is folded back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+async fn run_checkpointer(mut conn: SqliteConnection) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // PASSIVE never blocks the writer or readers; what it cannot copy
+        // now it copies next time.
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
+}
+
+type VoteRow = (String, Option<String>, bool, Option<String>, i64);
+
+async fn load_votes<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    ex: E,
+    id: RequestId,
+) -> Result<Vec<Vote>, sqlx::Error> {
+    let rows: Vec<VoteRow> = sqlx::query_as(
+        "SELECT voter, name, approve, reason, at_ms FROM votes WHERE request_id = $1 ORDER BY at_ms, voter",
+    )
+    .bind(id.to_string())
+    .fetch_all(ex)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(voter, name, approve, reason, at_ms)| Vote {
+            voter,
+            name,
+            approve,
+            reason,
+            at_ms,
+        })
+        .collect())
+}
+
+#[derive(FromRow)]
+pub(super) struct RequestRow {
+    pub(super) id: String,
+    pub(super) agent: String,
+    pub(super) tool: String,
+    pub(super) args: String,
+    pub(super) args_hash: String,
+    pub(super) user_id: Option<String>,
+    pub(super) channel_id: Option<String>,
+    pub(super) justification: String,
+    pub(super) task_id: Option<String>,
+    pub(super) idempotency_key: Option<String>,
+    pub(super) risk: String,
+    pub(super) approvals_required: i64,
+    pub(super) admin_only: bool,
+    pub(super) rule: String,
+    pub(super) rule_detail: String,
+    pub(super) flags: String,
+    pub(super) created_ms: i64,
+    pub(super) deadline_ms: i64,
+    pub(super) state: String,
+    pub(super) decided_by: Option<String>,
+    pub(super) decided_who: Option<String>,
+    pub(super) decided_reason: Option<String>,
+    pub(super) decided_ms: Option<i64>,
+}
+
+fn corrupt(what: String) -> StoreError {
+    StoreError::Corrupt(what)
+}
+
+impl RequestRow {
+    pub(super) fn into_request(self) -> StoreResult<ApprovalRequest> {
+        let flags = match serde_json::from_str(&self.flags) {
+            Ok(serde_json::Value::Array(a)) => a,
+            _ => return Err(corrupt(format!("request {}: bad flags", self.id))),
+        };
+        Ok(ApprovalRequest {
+            id: self.id.parse().map_err(corrupt)?,
+            agent: self.agent,
+            tool: self.tool,
+            args: serde_json::from_str(&self.args)
+                .map_err(|e| corrupt(format!("request {}: bad args: {e}", self.id)))?,
+            args_hash: self.args_hash,
+            user_id: self.user_id,
+            channel_id: self.channel_id,
+            justification: self.justification,
+            task_id: self.task_id,
+            idempotency_key: self.idempotency_key,
+            risk: self.risk.parse().map_err(corrupt)?,
+            approvals_required: self.approvals_required.clamp(1, 100) as u32,
+            admin_only: self.admin_only,
+            rule: self.rule,
+            rule_detail: self.rule_detail,
+            flags,
+            created_ms: self.created_ms,
+            deadline_ms: self.deadline_ms,
+            state: self.state.parse::<State>().map_err(corrupt)?,
+            decided_by: self
+                .decided_by
+                .map(|d| d.parse())
+                .transpose()
+                .map_err(corrupt)?,
+            decided_who: self.decided_who,
+            decided_reason: self.decided_reason,
+            decided_ms: self.decided_ms,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct CardDbRow {
+    request_id: String,
+    channel_id: i64,
+    message_id: Option<i64>,
+    rendered_state: Option<String>,
+    want: i64,
+    done: i64,
+    attempts: i64,
+    next_attempt_ms: i64,
+    deadline_ms: i64,
+}
+
+impl CardDbRow {
+    fn into_card(self) -> StoreResult<CardRow> {
+        Ok(CardRow {
+            request_id: self.request_id.parse().map_err(StoreError::Corrupt)?,
+            channel_id: self.channel_id as u64,
+            message_id: self.message_id.map(|m| m as u64),
+            rendered_state: self.rendered_state,
+            want: self.want,
+            done: self.done,
+            attempts: self.attempts,
+            next_attempt_ms: self.next_attempt_ms,
+            deadline_ms: self.deadline_ms,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct AuditRow {
+    seq: i64,
+    at_ms: i64,
+    kind: String,
+    actor: String,
+    request_id: Option<String>,
+    detail: String,
+    prev_hash: String,
+    hash: String,
+}
+
+impl AuditRow {
+    fn into_entry(self) -> AuditEntry {
+        AuditEntry {
+            seq: self.seq,
+            event: AuditEvent {
+                at_ms: self.at_ms,
+                kind: self.kind,
+                actor: self.actor,
+                request_id: self.request_id,
+                // A detail that no longer parses is kept as text so verify names the row.
+                detail: serde_json::from_str(&self.detail)
+                    .unwrap_or(serde_json::Value::String(self.detail)),
+            },
+            prev_hash: self.prev_hash,
+            hash: self.hash,
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_request(
+        &self,
+        req: ApprovalRequest,
+        audit: Vec<AuditEvent>,
+    ) -> StoreResult<Inserted> {
+        match self.write(Op::Insert(Box::new(req), audit)).await? {
+            Reply::Inserted(i) => Ok(i),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn vote(&self, id: RequestId, vote: Vote) -> StoreResult<Result<Voted, TransitionError>> {
+        match self.write(Op::Vote(id, vote)).await? {
+            Reply::Voted(v) => Ok(v),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn cancel(
+        &self,
+        id: RequestId,
+        who: String,
+        reason: Option<String>,
+        now_ms: i64,
+    ) -> StoreResult<Result<ApprovalRequest, TransitionError>> {
+        match self.write(Op::Cancel(id, who, reason, now_ms)).await? {
+            Reply::Finished(f) => Ok(f),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn time_out(
+        &self,
+        id: RequestId,
+        now_ms: i64,
+    ) -> StoreResult<Result<ApprovalRequest, TransitionError>> {
+        match self.write(Op::TimeOut(id, now_ms)).await? {
+            Reply::Finished(f) => Ok(f),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn get_request(&self, id: RequestId) -> StoreResult<Option<ApprovalRequest>> {
+        sqlx::query_as::<_, RequestRow>("SELECT * FROM requests WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(db)?
+            .map(RequestRow::into_request)
+            .transpose()
+    }
+
+    async fn find_by_idempotency_key(
+        &self,
+        agent: &str,
+        key: &str,
+    ) -> StoreResult<Option<ApprovalRequest>> {
+        sqlx::query_as::<_, RequestRow>(
+            "SELECT * FROM requests WHERE agent = $1 AND idempotency_key = $2",
+        )
+        .bind(agent)
+        .bind(key)
+        .fetch_optional(&self.reads)
+        .await
+        .map_err(db)?
+        .map(RequestRow::into_request)
+        .transpose()
+    }
+
+    async fn votes(&self, id: RequestId) -> StoreResult<Vec<Vote>> {
+        load_votes(&self.reads, id).await.map_err(db)
+    }
+
+    async fn pending(&self, limit: u32) -> StoreResult<Vec<ApprovalRequest>> {
+        sqlx::query_as::<_, RequestRow>(
+            "SELECT * FROM requests WHERE state = 'pending' ORDER BY deadline_ms, id LIMIT $1",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?
+        .into_iter()
+        .map(RequestRow::into_request)
+        .collect()
+    }
+
+    async fn pending_deadlines(&self) -> StoreResult<Vec<(RequestId, i64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT id, deadline_ms FROM requests WHERE state = 'pending'")
+                .fetch_all(&self.reads)
+                .await
+                .map_err(db)?;
+        rows.into_iter()
+            .map(|(id, d)| Ok((id.parse().map_err(StoreError::Corrupt)?, d)))
+            .collect()
+    }
+
+    async fn pending_counts(&self) -> StoreResult<Vec<(String, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT agent, COUNT(*) FROM requests WHERE state = 'pending' GROUP BY agent",
+        )
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|(a, n)| (a, n.max(0) as u64))
+            .collect())
+    }
+
+    async fn approved_task_tools(&self, agent: &str, task_id: &str) -> StoreResult<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT tool FROM requests WHERE agent = $1 AND task_id = $2 AND state = 'approved' ORDER BY tool",
+        )
+        .bind(agent)
+        .bind(task_id)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?;
+        Ok(rows.into_iter().map(|(t,)| t).collect())
+    }
+
+    async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool> {
+        match self.write(Op::AddGrant(grant, by, now_ms)).await? {
+            Reply::Bool(b) => Ok(b),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn remove_grant(
+        &self,
+        scope: Scope,
+        tool: ToolPattern,
+        effect: Effect,
+        by: String,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        match self
+            .write(Op::RemoveGrant(scope, tool, effect, by, now_ms))
+            .await?
+        {
+            Reply::Bool(b) => Ok(b),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn grants(&self) -> StoreResult<Vec<StoredGrant>> {
+        let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(
+            "SELECT scope, tool, effect, created_by, created_ms FROM grants ORDER BY scope, tool",
+        )
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(|(scope, tool, effect, created_by, created_ms)| {
+                Ok(StoredGrant {
+                    grant: Grant {
+                        scope: scope.parse().map_err(StoreError::Corrupt)?,
+                        tool: tool.parse().map_err(StoreError::Corrupt)?,
+                        effect: if effect == "deny" {
+                            Effect::Deny
+                        } else {
+                            Effect::Allow
+                        },
+                        source: "store".into(),
+                    },
+                    created_by,
+                    created_ms,
+                })
+            })
+            .collect()
+    }
+
+    async fn set_tool_risk(
+        &self,
+        tool: String,
+        risk: Option<Risk>,
+        by: String,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        match self.write(Op::SetRisk(tool, risk, by, now_ms)).await? {
+            Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn tool_risks(&self) -> StoreResult<Vec<(String, Risk)>> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT tool, risk FROM tool_risks ORDER BY tool")
+                .fetch_all(&self.reads)
+                .await
+                .map_err(db)?;
+        rows.into_iter()
+            .map(|(t, r)| Ok((t, r.parse().map_err(StoreError::Corrupt)?)))
+            .collect()
+    }
+
+    async fn paired_users(&self) -> StoreResult<Vec<PairedUser>> {
+        let rows: Vec<(String, String, Option<String>, String, i64)> = sqlx::query_as(
+            "SELECT user_id, roles, display_name, paired_by, paired_ms FROM paired_users ORDER BY paired_ms",
+        )
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(|(user_id, roles, display_name, paired_by, paired_ms)| {
+                Ok(PairedUser {
+                    roles: serde_json::from_str(&roles)
+                        .map_err(|e| StoreError::Corrupt(format!("roles of {user_id}: {e}")))?,
+                    user_id,
+                    display_name,
+                    paired_by,
+                    paired_ms,
+                })
+            })
+            .collect()
+    }
+
+    async fn pair_user(&self, user: PairedUser) -> StoreResult<bool> {
+        match self.write(Op::Pair(user)).await? {
+            Reply::Bool(b) => Ok(b),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn unpair_user(&self, user_id: String, by: String, now_ms: i64) -> StoreResult<bool> {
+        match self.write(Op::Unpair(user_id, by, now_ms)).await? {
+            Reply::Bool(b) => Ok(b),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn create_pairing_code(
+        &self,
+        user_id: String,
+        display_name: Option<String>,
+        code_hash: String,
+        now_ms: i64,
+        expires_ms: i64,
+        max_live: usize,
+    ) -> StoreResult<Result<(), PairingRefused>> {
+        match self
+            .write(Op::CreateCode {
+                user_id,
+                display_name,
+                code_hash,
+                now_ms,
+                expires_ms,
+                max_live,
+            })
+            .await?
+        {
+            Reply::Code(c) => Ok(c),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn redeem_pairing_code(
+        &self,
+        code: String,
+        by: String,
+        now_ms: i64,
+    ) -> StoreResult<Option<PairedUser>> {
+        match self.write(Op::Redeem(code, by, now_ms)).await? {
+            Reply::Redeemed(u) => Ok(u),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn pairing_codes(&self, now_ms: i64) -> StoreResult<Vec<PendingPairing>> {
+        let rows: Vec<(String, Option<String>, i64, i64)> = sqlx::query_as(
+            "SELECT user_id, display_name, created_ms, expires_ms FROM pairing_codes WHERE expires_ms > $1 ORDER BY created_ms",
+        )
+        .bind(now_ms)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(user_id, display_name, created_ms, expires_ms)| PendingPairing {
+                    user_id,
+                    display_name,
+                    created_ms,
+                    expires_ms,
+                },
+            )
+            .collect())
+    }
+
+    async fn append_audit(&self, events: Vec<AuditEvent>) -> StoreResult<()> {
+        match self.write(Op::Audit(events)).await? {
+            Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn audit_tail(&self, n: u32) -> StoreResult<Vec<AuditEntry>> {
+        let mut rows: Vec<AuditEntry> =
+            sqlx::query_as::<_, AuditRow>("SELECT * FROM audit ORDER BY seq DESC LIMIT $1")
+                .bind(n as i64)
+                .fetch_all(&self.reads)
+                .await
+                .map_err(db)?
+                .into_iter()
+                .map(AuditRow::into_entry)
+                .collect();
+        rows.reverse();
+        Ok(rows)
+    }
+
+    async fn audit_after(&self, after: i64, limit: u32) -> StoreResult<Vec<AuditEntry>> {
+        Ok(sqlx::query_as::<_, AuditRow>(
+            "SELECT * FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?
+        .into_iter()
+        .map(AuditRow::into_entry)
+        .collect())
+    }
+
+    async fn audit_head(&self) -> StoreResult<(i64, String)> {
+        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&self.reads)
+            .await
+            .map_err(db)
+    }
+
+    async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>> {
+        match self.write(Op::PruneAudit(cutoff_ms, now_ms)).await? {
+            Reply::Pruned(p) => Ok(p),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn card_touch(
+        &self,
+        request_id: RequestId,
+        channel_id: u64,
+        deadline_ms: i64,
+    ) -> StoreResult<()> {
+        match self
+            .write(Op::CardTouch(request_id, channel_id, deadline_ms))
+            .await?
+        {
+            Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn card_reconcile(&self, channel_id: u64) -> StoreResult<u64> {
+        match self.write(Op::CardReconcile(channel_id)).await? {
+            Reply::Count(n) => Ok(n),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn cards_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<CardRow>> {
+        sqlx::query_as::<_, CardDbRow>(
+            "SELECT * FROM discord_cards WHERE want > done AND next_attempt_ms <= $1 \
+             ORDER BY deadline_ms, request_id LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?
+        .into_iter()
+        .map(CardDbRow::into_card)
+        .collect()
+    }
+
+    async fn card_next_attempt(&self) -> StoreResult<Option<i64>> {
+        let (next,): (Option<i64>,) =
+            sqlx::query_as("SELECT MIN(next_attempt_ms) FROM discord_cards WHERE want > done")
+                .fetch_one(&self.reads)
+                .await
+                .map_err(db)?;
+        Ok(next)
+    }
+
+    async fn card(&self, request_id: RequestId) -> StoreResult<Option<CardRow>> {
+        sqlx::query_as::<_, CardDbRow>("SELECT * FROM discord_cards WHERE request_id = $1")
+            .bind(request_id.to_string())
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(db)?
+            .map(CardDbRow::into_card)
+            .transpose()
+    }
+
+    async fn card_done(
+        &self,
+        request_id: RequestId,
+        message_id: u64,
+        version: i64,
+        rendered_state: String,
+    ) -> StoreResult<()> {
+        match self
+            .write(Op::CardDone(
+                request_id,
+                message_id,
+                version,
+                rendered_state,
+            ))
+            .await?
+        {
+            Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn card_retry_later(
+        &self,
+        request_id: RequestId,
+        attempts: i64,
+        next_attempt_ms: i64,
+    ) -> StoreResult<()> {
+        match self
+            .write(Op::CardRetry(request_id, attempts, next_attempt_ms))
+            .await?
+        {
+            Reply::Unit => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn close(&self) {
+        // Readers first, so the writer's final checkpoint is not blocked by
+        // them; the writer commits what is queued, checkpoints and closes.
+        self.reads.close().await;
+        if let Some((checkpointer, written)) = self.shutdown.lock().await.take() {
+            checkpointer.abort();
+            let _ = self.jobs.send(Msg::Stop).await;
+            let _ = written.await;
+        }
+    }
+}

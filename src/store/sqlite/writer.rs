@@ -1,0 +1,693 @@
+//! The one SQLite writer: a dedicated thread that owns the write connection
+//! and group-commits.
+//!
+//! It takes every write waiting (up to `max_batch`), runs them in one
+//! transaction with their audit entries, and answers each only after the
+//! commit: many callers, one commit. Writes run on rusqlite, synchronously:
+//! sqlx hands every statement to its own worker thread and back, and on the
+//! hot path those hand-offs cost more than SQLite itself (measured with
+//! `keyturn bench`: see the README). Reads, migrations and the checkpointer
+//! stay on sqlx.
+
+use super::RequestRow;
+use crate::domain::audit::{self, events, AuditEvent};
+use crate::domain::pairing;
+use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
+use crate::domain::request::{self, ApprovalRequest, RequestId, TransitionError, Vote, VoteEffect};
+use crate::domain::Risk;
+use crate::store::{Inserted, PairedUser, PairingRefused, Pruned, StoreError, StoreResult, Voted};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use serde_json::json;
+use std::path::Path;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Writes waiting for the writer; beyond this, callers wait (backpressure).
+pub(super) const WRITE_QUEUE: usize = 8192;
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database(e.to_string())
+    }
+}
+
+pub(super) enum Msg {
+    Job(Job),
+    /// Refuse new writes, commit everything already queued, then stop.
+    Stop,
+}
+
+pub(super) struct Job {
+    pub op: Op,
+    pub reply: oneshot::Sender<StoreResult<Reply>>,
+}
+
+pub(super) enum Op {
+    Insert(Box<ApprovalRequest>, Vec<AuditEvent>),
+    Vote(RequestId, Vote),
+    Cancel(RequestId, String, Option<String>, i64),
+    TimeOut(RequestId, i64),
+    AddGrant(Grant, String, i64),
+    RemoveGrant(Scope, ToolPattern, Effect, String, i64),
+    SetRisk(String, Option<Risk>, String, i64),
+    Pair(PairedUser),
+    Unpair(String, String, i64),
+    CreateCode {
+        user_id: String,
+        display_name: Option<String>,
+        code_hash: String,
+        now_ms: i64,
+        expires_ms: i64,
+        max_live: usize,
+    },
+    Redeem(String, String, i64),
+    Audit(Vec<AuditEvent>),
+    PruneAudit(i64, i64),
+    CardTouch(RequestId, u64, i64),
+    CardReconcile(u64),
+    CardDone(RequestId, u64, i64, String),
+    CardRetry(RequestId, i64, i64),
+}
+
+pub(super) enum Reply {
+    Inserted(Inserted),
+    Voted(Result<Voted, TransitionError>),
+    Finished(Result<ApprovalRequest, TransitionError>),
+    Bool(bool),
+    Unit,
+    Code(Result<(), PairingRefused>),
+    Redeemed(Option<PairedUser>),
+    Pruned(Option<Pruned>),
+    Count(u64),
+}
+
+/// Opens the write connection on `path` (already migrated) and starts the
+/// writer thread. `done` fires once the last queued write has committed and
+/// the WAL has been folded back into the database file.
+pub(super) fn start(
+    path: &Path,
+    synchronous_full: bool,
+    max_batch: usize,
+) -> StoreResult<(mpsc::Sender<Msg>, oneshot::Receiver<()>)> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Database(format!(
+            "could not switch the database to WAL (journal_mode is {mode})"
+        )));
+    }
+    let sync = if synchronous_full { "FULL" } else { "NORMAL" };
+    // The writer never checkpoints (that fsyncs on the commit path); the
+    // store's checkpointer folds the WAL back in the background.
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;"
+    ))?;
+    conn.query_row("PRAGMA wal_autocheckpoint = 0", [], |_| Ok(()))?;
+    let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
+    let (done_tx, done) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("keyturn-writer".into())
+        .spawn(move || {
+            run(conn, rx, max_batch.max(1));
+            let _ = done_tx.send(());
+        })
+        .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
+    Ok((jobs, done))
+}
+
+fn run(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, max_batch: usize) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
+    let mut head: Head = None;
+    while let Some(first) = rx.blocking_recv() {
+        let mut next = Some(first);
+        // Whatever queued while the last batch committed joins this one.
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Job(job) => jobs.push(job),
+                Msg::Stop => rx.close(),
+            }
+            if jobs.len() < max_batch {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !jobs.is_empty() {
+            write_batch(&mut conn, &mut jobs, &mut head);
+        }
+    }
+    // Fold the WAL back into the main file so the database is one file at rest.
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+        tracing::warn!(error = %e, "final checkpoint failed");
+    }
+}
+
+fn write_batch(conn: &mut Connection, jobs: &mut Vec<Job>, head: &mut Head) {
+    let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
+    let started = std::time::Instant::now();
+    match run_batch(conn, &ops, head) {
+        Ok(replies) => {
+            tracing::trace!(
+                batch = ops.len(),
+                micros = started.elapsed().as_micros() as u64,
+                "committed"
+            );
+            for (job, reply) in jobs.drain(..).zip(replies) {
+                let _ = job.reply.send(Ok(reply));
+            }
+        }
+        Err(e) if jobs.len() == 1 => {
+            tracing::error!(error = %e, "store write failed");
+            if let Some(job) = jobs.pop() {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+        Err(e) => {
+            // One bad write must not fail its neighbours: retry each alone.
+            tracing::warn!(error = %e, batch = jobs.len(), "batch failed; retrying writes one by one");
+            for job in jobs.drain(..) {
+                let r = run_batch(conn, &[&job.op], head).and_then(|mut v| {
+                    v.pop()
+                        .ok_or_else(|| StoreError::Database("the writer lost a reply".into()))
+                });
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "store write failed");
+                }
+                let _ = job.reply.send(r);
+            }
+        }
+    }
+}
+
+/// The audit chain head as of the last commit, known only to the writer
+/// (the one connection that appends), so a batch need not read it back.
+type Head = Option<(i64, String)>;
+
+fn run_batch(conn: &mut Connection, ops: &[&Op], head: &mut Head) -> StoreResult<Vec<Reply>> {
+    let known = head.take();
+    // On error the transaction rolls back and the head is read again next time.
+    let (replies, new_head) = run_batch_inner(conn, ops, known.clone())?;
+    *head = new_head.or(known);
+    Ok(replies)
+}
+
+fn run_batch_inner(
+    conn: &mut Connection,
+    ops: &[&Op],
+    head: Head,
+) -> StoreResult<(Vec<Reply>, Head)> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut replies = Vec::with_capacity(ops.len());
+    let mut audit_events = Vec::new();
+    for op in ops {
+        replies.push(exec(&tx, op, &mut audit_events)?);
+    }
+    let mut new_head = None;
+    if !audit_events.is_empty() {
+        new_head = Some(append_audit(&tx, audit_events, head)?);
+    }
+    tx.commit()?;
+    Ok((replies, new_head))
+}
+
+fn exec(tx: &Transaction<'_>, op: &Op, ev: &mut Vec<AuditEvent>) -> StoreResult<Reply> {
+    Ok(match op {
+        Op::Insert(req, audit) => {
+            if let Some(key) = &req.idempotency_key {
+                let existing = tx
+                    .prepare_cached(
+                        "SELECT * FROM requests WHERE agent = ?1 AND idempotency_key = ?2",
+                    )?
+                    .query_row(params![req.agent, key], request_row)
+                    .optional()?;
+                if let Some(row) = existing {
+                    return Ok(Reply::Inserted(Inserted::Existing(row.into_request()?)));
+                }
+            }
+            insert_request(tx, req)?;
+            ev.extend(audit.iter().cloned());
+            Reply::Inserted(Inserted::New((**req).clone()))
+        }
+        Op::Vote(id, vote) => {
+            let Some(mut req) = load(tx, *id)? else {
+                return Ok(Reply::Voted(Err(TransitionError::NotFound)));
+            };
+            let earlier = load_votes(tx, *id)?;
+            let effect = match request::apply_vote(&req, &earlier, vote) {
+                Ok(e) => e,
+                Err(e) => return Ok(Reply::Voted(Err(e))),
+            };
+            tx.prepare_cached(
+                "INSERT INTO votes (request_id, voter, name, approve, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![id.to_string(), vote.voter, vote.name, vote.approve, vote.reason, vote.at_ms])?;
+            ev.push(events::vote(&req, vote));
+            let (have, need) = match effect {
+                VoteEffect::Recorded { have, need } => (have, need),
+                VoteEffect::Resolved(res) => {
+                    req.resolve(&res);
+                    resolve(tx, &req)?;
+                    ev.push(events::resolved(&req));
+                    let need = req.approvals_required.max(1);
+                    (if vote.approve { need } else { 0 }, need)
+                }
+            };
+            Reply::Voted(Ok(Voted {
+                request: req,
+                have,
+                need,
+            }))
+        }
+        Op::Cancel(id, who, reason, now) => finish(tx, *id, ev, |r| {
+            request::cancel(r, who, reason.clone(), *now)
+        })?,
+        Op::TimeOut(id, now) => finish(tx, *id, ev, |r| request::time_out(r, *now))?,
+        Op::AddGrant(g, by, now) => {
+            let done = tx
+                .prepare_cached(
+                    "INSERT INTO grants (scope, tool, effect, created_by, created_ms) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![g.scope.to_string(), g.tool.as_str(), effect_str(g.effect), by, now])?
+                == 1;
+            if done {
+                ev.push(events::admin(
+                    *now,
+                    "grant_added",
+                    by,
+                    json!({"scope": g.scope, "tool": g.tool, "effect": g.effect}),
+                ));
+            }
+            Reply::Bool(done)
+        }
+        Op::RemoveGrant(scope, tool, effect, by, now) => {
+            let done =
+                tx.prepare_cached(
+                    "DELETE FROM grants WHERE scope = ?1 AND tool = ?2 AND effect = ?3",
+                )?
+                .execute(params![
+                    scope.to_string(),
+                    tool.as_str(),
+                    effect_str(*effect)
+                ])? == 1;
+            if done {
+                ev.push(events::admin(
+                    *now,
+                    "grant_removed",
+                    by,
+                    json!({"scope": scope, "tool": tool, "effect": effect}),
+                ));
+            }
+            Reply::Bool(done)
+        }
+        Op::SetRisk(tool, risk, by, now) => {
+            match risk {
+                Some(r) => {
+                    tx.prepare_cached(
+                        "INSERT INTO tool_risks (tool, risk, set_by, set_ms) VALUES (?1, ?2, ?3, ?4) \
+                         ON CONFLICT (tool) DO UPDATE SET risk = excluded.risk, set_by = excluded.set_by, set_ms = excluded.set_ms",
+                    )?
+                    .execute(params![tool, r.as_str(), by, now])?;
+                }
+                None => {
+                    tx.prepare_cached("DELETE FROM tool_risks WHERE tool = ?1")?
+                        .execute(params![tool])?;
+                }
+            }
+            ev.push(events::admin(
+                *now,
+                "risk_set",
+                by,
+                json!({"tool": tool, "risk": risk}),
+            ));
+            Reply::Unit
+        }
+        Op::Pair(u) => {
+            let done = insert_paired(tx, u)?;
+            if done {
+                ev.push(events::admin(
+                    u.paired_ms,
+                    "user_paired",
+                    &u.paired_by,
+                    json!({"user_id": u.user_id, "roles": u.roles}),
+                ));
+            }
+            Reply::Bool(done)
+        }
+        Op::Unpair(user_id, by, now) => {
+            let done = tx
+                .prepare_cached("DELETE FROM paired_users WHERE user_id = ?1")?
+                .execute(params![user_id])?
+                == 1;
+            tx.prepare_cached("DELETE FROM pairing_codes WHERE user_id = ?1")?
+                .execute(params![user_id])?;
+            if done {
+                ev.push(events::admin(
+                    *now,
+                    "pairing_revoked",
+                    by,
+                    json!({"user_id": user_id}),
+                ));
+            }
+            Reply::Bool(done)
+        }
+        Op::CreateCode {
+            user_id,
+            display_name,
+            code_hash,
+            now_ms,
+            expires_ms,
+            max_live,
+        } => {
+            let paired = tx
+                .prepare_cached("SELECT 1 FROM paired_users WHERE user_id = ?1")?
+                .exists(params![user_id])?;
+            if paired {
+                return Ok(Reply::Code(Err(PairingRefused::AlreadyPaired(
+                    user_id.clone(),
+                ))));
+            }
+            tx.prepare_cached("DELETE FROM pairing_codes WHERE expires_ms <= ?1 OR user_id = ?2")?
+                .execute(params![now_ms, user_id])?;
+            let live: i64 = tx
+                .prepare_cached("SELECT COUNT(*) FROM pairing_codes")?
+                .query_row([], |r| r.get(0))?;
+            if live as usize >= *max_live {
+                return Ok(Reply::Code(Err(PairingRefused::TooManyCodes(*max_live))));
+            }
+            tx.prepare_cached(
+                "INSERT INTO pairing_codes (code_hash, user_id, display_name, created_ms, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![code_hash, user_id, display_name, now_ms, expires_ms])?;
+            ev.push(events::admin(
+                *now_ms,
+                "pairing_requested",
+                &format!("user:{user_id}"),
+                json!({"user_id": user_id, "expires_ms": expires_ms}),
+            ));
+            Reply::Code(Ok(()))
+        }
+        Op::Redeem(code, by, now) => {
+            let live: Vec<(String, String, Option<String>)> = tx
+                .prepare_cached(
+                    "SELECT code_hash, user_id, display_name FROM pairing_codes WHERE expires_ms > ?1",
+                )?
+                .query_map(params![now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            // Compare against every live hash in constant time; no early exit.
+            let mut found = None;
+            for (hash, user_id, name) in live {
+                if pairing::matches(code, &hash) {
+                    found = Some((hash, user_id, name));
+                }
+            }
+            let Some((hash, user_id, display_name)) = found else {
+                return Ok(Reply::Redeemed(None));
+            };
+            tx.prepare_cached("DELETE FROM pairing_codes WHERE code_hash = ?1")?
+                .execute(params![hash])?;
+            let user = PairedUser {
+                user_id,
+                roles: vec![],
+                display_name,
+                paired_by: by.clone(),
+                paired_ms: *now,
+            };
+            insert_paired(tx, &user)?;
+            ev.push(events::admin(
+                *now,
+                "pairing_approved",
+                by,
+                json!({"user_id": user.user_id}),
+            ));
+            Reply::Redeemed(Some(user))
+        }
+        Op::Audit(list) => {
+            ev.extend(list.iter().cloned());
+            Reply::Unit
+        }
+        Op::PruneAudit(cutoff, now) => Reply::Pruned(prune_audit(tx, ev, *cutoff, *now)?),
+        Op::CardTouch(id, channel, deadline) => {
+            tx.prepare_cached(
+                "INSERT INTO discord_cards (request_id, channel_id, deadline_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (request_id) DO UPDATE SET want = want + 1, attempts = 0, next_attempt_ms = 0",
+            )?
+            .execute(params![id.to_string(), *channel as i64, deadline])?;
+            Reply::Unit
+        }
+        Op::CardReconcile(channel) => {
+            let added = tx
+                .prepare_cached(
+                    "INSERT INTO discord_cards (request_id, channel_id, deadline_ms) \
+                     SELECT id, ?1, deadline_ms FROM requests r WHERE r.state = 'pending' \
+                     AND NOT EXISTS (SELECT 1 FROM discord_cards c WHERE c.request_id = r.id)",
+                )?
+                .execute(params![*channel as i64])?;
+            let stale = tx
+                .prepare_cached(
+                    "UPDATE discord_cards SET want = done + 1, attempts = 0, next_attempt_ms = 0 \
+                     WHERE want <= done AND rendered_state IS NOT \
+                     (SELECT state FROM requests r WHERE r.id = discord_cards.request_id)",
+                )?
+                .execute([])?;
+            Reply::Count((added + stale) as u64)
+        }
+        Op::CardDone(id, message, version, state) => {
+            tx.prepare_cached(
+                "UPDATE discord_cards SET message_id = ?1, done = MAX(done, ?2), rendered_state = ?3, \
+                 attempts = 0, next_attempt_ms = 0 WHERE request_id = ?4",
+            )?
+            .execute(params![*message as i64, version, state, id.to_string()])?;
+            Reply::Unit
+        }
+        Op::CardRetry(id, attempts, next) => {
+            tx.prepare_cached(
+                "UPDATE discord_cards SET attempts = ?1, next_attempt_ms = ?2 WHERE request_id = ?3",
+            )?
+            .execute(params![attempts, next, id.to_string()])?;
+            Reply::Unit
+        }
+    })
+}
+
+/// Deletes the oldest prefix of the log older than `cutoff` and queues the
+/// checkpoint that accounts for it (appended with this batch's events).
+fn prune_audit(
+    tx: &Transaction<'_>,
+    ev: &mut Vec<AuditEvent>,
+    cutoff: i64,
+    now: i64,
+) -> StoreResult<Option<Pruned>> {
+    // The prefix ends just before the first entry that is young enough.
+    let young: Option<i64> = tx
+        .prepare_cached("SELECT MIN(seq) FROM audit WHERE at_ms >= ?1")?
+        .query_row(params![cutoff], |r| r.get(0))?;
+    let last: Option<(i64, String)> = tx
+        .prepare_cached("SELECT seq, hash FROM audit WHERE seq < ?1 ORDER BY seq DESC LIMIT 1")?
+        .query_row(params![young.unwrap_or(i64::MAX)], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((through_seq, through_hash)) = last else {
+        return Ok(None);
+    };
+    let entries = tx
+        .prepare_cached("DELETE FROM audit WHERE seq <= ?1")?
+        .execute(params![through_seq])? as u64;
+    ev.push(audit::checkpoint(
+        now,
+        (through_seq, &through_hash),
+        entries,
+        cutoff,
+    ));
+    Ok(Some(Pruned {
+        entries,
+        through_seq,
+        through_hash,
+    }))
+}
+
+fn finish(
+    tx: &Transaction<'_>,
+    id: RequestId,
+    ev: &mut Vec<AuditEvent>,
+    transition: impl FnOnce(&ApprovalRequest) -> Result<request::Resolution, TransitionError>,
+) -> StoreResult<Reply> {
+    let Some(mut req) = load(tx, id)? else {
+        return Ok(Reply::Finished(Err(TransitionError::NotFound)));
+    };
+    match transition(&req) {
+        Ok(res) => {
+            req.resolve(&res);
+            resolve(tx, &req)?;
+            ev.push(events::resolved(&req));
+            Ok(Reply::Finished(Ok(req)))
+        }
+        Err(e) => Ok(Reply::Finished(Err(e))),
+    }
+}
+
+fn insert_paired(tx: &Transaction<'_>, u: &PairedUser) -> StoreResult<bool> {
+    let roles = serde_json::to_string(&u.roles).unwrap_or_else(|_| "[]".into());
+    Ok(tx
+        .prepare_cached(
+            "INSERT INTO paired_users (user_id, roles, display_name, paired_by, paired_ms) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![u.user_id, roles, u.display_name, u.paired_by, u.paired_ms])?
+        == 1)
+}
+
+fn effect_str(e: Effect) -> &'static str {
+    match e {
+        Effect::Allow => "allow",
+        Effect::Deny => "deny",
+    }
+}
+
+fn insert_request(tx: &Transaction<'_>, r: &ApprovalRequest) -> StoreResult<()> {
+    let flags = serde_json::Value::Array(r.flags.clone()).to_string();
+    tx.prepare_cached(
+        "INSERT INTO requests (id, agent, tool, args, args_hash, user_id, channel_id, justification, \
+         task_id, idempotency_key, risk, approvals_required, admin_only, rule, rule_detail, flags, \
+         created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
+    )?
+    .execute(params![
+        r.id.to_string(),
+        r.agent,
+        r.tool,
+        r.args.to_string(),
+        r.args_hash,
+        r.user_id,
+        r.channel_id,
+        r.justification,
+        r.task_id,
+        r.idempotency_key,
+        r.risk.as_str(),
+        r.approvals_required as i64,
+        r.admin_only,
+        r.rule,
+        r.rule_detail,
+        flags,
+        r.created_ms,
+        r.deadline_ms,
+        r.state.as_str(),
+        r.decided_by.map(|d| d.as_str()),
+        r.decided_who,
+        r.decided_reason,
+        r.decided_ms,
+    ])?;
+    Ok(())
+}
+
+/// The conditional update that makes exactly one terminal state win.
+fn resolve(tx: &Transaction<'_>, r: &ApprovalRequest) -> StoreResult<()> {
+    let n = tx
+        .prepare_cached(
+            "UPDATE requests SET state = ?1, decided_by = ?2, decided_who = ?3, decided_reason = ?4, decided_ms = ?5 \
+             WHERE id = ?6 AND state = 'pending'",
+        )?
+        .execute(params![
+            r.state.as_str(),
+            r.decided_by.map(|d| d.as_str()),
+            r.decided_who,
+            r.decided_reason,
+            r.decided_ms,
+            r.id.to_string(),
+        ])?;
+    if n != 1 {
+        // Cannot happen with one writer; if it does, refuse rather than report a win.
+        return Err(StoreError::Database(format!(
+            "request {} was no longer pending",
+            r.id
+        )));
+    }
+    Ok(())
+}
+
+fn load(tx: &Transaction<'_>, id: RequestId) -> StoreResult<Option<ApprovalRequest>> {
+    tx.prepare_cached("SELECT * FROM requests WHERE id = ?1")?
+        .query_row(params![id.to_string()], request_row)
+        .optional()?
+        .map(RequestRow::into_request)
+        .transpose()
+}
+
+fn load_votes(tx: &Transaction<'_>, id: RequestId) -> StoreResult<Vec<Vote>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT voter, name, approve, reason, at_ms FROM votes WHERE request_id = ?1 ORDER BY at_ms, voter",
+    )?;
+    let rows = stmt.query_map(params![id.to_string()], |r| {
+        Ok(Vote {
+            voter: r.get(0)?,
+            name: r.get(1)?,
+            approve: r.get(2)?,
+            reason: r.get(3)?,
+            at_ms: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
+    Ok(RequestRow {
+        id: r.get("id")?,
+        agent: r.get("agent")?,
+        tool: r.get("tool")?,
+        args: r.get("args")?,
+        args_hash: r.get("args_hash")?,
+        user_id: r.get("user_id")?,
+        channel_id: r.get("channel_id")?,
+        justification: r.get("justification")?,
+        task_id: r.get("task_id")?,
+        idempotency_key: r.get("idempotency_key")?,
+        risk: r.get("risk")?,
+        approvals_required: r.get("approvals_required")?,
+        admin_only: r.get("admin_only")?,
+        rule: r.get("rule")?,
+        rule_detail: r.get("rule_detail")?,
+        flags: r.get("flags")?,
+        created_ms: r.get("created_ms")?,
+        deadline_ms: r.get("deadline_ms")?,
+        state: r.get("state")?,
+        decided_by: r.get("decided_by")?,
+        decided_who: r.get("decided_who")?,
+        decided_reason: r.get("decided_reason")?,
+        decided_ms: r.get("decided_ms")?,
+    })
+}
+
+fn append_audit(
+    tx: &Transaction<'_>,
+    list: Vec<AuditEvent>,
+    head: Head,
+) -> StoreResult<(i64, String)> {
+    let (seq, hash): (i64, String) = match head {
+        Some(h) => h,
+        None => tx
+            .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?,
+    };
+    let entries = audit::link(seq, &hash, list);
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO audit (seq, at_ms, kind, actor, request_id, detail, prev_hash, hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    for e in &entries {
+        insert.execute(params![
+            e.seq,
+            e.event.at_ms,
+            e.event.kind,
+            e.event.actor,
+            e.event.request_id,
+            e.event.detail.to_string(),
+            e.prev_hash,
+            e.hash,
+        ])?;
+    }
+    let Some(last) = entries.last() else {
+        return Ok((seq, hash));
+    };
+    tx.prepare_cached("UPDATE audit_head SET seq = ?1, hash = ?2 WHERE id = 1")?
+        .execute(params![last.seq, last.hash])?;
+    Ok((last.seq, last.hash.clone()))
+}
