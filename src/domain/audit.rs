@@ -35,16 +35,46 @@ pub struct AuditEntry {
 
 /// The hash of an entry: SHA-256 over the previous hash and the canonical fields.
 pub fn entry_hash(seq: i64, prev_hash: &str, e: &AuditEvent) -> String {
+    sealed_hash(seq, prev_hash, &e.seal())
+}
+
+/// An event with its detail already in canonical JSON: what the store
+/// hashes and keeps. Sealing happens where the event is made, so the one
+/// writer that links the chain only hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedEvent {
+    pub at_ms: i64,
+    pub kind: String,
+    pub actor: String,
+    pub request_id: Option<String>,
+    /// [`canonical_json`] of the event's detail.
+    pub detail: String,
+}
+
+impl AuditEvent {
+    pub fn seal(&self) -> SealedEvent {
+        SealedEvent {
+            at_ms: self.at_ms,
+            kind: self.kind.clone(),
+            actor: self.actor.clone(),
+            request_id: self.request_id.clone(),
+            detail: canonical_json(&self.detail),
+        }
+    }
+}
+
+/// [`entry_hash`] of a sealed event.
+pub fn sealed_hash(seq: i64, prev_hash: &str, e: &SealedEvent) -> String {
     let mut h = Sha256::new();
     // Length-prefix each field so no two different entries hash alike.
     for part in [
-        seq.to_string(),
-        prev_hash.to_string(),
-        e.at_ms.to_string(),
-        e.kind.clone(),
-        e.actor.clone(),
-        e.request_id.clone().unwrap_or_default(),
-        canonical_json(&e.detail),
+        seq.to_string().as_str(),
+        prev_hash,
+        e.at_ms.to_string().as_str(),
+        &e.kind,
+        &e.actor,
+        e.request_id.as_deref().unwrap_or_default(),
+        &e.detail,
     ] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());

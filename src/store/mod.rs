@@ -6,7 +6,7 @@
 
 mod sqlite;
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, WalTuning};
 
 use crate::domain::audit::{AuditEntry, AuditEvent};
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};

@@ -3,6 +3,8 @@
 
 mod writer;
 
+pub use writer::WalTuning;
+
 use super::{
     CardRow, Inserted, PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError,
     StoreResult, StoredGrant, Voted,
@@ -13,14 +15,13 @@ use crate::domain::request::{ApprovalRequest, RequestId, State, TransitionError,
 use crate::domain::Risk;
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Connection, FromRow, Sqlite};
+use sqlx::{FromRow, Sqlite};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Mutex};
-use tokio::task::JoinHandle;
 use writer::{Job, Msg, Op, Reply};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -33,12 +34,22 @@ pub struct SqliteStore {
     reads: SqlitePool,
     jobs: mpsc::Sender<Msg>,
     /// The checkpointer task and the writer's "all committed" signal.
-    shutdown: Mutex<Option<(JoinHandle<()>, oneshot::Receiver<()>)>>,
+    shutdown: Mutex<Option<(std::sync::mpsc::Sender<()>, oneshot::Receiver<()>)>>,
 }
 
 impl SqliteStore {
     /// Opens (creating if missing) and migrates the database at `url`.
     pub async fn open(url: &str, synchronous: &str, max_batch: usize) -> StoreResult<SqliteStore> {
+        Self::open_tuned(url, synchronous, max_batch, WalTuning::default()).await
+    }
+
+    /// [`SqliteStore::open`] with the WAL's checkpoint settings spelled out.
+    pub async fn open_tuned(
+        url: &str,
+        synchronous: &str,
+        max_batch: usize,
+        wal: WalTuning,
+    ) -> StoreResult<SqliteStore> {
         let full = synchronous == "full";
         let opts = SqliteConnectOptions::from_str(url)
             .map_err(db)?
@@ -64,8 +75,7 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::Migration(e.to_string()))?;
         migrations.close().await;
-        let (jobs, written) = writer::start(opts.get_filename(), full, max_batch)?;
-        let checkpointer = SqliteConnection::connect_with(&opts).await.map_err(db)?;
+        let writer = writer::start(opts.get_filename(), full, max_batch, wal)?;
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
@@ -74,11 +84,8 @@ impl SqliteStore {
             .map_err(db)?;
         Ok(SqliteStore {
             reads,
-            jobs,
-            shutdown: Mutex::new(Some((
-                tokio::spawn(run_checkpointer(checkpointer)),
-                written,
-            ))),
+            jobs: writer.jobs,
+            shutdown: Mutex::new(Some((writer.checkpointer, writer.done))),
         })
     }
 
@@ -94,25 +101,6 @@ impl SqliteStore {
 
 fn unexpected() -> StoreError {
     StoreError::Database("writer replied with the wrong kind of answer".into())
-}
-
-/// How often the WAL is folded back into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
-
-async fn run_checkpointer(mut conn: SqliteConnection) {
-    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        // PASSIVE never blocks the writer or readers; what it cannot copy
-        // now it copies next time.
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut conn)
-            .await
-        {
-            tracing::warn!(error = %e, "WAL checkpoint failed");
-        }
-    }
 }
 
 type VoteRow = (String, Option<String>, bool, Option<String>, i64);
@@ -276,7 +264,13 @@ impl Store for SqliteStore {
         req: ApprovalRequest,
         audit: Vec<AuditEvent>,
     ) -> StoreResult<Inserted> {
-        match self.write(Op::Insert(Box::new(req), audit)).await? {
+        let sealed = audit.iter().map(AuditEvent::seal).collect();
+        let req = Arc::new(req);
+        match self.write(Op::Insert(req.clone(), sealed)).await? {
+            // The writer has dropped its handle by now, so this rarely copies.
+            Reply::InsertedNew => Ok(Inserted::New(
+                Arc::try_unwrap(req).unwrap_or_else(|shared| (*shared).clone()),
+            )),
             Reply::Inserted(i) => Ok(i),
             _ => Err(unexpected()),
         }
@@ -562,7 +556,8 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, events: Vec<AuditEvent>) -> StoreResult<()> {
-        match self.write(Op::Audit(events)).await? {
+        let sealed = events.iter().map(AuditEvent::seal).collect();
+        match self.write(Op::Audit(sealed)).await? {
             Reply::Unit => Ok(()),
             _ => Err(unexpected()),
         }
@@ -707,7 +702,7 @@ impl Store for SqliteStore {
         // them; the writer commits what is queued, checkpoints and closes.
         self.reads.close().await;
         if let Some((checkpointer, written)) = self.shutdown.lock().await.take() {
-            checkpointer.abort();
+            drop(checkpointer);
             let _ = self.jobs.send(Msg::Stop).await;
             let _ = written.await;
         }
