@@ -241,7 +241,7 @@ impl Handler {
                 ))
             }
         };
-        let Some(obj) = msg.as_object() else {
+        let Value::Object(mut obj) = msg else {
             return Some(response(
                 &Value::Null,
                 Err(RpcError::new("invalid_request", "expected a JSON object")),
@@ -264,14 +264,15 @@ impl Handler {
                 )),
             ));
         };
-        let p = obj.get("params").cloned().unwrap_or(Value::Null);
+        let method = method.to_string();
+        let p = obj.remove("params").unwrap_or(Value::Null);
         if !(p.is_object() || p.is_null()) {
             return Some(response(
                 &id.unwrap_or(Value::Null),
                 Err(RpcError::new("invalid_params", "params must be an object")),
             ));
         }
-        let result = self.dispatch(peer, method, p).await;
+        let result = self.dispatch(peer, &method, p).await;
         id.map(|id| response(&id, result))
     }
 

@@ -69,11 +69,30 @@ impl std::fmt::Display for RpcError {
 
 /// One response line.
 pub fn response(id: &Value, result: Result<Value, RpcError>) -> String {
-    let v = match result {
-        Ok(r) => serde_json::json!({"jsonrpc": "2.0", "id": id, "result": r}),
-        Err(e) => serde_json::json!({"jsonrpc": "2.0", "id": id, "error": e}),
+    // Serialized straight from these borrowed parts: no JSON map is built.
+    #[derive(Serialize)]
+    struct Response<'a> {
+        jsonrpc: &'static str,
+        id: &'a Value,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        result: Option<Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<RpcError>,
+    }
+    let (result, error) = match result {
+        Ok(r) => (Some(r), None),
+        Err(e) => (None, Some(e)),
     };
-    v.to_string()
+    serde_json::to_string(&Response {
+        jsonrpc: "2.0",
+        id,
+        result,
+        error,
+    })
+    // A `Value` always serializes; this is only here so nothing can panic.
+    .unwrap_or_else(|_| {
+        r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"cannot encode the response"}}"#.into()
+    })
 }
 
 /// What an agent is told about its request: which outcome, and who or what

@@ -3,13 +3,14 @@
 
 use super::handler::{Handler, Peer};
 use super::protocol::{response, RpcError};
-use futures::SinkExt;
+use futures::stream::FuturesUnordered;
+use futures::{SinkExt, StreamExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::codec::{FramedWrite, LinesCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -160,109 +161,67 @@ async fn connection(
         .await;
         return;
     }
-    let (read, write) = stream.into_split();
+    let (read, mut write) = stream.into_split();
     let mut lines = LineReader::new(read, max_line);
-    let mut sink = FramedWrite::new(write, LinesCodec::new());
-    let (out_tx, mut out_rx) = mpsc::channel::<String>(max_inflight);
-    let inflight = Arc::new(Semaphore::new(max_inflight));
-    let writer = tokio::spawn(async move {
-        while let Some(line) = out_rx.recv().await {
-            if sink.send(line).await.is_err() {
-                break;
-            }
-        }
-    });
-    // Calls in flight; aborted when the peer goes away (its requests stay
-    // pending in the store, and a reconnecting agent can `wait` again).
-    let mut calls = tokio::task::JoinSet::new();
-    loop {
-        let next = tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(_) = calls.join_next(), if !calls.is_empty() => continue,
-            n = lines.next_line() => n,
-        };
-        let line = match next {
-            Ok(None) => break,
-            Ok(Some(Line::Text(l))) => l,
-            Ok(Some(Line::Invalid(why))) => {
-                let e = RpcError::new("parse_error", why);
-                if out_tx
-                    .send(response(&serde_json::Value::Null, Err(e)))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                continue;
-            }
-            Ok(Some(Line::TooLong)) => {
-                // The rest of the line was discarded; the connection stays usable.
-                let e = RpcError::new(
-                    "line_too_long",
-                    format!("line longer than {max_line} bytes (server.max_line_bytes)"),
-                );
-                if out_tx
-                    .send(response(&serde_json::Value::Null, Err(e)))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                continue;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "connection read failed");
-                break;
-            }
-        };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let Ok(permit) = inflight.clone().try_acquire_owned() else {
-            let e = RpcError::new(
-                "too_many_inflight",
-                format!("more than {max_inflight} calls in flight on this connection"),
-            );
-            let id = serde_json::from_str::<serde_json::Value>(&line)
-                .ok()
-                .and_then(|v| v.get("id").cloned())
-                .unwrap_or_default();
-            if out_tx.send(response(&id, Err(e))).await.is_err() {
-                break;
-            }
-            continue;
-        };
-        let handler = handler.clone();
-        let out = out_tx.clone();
-        calls.spawn(async move {
-            if let Some(resp) = handler.handle_line(peer, &line).await {
-                let _ = out.send(resp).await;
-            }
-            drop(permit);
-        });
-    }
+    // Calls in flight, polled by this task: no task per call, and each reply
+    // is written as soon as its call finishes. Dropping them (on shutdown)
+    // aborts them; their requests stay pending in the store, and a
+    // reconnecting agent can `wait` again.
+    let mut calls = FuturesUnordered::new();
     // On EOF the peer may only have half-closed (`echo … | socat`), so its
     // calls still get answers; each is bounded by its request's deadline.
-    // On shutdown, blocked calls are aborted: their requests stay pending in
-    // the store and a reconnecting agent can `wait` again.
-    let mut aborted = stop.is_cancelled();
-    if aborted {
-        calls.abort_all();
-    }
-    loop {
-        // Abort once: a `stop.cancelled()` branch that is always ready would
-        // keep this task from ever yielding, and the aborted calls (often in
-        // this worker's LIFO slot) would never run to completion.
-        tokio::select! {
-            done = calls.join_next() => if done.is_none() { break },
-            _ = stop.cancelled(), if !aborted => {
-                calls.abort_all();
-                aborted = true;
+    let mut reading = true;
+    while reading || !calls.is_empty() {
+        let reply = tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(reply) = calls.next(), if !calls.is_empty() => reply,
+            next = lines.next_line(), if reading => match next {
+                Ok(None) => {
+                    reading = false;
+                    None
+                }
+                Ok(Some(Line::Text(line))) if line.trim().is_empty() => None,
+                Ok(Some(Line::Text(line))) if calls.len() >= max_inflight => {
+                    let e = RpcError::new(
+                        "too_many_inflight",
+                        format!("more than {max_inflight} calls in flight on this connection"),
+                    );
+                    let id = serde_json::from_str::<serde_json::Value>(&line)
+                        .ok()
+                        .and_then(|v| v.get("id").cloned())
+                        .unwrap_or_default();
+                    Some(response(&id, Err(e)))
+                }
+                Ok(Some(Line::Text(line))) => {
+                    let handler = handler.clone();
+                    calls.push(async move { handler.handle_line(peer, &line).await });
+                    None
+                }
+                Ok(Some(Line::Invalid(why))) => Some(response(
+                    &serde_json::Value::Null,
+                    Err(RpcError::new("parse_error", why)),
+                )),
+                // The rest of the line was discarded; the connection stays usable.
+                Ok(Some(Line::TooLong)) => Some(response(
+                    &serde_json::Value::Null,
+                    Err(RpcError::new(
+                        "line_too_long",
+                        format!("line longer than {max_line} bytes (server.max_line_bytes)"),
+                    )),
+                )),
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection read failed");
+                    break;
+                }
+            },
+        };
+        if let Some(mut line) = reply {
+            line.push('\n');
+            if write.write_all(line.as_bytes()).await.is_err() {
+                break;
             }
         }
     }
-    drop(out_tx);
-    let _ = writer.await;
 }
 
 /// One line read from a peer.
@@ -280,7 +239,10 @@ enum Line {
 struct LineReader<R> {
     inner: BufReader<R>,
     max: usize,
+    /// The line read so far: kept across calls, so a `next_line` dropped
+    /// half-way (by a `select!`) loses nothing.
     buf: Vec<u8>,
+    too_long: bool,
 }
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
@@ -289,17 +251,18 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             inner: BufReader::new(r),
             max,
             buf: Vec::new(),
+            too_long: false,
         }
     }
 
+    /// Cancel-safe: bytes move from the reader into `buf` with no await in
+    /// between.
     async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
-        self.buf.clear();
-        let mut too_long = false;
         loop {
             let chunk = self.inner.fill_buf().await?;
             if chunk.is_empty() {
                 // EOF: a final line without a newline still counts.
-                if self.buf.is_empty() && !too_long {
+                if self.buf.is_empty() && !self.too_long {
                     return Ok(None);
                 }
                 break;
@@ -308,9 +271,9 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 Some(i) => (&chunk[..i], Some(i + 1)),
                 None => (chunk, None),
             };
-            if !too_long {
+            if !self.too_long {
                 if self.buf.len() + part.len() > self.max {
-                    too_long = true;
+                    self.too_long = true;
                     self.buf.clear();
                 } else {
                     self.buf.extend_from_slice(part);
@@ -322,17 +285,16 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 break;
             }
         }
-        if too_long {
+        if std::mem::take(&mut self.too_long) {
             return Ok(Some(Line::TooLong));
         }
-        if self.buf.last() == Some(&b'\r') {
-            self.buf.pop();
+        let mut line = std::mem::take(&mut self.buf);
+        if line.last() == Some(&b'\r') {
+            line.pop();
         }
-        Ok(Some(
-            match String::from_utf8(std::mem::take(&mut self.buf)) {
-                Ok(s) => Line::Text(s),
-                Err(_) => Line::Invalid("the line is not valid UTF-8".into()),
-            },
-        ))
+        Ok(Some(match String::from_utf8(line) {
+            Ok(s) => Line::Text(s),
+            Err(_) => Line::Invalid("the line is not valid UTF-8".into()),
+        }))
     }
 }
