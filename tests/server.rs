@@ -324,6 +324,28 @@ async fn malformed_and_oversized_lines_get_errors_and_the_connection_stays_usabl
 }
 
 #[tokio::test]
+async fn a_line_split_around_another_calls_reply_is_read_whole() {
+    let s = Server::start("");
+    let mut raw = Raw::connect(&s);
+    // One whole call and the first half of the next in one write; the first
+    // call's reply goes out while the server holds half a line.
+    let second = br#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#;
+    let (head, tail) = second.split_at(17);
+    let mut first = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#.to_vec();
+    first.push(b'\n');
+    first.extend_from_slice(head);
+    raw.writer.write_all(&first).unwrap();
+    let v = raw.read();
+    assert_eq!(
+        (v["id"].clone(), v["result"]["pong"].clone()),
+        (json!(1), json!(true))
+    );
+    let v = raw.send(tail);
+    assert_eq!(v["id"], 2, "the split line was read whole: {v}");
+    assert_eq!(v["result"]["pong"], true);
+}
+
+#[tokio::test]
 async fn a_peer_whose_uid_is_not_configured_is_refused() {
     // Neither an admin nor any agent may connect from this uid.
     let dir = tempfile::tempdir().unwrap();
