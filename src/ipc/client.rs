@@ -24,6 +24,21 @@ pub enum ClientError {
     Rpc(RpcError),
 }
 
+/// A response line, parsed once (no intermediate JSON tree to copy from).
+#[derive(serde::Deserialize)]
+struct Response {
+    #[serde(default)]
+    id: Option<Value>,
+    /// `Some(Value::Null)` for `"result": null`, `None` when absent.
+    #[serde(default, deserialize_with = "present")]
+    result: Option<Value>,
+    error: Option<RpcError>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    serde::Deserialize::deserialize(d).map(Some)
+}
+
 pub struct Client {
     framed: Framed<UnixStream, LinesCodec>,
     next_id: u64,
@@ -59,22 +74,16 @@ impl Client {
                 Some(Err(e)) => return Err(ClientError::Io(e.to_string())),
                 Some(Ok(l)) => l,
             };
-            let v: Value =
+            let v: Response =
                 serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))?;
             // A refusal at connect time has a null id.
-            let rid = v.get("id");
-            if rid != Some(&json!(id)) && rid != Some(&Value::Null) {
+            if v.id != Some(json!(id)) && v.id.as_ref().is_some_and(|i| !i.is_null()) {
                 continue;
             }
-            if let Some(err) = v.get("error") {
-                let e: RpcError = serde_json::from_value(err.clone())
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            if let Some(e) = v.error {
                 return Err(ClientError::Rpc(e));
             }
-            return v
-                .get("result")
-                .cloned()
-                .ok_or_else(|| ClientError::Protocol(line.clone()));
+            return v.result.ok_or_else(|| ClientError::Protocol(line.clone()));
         }
     }
 }

@@ -69,13 +69,18 @@ impl std::fmt::Display for RpcError {
 
 /// One response line.
 pub fn response(id: &Value, result: Result<Value, RpcError>) -> String {
+    reply(id, result)
+}
+
+/// [`response`] for any serializable result.
+pub fn reply<T: Serialize>(id: &Value, result: Result<T, RpcError>) -> String {
     // Serialized straight from these borrowed parts: no JSON map is built.
     #[derive(Serialize)]
-    struct Response<'a> {
+    struct Response<'a, T> {
         jsonrpc: &'static str,
         id: &'a Value,
         #[serde(skip_serializing_if = "Option::is_none")]
-        result: Option<Value>,
+        result: Option<T>,
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<RpcError>,
     }
