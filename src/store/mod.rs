@@ -1,8 +1,8 @@
-//! Persistence: the [`Store`] port and its sqlx implementation.
+//! Persistence: the [`Store`] port and its SQLite implementation.
 //!
 //! Every SQL statement lives under this module; nothing outside it imports
-//! sqlx. Every mutation writes its audit events in the same transaction, and
-//! writes are group-committed by one writer task.
+//! sqlx or rusqlite. Every mutation writes its audit events in the same transaction, and
+//! writes are group-committed by one writer thread.
 
 mod sqlite;
 

@@ -33,8 +33,8 @@ fn db(e: sqlx::Error) -> StoreError {
 pub struct SqliteStore {
     reads: SqlitePool,
     jobs: mpsc::Sender<Msg>,
-    /// The checkpointer task and the writer's "all committed" signal.
-    shutdown: Mutex<Option<(std::sync::mpsc::Sender<()>, oneshot::Receiver<()>)>>,
+    /// Fires once the writer has committed everything queued and closed.
+    shutdown: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 impl SqliteStore {
@@ -85,7 +85,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             reads,
             jobs: writer.jobs,
-            shutdown: Mutex::new(Some((writer.checkpointer, writer.done))),
+            shutdown: Mutex::new(Some(writer.done)),
         })
     }
 
@@ -701,8 +701,7 @@ impl Store for SqliteStore {
         // Readers first, so the writer's final checkpoint is not blocked by
         // them; the writer commits what is queued, checkpoints and closes.
         self.reads.close().await;
-        if let Some((checkpointer, written)) = self.shutdown.lock().await.take() {
-            drop(checkpointer);
+        if let Some(written) = self.shutdown.lock().await.take() {
             let _ = self.jobs.send(Msg::Stop).await;
             let _ = written.await;
         }

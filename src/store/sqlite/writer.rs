@@ -93,8 +93,6 @@ pub(super) struct Started {
     /// Fires once the last queued write has committed and the WAL has been
     /// folded back into the database file.
     pub done: oneshot::Receiver<()>,
-    /// Dropping it stops the checkpointer.
-    pub checkpointer: std::sync::mpsc::Sender<()>,
 }
 
 /// Opens the write and checkpoint connections on `path` (already migrated)
@@ -133,15 +131,17 @@ pub(super) fn start(
     std::thread::Builder::new()
         .name("keyturn-writer".into())
         .spawn(move || {
-            run(conn, rx, max_batch.max(1), &catch_up);
+            let mut conn = conn;
+            run(&mut conn, rx, max_batch.max(1), &catch_up);
+            // The final checkpoint must be the only one: a background round
+            // still running would leave it unfinished (busy), and the next
+            // start would rebuild its WAL index from a log of any size.
+            checkpointer.stop();
+            close(conn);
             let _ = done_tx.send(());
         })
         .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
-    Ok(Started {
-        jobs,
-        done,
-        checkpointer,
-    })
+    Ok(Started { jobs, done })
 }
 
 /// When the WAL is checkpointed and restarted.
@@ -190,6 +190,19 @@ const CHECKPOINT_PASSES: usize = 4;
 /// commit path nothing, until one pass finds only a few new frames; then it
 /// asks the writer to copy that small remainder between two batches, after
 /// which the writer's next transaction restarts the log.
+struct CheckpointerHandle {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl CheckpointerHandle {
+    /// Stops the checkpointer and waits until its connection is closed.
+    fn stop(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
+}
+
 struct Checkpointer {
     conn: Connection,
     catch_up: Arc<AtomicBool>,
@@ -201,7 +214,7 @@ impl Checkpointer {
         path: &Path,
         catch_up: Arc<AtomicBool>,
         tuning: WalTuning,
-    ) -> StoreResult<std::sync::mpsc::Sender<()>> {
+    ) -> StoreResult<CheckpointerHandle> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -210,7 +223,7 @@ impl Checkpointer {
             catch_up,
             tuning,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("keyturn-checkpoint".into())
             .spawn(move || {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
@@ -222,7 +235,7 @@ impl Checkpointer {
             .map_err(|e| {
                 StoreError::Database(format!("cannot start the checkpointer thread: {e}"))
             })?;
-        Ok(stop)
+        Ok(CheckpointerHandle { stop, thread })
     }
 
     fn round(&mut self) {
@@ -272,7 +285,12 @@ fn checkpoint(conn: &Connection, who: &str) -> rusqlite::Result<Option<i64>> {
     Ok((busy == 0 && log > 0 && copied == log).then_some(log))
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, max_batch: usize, catch_up: &AtomicBool) {
+fn run(
+    conn: &mut Connection,
+    mut rx: mpsc::Receiver<Msg>,
+    max_batch: usize,
+    catch_up: &AtomicBool,
+) {
     let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
     let mut head: Head = None;
     // Recent batch size (moving average): a lone caller never waits.
@@ -305,19 +323,29 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, max_batch: usize, catc
         }
         mean_batch = 0.9 * mean_batch + 0.1 * jobs.len() as f64;
         if !jobs.is_empty() {
-            write_batch(&mut conn, &mut jobs, &mut head);
+            write_batch(conn, &mut jobs, &mut head);
         }
         // Between batches nothing is being written: copy the last frames the
         // checkpointer left, so the next transaction restarts the log.
         if catch_up.swap(false, Ordering::Acquire) {
-            if let Err(e) = checkpoint(&conn, "writer") {
+            if let Err(e) = checkpoint(conn, "writer") {
                 tracing::warn!(error = %e, "WAL checkpoint failed");
             }
         }
     }
-    // Fold the WAL back into the main file so the database is one file at rest.
-    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-        tracing::warn!(error = %e, "final checkpoint failed");
+}
+
+/// Folds the WAL back into the main file so the database is one file at rest.
+fn close(conn: Connection) {
+    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        Ok(0) => {}
+        Ok(_) => tracing::warn!("final checkpoint could not finish (the database is busy)"),
+        Err(e) => tracing::warn!(error = %e, "final checkpoint failed"),
+    }
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %e, "closing the database failed");
     }
 }
 
