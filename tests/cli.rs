@@ -202,7 +202,8 @@ fn audit_export_verifies_offline_and_detects_an_edit() {
     let out = s.cli(&["audit", "export"]);
     assert!(out.status.success());
     let export = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(export.lines().count(), 6);
+    // Each call was decided at once by the policy: one entry each.
+    assert_eq!(export.lines().count(), 3);
     let file = s.dir.path().join("audit.jsonl");
     std::fs::write(&file, &export).unwrap();
     let out = Command::new(BIN)
@@ -215,7 +216,7 @@ fn audit_export_verifies_offline_and_detects_an_edit() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let tampered = export.replacen("\"actor\":\"policy\"", "\"actor\":\"someone\"", 1);
+    let tampered = export.replacen("\"actor\":\"agent:bot\"", "\"actor\":\"someone\"", 1);
     std::fs::write(&file, tampered).unwrap();
     let out = Command::new(BIN)
         .args(["audit", "verify", "--file"])
@@ -224,7 +225,7 @@ fn audit_export_verifies_offline_and_detects_an_edit() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("BROKEN at entry 2"),
+        String::from_utf8_lossy(&out.stdout).contains("BROKEN at entry 1"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );

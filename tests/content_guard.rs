@@ -103,7 +103,12 @@ async fn flags_are_stored_audited_and_advisory_by_default() {
     let stored = e.gw.status(r.id).await.unwrap();
     assert_eq!(stored.flags, r.flags);
     let audit = e.gw.audit_tail(10).await.unwrap();
-    let submitted = audit.iter().find(|a| a.event.kind == "submitted").unwrap();
+    // Decided at once: one entry holds the submission and the decision.
+    let submitted = audit
+        .iter()
+        .find(|a| a.event.kind == "policy_allowed")
+        .unwrap();
+    assert_eq!(submitted.event.detail["rule"], json!(r.rule));
     assert_eq!(
         submitted.event.detail["flags"],
         Value::Array(r.flags.clone())
@@ -344,7 +349,8 @@ async fn retention_prunes_with_a_checkpoint_and_the_chain_still_verifies() {
         )
         .await
         .unwrap();
-    for i in 0..3 {
+    // A call the policy decides at once is one entry.
+    for i in 0..6 {
         e.gw.submit("a", call("read_file", json!({"i": i}), "", None))
             .await
             .unwrap();
@@ -358,7 +364,7 @@ async fn retention_prunes_with_a_checkpoint_and_the_chain_still_verifies() {
     let cp = all.last().unwrap();
     assert_eq!(cp.event.kind, "checkpoint");
     assert_eq!(cp.event.detail["pruned_through_seq"], json!(3));
-    // The remaining chain (6 requests' entries + checkpoint) verifies.
+    // The remaining chain (6 calls' entries + checkpoint) verifies.
     assert_eq!(e.gw.audit_verify().await.unwrap(), Ok(7));
     // Nothing more to prune.
     assert_eq!(e.gw.prune_audit(1).await.unwrap(), None);
@@ -378,7 +384,7 @@ async fn retention_prunes_with_a_checkpoint_and_the_chain_still_verifies() {
 async fn audit_verify_names_an_edited_deleted_or_reordered_row() {
     let dir = tempfile::tempdir().unwrap();
     let e = env(dir.path(), TOOLS).await;
-    for i in 0..4 {
+    for i in 0..8 {
         e.gw.submit("a", call("read_file", json!({"i": i}), "", None))
             .await
             .unwrap();
@@ -452,8 +458,8 @@ async fn the_retention_task_prunes_at_start_when_configured() {
     keyturn::app::retention::run(e.gw.clone(), stop).await;
     let all = e.gw.audit_after(0, 100).await.unwrap();
     let kinds: Vec<&str> = all.iter().map(|a| a.event.kind.as_str()).collect();
-    assert_eq!(kinds, ["submitted", "policy_allowed", "checkpoint"]);
-    assert_eq!(e.gw.audit_verify().await.unwrap(), Ok(3));
+    assert_eq!(kinds, ["policy_allowed", "checkpoint"]);
+    assert_eq!(e.gw.audit_verify().await.unwrap(), Ok(2));
 
     // Retention 0 keeps everything.
     let dir = tempfile::tempdir().unwrap();

@@ -514,7 +514,6 @@ async fn grants_revokes_and_audit_over_the_socket() {
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
     for k in [
-        "submitted",
         "policy_denied",
         "grant_added",
         "policy_allowed",
@@ -522,6 +521,17 @@ async fn grants_revokes_and_audit_over_the_socket() {
     ] {
         assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
     }
+    // A call the policy decided at once is one entry: who asked, for what,
+    // and the rule that decided.
+    let allowed = tail
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "policy_allowed")
+        .unwrap();
+    assert_eq!(allowed["actor"], "agent:bot");
+    assert_eq!(allowed["detail"]["tool"], "read_file");
+    assert_eq!(allowed["detail"]["rule"], "risk_low");
     let v = c.call("audit.verify", json!({})).await.unwrap();
     assert_eq!(v["ok"], true);
 }

@@ -503,7 +503,11 @@ impl Gateway {
             req.decided_reason = Some(req.rule_detail.clone());
             req.decided_ms = Some(now);
         }
-        let audit = vec![events::submitted(&req), events::policy(&req)];
+        let audit = if req.state.is_terminal() {
+            vec![events::decided_by_policy(&req)]
+        } else {
+            vec![events::submitted(&req), events::policy(&req)]
+        };
         let req = match self.store.insert_request(req, audit).await? {
             crate::store::Inserted::Existing(r) => return Ok(r),
             crate::store::Inserted::New(r) => r,
