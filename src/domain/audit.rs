@@ -35,7 +35,16 @@ pub struct AuditEntry {
 
 /// The hash of an entry: SHA-256 over the previous hash and the canonical fields.
 pub fn entry_hash(seq: i64, prev_hash: &str, e: &AuditEvent) -> String {
-    sealed_hash(seq, prev_hash, &e.seal())
+    let detail = canonical_json(&e.detail);
+    hash_fields(
+        seq,
+        prev_hash,
+        e.at_ms,
+        &e.kind,
+        &e.actor,
+        e.request_id.as_deref(),
+        &detail,
+    )
 }
 
 /// An event with its detail already in canonical JSON: what the store
@@ -65,16 +74,36 @@ impl AuditEvent {
 
 /// [`entry_hash`] of a sealed event.
 pub fn sealed_hash(seq: i64, prev_hash: &str, e: &SealedEvent) -> String {
+    hash_fields(
+        seq,
+        prev_hash,
+        e.at_ms,
+        &e.kind,
+        &e.actor,
+        e.request_id.as_deref(),
+        &e.detail,
+    )
+}
+
+fn hash_fields(
+    seq: i64,
+    prev_hash: &str,
+    at_ms: i64,
+    kind: &str,
+    actor: &str,
+    request_id: Option<&str>,
+    canonical_detail: &str,
+) -> String {
     let mut h = Sha256::new();
     // Length-prefix each field so no two different entries hash alike.
     for part in [
         seq.to_string().as_str(),
         prev_hash,
-        e.at_ms.to_string().as_str(),
-        &e.kind,
-        &e.actor,
-        e.request_id.as_deref().unwrap_or_default(),
-        &e.detail,
+        at_ms.to_string().as_str(),
+        kind,
+        actor,
+        request_id.unwrap_or_default(),
+        canonical_detail,
     ] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
@@ -82,21 +111,49 @@ pub fn sealed_hash(seq: i64, prev_hash: &str, e: &SealedEvent) -> String {
     hex::encode(h.finalize())
 }
 
-/// Links `events` after `(last_seq, last_hash)`.
-pub fn link(last_seq: i64, last_hash: &str, events: Vec<AuditEvent>) -> Vec<AuditEntry> {
+/// A link in the chain: an entry's `seq`, `prev_hash` and `hash`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub seq: i64,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// Chains `events` after `(last_seq, last_hash)`, hashing each with `hash`
+/// ([`entry_hash`] or [`sealed_hash`]): the one place links are made.
+pub fn chain<T>(
+    last_seq: i64,
+    last_hash: &str,
+    events: &[T],
+    hash: impl Fn(i64, &str, &T) -> String,
+) -> Vec<Link> {
     let mut prev = last_hash.to_string();
     let mut out = Vec::with_capacity(events.len());
-    for (i, event) in events.into_iter().enumerate() {
+    for (i, event) in events.iter().enumerate() {
         let seq = last_seq + 1 + i as i64;
-        let hash = entry_hash(seq, &prev, &event);
-        out.push(AuditEntry {
+        let h = hash(seq, &prev, event);
+        out.push(Link {
             seq,
-            event,
-            prev_hash: std::mem::replace(&mut prev, hash.clone()),
-            hash,
+            prev_hash: std::mem::replace(&mut prev, h.clone()),
+            hash: h,
         });
     }
     out
+}
+
+/// Links `events` after `(last_seq, last_hash)`.
+pub fn link(last_seq: i64, last_hash: &str, events: Vec<AuditEvent>) -> Vec<AuditEntry> {
+    let links = chain(last_seq, last_hash, &events, entry_hash);
+    events
+        .into_iter()
+        .zip(links)
+        .map(|(event, l)| AuditEntry {
+            seq: l.seq,
+            event,
+            prev_hash: l.prev_hash,
+            hash: l.hash,
+        })
+        .collect()
 }
 
 /// The first problem found walking a chain.

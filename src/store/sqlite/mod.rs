@@ -271,7 +271,7 @@ impl Store for SqliteStore {
             Reply::InsertedNew => Ok(Inserted::New(
                 Arc::try_unwrap(req).unwrap_or_else(|shared| (*shared).clone()),
             )),
-            Reply::Inserted(i) => Ok(i),
+            Reply::Existing(r) => Ok(Inserted::Existing(r)),
             _ => Err(unexpected()),
         }
     }

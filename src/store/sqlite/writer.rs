@@ -15,7 +15,7 @@ use crate::domain::pairing;
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
 use crate::domain::request::{self, ApprovalRequest, RequestId, TransitionError, Vote, VoteEffect};
 use crate::domain::Risk;
-use crate::store::{Inserted, PairedUser, PairingRefused, Pruned, StoreError, StoreResult, Voted};
+use crate::store::{PairedUser, PairingRefused, Pruned, StoreError, StoreResult, Voted};
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::json;
 use std::borrow::Cow;
@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// Writes waiting for the writer; beyond this, callers wait (backpressure).
-pub(super) const WRITE_QUEUE: usize = 8192;
+const WRITE_QUEUE: usize = 8192;
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
@@ -76,7 +76,8 @@ pub(super) enum Op {
 pub(super) enum Reply {
     /// Stored as new: the caller's request as it sent it.
     InsertedNew,
-    Inserted(Inserted),
+    /// The agent had already submitted this idempotency key.
+    Existing(ApprovalRequest),
     Voted(Result<Voted, TransitionError>),
     Finished(Result<ApprovalRequest, TransitionError>),
     Bool(bool),
@@ -285,6 +286,24 @@ fn checkpoint(conn: &Connection, who: &str) -> rusqlite::Result<Option<i64>> {
     Ok((busy == 0 && log > 0 && copied == log).then_some(log))
 }
 
+/// Adds a queued message to the batch (a stop closes the queue).
+fn take(msg: Msg, rx: &mut mpsc::Receiver<Msg>, jobs: &mut Vec<Job>) {
+    match msg {
+        Msg::Job(job) => jobs.push(job),
+        Msg::Stop => rx.close(),
+    }
+}
+
+/// Takes what is queued, up to `max_batch` jobs in all.
+fn drain(rx: &mut mpsc::Receiver<Msg>, jobs: &mut Vec<Job>, max_batch: usize) {
+    while jobs.len() < max_batch {
+        match rx.try_recv() {
+            Ok(msg) => take(msg, rx, jobs),
+            Err(_) => break,
+        }
+    }
+}
+
 fn run(
     conn: &mut Connection,
     mut rx: mpsc::Receiver<Msg>,
@@ -296,30 +315,16 @@ fn run(
     // Recent batch size (moving average): a lone caller never waits.
     let mut mean_batch = 1.0;
     while let Some(first) = rx.blocking_recv() {
-        let mut next = Some(first);
+        take(first, &mut rx, &mut jobs);
         // Whatever queued while the last batch committed joins this one.
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Job(job) => jobs.push(job),
-                Msg::Stop => rx.close(),
-            }
-            if jobs.len() < max_batch {
-                next = rx.try_recv().ok();
-            }
-        }
+        drain(&mut rx, &mut jobs, max_batch);
         // Group-commit delay (PostgreSQL's commit_delay, commit_siblings):
-        // when callers have been writing concurrently but few are queued yet, wait a moment
-        // for more, so one commit carries more calls. Fewer, larger commits
-        // mean fewer WAL pages to write and checkpoint.
+        // when callers have been writing concurrently but few are queued yet,
+        // wait a moment for more, so one commit carries more calls. Fewer,
+        // larger commits mean fewer WAL pages to write and checkpoint.
         if mean_batch >= 2.0 && jobs.len() < LINGER_BELOW && !rx.is_closed() {
             std::thread::sleep(LINGER);
-            while jobs.len() < max_batch {
-                match rx.try_recv() {
-                    Ok(Msg::Job(job)) => jobs.push(job),
-                    Ok(Msg::Stop) => rx.close(),
-                    Err(_) => break,
-                }
-            }
+            drain(&mut rx, &mut jobs, max_batch);
         }
         mean_batch = 0.9 * mean_batch + 0.1 * jobs.len() as f64;
         if !jobs.is_empty() {
@@ -434,7 +439,7 @@ fn exec<'a>(tx: &Transaction<'_>, op: &'a Op, ev: &mut Events<'a>) -> StoreResul
                     .query_row(params![req.agent, key], request_row)
                     .optional()?;
                 if let Some(row) = existing {
-                    return Ok(Reply::Inserted(Inserted::Existing(row.into_request()?)));
+                    return Ok(Reply::Existing(row.into_request()?));
                 }
             }
             insert_request(tx, req)?;
@@ -876,34 +881,35 @@ fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
 }
 
 fn append_audit(tx: &Transaction<'_>, list: Events<'_>, head: Head) -> StoreResult<(i64, String)> {
-    let (mut seq, mut hash): (i64, String) = match head {
+    let (seq, hash): (i64, String) = match head {
         Some(h) => h,
         None => tx
             .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")?
             .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?,
     };
+    let links = audit::chain(seq, &hash, &list, |seq, prev, e| {
+        audit::sealed_hash(seq, prev, e)
+    });
     let mut insert = tx.prepare_cached(
         "INSERT INTO audit (seq, at_ms, kind, actor, request_id, detail, prev_hash, hash) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
-    for e in &list {
-        let next = audit::sealed_hash(seq + 1, &hash, e);
-        seq += 1;
+    for (e, l) in list.iter().zip(&links) {
         insert.execute(params![
-            seq,
+            l.seq,
             e.at_ms,
             e.kind,
             e.actor,
             e.request_id,
             e.detail,
-            hash,
-            next,
+            l.prev_hash,
+            l.hash,
         ])?;
-        hash = next;
     }
-    if !list.is_empty() {
-        tx.prepare_cached("UPDATE audit_head SET seq = ?1, hash = ?2 WHERE id = 1")?
-            .execute(params![seq, hash])?;
-    }
-    Ok((seq, hash))
+    let Some(last) = links.last() else {
+        return Ok((seq, hash));
+    };
+    tx.prepare_cached("UPDATE audit_head SET seq = ?1, hash = ?2 WHERE id = 1")?
+        .execute(params![last.seq, last.hash])?;
+    Ok((last.seq, last.hash.clone()))
 }
