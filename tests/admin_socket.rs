@@ -339,3 +339,22 @@ async fn an_operator_name_cannot_read_as_another_uid() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["decision"]["who"], format!("alice (uid:{me})"));
 }
+
+#[test]
+fn the_admin_socket_has_its_own_mode_and_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let s = Server::start("");
+    let meta = std::fs::metadata(s.admin_socket()).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    drop(s);
+    let gid = nix::unistd::getgid().as_raw();
+    let s = Server::start(&format!(
+        "[admin]\nsocket_mode = \"0660\"\nsocket_group = \"{gid}\"\n"
+    ));
+    let meta = std::fs::metadata(s.admin_socket()).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), gid);
+    // The agent socket keeps its own (default) mode.
+    let agent = std::fs::metadata(s.socket()).unwrap();
+    assert_eq!(agent.permissions().mode() & 0o777, 0o600);
+}
