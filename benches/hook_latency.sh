@@ -15,6 +15,9 @@ cat > "$DIR/config.toml" <<TOML
 socket_path = "$DIR/k.sock"
 [store]
 url = "sqlite://$DIR/k.db"
+[admin]
+# The hook and the server run as this one uid.
+single_user_demo = true
 [[agents]]
 name = "claude-code"
 [[tools]]

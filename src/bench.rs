@@ -43,6 +43,10 @@ socket_path = "{sock}"
 max_connections = 1024
 [store]
 url = "sqlite://{db}"
+[admin]
+socket_path = "{admin_sock}"
+# The bench's agents and its approver are this one process.
+single_user_demo = true
 [[agents]]
 name = "bench"
 max_pending = 1000000
@@ -60,11 +64,13 @@ scope = "global"
 tool = "gated"
 "#,
         sock = dir.join("bench.sock").display(),
+        admin_sock = dir.join("bench-admin.sock").display(),
         db = dir.join("bench.db").display()
     );
     let cfg = Config::parse(&text).map_err(anyhow::Error::msg)?;
     cfg.validate()?;
     let sock = cfg.server.socket_path.clone();
+    let admin_sock = cfg.admin.socket_path.clone();
     let (stop, server) = start(&text).await?;
 
     println!("== policy-decided calls: {} clients for {} s (each committed to the audit log before its reply)", o.clients, o.seconds);
@@ -121,7 +127,7 @@ tool = "gated"
     );
 
     println!("== approval wake-up: {} rounds", o.wakeups);
-    let mut admin = Client::connect(&sock).await?;
+    let mut admin = Client::connect(&admin_sock).await?;
     let mut after_commit = Vec::new();
     let mut end_to_end = Vec::new();
     for _ in 0..o.wakeups {
@@ -169,7 +175,7 @@ tool = "gated"
     server.await??;
 
     if o.pending > 0 {
-        pending_phase(&text, &sock, o.pending, o.clients).await?;
+        pending_phase(&text, &sock, &admin_sock, o.pending, o.clients).await?;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -195,6 +201,7 @@ async fn start(
 async fn pending_phase(
     text: &str,
     sock: &std::path::Path,
+    admin_sock: &std::path::Path,
     n: usize,
     clients: usize,
 ) -> anyhow::Result<()> {
@@ -224,7 +231,7 @@ async fn pending_phase(
         t.await??;
     }
     println!("created {n} pending in {:.2} s", t.elapsed().as_secs_f64());
-    let mut admin = Client::connect(sock).await?;
+    let mut admin = Client::connect(admin_sock).await?;
     let still = admin.call("stats", json!({})).await?["pending"]
         .as_u64()
         .unwrap_or(0);
@@ -239,7 +246,7 @@ async fn pending_phase(
         "{still} were pending at shutdown; restart to ready: {:.3} s",
         t.elapsed().as_secs_f64()
     );
-    let mut admin = Client::connect(sock).await?;
+    let mut admin = Client::connect(admin_sock).await?;
     loop {
         let left = admin.call("stats", json!({})).await?["pending"]
             .as_u64()

@@ -1,5 +1,8 @@
 //! The command line: `serve` runs the daemon; every other subcommand is a
-//! client of its socket. Human-readable output by default, `--json` everywhere.
+//! client of one of its sockets: agent subcommands (request, check, exec,
+//! hook, mcp-proxy, verify) use the agent socket, admin subcommands
+//! (approve, deny, pending, grant, tools, pairing, audit, status, cancel)
+//! the admin socket. Human-readable output by default, `--json` everywhere.
 
 use crate::config::Config;
 use crate::ipc::client::Client;
@@ -23,12 +26,16 @@ pub struct Cli {
 
 #[derive(Args, Clone)]
 struct Conn {
-    /// Config file (used to find the socket).
+    /// Config file (used to find the sockets).
     #[arg(long, global = true, env = "KEYTURN_CONFIG")]
     config: Option<PathBuf>,
-    /// Socket path (overrides the config). Default: ./keyturn.sock
+    /// Agent socket path (overrides the config). Default: ./keyturn.sock
     #[arg(long, global = true, env = "KEYTURN_SOCKET")]
     socket: Option<PathBuf>,
+    /// Admin socket path, for admin subcommands (overrides the config).
+    /// Default: ./keyturn-admin.sock
+    #[arg(long, global = true, env = "KEYTURN_ADMIN_SOCKET")]
+    admin_socket: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -132,7 +139,8 @@ enum Command {
         id: String,
         #[arg(long)]
         reason: Option<String>,
-        /// Your name, shown beside your uid. Default: $USER.
+        /// Your name, shown beside your uid, never instead of it (letters,
+        /// digits, spaces and `_-.'`). Default: $USER.
         #[arg(long = "as")]
         operator: Option<String>,
         #[command(flatten)]
@@ -367,6 +375,37 @@ impl Conn {
     async fn client(&self) -> anyhow::Result<Client> {
         Ok(Client::connect(&self.socket_path()?).await?)
     }
+
+    fn admin_socket_path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(s) = &self.admin_socket {
+            return Ok(s.clone());
+        }
+        if let Some(c) = &self.config {
+            let cfg = Config::load(c)?;
+            return Ok(cfg.admin.socket_path);
+        }
+        Ok(PathBuf::from("keyturn-admin.sock"))
+    }
+
+    /// A connection to the admin socket (admin methods are served nowhere else).
+    async fn admin_client(&self) -> anyhow::Result<Client> {
+        let path = self.admin_socket_path()?;
+        Client::connect(&path).await.map_err(|e| {
+            anyhow::Error::new(e).context(format!(
+                "admin subcommands use the admin socket {} ([admin] socket_path; --config or --admin-socket); only admins may reach it",
+                path.display()
+            ))
+        })
+    }
+
+    /// The agent socket when acting as `agent`, else the admin socket (an
+    /// admin acting on any request).
+    async fn client_for(&self, agent: Option<&str>) -> anyhow::Result<Client> {
+        match agent {
+            Some(_) => self.client().await,
+            None => self.admin_client().await,
+        }
+    }
 }
 
 fn parse_args(s: &str) -> anyhow::Result<Value> {
@@ -448,8 +487,14 @@ fn printable(s: &str) -> String {
         .collect()
 }
 
+/// `--as NAME` as given (the server refuses a name that could imitate a
+/// uid), else `$USER` when it is a plain name.
 fn operator(o: Option<String>) -> Option<String> {
-    o.or_else(|| std::env::var("USER").ok())
+    o.or_else(|| {
+        std::env::var("USER")
+            .ok()
+            .filter(|u| matches!(crate::domain::request::check_display_name(u), Ok(Some(_))))
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -464,14 +509,20 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
+            cfg.check_uids(nix::unistd::getuid().as_raw())?;
             println!(
-                "{}: ok ({} agents, {} grants, {} tools, {} users, discord {})",
+                "{}: ok ({} agents, {} grants, {} tools, {} users, discord {}{})",
                 config.display(),
                 cfg.agents.len(),
                 cfg.grants.len(),
                 cfg.tools.len(),
                 cfg.users.len(),
-                if cfg.discord_enabled() { "on" } else { "off" }
+                if cfg.discord_enabled() { "on" } else { "off" },
+                if cfg.admin.single_user_demo {
+                    ", SINGLE-USER DEMO: agents are not kept apart from the server or its admins"
+                } else {
+                    ""
+                }
             );
             Ok(0)
         }
@@ -525,7 +576,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             if let Some(a) = agent {
                 p["agent"] = json!(a);
             }
-            let v = conn.client().await?.call("wait", p).await?;
+            let v = conn
+                .client_for(p["agent"].as_str())
+                .await?
+                .call("wait", p)
+                .await?;
             print(conn.json, &v, decision_text);
             Ok(if v["approved"] == json!(true) {
                 0
@@ -535,7 +590,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Status { id, conn } => {
             let v = conn
-                .client()
+                .admin_client()
                 .await?
                 .call("status", json!({"id": id}))
                 .await?;
@@ -544,7 +599,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Cancel { id, reason, conn } => {
             let v = conn
-                .client()
+                .admin_client()
                 .await?
                 .call("cancel", json!({"id": id, "reason": reason}))
                 .await?;
@@ -553,7 +608,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Pending { limit, conn } => {
             let v = conn
-                .client()
+                .admin_client()
                 .await?
                 .call("pending", json!({"limit": limit}))
                 .await?;
@@ -643,7 +698,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             if let Some(t) = token {
                 p["token"] = json!(t);
             }
-            let v = conn.client().await?.call("verify", p).await?;
+            let v = conn
+                .client_for(p["agent"].as_str())
+                .await?
+                .call("verify", p)
+                .await?;
             let ok = v["matches"] == json!(true) && v["approved"] == json!(true);
             print(conn.json, &v, |v| {
                 let id = v["request_id"].as_str().unwrap_or("?");
@@ -674,7 +733,7 @@ async fn decide(
     op: Option<String>,
 ) -> anyhow::Result<u8> {
     let v = conn
-        .client()
+        .admin_client()
         .await?
         .call(
             method,
@@ -706,7 +765,7 @@ async fn grant(
 ) -> anyhow::Result<u8> {
     let effect = if deny { "deny" } else { "allow" };
     let v = conn
-        .client()
+        .admin_client()
         .await?
         .call(
             method,
@@ -726,7 +785,7 @@ async fn grant(
 }
 
 async fn tools(conn: &Conn, cmd: ToolsCmd) -> anyhow::Result<u8> {
-    let mut c = conn.client().await?;
+    let mut c = conn.admin_client().await?;
     match cmd {
         ToolsCmd::List { scope } => {
             let v = c.call("tools.list", json!({"scope": scope})).await?;
@@ -802,7 +861,7 @@ async fn tools(conn: &Conn, cmd: ToolsCmd) -> anyhow::Result<u8> {
 }
 
 async fn pairing_cmd(conn: &Conn, cmd: PairingCmd) -> anyhow::Result<u8> {
-    let mut c = conn.client().await?;
+    let mut c = conn.admin_client().await?;
     let (method, params) = match cmd {
         PairingCmd::List => ("pairing.list", json!({})),
         PairingCmd::Request { user, name } => (
@@ -855,7 +914,7 @@ async fn audit_cmd(conn: &Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
     if let AuditCmd::Verify { file: Some(f) } = &cmd {
         return verify_file(f, conn.json);
     }
-    let mut c = conn.client().await?;
+    let mut c = conn.admin_client().await?;
     match cmd {
         AuditCmd::Tail { n } => {
             let v = c.call("audit.tail", json!({"n": n})).await?;

@@ -157,12 +157,41 @@ impl Default for StoreConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Unix uids allowed to run admin operations. Empty: the uid running the server.
     pub uids: Vec<u32>,
+    /// Path of the admin socket: the only socket that serves admin methods
+    /// (approve, deny, pending, grant, …). Relative to the config file.
+    pub socket_path: PathBuf,
+    /// Octal file mode of the admin socket: `0600`, or `0660` with `socket_group`.
+    pub socket_mode: String,
+    /// Group (name or gid) of admins, when the mode allows the group.
+    pub socket_group: Option<String>,
+    /// Everything runs as one uid (the README quick start): agents may run
+    /// as the server's uid or an admin uid, share that uid without tokens,
+    /// and approve their own calls. Never for production.
+    pub single_user_demo: bool,
+    /// A vote from the uid that made the request is accepted.
+    pub allow_self_approval: bool,
 }
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            uids: Vec::new(),
+            socket_path: PathBuf::from("keyturn-admin.sock"),
+            socket_mode: "0600".into(),
+            socket_group: None,
+            single_user_demo: false,
+            allow_self_approval: false,
+        }
+    }
+}
+
+/// What `[admin] single_user_demo` gives up, logged at start in demo mode.
+pub const SINGLE_USER_DEMO_WARNING: &str = "single-user demo mode ([admin] single_user_demo = true): agents running as this server's uid can read and write its database directly, use each other's names and grants, and approve their own calls, so nothing here stops an agent; do not use it in production (see docs/deploy.md).";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -350,6 +379,53 @@ pub struct DiscordConfig {
 /// Names under which config secrets may come from the environment.
 pub const ENV_DISCORD_TOKEN: &str = "KEYTURN_DISCORD_TOKEN";
 
+fn parse_mode(key: &str, m: &str) -> Result<u32, ConfigError> {
+    u32::from_str_radix(m.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|v| *v <= 0o777)
+        .ok_or_else(|| invalid(key, format!("`{m}` is not an octal mode like 0600")))
+}
+
+/// Path length, and a mode that gives nobody but the owner (and the named
+/// group) access.
+fn validate_socket(
+    section: &str,
+    path: &Path,
+    mode: u32,
+    group: &Option<String>,
+) -> Result<(), ConfigError> {
+    let key = format!("{section}.socket_path");
+    if path.as_os_str().is_empty() {
+        return Err(invalid(key, "must not be empty"));
+    }
+    // Linux limits socket paths to 107 bytes.
+    if path.as_os_str().len() > 107 {
+        return Err(invalid(
+            key,
+            format!(
+                "`{}` is longer than the 107 bytes a Unix socket path may have",
+                path.display()
+            ),
+        ));
+    }
+    let key = format!("{section}.socket_mode");
+    if mode & 0o007 != 0 {
+        return Err(invalid(
+            key,
+            format!(
+                "must not give access to others (use 0600, or 0660 with {section}.socket_group)"
+            ),
+        ));
+    }
+    if mode & 0o070 != 0 && group.is_none() {
+        return Err(invalid(
+            key,
+            format!("{mode:04o} gives the group access, so {section}.socket_group must be set"),
+        ));
+    }
+    Ok(())
+}
+
 fn agent_token_env(name: &str) -> String {
     let upper: String = name
         .chars()
@@ -403,6 +479,9 @@ impl Config {
         if self.server.socket_path.is_relative() {
             self.server.socket_path = base.join(&self.server.socket_path);
         }
+        if self.admin.socket_path.is_relative() {
+            self.admin.socket_path = base.join(&self.admin.socket_path);
+        }
         if let Some(rest) = self.store.url.strip_prefix("sqlite://") {
             let p = Path::new(rest);
             if p.is_relative() && rest != ":memory:" {
@@ -414,33 +493,26 @@ impl Config {
     /// Rejects bad values and impossible combinations, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.server;
-        if s.socket_path.as_os_str().is_empty() {
-            return Err(invalid("server.socket_path", "must not be empty"));
+        for (section, path, mode, group) in [
+            (
+                "server",
+                &s.socket_path,
+                self.socket_mode()?,
+                &s.socket_group,
+            ),
+            (
+                "admin",
+                &self.admin.socket_path,
+                self.admin_socket_mode()?,
+                &self.admin.socket_group,
+            ),
+        ] {
+            validate_socket(section, path, mode, group)?;
         }
-        // Linux limits socket paths to 107 bytes.
-        if s.socket_path.as_os_str().len() > 107 {
+        if s.socket_path == self.admin.socket_path {
             return Err(invalid(
-                "server.socket_path",
-                format!(
-                    "`{}` is longer than the 107 bytes a Unix socket path may have",
-                    s.socket_path.display()
-                ),
-            ));
-        }
-        let mode = self.socket_mode()?;
-        if mode & 0o007 != 0 {
-            return Err(invalid(
-                "server.socket_mode",
-                "must not give access to others (use 0600, or 0660 with server.socket_group)",
-            ));
-        }
-        if mode & 0o070 != 0 && s.socket_group.is_none() {
-            return Err(invalid(
-                "server.socket_mode",
-                format!(
-                    "{:04o} gives the group access, so server.socket_group must be set",
-                    mode
-                ),
+                "admin.socket_path",
+                "must differ from server.socket_path: admin methods are served only on the admin socket",
             ));
         }
         for (key, v, min) in [
@@ -646,18 +718,99 @@ impl Config {
         Ok(())
     }
 
-    /// The socket's file mode as a number.
+    /// The agent socket's file mode as a number.
     pub fn socket_mode(&self) -> Result<u32, ConfigError> {
-        let m = &self.server.socket_mode;
-        u32::from_str_radix(m.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|v| *v <= 0o777)
-            .ok_or_else(|| {
-                invalid(
-                    "server.socket_mode",
-                    format!("`{m}` is not an octal mode like 0600"),
-                )
-            })
+        parse_mode("server.socket_mode", &self.server.socket_mode)
+    }
+
+    /// The admin socket's file mode as a number.
+    pub fn admin_socket_mode(&self) -> Result<u32, ConfigError> {
+        parse_mode("admin.socket_mode", &self.admin.socket_mode)
+    }
+
+    /// The admin uids, with empty meaning the server's own uid.
+    pub fn admin_uids(&self, server_uid: u32) -> Vec<u32> {
+        if self.admin.uids.is_empty() {
+            vec![server_uid]
+        } else {
+            self.admin.uids.clone()
+        }
+    }
+
+    /// The uids an agent may connect from, with empty meaning the server's uid.
+    pub fn agent_uids(a: &AgentConfig, server_uid: u32) -> Vec<u32> {
+        if a.uids.is_empty() {
+            vec![server_uid]
+        } else {
+            a.uids.clone()
+        }
+    }
+
+    /// The checks that depend on the uid the server runs as, made by
+    /// `check-config` and `serve` (not by clients, which run as other uids).
+    ///
+    /// Unless `[admin] single_user_demo` is set: no agent may run as the
+    /// server's uid (it could read and write the database, and reach the
+    /// admin socket) or as an admin uid (it could approve its own calls),
+    /// and agents sharing a uid must each have a token (otherwise each could
+    /// claim the others' names and `agent:NAME` grants).
+    pub fn check_uids(&self, server_uid: u32) -> Result<(), ConfigError> {
+        if self.admin.single_user_demo {
+            return Ok(());
+        }
+        const HOW: &str = "run agents as their own users (see docs/deploy.md), or set [admin] single_user_demo = true for a single-user demo";
+        let admins = self.admin_uids(server_uid);
+        let mut by_uid: std::collections::BTreeMap<u32, Vec<(usize, &AgentConfig)>> =
+            Default::default();
+        for (i, a) in self.agents.iter().enumerate() {
+            let uids = Self::agent_uids(a, server_uid);
+            let key = format!("agents[{i}].uids");
+            let shown = if a.uids.is_empty() {
+                "empty, which means the server's own uid".to_string()
+            } else {
+                format!("{:?}", a.uids)
+            };
+            if uids.contains(&server_uid) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "agent `{}` would run as uid {server_uid}, the uid Keyturn runs as (uids: {shown}); such an agent can read and write the database directly; {HOW}",
+                        a.name
+                    ),
+                ));
+            }
+            if let Some(u) = uids.iter().find(|u| admins.contains(u)) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "agent `{}` may connect from uid {u}, which is an admin uid (admin.uids); it could approve its own calls; {HOW}",
+                        a.name
+                    ),
+                ));
+            }
+            for u in uids {
+                by_uid.entry(u).or_default().push((i, a));
+            }
+        }
+        for (uid, agents) in by_uid {
+            if agents.len() < 2 {
+                continue;
+            }
+            if let Some((i, a)) = agents.iter().find(|(_, a)| a.token.0.is_empty()) {
+                let names: Vec<&str> = agents.iter().map(|(_, a)| a.name.as_str()).collect();
+                return Err(invalid(
+                    format!("agents[{i}].token"),
+                    format!(
+                        "agents {} share uid {uid}, and `{}` has no token, so any of them could claim its name and its agent:{} grants; give each agent sharing a uid a token (or {}), or run each as its own uid",
+                        names.join(", "),
+                        a.name,
+                        a.name,
+                        agent_token_env(&a.name)
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Grants written in the config file.
@@ -743,6 +896,9 @@ mod tests {
         let text = include_str!("../config.example.toml");
         let c = parse_ok(text);
         assert!(c.agents.iter().any(|a| a.name == "cli"));
+        // The quick start runs everything as one uid: only the demo switch allows it.
+        assert!(c.admin.single_user_demo);
+        c.check_uids(nix::unistd::getuid().as_raw()).unwrap();
         assert!(c.users.iter().any(|u| u.id == "42"));
         assert!(!c.content.raise_risk_on_flags && c.content.deny_on_flags.is_empty());
         let grants = c.config_grants().unwrap();
@@ -820,12 +976,91 @@ mod tests {
     }
 
     #[test]
+    fn agents_may_not_run_as_the_server_or_an_admin_without_the_demo_switch() {
+        // Empty agent uids mean the server's uid: refused, naming the agent.
+        let e = parse_ok("[[agents]]\nname = \"a\"")
+            .check_uids(1000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("agents[0].uids") && e.contains("`a`") && e.contains("uid 1000"),
+            "{e}"
+        );
+        assert!(e.contains("single_user_demo"), "{e}");
+        // An agent uid that is the server's uid, written out.
+        let e = parse_ok("[[agents]]\nname = \"a\"\nuids = [1000]")
+            .check_uids(1000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("uid 1000"), "{e}");
+        // An agent uid that is an admin uid.
+        let e = parse_ok("[admin]\nuids = [1001]\n[[agents]]\nname = \"a\"\nuids = [1001]")
+            .check_uids(1000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin uid") && e.contains("1001"), "{e}");
+        // Empty admin.uids means the server's uid; an agent on its own uid is fine.
+        parse_ok("[[agents]]\nname = \"a\"\nuids = [2000]")
+            .check_uids(1000)
+            .unwrap();
+        parse_ok("[admin]\nuids = [1001]\n[[agents]]\nname = \"a\"\nuids = [2000]")
+            .check_uids(1000)
+            .unwrap();
+        // The switch allows it.
+        parse_ok("[admin]\nsingle_user_demo = true\n[[agents]]\nname = \"a\"")
+            .check_uids(1000)
+            .unwrap();
+    }
+
+    #[test]
+    fn agents_sharing_a_uid_each_need_a_token() {
+        let two = "[[agents]]\nname = \"a\"\nuids = [2000]\n[[agents]]\nname = \"b\"\nuids = [2000, 2001]\n";
+        let e = parse_ok(two).check_uids(1000).unwrap_err().to_string();
+        assert!(
+            e.contains("agents[0].token") && e.contains("share uid 2000"),
+            "{e}"
+        );
+        assert!(e.contains("KEYTURN_AGENT_A_TOKEN"), "{e}");
+        // One token is not enough: the other name can still be claimed.
+        let one = two.replacen("uids = [2000]\n", "uids = [2000]\ntoken = \"t\"\n", 1);
+        let e = parse_ok(&one).check_uids(1000).unwrap_err().to_string();
+        assert!(e.contains("agents[1].token"), "{e}");
+        // Both: fine; a token from the environment counts.
+        let mut c = parse_ok(&one);
+        c.apply_env(|k| (k == "KEYTURN_AGENT_B_TOKEN").then(|| "u".to_string()));
+        c.check_uids(1000).unwrap();
+        // Different uids need no tokens.
+        parse_ok(
+            "[[agents]]\nname = \"a\"\nuids = [2000]\n[[agents]]\nname = \"b\"\nuids = [2001]",
+        )
+        .check_uids(1000)
+        .unwrap();
+    }
+
+    #[test]
+    fn the_admin_socket_is_validated_like_the_agent_socket() {
+        assert_eq!(
+            parse_ok("").admin.socket_path,
+            PathBuf::from("keyturn-admin.sock")
+        );
+        assert!(err("[admin]\nsocket_mode = \"0666\"").contains("admin.socket_mode"));
+        assert!(err("[admin]\nsocket_mode = \"0660\"").contains("admin.socket_group"));
+        parse_ok("[admin]\nsocket_mode = \"0660\"\nsocket_group = \"admins\"");
+        assert!(err("[admin]\nsocket_path = \"keyturn.sock\"").contains("admin.socket_path"));
+        assert!(err("[admin]\nsocket_path = \"\"").contains("admin.socket_path"));
+    }
+
+    #[test]
     fn relative_paths_follow_the_config_file() {
         let mut c =
             Config::parse("[store]\nurl = \"sqlite://k.db\"\n[server]\nsocket_path = \"k.sock\"")
                 .unwrap();
         c.resolve_paths(Path::new("/etc/keyturn"));
         assert_eq!(c.store.url, "sqlite:///etc/keyturn/k.db");
+        assert_eq!(
+            c.admin.socket_path,
+            PathBuf::from("/etc/keyturn/keyturn-admin.sock")
+        );
         assert_eq!(c.server.socket_path, PathBuf::from("/etc/keyturn/k.sock"));
     }
 }

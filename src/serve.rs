@@ -1,5 +1,5 @@
-//! `keyturn serve`: wire the store, the gateway, the scheduler and the
-//! socket together, and shut them down in order.
+//! `keyturn serve`: wire the store, the gateway, the scheduler and the two
+//! sockets (agent and admin) together, and shut them down in order.
 
 use crate::app::{retention, scheduler, Gateway};
 use crate::config::Config;
@@ -23,6 +23,13 @@ pub async fn run_until(
     stop: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> anyhow::Result<()> {
+    let uid = nix::unistd::getuid().as_raw();
+    // Before anything is opened: a config where agents would be admins (or
+    // could open the database) does not start.
+    cfg.check_uids(uid)?;
+    if cfg.admin.single_user_demo {
+        tracing::warn!("{}", crate::config::SINGLE_USER_DEMO_WARNING);
+    }
     let cfg = Arc::new(cfg);
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(
@@ -33,7 +40,6 @@ pub async fn run_until(
         .await
         .with_context(|| format!("while opening the store {}", cfg.store.url))?,
     );
-    let uid = nix::unistd::getuid().as_raw();
     let (gw, deadlines) = Gateway::new(cfg.clone(), store.clone(), uid)
         .await
         .context("while loading the policy")?;
@@ -52,31 +58,53 @@ pub async fn run_until(
 
     let opts = SocketOptions {
         path: cfg.server.socket_path.clone(),
+        admin: false,
         mode: cfg.socket_mode()?,
         group: cfg.server.socket_group.clone(),
         max_connections: cfg.server.max_connections,
         max_line_bytes: cfg.server.max_line_bytes,
         max_inflight: cfg.server.max_inflight_per_connection,
     };
-    let listener = server::bind(&opts).await?;
+    let admin_opts = SocketOptions {
+        path: cfg.admin.socket_path.clone(),
+        admin: true,
+        mode: cfg.admin_socket_mode()?,
+        group: cfg.admin.socket_group.clone(),
+        max_connections: cfg.server.max_connections,
+        max_line_bytes: cfg.server.max_line_bytes,
+        max_inflight: cfg.server.max_inflight_per_connection,
+    };
+    let admin_listener = server::bind(&admin_opts).await?;
+    let listener = match server::bind(&opts).await {
+        Ok(l) => l,
+        Err(e) => {
+            // Leave nothing behind.
+            drop(admin_listener);
+            let _ = std::fs::remove_file(&admin_opts.path);
+            return Err(e.into());
+        }
+    };
 
     let sched = tokio::spawn(scheduler::run(gw.clone(), deadlines, stop.clone()));
     let retention = tokio::spawn(retention::run(gw.clone(), stop.clone()));
 
-    tracing::info!(socket = %opts.path.display(), store = %cfg.store.url, "keyturn is ready");
+    tracing::info!(
+        socket = %opts.path.display(),
+        admin_socket = %admin_opts.path.display(),
+        store = %cfg.store.url,
+        "keyturn is ready"
+    );
     // A line on stdout that scripts and tests can wait for.
     println!("keyturn: listening on {}", opts.path.display());
     if let Some(r) = ready {
         let _ = r.send(());
     }
 
-    server::serve(
-        listener,
-        opts,
-        Arc::new(Handler::new(gw.clone())),
-        stop.clone(),
-    )
-    .await;
+    let handler = Arc::new(Handler::new(gw.clone()));
+    tokio::join!(
+        server::serve(listener, opts, handler.clone(), stop.clone()),
+        server::serve(admin_listener, admin_opts, handler, stop.clone()),
+    );
     stop.cancel();
     let _ = sched.await;
     let _ = retention.await;

@@ -32,6 +32,7 @@ fn request(n: u128, deadline_ms: i64) -> ApprovalRequest {
         decided_who: None,
         decided_reason: None,
         decided_ms: None,
+        requester_uid: None,
     }
 }
 

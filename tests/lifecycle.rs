@@ -259,3 +259,50 @@ async fn audit_chain_detects_edits_deletes_and_a_truncated_tail() {
 
     assert_eq!(verify(&url).await, Ok(10));
 }
+
+#[tokio::test]
+async fn the_requester_uid_and_agent_may_not_vote_on_their_own_request() {
+    for (extra, allowed) in [
+        ("", false),
+        ("[admin]\nallow_self_approval = true\n", true),
+        ("[admin]\nsingle_user_demo = true\n", true),
+    ] {
+        let e = env(extra).await;
+        let mut s = sub("drop_database", Some("42"));
+        s.requester_uid = Some(1000);
+        let r = e.gw.submit("bot", s).await.unwrap();
+        assert_eq!(r.requester_uid, Some(1000));
+        // Stored, not only in memory.
+        assert_eq!(
+            e.store
+                .get_request(r.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .requester_uid,
+            Some(1000)
+        );
+        if allowed {
+            let v =
+                e.gw.vote(r.id, "uid:1000", None, true, None, true)
+                    .await
+                    .unwrap();
+            assert_eq!(v.request.state, State::Approved, "{extra}");
+            continue;
+        }
+        for (voter, approve) in [("uid:1000", true), ("uid:1000", false), ("agent:bot", true)] {
+            let err =
+                e.gw.vote(r.id, voter, None, approve, None, true)
+                    .await
+                    .unwrap_err();
+            assert!(matches!(err, AppError::SelfApproval(_)), "{voter}: {err}");
+            assert_eq!(err.code(), "self_approval");
+        }
+        // Another uid decides as usual.
+        let v =
+            e.gw.vote(r.id, "uid:1001", None, true, None, true)
+                .await
+                .unwrap();
+        assert_eq!(v.request.state, State::Approved);
+    }
+}

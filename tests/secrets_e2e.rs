@@ -167,6 +167,9 @@ fn write_config(dir: &Path, db: &str) -> PathBuf {
 socket_path = "k.sock"
 [store]
 url = "sqlite://{db}"
+[admin]
+# The agent and the admin are this test's one uid.
+single_user_demo = true
 [[agents]]
 name = "cli"
 [[tools]]

@@ -361,7 +361,7 @@ async fn a_peer_whose_uid_is_not_configured_is_refused() {
 #[tokio::test]
 async fn admin_methods_are_refused_to_non_admins() {
     let s = Server::start("[admin]\nuids = [4000000001]\n");
-    let mut c = s.client().await;
+    let mut c = s.agent_client().await;
     for (method, params) in [
         ("pending", json!({})),
         ("approve", json!({"id": uuid::Uuid::new_v4().to_string()})),
@@ -594,8 +594,8 @@ async fn connections_beyond_the_limit_are_refused_with_a_reason() {
     let text = support::server::base_config(dir.path(), "")
         .replace("[server]\n", "[server]\nmax_connections = 2\n");
     let s = Server::start_in(dir, &text);
-    let mut a = s.client().await;
-    let mut b = s.client().await;
+    let mut a = s.agent_client().await;
+    let mut b = s.agent_client().await;
     // Both are served (a round trip proves they hold their slots).
     a.call("ping", json!({})).await.unwrap();
     b.call("ping", json!({})).await.unwrap();
@@ -606,7 +606,7 @@ async fn connections_beyond_the_limit_are_refused_with_a_reason() {
     // A freed slot is reusable: retry until the server has noticed the close.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let mut c = s.client().await;
+        let mut c = s.agent_client().await;
         match c.call("ping", json!({})).await {
             Ok(_) => break,
             Err(_) if std::time::Instant::now() < deadline => tokio::task::yield_now().await,

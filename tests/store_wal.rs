@@ -36,6 +36,7 @@ fn allowed(args: serde_json::Value) -> ApprovalRequest {
         decided_who: None,
         decided_reason: None,
         decided_ms: None,
+        requester_uid: None,
     }
 }
 

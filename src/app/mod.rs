@@ -49,6 +49,8 @@ pub enum AppError {
     AlreadyVoted(String),
     #[error("this operation is for admins only")]
     NotAdmin,
+    #[error("{0} made this request, so it may not vote on it ([admin] allow_self_approval)")]
+    SelfApproval(String),
     #[error("this is a critical request: only an admin may decide it")]
     AdminOnly,
     #[error("agent `{0}` is not allowed to connect from uid {1}")]
@@ -72,6 +74,7 @@ impl AppError {
             AppError::AlreadyDecided(_) => "already_decided",
             AppError::AlreadyVoted(_) => "already_voted",
             AppError::NotAdmin => "not_admin",
+            AppError::SelfApproval(_) => "self_approval",
             AppError::AdminOnly => "admin_only",
             AppError::AgentRefused(..) => "agent_refused",
             AppError::NotYourRequest(_) => "not_your_request",
@@ -102,6 +105,10 @@ pub struct Submission {
     pub timeout_secs: Option<u64>,
     /// Nobody is watching: deny at once instead of asking a human.
     pub unattended: bool,
+    /// The Unix uid the call came from (set by the socket from SO_PEERCRED,
+    /// never from what the agent sends): that uid may not vote on it.
+    #[serde(skip)]
+    pub requester_uid: Option<u32>,
 }
 
 /// A change that surfaces (the Discord bot) follow.
@@ -465,6 +472,7 @@ impl Gateway {
             decided_who: None,
             decided_reason: None,
             decided_ms: None,
+            requester_uid: s.requester_uid,
         };
         let mut reservation = None;
         match &verdict {
@@ -577,7 +585,13 @@ impl Gateway {
     }
 
     /// Records a person's vote. `is_admin` says whether the voter may decide
-    /// critical requests.
+    /// critical requests. `voter` is a stable identity (`uid:N`,
+    /// `discord:ID`); `name` is only shown beside it, cleaned so it cannot
+    /// imitate one.
+    ///
+    /// The uid that made a request (and its agent) may not vote on it,
+    /// unless `[admin] allow_self_approval` or `single_user_demo` is set:
+    /// checked here so every surface gets the rule.
     pub async fn vote(
         &self,
         id: RequestId,
@@ -591,6 +605,16 @@ impl Gateway {
         if r.admin_only && !is_admin {
             return Err(AppError::AdminOnly);
         }
+        let own = r.requester_uid.is_some_and(|u| voter == format!("uid:{u}"))
+            || voter == format!("agent:{}", r.agent);
+        let admin = &self.cfg.admin;
+        if own && !(admin.allow_self_approval || admin.single_user_demo) {
+            tracing::warn!(request.id = %id, voter = %voter, "vote by the requester refused");
+            return Err(AppError::SelfApproval(voter.to_string()));
+        }
+        let name = name
+            .map(|n| crate::domain::request::clean_display_name(&n))
+            .filter(|n| !n.is_empty());
         let reason = reason
             .filter(|r| !r.trim().is_empty())
             .map(|r| self.redactor.redact_text(&r).0);

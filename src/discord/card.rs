@@ -518,6 +518,7 @@ mod tests {
             decided_who: None,
             decided_reason: None,
             decided_ms: None,
+            requester_uid: None,
         }
     }
 

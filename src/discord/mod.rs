@@ -585,6 +585,9 @@ impl Handler {
                 "This is a critical request: only a Keyturn admin may decide it.".into()
             }
             Err(AppError::AlreadyVoted(_)) => "You have already voted on this request.".into(),
+            Err(AppError::SelfApproval(_)) => {
+                "You made this request, so you may not vote on it.".into()
+            }
             Err(AppError::NotFound(_)) => "Keyturn has no such request.".into(),
             Err(e) => {
                 tracing::error!(request.id = %id, error = %e, "vote failed");

@@ -443,7 +443,7 @@ pub mod events {
                 "tool": r.tool, "args": r.args, "args_hash": r.args_hash,
                 "user_id": r.user_id, "channel_id": r.channel_id,
                 "justification": r.justification, "task_id": r.task_id,
-                "risk": r.risk, "flags": r.flags,
+                "risk": r.risk, "flags": r.flags, "requester_uid": r.requester_uid,
             }),
         }
     }

@@ -150,6 +150,10 @@ pub struct ApprovalRequest {
     pub decided_who: Option<String>,
     pub decided_reason: Option<String>,
     pub decided_ms: Option<i64>,
+    /// The Unix uid the request came from (SO_PEERCRED): that uid may not
+    /// vote on it. `None` for requests stored before this was recorded.
+    #[serde(default)]
+    pub requester_uid: Option<u32>,
 }
 
 /// One person's vote on a pending request.
@@ -290,13 +294,60 @@ pub fn time_out(req: &ApprovalRequest, now_ms: i64) -> Result<Resolution, Transi
 }
 
 impl Vote {
-    /// `alice (uid:1000)`, or the bare identity when there is no name.
+    /// `alice (uid:1000)`, or the bare identity when there is no name. The
+    /// name is cleaned ([`clean_display_name`]) so it can never carry
+    /// parentheses, commas or colons: `alice (uid:0)` cannot read as uid 0,
+    /// nor `a, bob (uid:2)` as a second approver.
     pub fn display(&self) -> String {
-        match &self.name {
-            Some(n) if !n.is_empty() && n != &self.voter => format!("{n} ({})", self.voter),
+        match self.name.as_deref().map(clean_display_name) {
+            Some(n) if !n.is_empty() && n != self.voter => format!("{n} ({})", self.voter),
             _ => self.voter.clone(),
         }
     }
+}
+
+/// The longest display name kept, in characters.
+pub const MAX_DISPLAY_NAME: usize = 64;
+
+/// Whether `c` may appear in a display name: letters, digits, spaces and
+/// `_-.'`. Nothing that can open a parenthesis, separate approvers (`,`) or
+/// imitate an identity (`uid:N`, `discord:N`), and no control characters.
+fn name_char_ok(c: char) -> bool {
+    c.is_alphanumeric() || " _-.'".contains(c)
+}
+
+/// A display name reduced to the characters it may have, spaces collapsed,
+/// at most [`MAX_DISPLAY_NAME`] characters.
+pub fn clean_display_name(raw: &str) -> String {
+    let kept: String = raw.chars().filter(|c| name_char_ok(*c)).collect();
+    kept.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(MAX_DISPLAY_NAME)
+        .collect()
+}
+
+/// Checks an operator's name as typed (`keyturn approve --as NAME`):
+/// refused, not silently changed, when it has anything
+/// [`clean_display_name`] would drop. Empty means no name.
+pub fn check_display_name(raw: &str) -> Result<Option<String>, String> {
+    let trimmed = raw.trim();
+    if trimmed.is_empty() {
+        return Ok(None);
+    }
+    if let Some(bad) = trimmed.chars().find(|c| !name_char_ok(*c)) {
+        return Err(format!(
+            "the operator name may contain only letters, digits, spaces and `_-.'` (found {:?}); it is shown beside your uid, never instead of it",
+            bad
+        ));
+    }
+    if trimmed.chars().count() > MAX_DISPLAY_NAME {
+        return Err(format!(
+            "the operator name is longer than {MAX_DISPLAY_NAME} characters"
+        ));
+    }
+    Ok(Some(clean_display_name(trimmed)))
 }
 
 impl ApprovalRequest {
@@ -339,6 +390,7 @@ pub(crate) mod tests {
             decided_who: None,
             decided_reason: None,
             decided_ms: None,
+            requester_uid: None,
         }
     }
 
@@ -466,5 +518,37 @@ pub(crate) mod tests {
         ] {
             assert_eq!(s.as_str().parse::<State>().unwrap(), s);
         }
+    }
+
+    #[test]
+    fn a_display_name_cannot_imitate_an_identity() {
+        // Refused as typed.
+        for bad in [
+            "alice (uid:1000)",
+            "uid:0",
+            "a, bob (uid:2)",
+            "x\u{202e}y",
+            "tab\there",
+            "full\u{ff08}width\u{ff09}",
+        ] {
+            assert!(check_display_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            check_display_name("  José O'Neil ").unwrap().as_deref(),
+            Some("José O'Neil")
+        );
+        assert_eq!(check_display_name("").unwrap(), None);
+        assert!(check_display_name(&"a".repeat(MAX_DISPLAY_NAME + 1)).is_err());
+        assert!(check_display_name(&"a".repeat(MAX_DISPLAY_NAME)).is_ok());
+        // Whatever reached the store is cleaned when shown.
+        let v = Vote {
+            voter: "uid:1001".into(),
+            name: Some("alice (uid:1000), bob\n".into()),
+            approve: true,
+            reason: None,
+            at_ms: 0,
+        };
+        assert_eq!(v.display(), "alice uid1000 bob (uid:1001)");
+        assert_eq!(v.display().matches("uid:").count(), 1);
     }
 }

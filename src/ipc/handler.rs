@@ -1,5 +1,10 @@
 //! One JSON-RPC line in, one response line out. No sockets here: the server
-//! passes the peer's uid, and tests can drive this directly.
+//! passes the peer's uid and which socket it came through, and tests can
+//! drive this directly.
+//!
+//! Admin methods ([`ADMIN_METHODS`]) are served only on the admin socket,
+//! whatever the peer's uid: an agent connection can never approve, grant or
+//! read the audit log, even when it runs as an admin uid.
 
 use super::protocol::{reply, response, DecisionView, RpcError};
 use crate::app::{AppError, Gateway, Submission};
@@ -12,11 +17,15 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Who is on the other end of a connection (from SO_PEERCRED).
+/// Who is on the other end of a connection (from SO_PEERCRED), and which
+/// socket it connected to.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer {
     pub uid: u32,
     pub pid: Option<i32>,
+    /// Connected to the admin socket (`[admin] socket_path`), which only
+    /// admin uids may reach; false for the agent socket.
+    pub admin_socket: bool,
 }
 
 pub struct Handler {
@@ -83,6 +92,8 @@ impl SubmitParams {
                 cost: self.cost,
                 timeout_secs: self.timeout_secs,
                 unattended: self.unattended,
+                // Set by the socket from SO_PEERCRED, never from the params.
+                requester_uid: None,
             },
         )
     }
@@ -124,7 +135,8 @@ struct PruneParams {
 struct DecideParams {
     id: String,
     reason: Option<String>,
-    /// The operator's name, shown beside their uid.
+    /// The operator's name, shown beside their uid (letters, digits,
+    /// spaces and `_-.'` only, so it cannot imitate a uid).
     operator: Option<String>,
 }
 
@@ -278,29 +290,35 @@ impl Handler {
 
     async fn dispatch(&self, peer: Peer, method: &str, p: Value) -> Result<Out, RpcError> {
         let gw = &self.gw;
-        let admin = gw.is_admin_uid(peer.uid);
+        // Admin rights come with the admin socket (and its uid check), never
+        // with a uid alone: agent connections are never admins.
+        let admin = peer.admin_socket && gw.is_admin_uid(peer.uid);
         if ADMIN_METHODS.contains(&method) && !admin {
+            if !peer.admin_socket {
+                return Err(RpcError::new(
+                    "not_admin",
+                    format!(
+                        "`{method}` is an admin method and is served only on the admin socket ([admin] socket_path; the CLI finds it with --config or --admin-socket), not on the agent socket"
+                    ),
+                ));
+            }
             return Err(AppError::NotAdmin.into());
         }
-        let actor = |operator: &Option<String>| {
-            let name: String = operator
-                .as_deref()
-                .unwrap_or("")
-                .chars()
-                .filter(|c| !c.is_control())
-                .take(64)
-                .collect();
-            (
-                format!("uid:{}", peer.uid),
-                (!name.is_empty()).then_some(name),
-            )
+        let actor = |operator: &Option<String>| -> Result<(String, Option<String>), RpcError> {
+            let name = match operator.as_deref() {
+                Some(raw) => crate::domain::request::check_display_name(raw)
+                    .map_err(|m| RpcError::new("invalid_params", m))?,
+                None => None,
+            };
+            Ok((format!("uid:{}", peer.uid), name))
         };
         let who = format!("uid:{}", peer.uid);
         let value = match method {
             "ping" => Ok(json!({"pong": true, "admin": admin})),
             "submit" => {
-                let (agent, token, wait, sub) = params::<SubmitParams>(p)?.split();
+                let (agent, token, wait, mut sub) = params::<SubmitParams>(p)?.split();
                 gw.authenticate_agent(&agent, token.as_deref(), peer.uid)?;
+                sub.requester_uid = Some(peer.uid);
                 let r = gw.submit(&agent, sub).await?;
                 let r = if wait && !r.state.is_terminal() {
                     gw.wait(r.id, Some(&agent), None).await?
@@ -363,7 +381,7 @@ impl Handler {
             "approve" | "deny" => {
                 let q: DecideParams = params(p)?;
                 let id = parse_id(&q.id)?;
-                let (voter, name) = actor(&q.operator);
+                let (voter, name) = actor(&q.operator)?;
                 let v = gw
                     .vote(id, &voter, name, method == "approve", q.reason, true)
                     .await?;

@@ -30,9 +30,8 @@ pub fn numeric_code(name: &str) -> i64 {
         "line_too_long" => codes::LINE_TOO_LONG,
         "not_found" => codes::NOT_FOUND,
         "already_decided" | "already_voted" | "pairing_refused" => codes::CONFLICT,
-        "not_admin" | "admin_only" | "agent_refused" | "not_your_request" | "peer_refused" => {
-            codes::FORBIDDEN
-        }
+        "not_admin" | "admin_only" | "agent_refused" | "not_your_request" | "peer_refused"
+        | "self_approval" => codes::FORBIDDEN,
         "too_many_pending" | "too_many_connections" | "too_many_inflight" => codes::LIMIT,
         _ => codes::INTERNAL,
     }

@@ -32,6 +32,9 @@ pub enum BindError {
 
 pub struct SocketOptions {
     pub path: PathBuf,
+    /// The admin socket: only admin uids may connect, and only here are
+    /// admin methods served.
+    pub admin: bool,
     pub mode: u32,
     pub group: Option<String>,
     pub max_connections: usize,
@@ -107,9 +110,9 @@ pub async fn serve(
         };
         let handler = handler.clone();
         let stop = stop.clone();
-        let (max_line, max_inflight) = (opts.max_line_bytes, opts.max_inflight);
+        let (max_line, max_inflight, admin) = (opts.max_line_bytes, opts.max_inflight, opts.admin);
         tracker.spawn(async move {
-            connection(stream, handler, max_line, max_inflight, stop).await;
+            connection(stream, handler, admin, max_line, max_inflight, stop).await;
             drop(permit);
         });
     }
@@ -131,6 +134,7 @@ async fn refuse(stream: UnixStream, code: &str, message: String) {
 async fn connection(
     stream: UnixStream,
     handler: Arc<Handler>,
+    admin_socket: bool,
     max_line: usize,
     max_inflight: usize,
     stop: CancellationToken,
@@ -139,13 +143,30 @@ async fn connection(
         Ok(c) => Peer {
             uid: c.uid(),
             pid: c.pid(),
+            admin_socket,
         },
         Err(e) => {
             tracing::warn!(error = %e, "no peer credentials; refusing");
             return;
         }
     };
-    if !handler.gateway().uid_may_connect(peer.uid) {
+    if admin_socket && !handler.gateway().is_admin_uid(peer.uid) {
+        tracing::warn!(
+            peer.uid = peer.uid,
+            "admin socket connection from a uid that is not an admin"
+        );
+        refuse(
+            stream,
+            "not_admin",
+            format!(
+                "uid {} may not use the admin socket (not in admin.uids)",
+                peer.uid
+            ),
+        )
+        .await;
+        return;
+    }
+    if !admin_socket && !handler.gateway().uid_may_connect(peer.uid) {
         tracing::warn!(
             peer.uid = peer.uid,
             "connection from a uid that is neither an agent nor an admin"

@@ -1,6 +1,9 @@
 //! A real `keyturn serve` on a temp socket and database, and the admin side
-//! of the socket (approve, deny) as a human would use it. Waiting is
+//! (approve, deny, on the admin socket) as a human would use it. Waiting is
 //! event-driven: the server's log lines are read as they are written.
+//!
+//! The tests run agents and admin as one uid, so every config here sets
+//! `[admin] single_user_demo = true` unless the test's TOML sets it itself.
 #![allow(dead_code)]
 
 use serde_json::{json, Value};
@@ -42,9 +45,55 @@ effect = "allow"
 pub struct Server {
     child: Child,
     pub dir: tempfile::TempDir,
+    /// The agent socket.
     pub socket: PathBuf,
+    /// The admin socket (admin methods are served only here).
+    pub admin_socket: PathBuf,
     pub config: PathBuf,
     log: Receiver<String>,
+}
+
+/// Methods served only on the admin socket (as in `src/ipc/handler.rs`).
+pub const ADMIN_METHODS: &[&str] = &[
+    "stats",
+    "pending",
+    "approve",
+    "deny",
+    "grant",
+    "revoke",
+    "tools.list",
+    "tools.effective",
+    "tools.risk",
+    "tools.risks",
+    "pairing.list",
+    "pairing.request",
+    "pairing.approve",
+    "pairing.add",
+    "pairing.revoke",
+    "audit.tail",
+    "audit.export",
+    "audit.verify",
+    "audit.prune",
+];
+
+/// `toml` with `[admin] single_user_demo = true` added, unless it already
+/// says `single_user_demo` (tests of the refusal set it to false).
+pub fn with_demo(toml: &str) -> String {
+    if toml.contains("single_user_demo") {
+        return toml.to_string();
+    }
+    if toml.contains("[admin]\n") {
+        toml.replacen("[admin]\n", "[admin]\nsingle_user_demo = true\n", 1)
+    } else {
+        format!("{toml}\n[admin]\nsingle_user_demo = true\n")
+    }
+}
+
+/// Whether a call goes to the admin socket: admin methods, and agent
+/// methods without an `agent` (an admin acting on any request).
+pub fn is_admin_call(method: &str, params: &Value) -> bool {
+    ADMIN_METHODS.contains(&method)
+        || (method != "ping" && params.get("agent").is_none_or(Value::is_null))
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -68,12 +117,13 @@ impl Server {
     pub fn start(extra_toml: &str) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("k.sock");
+        let admin_socket = dir.path().join("keyturn-admin.sock");
         let config = dir.path().join("config.toml");
-        let toml = format!(
+        let toml = with_demo(&format!(
             "[server]\nsocket_path = \"{}\"\n\n[store]\nurl = \"sqlite://{}\"\n\n{BASE}\n{extra_toml}\n",
             socket.display(),
             dir.path().join("k.db").display()
-        );
+        ));
         std::fs::write(&config, toml).expect("write config");
         let mut child = Command::new(BIN)
             .args(["serve", "--config"])
@@ -103,6 +153,7 @@ impl Server {
             child,
             dir,
             socket,
+            admin_socket,
             config,
             log,
         };
@@ -144,9 +195,35 @@ impl Server {
             .to_string()
     }
 
-    /// One call on a fresh connection, as the server's own uid (an admin).
+    /// One call on a fresh connection, as the server's own uid: admin calls
+    /// ([`is_admin_call`]) on the admin socket, the rest on the agent socket.
     pub fn rpc(&self, method: &str, params: Value) -> Result<Value, Value> {
-        let mut s = UnixStream::connect(&self.socket).expect("connect");
+        let socket = if is_admin_call(method, &params) {
+            &self.admin_socket
+        } else {
+            &self.socket
+        };
+        self.rpc_on(socket, method, params)
+    }
+
+    /// One call on a fresh connection to the agent socket.
+    pub fn agent_rpc(&self, method: &str, params: Value) -> Result<Value, Value> {
+        self.rpc_on(&self.socket, method, params)
+    }
+
+    /// One call on a fresh connection to the admin socket.
+    pub fn admin_rpc(&self, method: &str, params: Value) -> Result<Value, Value> {
+        self.rpc_on(&self.admin_socket, method, params)
+    }
+
+    /// One call on a fresh connection to `socket`.
+    pub fn rpc_on(
+        &self,
+        socket: &std::path::Path,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, Value> {
+        let mut s = UnixStream::connect(socket).expect("connect");
         let line = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
         writeln!(s, "{line}").expect("write");
         let mut r = BufReader::new(s);

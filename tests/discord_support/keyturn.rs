@@ -1,5 +1,7 @@
 //! Spawning the real `keyturn` binary against a temp directory (config,
-//! socket, database) and talking to it as an agent or admin over its socket.
+//! sockets, database) and talking to it as an agent (agent socket) or admin
+//! (admin socket). Agents and admin are this one uid, so the config sets
+//! `[admin] single_user_demo = true`.
 #![allow(dead_code)]
 
 use keyturn::ipc::client::Client;
@@ -24,6 +26,10 @@ socket_path = "k.sock"
 
 [store]
 url = "sqlite://k.db"
+
+[admin]
+# Agents and admin are the test's one uid.
+single_user_demo = true
 
 [risk.high]
 timeout = "30s"
@@ -75,7 +81,10 @@ ping_admins = true
 pub struct Server {
     pub child: Child,
     pub dir: PathBuf,
+    /// The agent socket.
     pub socket: PathBuf,
+    /// The admin socket (the default `[admin] socket_path`).
+    pub admin_socket: PathBuf,
 }
 
 /// Why `serve` did not come up: its exit status and log.
@@ -136,6 +145,7 @@ pub async fn spawn(dir: &Path, config: &str) -> Result<Server, StartFailure> {
         child,
         dir: dir.to_path_buf(),
         socket: dir.join("k.sock"),
+        admin_socket: dir.join("keyturn-admin.sock"),
     })
 }
 
@@ -144,17 +154,25 @@ pub fn read_log(dir: &Path) -> String {
 }
 
 impl Server {
+    /// A connection to the admin socket, which serves every method to an admin.
     pub async fn client(&self) -> Client {
+        Client::connect(&self.admin_socket).await.expect("connect")
+    }
+
+    /// A connection to the agent socket (agent methods only).
+    pub async fn agent_client(&self) -> Client {
         Client::connect(&self.socket).await.expect("connect")
     }
 
-    /// One call on a fresh connection.
+    /// One call on a fresh connection: `submit` and `check` as the agent
+    /// (agent socket), everything else as an admin (admin socket).
     pub async fn call(&self, method: &str, params: Value) -> Result<Value, String> {
-        self.client()
-            .await
-            .call(method, params)
-            .await
-            .map_err(|e| e.to_string())
+        let mut c = if matches!(method, "submit" | "check" | "ping") {
+            self.agent_client().await
+        } else {
+            self.client().await
+        };
+        c.call(method, params).await.map_err(|e| e.to_string())
     }
 
     /// Submits as the test agent and blocks until decided, in the background.

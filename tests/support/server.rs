@@ -1,5 +1,11 @@
 //! Spawns the real `keyturn serve` binary on a temporary socket and database,
 //! and talks to it as a client.
+//!
+//! Agents and admin are this one uid, so [`base_config`] sets `[admin]
+//! single_user_demo = true` (unless `extra` says `single_user_demo` itself).
+//! [`Server::client`] connects to the admin socket, which serves every method
+//! to an admin; [`Server::agent_client`] to the agent socket, which refuses
+//! admin methods.
 
 use keyturn::ipc::client::{Client, ClientError};
 use serde_json::{json, Value};
@@ -11,10 +17,24 @@ use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_keyturn");
 
+/// `toml` with `[admin] single_user_demo = true` added, unless it already
+/// says `single_user_demo` (tests of the refusal set it to false).
+pub fn with_demo(toml: &str) -> String {
+    if toml.contains("single_user_demo") {
+        return toml.to_string();
+    }
+    if toml.contains("[admin]\n") {
+        toml.replacen("[admin]\n", "[admin]\nsingle_user_demo = true\n", 1)
+    } else {
+        format!("{toml}\n[admin]\nsingle_user_demo = true\n")
+    }
+}
+
 /// A config that makes agent `bot` (this uid) and admin (this uid) work,
-/// with a few tools at each risk level. `extra` is appended verbatim.
+/// with a few tools at each risk level. `extra` is appended verbatim, then
+/// the single-user demo switch ([`with_demo`]).
 pub fn base_config(dir: &Path, extra: &str) -> String {
-    format!(
+    with_demo(&format!(
         r#"
 [server]
 socket_path = "{sock}"
@@ -54,7 +74,7 @@ tool = "*"
 "#,
         sock = dir.join("k.sock").display(),
         db = dir.join("k.db").display(),
-    )
+    ))
 }
 
 pub struct Server {
@@ -85,11 +105,25 @@ impl Server {
         }
     }
 
+    /// The agent socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("k.sock")
     }
 
+    /// The admin socket (the default `[admin] socket_path`, next to the config).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("keyturn-admin.sock")
+    }
+
+    /// A connection to the admin socket: every method, as an admin.
     pub async fn client(&self) -> Client {
+        Client::connect(&self.admin_socket())
+            .await
+            .expect("connect")
+    }
+
+    /// A connection to the agent socket: agent methods only.
+    pub async fn agent_client(&self) -> Client {
         Client::connect(&self.socket()).await.expect("connect")
     }
 
@@ -111,6 +145,7 @@ impl Server {
             .arg("--config")
             .arg(&self.config)
             .env_remove("KEYTURN_SOCKET")
+            .env_remove("KEYTURN_ADMIN_SOCKET")
             .output()
             .expect("run cli")
     }

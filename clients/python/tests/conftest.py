@@ -27,6 +27,11 @@ socket_path = "{sock}"
 [store]
 url = "sqlite://{db}"
 
+[admin]
+socket_path = "{admin_sock}"
+# Agents and admin are the test's one uid.
+single_user_demo = true
+
 [[agents]]
 name = "py"
 
@@ -63,8 +68,9 @@ def keyturn_bin():
 class Server:
     def __init__(self, tmp):
         self.sock = str(tmp / "k.sock")
+        self.admin_sock = str(tmp / "k-admin.sock")
         cfg = tmp / "config.toml"
-        cfg.write_text(CONFIG.format(sock=self.sock, db=tmp / "k.db"))
+        cfg.write_text(CONFIG.format(sock=self.sock, admin_sock=self.admin_sock, db=tmp / "k.db"))
         env = dict(os.environ, KEYTURN_LOG="keyturn=info", NO_COLOR="1")
         self.proc = subprocess.Popen(
             [keyturn_bin(), "serve", "--config", str(cfg)],
@@ -104,8 +110,9 @@ class Server:
         return re.search(r"request\.id=(\S+)", line).group(1)
 
     def admin(self, method, params):
+        """One call on the admin socket (admin methods are served only there)."""
         s = socket.socket(socket.AF_UNIX)
-        s.connect(self.sock)
+        s.connect(self.admin_sock)
         s.sendall((json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}) + "\n").encode())
         msg = json.loads(s.makefile().readline())
         s.close()

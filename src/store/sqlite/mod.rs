@@ -152,6 +152,7 @@ pub(super) struct RequestRow {
     pub(super) decided_who: Option<String>,
     pub(super) decided_reason: Option<String>,
     pub(super) decided_ms: Option<i64>,
+    pub(super) requester_uid: Option<i64>,
 }
 
 fn corrupt(what: String) -> StoreError {
@@ -193,6 +194,13 @@ impl RequestRow {
             decided_who: self.decided_who,
             decided_reason: self.decided_reason,
             decided_ms: self.decided_ms,
+            requester_uid: self
+                .requester_uid
+                .map(|u| {
+                    u32::try_from(u)
+                        .map_err(|_| corrupt(format!("request {}: bad requester_uid {u}", self.id)))
+                })
+                .transpose()?,
         })
     }
 }

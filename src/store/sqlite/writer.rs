@@ -772,8 +772,8 @@ fn insert_request(tx: &Transaction<'_>, r: &ApprovalRequest) -> StoreResult<()> 
     tx.prepare_cached(
         "INSERT INTO requests (id, agent, tool, args, args_hash, user_id, channel_id, justification, \
          task_id, idempotency_key, risk, approvals_required, admin_only, rule, rule_detail, flags, \
-         created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
+         created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms, requester_uid) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
     )?
     .execute(params![
         r.id.to_string(),
@@ -799,6 +799,7 @@ fn insert_request(tx: &Transaction<'_>, r: &ApprovalRequest) -> StoreResult<()> 
         r.decided_who,
         r.decided_reason,
         r.decided_ms,
+        r.requester_uid,
     ])?;
     Ok(())
 }
@@ -877,6 +878,7 @@ fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
         decided_who: r.get("decided_who")?,
         decided_reason: r.get("decided_reason")?,
         decided_ms: r.get("decided_ms")?,
+        requester_uid: r.get("requester_uid")?,
     })
 }
 
