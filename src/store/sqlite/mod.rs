@@ -12,6 +12,7 @@ use super::{
 use crate::domain::audit::{AuditEntry, AuditEvent};
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
 use crate::domain::request::{ApprovalRequest, RequestId, State, TransitionError, Vote};
+use crate::domain::trifecta::{self, Guard, ToolTag};
 use crate::domain::Risk;
 use async_trait::async_trait;
 use sqlx::sqlite::{
@@ -97,6 +98,40 @@ impl SqliteStore {
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
+}
+
+/// Rows per capability and scope the trifecta history reads (newest first):
+/// enough to name the tools, bounded however busy the agent is.
+const HISTORY_ROWS: usize = 20;
+
+/// The history query for one capability bit and one scope column (`agent`
+/// or `user_id`). Its WHERE repeats the partial index's (migration 0007)
+/// word for word, so SQLite seeks that index.
+pub(super) fn history_sql(column: &str, bit: i64) -> String {
+    format!(
+        "SELECT tool, agent, state FROM requests WHERE {column} = ?1 AND created_ms >= ?2 \
+         AND (caps & {bit}) != 0 AND state IN ('approved', 'pending') \
+         ORDER BY created_ms DESC LIMIT {HISTORY_ROWS}"
+    )
+}
+
+/// Turns history rows `(tool, agent, state)` of one tag into what
+/// [`trifecta::check`] takes, naming another agent's or a pending call.
+pub(super) fn history_entry(
+    agent: &str,
+    tag: ToolTag,
+    row: (String, String, String),
+) -> (String, Vec<ToolTag>) {
+    let (tool, by, state) = row;
+    let mut label = if by == agent {
+        tool
+    } else {
+        format!("{tool} by agent `{by}`")
+    };
+    if state == "pending" {
+        label.push_str(" (pending)");
+    }
+    (label, vec![tag])
 }
 
 fn unexpected() -> StoreError {
@@ -264,16 +299,49 @@ impl Store for SqliteStore {
         req: ApprovalRequest,
         audit: Vec<AuditEvent>,
     ) -> StoreResult<Inserted> {
+        self.insert_guarded(req, audit, None).await
+    }
+
+    async fn insert_guarded(
+        &self,
+        req: ApprovalRequest,
+        audit: Vec<AuditEvent>,
+        guard: Option<Guard>,
+    ) -> StoreResult<Inserted> {
         let sealed = audit.iter().map(AuditEvent::seal).collect();
         let req = Arc::new(req);
-        match self.write(Op::Insert(req.clone(), sealed)).await? {
+        match self.write(Op::Insert(req.clone(), sealed, guard)).await? {
             // The writer has dropped its handle by now, so this rarely copies.
             Reply::InsertedNew => Ok(Inserted::New(
                 Arc::try_unwrap(req).unwrap_or_else(|shared| (*shared).clone()),
             )),
+            Reply::Guarded(r) => Ok(Inserted::New(r)),
             Reply::Existing(r) => Ok(Inserted::Existing(r)),
             _ => Err(unexpected()),
         }
+    }
+
+    async fn trifecta_history(
+        &self,
+        agent: &str,
+        user: Option<&str>,
+        since_ms: i64,
+    ) -> StoreResult<Vec<(String, Vec<ToolTag>)>> {
+        let mut out = Vec::new();
+        for tag in trifecta::ALL_TAGS {
+            for (column, key) in [("agent", Some(agent)), ("user_id", user)] {
+                let Some(key) = key else { continue };
+                let rows: Vec<(String, String, String)> =
+                    sqlx::query_as(&history_sql(column, tag.bit()))
+                        .bind(key)
+                        .bind(since_ms)
+                        .fetch_all(&self.reads)
+                        .await
+                        .map_err(db)?;
+                out.extend(rows.into_iter().map(|r| history_entry(agent, tag, r)));
+            }
+        }
+        Ok(out)
     }
 
     async fn vote(&self, id: RequestId, vote: Vote) -> StoreResult<Result<Voted, TransitionError>> {
@@ -373,18 +441,6 @@ impl Store for SqliteStore {
             .into_iter()
             .map(|(a, n)| (a, n.max(0) as u64))
             .collect())
-    }
-
-    async fn approved_task_tools(&self, agent: &str, task_id: &str) -> StoreResult<Vec<String>> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT DISTINCT tool FROM requests WHERE agent = $1 AND task_id = $2 AND state = 'approved' ORDER BY tool",
-        )
-        .bind(agent)
-        .bind(task_id)
-        .fetch_all(&self.reads)
-        .await
-        .map_err(db)?;
-        Ok(rows.into_iter().map(|(t,)| t).collect())
     }
 
     async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool> {
