@@ -624,3 +624,152 @@ async fn the_retention_task_prunes_at_start_when_configured() {
     keyturn::app::retention::run(e.gw.clone(), tokio_util::sync::CancellationToken::new()).await;
     assert_eq!(e.gw.audit_after(0, 100).await.unwrap().len(), 1);
 }
+
+/// `audit verify` on a live server: appends while it walks are not mistaken
+/// for deleted rows (it reads one snapshot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_is_consistent_while_calls_are_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = env(dir.path(), TOOLS).await;
+    for i in 0..200 {
+        e.gw.submit("a", call("read_file", json!({"i": i}), "", None))
+            .await
+            .unwrap();
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let gw = e.gw.clone();
+    let stopped = stop.clone();
+    // About 250 submits a second until the verifier is done.
+    let load = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(4));
+        let mut n = 0u64;
+        while !stopped.is_cancelled() {
+            tick.tick().await;
+            gw.submit("a", call("read_file", json!({"n": n}), "", None))
+                .await
+                .unwrap();
+            n += 1;
+        }
+        n
+    });
+    let mut verified = Vec::new();
+    for run in 0..30 {
+        let v = e.gw.audit_verify().await.unwrap();
+        assert!(v.is_ok(), "run {run}: {v:?}");
+        verified.push(v.unwrap());
+    }
+    stop.cancel();
+    let appended = load.await.unwrap();
+    // Calls were appended while it verified (so the snapshot mattered).
+    assert!(
+        appended > 0 && verified.first() < verified.last(),
+        "{appended} {verified:?}"
+    );
+}
+
+/// Request rows are covered by the chain: editing a request's state,
+/// decision or arguments hash in the database, adding a row or deleting one
+/// is reported.
+#[tokio::test]
+async fn audit_verify_catches_edited_request_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = env(
+        dir.path(),
+        &format!("{TOOLS}\n[[tools]]\nname = \"deploy\"\nrisk = \"high\""),
+    )
+    .await;
+    let allowed =
+        e.gw.submit("a", call("read_file", json!({"p": 1}), "", None))
+            .await
+            .unwrap();
+    let denied =
+        e.gw.submit("a", call("deploy", json!({"env": "prod"}), "", None))
+            .await
+            .unwrap();
+    e.gw.vote(denied.id, "uid:0", None, false, Some("no".into()), true)
+        .await
+        .unwrap();
+    let waiting =
+        e.gw.submit("a", call("deploy", json!({"env": "dev"}), "", None))
+            .await
+            .unwrap();
+    assert_eq!(waiting.state, State::Pending);
+    let entries = e.gw.audit_verify().await.unwrap().unwrap();
+    let mut c = raw(dir.path()).await;
+    sqlx::query("CREATE TABLE requests_backup AS SELECT * FROM requests")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let cases = [
+        (
+            format!(
+                "UPDATE requests SET state = 'approved', decided_reason = 'ok' WHERE id = '{}'",
+                denied.id
+            ),
+            denied.id,
+            "the database says `approved`",
+        ),
+        (
+            format!(
+                "UPDATE requests SET state = 'approved', decided_by = 'human', decided_who = 'x', decided_ms = 1 WHERE id = '{}'",
+                waiting.id
+            ),
+            waiting.id,
+            "the database says `approved`",
+        ),
+        (
+            format!(
+                "UPDATE requests SET decided_by = 'human' WHERE id = '{}'",
+                allowed.id
+            ),
+            allowed.id,
+            "decided by `human`",
+        ),
+        (
+            format!(
+                "UPDATE requests SET args_hash = '{}' WHERE id = '{}'",
+                "0".repeat(64),
+                allowed.id
+            ),
+            allowed.id,
+            "arguments hash",
+        ),
+        (
+            format!(
+                "INSERT INTO requests SELECT '{}', agent, tool, args, args_hash, user_id, channel_id, \
+                 justification, task_id, NULL, risk, approvals_required, admin_only, rule, rule_detail, \
+                 flags, created_ms, deadline_ms, 'approved', decided_by, decided_who, decided_reason, \
+                 decided_ms, caps FROM requests WHERE id = '{}'",
+                "0190c0de-0000-7000-8000-00000000beef", allowed.id
+            ),
+            "0190c0de-0000-7000-8000-00000000beef".parse().unwrap(),
+            "has no audit entries",
+        ),
+        (
+            format!("DELETE FROM requests WHERE id = '{}'", waiting.id),
+            waiting.id,
+            "not in the database",
+        ),
+    ];
+    for (sql, id, want) in cases {
+        sqlx::query(&sql).execute(&mut c).await.unwrap();
+        let b = e.gw.audit_verify().await.unwrap().unwrap_err();
+        assert!(
+            b.problem.contains(&id.to_string()) && b.problem.contains(want),
+            "{sql}: {b:?}"
+        );
+        sqlx::query("DELETE FROM requests")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO requests SELECT * FROM requests_backup")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(
+            e.gw.audit_verify().await.unwrap(),
+            Ok(entries),
+            "restored after {sql}"
+        );
+    }
+}

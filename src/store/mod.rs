@@ -245,6 +245,16 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_after(&self, after: i64, limit: u32) -> StoreResult<Vec<AuditEntry>>;
     /// The chain head `(seq, hash)` as recorded at the last commit.
     async fn audit_head(&self) -> StoreResult<(i64, String)>;
+    /// Verifies the whole audit chain against its recorded head, and every
+    /// request row against the chain, all from one consistent snapshot (a
+    /// write committed meanwhile is simply not seen). `Ok((entries,
+    /// requests))` or the first break. The default refuses, so a store that
+    /// cannot take a snapshot never reports a false "ok" or a false break.
+    async fn audit_verify(&self) -> StoreResult<Result<(u64, u64), crate::domain::audit::Break>> {
+        Err(StoreError::Database(
+            "this store cannot verify the audit log from one snapshot".into(),
+        ))
+    }
     /// Deletes the oldest entries (the longest prefix of the log older than
     /// `cutoff_ms`) and, in the same transaction, appends a checkpoint that
     /// names the last one deleted. `None` when nothing was old enough.

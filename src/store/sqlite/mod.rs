@@ -9,7 +9,7 @@ use super::{
     CardRow, Inserted, PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError,
     StoreResult, StoredGrant, Voted,
 };
-use crate::domain::audit::{AuditEntry, AuditEvent};
+use crate::domain::audit::{self, AuditEntry, AuditEvent};
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
 use crate::domain::request::{ApprovalRequest, RequestId, State, TransitionError, Vote};
 use crate::domain::trifecta::{self, Guard, ToolTag};
@@ -99,6 +99,11 @@ impl SqliteStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 }
+
+/// Rows per page when verifying the audit log.
+const VERIFY_PAGE: i64 = 5000;
+
+type FactsRow = (String, String, String, String, String, Option<String>, i64);
 
 /// Rows per capability and scope the trifecta history reads (newest first):
 /// enough to name the tools, bounded however busy the agent is.
@@ -652,6 +657,76 @@ impl Store for SqliteStore {
             .fetch_one(&self.reads)
             .await
             .map_err(db)
+    }
+
+    async fn audit_verify(&self) -> StoreResult<Result<(u64, u64), audit::Break>> {
+        // One read transaction: in WAL mode every statement in it sees the
+        // database as of its first read, so rows appended while the walk
+        // runs are neither half-seen nor mistaken for deleted ones.
+        let mut tx = self.reads.begin().await.map_err(db)?;
+        let (head_seq, head_hash): (i64, String) =
+            sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+        let mut walk = audit::ChainVerifier::new();
+        let mut ledger = audit::RequestLedger::new();
+        let mut after = 0;
+        loop {
+            let page: Vec<AuditRow> =
+                sqlx::query_as("SELECT * FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2")
+                    .bind(after)
+                    .bind(VERIFY_PAGE)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for row in page {
+                let e = row.into_entry();
+                if let Err(b) = walk.push(&e) {
+                    return Ok(Err(b));
+                }
+                ledger.push(&e);
+            }
+        }
+        let entries = match walk.finish().and_then(|n| {
+            walk.check_head(head_seq, &head_hash)?;
+            Ok(n)
+        }) {
+            Ok(n) => n,
+            Err(b) => return Ok(Err(b)),
+        };
+        let mut after = String::new();
+        loop {
+            let page: Vec<FactsRow> = sqlx::query_as(
+                "SELECT id, agent, tool, args_hash, state, decided_by, created_ms FROM requests \
+                 WHERE id > $1 ORDER BY id LIMIT $2",
+            )
+            .bind(&after)
+            .bind(VERIFY_PAGE)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+            let Some(last) = page.last() else { break };
+            after = last.0.clone();
+            for (id, agent, tool, args_hash, state, decided_by, created_ms) in page {
+                let facts = audit::RequestFacts {
+                    id,
+                    agent,
+                    tool,
+                    args_hash,
+                    state,
+                    decided_by,
+                    created_ms,
+                };
+                if let Err(b) = ledger.check(&facts) {
+                    return Ok(Err(b));
+                }
+            }
+        }
+        tx.rollback().await.map_err(db)?;
+        Ok(ledger.finish().map(|requests| (entries, requests)))
     }
 
     async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>> {
