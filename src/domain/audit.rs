@@ -715,7 +715,7 @@ mod tests {
             }
             l.finish()
         };
-        assert_eq!(ledger(&[row.clone()]), Ok(1));
+        assert_eq!(ledger(std::slice::from_ref(&row)), Ok(1));
         let edited = RequestFacts {
             state: "approved".into(),
             ..row.clone()
