@@ -416,13 +416,15 @@ mod tests {
         for v in [
             "GITHUB_TOKEN",
             "AWS_SECRET_ACCESS_KEY",
-            "SSL_CERT_FILE",
-            "REQUESTS_CA_BUNDLE",
-            "NODE_EXTRA_CA_CERTS",
             "PYTHONUNBUFFERED",
             "KEYTURN_SOCKET",
-        ] {
+        ]
+        .iter()
+        .chain(CA_BUNDLE_ENV)
+        {
             assert!(never_passed(v).is_none(), "{v}");
+            // Passed only when named.
+            assert!(!BASE_ENV.contains(v), "{v}");
         }
         assert_eq!(
             passed_names(&["X".into(), "PATH".into(), "X".into()]).unwrap(),
