@@ -990,7 +990,7 @@ async fn audit_cmd(conn: &Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
 }
 
 fn verify_file(path: &std::path::Path, json_out: bool) -> anyhow::Result<u8> {
-    use crate::domain::audit::{AuditEntry, ChainVerifier};
+    use crate::domain::audit::{parse_export_line, ChainVerifier};
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("while reading {}", path.display()))?;
     let mut entries = Vec::new();
@@ -999,9 +999,19 @@ fn verify_file(path: &std::path::Path, json_out: bool) -> anyhow::Result<u8> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let e: AuditEntry = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not an audit entry", path.display(), i + 1))?;
-        entries.push(e);
+        match parse_export_line(line) {
+            Ok(e) => entries.push(e),
+            // A line that is not exactly an entry (a field added, missing
+            // or repeated) is a doctored export, not a usage error.
+            Err(e) => {
+                let problem = format!("line {} is not an audit entry: {e}", i + 1);
+                let v = json!({"ok": false, "broken_at_line": i + 1, "problem": problem});
+                print(json_out, &v, |_| {
+                    format!("audit export BROKEN at line {}: {problem}", i + 1)
+                });
+                return Ok(EXIT_DENIED);
+            }
+        }
     }
     let mut walk = ChainVerifier::new();
     let result = entries

@@ -98,6 +98,18 @@ pub struct Config {
     pub discord: DiscordConfig,
     #[serde(default)]
     pub content: ContentConfig,
+    #[serde(default)]
+    pub exec: ExecConfig,
+}
+
+/// `keyturn exec`: what the command it runs may see.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecConfig {
+    /// Environment variables passed to the command besides `PATH`, `HOME`,
+    /// `LANG` and `TERM` (CA-bundle variables such as `SSL_CERT_FILE` only
+    /// when listed; Keyturn's own tokens and loader/proxy variables never).
+    pub keep_env: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -285,10 +297,75 @@ pub struct ToolConfig {
     /// `sees_untrusted_input`, `communicates_externally`.
     #[serde(default)]
     pub tags: Vec<ToolTag>,
+    /// Overrides `content.ask_on_flags` for this tool (`[]`: flags on this
+    /// tool's calls never ask a human by themselves; logged at start).
+    #[serde(default)]
+    pub ask_on_flags: Option<FlagSelection>,
+}
+
+/// A set of flag kinds: `"all"` (every kind, including kinds added in later
+/// versions) or a list such as `["homoglyph", "exfiltration"]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FlagSelection {
+    #[default]
+    All,
+    Only(Vec<FlagKind>),
+}
+
+impl FlagSelection {
+    pub fn contains(&self, kind: FlagKind) -> bool {
+        match self {
+            FlagSelection::All => true,
+            FlagSelection::Only(k) => k.contains(&kind),
+        }
+    }
+
+    /// Names as written in the config (`all` or the listed kinds).
+    pub fn describe(&self) -> String {
+        match self {
+            FlagSelection::All => "all".into(),
+            FlagSelection::Only(k) if k.is_empty() => "none".into(),
+            FlagSelection::Only(k) => k.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FlagSelection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FlagSelection;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"all\" or a list of flag kinds")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FlagSelection, E> {
+                if v == "all" {
+                    Ok(FlagSelection::All)
+                } else {
+                    Err(E::custom(format!(
+                        "`{v}`: expected \"all\" or a list of flag kinds"
+                    )))
+                }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<FlagSelection, A::Error> {
+                let mut kinds = Vec::new();
+                while let Some(k) = seq.next_element::<FlagKind>()? {
+                    if !kinds.contains(&k) {
+                        kinds.push(k);
+                    }
+                }
+                Ok(FlagSelection::Only(kinds))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// What is masked and flagged in tool-call content.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContentConfig {
     /// Hosts agents may send data to; anything else in the arguments is
@@ -302,6 +379,27 @@ pub struct ContentConfig {
     pub raise_risk_on_flags: bool,
     /// Flag kinds that deny the call at once (rule `flag_<kind>`).
     pub deny_on_flags: Vec<FlagKind>,
+    /// Flag kinds that send the call to a human whatever its risk (rule
+    /// `flag_<kind>`). Default `"all"`: every kind, including kinds added
+    /// later; `deny_on_flags` beats it; `[[tools]] ask_on_flags` overrides it.
+    pub ask_on_flags: FlagSelection,
+    /// How far back the lethal-trifecta guard looks at an agent's (and a
+    /// user's) calls. A task id never shortens it.
+    pub trifecta_window: Dur,
+}
+
+impl Default for ContentConfig {
+    fn default() -> Self {
+        ContentConfig {
+            allowed_domains: vec![],
+            extra_secret_keys: vec![],
+            secret_rules: vec![],
+            raise_risk_on_flags: false,
+            deny_on_flags: vec![],
+            ask_on_flags: FlagSelection::All,
+            trifecta_window: Dur(Duration::from_secs(24 * 3600)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -598,6 +696,15 @@ impl Config {
                 return Err(invalid("limits.task_max_cost", "must be a positive number"));
             }
         }
+        if self.content.trifecta_window.0 < Duration::from_secs(1) {
+            return Err(invalid("content.trifecta_window", "must be at least 1s"));
+        }
+        if self.content.trifecta_window.0 > Duration::from_secs(366 * 86_400) {
+            return Err(invalid(
+                "content.trifecta_window",
+                "must be at most 366 days",
+            ));
+        }
         if self.limits.task_max_steps == Some(0) {
             return Err(invalid("limits.task_max_steps", "must be at least 1"));
         }
@@ -667,6 +774,39 @@ impl Config {
         }
         Redactor::new(&c.extra_secret_keys, &rules)
             .map_err(|e| invalid("content.secret_rules", e.to_string()))
+    }
+
+    /// The flag kinds that send a call to `tool` to a human.
+    pub fn ask_on_flags(&self, tool: &str) -> &FlagSelection {
+        self.tools
+            .iter()
+            .find(|t| t.name == tool)
+            .and_then(|t| t.ask_on_flags.as_ref())
+            .unwrap_or(&self.content.ask_on_flags)
+    }
+
+    /// Where flagged calls do not all go to a human: one line per setting
+    /// that leaves kinds out, for the start-up log (never silent).
+    pub fn flag_ask_exemptions(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.content.ask_on_flags != FlagSelection::All {
+            out.push(format!(
+                "content.ask_on_flags = {} (other flag kinds do not ask a human by themselves)",
+                self.content.ask_on_flags.describe()
+            ));
+        }
+        for t in &self.tools {
+            if let Some(sel) = &t.ask_on_flags {
+                if *sel != FlagSelection::All {
+                    out.push(format!(
+                        "tool `{}`: ask_on_flags = {} (other flag kinds do not ask a human by themselves)",
+                        t.name,
+                        sel.describe()
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// Tags of a configured tool (none for tools not in the config).
@@ -944,9 +1084,36 @@ mod tests {
                 .contains("content.secret_rules[0].name")
         );
         assert!(err("[content]\ndeny_on_flags = [\"rudeness\"]").contains("unknown variant"));
+        assert!(err("[content]\nask_on_flags = [\"rudeness\"]").contains("unknown variant"));
+        assert!(err("[content]\nask_on_flags = \"some\"").contains("expected \"all\""));
+        assert!(err("[content]\ntrifecta_window = \"0s\"").contains("content.trifecta_window"));
         assert!(
             err("[[tools]]\nname = \"x\"\nrisk = \"low\"\ntags = [\"evil\"]")
                 .contains("unknown variant")
+        );
+    }
+
+    #[test]
+    fn flagged_calls_ask_a_human_unless_a_tool_opts_out_loudly() {
+        let c = parse_ok("");
+        assert_eq!(c.content.ask_on_flags, FlagSelection::All);
+        assert_eq!(c.content.trifecta_window.0, Duration::from_secs(86_400));
+        assert!(c.ask_on_flags("x").contains(FlagKind::Homoglyph));
+        assert!(c.flag_ask_exemptions().is_empty());
+        let c = parse_ok(
+            "[content]\nask_on_flags = [\"homoglyph\"]\n\
+             [[tools]]\nname = \"quiet\"\nrisk = \"low\"\nask_on_flags = []\n\
+             [[tools]]\nname = \"loud\"\nrisk = \"low\"\nask_on_flags = \"all\"",
+        );
+        assert!(c.ask_on_flags("other").contains(FlagKind::Homoglyph));
+        assert!(!c.ask_on_flags("other").contains(FlagKind::Exfiltration));
+        assert!(!c.ask_on_flags("quiet").contains(FlagKind::Homoglyph));
+        assert!(c.ask_on_flags("loud").contains(FlagKind::Exfiltration));
+        let ex = c.flag_ask_exemptions();
+        assert_eq!(ex.len(), 2, "{ex:?}");
+        assert!(
+            ex[1].contains("`quiet`") && ex[1].contains("none"),
+            "{ex:?}"
         );
     }
 

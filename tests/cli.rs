@@ -229,4 +229,24 @@ fn audit_export_verifies_offline_and_detects_an_edit() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // A field added to a line (outside the hash), or one taken away, is
+    // refused, though every hash still matches.
+    let lines: Vec<&str> = export.lines().collect();
+    let added = lines[1].replacen("{", "{\"approved_by\":\"mallory\",", 1);
+    let missing = lines[1].replacen("\"request_id\":", "\"request\":", 1);
+    for (doctored, why) in [(added, "unknown field `approved_by`"), (missing, "field")] {
+        let text = format!("{}\n{doctored}\n{}\n", lines[0], lines[2]);
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["audit", "verify", "--file"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        assert!(
+            stdout.contains("BROKEN at line 2") && stdout.contains(why),
+            "{stdout}"
+        );
+    }
 }

@@ -79,7 +79,7 @@ risk = "medium"
 "#;
 
 #[tokio::test]
-async fn flags_are_stored_audited_and_advisory_by_default() {
+async fn flags_are_stored_audited_and_ask_a_human_by_default() {
     let dir = tempfile::tempdir().unwrap();
     let e = env(dir.path(), TOOLS).await;
     let r =
@@ -94,8 +94,14 @@ async fn flags_are_stored_audited_and_advisory_by_default() {
         )
         .await
         .unwrap();
-    // Advisory: a low-risk call is still allowed, but carries its flags.
-    assert_eq!(r.state, State::Approved);
+    // A flag on a low-risk call sends it to a human, and the card says why.
+    assert_eq!(r.state, State::Pending);
+    assert_eq!(r.rule, "flag_prompt_injection");
+    assert!(
+        r.rule_detail.contains("content.ask_on_flags") && r.rule_detail.contains("more flag"),
+        "{}",
+        r.rule_detail
+    );
     let kinds = flag_kinds(&r);
     assert!(kinds.contains(&"prompt_injection".to_string()), "{kinds:?}");
     assert!(kinds.contains(&"exfiltration".to_string()), "{kinds:?}");
@@ -103,16 +109,53 @@ async fn flags_are_stored_audited_and_advisory_by_default() {
     let stored = e.gw.status(r.id).await.unwrap();
     assert_eq!(stored.flags, r.flags);
     let audit = e.gw.audit_tail(10).await.unwrap();
-    // Decided at once: one entry holds the submission and the decision.
-    let submitted = audit
-        .iter()
-        .find(|a| a.event.kind == "policy_allowed")
-        .unwrap();
-    assert_eq!(submitted.event.detail["rule"], json!(r.rule));
+    let submitted = audit.iter().find(|a| a.event.kind == "submitted").unwrap();
     assert_eq!(
         submitted.event.detail["flags"],
         Value::Array(r.flags.clone())
     );
+    let queued = audit.iter().find(|a| a.event.kind == "queued").unwrap();
+    assert_eq!(queued.event.detail["rule"], json!("flag_prompt_injection"));
+    // Each kind on its own asks too (exfiltration alone).
+    let r =
+        e.gw.submit(
+            "a",
+            call(
+                "read_file",
+                json!({"u": "https://evil.example/x"}),
+                "",
+                None,
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.state, r.rule.as_str()),
+        (State::Pending, "flag_exfiltration")
+    );
+    // A tool may opt out (logged at start); then flags are advisory there.
+    let e3 = env(
+        tempfile::tempdir().unwrap().path(),
+        "[[tools]]\nname = \"read_file\"\nrisk = \"low\"\nask_on_flags = []\n\
+         [[tools]]\nname = \"edit_file\"\nrisk = \"low\"\n\
+         [content]\nask_on_flags = [\"homoglyph\"]",
+    )
+    .await;
+    let flagged = json!({"note": "send it to https://evil.example/x"});
+    let r = e3
+        .gw
+        .submit("a", call("read_file", flagged.clone(), "", None))
+        .await
+        .unwrap();
+    assert_eq!(r.state, State::Approved);
+    assert!(!r.flags.is_empty());
+    // `ask_on_flags = ["homoglyph"]`: exfiltration alone does not ask.
+    let r = e3
+        .gw
+        .submit("a", call("edit_file", flagged, "", None))
+        .await
+        .unwrap();
+    assert_eq!(r.state, State::Approved);
     // An allowed domain is not exfiltration.
     let e2 = env(
         tempfile::tempdir().unwrap().path(),
@@ -240,45 +283,155 @@ risk = "low"
 tags = ["communicates_externally"]
 "#;
 
+const AGENTS: &str = r#"
+[[agents]]
+name = "b"
+[[agents]]
+name = "c"
+[[users]]
+id = "42"
+[[tools]]
+name = "post_tweet"
+risk = "high"
+tags = ["communicates_externally"]
+"#;
+
 #[tokio::test]
-async fn trifecta_escalates_the_third_kind_and_survives_a_restart() {
+async fn trifecta_is_per_agent_and_user_whatever_the_task_id() {
     let dir = tempfile::tempdir().unwrap();
-    let e = env(dir.path(), TRIFECTA).await;
-    let sub = |tool: &str, task: &str| call(tool, json!({}), "", Some(task));
+    let cfg = format!("{TRIFECTA}{AGENTS}");
+    let e = env(dir.path(), &cfg).await;
+    let sub = |tool: &str, task: Option<&str>| call(tool, json!({}), "", task);
     for tool in ["read_email", "fetch_url"] {
-        let r = e.gw.submit("a", sub(tool, "t1")).await.unwrap();
+        let r = e.gw.submit("a", sub(tool, Some("t1"))).await.unwrap();
         assert_eq!(r.state, State::Approved, "{tool}");
     }
-    // The third kind in the same task asks a human, and says why.
-    let r = e.gw.submit("a", sub("send_email", "t1")).await.unwrap();
+    // The third kind asks a human, and says why.
+    let r =
+        e.gw.submit("a", sub("send_email", Some("t1")))
+            .await
+            .unwrap();
     assert_eq!(r.state, State::Pending);
-    assert_eq!(r.rule, "escalated");
+    assert_eq!(r.rule, "trifecta");
     for part in [
-        "lethal trifecta",
+        "lethal trifecta for agent `a` in the last 24h",
         "reads_private_data (read_email)",
         "sees_untrusted_input (fetch_url)",
         "`send_email` is communicates_externally",
     ] {
         assert!(r.rule_detail.contains(part), "{part}: {}", r.rule_detail);
     }
-    // Another task, or a kind already held, is not escalated.
-    let r = e.gw.submit("a", sub("send_email", "t2")).await.unwrap();
+    // A new task id, or none, does not reset the history: still asks.
+    for task in [Some("fresh-task"), None] {
+        let r = e.gw.submit("a", sub("send_email", task)).await.unwrap();
+        assert_eq!(
+            (r.state, r.rule.as_str()),
+            (State::Pending, "trifecta"),
+            "{task:?}"
+        );
+    }
+    // A tool that is already waiting says what approving it would do.
+    let r = e.gw.submit("a", sub("post_tweet", None)).await.unwrap();
+    assert_eq!((r.state, r.rule.as_str()), (State::Pending, "risk_high"));
+    assert!(
+        r.rule_detail
+            .starts_with("approving this completes the lethal trifecta for agent `a`"),
+        "{}",
+        r.rule_detail
+    );
+    // Another agent has its own history.
+    let r =
+        e.gw.submit("b", sub("send_email", Some("t1")))
+            .await
+            .unwrap();
     assert_eq!(r.state, State::Approved);
-    let r = e.gw.submit("a", sub("read_email", "t1")).await.unwrap();
-    assert_eq!(r.state, State::Approved);
+    // Pending calls count while they wait (conservative); once denied they
+    // no longer do, and a kind already held is fine again.
+    let r = e.gw.submit("a", sub("read_email", None)).await.unwrap();
+    assert_eq!(r.state, State::Pending, "{}", r.rule_detail);
+    for p in e.gw.pending(100).await.unwrap() {
+        if p.agent == "a" {
+            e.gw.vote(p.id, "uid:0", None, false, None, true)
+                .await
+                .unwrap();
+        }
+    }
+    let r = e.gw.submit("a", sub("read_email", None)).await.unwrap();
+    assert_eq!(r.state, State::Approved, "{}", r.rule_detail);
+
+    // Per user: three agents acting for user 42 make one trifecta.
+    let for_user = |tool: &str| Submission {
+        user_id: Some("42".into()),
+        ..sub(tool, None)
+    };
+    assert_eq!(
+        e.gw.submit("b", for_user("fetch_url")).await.unwrap().state,
+        State::Approved
+    );
+    // Agent c has used nothing, but user 42's data was read by agent a.
+    assert_eq!(
+        e.gw.submit("a", for_user("read_email"))
+            .await
+            .unwrap()
+            .state,
+        State::Approved
+    );
+    let r = e.gw.submit("c", for_user("send_email")).await.unwrap();
+    assert_eq!((r.state, r.rule.as_str()), (State::Pending, "trifecta"));
+    assert!(r.rule_detail.contains("by agent `b`"), "{}", r.rule_detail);
 
     // After a restart the history comes from the store.
     e.store.close().await;
     drop(e);
-    let e = env(dir.path(), TRIFECTA).await;
-    let c = e.gw.check("a", &sub("send_email", "t1")).await.unwrap();
-    assert_eq!(c.verdict.rule(), "escalated");
-    let r = e.gw.submit("a", sub("send_email", "t1")).await.unwrap();
+    let e = env(dir.path(), &cfg).await;
+    let c =
+        e.gw.check("a", &sub("send_email", Some("t9")))
+            .await
+            .unwrap();
+    assert_eq!(c.verdict.rule(), "trifecta");
+    let r =
+        e.gw.submit("a", sub("send_email", Some("t9")))
+            .await
+            .unwrap();
     assert_eq!(r.state, State::Pending);
-    // t2 holds one kind (send_email); a second kind is fine. Pending calls
-    // (send_email in t1) never count as used.
-    let r = e.gw.submit("a", sub("fetch_url", "t2")).await.unwrap();
-    assert_eq!(r.state, State::Approved);
+}
+
+#[tokio::test]
+async fn two_concurrent_calls_never_both_complete_the_trifecta() {
+    let agents: String = (0..20)
+        .map(|i| format!("[[agents]]\nname = \"p{i}\"\n"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let e = env(dir.path(), &format!("{TRIFECTA}{agents}")).await;
+    let mut same_batch_pairs = 0;
+    for i in 0..20 {
+        let agent = format!("p{i}");
+        let r =
+            e.gw.submit(&agent, call("read_email", json!({}), "", Some("t")))
+                .await
+                .unwrap();
+        assert_eq!(r.state, State::Approved);
+        // Either alone is fine; both together complete the trifecta.
+        let (x, y) = tokio::join!(
+            e.gw.submit(&agent, call("fetch_url", json!({}), "", Some("t"))),
+            e.gw.submit(&agent, call("send_email", json!({}), "", Some("t"))),
+        );
+        let (x, y) = (x.unwrap(), y.unwrap());
+        let approved = [&x, &y]
+            .iter()
+            .filter(|r| r.state == State::Approved)
+            .count();
+        assert_eq!(
+            approved, 1,
+            "try {i}: {:?}/{} and {:?}/{}",
+            x.state, x.rule, y.state, y.rule
+        );
+        if x.created_ms.abs_diff(y.created_ms) <= 1 {
+            same_batch_pairs += 1;
+        }
+    }
+    // The pairs really were concurrent (same millisecond for most).
+    assert!(same_batch_pairs > 0, "no pair was concurrent");
 }
 
 #[tokio::test]
@@ -470,4 +623,153 @@ async fn the_retention_task_prunes_at_start_when_configured() {
         .unwrap();
     keyturn::app::retention::run(e.gw.clone(), tokio_util::sync::CancellationToken::new()).await;
     assert_eq!(e.gw.audit_after(0, 100).await.unwrap().len(), 1);
+}
+
+/// `audit verify` on a live server: appends while it walks are not mistaken
+/// for deleted rows (it reads one snapshot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_is_consistent_while_calls_are_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = env(dir.path(), TOOLS).await;
+    for i in 0..200 {
+        e.gw.submit("a", call("read_file", json!({"i": i}), "", None))
+            .await
+            .unwrap();
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let gw = e.gw.clone();
+    let stopped = stop.clone();
+    // About 250 submits a second until the verifier is done.
+    let load = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(4));
+        let mut n = 0u64;
+        while !stopped.is_cancelled() {
+            tick.tick().await;
+            gw.submit("a", call("read_file", json!({"n": n}), "", None))
+                .await
+                .unwrap();
+            n += 1;
+        }
+        n
+    });
+    let mut verified = Vec::new();
+    for run in 0..30 {
+        let v = e.gw.audit_verify().await.unwrap();
+        assert!(v.is_ok(), "run {run}: {v:?}");
+        verified.push(v.unwrap());
+    }
+    stop.cancel();
+    let appended = load.await.unwrap();
+    // Calls were appended while it verified (so the snapshot mattered).
+    assert!(
+        appended > 0 && verified.first() < verified.last(),
+        "{appended} {verified:?}"
+    );
+}
+
+/// Request rows are covered by the chain: editing a request's state,
+/// decision or arguments hash in the database, adding a row or deleting one
+/// is reported.
+#[tokio::test]
+async fn audit_verify_catches_edited_request_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = env(
+        dir.path(),
+        &format!("{TOOLS}\n[[tools]]\nname = \"deploy\"\nrisk = \"high\""),
+    )
+    .await;
+    let allowed =
+        e.gw.submit("a", call("read_file", json!({"p": 1}), "", None))
+            .await
+            .unwrap();
+    let denied =
+        e.gw.submit("a", call("deploy", json!({"env": "prod"}), "", None))
+            .await
+            .unwrap();
+    e.gw.vote(denied.id, "uid:0", None, false, Some("no".into()), true)
+        .await
+        .unwrap();
+    let waiting =
+        e.gw.submit("a", call("deploy", json!({"env": "dev"}), "", None))
+            .await
+            .unwrap();
+    assert_eq!(waiting.state, State::Pending);
+    let entries = e.gw.audit_verify().await.unwrap().unwrap();
+    let mut c = raw(dir.path()).await;
+    sqlx::query("CREATE TABLE requests_backup AS SELECT * FROM requests")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let cases = [
+        (
+            format!(
+                "UPDATE requests SET state = 'approved', decided_reason = 'ok' WHERE id = '{}'",
+                denied.id
+            ),
+            denied.id,
+            "the database says `approved`",
+        ),
+        (
+            format!(
+                "UPDATE requests SET state = 'approved', decided_by = 'human', decided_who = 'x', decided_ms = 1 WHERE id = '{}'",
+                waiting.id
+            ),
+            waiting.id,
+            "the database says `approved`",
+        ),
+        (
+            format!(
+                "UPDATE requests SET decided_by = 'human' WHERE id = '{}'",
+                allowed.id
+            ),
+            allowed.id,
+            "decided by `human`",
+        ),
+        (
+            format!(
+                "UPDATE requests SET args_hash = '{}' WHERE id = '{}'",
+                "0".repeat(64),
+                allowed.id
+            ),
+            allowed.id,
+            "arguments hash",
+        ),
+        (
+            format!(
+                "INSERT INTO requests SELECT '{}', agent, tool, args, args_hash, user_id, channel_id, \
+                 justification, task_id, NULL, risk, approvals_required, admin_only, rule, rule_detail, \
+                 flags, created_ms, deadline_ms, 'approved', decided_by, decided_who, decided_reason, \
+                 decided_ms, caps FROM requests WHERE id = '{}'",
+                "0190c0de-0000-7000-8000-00000000beef", allowed.id
+            ),
+            "0190c0de-0000-7000-8000-00000000beef".parse().unwrap(),
+            "has no audit entries",
+        ),
+        (
+            format!("DELETE FROM requests WHERE id = '{}'", waiting.id),
+            waiting.id,
+            "not in the database",
+        ),
+    ];
+    for (sql, id, want) in cases {
+        sqlx::query(&sql).execute(&mut c).await.unwrap();
+        let b = e.gw.audit_verify().await.unwrap().unwrap_err();
+        assert!(
+            b.problem.contains(&id.to_string()) && b.problem.contains(want),
+            "{sql}: {b:?}"
+        );
+        sqlx::query("DELETE FROM requests")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO requests SELECT * FROM requests_backup")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(
+            e.gw.audit_verify().await.unwrap(),
+            Ok(entries),
+            "restored after {sql}"
+        );
+    }
 }

@@ -1,5 +1,5 @@
 //! `keyturn exec` against a real server: runs only when approved, exit codes,
-//! scrubbed environment, command timeout and output truncation.
+//! minimal environment, command timeout and output truncation.
 
 mod common;
 
@@ -37,7 +37,7 @@ risk = "high"
 "#;
 
 #[test]
-fn approved_command_runs_with_a_scrubbed_environment() {
+fn approved_command_runs_with_a_minimal_environment() {
     let s = Server::start(EXTRA);
     let (code, stdout, stderr) = out(exec(
         &s,
@@ -48,18 +48,96 @@ fn approved_command_runs_with_a_scrubbed_environment() {
     .env("PYTHONPATH", "/tmp/evil")
     .env("https_proxy", "http://evil:8080")
     .env("NODE_OPTIONS", "--require /tmp/evil.js")
+    .env("GITHUB_TOKEN", "ghp_secret")
+    .env("AWS_SECRET_ACCESS_KEY", "aws_secret")
+    .env("KEYTURN_AGENT_TOKEN", "agent_secret")
+    .env("SSL_CERT_FILE", "/tmp/evil-ca.pem")
+    .env("LANG", "C.UTF-8")
     .env("KEEP_ME", "yes"));
     assert_eq!(code, 3, "{stderr}");
     assert!(stdout.starts_with("hi\n"), "{stdout}");
-    for bad in ["LD_PRELOAD", "PYTHONPATH", "https_proxy", "NODE_OPTIONS"] {
+    for bad in [
+        "LD_PRELOAD",
+        "PYTHONPATH",
+        "https_proxy",
+        "NODE_OPTIONS",
+        "GITHUB_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "KEYTURN_AGENT_TOKEN",
+        "SSL_CERT_FILE",
+        "KEEP_ME",
+    ] {
         assert!(
             !stdout.contains(&format!("{bad}=")),
             "{bad} leaked: {stdout}"
         );
     }
-    assert!(stdout.contains("KEEP_ME=yes"));
+    assert!(stdout.contains("PATH="), "{stdout}");
+    assert!(stdout.contains("LANG=C.UTF-8"), "{stdout}");
     assert!(stderr.contains("approved by policy"), "{stderr}");
-    assert!(stderr.contains("removed from the environment"), "{stderr}");
+    assert!(stderr.contains("other variables not passed"), "{stderr}");
+}
+
+#[test]
+fn named_variables_are_kept_and_shown_to_the_approver() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = Server::start(EXTRA);
+    // `[exec] keep_env` in the config the command names, plus --keep-env.
+    let cfg = dir.path().join("exec.toml");
+    std::fs::write(&cfg, "[exec]\nkeep_env = [\"AWS_SECRET_ACCESS_KEY\"]\n").expect("write");
+    let (code, stdout, stderr) = out(exec(
+        &s,
+        &[
+            "--tool",
+            "shell.ls",
+            "--config",
+            cfg.to_str().expect("utf8"),
+            "--keep-env",
+            "GITHUB_TOKEN",
+            "--keep-env",
+            "SSL_CERT_FILE",
+        ],
+        &["env"],
+    )
+    .env("GITHUB_TOKEN", "ghp_secret")
+    .env("AWS_SECRET_ACCESS_KEY", "aws_secret")
+    .env("SSL_CERT_FILE", "/etc/ssl/ca.pem")
+    .env("KEYTURN_AGENT_TOKEN", "agent_secret"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("GITHUB_TOKEN=ghp_secret"), "{stdout}");
+    assert!(
+        stdout.contains("AWS_SECRET_ACCESS_KEY=aws_secret"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("SSL_CERT_FILE=/etc/ssl/ca.pem"), "{stdout}");
+    assert!(!stdout.contains("KEYTURN_AGENT_TOKEN"), "{stdout}");
+    // The request names what the command gets (never the values).
+    let last = s
+        .rpc("audit.tail", serde_json::json!({"n": 1}))
+        .expect("tail");
+    let args = &last[0]["detail"]["args"];
+    assert_eq!(
+        args["keep_env"],
+        serde_json::json!(["AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN", "SSL_CERT_FILE"]),
+        "{last}"
+    );
+    assert!(!last.to_string().contains("ghp_secret"));
+
+    // Keyturn's own token and loader variables are refused, before asking.
+    for never in ["KEYTURN_AGENT_TOKEN", "LD_PRELOAD", "https_proxy"] {
+        let (code, stdout, stderr) = out(exec(
+            &s,
+            &["--tool", "shell.ls", "--keep-env", never],
+            &["echo", "ran"],
+        )
+        .env(never, "x"));
+        assert_eq!(code, 126, "{never}: {stderr}");
+        assert!(!stdout.contains("ran"), "{stdout}");
+        assert!(
+            stderr.contains(never) && stderr.contains("never"),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]

@@ -175,6 +175,9 @@ name = "cli"
 [[tools]]
 name = "read_file"
 risk = "low"
+# The planted secrets raise flags (a password in a URL is an external
+# host); this test is about masking, so flags stay advisory here.
+ask_on_flags = []
 [[tools]]
 name = "deploy"
 risk = "high"

@@ -1,6 +1,8 @@
 //! The content guard's use-cases on [`Gateway`]: masking and scanning a
-//! call before the policy sees it, the lethal-trifecta history from the
-//! store, `verify` of arguments against an approval, and audit retention.
+//! call before the policy sees it (a flagged call asks a human, per
+//! `content.ask_on_flags`), the lethal-trifecta guard (decided by the store
+//! in the transaction that stores the call; read here only for `check`),
+//! `verify` of arguments against an approval, and audit retention.
 //! The rules themselves are pure, in `domain::{redact, flags, trifecta, audit}`.
 
 use super::{now_ms, AppError, Gateway, Submission};
@@ -34,14 +36,20 @@ pub(super) struct Content {
     pub(super) flags: Vec<serde_json::Value>,
     pub(super) raise_risk: Option<String>,
     pub(super) force_deny: Option<(String, String)>,
-    pub(super) force_ask: Option<String>,
+    pub(super) force_ask: Option<(String, String)>,
 }
 
 impl Gateway {
-    /// Masks, scans and checks the trifecta for one call. Fail closed: if
+    /// Masks and scans one call; with `read_trifecta` (for `check`, which
+    /// stores nothing) also reads the trifecta history. Fail closed: if
     /// masking or scanning fails, the arguments are withheld and the call is
-    /// denied; if the task history cannot be read, the call fails.
-    pub(super) async fn content(&self, agent: &str, s: &Submission) -> Result<Content, AppError> {
+    /// denied; if the history cannot be read, the call fails.
+    pub(super) async fn content(
+        &self,
+        agent: &str,
+        s: &Submission,
+        read_trifecta: bool,
+    ) -> Result<Content, AppError> {
         let guarded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let args = self.redactor.redact_value(&s.args).value;
             let (justification, _) = self.redactor.redact_text(&s.justification);
@@ -88,7 +96,31 @@ impl Gateway {
                     ),
                 )
             });
-        let force_ask = self.trifecta(agent, s).await?;
+        // Any flag of a kind in `ask_on_flags` (default: every kind) sends
+        // the call to a human, so a flag on a low-risk tool is seen.
+        let ask_on = self.cfg.ask_on_flags(&s.tool);
+        let mut force_ask = flags.iter().find(|f| ask_on.contains(f.kind)).map(|f| {
+            let more = flags.len() - 1;
+            (
+                format!("flag_{}", f.kind.as_str()),
+                format!(
+                    "{} flag: {}{} (content.ask_on_flags sends flagged calls to a human)",
+                    f.kind.as_str(),
+                    f.detail,
+                    if more > 0 {
+                        format!(" (and {more} more flag(s))")
+                    } else {
+                        String::new()
+                    }
+                ),
+            )
+        });
+        if force_ask.is_none() && read_trifecta {
+            force_ask = self
+                .trifecta(agent, s)
+                .await?
+                .map(|r| ("trifecta".into(), r));
+        }
         Ok(Content {
             args,
             justification,
@@ -102,28 +134,30 @@ impl Gateway {
         })
     }
 
-    /// The trifecta reason for this call, from the task's approved history in
-    /// the store (so it holds across restarts).
+    /// The trifecta reason for this call from the stored history (for
+    /// `check`; `submit` has the store decide in the insert's transaction).
     async fn trifecta(&self, agent: &str, s: &Submission) -> Result<Option<String>, AppError> {
         let tags = self.cfg.tool_tags(&s.tool);
-        let Some(task) = &s.task_id else {
-            return Ok(None);
-        };
         if tags.is_empty() {
             return Ok(None);
         }
-        let history: Vec<(String, Vec<trifecta::ToolTag>)> = self
+        let since = now_ms() - self.cfg.content.trifecta_window.0.as_millis() as i64;
+        let history = self
             .store
-            .approved_task_tools(agent, task)
-            .await?
-            .into_iter()
-            .map(|t| {
-                let tags = self.cfg.tool_tags(&t).to_vec();
-                (t, tags)
-            })
-            .filter(|(_, t)| !t.is_empty())
-            .collect();
-        Ok(trifecta::check(&history, &s.tool, tags))
+            .trifecta_history(agent, s.user_id.as_deref(), since)
+            .await?;
+        let who = trifecta::who(agent, s.user_id.as_deref(), &self.trifecta_window_label());
+        Ok(trifecta::check(&who, &history, &s.tool, tags))
+    }
+
+    /// `content.trifecta_window` as people write it (`24h`, `90m`, `45s`).
+    pub(super) fn trifecta_window_label(&self) -> String {
+        let secs = self.cfg.content.trifecta_window.0.as_secs();
+        match secs {
+            s if s % 3600 == 0 => format!("{}h", s / 3600),
+            s if s % 60 == 0 => format!("{}m", s / 60),
+            s => format!("{s}s"),
+        }
     }
 
     /// Whether `args` are exactly the arguments request `id` was submitted

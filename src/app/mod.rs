@@ -19,6 +19,7 @@ use crate::domain::policy::{
 };
 use crate::domain::redact::{self, Redactor};
 use crate::domain::request::{ApprovalRequest, DecidedBy, RequestId, State, TransitionError, Vote};
+use crate::domain::trifecta;
 use crate::domain::Risk;
 use crate::store::{PairedUser, PairingRefused, PendingPairing, Store, StoreError, StoredGrant};
 use content::Content;
@@ -209,6 +210,10 @@ impl Gateway {
             events,
             server_uid,
         });
+        // Opting out of "a flagged call asks a human" is allowed, never silent.
+        for exemption in gw.cfg.flag_ask_exemptions() {
+            tracing::warn!("flagged calls may run without a human: {exemption}");
+        }
         gw.refresh_policy().await?;
         *gw.pending_by_agent
             .lock()
@@ -414,7 +419,7 @@ impl Gateway {
     /// What the policy would do with `s`, without queueing or using a token.
     pub async fn check(&self, agent: &str, s: &Submission) -> Result<CheckAnswer, AppError> {
         self.validate(s)?;
-        let content = self.content(agent, s).await?;
+        let content = self.content(agent, s, true).await?;
         let (verdict, risk, allowlist) = self.evaluate(agent, s, &content, now_ms(), true);
         Ok(CheckAnswer {
             verdict,
@@ -433,7 +438,7 @@ impl Gateway {
                 return Ok(existing);
             }
         }
-        let content = self.content(agent, &s).await?;
+        let content = self.content(agent, &s, false).await?;
         let now = now_ms();
         let (verdict, tool_risk, _) = self.evaluate(agent, &s, &content, now, false);
         let Content {
@@ -475,6 +480,7 @@ impl Gateway {
             requester_uid: s.requester_uid,
         };
         let mut reservation = None;
+        let tags = self.cfg.tool_tags(&req.tool);
         match &verdict {
             Verdict::Allow { detail, log, .. } => {
                 req.rule_detail = detail.clone();
@@ -516,13 +522,57 @@ impl Gateway {
         } else {
             vec![events::submitted(&req), events::policy(&req)]
         };
-        let req = match self.store.insert_request(req, audit).await? {
+        // A tagged call is guarded by the store, in the transaction that
+        // stores it: an allowed call that completes the trifecta waits for
+        // a human instead, so it needs a pending slot (or is denied).
+        let guard = (!tags.is_empty() && req.state != State::Denied).then(|| {
+            let unattended = s.unattended || self.cfg.agent(agent).is_some_and(|a| a.unattended);
+            let mut deny = None;
+            if req.state == State::Approved {
+                if unattended {
+                    deny = Some((
+                        "unattended".to_string(),
+                        "nobody is watching this agent, so it is denied at once".to_string(),
+                    ));
+                } else {
+                    let max = self.cfg.agent(agent).map(|a| a.max_pending).unwrap_or(0);
+                    match self.reserve_pending(agent, max) {
+                        Ok(slot) => reservation = Some(slot),
+                        Err(e) => deny = Some(("too_many_pending".to_string(), e.to_string())),
+                    }
+                }
+            }
+            let wanted = s
+                .timeout_secs
+                .map(Duration::from_secs)
+                .unwrap_or(self.cfg.timeout_for(req.risk));
+            let wait = wanted.min(self.cfg.risk.max_timeout.0);
+            trifecta::Guard {
+                tags: tags.to_vec(),
+                since_ms: now - self.cfg.content.trifecta_window.0.as_millis() as i64,
+                window: self.trifecta_window_label(),
+                escalation: trifecta::Escalation {
+                    risk: req.risk,
+                    deadline_ms: now + wait.as_millis() as i64,
+                    approvals_required: if req.risk == Risk::Critical {
+                        self.settings.approvals_critical.max(1)
+                    } else {
+                        self.settings.approvals_high.max(1)
+                    },
+                    admin_only: req.risk == Risk::Critical,
+                    deny,
+                },
+            }
+        });
+        let req = match self.store.insert_guarded(req, audit, guard).await? {
             crate::store::Inserted::Existing(r) => return Ok(r),
             crate::store::Inserted::New(r) => r,
         };
         // The slot now belongs to the stored request; `finished` frees it.
         if let Some(r) = reservation {
-            r.keep();
+            if req.state == State::Pending {
+                r.keep();
+            }
         }
         if req.state == State::Pending {
             tracing::info!(request.id = %req.id, agent = %req.agent, tool = %req.tool, risk = %req.risk, "queued for approval");
@@ -989,37 +1039,14 @@ impl Gateway {
         Ok(self.store.audit_after(after, limit).await?)
     }
 
-    /// Walks the whole chain; `Err` names the first broken entry.
+    /// Walks the whole chain and checks every request row against it, from
+    /// one snapshot; `Err` names the first break. `Ok` is the number of
+    /// entries verified.
     pub async fn audit_verify(&self) -> Result<Result<u64, audit::Break>, AppError> {
-        let (head_seq, head_hash) = self.store.audit_head().await?;
-        let mut walk = audit::ChainVerifier::new();
-        let mut after = 0;
-        loop {
-            let page = self.store.audit_after(after, 5000).await?;
-            let Some(last) = page.last() else {
-                break;
-            };
-            after = last.seq;
-            for e in &page {
-                if let Err(b) = walk.push(e) {
-                    return Ok(Err(b));
-                }
-            }
-        }
-        let total = match walk.finish() {
-            Ok(n) => n,
-            Err(b) => return Ok(Err(b)),
-        };
-        let (seq, hash) = walk.last();
-        if seq != head_seq || hash != head_hash {
-            return Ok(Err(audit::Break {
-                seq: seq + 1,
-                problem: format!(
-                    "the chain ends at entry {seq} but the recorded head is entry {head_seq} (rows at the end were deleted or the head was edited)"
-                ),
-            }));
-        }
-        Ok(Ok(total))
+        Ok(self.store.audit_verify().await?.map(|(entries, requests)| {
+            tracing::debug!(entries, requests, "audit log verified");
+            entries
+        }))
     }
 }
 

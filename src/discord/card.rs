@@ -617,6 +617,25 @@ mod tests {
     }
 
     #[test]
+    fn a_card_says_when_approving_completes_the_trifecta() {
+        // The guard puts the warning first in the detail, so even a long
+        // detail cut to the field's budget keeps it.
+        let mut r = request();
+        r.rule_detail = format!(
+            "approving this completes the lethal trifecta for agent `a` in the last 24h: \
+             reads_private_data (read_email); {}",
+            "x".repeat(3000)
+        );
+        let c = render(&r, &settings(), true);
+        check_limits(&c.payload);
+        let text = all_text(&c.payload);
+        assert!(
+            text.contains("approving this completes the lethal trifecta for agent"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn pings_follow_risk_and_config() {
         let mut r = request();
         r.risk = Risk::Critical;

@@ -320,6 +320,253 @@ impl ChainVerifier {
     }
 }
 
+impl ChainVerifier {
+    /// Compares where the walk ended with the chain head the store recorded
+    /// (read in the same snapshot): a deleted last row shows only here.
+    pub fn check_head(&self, head_seq: i64, head_hash: &str) -> Result<(), Break> {
+        let (seq, hash) = self.last();
+        if seq != head_seq || hash != head_hash {
+            return Err(Break {
+                seq: seq + 1,
+                problem: format!(
+                    "the chain ends at entry {seq} but the recorded head is entry {head_seq} \
+                     (rows at the end were deleted or the head was edited)"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The fields of a request row the audit chain vouches for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub id: String,
+    pub agent: String,
+    pub tool: String,
+    pub args_hash: String,
+    /// `pending`, `approved`, `denied`, `timed_out`, `cancelled`.
+    pub state: String,
+    pub decided_by: Option<String>,
+    pub created_ms: i64,
+}
+
+/// What the chain says about one request (compact: verify holds one per
+/// request in the log).
+#[derive(Debug, Clone, Default)]
+struct Told {
+    /// The last entry about it.
+    seq: i64,
+    state: Option<&'static str>,
+    decided_by: Option<String>,
+    /// SHA-256 of agent, tool and args hash, from its submission entry.
+    submitted: Option<[u8; 32]>,
+    seen: bool,
+}
+
+fn submission_digest(agent: &str, tool: &str, args_hash: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [agent, tool, args_hash] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().into()
+}
+
+const STATES: [&str; 5] = ["pending", "approved", "denied", "timed_out", "cancelled"];
+
+/// Cross-checks request rows against the chain, so editing a request's
+/// state, decision or arguments hash in the database (which no audit row
+/// shows) is caught. Feed every entry in order with [`RequestLedger::push`],
+/// then every request row with [`RequestLedger::check`], then
+/// [`RequestLedger::finish`]; all from one snapshot.
+#[derive(Debug, Default)]
+pub struct RequestLedger {
+    told: std::collections::HashMap<String, Told>,
+    /// Requests created before this were pruned from the log (last retention
+    /// checkpoint), so they may have no entries left.
+    pruned_before_ms: Option<i64>,
+    checked: u64,
+}
+
+impl RequestLedger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes what one (already chain-verified) entry says about its request.
+    pub fn push(&mut self, e: &AuditEntry) {
+        if e.event.kind == CHECKPOINT {
+            self.pruned_before_ms = e.event.detail.get("cutoff_ms").and_then(|v| v.as_i64());
+            return;
+        }
+        let Some(id) = &e.event.request_id else {
+            return;
+        };
+        let d = &e.event.detail;
+        let (state, submitted) = match e.event.kind.as_str() {
+            "submitted" => (Some("pending"), true),
+            "policy_allowed" => (Some("approved"), true),
+            "policy_denied" => (Some("denied"), true),
+            k => (
+                STATES.iter().find(|s| **s == k && k != "pending").copied(),
+                false,
+            ),
+        };
+        if state.is_none() && e.event.kind != "queued" && e.event.kind != "vote" {
+            return;
+        }
+        let t = self.told.entry(id.clone()).or_default();
+        t.seq = e.seq;
+        if submitted {
+            let agent = e
+                .event
+                .actor
+                .strip_prefix("agent:")
+                .unwrap_or(&e.event.actor);
+            let s = |k: &str| d.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+            t.submitted = Some(submission_digest(agent, s("tool"), s("args_hash")));
+        }
+        if let Some(st) = state {
+            // A submission after a decision cannot undo it.
+            if !(submitted && t.state.is_some_and(|s| s != "pending")) {
+                t.state = Some(st);
+            }
+            t.decided_by = match e.event.kind.as_str() {
+                "policy_allowed" | "policy_denied" => Some("policy".into()),
+                "submitted" => None,
+                _ => d
+                    .get("decided_by")
+                    .and_then(|v| v.as_str())
+                    .map(String::from),
+            };
+        }
+    }
+
+    /// Checks one request row against what the chain says.
+    pub fn check(&mut self, r: &RequestFacts) -> Result<(), Break> {
+        self.checked += 1;
+        let Some(t) = self.told.get_mut(&r.id) else {
+            if self.pruned_before_ms.is_some_and(|cut| r.created_ms < cut) {
+                return Ok(());
+            }
+            return Err(Break {
+                seq: 0,
+                problem: format!(
+                    "request {} ({}, {}) has no audit entries (the row was added, or its \
+                     entries deleted, outside Keyturn)",
+                    r.id, r.tool, r.state
+                ),
+            });
+        };
+        t.seen = true;
+        let edited = |what: String| Break {
+            seq: t.seq,
+            problem: format!(
+                "request {}: {what} (the request row was edited outside Keyturn)",
+                r.id
+            ),
+        };
+        if let Some(st) = t.state {
+            if st != r.state {
+                return Err(edited(format!(
+                    "the database says `{}`, the audit log says `{st}`",
+                    r.state
+                )));
+            }
+            if st != "pending" && t.decided_by.as_deref() != r.decided_by.as_deref() {
+                return Err(edited(format!(
+                    "decided by `{}` in the database, by `{}` in the audit log",
+                    r.decided_by.as_deref().unwrap_or("-"),
+                    t.decided_by.as_deref().unwrap_or("-")
+                )));
+            }
+        }
+        if let Some(d) = t.submitted {
+            if d != submission_digest(&r.agent, &r.tool, &r.args_hash) {
+                return Err(edited(
+                    "its agent, tool or arguments hash differ from its submission entry".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// After every row: a request the chain knows that has no row was deleted.
+    /// Returns the number of request rows checked.
+    pub fn finish(&self) -> Result<u64, Break> {
+        if let Some((id, t)) = self
+            .told
+            .iter()
+            .filter(|(_, t)| !t.seen && t.submitted.is_some())
+            .min_by_key(|(_, t)| t.seq)
+        {
+            return Err(Break {
+                seq: t.seq,
+                problem: format!(
+                    "request {id} is in the audit log but not in the database (its row was deleted)"
+                ),
+            });
+        }
+        Ok(self.checked)
+    }
+}
+
+/// The fields an exported entry has, no more and no fewer.
+const ENTRY_FIELDS: [&str; 8] = [
+    "seq",
+    "at_ms",
+    "kind",
+    "actor",
+    "request_id",
+    "detail",
+    "prev_hash",
+    "hash",
+];
+
+/// One exported entry, strictly: exactly the fields of [`AuditEntry`], each
+/// once. A field added to a line (say `"approved_by"`) is outside the hash,
+/// so a lenient reader would accept a doctored export.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StrictEntry {
+    seq: i64,
+    at_ms: i64,
+    kind: String,
+    actor: String,
+    request_id: Option<String>,
+    detail: serde_json::Value,
+    prev_hash: String,
+    hash: String,
+}
+
+/// Parses one line of `keyturn audit export`, refusing added, missing or
+/// repeated fields.
+pub fn parse_export_line(line: &str) -> Result<AuditEntry, String> {
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(line).map_err(|e| e.to_string())?;
+    if let Some(extra) = map.keys().find(|k| !ENTRY_FIELDS.contains(&k.as_str())) {
+        return Err(format!("unknown field `{extra}` (not covered by the hash)"));
+    }
+    if let Some(missing) = ENTRY_FIELDS.iter().find(|k| !map.contains_key(**k)) {
+        return Err(format!("missing field `{missing}`"));
+    }
+    // Typed and duplicate-key checks (a JSON map keeps only the last copy).
+    let e: StrictEntry = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    Ok(AuditEntry {
+        seq: e.seq,
+        event: AuditEvent {
+            at_ms: e.at_ms,
+            kind: e.kind,
+            actor: e.actor,
+            request_id: e.request_id,
+            detail: e.detail,
+        },
+        prev_hash: e.prev_hash,
+        hash: e.hash,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,6 +660,89 @@ mod tests {
         let mut edited = pruned.clone();
         edited[3].event.detail["pruned_through_seq"] = serde_json::json!(2);
         assert_eq!(walk(&edited).unwrap_err().seq, 7);
+    }
+
+    #[test]
+    fn export_lines_are_parsed_strictly() {
+        let e = &link(0, GENESIS, vec![ev(1)])[0];
+        let line = serde_json::to_string(e).unwrap();
+        assert_eq!(parse_export_line(&line).unwrap(), *e);
+        let mut v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["approved_by"] = json!("mallory");
+        let err = parse_export_line(&v.to_string()).unwrap_err();
+        assert!(err.contains("unknown field `approved_by`"), "{err}");
+        let mut v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v.as_object_mut().unwrap().remove("request_id");
+        let err = parse_export_line(&v.to_string()).unwrap_err();
+        assert!(err.contains("missing field `request_id`"), "{err}");
+        let dup = line.replacen("\"kind\":", "\"kind\":\"approved\",\"kind\":", 1);
+        assert!(parse_export_line(&dup)
+            .unwrap_err()
+            .contains("duplicate field"));
+    }
+
+    #[test]
+    fn request_rows_are_checked_against_the_chain() {
+        let sub = AuditEvent {
+            at_ms: 10,
+            kind: "submitted".into(),
+            actor: "agent:a".into(),
+            request_id: Some("r1".into()),
+            detail: json!({"tool": "t", "args_hash": "h1"}),
+        };
+        let decided = AuditEvent {
+            at_ms: 11,
+            kind: "denied".into(),
+            actor: "discord:1".into(),
+            request_id: Some("r1".into()),
+            detail: json!({"decided_by": "human"}),
+        };
+        let entries = link(0, GENESIS, vec![sub, decided]);
+        let row = RequestFacts {
+            id: "r1".into(),
+            agent: "a".into(),
+            tool: "t".into(),
+            args_hash: "h1".into(),
+            state: "denied".into(),
+            decided_by: Some("human".into()),
+            created_ms: 10,
+        };
+        let ledger = |rows: &[RequestFacts]| {
+            let mut l = RequestLedger::new();
+            entries.iter().for_each(|e| l.push(e));
+            for r in rows {
+                l.check(r)?;
+            }
+            l.finish()
+        };
+        assert_eq!(ledger(std::slice::from_ref(&row)), Ok(1));
+        let edited = RequestFacts {
+            state: "approved".into(),
+            ..row.clone()
+        };
+        let b = ledger(&[edited]).unwrap_err();
+        assert_eq!(b.seq, 2);
+        assert!(b.problem.contains("says `approved`"), "{}", b.problem);
+        let hash = RequestFacts {
+            args_hash: "h2".into(),
+            ..row.clone()
+        };
+        assert!(ledger(&[hash])
+            .unwrap_err()
+            .problem
+            .contains("arguments hash"));
+        let stranger = RequestFacts {
+            id: "r2".into(),
+            ..row.clone()
+        };
+        assert!(ledger(&[row.clone(), stranger])
+            .unwrap_err()
+            .problem
+            .contains("has no audit entries"));
+        assert!(ledger(&[])
+            .unwrap_err()
+            .problem
+            .contains("not in the database"));
     }
 
     #[test]

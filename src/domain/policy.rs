@@ -374,8 +374,9 @@ pub struct Facts {
     pub raise_risk: Option<String>,
     /// Content flags configured to deny: (rule, detail).
     pub force_deny: Option<(String, String)>,
-    /// An escalation that forces a human whatever the risk (e.g. trifecta).
-    pub force_ask: Option<String>,
+    /// An escalation that forces a human whatever the risk: (rule, detail),
+    /// e.g. `flag_homoglyph` for a flagged call, `trifecta`.
+    pub force_ask: Option<(String, String)>,
 }
 
 /// Mutable rate-limit and budget state, owned by the caller.
@@ -557,8 +558,8 @@ pub fn evaluate(
         }
     };
 
-    if let Some(reason) = &facts.force_ask {
-        return ask("escalated", format!("{why}; escalated: {reason}"));
+    if let Some((rule, reason)) = &facts.force_ask {
+        return ask(rule, format!("{reason}; {why}"));
     }
     match (risk, autonomy) {
         (Risk::Critical, _) => ask("risk_critical", format!("{why}: an admin must approve")),
@@ -985,8 +986,8 @@ mod tests {
             }
         ));
         let mut f = facts(Risk::Low);
-        f.force_ask = Some("lethal trifecta".into());
-        assert_eq!(eval(&grants, &call("x", &[]), &f).rule(), "escalated");
+        f.force_ask = Some(("trifecta".into(), "lethal trifecta".into()));
+        assert_eq!(eval(&grants, &call("x", &[]), &f).rule(), "trifecta");
         let mut f = facts(Risk::Low);
         f.force_deny = Some(("flag_prompt_injection".into(), "d".into()));
         assert_eq!(

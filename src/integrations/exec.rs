@@ -3,10 +3,13 @@
 //! The request's arguments are the command line and the working directory
 //! (`{"argv": [...], "cwd": "..."}`), so the human sees exactly what will
 //! run. Only an approval runs it; a denial, a timeout or any failure to reach
-//! Keyturn exits 126 without running anything. The command gets an
-//! environment scrubbed of variables that change what a program loads or
-//! where its traffic goes, a wall-clock limit, and its output is cut at a
-//! configurable size with a visible marker. Blocking `std` only, no runtime.
+//! Keyturn exits 126 without running anything. The command gets a minimal
+//! environment (`PATH`, `HOME`, `LANG`, `TERM` and the names declared with
+//! `--keep-env` or `[exec] keep_env`): tokens and keys in the caller's
+//! environment (`GITHUB_TOKEN`, `AWS_SECRET_ACCESS_KEY`, Keyturn's own agent
+//! token) never reach it unless named, and a few never at all. It also gets a
+//! wall-clock limit, and its output is cut at a configurable size with a
+//! visible marker. Blocking `std` only, no runtime.
 
 use super::hook::parse_duration;
 use super::{ask, socket_path, Identity, Outcome};
@@ -66,13 +69,33 @@ pub struct ExecArgs {
     /// after a `[keyturn: output truncated …]` marker.
     #[arg(long, default_value_t = 1024 * 1024)]
     pub max_output: u64,
+    /// Pass this environment variable to the command (repeatable). Only
+    /// `PATH`, `HOME`, `LANG`, `TERM` and the names given here or in the
+    /// config's `[exec] keep_env` are passed; the approver sees the names.
+    #[arg(long = "keep-env", value_name = "NAME")]
+    pub keep_env: Vec<String>,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, num_args = 1..)]
     pub command: Vec<String>,
 }
 
-/// Exact names removed from the command's environment.
-const SCRUB_EXACT: &[&str] = &[
+/// Passed to the command whenever the caller has them.
+pub const BASE_ENV: &[&str] = &["PATH", "HOME", "LANG", "TERM"];
+
+/// CA-bundle overrides: not passed unless named (`--keep-env SSL_CERT_FILE`),
+/// since they decide whom the command's TLS trusts.
+pub const CA_BUNDLE_ENV: &[&str] = &[
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "CURL_CA_BUNDLE",
+    "REQUESTS_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
+];
+
+/// Names that may never be passed, even when named: they change what a
+/// program loads or where its traffic goes.
+const NEVER_EXACT: &[&str] = &[
     "PYTHONPATH",
     "PYTHONSTARTUP",
     "PYTHONHOME",
@@ -100,16 +123,11 @@ const SCRUB_EXACT: &[&str] = &[
     "GIT_SSH_COMMAND",
     "GIT_EXEC_PATH",
     "GIT_CONFIG_GLOBAL",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-    "CURL_CA_BUNDLE",
-    "REQUESTS_CA_BUNDLE",
-    "NODE_EXTRA_CA_CERTS",
 ];
-/// Prefixes removed: the dynamic loader's knobs and exported shell functions.
-const SCRUB_PREFIX: &[&str] = &["LD_", "DYLD_", "BASH_FUNC_"];
-/// Proxy settings, any case.
-const SCRUB_PROXY: &[&str] = &[
+/// Prefixes never passed: the dynamic loader's knobs and exported shell functions.
+const NEVER_PREFIX: &[&str] = &["LD_", "DYLD_", "BASH_FUNC_"];
+/// Proxy settings, any case: never passed.
+const NEVER_PROXY: &[&str] = &[
     "http_proxy",
     "https_proxy",
     "ftp_proxy",
@@ -118,11 +136,54 @@ const SCRUB_PROXY: &[&str] = &[
     "socks_proxy",
 ];
 
-/// Whether `name` is removed from the command's environment.
-pub fn scrubbed(name: &str) -> bool {
-    SCRUB_EXACT.contains(&name)
-        || SCRUB_PREFIX.iter().any(|p| name.starts_with(p))
-        || SCRUB_PROXY.iter().any(|p| name.eq_ignore_ascii_case(p))
+/// Why `name` may not be passed to the command, or `None` if it may be
+/// (when named). Keyturn's own secrets (`KEYTURN_AGENT_TOKEN`,
+/// `KEYTURN_*_TOKEN`) are never passed: with it the command could submit
+/// and cancel as the agent.
+pub fn never_passed(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.contains('=') || name.contains('\0') {
+        return Some("is not an environment variable name");
+    }
+    let upper = name.to_ascii_uppercase();
+    if upper.starts_with("KEYTURN_") && upper.ends_with("TOKEN") {
+        return Some("is a Keyturn secret and is never passed to the command");
+    }
+    if NEVER_EXACT.contains(&name)
+        || NEVER_PREFIX.iter().any(|p| name.starts_with(p))
+        || NEVER_PROXY.iter().any(|p| name.eq_ignore_ascii_case(p))
+    {
+        return Some(
+            "changes what the command loads or where its traffic goes, so it is never passed",
+        );
+    }
+    None
+}
+
+/// The names passed to the command: the base set and `keep`, deduplicated
+/// in that order. Refuses a name that may never be passed.
+pub fn passed_names(keep: &[String]) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = BASE_ENV.iter().map(|s| s.to_string()).collect();
+    for k in keep {
+        if let Some(why) = never_passed(k) {
+            return Err(format!("`{k}` {why}"));
+        }
+        if !out.contains(k) {
+            out.push(k.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// `[exec] keep_env` from the config file, if one is given.
+fn config_keep_env(config: Option<&std::path::Path>) -> Result<Vec<String>, String> {
+    let Some(c) = config else {
+        return Ok(vec![]);
+    };
+    let text = std::fs::read_to_string(c)
+        .map_err(|e| format!("cannot read config file {}: {e}", c.display()))?;
+    let cfg = crate::config::Config::parse(&text)
+        .map_err(|e| format!("config file {}: {e}", c.display()))?;
+    Ok(cfg.exec.keep_env)
 }
 
 /// Copies `from` to `to` up to `limit` bytes, then writes a marker and
@@ -171,14 +232,31 @@ pub fn main(a: ExecArgs) -> u8 {
             return EXIT_NOT_APPROVED;
         }
     };
+    // What the command will see is settled before asking, so the approver
+    // sees which variables it gets (by name; values may be secrets).
+    let keep = match config_keep_env(a.config.as_deref()).and_then(|mut k| {
+        k.extend(a.keep_env.iter().cloned());
+        passed_names(&k)
+    }) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("keyturn exec: {e}; not running the command");
+            return EXIT_NOT_APPROVED;
+        }
+    };
+    let declared: Vec<&String> = keep.iter().skip(BASE_ENV.len()).collect();
     let id = Identity {
         socket,
         agent: a.agent.clone(),
         token: a.token.clone(),
     };
+    let mut args = json!({"argv": a.command, "cwd": cwd});
+    if !declared.is_empty() {
+        args["keep_env"] = json!(declared);
+    }
     let mut p = json!({
         "tool": a.tool,
-        "args": {"argv": a.command, "cwd": cwd},
+        "args": args,
         "justification": a.justification,
         "unattended": a.unattended,
     });
@@ -200,29 +278,42 @@ pub fn main(a: ExecArgs) -> u8 {
     if !matches!(outcome, Outcome::Approved(_)) {
         return EXIT_NOT_APPROVED;
     }
-    run(&a)
+    run(&a, &keep)
 }
 
-fn run(a: &ExecArgs) -> u8 {
+fn run(a: &ExecArgs, keep: &[String]) -> u8 {
     let mut cmd = Command::new(&a.command[0]);
     cmd.args(&a.command[1..])
         .stdin(Stdio::inherit())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut removed = Vec::new();
-    for (k, _) in std::env::vars_os() {
-        let name = k.to_string_lossy();
-        if scrubbed(&name) {
-            removed.push(name.into_owned());
-            cmd.env_remove(&k);
+    cmd.env_clear();
+    let mut passed = Vec::new();
+    let mut missing = Vec::new();
+    for name in keep {
+        match std::env::var_os(name) {
+            Some(v) => {
+                cmd.env(name, v);
+                passed.push(name.as_str());
+            }
+            None if !BASE_ENV.contains(&name.as_str()) => missing.push(name.as_str()),
+            None => {}
         }
     }
-    if !removed.is_empty() {
-        removed.sort();
-        eprintln!(
-            "keyturn: removed from the environment: {}",
-            removed.join(" ")
-        );
+    let dropped = std::env::vars_os()
+        .filter(|(k, _)| !keep.iter().any(|n| k.as_os_str() == n.as_str()))
+        .count();
+    eprintln!(
+        "keyturn: the command's environment is {} ({dropped} other variables not passed; \
+         --keep-env NAME passes one)",
+        if passed.is_empty() {
+            "empty".to_string()
+        } else {
+            passed.join(" ")
+        }
+    );
+    if !missing.is_empty() {
+        eprintln!("keyturn: not set, so not passed: {}", missing.join(" "));
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -293,7 +384,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dangerous_variables_are_scrubbed() {
+    fn dangerous_and_keyturn_variables_are_never_passed() {
         for v in [
             "LD_PRELOAD",
             "LD_LIBRARY_PATH",
@@ -313,20 +404,32 @@ mod tests {
             "NO_PROXY",
             "no_proxy",
             "BASH_FUNC_ls%%",
+            "KEYTURN_AGENT_TOKEN",
+            "KEYTURN_AGENT_CLI_TOKEN",
+            "KEYTURN_DISCORD_TOKEN",
+            "",
+            "A=B",
         ] {
-            assert!(scrubbed(v), "{v}");
+            assert!(never_passed(v).is_some(), "{v}");
+            assert!(passed_names(&[v.to_string()]).is_err(), "{v}");
         }
         for v in [
-            "PATH",
-            "HOME",
-            "LANG",
-            "TERM",
-            "USER",
+            "GITHUB_TOKEN",
+            "AWS_SECRET_ACCESS_KEY",
             "PYTHONUNBUFFERED",
-            "ENVIRONMENT",
-        ] {
-            assert!(!scrubbed(v), "{v}");
+            "KEYTURN_SOCKET",
+        ]
+        .iter()
+        .chain(CA_BUNDLE_ENV)
+        {
+            assert!(never_passed(v).is_none(), "{v}");
+            // Passed only when named.
+            assert!(!BASE_ENV.contains(v), "{v}");
         }
+        assert_eq!(
+            passed_names(&["X".into(), "PATH".into(), "X".into()]).unwrap(),
+            ["PATH", "HOME", "LANG", "TERM", "X"]
+        );
     }
 
     #[test]

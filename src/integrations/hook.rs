@@ -1,11 +1,15 @@
 //! `keyturn hook claude-code`: a Claude Code `PreToolUse` hook.
 //!
 //! Claude Code runs the hook before every tool call with one JSON object on
-//! stdin and reads a permission decision from stdout. Any exit code other
-//! than 0 or 2 lets the tool run, so this command answers with a JSON `deny`
-//! (exit 0) for every failure it can see — no socket, garbage input, a
-//! protocol error, a panic — and exits 2 only if it cannot even write that
-//! answer. It uses blocking `std` I/O and no async runtime: it runs before
+//! stdin and reads a permission decision from stdout. Without
+//! `"onFailure": "block"` in settings.json, any exit code other than 0 or 2
+//! (a mistyped binary: 127) and Claude Code's own hook timeout let the tool
+//! run, so the documented snippet sets it, and this command answers with a
+//! JSON `deny` (exit 0) for every failure it can see — no socket, garbage
+//! input, a protocol error, a panic — and exits 2 only if it cannot even
+//! write that answer. Its own wait always ends before Claude Code's hook
+//! timeout (`--claude-timeout`), so a slow human is a *timed out* deny from
+//! Keyturn, never Claude Code giving up on the hook. It uses blocking `std` I/O and no async runtime: it runs before
 //! every tool call, so its start-up time is the product.
 
 use super::{ask, policy_tool_name, socket_path, Identity, Outcome};
@@ -40,10 +44,15 @@ pub struct ClaudeCodeArgs {
     /// Config file (used to find the socket).
     #[arg(long, env = "KEYTURN_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Longest wait for a human (`90s`, `9m`; a bare number is seconds). Keep it
-    /// below the hook's `timeout` in settings.json (Claude Code's default: 600 s).
+    /// Longest wait for a human (`90s`, `9m`; a bare number is seconds). Must
+    /// be below `--claude-timeout`; a longer one is cut to end
+    /// [`CLAUDE_TIMEOUT_MARGIN`] before it, with a warning on stderr.
     #[arg(long, default_value = "540s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// The hook's `timeout` in settings.json (Claude Code's default: 600 s).
+    /// Claude Code stops waiting for the hook then; the hook answers first.
+    #[arg(long, default_value = "600s", value_parser = parse_duration)]
+    pub claude_timeout: Duration,
     /// Nobody is watching: calls that need a human are denied at once.
     #[arg(long)]
     pub unattended: bool,
@@ -53,6 +62,36 @@ pub struct ClaudeCodeArgs {
     /// Channel id the work belongs to.
     #[arg(long)]
     pub channel: Option<String>,
+}
+
+/// How long before Claude Code's hook timeout the hook's own wait ends, so
+/// it can cancel the request and answer in time.
+pub const CLAUDE_TIMEOUT_MARGIN: Duration = Duration::from_secs(15);
+
+/// The hook's effective wait: `--timeout`, cut to end
+/// [`CLAUDE_TIMEOUT_MARGIN`] before `--claude-timeout` (or at half of a
+/// Claude timeout shorter than twice the margin). `Err` carries the warning
+/// when it had to be cut.
+pub fn effective_wait(timeout: Duration, claude: Duration) -> Result<Duration, (Duration, String)> {
+    let limit = if claude > CLAUDE_TIMEOUT_MARGIN * 2 {
+        claude - CLAUDE_TIMEOUT_MARGIN
+    } else {
+        claude / 2
+    };
+    if timeout <= limit {
+        return Ok(timeout);
+    }
+    Err((
+        limit,
+        format!(
+            "keyturn hook: --timeout {}s is not below Claude Code's hook timeout {}s \
+             (--claude-timeout, settings.json `timeout`) by {}s; waiting {}s instead",
+            timeout.as_secs(),
+            claude.as_secs(),
+            CLAUDE_TIMEOUT_MARGIN.as_secs(),
+            limit.as_secs()
+        ),
+    ))
 }
 
 /// `30` (seconds), `30s`, `5m`.
@@ -174,7 +213,11 @@ pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
         agent: a.agent.clone(),
         token: a.token.clone(),
     };
-    let outcome = ask(&id, submission(&input, a), a.timeout);
+    let wait = effective_wait(a.timeout, a.claude_timeout).unwrap_or_else(|(cut, warning)| {
+        eprintln!("{warning}");
+        cut
+    });
+    let outcome = ask(&id, submission(&input, a), wait);
     (matches!(outcome, Outcome::Approved(_)), outcome.reason())
 }
 
@@ -228,6 +271,7 @@ mod tests {
             socket: Some("/nonexistent/keyturn.sock".into()),
             config: None,
             timeout: Duration::from_secs(1),
+            claude_timeout: Duration::from_secs(600),
             unattended: false,
             user: None,
             channel: None,
@@ -273,5 +317,75 @@ mod tests {
         );
         let (allow, why) = decide(br#"{"tool_name":"Bash","tool_input":{}}"#, &args());
         assert!(!allow && why.contains("cannot connect"), "{why}");
+    }
+
+    #[test]
+    fn the_wait_ends_before_claude_codes_timeout() {
+        let s = Duration::from_secs;
+        assert_eq!(effective_wait(s(540), s(600)), Ok(s(540)));
+        assert_eq!(effective_wait(s(585), s(600)), Ok(s(585)));
+        let (cut, why) = effective_wait(s(600), s(600)).unwrap_err();
+        assert_eq!(cut, s(585));
+        assert!(why.contains("--claude-timeout"), "{why}");
+        assert_eq!(effective_wait(s(900), s(60)).unwrap_err().0, s(45));
+        assert_eq!(effective_wait(s(30), s(20)).unwrap_err().0, s(10));
+    }
+
+    /// The settings.json snippets in the README and the integration guide:
+    /// `onFailure` blocks, and the hook's own wait ends before Claude Code's
+    /// hook timeout, which the command states with `--claude-timeout`.
+    #[test]
+    fn documented_snippets_block_on_failure_and_time_out_first() {
+        for (name, text) in [
+            ("README.md", include_str!("../../README.md")),
+            (
+                "docs/integrations.md",
+                include_str!("../../docs/integrations.md"),
+            ),
+        ] {
+            let mut found = 0;
+            for block in text.split("```json").skip(1) {
+                let Some(end) = block.find("```") else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_str::<Value>(&block[..end]) else {
+                    continue;
+                };
+                let Some(groups) = v["hooks"]["PreToolUse"].as_array() else {
+                    continue;
+                };
+                for h in groups
+                    .iter()
+                    .flat_map(|g| g["hooks"].as_array().into_iter().flatten())
+                {
+                    let cmd = h["command"].as_str().unwrap_or_default();
+                    if !cmd.contains("hook claude-code") {
+                        continue;
+                    }
+                    found += 1;
+                    assert_eq!(h["onFailure"], "block", "{name}: {h}");
+                    let claude = h["timeout"]
+                        .as_u64()
+                        .unwrap_or_else(|| panic!("{name}: {h}"));
+                    let words: Vec<&str> = cmd.split_whitespace().collect();
+                    let flag = |f: &str| {
+                        words
+                            .iter()
+                            .position(|w| *w == f)
+                            .and_then(|i| words.get(i + 1))
+                            .map(|v| parse_duration(v).unwrap_or_else(|e| panic!("{name}: {e}")))
+                            .unwrap_or_else(|| panic!("{name}: no {f} in {cmd}"))
+                    };
+                    let (hook, stated) = (flag("--timeout"), flag("--claude-timeout"));
+                    assert_eq!(stated, Duration::from_secs(claude), "{name}: {cmd}");
+                    assert_eq!(
+                        effective_wait(hook, stated),
+                        Ok(hook),
+                        "{name}: --timeout must end before Claude Code's timeout"
+                    );
+                }
+            }
+            assert!(found >= 1, "{name}: no Claude Code hook snippet found");
+        }
     }
 }

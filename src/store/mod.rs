@@ -11,6 +11,7 @@ pub use sqlite::{SqliteStore, WalTuning};
 use crate::domain::audit::{AuditEntry, AuditEvent};
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
 use crate::domain::request::{ApprovalRequest, RequestId, TransitionError, Vote};
+use crate::domain::trifecta::{Guard, ToolTag};
 use crate::domain::Risk;
 use async_trait::async_trait;
 use serde::Serialize;
@@ -154,14 +155,40 @@ pub trait Store: Send + Sync + 'static {
     /// Pending requests per agent (loaded once at start; the gateway keeps
     /// the counts from then on).
     async fn pending_counts(&self) -> StoreResult<Vec<(String, u64)>>;
-    /// Distinct tools `agent` has had approved under `task_id` (for the
-    /// lethal-trifecta guard, which must survive restarts).
-    /// The default refuses, so a store that cannot answer fails closed (the
-    /// call errors instead of skipping the guard).
-    async fn approved_task_tools(&self, agent: &str, task_id: &str) -> StoreResult<Vec<String>> {
-        let _ = (agent, task_id);
+    /// [`Store::insert_request`] with the lethal-trifecta guard applied in
+    /// the same transaction: the store reads the history of the request's
+    /// agent and user since `guard.since_ms` (approved and pending tagged
+    /// calls, this call's own batch included), applies
+    /// [`crate::domain::trifecta::guard`], stores what it returns instead if
+    /// anything, and records the call's tags on its row. `Inserted::New`
+    /// carries the request as stored. The default refuses a guard, so a
+    /// store that cannot apply it fails closed.
+    async fn insert_guarded(
+        &self,
+        req: ApprovalRequest,
+        audit: Vec<AuditEvent>,
+        guard: Option<Guard>,
+    ) -> StoreResult<Inserted> {
+        match guard {
+            None => self.insert_request(req, audit).await,
+            Some(_) => Err(StoreError::Database(
+                "this store cannot apply the lethal-trifecta guard".into(),
+            )),
+        }
+    }
+    /// The trifecta history of `agent` (and of `user`, any agent) since
+    /// `since_ms`: tools of approved or pending calls with their tags, as
+    /// [`Store::insert_guarded`] reads it (for `check`, outside a write).
+    /// The default refuses, so the call errors instead of skipping the guard.
+    async fn trifecta_history(
+        &self,
+        agent: &str,
+        user: Option<&str>,
+        since_ms: i64,
+    ) -> StoreResult<Vec<(String, Vec<ToolTag>)>> {
+        let _ = (agent, user, since_ms);
         Err(StoreError::Database(
-            "this store cannot list a task's approved tools".into(),
+            "this store cannot read the trifecta history".into(),
         ))
     }
 
@@ -218,6 +245,16 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_after(&self, after: i64, limit: u32) -> StoreResult<Vec<AuditEntry>>;
     /// The chain head `(seq, hash)` as recorded at the last commit.
     async fn audit_head(&self) -> StoreResult<(i64, String)>;
+    /// Verifies the whole audit chain against its recorded head, and every
+    /// request row against the chain, all from one consistent snapshot (a
+    /// write committed meanwhile is simply not seen). `Ok((entries,
+    /// requests))` or the first break. The default refuses, so a store that
+    /// cannot take a snapshot never reports a false "ok" or a false break.
+    async fn audit_verify(&self) -> StoreResult<Result<(u64, u64), crate::domain::audit::Break>> {
+        Err(StoreError::Database(
+            "this store cannot verify the audit log from one snapshot".into(),
+        ))
+    }
     /// Deletes the oldest entries (the longest prefix of the log older than
     /// `cutoff_ms`) and, in the same transaction, appends a checkpoint that
     /// names the last one deleted. `None` when nothing was old enough.

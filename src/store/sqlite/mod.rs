@@ -9,9 +9,10 @@ use super::{
     CardRow, Inserted, PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError,
     StoreResult, StoredGrant, Voted,
 };
-use crate::domain::audit::{AuditEntry, AuditEvent};
+use crate::domain::audit::{self, AuditEntry, AuditEvent};
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
 use crate::domain::request::{ApprovalRequest, RequestId, State, TransitionError, Vote};
+use crate::domain::trifecta::{self, Guard, ToolTag};
 use crate::domain::Risk;
 use async_trait::async_trait;
 use sqlx::sqlite::{
@@ -97,6 +98,45 @@ impl SqliteStore {
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
+}
+
+/// Rows per page when verifying the audit log.
+const VERIFY_PAGE: i64 = 5000;
+
+type FactsRow = (String, String, String, String, String, Option<String>, i64);
+
+/// Rows per capability and scope the trifecta history reads (newest first):
+/// enough to name the tools, bounded however busy the agent is.
+const HISTORY_ROWS: usize = 20;
+
+/// The history query for one capability bit and one scope column (`agent`
+/// or `user_id`). Its WHERE repeats the partial index's (migration 0007)
+/// word for word, so SQLite seeks that index.
+pub(super) fn history_sql(column: &str, bit: i64) -> String {
+    format!(
+        "SELECT tool, agent, state FROM requests WHERE {column} = ?1 AND created_ms >= ?2 \
+         AND (caps & {bit}) != 0 AND state IN ('approved', 'pending') \
+         ORDER BY created_ms DESC LIMIT {HISTORY_ROWS}"
+    )
+}
+
+/// Turns history rows `(tool, agent, state)` of one tag into what
+/// [`trifecta::check`] takes, naming another agent's or a pending call.
+pub(super) fn history_entry(
+    agent: &str,
+    tag: ToolTag,
+    row: (String, String, String),
+) -> (String, Vec<ToolTag>) {
+    let (tool, by, state) = row;
+    let mut label = if by == agent {
+        tool
+    } else {
+        format!("{tool} by agent `{by}`")
+    };
+    if state == "pending" {
+        label.push_str(" (pending)");
+    }
+    (label, vec![tag])
 }
 
 fn unexpected() -> StoreError {
@@ -272,16 +312,49 @@ impl Store for SqliteStore {
         req: ApprovalRequest,
         audit: Vec<AuditEvent>,
     ) -> StoreResult<Inserted> {
+        self.insert_guarded(req, audit, None).await
+    }
+
+    async fn insert_guarded(
+        &self,
+        req: ApprovalRequest,
+        audit: Vec<AuditEvent>,
+        guard: Option<Guard>,
+    ) -> StoreResult<Inserted> {
         let sealed = audit.iter().map(AuditEvent::seal).collect();
         let req = Arc::new(req);
-        match self.write(Op::Insert(req.clone(), sealed)).await? {
+        match self.write(Op::Insert(req.clone(), sealed, guard)).await? {
             // The writer has dropped its handle by now, so this rarely copies.
             Reply::InsertedNew => Ok(Inserted::New(
                 Arc::try_unwrap(req).unwrap_or_else(|shared| (*shared).clone()),
             )),
+            Reply::Guarded(r) => Ok(Inserted::New(r)),
             Reply::Existing(r) => Ok(Inserted::Existing(r)),
             _ => Err(unexpected()),
         }
+    }
+
+    async fn trifecta_history(
+        &self,
+        agent: &str,
+        user: Option<&str>,
+        since_ms: i64,
+    ) -> StoreResult<Vec<(String, Vec<ToolTag>)>> {
+        let mut out = Vec::new();
+        for tag in trifecta::ALL_TAGS {
+            for (column, key) in [("agent", Some(agent)), ("user_id", user)] {
+                let Some(key) = key else { continue };
+                let rows: Vec<(String, String, String)> =
+                    sqlx::query_as(&history_sql(column, tag.bit()))
+                        .bind(key)
+                        .bind(since_ms)
+                        .fetch_all(&self.reads)
+                        .await
+                        .map_err(db)?;
+                out.extend(rows.into_iter().map(|r| history_entry(agent, tag, r)));
+            }
+        }
+        Ok(out)
     }
 
     async fn vote(&self, id: RequestId, vote: Vote) -> StoreResult<Result<Voted, TransitionError>> {
@@ -381,18 +454,6 @@ impl Store for SqliteStore {
             .into_iter()
             .map(|(a, n)| (a, n.max(0) as u64))
             .collect())
-    }
-
-    async fn approved_task_tools(&self, agent: &str, task_id: &str) -> StoreResult<Vec<String>> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT DISTINCT tool FROM requests WHERE agent = $1 AND task_id = $2 AND state = 'approved' ORDER BY tool",
-        )
-        .bind(agent)
-        .bind(task_id)
-        .fetch_all(&self.reads)
-        .await
-        .map_err(db)?;
-        Ok(rows.into_iter().map(|(t,)| t).collect())
     }
 
     async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool> {
@@ -604,6 +665,76 @@ impl Store for SqliteStore {
             .fetch_one(&self.reads)
             .await
             .map_err(db)
+    }
+
+    async fn audit_verify(&self) -> StoreResult<Result<(u64, u64), audit::Break>> {
+        // One read transaction: in WAL mode every statement in it sees the
+        // database as of its first read, so rows appended while the walk
+        // runs are neither half-seen nor mistaken for deleted ones.
+        let mut tx = self.reads.begin().await.map_err(db)?;
+        let (head_seq, head_hash): (i64, String) =
+            sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+        let mut walk = audit::ChainVerifier::new();
+        let mut ledger = audit::RequestLedger::new();
+        let mut after = 0;
+        loop {
+            let page: Vec<AuditRow> =
+                sqlx::query_as("SELECT * FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2")
+                    .bind(after)
+                    .bind(VERIFY_PAGE)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for row in page {
+                let e = row.into_entry();
+                if let Err(b) = walk.push(&e) {
+                    return Ok(Err(b));
+                }
+                ledger.push(&e);
+            }
+        }
+        let entries = match walk.finish().and_then(|n| {
+            walk.check_head(head_seq, &head_hash)?;
+            Ok(n)
+        }) {
+            Ok(n) => n,
+            Err(b) => return Ok(Err(b)),
+        };
+        let mut after = String::new();
+        loop {
+            let page: Vec<FactsRow> = sqlx::query_as(
+                "SELECT id, agent, tool, args_hash, state, decided_by, created_ms FROM requests \
+                 WHERE id > $1 ORDER BY id LIMIT $2",
+            )
+            .bind(&after)
+            .bind(VERIFY_PAGE)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+            let Some(last) = page.last() else { break };
+            after = last.0.clone();
+            for (id, agent, tool, args_hash, state, decided_by, created_ms) in page {
+                let facts = audit::RequestFacts {
+                    id,
+                    agent,
+                    tool,
+                    args_hash,
+                    state,
+                    decided_by,
+                    created_ms,
+                };
+                if let Err(b) = ledger.check(&facts) {
+                    return Ok(Err(b));
+                }
+            }
+        }
+        tx.rollback().await.map_err(db)?;
+        Ok(ledger.finish().map(|requests| (entries, requests)))
     }
 
     async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>> {

@@ -14,6 +14,7 @@ use crate::domain::audit::{self, events, SealedEvent};
 use crate::domain::pairing;
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
 use crate::domain::request::{self, ApprovalRequest, RequestId, TransitionError, Vote, VoteEffect};
+use crate::domain::trifecta::{self, Guard, ToolTag};
 use crate::domain::Risk;
 use crate::store::{PairedUser, PairingRefused, Pruned, StoreError, StoreResult, Voted};
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
@@ -46,8 +47,9 @@ pub(super) struct Job {
 }
 
 pub(super) enum Op {
-    /// The caller keeps its own handle on the request, so the writer never copies it.
-    Insert(Arc<ApprovalRequest>, Vec<SealedEvent>),
+    /// The caller keeps its own handle on the request, so the writer never
+    /// copies it (unless the trifecta guard changes it).
+    Insert(Arc<ApprovalRequest>, Vec<SealedEvent>, Option<Guard>),
     Vote(RequestId, Vote),
     Cancel(RequestId, String, Option<String>, i64),
     TimeOut(RequestId, i64),
@@ -76,6 +78,8 @@ pub(super) enum Op {
 pub(super) enum Reply {
     /// Stored as new: the caller's request as it sent it.
     InsertedNew,
+    /// Stored as new, as the trifecta guard changed it.
+    Guarded(ApprovalRequest),
     /// The agent had already submitted this idempotency key.
     Existing(ApprovalRequest),
     Voted(Result<Voted, TransitionError>),
@@ -430,7 +434,7 @@ type Events<'a> = Vec<Cow<'a, SealedEvent>>;
 
 fn exec<'a>(tx: &Transaction<'_>, op: &'a Op, ev: &mut Events<'a>) -> StoreResult<Reply> {
     Ok(match op {
-        Op::Insert(req, audit) => {
+        Op::Insert(req, audit, guard) => {
             if let Some(key) = &req.idempotency_key {
                 let existing = tx
                     .prepare_cached(
@@ -442,7 +446,18 @@ fn exec<'a>(tx: &Transaction<'_>, op: &'a Op, ev: &mut Events<'a>) -> StoreResul
                     return Ok(Reply::Existing(row.into_request()?));
                 }
             }
-            insert_request(tx, req)?;
+            let caps = guard.as_ref().map_or(0, |g| trifecta::bits(&g.tags));
+            if let Some(g) = guard {
+                // Read and decided in this transaction: a call stored earlier
+                // in the same batch is already in the history.
+                let history = trifecta_history(tx, req, g.since_ms)?;
+                if let Some((changed, events)) = trifecta::guard(req, &history, g) {
+                    insert_request(tx, &changed, caps)?;
+                    ev.extend(events.iter().map(|e| Cow::Owned(e.seal())));
+                    return Ok(Reply::Guarded(changed));
+                }
+            }
+            insert_request(tx, req, caps)?;
             ev.extend(audit.iter().map(Cow::Borrowed));
             Reply::InsertedNew
         }
@@ -767,13 +782,42 @@ fn effect_str(e: Effect) -> &'static str {
     }
 }
 
-fn insert_request(tx: &Transaction<'_>, r: &ApprovalRequest) -> StoreResult<()> {
+/// The trifecta history of `req`'s agent and user, in this transaction.
+fn trifecta_history(
+    tx: &Transaction<'_>,
+    req: &ApprovalRequest,
+    since_ms: i64,
+) -> StoreResult<Vec<(String, Vec<ToolTag>)>> {
+    let mut out = Vec::new();
+    for tag in trifecta::ALL_TAGS {
+        for (column, key) in [
+            ("agent", Some(req.agent.as_str())),
+            ("user_id", req.user_id.as_deref()),
+        ] {
+            let Some(key) = key else { continue };
+            let mut stmt = tx.prepare_cached(&super::history_sql(column, tag.bit()))?;
+            let rows = stmt.query_map(params![key, since_ms], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            for row in rows {
+                out.push(super::history_entry(&req.agent, tag, row?));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn insert_request(tx: &Transaction<'_>, r: &ApprovalRequest, caps: i64) -> StoreResult<()> {
     let flags = serde_json::Value::Array(r.flags.clone()).to_string();
     tx.prepare_cached(
         "INSERT INTO requests (id, agent, tool, args, args_hash, user_id, channel_id, justification, \
          task_id, idempotency_key, risk, approvals_required, admin_only, rule, rule_detail, flags, \
-         created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms, requester_uid) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
+         created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms, requester_uid, caps) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
     )?
     .execute(params![
         r.id.to_string(),
@@ -800,6 +844,7 @@ fn insert_request(tx: &Transaction<'_>, r: &ApprovalRequest) -> StoreResult<()> 
         r.decided_reason,
         r.decided_ms,
         r.requester_uid,
+        caps,
     ])?;
     Ok(())
 }
