@@ -270,7 +270,17 @@ async fn a_database_deleted_under_the_server_fails_closed_and_is_not_recreated()
     );
     assert!(!dir.join("k.db").exists());
 
-    // `keyturn init` is the deliberate way to start over.
+    // `keyturn init` is the deliberate way to start over, once the orphaned
+    // file's WAL (SQLite leaves it: the database it belonged to is gone) is
+    // out of the way, since SQLite would replay it into the new database.
+    if dir.join("k.db-wal").exists() {
+        let out = run(&["init"], &s.config);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(stderr(&out).contains("left over"), "{}", stderr(&out));
+        for f in ["k.db-wal", "k.db-shm"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+    }
     let out = run(&["init"], &s.config);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(mode(&dir.join("k.db")), 0o600);
