@@ -479,8 +479,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let db = cfg
                 .store_path()
                 .context("store.url names no database file (in memory): nothing to create")?;
-            let store =
-                crate::serve::open_store(&cfg, crate::store::files::Create::Fresh).await?;
+            let store = crate::serve::open_store(&cfg, crate::store::files::Create::Fresh).await?;
             crate::store::Store::close(&store).await;
             println!("created the database {}", db.display());
             Ok(0)

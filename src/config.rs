@@ -1012,7 +1012,10 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o604)).unwrap();
         let e = c.check_file_permissions(&f).unwrap_err().to_string();
-        assert!(e.contains("0604") && e.contains("KEYTURN_AGENT_A_TOKEN"), "{e}");
+        assert!(
+            e.contains("0604") && e.contains("KEYTURN_AGENT_A_TOKEN"),
+            "{e}"
+        );
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(c.check_file_permissions(&f).unwrap().is_none());
         std::fs::write(&f, "[[agents]]\nname = \"a\"\n").unwrap();

@@ -84,10 +84,7 @@ fn wait_log(s: &Server, needle: &str) -> String {
         if log.contains(needle) {
             return log;
         }
-        assert!(
-            Instant::now() < until,
-            "no `{needle}` in the log:\n{log}"
-        );
+        assert!(Instant::now() < until, "no `{needle}` in the log:\n{log}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -99,7 +96,11 @@ fn the_database_its_wal_and_shm_are_owner_only() {
     for f in db_files(&dir) {
         assert_eq!(mode(&f), 0o600, "{}", f.display());
     }
-    assert!(s.log().contains("created a new, empty database"), "{}", s.log());
+    assert!(
+        s.log().contains("created a new, empty database"),
+        "{}",
+        s.log()
+    );
     // Files left too open (an older version, a careless copy) are tightened at start.
     stop(&mut s);
     chmod(&dir.join("k.db"), 0o644);
@@ -115,17 +116,19 @@ fn the_database_its_wal_and_shm_are_owner_only() {
         "{log}"
     );
     // The second start opened the database it found.
-    assert_eq!(log.matches("created a new, empty database").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("created a new, empty database").count(),
+        1,
+        "{log}"
+    );
 }
 
 #[test]
 fn with_a_store_group_the_files_are_0660_and_in_that_group() {
     let dir = tempfile::tempdir().unwrap();
     let gid = nix::unistd::getgid().as_raw();
-    let text = base_config(dir.path(), "").replace(
-        "[store]\n",
-        &format!("[store]\ngroup = \"{gid}\"\n"),
-    );
+    let text =
+        base_config(dir.path(), "").replace("[store]\n", &format!("[store]\ngroup = \"{gid}\"\n"));
     let s = Server::start_in(dir, &text);
     for f in db_files(s.dir.path()) {
         assert_eq!(mode(&f), 0o660, "{}", f.display());
@@ -164,7 +167,10 @@ fn a_config_holding_a_token_must_not_be_readable_by_others() {
         );
         assert!(!err.contains("s3cret"), "{err}");
     }
-    assert!(!dir.path().join("k.db").exists(), "refused before touching the store");
+    assert!(
+        !dir.path().join("k.db").exists(),
+        "refused before touching the store"
+    );
 
     // Group-readable: allowed, with a loud warning.
     chmod(&cfg, 0o640);
@@ -208,7 +214,10 @@ fn serve_never_unlinks_anything_but_a_socket() {
         let out = run(&["check-config"], &cfg);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{sock}: {err}");
-        assert!(err.contains("server.socket_path") && err.contains(what), "{sock}: {err}");
+        assert!(
+            err.contains("server.socket_path") && err.contains(what),
+            "{sock}: {err}"
+        );
     }
 
     // A regular file, a directory or a symlink at the socket path is left alone.
@@ -225,7 +234,10 @@ fn serve_never_unlinks_anything_but_a_socket() {
         let out = run(&["serve"], &cfg);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{sock}: {err}");
-        assert!(err.contains(what) && err.contains("not a socket"), "{sock}: {err}");
+        assert!(
+            err.contains(what) && err.contains("not a socket"),
+            "{sock}: {err}"
+        );
     }
     assert_eq!(std::fs::read(&notes).unwrap(), b"keep me");
     assert!(dir.path().join("link.sock").is_symlink());

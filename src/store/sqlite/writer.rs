@@ -465,9 +465,8 @@ fn write_batch(conn: &mut Connection, jobs: &mut Vec<Job>, head: &mut Head, guar
                 let r = run_batch(conn, &[&job.op], head)
                     .and_then(|r| guard.check().map(|()| r))
                     .and_then(|mut v| {
-                        v.pop().ok_or_else(|| {
-                            StoreError::Database("the writer lost a reply".into())
-                        })
+                        v.pop()
+                            .ok_or_else(|| StoreError::Database("the writer lost a reply".into()))
                     });
                 if let Err(e) = &r {
                     tracing::error!(error = %e, "store write failed");
