@@ -113,9 +113,11 @@ async fn flags_are_stored_audited_and_advisory_by_default() {
         submitted.event.detail["flags"],
         Value::Array(r.flags.clone())
     );
-    // An allowed domain is not exfiltration.
+    // An allowed domain is not exfiltration. (The directory must outlive the
+    // store: a database deleted under it refuses every write.)
+    let dir2 = tempfile::tempdir().unwrap();
     let e2 = env(
-        tempfile::tempdir().unwrap().path(),
+        dir2.path(),
         &format!("{TOOLS}\n[content]\nallowed_domains = [\"example.com\"]"),
     )
     .await;
