@@ -98,6 +98,12 @@ pub async fn open_store(cfg: &Config, create: Create) -> anyhow::Result<SqliteSt
         if p.created {
             tracing::info!(database = %db.display(), "created a new, empty database");
         }
+        if let Some(m) = &p.marked {
+            tracing::info!(
+                marker = %m.display(),
+                "wrote the marker that stops a later start from replacing this database with an empty one"
+            );
+        }
     }
     let store = SqliteStore::open(
         &cfg.store.url,

@@ -141,6 +141,8 @@ fn exists(p: &Path) -> Result<bool, FilesError> {
 pub struct Prepared {
     /// A new, empty database file was created.
     pub created: bool,
+    /// The marker, when this start wrote it.
+    pub marked: Option<PathBuf>,
     /// Files whose mode or group was too open and was fixed, with what they were.
     pub fixed: Vec<String>,
 }
@@ -202,6 +204,7 @@ pub fn prepare(db: &Path, access: Access, create: Create) -> Result<Prepared, Fi
     // database without a marker (the next start writes it), never the reverse.
     if !exists(&marker)? || create == Create::Fresh {
         write_marker(&marker, access)?;
+        out.marked = Some(marker);
     }
     out.fixed = secure(db, access)?;
     Ok(out)
@@ -288,6 +291,20 @@ mod tests {
         // Second start: the database is there, nothing is created.
         let p = prepare(&db, owner(), Create::IfNeverExisted).unwrap();
         assert!(!p.created && p.fixed.is_empty());
+    }
+
+    #[test]
+    fn a_database_from_before_the_marker_gets_one() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("k.db");
+        std::fs::write(&db, b"").unwrap();
+        let p = prepare(&db, owner(), Create::IfNeverExisted).unwrap();
+        assert!(!p.created);
+        assert_eq!(p.marked, Some(marker(&db)));
+        assert!(prepare(&db, owner(), Create::IfNeverExisted)
+            .unwrap()
+            .marked
+            .is_none());
     }
 
     #[test]
