@@ -77,6 +77,12 @@ enum Command {
         #[arg(long, env = "KEYTURN_CONFIG")]
         config: PathBuf,
     },
+    /// Create the database deliberately (never over an existing one).
+    /// `serve` creates it on its own only where no database ever was.
+    Init {
+        #[arg(long, env = "KEYTURN_CONFIG")]
+        config: PathBuf,
+    },
     /// Validate a config file without starting.
     CheckConfig {
         #[arg(long, env = "KEYTURN_CONFIG")]
@@ -504,12 +510,31 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::McpProxy(a) => crate::integrations::mcp_proxy::run(a).await,
         Command::Serve { config } => {
             let cfg = Config::load(&config)?;
+            if let Some(w) = cfg.check_file_permissions(&config)? {
+                tracing::warn!("{w}");
+            }
             crate::serve::run(cfg).await?;
+            Ok(0)
+        }
+        Command::Init { config } => {
+            let cfg = Config::load(&config)?;
+            if let Some(w) = cfg.check_file_permissions(&config)? {
+                eprintln!("keyturn: WARNING: {w}");
+            }
+            let db = cfg
+                .store_path()
+                .context("store.url names no database file (in memory): nothing to create")?;
+            let store = crate::serve::open_store(&cfg, crate::store::files::Create::Fresh).await?;
+            crate::store::Store::close(&store).await;
+            println!("created the database {}", db.display());
             Ok(0)
         }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             cfg.check_uids(nix::unistd::getuid().as_raw())?;
+            if let Some(w) = cfg.check_file_permissions(&config)? {
+                eprintln!("keyturn: WARNING: {w}");
+            }
             println!(
                 "{}: ok ({} agents, {} grants, {} tools, {} users, discord {}{})",
                 config.display(),

@@ -29,6 +29,16 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
     Invalid { key: String, message: String },
+    #[error(
+        "config file {path} holds a secret ({keys}) and is readable by every user (mode {mode:04o}); \
+         run `chmod 600 {path}`, or move the secret to the environment ({env})"
+    )]
+    Exposed {
+        path: PathBuf,
+        mode: u32,
+        keys: String,
+        env: String,
+    },
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -100,6 +110,10 @@ pub struct Config {
     pub content: ContentConfig,
     #[serde(default)]
     pub exec: ExecConfig,
+    /// Keys whose secret is written in the file itself (not from the
+    /// environment): such a file must not be readable by others.
+    #[serde(skip)]
+    pub secrets_in_file: Vec<String>,
 }
 
 /// `keyturn exec`: what the command it runs may see.
@@ -157,6 +171,9 @@ pub struct StoreConfig {
     pub sqlite_synchronous: String,
     /// Largest number of writes committed together in one transaction.
     pub max_batch: usize,
+    /// Group (name or gid) that may read and write the database files
+    /// (mode 0660). Unset: owner only (0600).
+    pub group: Option<String>,
 }
 
 impl Default for StoreConfig {
@@ -165,6 +182,7 @@ impl Default for StoreConfig {
             url: "sqlite://keyturn.db".into(),
             sqlite_synchronous: "normal".into(),
             max_batch: 512,
+            group: None,
         }
     }
 }
@@ -474,6 +492,50 @@ pub struct DiscordConfig {
     pub allow_self_approval: bool,
 }
 
+/// Refuses a socket path `key` that resolves to one of the `taken` paths
+/// (each with what it is, for the message).
+pub fn check_socket_path(
+    key: &str,
+    socket: &Path,
+    taken: &[(String, PathBuf)],
+) -> Result<(), ConfigError> {
+    let me = resolved(socket);
+    for (what, other) in taken {
+        if resolved(other) == me {
+            return Err(invalid(
+                key,
+                format!(
+                    "`{}` is {what}; binding a socket there would replace it",
+                    socket.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The path with symlinks and `..` resolved as far as it exists (a socket or
+/// database not created yet resolves through its directory).
+fn resolved(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    match (p.parent(), p.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            match dir.canonicalize() {
+                Ok(d) => d.join(name),
+                Err(_) => p.to_path_buf(),
+            }
+        }
+        _ => p.to_path_buf(),
+    }
+}
+
 /// Names under which config secrets may come from the environment.
 pub const ENV_DISCORD_TOKEN: &str = "KEYTURN_DISCORD_TOKEN";
 
@@ -549,12 +611,110 @@ impl Config {
             path: path.to_path_buf(),
             message,
         })?;
+        cfg.secrets_in_file = cfg.secret_keys();
         cfg.apply_env(|k| std::env::var(k).ok());
         // Relative paths are relative to the config file, so any cwd works.
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve_paths(base);
         cfg.validate()?;
+        cfg.check_socket_paths(path)?;
         Ok(cfg)
+    }
+
+    /// Keys that hold a secret (before the environment is applied: the file's own).
+    fn secret_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        if !self.discord.token.0.is_empty() {
+            keys.push("discord.token".to_string());
+        }
+        for (i, a) in self.agents.iter().enumerate() {
+            if !a.token.0.is_empty() {
+                keys.push(format!("agents[{i}].token"));
+            }
+        }
+        keys
+    }
+
+    /// For `serve`, `init` and `check-config`: a config file that holds a
+    /// secret must not be readable by other users. World-readable is
+    /// refused; group-readable is allowed (a deliberate group, e.g. for a
+    /// deploy tool) and returned as a warning to print loudly.
+    pub fn check_file_permissions(&self, path: &Path) -> Result<Option<String>, ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
+        if self.secrets_in_file.is_empty() {
+            return Ok(None);
+        }
+        let mode = std::fs::metadata(path)
+            .map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .permissions()
+            .mode()
+            & 0o777;
+        let keys = self.secrets_in_file.join(", ");
+        if mode & 0o004 != 0 {
+            let mut env = vec![ENV_DISCORD_TOKEN.to_string()];
+            env.extend(self.agents.iter().map(|a| agent_token_env(&a.name)));
+            return Err(ConfigError::Exposed {
+                path: path.to_path_buf(),
+                mode,
+                keys,
+                env: env.join(", "),
+            });
+        }
+        if mode & 0o040 != 0 {
+            return Ok(Some(format!(
+                "config file {} holds a secret ({keys}) and is readable by its group (mode {mode:04o}); \
+                 run `chmod 600 {}` unless every member of that group may hold the secret",
+                path.display(),
+                path.display()
+            )));
+        }
+        Ok(None)
+    }
+
+    /// The database file, if the store is a file (`None` for `:memory:`).
+    pub fn store_path(&self) -> Option<PathBuf> {
+        let rest = self.store.url.strip_prefix("sqlite://")?;
+        let path = rest.split('?').next().unwrap_or(rest);
+        (!path.is_empty() && path != ":memory:" && !rest.contains("mode=memory"))
+            .then(|| PathBuf::from(path))
+    }
+
+    /// Every socket the server binds, with its key. A new socket is added
+    /// here, so the path checks below cover it.
+    pub fn sockets(&self) -> Vec<(&'static str, &Path)> {
+        vec![
+            ("server.socket_path", self.server.socket_path.as_path()),
+            ("admin.socket_path", self.admin.socket_path.as_path()),
+        ]
+    }
+
+    /// A socket path must not name the database, its `-wal`/`-shm`, the
+    /// config file or another socket, compared after resolving symlinks and
+    /// `..`: binding there would replace that file.
+    pub fn check_socket_paths(&self, config_file: &Path) -> Result<(), ConfigError> {
+        let mut taken: Vec<(String, PathBuf)> =
+            vec![("the config file".into(), config_file.to_path_buf())];
+        if let Some(db) = self.store_path() {
+            let name = db
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            taken.push(("the database (store.url)".into(), db.clone()));
+            for suffix in ["-wal", "-shm", "-journal"] {
+                taken.push((
+                    format!("the database's {suffix} file"),
+                    db.with_file_name(format!("{name}{suffix}")),
+                ));
+            }
+        }
+        for (key, socket) in self.sockets() {
+            check_socket_path(key, socket, &taken)?;
+            taken.push((format!("the socket {key}"), socket.to_path_buf()));
+        }
+        Ok(())
     }
 
     pub fn parse(text: &str) -> Result<Config, String> {
@@ -1215,6 +1375,72 @@ mod tests {
         parse_ok("[admin]\nsocket_mode = \"0660\"\nsocket_group = \"admins\"");
         assert!(err("[admin]\nsocket_path = \"keyturn.sock\"").contains("admin.socket_path"));
         assert!(err("[admin]\nsocket_path = \"\"").contains("admin.socket_path"));
+    }
+
+    #[test]
+    fn the_store_path_comes_from_the_url() {
+        let mut c = Config::default();
+        assert_eq!(c.store_path(), Some(PathBuf::from("keyturn.db")));
+        c.store.url = "sqlite:///var/lib/k.db?mode=rwc".into();
+        assert_eq!(c.store_path(), Some(PathBuf::from("/var/lib/k.db")));
+        c.store.url = "sqlite://:memory:".into();
+        assert_eq!(c.store_path(), None);
+    }
+
+    #[test]
+    fn the_admin_socket_may_not_sit_on_the_database() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Config::default();
+        let db = d.path().join("k.db");
+        c.store.url = format!("sqlite://{}", db.display());
+        c.server.socket_path = d.path().join("k.sock");
+        c.admin.socket_path = db.clone();
+        let e = c
+            .check_socket_paths(&d.path().join("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("admin.socket_path") && e.contains("database"),
+            "{e}"
+        );
+        c.admin.socket_path = d.path().join("admin.sock");
+        c.check_socket_paths(&d.path().join("c.toml")).unwrap();
+    }
+
+    #[test]
+    fn a_socket_may_not_share_a_path_with_another_file_or_socket() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a.sock");
+        let taken = vec![("the socket server.socket_path".to_string(), a.clone())];
+        let e = check_socket_path("admin.socket_path", &a, &taken).unwrap_err();
+        assert!(e.to_string().contains("admin.socket_path"), "{e}");
+        assert!(e.to_string().contains("server.socket_path"), "{e}");
+        // Spelled differently, the same file.
+        std::fs::create_dir(d.path().join("x")).unwrap();
+        let b = d.path().join("x/../a.sock");
+        assert!(check_socket_path("admin.socket_path", &b, &taken).is_err());
+        let c = d.path().join("c.sock");
+        assert!(check_socket_path("admin.socket_path", &c, &taken).is_ok());
+    }
+
+    #[test]
+    fn tokens_written_in_the_file_are_noted_even_when_the_env_overrides_them() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.toml");
+        std::fs::write(&f, "[[agents]]\nname = \"a\"\ntoken = \"t\"\n").unwrap();
+        let c = Config::load(&f).unwrap();
+        assert_eq!(c.secrets_in_file, vec!["agents[0].token".to_string()]);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o604)).unwrap();
+        let e = c.check_file_permissions(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("0604") && e.contains("KEYTURN_AGENT_A_TOKEN"),
+            "{e}"
+        );
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(c.check_file_permissions(&f).unwrap().is_none());
+        std::fs::write(&f, "[[agents]]\nname = \"a\"\n").unwrap();
+        assert!(Config::load(&f).unwrap().secrets_in_file.is_empty());
     }
 
     #[test]

@@ -5,6 +5,7 @@ use crate::app::{retention, scheduler, Gateway};
 use crate::config::Config;
 use crate::ipc::handler::Handler;
 use crate::ipc::server::{self, SocketOptions};
+use crate::store::files::{self, Access, Create};
 use crate::store::{SqliteStore, Store};
 use anyhow::Context;
 use std::sync::Arc;
@@ -31,15 +32,7 @@ pub async fn run_until(
         tracing::warn!("{}", crate::config::SINGLE_USER_DEMO_WARNING);
     }
     let cfg = Arc::new(cfg);
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(
-            &cfg.store.url,
-            &cfg.store.sqlite_synchronous,
-            cfg.store.max_batch,
-        )
-        .await
-        .with_context(|| format!("while opening the store {}", cfg.store.url))?,
-    );
+    let store: Arc<dyn Store> = Arc::new(open_store(&cfg, Create::IfNeverExisted).await?);
     let (gw, deadlines) = Gateway::new(cfg.clone(), store.clone(), uid)
         .await
         .context("while loading the policy")?;
@@ -114,6 +107,47 @@ pub async fn run_until(
     store.close().await;
     tracing::info!("stopped; pending requests stay pending in the store");
     Ok(())
+}
+
+/// Opens the store with its files owner-only (or shared with `store.group`):
+/// sets the process umask to match, refuses to create a database where one
+/// existed (see [`crate::store::files`]), tightens modes that are too open.
+pub async fn open_store(cfg: &Config, create: Create) -> anyhow::Result<SqliteStore> {
+    let access = Access::new(cfg.store.group.as_deref())?;
+    // Whatever this process creates from now on (the database's -wal and
+    // -shm included) is no more open than the database itself.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(access.umask()));
+    let db = cfg.store_path();
+    if let Some(db) = &db {
+        let p = files::prepare(db, access, create)?;
+        for f in &p.fixed {
+            tracing::warn!(file = %f, "database file was too open; fixed");
+        }
+        if p.created {
+            tracing::info!(database = %db.display(), "created a new, empty database");
+        }
+        if let Some(m) = &p.marked {
+            tracing::info!(
+                marker = %m.display(),
+                "wrote the marker that stops a later start from replacing this database with an empty one"
+            );
+        }
+    }
+    let store = SqliteStore::open(
+        &cfg.store.url,
+        &cfg.store.sqlite_synchronous,
+        cfg.store.max_batch,
+    )
+    .await
+    .with_context(|| format!("while opening the store {}", cfg.store.url))?;
+    if let Some(db) = &db {
+        // The -wal and -shm SQLite just created carry the database's mode,
+        // but this process's group: give them the store's group.
+        for f in files::secure(db, access)? {
+            tracing::debug!(file = %f, "database file adjusted");
+        }
+    }
+    Ok(store)
 }
 
 fn spawn_signal_handler(stop: CancellationToken) {

@@ -134,8 +134,9 @@ async fn flags_are_stored_audited_and_ask_a_human_by_default() {
         (State::Pending, "flag_exfiltration")
     );
     // A tool may opt out (logged at start); then flags are advisory there.
+    let dir3 = tempfile::tempdir().unwrap();
     let e3 = env(
-        tempfile::tempdir().unwrap().path(),
+        dir3.path(),
         "[[tools]]\nname = \"read_file\"\nrisk = \"low\"\nask_on_flags = []\n\
          [[tools]]\nname = \"edit_file\"\nrisk = \"low\"\n\
          [content]\nask_on_flags = [\"homoglyph\"]",
@@ -156,9 +157,11 @@ async fn flags_are_stored_audited_and_ask_a_human_by_default() {
         .await
         .unwrap();
     assert_eq!(r.state, State::Approved);
-    // An allowed domain is not exfiltration.
+    // An allowed domain is not exfiltration. (The directory must outlive the
+    // store: a database deleted under it refuses every write.)
+    let dir2 = tempfile::tempdir().unwrap();
     let e2 = env(
-        tempfile::tempdir().unwrap().path(),
+        dir2.path(),
         &format!("{TOOLS}\n[content]\nallowed_domains = [\"example.com\"]"),
     )
     .await;

@@ -6,7 +6,7 @@ use super::protocol::{response, RpcError};
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -28,6 +28,11 @@ pub enum BindError {
     },
     #[error("socket group `{0}` does not exist")]
     NoSuchGroup(String),
+    #[error(
+        "{path} is {what}, not a socket; refusing to replace it (remove it yourself, \
+         or choose another socket path)"
+    )]
+    NotASocket { path: PathBuf, what: &'static str },
 }
 
 pub struct SocketOptions {
@@ -42,18 +47,77 @@ pub struct SocketOptions {
     pub max_inflight: usize,
 }
 
-/// Binds the socket, replacing a stale file but never a live listener.
+/// What sits at a socket path.
+enum AtPath {
+    Nothing,
+    Socket,
+    /// Anything else, named for the error.
+    Other(&'static str),
+}
+
+fn at_path(path: &Path) -> std::io::Result<AtPath> {
+    use std::os::unix::fs::FileTypeExt;
+    // symlink_metadata: a symlink is reported as one, never followed.
+    let t = match std::fs::symlink_metadata(path) {
+        Ok(m) => m.file_type(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(AtPath::Nothing),
+        Err(e) => return Err(e),
+    };
+    Ok(if t.is_socket() {
+        AtPath::Socket
+    } else if t.is_file() {
+        AtPath::Other("a regular file")
+    } else if t.is_dir() {
+        AtPath::Other("a directory")
+    } else if t.is_symlink() {
+        AtPath::Other("a symbolic link")
+    } else {
+        AtPath::Other("a special file")
+    })
+}
+
+/// Removes the socket file at `path`, and nothing else: whatever else is
+/// there (say, the database a mistyped path points at) is left alone.
+pub fn remove_socket(path: &Path) -> Result<(), BindError> {
+    let io = |source| BindError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match at_path(path).map_err(io)? {
+        AtPath::Nothing => Ok(()),
+        AtPath::Socket => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
+            _ => Ok(()),
+        },
+        AtPath::Other(what) => Err(BindError::NotASocket {
+            path: path.to_path_buf(),
+            what,
+        }),
+    }
+}
+
+/// Binds the socket, replacing a stale socket file but never a live
+/// listener, and never anything that is not a socket.
 pub async fn bind(opts: &SocketOptions) -> Result<UnixListener, BindError> {
     let path = &opts.path;
     let io = |source| BindError::Io {
         path: path.clone(),
         source,
     };
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(BindError::InUse(path.clone()));
+    match at_path(path).map_err(io)? {
+        AtPath::Nothing => {}
+        AtPath::Socket => {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(BindError::InUse(path.clone()));
+            }
+            remove_socket(path)?;
         }
-        std::fs::remove_file(path).map_err(io)?;
+        AtPath::Other(what) => {
+            return Err(BindError::NotASocket {
+                path: path.clone(),
+                what,
+            })
+        }
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
@@ -118,7 +182,9 @@ pub async fn serve(
     }
     tracker.close();
     tracker.wait().await;
-    let _ = std::fs::remove_file(&opts.path);
+    if let Err(e) = remove_socket(&opts.path) {
+        tracing::warn!(error = %e, "socket file left in place");
+    }
 }
 
 async fn refuse(stream: UnixStream, code: &str, message: String) {

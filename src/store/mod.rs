@@ -4,6 +4,7 @@
 //! sqlx or rusqlite. Every mutation writes its audit events in the same transaction, and
 //! writes are group-committed by one writer thread.
 
+pub mod files;
 mod sqlite;
 
 pub use sqlite::{SqliteStore, WalTuning};
@@ -27,6 +28,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store is shutting down")]
     Closed,
+    /// The database file was deleted or replaced under the running server;
+    /// the store refuses every write from then on.
+    #[error("the database file is lost: {0}")]
+    FileLost(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -99,6 +99,12 @@ pub struct StartFailure {
 pub async fn spawn(dir: &Path, config: &str) -> Result<Server, StartFailure> {
     let cfg_path = dir.join("config.toml");
     std::fs::write(&cfg_path, config).expect("write config");
+    // The config holds the bot token: `serve` refuses it world-readable.
+    std::fs::set_permissions(
+        &cfg_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod config");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -20,9 +20,10 @@ use crate::store::{PairedUser, PairingRefused, Pruned, StoreError, StoreResult, 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::json;
 use std::borrow::Cow;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -129,15 +130,16 @@ pub(super) fn start(
         [],
         |_| Ok(()),
     )?;
+    let guard = Arc::new(FileGuard::new(path)?);
     let catch_up = Arc::new(AtomicBool::new(false));
-    let checkpointer = Checkpointer::start(path, catch_up.clone(), tuning)?;
+    let checkpointer = Checkpointer::start(path, catch_up.clone(), guard.clone(), tuning)?;
     let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
     let (done_tx, done) = oneshot::channel();
     std::thread::Builder::new()
         .name("keyturn-writer".into())
         .spawn(move || {
             let mut conn = conn;
-            run(&mut conn, rx, max_batch.max(1), &catch_up);
+            run(&mut conn, rx, max_batch.max(1), &catch_up, &guard);
             // The final checkpoint must be the only one: a background round
             // still running would leave it unfinished (busy), and the next
             // start would rebuild its WAL index from a log of any size.
@@ -147,6 +149,69 @@ pub(super) fn start(
         })
         .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
     Ok(Started { jobs, done })
+}
+
+/// The database file as it was opened. If its path stops naming that file
+/// (deleted, or replaced by another), SQLite would go on writing into the
+/// orphaned file, and everything acknowledged from then on would be gone at
+/// the next start. So the writer checks after every commit, before it
+/// answers (one `stat`: measured in the README), and the checkpointer every
+/// round, so an idle server notices too. Once lost, the store stays failed:
+/// every write is refused until the database is restored and the server
+/// restarted.
+pub(super) struct FileGuard {
+    /// `None` for an in-memory database.
+    file: Option<(PathBuf, u64, u64)>,
+    lost: OnceLock<String>,
+}
+
+impl FileGuard {
+    fn new(path: &Path) -> StoreResult<FileGuard> {
+        let file = if path == Path::new(":memory:") {
+            None
+        } else {
+            let m = std::fs::metadata(path).map_err(|e| {
+                StoreError::Database(format!("cannot stat the database {}: {e}", path.display()))
+            })?;
+            Some((path.to_path_buf(), m.dev(), m.ino()))
+        };
+        Ok(FileGuard {
+            file,
+            lost: OnceLock::new(),
+        })
+    }
+
+    /// Why the store is failed, without looking at the disk.
+    fn lost(&self) -> Option<StoreError> {
+        self.lost.get().map(|why| StoreError::FileLost(why.clone()))
+    }
+
+    /// Looks at the disk: is the path still the file the store writes to?
+    fn check(&self) -> StoreResult<()> {
+        if let Some(e) = self.lost() {
+            return Err(e);
+        }
+        let Some((path, dev, ino)) = &self.file else {
+            return Ok(());
+        };
+        let why = match std::fs::metadata(path) {
+            Ok(m) if (m.dev(), m.ino()) == (*dev, *ino) => return Ok(()),
+            Ok(_) => format!("{} was replaced by another file", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                format!("{} was deleted", path.display())
+            }
+            Err(e) => format!("{} can no longer be checked ({e})", path.display()),
+        };
+        if self.lost.set(why.clone()).is_ok() {
+            tracing::error!(
+                problem = %why,
+                "THE DATABASE FILE IS GONE while the server runs: every write is refused \
+                 from now on (calls are denied). Stop the server, restore the database \
+                 from a backup (or run `keyturn init` to start an empty one), then start it again"
+            );
+        }
+        Err(self.lost().unwrap_or(StoreError::FileLost(why)))
+    }
 }
 
 /// When the WAL is checkpointed and restarted.
@@ -211,6 +276,7 @@ impl CheckpointerHandle {
 struct Checkpointer {
     conn: Connection,
     catch_up: Arc<AtomicBool>,
+    guard: Arc<FileGuard>,
     tuning: WalTuning,
 }
 
@@ -218,6 +284,7 @@ impl Checkpointer {
     fn start(
         path: &Path,
         catch_up: Arc<AtomicBool>,
+        guard: Arc<FileGuard>,
         tuning: WalTuning,
     ) -> StoreResult<CheckpointerHandle> {
         let conn = Connection::open(path)?;
@@ -226,6 +293,7 @@ impl Checkpointer {
         let mut me = Checkpointer {
             conn,
             catch_up,
+            guard,
             tuning,
         };
         let thread = std::thread::Builder::new()
@@ -244,6 +312,10 @@ impl Checkpointer {
     }
 
     fn round(&mut self) {
+        // Nothing is copied into a file the path no longer names.
+        if self.guard.check().is_err() {
+            return;
+        }
         let mut seen = 0;
         for pass in 0..CHECKPOINT_PASSES {
             let log = match checkpoint(&self.conn, "background") {
@@ -313,6 +385,7 @@ fn run(
     mut rx: mpsc::Receiver<Msg>,
     max_batch: usize,
     catch_up: &AtomicBool,
+    guard: &FileGuard,
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
     let mut head: Head = None;
@@ -332,11 +405,11 @@ fn run(
         }
         mean_batch = 0.9 * mean_batch + 0.1 * jobs.len() as f64;
         if !jobs.is_empty() {
-            write_batch(conn, &mut jobs, &mut head);
+            write_batch(conn, &mut jobs, &mut head, guard);
         }
         // Between batches nothing is being written: copy the last frames the
         // checkpointer left, so the next transaction restarts the log.
-        if catch_up.swap(false, Ordering::Acquire) {
+        if catch_up.swap(false, Ordering::Acquire) && guard.lost().is_none() {
             if let Err(e) = checkpoint(conn, "writer") {
                 tracing::warn!(error = %e, "WAL checkpoint failed");
             }
@@ -358,10 +431,17 @@ fn close(conn: Connection) {
     }
 }
 
-fn write_batch(conn: &mut Connection, jobs: &mut Vec<Job>, head: &mut Head) {
+fn write_batch(conn: &mut Connection, jobs: &mut Vec<Job>, head: &mut Head, guard: &FileGuard) {
+    // A lost database file refuses everything, without touching it.
+    if let Some(why) = guard.lost.get() {
+        refuse_all(jobs, why);
+        return;
+    }
     let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
     let started = std::time::Instant::now();
-    match run_batch(conn, &ops, head) {
+    // Committed is not enough: the commit must have gone into the file the
+    // path names, or nothing of it survives a restart (see `FileGuard`).
+    match run_batch(conn, &ops, head).and_then(|r| guard.check().map(|()| r)) {
         Ok(replies) => {
             tracing::trace!(
                 batch = ops.len(),
@@ -374,6 +454,8 @@ fn write_batch(conn: &mut Connection, jobs: &mut Vec<Job>, head: &mut Head) {
                 let _ = tx.send(Ok(reply));
             }
         }
+        // Not the batch's fault: retrying would only write into the lost file again.
+        Err(StoreError::FileLost(why)) => refuse_all(jobs, &why),
         Err(e) if jobs.len() == 1 => {
             tracing::error!(error = %e, "store write failed");
             if let Some(job) = jobs.pop() {
@@ -384,16 +466,24 @@ fn write_batch(conn: &mut Connection, jobs: &mut Vec<Job>, head: &mut Head) {
             // One bad write must not fail its neighbours: retry each alone.
             tracing::warn!(error = %e, batch = jobs.len(), "batch failed; retrying writes one by one");
             for job in jobs.drain(..) {
-                let r = run_batch(conn, &[&job.op], head).and_then(|mut v| {
-                    v.pop()
-                        .ok_or_else(|| StoreError::Database("the writer lost a reply".into()))
-                });
+                let r = run_batch(conn, &[&job.op], head)
+                    .and_then(|r| guard.check().map(|()| r))
+                    .and_then(|mut v| {
+                        v.pop()
+                            .ok_or_else(|| StoreError::Database("the writer lost a reply".into()))
+                    });
                 if let Err(e) = &r {
                     tracing::error!(error = %e, "store write failed");
                 }
                 let _ = job.reply.send(r);
             }
         }
+    }
+}
+
+fn refuse_all(jobs: &mut Vec<Job>, why: &str) {
+    for job in jobs.drain(..) {
+        let _ = job.reply.send(Err(StoreError::FileLost(why.to_string())));
     }
 }
 
