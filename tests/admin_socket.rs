@@ -8,7 +8,7 @@ mod support;
 use keyturn::ipc::client::Client;
 use serde_json::{json, Value};
 use std::process::Command;
-use support::server::{base_config, err_code, submit, Server, BIN};
+use support::server::{base_config, err_code, submit, write_config, Server, BIN};
 
 fn id_of(v: &Value) -> String {
     v["request_id"].as_str().expect("request_id").to_string()
@@ -174,7 +174,7 @@ async fn a_vote_from_the_uid_that_made_the_request_is_refused() {
     let listed = s.client().await.call("pending", json!({})).await.unwrap();
     assert_eq!(listed[0]["requester_uid"], me, "{listed}");
 
-    std::fs::write(&s.config, production_config(&path, "")).unwrap();
+    write_config(&s.config, &production_config(&path, ""));
     s.kill_and_restart();
     // Only the first (demo) run said it was a demo.
     assert_eq!(
@@ -199,11 +199,10 @@ async fn a_vote_from_the_uid_that_made_the_request_is_refused() {
     assert_eq!(d["state"], "pending");
 
     // Only an explicit switch allows it.
-    std::fs::write(
+    write_config(
         &s.config,
-        production_config(&path, "allow_self_approval = true\n"),
-    )
-    .unwrap();
+        &production_config(&path, "allow_self_approval = true\n"),
+    );
     s.kill_and_restart();
     let v = s
         .client()
@@ -217,7 +216,7 @@ async fn a_vote_from_the_uid_that_made_the_request_is_refused() {
 fn check_config(text: &str, env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.toml");
-    std::fs::write(&p, text).unwrap();
+    write_config(&p, &text);
     let mut cmd = Command::new(BIN);
     cmd.args(["check-config", "--config"]).arg(&p);
     for (k, v) in env {
@@ -256,7 +255,7 @@ fn check_config_and_serve_refuse_agents_running_as_the_server_uid() {
     );
     // serve refuses the same file before creating anything.
     let p = dir.path().join("config.toml");
-    std::fs::write(&p, &text).unwrap();
+    write_config(&p, &text);
     let out = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&p)

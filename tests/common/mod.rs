@@ -125,6 +125,11 @@ impl Server {
             dir.path().join("k.db").display()
         ));
         std::fs::write(&config, toml).expect("write config");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod 600");
+        }
         let mut child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&config)

@@ -33,6 +33,14 @@ pub fn with_demo(toml: &str) -> String {
 /// A config that makes agent `bot` (this uid) and admin (this uid) work,
 /// with a few tools at each risk level. `extra` is appended verbatim, then
 /// the single-user demo switch ([`with_demo`]).
+/// Writes a config file readable by its owner only, as `serve` requires of
+/// a file that holds a token.
+pub fn write_config(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).expect("write config");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+}
+
 pub fn base_config(dir: &Path, extra: &str) -> String {
     with_demo(&format!(
         r#"
@@ -94,7 +102,7 @@ impl Server {
 
     pub fn start_in(dir: tempfile::TempDir, config_text: &str) -> Server {
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, config_text).expect("write config");
+        write_config(&config, config_text);
         let stderr = dir.path().join("server.log");
         let child = spawn(&config, &stderr);
         Server {
