@@ -39,6 +39,7 @@ __all__ = [
     "ApprovalDenied",
     "ApprovalTimedOut",
     "ArgsMismatch",
+    "AnswerMismatch",
     "RiskMismatch",
     "require_approval",
     "canonical_json",
@@ -107,6 +108,11 @@ class ApprovalTimedOut(ApprovalDenied):
 
 class ArgsMismatch(KeyturnError):
     """The arguments about to run are not the ones that were approved."""
+
+
+class AnswerMismatch(KeyturnError):
+    """Keyturn's answer is about a different call (another tool, other
+    arguments or another request) than the one asked about; never act on it."""
 
 
 class RiskMismatch(KeyturnError):
@@ -261,6 +267,21 @@ class Decision(dict):
         raise ApprovalDenied(self)
 
 
+def _answering(d: Decision, tool: str, asked_hash: str, request_id: Optional[str] = None) -> Decision:
+    """``d`` if it answers the call asked about, else :class:`AnswerMismatch`:
+    an idempotency key or request id used for another call must never lend
+    that call's approval to this one."""
+    if d.get("tool") != tool:
+        raise AnswerMismatch(f"asked about tool {tool!r}, Keyturn answered about {d.get('tool')!r}; not approved")
+    if d.get("args_hash") != asked_hash:
+        raise AnswerMismatch(
+            f"asked about arguments {asked_hash}, Keyturn answered about {d.get('args_hash')}; not approved"
+        )
+    if request_id is not None and d.get("request_id") != request_id:
+        raise AnswerMismatch(f"waited for request {request_id}, Keyturn answered about {d.get('request_id')}; not approved")
+    return d
+
+
 # --------------------------------------------------------------------------
 # The client
 
@@ -394,10 +415,11 @@ class Client:
         cost, timeout_secs, unattended."""
         p = self._submit_params(tool, args, justification, **kw)
         p["wait"] = False
-        d = Decision(self.call("submit", p, timeout=30.0))
+        asked = args_hash(p["args"])
+        d = _answering(Decision(self.call("submit", p, timeout=30.0)), tool, asked)
         if not wait or d.state != "pending":
             return d
-        return self.wait(d.request_id, max_wait=self.max_wait)
+        return _answering(self.wait(d.request_id, max_wait=self.max_wait), tool, asked, d.request_id)
 
     def wait(self, request_id: str, max_wait: Optional[float] = None) -> Decision:
         """Blocks until ``request_id`` is decided (woken by Keyturn, no polling).

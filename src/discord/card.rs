@@ -9,7 +9,7 @@
 //! (already redacted) request is attached as `request-<id>.json`.
 
 use super::routing::Route;
-use crate::domain::request::{ApprovalRequest, State};
+use crate::domain::request::{ApprovalRequest, State, CLIENT_GONE};
 use crate::domain::Risk;
 use serde_json::{json, Value};
 
@@ -244,12 +244,22 @@ pub fn render_with_votes(
             format!("**{}** by {who}{when}", state_label(req.state)),
             false,
         ));
-        if let Some(r) = req.decided_reason.as_deref().filter(|r| !r.is_empty()) {
-            fields.push(field(
-                "Reason",
-                cut(code_block(r, "text", REASON_BUDGET)),
-                false,
-            ));
+        match req.decided_reason.as_deref().filter(|r| !r.is_empty()) {
+            Some(CLIENT_GONE) if req.state == State::Cancelled => {
+                fields.push(field(
+                    "Reason",
+                    "cancelled: the agent's client went away".into(),
+                    false,
+                ));
+            }
+            Some(r) => {
+                fields.push(field(
+                    "Reason",
+                    cut(code_block(r, "text", REASON_BUDGET)),
+                    false,
+                ));
+            }
+            None => {}
         }
     }
     let mut footer = format!("request {}", req.id);

@@ -299,7 +299,45 @@ impl Vote {
     }
 }
 
+/// The cancel reason recorded when the agent's client went away (closed its
+/// connection, was killed, or withdrew the call) before its answer.
+pub const CLIENT_GONE: &str = "client_gone";
+
+/// The idempotency fingerprint of a submission: SHA-256 over a canonical
+/// encoding of everything that makes two calls "the same call" (agent, tool,
+/// hash of the full arguments, user, channel, task). A key reused with a
+/// different fingerprint is a different call and must never get the earlier
+/// answer. The encoding is a JSON array (strings escaped one way only),
+/// prefixed with a version tag so a future change cannot collide.
+pub fn submission_fingerprint(
+    agent: &str,
+    tool: &str,
+    args_hash: &str,
+    user_id: Option<&str>,
+    channel_id: Option<&str>,
+    task_id: Option<&str>,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let fields = serde_json::json!([agent, tool, args_hash, user_id, channel_id, task_id]);
+    let mut h = Sha256::new();
+    h.update(b"keyturn-submission-v1\n");
+    h.update(fields.to_string().as_bytes());
+    hex::encode(h.finalize())
+}
+
 impl ApprovalRequest {
+    /// This request's [`submission_fingerprint`].
+    pub fn fingerprint(&self) -> String {
+        submission_fingerprint(
+            &self.agent,
+            &self.tool,
+            &self.args_hash,
+            self.user_id.as_deref(),
+            self.channel_id.as_deref(),
+            self.task_id.as_deref(),
+        )
+    }
+
     /// Applies a resolution to this snapshot (the store does the same in SQL).
     pub fn resolve(&mut self, r: &Resolution) {
         self.state = r.state;

@@ -59,6 +59,14 @@ pub enum GateError {
     Protocol(String),
     #[error("Keyturn refused the call: {0}")]
     Rpc(RpcError),
+    /// The answer is about another call than the one asked about (another
+    /// tool, other arguments, another request): never act on it.
+    #[error("Keyturn's answer is about a different call ({0})")]
+    Mismatch(String),
+    /// The gate's own client withdrew the call (MCP cancellation, or the
+    /// client went away); the request was cancelled with it.
+    #[error("the call was withdrawn by the client")]
+    Withdrawn,
 }
 
 /// A blocking JSON-RPC client over the agent socket: one line out, one in.
@@ -68,6 +76,11 @@ pub struct LineClient {
 }
 
 impl LineClient {
+    /// A second handle on the connection, to shut it down from elsewhere.
+    pub fn stream_handle(&self) -> std::io::Result<UnixStream> {
+        self.reader.get_ref().try_clone()
+    }
+
     pub fn connect(path: &Path) -> Result<LineClient, GateError> {
         let stream = UnixStream::connect(path).map_err(|source| GateError::Connect {
             path: path.display().to_string(),
@@ -192,6 +205,73 @@ fn view(v: Value) -> Result<DecisionView, GateError> {
     serde_json::from_value(v).map_err(|e| GateError::Protocol(format!("bad decision: {e}")))
 }
 
+/// The call a gate asked about: an answer is acted on only if it is about
+/// exactly this call. An idempotency key or a request id that another call
+/// already used must never turn someone else's approval into ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asked {
+    pub tool: String,
+    /// [`crate::domain::redact::args_hash`] of the arguments sent.
+    pub args_hash: String,
+}
+
+impl Asked {
+    /// What `submit` params (`tool`, `args`) ask about.
+    pub fn from_params(p: &Value) -> Asked {
+        Asked {
+            tool: p.get("tool").and_then(Value::as_str).unwrap_or("").into(),
+            args_hash: crate::domain::redact::args_hash(p.get("args").unwrap_or(&Value::Null)),
+        }
+    }
+
+    /// `Ok` only when `d` answers this call (and, if given, this request).
+    pub fn check(&self, d: DecisionView, request_id: Option<&str>) -> Result<DecisionView, GateError> {
+        if let Some(why) = d.mismatch(&self.tool, &self.args_hash) {
+            return Err(GateError::Mismatch(why));
+        }
+        if let Some(id) = request_id.filter(|id| *id != d.request_id) {
+            return Err(GateError::Mismatch(format!(
+                "waited for request {id}, the answer is about {}",
+                d.request_id
+            )));
+        }
+        Ok(d)
+    }
+}
+
+/// Lets another thread withdraw a call that [`ask_abortable`] is waiting
+/// on: the connection is shut down, and the server cancels the request
+/// (`client_gone`), as it does for any waiting client that goes away.
+#[derive(Debug, Default)]
+pub struct Withdraw {
+    state: std::sync::Mutex<(bool, Option<UnixStream>)>,
+}
+
+impl Withdraw {
+    /// Withdraws the call (now, or as soon as it connects).
+    pub fn withdraw(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 = true;
+        if let Some(s) = st.1.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn withdrawn(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Records the connection; `false` if the call is already withdrawn.
+    fn attach(&self, s: UnixStream) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.0 {
+            return false;
+        }
+        st.1 = Some(s);
+        true
+    }
+}
+
 fn classify(d: DecisionView, waited: Duration) -> Outcome {
     use crate::domain::request::State;
     match d.state {
@@ -213,10 +293,33 @@ fn classify(d: DecisionView, waited: Duration) -> Outcome {
 /// Submits `params` (a `submit` params object without `agent`/`token`/`wait`)
 /// and blocks until a decision or until `budget` has passed. On its own
 /// timeout it cancels the request, so a late click cannot approve a call
-/// nobody is waiting for.
-pub fn ask(id: &Identity, mut params: Value, budget: Duration) -> Outcome {
+/// nobody is waiting for. Every answer is checked against what was asked
+/// ([`Asked`]); one about another call fails closed.
+pub fn ask(id: &Identity, params: Value, budget: Duration) -> Outcome {
+    ask_abortable(id, params, budget, &Withdraw::default())
+}
+
+/// [`ask`], which `withdraw` can end early (the request is then cancelled
+/// by the server, and the outcome is [`GateError::Withdrawn`]).
+pub fn ask_abortable(
+    id: &Identity,
+    params: Value,
+    budget: Duration,
+    withdraw: &Withdraw,
+) -> Outcome {
+    match ask_inner(id, params, budget, withdraw) {
+        Outcome::Approved(_) if withdraw.withdrawn() => Outcome::Failed(GateError::Withdrawn),
+        Outcome::Failed(_) | Outcome::TimedOut { .. } if withdraw.withdrawn() => {
+            Outcome::Failed(GateError::Withdrawn)
+        }
+        o => o,
+    }
+}
+
+fn ask_inner(id: &Identity, mut params: Value, budget: Duration, withdraw: &Withdraw) -> Outcome {
     let started = Instant::now();
     let deadline = started + budget;
+    let asked = Asked::from_params(&params);
     params["agent"] = json!(id.agent);
     if let Some(t) = &id.token {
         params["token"] = json!(t);
@@ -226,7 +329,19 @@ pub fn ask(id: &Identity, mut params: Value, budget: Duration) -> Outcome {
         Ok(c) => c,
         Err(e) => return Outcome::Failed(e),
     };
-    let first = match client.call("submit", params, Some(deadline)).and_then(view) {
+    match client.stream_handle() {
+        Ok(s) => {
+            if !withdraw.attach(s) {
+                return Outcome::Failed(GateError::Withdrawn);
+            }
+        }
+        Err(e) => return Outcome::Failed(GateError::Io(e)),
+    }
+    let first = match client
+        .call("submit", params, Some(deadline))
+        .and_then(view)
+        .and_then(|d| asked.check(d, None))
+    {
         Ok(d) => d,
         Err(e) if is_timeout(&e) => {
             return Outcome::TimedOut {
@@ -247,27 +362,46 @@ pub fn ask(id: &Identity, mut params: Value, budget: Duration) -> Outcome {
     }
     // The server answers at the decision (woken, not polled) or at the
     // request's own deadline; our read deadline enforces the budget.
-    match client.call("wait", p, Some(deadline)).and_then(view) {
+    match client
+        .call("wait", p, Some(deadline))
+        .and_then(view)
+        .and_then(|d| asked.check(d, Some(&request_id)))
+    {
         Ok(d) if d.state.is_terminal() => classify(d, started.elapsed()),
+        Ok(_) | Err(_) if withdraw.withdrawn() => {
+            // The server cancels for a wait that loses its client; this
+            // covers a withdraw that landed before the wait was sent.
+            cancel(id, &request_id, "client_gone");
+            Outcome::Failed(GateError::Withdrawn)
+        }
         Ok(_) => give_up(id, &request_id, started),
         Err(e) if is_timeout(&e) => give_up(id, &request_id, started),
         Err(e) => Outcome::Failed(e),
     }
 }
 
-fn give_up(id: &Identity, request_id: &str, started: Instant) -> Outcome {
-    let waited = started.elapsed();
-    let mut p = json!({"agent": id.agent, "id": request_id,
-        "reason": format!("the agent stopped waiting after {waited:.0?}")});
+/// Cancels `request_id`, best effort, on a fresh connection (the old one
+/// may hold a half-read answer). The request as it ended, if known.
+fn cancel(id: &Identity, request_id: &str, reason: &str) -> Option<DecisionView> {
+    let mut p = json!({"agent": id.agent, "id": request_id, "reason": reason});
     if let Some(t) = &id.token {
         p["token"] = json!(t);
     }
-    // Best effort, on a fresh connection (the old one has a half-read answer).
-    let cancelled = LineClient::connect(&id.socket)
-        .and_then(|mut c| c.call("cancel", p, Some(Instant::now() + Duration::from_secs(2))));
+    LineClient::connect(&id.socket)
+        .and_then(|mut c| c.call("cancel", p, Some(Instant::now() + Duration::from_secs(2))))
+        .ok()
+        .and_then(|v| view(v).ok())
+}
+
+fn give_up(id: &Identity, request_id: &str, started: Instant) -> Outcome {
+    let waited = started.elapsed();
     // A decision can land between our timeout and the cancel: honour a
     // denial, but never run an approval we no longer wait for.
-    let view = cancelled.ok().and_then(|v| view(v).ok());
+    let view = cancel(
+        id,
+        request_id,
+        &format!("the agent stopped waiting after {waited:.0?}"),
+    );
     Outcome::TimedOut {
         view,
         waited,

@@ -6,7 +6,7 @@ mod writer;
 pub use writer::WalTuning;
 
 use super::{
-    CardRow, Inserted, PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError,
+    CardRow, Inserted, KeyHolder, PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError,
     StoreResult, StoredGrant, Voted,
 };
 use crate::domain::audit::{AuditEntry, AuditEvent};
@@ -272,6 +272,7 @@ impl Store for SqliteStore {
                 Arc::try_unwrap(req).unwrap_or_else(|shared| (*shared).clone()),
             )),
             Reply::Existing(r) => Ok(Inserted::Existing(r)),
+            Reply::Conflict(r) => Ok(Inserted::Conflict(r)),
             _ => Err(unexpected()),
         }
     }
@@ -321,8 +322,14 @@ impl Store for SqliteStore {
         &self,
         agent: &str,
         key: &str,
-    ) -> StoreResult<Option<ApprovalRequest>> {
-        sqlx::query_as::<_, RequestRow>(
+    ) -> StoreResult<Option<KeyHolder>> {
+        #[derive(FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            request: RequestRow,
+            idempotency_fp: Option<String>,
+        }
+        let Some(row) = sqlx::query_as::<_, Row>(
             "SELECT * FROM requests WHERE agent = $1 AND idempotency_key = $2",
         )
         .bind(agent)
@@ -330,8 +337,13 @@ impl Store for SqliteStore {
         .fetch_optional(&self.reads)
         .await
         .map_err(db)?
-        .map(RequestRow::into_request)
-        .transpose()
+        else {
+            return Ok(None);
+        };
+        Ok(Some(KeyHolder {
+            request: row.request.into_request()?,
+            fingerprint: row.idempotency_fp,
+        }))
     }
 
     async fn votes(&self, id: RequestId) -> StoreResult<Vec<Vote>> {
