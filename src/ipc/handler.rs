@@ -370,7 +370,10 @@ impl Handler {
                     if flow.wait && !r.state.is_terminal() {
                         tokio::select! {
                             w = gw.wait(r.id, Some(&agent), None) => w?,
-                            _ = gone.cancelled() => r,
+                            _ = gone.cancelled() => {
+                                tracing::info!(request.id = %r.id, agent, "the client went away; the detached request stays pending");
+                                r
+                            }
                         }
                     } else {
                         r
@@ -412,7 +415,10 @@ impl Handler {
                             _ = gone.cancelled() => match agent {
                                 // An admin watching is not the agent's client.
                                 Some(a) if !q.detach => self.client_gone(id, a).await?,
-                                _ => gw.status_for(id, agent).await?,
+                                _ => {
+                                    tracing::info!(request.id = %id, "the client went away; the detached request stays pending");
+                                    gw.status_for(id, agent).await?
+                                }
                             },
                         }
                     }
