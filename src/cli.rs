@@ -501,9 +501,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let d: DecisionView = serde_json::from_value(v.clone())?;
             // Exit 0 only for an answer about exactly this call.
             if let Some(why) = d.mismatch(&asked_tool, &asked_hash) {
-                anyhow::bail!(
-                    "Keyturn's answer is about a different call ({why}); not approved"
-                );
+                anyhow::bail!("Keyturn's answer is about a different call ({why}); not approved");
             }
             print(conn.json, &v, decision_text);
             Ok(

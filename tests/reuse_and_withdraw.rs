@@ -160,7 +160,10 @@ fn racing_submits_with_one_key_have_exactly_one_winner() {
         .into_iter()
         .map(|t| t.join().expect("thread"))
         .collect();
-    let won: Vec<&Value> = answers.iter().filter(|a| a.get("result").is_some()).collect();
+    let won: Vec<&Value> = answers
+        .iter()
+        .filter(|a| a.get("result").is_some())
+        .collect();
     let lost = answers
         .iter()
         .filter(|a| a["error"]["data"]["code"] == "idempotency_conflict")
@@ -189,10 +192,7 @@ fn hook_decision(out: &str) -> (String, String) {
     let h = &v["hookSpecificOutput"];
     (
         h["permissionDecision"].as_str().unwrap_or("?").into(),
-        h["permissionDecisionReason"]
-            .as_str()
-            .unwrap_or("")
-            .into(),
+        h["permissionDecisionReason"].as_str().unwrap_or("").into(),
     )
 }
 
@@ -369,14 +369,25 @@ fn closing_a_waiting_connection_cancels_unless_detached() {
     // `--no-wait` detaches; a later `wait` on it by id follows the rule again.
     let (code, out, _) = output(request(
         &s.socket,
-        &["--tool", "Bash", "--args", r#"{"n":3}"#, "--no-wait", "--json"],
+        &[
+            "--tool",
+            "Bash",
+            "--args",
+            r#"{"n":3}"#,
+            "--no-wait",
+            "--json",
+        ],
     ));
     assert_eq!(code, 0, "{out}");
     let id = serde_json::from_str::<Value>(&out).expect("json")["request_id"]
         .as_str()
         .expect("id")
         .to_string();
-    assert_eq!(status(&s, &id)["state"], "pending", "--no-wait keeps it pending");
+    assert_eq!(
+        status(&s, &id)["state"],
+        "pending",
+        "--no-wait keeps it pending"
+    );
     let mut c = UnixStream::connect(&s.socket).expect("connect");
     let line = json!({"jsonrpc": "2.0", "id": 1, "method": "wait",
                       "params": {"agent": "cli", "id": id}});

@@ -20,7 +20,9 @@
 //! listed there is already `high`).
 
 use super::hook::parse_duration;
-use super::{ask_abortable, policy_tool_name, socket_path, Identity, LineClient, Outcome, Withdraw};
+use super::{
+    ask_abortable, policy_tool_name, socket_path, Identity, LineClient, Outcome, Withdraw,
+};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::BufRead;

@@ -225,7 +225,11 @@ impl Asked {
     }
 
     /// `Ok` only when `d` answers this call (and, if given, this request).
-    pub fn check(&self, d: DecisionView, request_id: Option<&str>) -> Result<DecisionView, GateError> {
+    pub fn check(
+        &self,
+        d: DecisionView,
+        request_id: Option<&str>,
+    ) -> Result<DecisionView, GateError> {
         if let Some(why) = d.mismatch(&self.tool, &self.args_hash) {
             return Err(GateError::Mismatch(why));
         }
@@ -324,7 +328,16 @@ fn ask_inner(id: &Identity, mut params: Value, budget: Duration, withdraw: &With
     if let Some(t) = &id.token {
         params["token"] = json!(t);
     }
-    params["wait"] = json!(false);
+    // One call that waits on the server: if this process is killed (or the
+    // call withdrawn) at any moment, the connection closes with the call in
+    // flight and the server cancels the request (`client_gone`). Two calls
+    // (submit, then wait) would leave a moment between them where a kill
+    // orphans a pending request.
+    params["wait"] = json!(true);
+    if params.get("idempotency_key").is_none() {
+        // Lets the budget's expiry find the request again (see `give_up`).
+        params["idempotency_key"] = json!(format!("keyturn-gate:{}", uuid::Uuid::new_v4()));
+    }
     let mut client = match LineClient::connect(&id.socket) {
         Ok(c) => c,
         Err(e) => return Outcome::Failed(e),
@@ -337,47 +350,24 @@ fn ask_inner(id: &Identity, mut params: Value, budget: Duration, withdraw: &With
         }
         Err(e) => return Outcome::Failed(GateError::Io(e)),
     }
-    let first = match client
-        .call("submit", params, Some(deadline))
-        .and_then(view)
-        .and_then(|d| asked.check(d, None))
-    {
-        Ok(d) => d,
-        Err(e) if is_timeout(&e) => {
-            return Outcome::TimedOut {
-                view: None,
-                waited: started.elapsed(),
-                request_id: None,
-            }
-        }
-        Err(e) => return Outcome::Failed(e),
-    };
-    if first.state.is_terminal() {
-        return classify(first, started.elapsed());
-    }
-    let request_id = first.request_id.clone();
-    let mut p = json!({"agent": id.agent, "id": request_id});
-    if let Some(t) = &id.token {
-        p["token"] = json!(t);
-    }
     // The server answers at the decision (woken, not polled) or at the
     // request's own deadline; our read deadline enforces the budget.
-    match client
-        .call("wait", p, Some(deadline))
+    let answer = client
+        .call("submit", params.clone(), Some(deadline))
         .and_then(view)
-        .and_then(|d| asked.check(d, Some(&request_id)))
-    {
+        .and_then(|d| asked.check(d, None));
+    let outcome = match answer {
         Ok(d) if d.state.is_terminal() => classify(d, started.elapsed()),
-        Ok(_) | Err(_) if withdraw.withdrawn() => {
-            // The server cancels for a wait that loses its client; this
-            // covers a withdraw that landed before the wait was sent.
-            cancel(id, &request_id, "client_gone");
-            Outcome::Failed(GateError::Withdrawn)
-        }
-        Ok(_) => give_up(id, &request_id, started),
-        Err(e) if is_timeout(&e) => give_up(id, &request_id, started),
+        Err(_) if withdraw.withdrawn() => Outcome::Failed(GateError::Withdrawn),
+        // Still pending past the server's own grace: as for our budget.
+        Ok(d) => give_up(id, &asked, Some(&d.request_id), &params, started),
+        Err(e) if is_timeout(&e) => give_up(id, &asked, None, &params, started),
         Err(e) => Outcome::Failed(e),
-    }
+    };
+    // Closing with the call still in flight cancels it, should `give_up`
+    // not have reached the server.
+    drop(client);
+    outcome
 }
 
 /// Cancels `request_id`, best effort, on a fresh connection (the old one
@@ -393,19 +383,41 @@ fn cancel(id: &Identity, request_id: &str, reason: &str) -> Option<DecisionView>
         .and_then(|v| view(v).ok())
 }
 
-fn give_up(id: &Identity, request_id: &str, started: Instant) -> Outcome {
+/// The budget passed with no decision: cancel the request, saying why, so a
+/// late click cannot approve a call nobody is waiting for. Its id, when the
+/// answer did not carry it, comes from submitting the same call again under
+/// the same idempotency key (which returns the request, not a new one).
+fn give_up(
+    id: &Identity,
+    asked: &Asked,
+    request_id: Option<&str>,
+    params: &Value,
+    started: Instant,
+) -> Outcome {
     let waited = started.elapsed();
+    let request_id = request_id.map(str::to_string).or_else(|| {
+        let mut p = params.clone();
+        p["wait"] = json!(false);
+        LineClient::connect(&id.socket)
+            .and_then(|mut c| c.call("submit", p, Some(Instant::now() + Duration::from_secs(2))))
+            .and_then(view)
+            .and_then(|d| asked.check(d, None))
+            .ok()
+            .map(|d| d.request_id)
+    });
     // A decision can land between our timeout and the cancel: honour a
     // denial, but never run an approval we no longer wait for.
-    let view = cancel(
-        id,
-        request_id,
-        &format!("the agent stopped waiting after {waited:.0?}"),
-    );
+    let view = request_id.as_deref().and_then(|rid| {
+        cancel(
+            id,
+            rid,
+            &format!("the agent stopped waiting after {waited:.0?}"),
+        )
+    });
     Outcome::TimedOut {
         view,
         waited,
-        request_id: Some(request_id.to_string()),
+        request_id,
     }
 }
 

@@ -6,8 +6,8 @@ mod writer;
 pub use writer::WalTuning;
 
 use super::{
-    CardRow, Inserted, KeyHolder, PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError,
-    StoreResult, StoredGrant, Voted,
+    CardRow, Inserted, KeyHolder, PairedUser, PairingRefused, PendingPairing, Pruned, Store,
+    StoreError, StoreResult, StoredGrant, Voted,
 };
 use crate::domain::audit::{AuditEntry, AuditEvent};
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};

@@ -442,7 +442,10 @@ fn exec<'a>(tx: &Transaction<'_>, op: &'a Op, ev: &mut Events<'a>) -> StoreResul
                         "SELECT * FROM requests WHERE agent = ?1 AND idempotency_key = ?2",
                     )?
                     .query_row(params![req.agent, key], |r| {
-                        Ok((request_row(r)?, r.get::<_, Option<String>>("idempotency_fp")?))
+                        Ok((
+                            request_row(r)?,
+                            r.get::<_, Option<String>>("idempotency_fp")?,
+                        ))
                     })
                     .optional()?;
                 if let Some((row, stored)) = existing {
