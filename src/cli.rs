@@ -100,10 +100,14 @@ enum Command {
         conn: Conn,
     },
     /// Wait for a request's decision (agents resume with this after reconnecting).
+    /// As an agent, leaving (Ctrl-C, kill) cancels the request unless --detach.
     Wait {
         id: String,
         #[arg(long, env = "KEYTURN_AGENT")]
         agent: Option<String>,
+        /// Leave the request pending if this command is interrupted.
+        #[arg(long)]
+        detach: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -530,8 +534,13 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             });
             Ok(0)
         }
-        Command::Wait { id, agent, conn } => {
-            let mut p = json!({"id": id});
+        Command::Wait {
+            id,
+            agent,
+            detach,
+            conn,
+        } => {
+            let mut p = json!({"id": id, "detach": detach});
             if let Some(a) = agent {
                 p["agent"] = json!(a);
             }

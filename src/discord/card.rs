@@ -531,6 +531,29 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_request_whose_client_went_away_says_so() {
+        let mut r = request();
+        r.state = State::Cancelled;
+        r.decided_by = Some(crate::domain::request::DecidedBy::Cancel);
+        r.decided_who = Some("agent:ci-bot".into());
+        r.decided_reason = Some(CLIENT_GONE.into());
+        r.decided_ms = Some(1_700_000_001_000);
+        let card = render(&r, &settings(), false);
+        let text = all_text(&card.payload);
+        assert!(
+            text.contains("cancelled: the agent's client went away"),
+            "{text}"
+        );
+        assert!(!text.contains("client_gone"), "{text}");
+        assert_eq!(card.payload["components"], json!([]), "no buttons left");
+        // Any other reason is shown as the canceller wrote it.
+        r.decided_reason = Some("changed my mind".into());
+        let text = all_text(&render(&r, &settings(), false).payload);
+        assert!(text.contains("changed my mind"), "{text}");
+        assert!(!text.contains("went away"), "{text}");
+    }
+
     fn settings() -> CardSettings {
         CardSettings {
             approver_role_id: Some(30),

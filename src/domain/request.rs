@@ -391,6 +391,37 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn fingerprint_covers_every_field_that_makes_a_call() {
+        let base = pending(1, 100);
+        let fp = base.fingerprint();
+        assert_eq!(fp.len(), 64);
+        assert_eq!(
+            fp,
+            pending(1, 200).fingerprint(),
+            "deadline is not the call"
+        );
+        let variants: Vec<Box<dyn Fn(&mut ApprovalRequest)>> = vec![
+            Box::new(|r| r.agent = "b".into()),
+            Box::new(|r| r.tool = "read_file".into()),
+            Box::new(|r| r.args_hash = "h2".into()),
+            Box::new(|r| r.user_id = None),
+            Box::new(|r| r.channel_id = Some("8".into())),
+            Box::new(|r| r.task_id = Some("t".into())),
+            // No ambiguity between fields: moving text across a boundary
+            // changes the fingerprint.
+            Box::new(|r| {
+                r.agent = "a\",\"delete_file".into();
+                r.tool = String::new();
+            }),
+        ];
+        for (i, change) in variants.iter().enumerate() {
+            let mut r = base.clone();
+            change(&mut r);
+            assert_ne!(r.fingerprint(), fp, "variant {i}");
+        }
+    }
+
+    #[test]
     fn single_approval_approves() {
         let r = pending(1, 100);
         let e = apply_vote(&r, &[], &vote("alice", true, 10)).unwrap();
