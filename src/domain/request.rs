@@ -400,19 +400,20 @@ pub(crate) mod tests {
             pending(1, 200).fingerprint(),
             "deadline is not the call"
         );
-        let variants: Vec<Box<dyn Fn(&mut ApprovalRequest)>> = vec![
-            Box::new(|r| r.agent = "b".into()),
-            Box::new(|r| r.tool = "read_file".into()),
-            Box::new(|r| r.args_hash = "h2".into()),
-            Box::new(|r| r.user_id = None),
-            Box::new(|r| r.channel_id = Some("8".into())),
-            Box::new(|r| r.task_id = Some("t".into())),
+        type Change = fn(&mut ApprovalRequest);
+        let variants: Vec<Change> = vec![
+            |r| r.agent = "b".into(),
+            |r| r.tool = "read_file".into(),
+            |r| r.args_hash = "h2".into(),
+            |r| r.user_id = None,
+            |r| r.channel_id = Some("8".into()),
+            |r| r.task_id = Some("t".into()),
             // No ambiguity between fields: moving text across a boundary
             // changes the fingerprint.
-            Box::new(|r| {
+            |r| {
                 r.agent = "a\",\"delete_file".into();
                 r.tool = String::new();
-            }),
+            },
         ];
         for (i, change) in variants.iter().enumerate() {
             let mut r = base.clone();
