@@ -308,10 +308,21 @@ impl Handler {
         id.map(|id| reply(&id, result))
     }
 
-    /// The agent's client left before its answer: cancel the request it
-    /// was waiting for, as the agent (already authenticated on this call).
-    async fn client_gone(&self, id: RequestId, agent: &str) -> Result<ApprovalRequest, RpcError> {
+    /// The client of a call waiting on request `id` left before its answer.
+    /// An agent's call cancels the request (as the agent, already
+    /// authenticated on this call) unless it asked to `detach`; an admin
+    /// watching (`agent` is `None`) is not the agent's client.
+    async fn client_left(
+        &self,
+        id: RequestId,
+        agent: Option<&str>,
+        detach: bool,
+    ) -> Result<ApprovalRequest, RpcError> {
         let gw = &self.gw;
+        let Some(agent) = agent.filter(|_| !detach) else {
+            tracing::info!(request.id = %id, "the client went away; the detached request stays pending");
+            return Ok(gw.status(id).await?);
+        };
         match gw
             .cancel(
                 id,
@@ -322,7 +333,7 @@ impl Handler {
             .await
         {
             Ok(r) => {
-                tracing::info!(request.id = %id, agent, "the client went away; request cancelled");
+                tracing::info!(request.id = %id, agent = %agent, "the client went away; request cancelled");
                 Ok(r)
             }
             // Decided meanwhile: nothing to cancel.
@@ -366,26 +377,16 @@ impl Handler {
                 // would have no deadline and no card); only then is the
                 // client's absence acted on.
                 let r = gw.submit(&agent, sub).await?;
-                let r = if r.state.is_terminal() || flow.detach {
-                    if flow.wait && !r.state.is_terminal() {
-                        tokio::select! {
-                            w = gw.wait(r.id, Some(&agent), None) => w?,
-                            _ = gone.cancelled() => {
-                                tracing::info!(request.id = %r.id, agent, "the client went away; the detached request stays pending");
-                                r
-                            }
-                        }
-                    } else {
-                        r
-                    }
+                let r = if r.state.is_terminal() {
+                    r
                 } else if flow.wait {
                     tokio::select! {
                         w = gw.wait(r.id, Some(&agent), None) => w?,
-                        _ = gone.cancelled() => self.client_gone(r.id, &agent).await?,
+                        _ = gone.cancelled() => self.client_left(r.id, Some(&agent), flow.detach).await?,
                     }
                 } else if gone.is_cancelled() {
                     // Nobody will read the request id: cancel, not orphan.
-                    self.client_gone(r.id, &agent).await?
+                    self.client_left(r.id, Some(&agent), flow.detach).await?
                 } else {
                     r
                 };
@@ -412,14 +413,7 @@ impl Handler {
                         let waited = gw.wait(id, agent, q.timeout_secs.map(Duration::from_secs));
                         tokio::select! {
                             w = waited => w?,
-                            _ = gone.cancelled() => match agent {
-                                // An admin watching is not the agent's client.
-                                Some(a) if !q.detach => self.client_gone(id, a).await?,
-                                _ => {
-                                    tracing::info!(request.id = %id, "the client went away; the detached request stays pending");
-                                    gw.status_for(id, agent).await?
-                                }
-                            },
+                            _ = gone.cancelled() => self.client_left(id, agent, q.detach).await?,
                         }
                     }
                     "status" => gw.status_for(id, agent).await?,
