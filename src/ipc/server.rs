@@ -1,5 +1,8 @@
 //! The Unix socket listener: connection limit, peer credentials, line
 //! framing with a length limit, and a shutdown that waits for handlers.
+//! It notices a peer that went away (closed, killed: not a half-close) while
+//! its calls are in flight, and tells them, so a waiting client that leaves
+//! cancels its request instead of leaving it approvable by mistake.
 
 use super::handler::{Handler, Peer};
 use super::protocol::{response, RpcError};
