@@ -98,7 +98,8 @@ enum Command {
         /// Ask for a shorter wait than the default (seconds).
         #[arg(long)]
         timeout: Option<u64>,
-        /// Return at once with the request id instead of waiting.
+        /// Return at once with the request id instead of waiting; the
+        /// request stays pending after this command exits (`detach`).
         #[arg(long)]
         no_wait: bool,
         #[command(flatten)]
@@ -112,10 +113,14 @@ enum Command {
         conn: Conn,
     },
     /// Wait for a request's decision (agents resume with this after reconnecting).
+    /// As an agent, leaving (Ctrl-C, kill) cancels the request unless --detach.
     Wait {
         id: String,
         #[arg(long, env = "KEYTURN_AGENT")]
         agent: Option<String>,
+        /// Leave the request pending if this command is interrupted.
+        #[arg(long)]
+        detach: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -560,6 +565,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let mut p = call_params(&call)?;
             p["wait"] = json!(!no_wait);
+            // Without --no-wait, this process going away (Ctrl-C, kill)
+            // cancels the request: nobody is left to act on an approval.
+            p["detach"] = json!(no_wait);
+            let asked_tool = call.tool.clone();
+            let asked_hash = crate::domain::redact::args_hash(&p["args"]);
             if let Some(k) = idempotency_key {
                 p["idempotency_key"] = json!(k);
             }
@@ -568,8 +578,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             let mut client = conn.client().await?;
             let v = client.call("submit", p).await?;
+            let d: DecisionView = serde_json::from_value(v.clone())?;
+            // Exit 0 only for an answer about exactly this call.
+            if let Some(why) = d.mismatch(&asked_tool, &asked_hash) {
+                anyhow::bail!("Keyturn's answer is about a different call ({why}); not approved");
+            }
             print(conn.json, &v, decision_text);
-            let d: DecisionView = serde_json::from_value(v)?;
             Ok(
                 if d.approved || (no_wait && d.state == crate::domain::request::State::Pending) {
                     0
@@ -596,8 +610,13 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             });
             Ok(0)
         }
-        Command::Wait { id, agent, conn } => {
-            let mut p = json!({"id": id});
+        Command::Wait {
+            id,
+            agent,
+            detach,
+            conn,
+        } => {
+            let mut p = json!({"id": id, "detach": detach});
             if let Some(a) = agent {
                 p["agent"] = json!(a);
             }

@@ -363,6 +363,37 @@ async fn timeout_edits_the_card_and_late_clicks_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_cancels_and_the_card_says_so() {
+    let (fake, server, _dir) = setup().await;
+    let agent = server.submit_waiting(delete_file());
+    let card = first_card(&fake).await;
+    // The agent's process dies mid-wait: its connection closes.
+    agent.abort();
+    let edited = card_until(&fake, card.id, |m| m.components.is_empty()).await;
+    assert!(title(&edited).contains("Cancelled"), "{}", title(&edited));
+    assert!(
+        edited
+            .all_text()
+            .contains("cancelled: the agent's client went away"),
+        "{}",
+        edited.all_text()
+    );
+    // An approver who clicks the orphan's (now stale) button is refused.
+    let h = stale_click(
+        &fake,
+        &card,
+        &button(&card, "approve"),
+        ALICE,
+        &[APPROVER_ROLE_ID],
+    )
+    .await;
+    let text = ephemeral_reply(&fake, &h).await;
+    assert!(text.starts_with("Already decided: cancelled"), "{text}");
+    fake.assert_no_violations();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cli_decision_edits_the_card() {
     let (fake, server, _dir) = setup().await;
     let agent = server.submit_waiting(delete_file());

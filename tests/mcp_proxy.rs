@@ -339,3 +339,92 @@ fn unattended_proxy_denies_gated_calls_at_once() {
     assert_eq!(r["result"]["isError"], json!(true), "{r}");
     assert!(text(&r).contains("unattended"), "{r}");
 }
+
+/// A proxy in front of a stand-in server that reads and never answers.
+fn silent_proxy(s: &Server) -> Mcp {
+    Mcp::start(&[
+        "--name".into(),
+        "fs".into(),
+        "--socket".into(),
+        s.socket.display().to_string(),
+        "--".into(),
+        "sh".into(),
+        "-c".into(),
+        "cat >/dev/null".into(),
+    ])
+}
+
+/// The request `id` ended cancelled because its client went away, and a
+/// late approval is refused.
+fn assert_withdrawn(s: &Server, id: &str) {
+    s.wait_log(
+        |l| l.contains("the client went away; request cancelled") && l.contains(id),
+        Duration::from_secs(10),
+    );
+    let late = s
+        .rpc("approve", json!({"id": id, "reason": "late"}))
+        .expect_err("a withdrawn call cannot be approved");
+    assert_eq!(late["data"]["code"], "already_decided", "{late}");
+}
+
+#[test]
+fn a_cancelled_call_is_withdrawn_and_a_late_approval_runs_nothing() {
+    let s = Server::start(EXTRA);
+    let mut c = silent_proxy(&s);
+    let gated = c.request(
+        "tools/call",
+        json!({"name": "write_file", "arguments": {"path": "/x", "content": ""}}),
+    );
+    let id = s.wait_queued("fs.write_file");
+    // What the official Python client sends when its own timeout passes.
+    c.send(
+        json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                  "params": {"requestId": gated, "reason": "timed out"}}),
+    );
+    assert_withdrawn(&s, &id);
+    // No answer for the cancelled call: the next line is the next call's.
+    let denied = c.call(
+        "tools/call",
+        json!({"name": "move_file", "arguments": {"source": "/a", "destination": "/b"}}),
+    );
+    assert_eq!(denied["result"]["isError"], json!(true), "{denied}");
+    // Closing stdin ends the stand-in server and the proxy; nothing more
+    // comes out, in particular nothing for the cancelled call.
+    drop(std::mem::replace(
+        &mut c.stdin,
+        Command::new("true")
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+            .stdin
+            .take()
+            .expect("stdin"),
+    ));
+    while let Ok(l) = c.lines.recv_timeout(Duration::from_secs(10)) {
+        let v: Value = serde_json::from_str(&l).expect("json");
+        assert_ne!(v["id"], json!(gated), "answered a cancelled call: {v}");
+    }
+}
+
+#[test]
+fn a_client_that_goes_away_withdraws_its_gated_calls() {
+    let s = Server::start(EXTRA);
+    let mut c = silent_proxy(&s);
+    c.request(
+        "tools/call",
+        json!({"name": "write_file", "arguments": {"path": "/y", "content": ""}}),
+    );
+    let id = s.wait_queued("fs.write_file");
+    // The MCP client leaves: the proxy's stdin closes.
+    drop(std::mem::replace(
+        &mut c.stdin,
+        Command::new("true")
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+            .stdin
+            .take()
+            .expect("stdin"),
+    ));
+    assert_withdrawn(&s, &id);
+}

@@ -28,6 +28,7 @@ import math
 import os
 import socket
 import time
+import uuid
 from typing import Any, Callable, Dict, Optional
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "ApprovalDenied",
     "ApprovalTimedOut",
     "ArgsMismatch",
+    "AnswerMismatch",
     "RiskMismatch",
     "require_approval",
     "canonical_json",
@@ -107,6 +109,11 @@ class ApprovalTimedOut(ApprovalDenied):
 
 class ArgsMismatch(KeyturnError):
     """The arguments about to run are not the ones that were approved."""
+
+
+class AnswerMismatch(KeyturnError):
+    """Keyturn's answer is about a different call (another tool, other
+    arguments or another request) than the one asked about; never act on it."""
 
 
 class RiskMismatch(KeyturnError):
@@ -261,6 +268,21 @@ class Decision(dict):
         raise ApprovalDenied(self)
 
 
+def _answering(d: Decision, tool: str, asked_hash: str, request_id: Optional[str] = None) -> Decision:
+    """``d`` if it answers the call asked about, else :class:`AnswerMismatch`:
+    an idempotency key or request id used for another call must never lend
+    that call's approval to this one."""
+    if d.get("tool") != tool:
+        raise AnswerMismatch(f"asked about tool {tool!r}, Keyturn answered about {d.get('tool')!r}; not approved")
+    if d.get("args_hash") != asked_hash:
+        raise AnswerMismatch(
+            f"asked about arguments {asked_hash}, Keyturn answered about {d.get('args_hash')}; not approved"
+        )
+    if request_id is not None and d.get("request_id") != request_id:
+        raise AnswerMismatch(f"waited for request {request_id}, Keyturn answered about {d.get('request_id')}; not approved")
+    return d
+
+
 # --------------------------------------------------------------------------
 # The client
 
@@ -390,19 +412,52 @@ class Client:
         """Submits a tool call. With ``wait`` (the default) blocks until it is
         decided, Keyturn's deadline passes, or ``max_wait`` passes (then the
         request is cancelled and the returned decision is not approved).
+        While it waits, this process dying or being interrupted closes the
+        connection, and Keyturn cancels the request (``client_gone``).
         Keyword arguments: task_id, idempotency_key, user_id, channel_id,
-        cost, timeout_secs, unattended."""
-        p = self._submit_params(tool, args, justification, **kw)
-        p["wait"] = False
-        d = Decision(self.call("submit", p, timeout=30.0))
-        if not wait or d.state != "pending":
-            return d
-        return self.wait(d.request_id, max_wait=self.max_wait)
+        cost, timeout_secs, unattended.
 
-    def wait(self, request_id: str, max_wait: Optional[float] = None) -> Decision:
+        The answer must be about this call (same tool and ``args_hash``), else
+        :class:`AnswerMismatch` is raised."""
+        p = self._submit_params(tool, args, justification, **kw)
+        asked = args_hash(p["args"])
+        if not wait:
+            p["wait"] = False
+            return _answering(Decision(self.call("submit", p, timeout=30.0)), tool, asked)
+        # One call that waits on the server, so no moment exists where the
+        # request is pending and nobody is connected to wait for it.
+        p["wait"] = True
+        p.setdefault("idempotency_key", f"keyturn-py:{uuid.uuid4()}")
+        started = time.monotonic()
+        try:
+            d: Optional[Decision] = Decision(self.call("submit", p, timeout=self.max_wait))
+        except _ReadTimeout:
+            d = None
+        if d is not None and d.state != "pending":
+            return _answering(d, tool, asked)
+        waited = time.monotonic() - started
+        if d is None:
+            # The same call under the same key returns the same request.
+            q = dict(p, wait=False)
+            d = _answering(Decision(self.call("submit", q, timeout=30.0)), tool, asked)
+        try:
+            d = self.cancel(d.request_id, reason=f"the agent stopped waiting after {waited:.0f}s")
+        except RpcError as e:
+            if e.code != "already_decided":
+                raise
+            d = self.status(d.request_id)
+        # Whatever landed between our timeout and the cancel, we stopped
+        # waiting: never treat it as approved.
+        return _answering(Decision(d, approved=False, client_timed_out=True), tool, asked)
+
+    def wait(self, request_id: str, max_wait: Optional[float] = None, *, detach: bool = False) -> Decision:
         """Blocks until ``request_id`` is decided (woken by Keyturn, no polling).
-        After ``max_wait`` seconds the request is cancelled and returned."""
+        After ``max_wait`` seconds the request is cancelled and returned. If
+        this process goes away while waiting, Keyturn cancels the request
+        (``client_gone``) unless ``detach`` is set."""
         p = self._auth({"id": request_id})
+        if detach:
+            p["detach"] = True
         if max_wait is not None:
             p["timeout_secs"] = max(1, math.ceil(max_wait))
         started = time.monotonic()

@@ -62,6 +62,10 @@ pub enum AppError {
     TooManyPending { agent: String, max: usize },
     #[error("{0}")]
     Pairing(String),
+    /// An idempotency key reused for a different call (tool, arguments,
+    /// user, channel or task differ, or the key predates fingerprints).
+    #[error("idempotency key already used for a different call (request {request_id}, tool `{tool}`); nothing was queued: use a new key for a new call")]
+    IdempotencyConflict { request_id: String, tool: String },
     #[error("internal error; the call was not carried out (see the server log)")]
     Store(#[from] StoreError),
 }
@@ -81,6 +85,7 @@ impl AppError {
             AppError::NotYourRequest(_) => "not_your_request",
             AppError::TooManyPending { .. } => "too_many_pending",
             AppError::Pairing(_) => "pairing_refused",
+            AppError::IdempotencyConflict { .. } => "idempotency_conflict",
             AppError::Store(_) => "internal",
         }
     }
@@ -434,8 +439,30 @@ impl Gateway {
     pub async fn submit(&self, agent: &str, s: Submission) -> Result<ApprovalRequest, AppError> {
         self.validate(&s)?;
         if let Some(key) = &s.idempotency_key {
-            if let Some(existing) = self.store.find_by_idempotency_key(agent, key).await? {
-                return Ok(existing);
+            // A fast answer for a retry, before the policy spends anything.
+            // The writer checks again in the insert's transaction (races).
+            if let Some(held) = self.store.find_by_idempotency_key(agent, key).await? {
+                let args_hash = redact::args_hash(&s.args);
+                let fp = crate::domain::request::submission_fingerprint(
+                    agent,
+                    &s.tool,
+                    &args_hash,
+                    s.user_id.as_deref(),
+                    s.channel_id.as_deref(),
+                    s.task_id.as_deref(),
+                );
+                if held.fingerprint.as_deref() == Some(fp.as_str()) {
+                    return Ok(held.request);
+                }
+                self.store
+                    .append_audit(vec![events::idempotency_conflict(
+                        now_ms(),
+                        &held.request,
+                        &s.tool,
+                        &args_hash,
+                    )])
+                    .await?;
+                return Err(conflict(&held.request));
             }
         }
         let content = self.content(agent, &s, false).await?;
@@ -566,6 +593,7 @@ impl Gateway {
         });
         let req = match self.store.insert_guarded(req, audit, guard).await? {
             crate::store::Inserted::Existing(r) => return Ok(r),
+            crate::store::Inserted::Conflict(r) => return Err(conflict(&r)),
             crate::store::Inserted::New(r) => r,
         };
         // The slot now belongs to the stored request; `finished` frees it.
@@ -1047,6 +1075,14 @@ impl Gateway {
             tracing::debug!(entries, requests, "audit log verified");
             entries
         }))
+    }
+}
+
+fn conflict(held: &ApprovalRequest) -> AppError {
+    tracing::warn!(request.id = %held.id, agent = %held.agent, "idempotency key reused for a different call; refused");
+    AppError::IdempotencyConflict {
+        request_id: held.id.to_string(),
+        tool: held.tool.clone(),
     }
 }
 

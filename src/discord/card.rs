@@ -9,7 +9,7 @@
 //! (already redacted) request is attached as `request-<id>.json`.
 
 use super::routing::Route;
-use crate::domain::request::{ApprovalRequest, State};
+use crate::domain::request::{ApprovalRequest, State, CLIENT_GONE};
 use crate::domain::Risk;
 use serde_json::{json, Value};
 
@@ -244,12 +244,22 @@ pub fn render_with_votes(
             format!("**{}** by {who}{when}", state_label(req.state)),
             false,
         ));
-        if let Some(r) = req.decided_reason.as_deref().filter(|r| !r.is_empty()) {
-            fields.push(field(
-                "Reason",
-                cut(code_block(r, "text", REASON_BUDGET)),
-                false,
-            ));
+        match req.decided_reason.as_deref().filter(|r| !r.is_empty()) {
+            Some(CLIENT_GONE) if req.state == State::Cancelled => {
+                fields.push(field(
+                    "Reason",
+                    "cancelled: the agent's client went away".into(),
+                    false,
+                ));
+            }
+            Some(r) => {
+                fields.push(field(
+                    "Reason",
+                    cut(code_block(r, "text", REASON_BUDGET)),
+                    false,
+                ));
+            }
+            None => {}
         }
     }
     let mut footer = format!("request {}", req.id);
@@ -520,6 +530,29 @@ mod tests {
             decided_ms: None,
             requester_uid: None,
         }
+    }
+
+    #[test]
+    fn a_request_whose_client_went_away_says_so() {
+        let mut r = request();
+        r.state = State::Cancelled;
+        r.decided_by = Some(crate::domain::request::DecidedBy::Cancel);
+        r.decided_who = Some("agent:ci-bot".into());
+        r.decided_reason = Some(CLIENT_GONE.into());
+        r.decided_ms = Some(1_700_000_001_000);
+        let card = render(&r, &settings(), false);
+        let text = all_text(&card.payload);
+        assert!(
+            text.contains("cancelled: the agent's client went away"),
+            "{text}"
+        );
+        assert!(!text.contains("client_gone"), "{text}");
+        assert_eq!(card.payload["components"], json!([]), "no buttons left");
+        // Any other reason is shown as the canceller wrote it.
+        r.decided_reason = Some("changed my mind".into());
+        let text = all_text(&render(&r, &settings(), false).payload);
+        assert!(text.contains("changed my mind"), "{text}");
+        assert!(!text.contains("went away"), "{text}");
     }
 
     fn settings() -> CardSettings {

@@ -841,6 +841,28 @@ pub mod events {
         }
     }
 
+    /// An idempotency key was reused for a different call: refused, nothing
+    /// queued. Names the key, the request that holds it and both calls'
+    /// tools and argument hashes (the new call's arguments are not stored).
+    pub fn idempotency_conflict(
+        at_ms: i64,
+        existing: &ApprovalRequest,
+        tool: &str,
+        args_hash: &str,
+    ) -> AuditEvent {
+        AuditEvent {
+            at_ms,
+            kind: "idempotency_conflict".into(),
+            actor: format!("agent:{}", existing.agent),
+            request_id: Some(existing.id.to_string()),
+            detail: json!({
+                "idempotency_key": existing.idempotency_key,
+                "existing_tool": existing.tool, "existing_args_hash": existing.args_hash,
+                "tool": tool, "args_hash": args_hash,
+            }),
+        }
+    }
+
     /// An administrative change (grant, revoke, pairing, risk).
     pub fn admin(at_ms: i64, kind: &str, actor: &str, detail: serde_json::Value) -> AuditEvent {
         AuditEvent {

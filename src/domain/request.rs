@@ -350,7 +350,45 @@ pub fn check_display_name(raw: &str) -> Result<Option<String>, String> {
     Ok(Some(clean_display_name(trimmed)))
 }
 
+/// The cancel reason recorded when the agent's client went away (closed its
+/// connection, was killed, or withdrew the call) before its answer.
+pub const CLIENT_GONE: &str = "client_gone";
+
+/// The idempotency fingerprint of a submission: SHA-256 over a canonical
+/// encoding of everything that makes two calls "the same call" (agent, tool,
+/// hash of the full arguments, user, channel, task). A key reused with a
+/// different fingerprint is a different call and must never get the earlier
+/// answer. The encoding is a JSON array (strings escaped one way only),
+/// prefixed with a version tag so a future change cannot collide.
+pub fn submission_fingerprint(
+    agent: &str,
+    tool: &str,
+    args_hash: &str,
+    user_id: Option<&str>,
+    channel_id: Option<&str>,
+    task_id: Option<&str>,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let fields = serde_json::json!([agent, tool, args_hash, user_id, channel_id, task_id]);
+    let mut h = Sha256::new();
+    h.update(b"keyturn-submission-v1\n");
+    h.update(fields.to_string().as_bytes());
+    hex::encode(h.finalize())
+}
+
 impl ApprovalRequest {
+    /// This request's [`submission_fingerprint`].
+    pub fn fingerprint(&self) -> String {
+        submission_fingerprint(
+            &self.agent,
+            &self.tool,
+            &self.args_hash,
+            self.user_id.as_deref(),
+            self.channel_id.as_deref(),
+            self.task_id.as_deref(),
+        )
+    }
+
     /// Applies a resolution to this snapshot (the store does the same in SQL).
     pub fn resolve(&mut self, r: &Resolution) {
         self.state = r.state;
@@ -401,6 +439,38 @@ pub(crate) mod tests {
             approve,
             reason: Some(format!("{voter} says")),
             at_ms,
+        }
+    }
+
+    #[test]
+    fn fingerprint_covers_every_field_that_makes_a_call() {
+        let base = pending(1, 100);
+        let fp = base.fingerprint();
+        assert_eq!(fp.len(), 64);
+        assert_eq!(
+            fp,
+            pending(1, 200).fingerprint(),
+            "deadline is not the call"
+        );
+        type Change = fn(&mut ApprovalRequest);
+        let variants: Vec<Change> = vec![
+            |r| r.agent = "b".into(),
+            |r| r.tool = "read_file".into(),
+            |r| r.args_hash = "h2".into(),
+            |r| r.user_id = None,
+            |r| r.channel_id = Some("8".into()),
+            |r| r.task_id = Some("t".into()),
+            // No ambiguity between fields: moving text across a boundary
+            // changes the fingerprint.
+            |r| {
+                r.agent = "a\",\"delete_file".into();
+                r.tool = String::new();
+            },
+        ];
+        for (i, change) in variants.iter().enumerate() {
+            let mut r = base.clone();
+            change(&mut r);
+            assert_ne!(r.fingerprint(), fp, "variant {i}");
         }
     }
 

@@ -9,6 +9,10 @@
 //! `--filter-tools`, `tools/list` answers hide the tools the policy would
 //! deny whatever the arguments. The child's stderr is ours; its exit ends the
 //! proxy, and requests still in flight then get JSON-RPC errors, not silence.
+//! A call the client cancels (`notifications/cancelled`) while it waits for
+//! Keyturn, or every such call when the client goes away (stdin closed), is
+//! withdrawn: its request is cancelled (`client_gone`), so a late approval
+//! runs nothing.
 //!
 //! Tool annotations (`destructiveHint`, `readOnlyHint`) are shown to the
 //! approver in the justification; they do not change the risk, because the
@@ -16,7 +20,9 @@
 //! listed there is already `high`).
 
 use super::hook::parse_duration;
-use super::{ask, policy_tool_name, socket_path, Identity, LineClient, Outcome};
+use super::{
+    ask_abortable, policy_tool_name, socket_path, Identity, LineClient, Outcome, Withdraw,
+};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
@@ -79,6 +85,9 @@ struct State {
     annotations: HashMap<String, Value>,
     /// The child is gone: nothing more is forwarded.
     dead: bool,
+    /// `tools/call` requests still waiting for Keyturn, by id: withdrawn
+    /// when the client cancels them or goes away.
+    gates: HashMap<String, Arc<Withdraw>>,
 }
 
 struct Proxy {
@@ -146,28 +155,63 @@ impl Proxy {
         match (method.as_deref(), id) {
             (Some(m), Some(id)) => {
                 let key = id.to_string();
+                let withdraw = Arc::new(Withdraw::default());
                 {
                     let mut st = lock(&self.state);
                     st.inflight.insert(key.clone(), id.clone());
                     if m == "tools/list" {
-                        st.lists.insert(key);
+                        st.lists.insert(key.clone());
+                    }
+                    if m == "tools/call" {
+                        st.gates.insert(key, withdraw.clone());
                     }
                 }
                 if m == "tools/call" {
                     let me = self.clone();
-                    tokio::spawn(async move { me.gate(id, msg, line).await });
+                    tokio::spawn(async move { me.gate(id, msg, line, withdraw).await });
                 } else {
                     self.forward(line);
                 }
             }
             // Notifications and answers to the server's own requests.
-            _ => {
+            (method, _) => {
+                if method == Some("notifications/cancelled") {
+                    if let Some(rid) = msg.pointer("/params/requestId") {
+                        self.withdraw(&rid.to_string());
+                    }
+                }
+                // Also for a call already forwarded: the server stops it.
                 self.forward(line);
             }
         }
     }
 
-    async fn gate(self: Arc<Self>, id: Value, msg: Value, line: String) {
+    /// The client cancelled call `key` (or left): if it still waits for
+    /// Keyturn, withdraw it, so its request is cancelled (`client_gone`) and
+    /// a late approval runs nothing. No answer is sent for it.
+    fn withdraw(&self, key: &str) {
+        let gate = {
+            let mut st = lock(&self.state);
+            let gate = st.gates.remove(key);
+            if gate.is_some() {
+                st.inflight.remove(key);
+            }
+            gate
+        };
+        if let Some(g) = gate {
+            g.withdraw();
+        }
+    }
+
+    /// The client went away: withdraw every call still waiting for Keyturn.
+    fn withdraw_all(&self) {
+        let keys: Vec<String> = lock(&self.state).gates.keys().cloned().collect();
+        for k in keys {
+            self.withdraw(&k);
+        }
+    }
+
+    async fn gate(self: Arc<Self>, id: Value, msg: Value, line: String, withdraw: Arc<Withdraw>) {
         let key = id.to_string();
         let params = msg.get("params").cloned().unwrap_or(Value::Null);
         let tool = params.get("name").and_then(Value::as_str).unwrap_or("");
@@ -197,14 +241,17 @@ impl Proxy {
             .approval_timeout
             .unwrap_or(Duration::from_secs(7 * 24 * 3600));
         let ident = self.id.clone();
-        let outcome = tokio::task::spawn_blocking(move || ask(&ident, p, budget))
+        let w = withdraw.clone();
+        let outcome = tokio::task::spawn_blocking(move || ask_abortable(&ident, p, budget, &w))
             .await
             .unwrap_or_else(|e| {
                 Outcome::Failed(super::GateError::Protocol(format!("gate task failed: {e}")))
             });
         let mut st = lock(&self.state);
-        if st.dead || !st.inflight.contains_key(&key) {
-            return; // already answered when the server died
+        st.gates.remove(&key);
+        if st.dead || !st.inflight.contains_key(&key) || withdraw.withdrawn() {
+            // Answered when the server died, or withdrawn by the client.
+            return;
         }
         if matches!(outcome, Outcome::Approved(_)) {
             drop(st);
@@ -434,8 +481,11 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<u8> {
             line = in_rx.recv(), if stdin_open => match line {
                 Some(l) => proxy.on_client_line(l),
                 None => {
-                    // The client left: close the server's stdin and let it exit.
+                    // The client left: nobody waits for the calls still
+                    // gated (cancel them), close the server's stdin and
+                    // let it exit.
                     stdin_open = false;
+                    proxy.withdraw_all();
                     *proxy.to_child.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
             },

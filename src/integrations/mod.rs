@@ -59,6 +59,14 @@ pub enum GateError {
     Protocol(String),
     #[error("Keyturn refused the call: {0}")]
     Rpc(RpcError),
+    /// The answer is about another call than the one asked about (another
+    /// tool, other arguments, another request): never act on it.
+    #[error("Keyturn's answer is about a different call ({0})")]
+    Mismatch(String),
+    /// The gate's own client withdrew the call (MCP cancellation, or the
+    /// client went away); the request was cancelled with it.
+    #[error("the call was withdrawn by the client")]
+    Withdrawn,
 }
 
 /// A blocking JSON-RPC client over the agent socket: one line out, one in.
@@ -68,6 +76,11 @@ pub struct LineClient {
 }
 
 impl LineClient {
+    /// A second handle on the connection, to shut it down from elsewhere.
+    pub fn stream_handle(&self) -> std::io::Result<UnixStream> {
+        self.reader.get_ref().try_clone()
+    }
+
     pub fn connect(path: &Path) -> Result<LineClient, GateError> {
         let stream = UnixStream::connect(path).map_err(|source| GateError::Connect {
             path: path.display().to_string(),
@@ -192,6 +205,77 @@ fn view(v: Value) -> Result<DecisionView, GateError> {
     serde_json::from_value(v).map_err(|e| GateError::Protocol(format!("bad decision: {e}")))
 }
 
+/// The call a gate asked about: an answer is acted on only if it is about
+/// exactly this call. An idempotency key or a request id that another call
+/// already used must never turn someone else's approval into ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asked {
+    pub tool: String,
+    /// [`crate::domain::redact::args_hash`] of the arguments sent.
+    pub args_hash: String,
+}
+
+impl Asked {
+    /// What `submit` params (`tool`, `args`) ask about.
+    pub fn from_params(p: &Value) -> Asked {
+        Asked {
+            tool: p.get("tool").and_then(Value::as_str).unwrap_or("").into(),
+            args_hash: crate::domain::redact::args_hash(p.get("args").unwrap_or(&Value::Null)),
+        }
+    }
+
+    /// `Ok` only when `d` answers this call (and, if given, this request).
+    pub fn check(
+        &self,
+        d: DecisionView,
+        request_id: Option<&str>,
+    ) -> Result<DecisionView, GateError> {
+        if let Some(why) = d.mismatch(&self.tool, &self.args_hash) {
+            return Err(GateError::Mismatch(why));
+        }
+        if let Some(id) = request_id.filter(|id| *id != d.request_id) {
+            return Err(GateError::Mismatch(format!(
+                "waited for request {id}, the answer is about {}",
+                d.request_id
+            )));
+        }
+        Ok(d)
+    }
+}
+
+/// Lets another thread withdraw a call that [`ask_abortable`] is waiting
+/// on: the connection is shut down, and the server cancels the request
+/// (`client_gone`), as it does for any waiting client that goes away.
+#[derive(Debug, Default)]
+pub struct Withdraw {
+    state: std::sync::Mutex<(bool, Option<UnixStream>)>,
+}
+
+impl Withdraw {
+    /// Withdraws the call (now, or as soon as it connects).
+    pub fn withdraw(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 = true;
+        if let Some(s) = st.1.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn withdrawn(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Records the connection; `false` if the call is already withdrawn.
+    fn attach(&self, s: UnixStream) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.0 {
+            return false;
+        }
+        st.1 = Some(s);
+        true
+    }
+}
+
 fn classify(d: DecisionView, waited: Duration) -> Outcome {
     use crate::domain::request::State;
     match d.state {
@@ -213,65 +297,127 @@ fn classify(d: DecisionView, waited: Duration) -> Outcome {
 /// Submits `params` (a `submit` params object without `agent`/`token`/`wait`)
 /// and blocks until a decision or until `budget` has passed. On its own
 /// timeout it cancels the request, so a late click cannot approve a call
-/// nobody is waiting for.
-pub fn ask(id: &Identity, mut params: Value, budget: Duration) -> Outcome {
+/// nobody is waiting for. Every answer is checked against what was asked
+/// ([`Asked`]); one about another call fails closed.
+pub fn ask(id: &Identity, params: Value, budget: Duration) -> Outcome {
+    ask_abortable(id, params, budget, &Withdraw::default())
+}
+
+/// [`ask`], which `withdraw` can end early (the request is then cancelled
+/// by the server, and the outcome is [`GateError::Withdrawn`]).
+pub fn ask_abortable(
+    id: &Identity,
+    params: Value,
+    budget: Duration,
+    withdraw: &Withdraw,
+) -> Outcome {
+    match ask_inner(id, params, budget, withdraw) {
+        Outcome::Approved(_) if withdraw.withdrawn() => Outcome::Failed(GateError::Withdrawn),
+        Outcome::Failed(_) | Outcome::TimedOut { .. } if withdraw.withdrawn() => {
+            Outcome::Failed(GateError::Withdrawn)
+        }
+        o => o,
+    }
+}
+
+fn ask_inner(id: &Identity, mut params: Value, budget: Duration, withdraw: &Withdraw) -> Outcome {
     let started = Instant::now();
     let deadline = started + budget;
+    let asked = Asked::from_params(&params);
     params["agent"] = json!(id.agent);
     if let Some(t) = &id.token {
         params["token"] = json!(t);
     }
-    params["wait"] = json!(false);
+    // One call that waits on the server: if this process is killed (or the
+    // call withdrawn) at any moment, the connection closes with the call in
+    // flight and the server cancels the request (`client_gone`). Two calls
+    // (submit, then wait) would leave a moment between them where a kill
+    // orphans a pending request.
+    params["wait"] = json!(true);
+    if params.get("idempotency_key").is_none() {
+        // Lets the budget's expiry find the request again (see `give_up`).
+        params["idempotency_key"] = json!(format!("keyturn-gate:{}", uuid::Uuid::new_v4()));
+    }
     let mut client = match LineClient::connect(&id.socket) {
         Ok(c) => c,
         Err(e) => return Outcome::Failed(e),
     };
-    let first = match client.call("submit", params, Some(deadline)).and_then(view) {
-        Ok(d) => d,
-        Err(e) if is_timeout(&e) => {
-            return Outcome::TimedOut {
-                view: None,
-                waited: started.elapsed(),
-                request_id: None,
+    match client.stream_handle() {
+        Ok(s) => {
+            if !withdraw.attach(s) {
+                return Outcome::Failed(GateError::Withdrawn);
             }
         }
-        Err(e) => return Outcome::Failed(e),
-    };
-    if first.state.is_terminal() {
-        return classify(first, started.elapsed());
-    }
-    let request_id = first.request_id.clone();
-    let mut p = json!({"agent": id.agent, "id": request_id});
-    if let Some(t) = &id.token {
-        p["token"] = json!(t);
+        Err(e) => return Outcome::Failed(GateError::Io(e)),
     }
     // The server answers at the decision (woken, not polled) or at the
     // request's own deadline; our read deadline enforces the budget.
-    match client.call("wait", p, Some(deadline)).and_then(view) {
+    let answer = client
+        .call("submit", params.clone(), Some(deadline))
+        .and_then(view)
+        .and_then(|d| asked.check(d, None));
+    let outcome = match answer {
         Ok(d) if d.state.is_terminal() => classify(d, started.elapsed()),
-        Ok(_) => give_up(id, &request_id, started),
-        Err(e) if is_timeout(&e) => give_up(id, &request_id, started),
+        Err(_) if withdraw.withdrawn() => Outcome::Failed(GateError::Withdrawn),
+        // Still pending past the server's own grace: as for our budget.
+        Ok(d) => give_up(id, &asked, Some(&d.request_id), &params, started),
+        Err(e) if is_timeout(&e) => give_up(id, &asked, None, &params, started),
         Err(e) => Outcome::Failed(e),
-    }
+    };
+    // Closing with the call still in flight cancels it, should `give_up`
+    // not have reached the server.
+    drop(client);
+    outcome
 }
 
-fn give_up(id: &Identity, request_id: &str, started: Instant) -> Outcome {
-    let waited = started.elapsed();
-    let mut p = json!({"agent": id.agent, "id": request_id,
-        "reason": format!("the agent stopped waiting after {waited:.0?}")});
+/// Cancels `request_id`, best effort, on a fresh connection (the old one
+/// may hold a half-read answer). The request as it ended, if known.
+fn cancel(id: &Identity, request_id: &str, reason: &str) -> Option<DecisionView> {
+    let mut p = json!({"agent": id.agent, "id": request_id, "reason": reason});
     if let Some(t) = &id.token {
         p["token"] = json!(t);
     }
-    // Best effort, on a fresh connection (the old one has a half-read answer).
-    let cancelled = LineClient::connect(&id.socket)
-        .and_then(|mut c| c.call("cancel", p, Some(Instant::now() + Duration::from_secs(2))));
+    LineClient::connect(&id.socket)
+        .and_then(|mut c| c.call("cancel", p, Some(Instant::now() + Duration::from_secs(2))))
+        .ok()
+        .and_then(|v| view(v).ok())
+}
+
+/// The budget passed with no decision: cancel the request, saying why, so a
+/// late click cannot approve a call nobody is waiting for. Its id, when the
+/// answer did not carry it, comes from submitting the same call again under
+/// the same idempotency key (which returns the request, not a new one).
+fn give_up(
+    id: &Identity,
+    asked: &Asked,
+    request_id: Option<&str>,
+    params: &Value,
+    started: Instant,
+) -> Outcome {
+    let waited = started.elapsed();
+    let request_id = request_id.map(str::to_string).or_else(|| {
+        let mut p = params.clone();
+        p["wait"] = json!(false);
+        LineClient::connect(&id.socket)
+            .and_then(|mut c| c.call("submit", p, Some(Instant::now() + Duration::from_secs(2))))
+            .and_then(view)
+            .and_then(|d| asked.check(d, None))
+            .ok()
+            .map(|d| d.request_id)
+    });
     // A decision can land between our timeout and the cancel: honour a
     // denial, but never run an approval we no longer wait for.
-    let view = cancelled.ok().and_then(|v| view(v).ok());
+    let view = request_id.as_deref().and_then(|rid| {
+        cancel(
+            id,
+            rid,
+            &format!("the agent stopped waiting after {waited:.0?}"),
+        )
+    });
     Outcome::TimedOut {
         view,
         waited,
-        request_id: Some(request_id.to_string()),
+        request_id,
     }
 }
 

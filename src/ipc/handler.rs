@@ -9,13 +9,14 @@
 use super::protocol::{reply, response, DecisionView, RpcError};
 use crate::app::{AppError, Gateway, Submission};
 use crate::domain::policy::Effect;
-use crate::domain::request::RequestId;
+use crate::domain::request::{ApprovalRequest, RequestId, CLIENT_GONE};
 use crate::domain::Risk;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Who is on the other end of a connection (from SO_PEERCRED), and which
 /// socket it connected to.
@@ -69,6 +70,10 @@ struct SubmitParams {
     /// Block until the decision instead of returning at once.
     #[serde(default)]
     wait: bool,
+    /// Keep the request pending if this connection goes away before the
+    /// answer (by default a client that leaves cancels it: `client_gone`).
+    #[serde(default)]
+    detach: bool,
 }
 
 fn empty_object() -> Value {
@@ -76,11 +81,14 @@ fn empty_object() -> Value {
 }
 
 impl SubmitParams {
-    fn split(self) -> (String, Option<String>, bool, Submission) {
+    fn split(self) -> (String, Option<String>, Flow, Submission) {
         (
             self.agent,
             self.token,
-            self.wait,
+            Flow {
+                wait: self.wait,
+                detach: self.detach,
+            },
             Submission {
                 tool: self.tool,
                 args: self.args,
@@ -99,6 +107,12 @@ impl SubmitParams {
     }
 }
 
+/// How a `submit` waits, and whether its request outlives the connection.
+struct Flow {
+    wait: bool,
+    detach: bool,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ById {
@@ -110,6 +124,9 @@ struct ById {
     timeout_secs: Option<u64>,
     /// For `cancel`.
     reason: Option<String>,
+    /// For `wait`: leave the request pending if this connection goes away.
+    #[serde(default)]
+    detach: bool,
 }
 
 #[derive(Deserialize)]
@@ -244,6 +261,21 @@ impl Handler {
 
     /// Handles one line. `None` for a notification (no `id`), which gets no answer.
     pub async fn handle_line(&self, peer: Peer, line: &str) -> Option<String> {
+        self.handle_line_on(peer, line, &CancellationToken::new())
+            .await
+    }
+
+    /// [`Handler::handle_line`] for a call on a connection: `gone` fires when
+    /// the peer has gone away (closed, killed). A `submit` or `wait` whose
+    /// client leaves before its answer cancels the request (`client_gone`),
+    /// so nobody can approve a call nobody is waiting for, unless the call
+    /// set `detach`.
+    pub async fn handle_line_on(
+        &self,
+        peer: Peer,
+        line: &str,
+        gone: &CancellationToken,
+    ) -> Option<String> {
         let msg: Value = match serde_json::from_str(line) {
             Ok(v) => v,
             Err(e) => {
@@ -284,11 +316,51 @@ impl Handler {
                 Err(RpcError::new("invalid_params", "params must be an object")),
             ));
         }
-        let result = self.dispatch(peer, &method, p).await;
+        let result = self.dispatch(peer, &method, p, gone).await;
         id.map(|id| reply(&id, result))
     }
 
-    async fn dispatch(&self, peer: Peer, method: &str, p: Value) -> Result<Out, RpcError> {
+    /// The client of a call waiting on request `id` left before its answer.
+    /// An agent's call cancels the request (as the agent, already
+    /// authenticated on this call) unless it asked to `detach`; an admin
+    /// watching (`agent` is `None`) is not the agent's client.
+    async fn client_left(
+        &self,
+        id: RequestId,
+        agent: Option<&str>,
+        detach: bool,
+    ) -> Result<ApprovalRequest, RpcError> {
+        let gw = &self.gw;
+        let Some(agent) = agent.filter(|_| !detach) else {
+            tracing::info!(request.id = %id, "the client went away; the detached request stays pending");
+            return Ok(gw.status(id).await?);
+        };
+        match gw
+            .cancel(
+                id,
+                &format!("agent:{agent}"),
+                Some(agent),
+                Some(CLIENT_GONE.into()),
+            )
+            .await
+        {
+            Ok(r) => {
+                tracing::info!(request.id = %id, agent = %agent, "the client went away; request cancelled");
+                Ok(r)
+            }
+            // Decided meanwhile: nothing to cancel.
+            Err(AppError::AlreadyDecided(_)) => Ok(gw.status(id).await?),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        peer: Peer,
+        method: &str,
+        p: Value,
+        gone: &CancellationToken,
+    ) -> Result<Out, RpcError> {
         let gw = &self.gw;
         // Admin rights come with the admin socket (and its uid check), never
         // with a uid alone: agent connections are never admins.
@@ -316,12 +388,23 @@ impl Handler {
         let value = match method {
             "ping" => Ok(json!({"pong": true, "admin": admin})),
             "submit" => {
-                let (agent, token, wait, mut sub) = params::<SubmitParams>(p)?.split();
+                let (agent, token, flow, mut sub) = params::<SubmitParams>(p)?.split();
                 gw.authenticate_agent(&agent, token.as_deref(), peer.uid)?;
                 sub.requester_uid = Some(peer.uid);
+                // The submit itself always completes (a half-stored request
+                // would have no deadline and no card); only then is the
+                // client's absence acted on.
                 let r = gw.submit(&agent, sub).await?;
-                let r = if wait && !r.state.is_terminal() {
-                    gw.wait(r.id, Some(&agent), None).await?
+                let r = if r.state.is_terminal() {
+                    r
+                } else if flow.wait {
+                    tokio::select! {
+                        w = gw.wait(r.id, Some(&agent), None) => w?,
+                        _ = gone.cancelled() => self.client_left(r.id, Some(&agent), flow.detach).await?,
+                    }
+                } else if gone.is_cancelled() {
+                    // Nobody will read the request id: cancel, not orphan.
+                    self.client_left(r.id, Some(&agent), flow.detach).await?
                 } else {
                     r
                 };
@@ -345,8 +428,11 @@ impl Handler {
                 };
                 let r = match method {
                     "wait" => {
-                        gw.wait(id, agent, q.timeout_secs.map(Duration::from_secs))
-                            .await?
+                        let waited = gw.wait(id, agent, q.timeout_secs.map(Duration::from_secs));
+                        tokio::select! {
+                            w = waited => w?,
+                            _ = gone.cancelled() => self.client_left(id, agent, q.detach).await?,
+                        }
                     }
                     "status" => gw.status_for(id, agent).await?,
                     _ => {

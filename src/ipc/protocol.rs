@@ -29,7 +29,9 @@ pub fn numeric_code(name: &str) -> i64 {
         "invalid_params" => codes::INVALID_PARAMS,
         "line_too_long" => codes::LINE_TOO_LONG,
         "not_found" => codes::NOT_FOUND,
-        "already_decided" | "already_voted" | "pairing_refused" => codes::CONFLICT,
+        "already_decided" | "already_voted" | "pairing_refused" | "idempotency_conflict" => {
+            codes::CONFLICT
+        }
         "not_admin" | "admin_only" | "agent_refused" | "not_your_request" | "peer_refused"
         | "self_approval" => codes::FORBIDDEN,
         "too_many_pending" | "too_many_connections" | "too_many_inflight" => codes::LIMIT,
@@ -129,6 +131,28 @@ pub struct DecisionView {
     pub flags: Vec<Value>,
     /// One line for humans.
     pub summary: String,
+}
+
+impl DecisionView {
+    /// Why this answer is not about the call a gate asked about (`tool`,
+    /// arguments hashing to `args_hash`); `None` when it is. A gate acts on
+    /// an answer only when this is `None`: a reused idempotency key or
+    /// request id must never lend one call's approval to another.
+    pub fn mismatch(&self, tool: &str, args_hash: &str) -> Option<String> {
+        if self.tool != tool {
+            return Some(format!(
+                "asked about tool `{tool}`, the answer is about `{}`",
+                self.tool
+            ));
+        }
+        if self.args_hash != args_hash {
+            return Some(format!(
+                "asked about arguments {args_hash}, the answer is about {}",
+                self.args_hash
+            ));
+        }
+        None
+    }
 }
 
 impl From<&ApprovalRequest> for DecisionView {

@@ -1,5 +1,8 @@
 //! The Unix socket listener: connection limit, peer credentials, line
 //! framing with a length limit, and a shutdown that waits for handlers.
+//! It notices a peer that went away (closed, killed: not a half-close) while
+//! its calls are in flight, and tells them, so a waiting client that leaves
+//! cancels its request instead of leaving it approvable by mistake.
 
 use super::handler::{Handler, Peer};
 use super::protocol::{response, RpcError};
@@ -255,16 +258,31 @@ async fn connection(
     // aborts them; their requests stay pending in the store, and a
     // reconnecting agent can `wait` again.
     let mut calls = FuturesUnordered::new();
+    // Fires once the peer is gone (closed or killed, not merely half-closed):
+    // its waiting calls then cancel their requests (`client_gone`) and end.
+    let gone = CancellationToken::new();
     // On EOF the peer may only have half-closed (`echo … | socat`), so its
-    // calls still get answers; each is bounded by its request's deadline.
+    // calls still get answers; each is bounded by its request's deadline,
+    // and the peer is checked now and then for having gone away since.
     let mut reading = true;
+    let mut recheck = tokio::time::interval(PEER_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while reading || !calls.is_empty() {
         let reply = tokio::select! {
             _ = stop.cancelled() => break,
             Some(reply) = calls.next(), if !calls.is_empty() => reply,
+            _ = recheck.tick(), if !reading && !gone.is_cancelled() => {
+                if peer_hung_up(&write) {
+                    gone.cancel();
+                }
+                None
+            }
             next = lines.next_line(), if reading => match next {
                 Ok(None) => {
                     reading = false;
+                    if !calls.is_empty() && peer_hung_up(&write) {
+                        gone.cancel();
+                    }
                     None
                 }
                 Ok(Some(Line::Text(line))) if line.trim().is_empty() => None,
@@ -280,8 +298,8 @@ async fn connection(
                     Some(response(&id, Err(e)))
                 }
                 Ok(Some(Line::Text(line))) => {
-                    let handler = handler.clone();
-                    calls.push(async move { handler.handle_line(peer, &line).await });
+                    let (handler, gone) = (handler.clone(), gone.clone());
+                    calls.push(async move { handler.handle_line_on(peer, &line, &gone).await });
                     None
                 }
                 Ok(Some(Line::Invalid(why))) => Some(response(
@@ -298,16 +316,46 @@ async fn connection(
                 )),
                 Err(e) => {
                     tracing::debug!(error = %e, "connection read failed");
-                    break;
+                    reading = false;
+                    gone.cancel();
+                    None
                 }
             },
         };
         if let Some(mut line) = reply {
+            if gone.is_cancelled() {
+                continue;
+            }
             line.push('\n');
             if write.write_all(line.as_bytes()).await.is_err() {
-                break;
+                // Nobody reads the answers: the rest of the calls end as
+                // for a peer that left.
+                reading = false;
+                gone.cancel();
             }
         }
+    }
+}
+
+/// How often a half-closed peer with calls in flight is checked for having
+/// gone away.
+const PEER_RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Whether the peer has closed its end entirely (or died), not merely shut
+/// down its writing half: Linux reports POLLHUP on a Unix stream socket only
+/// once both directions are shut. Asked of the kernel directly, so it does
+/// not depend on when the runtime last saw the socket's readiness.
+fn peer_hung_up(write: &tokio::net::unix::OwnedWriteHalf) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let stream: &UnixStream = write.as_ref();
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::empty())];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+        // Cannot tell: keep serving (the deadline still bounds every wait).
+        Err(_) => false,
     }
 }
 

@@ -41,8 +41,21 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub enum Inserted {
     /// Stored as new.
     New(ApprovalRequest),
-    /// The agent had already submitted this idempotency key: here is that request.
+    /// The agent had already submitted this idempotency key for the same
+    /// call (same fingerprint): here is that request.
     Existing(ApprovalRequest),
+    /// The agent had already used this idempotency key for a different call
+    /// (or before fingerprints were stored): nothing was stored, and the
+    /// conflict was audited in the same transaction. Here is the holder.
+    Conflict(ApprovalRequest),
+}
+
+/// The request holding an idempotency key, with the fingerprint stored
+/// beside the key (`None` for rows from before fingerprints were kept).
+#[derive(Debug, Clone)]
+pub struct KeyHolder {
+    pub request: ApprovalRequest,
+    pub fingerprint: Option<String>,
 }
 
 /// Result of a vote that the lifecycle accepted.
@@ -123,7 +136,12 @@ pub struct CardRow {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Stores a new request with its audit events, or returns the request the
-    /// agent already submitted under the same idempotency key.
+    /// agent already submitted under the same idempotency key: as
+    /// [`Inserted::Existing`] when its fingerprint
+    /// ([`ApprovalRequest::fingerprint`]) matches, else as
+    /// [`Inserted::Conflict`], with an `idempotency_conflict` audit entry
+    /// written in the same transaction. The check and the insert are one
+    /// transaction, so two racing submits with one key cannot both win.
     async fn insert_request(
         &self,
         req: ApprovalRequest,
@@ -146,12 +164,12 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> StoreResult<Result<ApprovalRequest, TransitionError>>;
     async fn get_request(&self, id: RequestId) -> StoreResult<Option<ApprovalRequest>>;
-    /// The request `agent` submitted under `key`, if any.
+    /// The request `agent` submitted under `key`, if any, with its fingerprint.
     async fn find_by_idempotency_key(
         &self,
         agent: &str,
         key: &str,
-    ) -> StoreResult<Option<ApprovalRequest>>;
+    ) -> StoreResult<Option<KeyHolder>>;
     async fn votes(&self, id: RequestId) -> StoreResult<Vec<Vote>>;
     /// Pending requests, oldest deadline first.
     async fn pending(&self, limit: u32) -> StoreResult<Vec<ApprovalRequest>>;

@@ -157,3 +157,81 @@ def test_unknown_agent_is_an_rpc_error(server):
     with pytest.raises(kc.RpcError) as ei:
         kc.Client(server.sock, agent="nobody").submit("read_file", {})
     assert ei.value.code == "agent_refused"
+
+
+def test_reused_key_for_another_call_is_refused(server):
+    kt = client(server)
+    assert kt.submit("read_file", {"path": "/a"}, idempotency_key="step-1").approved
+    with pytest.raises(kc.RpcError) as ei:
+        kt.submit("delete_file", {"path": "/srv"}, idempotency_key="step-1")
+    assert ei.value.code == "idempotency_conflict"
+    # A true retry still gets its request back.
+    assert kt.submit("read_file", {"path": "/a"}, idempotency_key="step-1").approved
+
+
+def _lying_server(path):
+    """Approves everything as `read_file {}`: the client must notice."""
+    import json
+    import socket
+
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(4)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            req = json.loads(conn.makefile().readline())
+            conn.sendall((json.dumps({"jsonrpc": "2.0", "id": req["id"], "result": {
+                "request_id": "0190a0a0-0000-7000-8000-000000000001", "state": "approved",
+                "approved": True, "decided_by": "human", "rule": "risk_high", "rule_detail": "",
+                "who": "uid:0", "reason": None, "tool": "read_file", "agent": "py", "risk": "low",
+                "args_hash": kc.args_hash({}), "summary": "approved by uid:0",
+            }}) + "\n").encode())
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+def test_an_answer_about_another_call_is_refused(tmp_path):
+    sock = str(tmp_path / "liar.sock")
+    srv = _lying_server(sock)
+    ran = []
+
+    @kc.require_approval(tool="delete_file", client=kc.Client(sock, agent="py"))
+    def delete_file(path):
+        ran.append(path)
+
+    try:
+        with pytest.raises(kc.AnswerMismatch):
+            delete_file("/srv")
+        # Right tool, other arguments: refused too.
+        with pytest.raises(kc.AnswerMismatch):
+            kc.Client(sock, agent="py").submit("read_file", {"path": "/etc/shadow"})
+    finally:
+        srv.close()
+    assert ran == []
+
+
+def test_a_killed_waiting_client_cancels_its_request(server):
+    import subprocess
+    import sys
+
+    code = (
+        "import keyturn_client as kc, sys; "
+        "kc.Client(sys.argv[1], agent='py').submit('delete_file', {'path': '/k'})"
+    )
+    here = __import__("pathlib").Path(__file__).resolve().parent.parent
+    p = subprocess.Popen([sys.executable, "-c", code, server.sock], cwd=str(here))
+    try:
+        rid = server.wait_queued("delete_file")
+    finally:
+        p.kill()
+        p.wait()
+    server.wait_log(lambda l: "the client went away; request cancelled" in l and rid in l)
+    d = client(server).status(rid)
+    assert d.state == "cancelled" and d.reason == "client_gone", d

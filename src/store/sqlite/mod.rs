@@ -6,8 +6,8 @@ mod writer;
 pub use writer::WalTuning;
 
 use super::{
-    CardRow, Inserted, PairedUser, PairingRefused, PendingPairing, Pruned, Store, StoreError,
-    StoreResult, StoredGrant, Voted,
+    CardRow, Inserted, KeyHolder, PairedUser, PairingRefused, PendingPairing, Pruned, Store,
+    StoreError, StoreResult, StoredGrant, Voted,
 };
 use crate::domain::audit::{self, AuditEntry, AuditEvent};
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
@@ -330,6 +330,7 @@ impl Store for SqliteStore {
             )),
             Reply::Guarded(r) => Ok(Inserted::New(r)),
             Reply::Existing(r) => Ok(Inserted::Existing(r)),
+            Reply::Conflict(r) => Ok(Inserted::Conflict(r)),
             _ => Err(unexpected()),
         }
     }
@@ -402,8 +403,14 @@ impl Store for SqliteStore {
         &self,
         agent: &str,
         key: &str,
-    ) -> StoreResult<Option<ApprovalRequest>> {
-        sqlx::query_as::<_, RequestRow>(
+    ) -> StoreResult<Option<KeyHolder>> {
+        #[derive(FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            request: RequestRow,
+            idempotency_fp: Option<String>,
+        }
+        let Some(row) = sqlx::query_as::<_, Row>(
             "SELECT * FROM requests WHERE agent = $1 AND idempotency_key = $2",
         )
         .bind(agent)
@@ -411,8 +418,13 @@ impl Store for SqliteStore {
         .fetch_optional(&self.reads)
         .await
         .map_err(db)?
-        .map(RequestRow::into_request)
-        .transpose()
+        else {
+            return Ok(None);
+        };
+        Ok(Some(KeyHolder {
+            request: row.request.into_request()?,
+            fingerprint: row.idempotency_fp,
+        }))
     }
 
     async fn votes(&self, id: RequestId) -> StoreResult<Vec<Vote>> {

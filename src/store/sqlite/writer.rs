@@ -81,8 +81,10 @@ pub(super) enum Reply {
     InsertedNew,
     /// Stored as new, as the trifecta guard changed it.
     Guarded(ApprovalRequest),
-    /// The agent had already submitted this idempotency key.
+    /// The agent had already submitted this idempotency key for this call.
     Existing(ApprovalRequest),
+    /// The key was used for a different call: refused and audited.
+    Conflict(ApprovalRequest),
     Voted(Result<Voted, TransitionError>),
     Finished(Result<ApprovalRequest, TransitionError>),
     Bool(bool),
@@ -525,15 +527,37 @@ type Events<'a> = Vec<Cow<'a, SealedEvent>>;
 fn exec<'a>(tx: &Transaction<'_>, op: &'a Op, ev: &mut Events<'a>) -> StoreResult<Reply> {
     Ok(match op {
         Op::Insert(req, audit, guard) => {
-            if let Some(key) = &req.idempotency_key {
+            // Looked up and inserted in one write transaction by the one
+            // writer: a concurrent submit with the same key sees this row.
+            let fingerprint = req.idempotency_key.as_ref().map(|_| req.fingerprint());
+            if let (Some(key), Some(fp)) = (&req.idempotency_key, &fingerprint) {
                 let existing = tx
                     .prepare_cached(
                         "SELECT * FROM requests WHERE agent = ?1 AND idempotency_key = ?2",
                     )?
-                    .query_row(params![req.agent, key], request_row)
+                    .query_row(params![req.agent, key], |r| {
+                        Ok((
+                            request_row(r)?,
+                            r.get::<_, Option<String>>("idempotency_fp")?,
+                        ))
+                    })
                     .optional()?;
-                if let Some(row) = existing {
-                    return Ok(Reply::Existing(row.into_request()?));
+                if let Some((row, stored)) = existing {
+                    let existing = row.into_request()?;
+                    // A row without a fingerprint cannot prove it was this call.
+                    if stored.as_deref() == Some(fp.as_str()) {
+                        return Ok(Reply::Existing(existing));
+                    }
+                    ev.push(Cow::Owned(
+                        events::idempotency_conflict(
+                            req.created_ms,
+                            &existing,
+                            &req.tool,
+                            &req.args_hash,
+                        )
+                        .seal(),
+                    ));
+                    return Ok(Reply::Conflict(existing));
                 }
             }
             let caps = guard.as_ref().map_or(0, |g| trifecta::bits(&g.tags));
@@ -542,12 +566,12 @@ fn exec<'a>(tx: &Transaction<'_>, op: &'a Op, ev: &mut Events<'a>) -> StoreResul
                 // in the same batch is already in the history.
                 let history = trifecta_history(tx, req, g.since_ms)?;
                 if let Some((changed, events)) = trifecta::guard(req, &history, g) {
-                    insert_request(tx, &changed, caps)?;
+                    insert_request(tx, &changed, caps, fingerprint.as_deref())?;
                     ev.extend(events.iter().map(|e| Cow::Owned(e.seal())));
                     return Ok(Reply::Guarded(changed));
                 }
             }
-            insert_request(tx, req, caps)?;
+            insert_request(tx, req, caps, fingerprint.as_deref())?;
             ev.extend(audit.iter().map(Cow::Borrowed));
             Reply::InsertedNew
         }
@@ -901,13 +925,19 @@ fn trifecta_history(
     Ok(out)
 }
 
-fn insert_request(tx: &Transaction<'_>, r: &ApprovalRequest, caps: i64) -> StoreResult<()> {
+fn insert_request(
+    tx: &Transaction<'_>,
+    r: &ApprovalRequest,
+    caps: i64,
+    idempotency_fp: Option<&str>,
+) -> StoreResult<()> {
     let flags = serde_json::Value::Array(r.flags.clone()).to_string();
     tx.prepare_cached(
         "INSERT INTO requests (id, agent, tool, args, args_hash, user_id, channel_id, justification, \
          task_id, idempotency_key, risk, approvals_required, admin_only, rule, rule_detail, flags, \
-         created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms, requester_uid, caps) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
+         created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms, \
+         requester_uid, caps, idempotency_fp) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
     )?
     .execute(params![
         r.id.to_string(),
@@ -935,6 +965,7 @@ fn insert_request(tx: &Transaction<'_>, r: &ApprovalRequest, caps: i64) -> Store
         r.decided_ms,
         r.requester_uid,
         caps,
+        idempotency_fp,
     ])?;
     Ok(())
 }
