@@ -358,7 +358,7 @@ pub struct Finding {
     /// JSON pointer to the value; `""` for the root or for free text.
     pub path: String,
     /// For an encoded secret: what it decodes to and how it was encoded
-    /// (`github_token in base64`). Never the secret itself.
+    /// (`github_token as base64`). Never the secret itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
 }
@@ -844,7 +844,7 @@ impl Redactor {
     }
 
     /// Encoded runs of `s` that decode to text one of the rules recognises,
-    /// with a note of what and how (`github_token in base64`). Bounded: runs
+    /// with a note of what and how (`github_token as base64`). Bounded: runs
     /// longer than `ENCODED_MAX_RUN` bytes are not decoded, and at most
     /// `ENCODED_BUDGET` bytes are decoded per string.
     fn encoded_hits(&self, s: &str) -> Vec<(Range<usize>, String)> {
@@ -868,7 +868,7 @@ impl Redactor {
                     continue;
                 };
                 if let Some(kind) = self.secret_kind(&decoded) {
-                    out.push((m.range(), format!("{kind} in {}", encoding.name())));
+                    out.push((m.range(), format!("{kind} as {}", encoding.name())));
                 }
             }
         }
