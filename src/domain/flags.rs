@@ -254,12 +254,12 @@ const INJECTION_PATTERNS: &[(&str, &str)] = &[
     ),
     (
         "developer mode",
-        r"\b(?:dan|god|jai[li]break|unrestricted)\W+mode\b|\bdeve[li]oper\W+mode\W+(?:enab[li]ed|activated|on|output|response)\b|\byou\W+are\W+(?:now\W+)?in\W+deve[li]oper\W+mode\b|\b(?:enab[li]e|activate|enter|switch\W+to)\W+deve[li]oper\W+mode\W+(?:now|immediate[li]y)\b",
+        r"\b(?:dan|god|jai[li]break|unrestricted)\W+mode\b|\bdeve[li]oper\W+mode\W+(?:enab[li]ed|activated|output|response)\b|\byou\W+are\W+(?:now\W+)?in\W+deve[li]oper\W+mode\b|\b(?:enab[li]e|activate|enter|switch\W+to)\W+deve[li]oper\W+mode\W+(?:now|immediate[li]y)\b",
     ),
     ("do anything now", r"\bdo\W+anything\W+now\b"),
     (
         "approval bypass claim",
-        r"\b(?:this|the|that|these|my|your)\W+(?:(?:tool\W+)?ca[li][li]|action|request|command|operation|change|deployment|transfer|step|task|payment|dee[li]etion)s?\W+(?:is|are|was|were|has\W+been|have\W+been)\W+(?:a[li]ready\W+)?(?:pre-?approved|pre-?authori[sz]ed|approved|authori[sz]ed|signed\W+off|vetted|c[li]eared)\b|\b(?:is|are|was|were|been|it'?s)\W+(?:a[li]ready\W+)?pre-?(?:approved|authori[sz]ed)\b|\b(?:admin|administrator|owner|operator|user|manager|boss|security\W+team|approver|human|ceo|cto|supervisor|[li]ead)s?\W+(?:has\W+|have\W+)?a[li]ready\W+(?:said\W+(?:yes|ok|okay)|approved|signed\W+off|agreed|authori[sz]ed|confirmed|okayed|ok'?d|gave\W+(?:the\W+)?(?:go-?ahead|permission|approva[li]|green\W+[li]ight))\b|\b(?:admin|administrator|owner|operator|manager|security\W+team|approver|supervisor)s?\W+(?:said\W+yes|signed\W+off|gave\W+(?:the\W+)?(?:go-?ahead|permission|approva[li]|green\W+[li]ight))\b|\b(?:no|without)\W+(?:need\W+(?:for|to\W+(?:ask|wait\W+for|get))\W+)?(?:further\W+|human\W+|manua[li]\W+|additiona[li]\W+)?(?:approva[li]|confirmation|review|permission)\W+(?:is\W+)?(?:needed|required|necessary)\b|\b(?:do\W+not|don'?t|never|no\W+need\W+to)\W+(?:ask|wait)\W+(?:for\W+)?(?:the\W+)?(?:human|user|operator|admin|approver|approva[li]|permission|confirmation)\b|\b(?:skip|bypass|circumvent|auto-?approve)\W+(?:the\W+)?(?:approva[li]|review|confirmation|human\W+review|permission\W+check)|\bapprova[li]\W+(?:is\W+|was\W+|has\W+been\W+)?(?:not\W+(?:needed|required|necessary)|a[li]ready\W+(?:granted|given|obtained))\b|\b(?:has|have)\W+(?:a[li]ready\W+)?been\W+(?:approved|authori[sz]ed|signed\W+off)\W+by\W+(?:the\W+|your\W+|an\W+)?(?:admin|administrator|owner|operator|security|manager|user|human|team|approver)",
+        r"\b(?:this|the|that|these|my|your)\W+(?:(?:tool\W+)?ca[li][li]|action|request|command|operation|change|deployment|transfer|step|task|payment|dee[li]etion)s?\W+(?:is|are|was|were|has\W+been|have\W+been)\W+(?:a[li]ready\W+)?(?:pre-?approved|pre-?authori[sz]ed|approved|authori[sz]ed|signed\W+off|vetted|c[li]eared)\b|\b(?:is|are|was|were|been|it'?s)\W+(?:a[li]ready\W+)?pre-?(?:approved|authori[sz]ed)\b|\b(?:admin|administrator|owner|operator|user|manager|boss|security\W+team|approver|human|ceo|cto|supervisor|[li]ead)s?\W+(?:has\W+|have\W+)?a[li]ready\W+(?:said\W+(?:yes|ok|okay)|approved|signed\W+off|agreed|authori[sz]ed|confirmed|okayed|ok'?d|gave\W+(?:the\W+)?(?:go-?ahead|permission|approva[li]|green\W+[li]ight))\b|\b(?:admin|administrator|owner|operator|manager|security\W+team|approver|supervisor)s?\W+(?:said\W+yes|signed\W+off|gave\W+(?:the\W+)?(?:go-?ahead|permission|approva[li]|green\W+[li]ight))\b|\b(?:no|without)\W+(?:need\W+(?:for|to\W+(?:ask|wait\W+for|get))\W+)?(?:further\W+|human\W+|manua[li]\W+|additiona[li]\W+)?(?:approva[li]|confirmation|review|permission)\W+(?:is\W+)?(?:needed|required|necessary)\b|\b(?:do\W+not|don'?t|never|no\W+need\W+to)\W+(?:ask|wait)\W+(?:for\W+)?(?:the\W+)?(?:human|user|operator|admin|approver|approva[li]|permission|confirmation)\b|\b(?:skip|bypass|circumvent|auto-?approve)\W+(?:the\W+)?(?:approva[li]|review|confirmation|human\W+review|permission\W+check)|\bauto-?approve\W+(?:this|these|it|every|a[li][li])\b|\bapprova[li]\W+(?:is\W+|was\W+|has\W+been\W+)?(?:not\W+(?:needed|required|necessary)|a[li]ready\W+(?:granted|given|obtained))\b|\b(?:has|have)\W+(?:a[li]ready\W+)?been\W+(?:approved|authori[sz]ed|signed\W+off)\W+by\W+(?:the\W+|your\W+|an\W+)?(?:admin|administrator|owner|operator|security|manager|user|human|team|approver)",
     ),
     (
         "ignore previous instructions (fr)",
@@ -287,7 +287,7 @@ const INJECTION_PATTERNS: &[(&str, &str)] = &[
     ),
     (
         "ignore previous instructions (pl)",
-        r"(?:zignoruj|ignoruj|zapomnij)\W+(?:(?:wszystkie|o|twoje|moje|swoje)\W+){0,3}(?:poprzednie|wcze[śs]niejsze|powy[żz]sze|dotychczasowe)\W+(?:instrukcje|polecenia|zasady|regu[łl]y)",
+        r"(?:zignoruj|ignoruj|zapomnij)\W+(?:(?:wszystkie|wszystkich|o|twoje|moje|swoje)\W+){0,3}(?:poprzednie|poprzednich|wcze[śs]niejsze|wcze[śs]niejszych|powy[żz]sze|powy[żz]szych|dotychczasowe)\W+(?:instrukcje|instrukcjach|instrukcji|polecenia|poleceniach|pole[cć]e[nń]|zasady|zasadach|regu[łl]y)",
     ),
     (
         "ignore previous instructions (tr)",
@@ -1452,4 +1452,73 @@ mod tests {
             assert_eq!(serde_json::to_string(&k).unwrap(), name);
         }
     }
+
+    /// Tab-separated fixture lines, `#` comments skipped.
+    fn tsv(text: &str) -> Vec<Vec<&str>> {
+        text.lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .map(|l| l.split('\t').collect())
+            .collect()
+    }
+
+    /// Recall on injection attempts and false positives on benign text, per
+    /// language, on the corpus in tests/fixtures/content_guard (sources in
+    /// docs/content-guard.md). Prints the figures written in the docs.
+    #[test]
+    fn injection_corpus() {
+        use std::collections::BTreeMap;
+        let s = scanner();
+        let flagged = |text: &str| {
+            !kinds_of(&s.scan("run_shell", &json!({}), text), FlagKind::PromptInjection).is_empty()
+        };
+        let mut recall: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        let mut by_family: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        for row in tsv(include_str!("../../tests/fixtures/content_guard/injections.txt")) {
+            let (lang, family, text) = (row[0], row[1], row[2]);
+            let hit = flagged(text);
+            let e = recall.entry(lang).or_default();
+            e.0 += 1;
+            e.1 += usize::from(hit);
+            let f = by_family.entry(family).or_default();
+            f.0 += 1;
+            f.1 += usize::from(hit);
+            if !hit {
+                eprintln!("  MISSED {lang} {family}: {text}");
+            }
+        }
+        let mut benign: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        let mut check = |lang: String, text: &str| {
+            let e = benign.entry(lang).or_default();
+            e.0 += 1;
+            if flagged(text) {
+                e.1 += 1;
+                eprintln!("  FP {text}");
+            }
+        };
+        for row in tsv(include_str!("../../tests/fixtures/content_guard/benign_security.txt")) {
+            check(format!("{} (security prose)", row[0]), row[1]);
+        }
+        for line in include_str!("../../tests/fixtures/content_guard/innocent.jsonl").lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("fixture line is JSON");
+            let lang = v["lang"].as_str().unwrap_or("-");
+            let lang = if lang == "-" { "paths, code" } else { lang };
+            check(format!("{lang} (messages)"), v["text"].as_str().unwrap_or(""));
+        }
+        let (n, hit) = recall.values().fold((0, 0), |(n, h), (a, b)| (n + a, h + b));
+        eprintln!("injections: {hit}/{n} flagged");
+        for (lang, (a, b)) in &recall {
+            eprintln!("  recall {lang}: {b}/{a}");
+        }
+        for (family, (a, b)) in &by_family {
+            eprintln!("  family {family}: {b}/{a}");
+        }
+        let (bn, fp) = benign.values().fold((0, 0), |(n, f), (a, b)| (n + a, f + b));
+        eprintln!("benign: {fp}/{bn} flagged");
+        for (lang, (a, b)) in &benign {
+            eprintln!("  benign {lang}: {b}/{a}");
+        }
+        assert!(hit * 100 >= n * 90, "recall {hit}/{n}");
+        assert!(fp * 200 < bn, "false positives {fp}/{bn}");
+    }
+
 }
