@@ -513,7 +513,10 @@ async fn a_secret_in_a_name_or_id_is_refused_before_anything_is_stored() {
         assert_eq!(err.code(), "invalid_params", "{field}");
         let msg = err.to_string();
         assert!(msg.contains(&format!("`{field}`")), "{field}: {msg}");
-        assert!(!msg.contains("R2d2C3po") && !msg.contains("AbCdEfGh"), "{msg}");
+        assert!(
+            !msg.contains("R2d2C3po") && !msg.contains("AbCdEfGh"),
+            "{msg}"
+        );
         let err = e.gw.check("a", &s).await.unwrap_err();
         assert_eq!(err.code(), "invalid_params", "check {field}");
     }
@@ -613,7 +616,10 @@ async fn an_encoded_secret_is_masked_and_flagged_encoded_secret() {
         .chars()
         .map(|c| char::from_u32(u32::from(c) + 0xFEE0).unwrap())
         .collect();
-    let entities: String = GHP.chars().map(|c| format!("&#{};", u32::from(c))).collect();
+    let entities: String = GHP
+        .chars()
+        .map(|c| format!("&#{};", u32::from(c)))
+        .collect();
     // base64 of "token=ghp_…"
     let b64 = "dG9rZW49Z2hwX1IyZDJDM3BvTHVrZTFMZWlhMkhhbjNTb2xvNENoZXdpZTVBYg==";
     for (how, text) in [
@@ -629,16 +635,26 @@ async fn an_encoded_secret_is_masked_and_flagged_encoded_secret() {
                 .await
                 .unwrap();
         let kinds = flag_kinds(&r);
-        assert!(kinds.contains(&"encoded_secret".to_string()), "{how}: {kinds:?}");
+        assert!(
+            kinds.contains(&"encoded_secret".to_string()),
+            "{how}: {kinds:?}"
+        );
         let stored = e.gw.status(r.id).await.unwrap();
         assert!(
             !stored.args.to_string().contains(text),
             "{how}: {}",
             stored.args
         );
-        let detail = r.flags.iter().find(|f| f["kind"] == "encoded_secret").unwrap();
+        let detail = r
+            .flags
+            .iter()
+            .find(|f| f["kind"] == "encoded_secret")
+            .unwrap();
         assert!(
-            detail["detail"].as_str().unwrap().contains("github_token as "),
+            detail["detail"]
+                .as_str()
+                .unwrap()
+                .contains("github_token as "),
             "{how}: {detail}"
         );
     }

@@ -337,12 +337,10 @@ const INJECTION_PATTERNS: &[(&str, &str)] = &[
 
 /// Patterns for the squashed form (folded, letters only), which catches
 /// `i g n o r e`, `i.g.n.o.r.e` and `ignore_all_previous_instructions`.
-const SQUASHED_PATTERNS: &[(&str, &str)] = &[
-    (
-        "ignore previous instructions",
-        r"(?:ignore|disregard|forget)(?:a[li][li]|any|the|your|of|my)*(?:previous|prior|above|ear[li]ier|preceding|former|origina[li]|initia[li])(?:(?:and|or)(?:fo[li][li]owing|subsequent|[li]ater|be[li]ow))?(?:instructions?|prompts?|ru[li]es|directives|guide[li]ines)",
-    ),
-];
+const SQUASHED_PATTERNS: &[(&str, &str)] = &[(
+    "ignore previous instructions",
+    r"(?:ignore|disregard|forget)(?:a[li][li]|any|the|your|of|my)*(?:previous|prior|above|ear[li]ier|preceding|former|origina[li]|initia[li])(?:(?:and|or)(?:fo[li][li]owing|subsequent|[li]ater|be[li]ow))?(?:instructions?|prompts?|ru[li]es|directives|guide[li]ines)",
+)];
 
 /// Compiled once. The injection patterns are kept as separate regexes: a
 /// `RegexSet` of them thrashes its DFA cache and is ~20x slower on long text.
@@ -1469,11 +1467,17 @@ mod tests {
         use std::collections::BTreeMap;
         let s = scanner();
         let flagged = |text: &str| {
-            !kinds_of(&s.scan("run_shell", &json!({}), text), FlagKind::PromptInjection).is_empty()
+            !kinds_of(
+                &s.scan("run_shell", &json!({}), text),
+                FlagKind::PromptInjection,
+            )
+            .is_empty()
         };
         let mut recall: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
         let mut by_family: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
-        for row in tsv(include_str!("../../tests/fixtures/content_guard/injections.txt")) {
+        for row in tsv(include_str!(
+            "../../tests/fixtures/content_guard/injections.txt"
+        )) {
             let (lang, family, text) = (row[0], row[1], row[2]);
             let hit = flagged(text);
             let e = recall.entry(lang).or_default();
@@ -1495,16 +1499,23 @@ mod tests {
                 eprintln!("  FP {text}");
             }
         };
-        for row in tsv(include_str!("../../tests/fixtures/content_guard/benign_security.txt")) {
+        for row in tsv(include_str!(
+            "../../tests/fixtures/content_guard/benign_security.txt"
+        )) {
             check(format!("{} (security prose)", row[0]), row[1]);
         }
         for line in include_str!("../../tests/fixtures/content_guard/innocent.jsonl").lines() {
             let v: serde_json::Value = serde_json::from_str(line).expect("fixture line is JSON");
             let lang = v["lang"].as_str().unwrap_or("-");
             let lang = if lang == "-" { "paths, code" } else { lang };
-            check(format!("{lang} (messages)"), v["text"].as_str().unwrap_or(""));
+            check(
+                format!("{lang} (messages)"),
+                v["text"].as_str().unwrap_or(""),
+            );
         }
-        let (n, hit) = recall.values().fold((0, 0), |(n, h), (a, b)| (n + a, h + b));
+        let (n, hit) = recall
+            .values()
+            .fold((0, 0), |(n, h), (a, b)| (n + a, h + b));
         eprintln!("injections: {hit}/{n} flagged");
         for (lang, (a, b)) in &recall {
             eprintln!("  recall {lang}: {b}/{a}");
@@ -1512,7 +1523,9 @@ mod tests {
         for (family, (a, b)) in &by_family {
             eprintln!("  family {family}: {b}/{a}");
         }
-        let (bn, fp) = benign.values().fold((0, 0), |(n, f), (a, b)| (n + a, f + b));
+        let (bn, fp) = benign
+            .values()
+            .fold((0, 0), |(n, f), (a, b)| (n + a, f + b));
         eprintln!("benign: {fp}/{bn} flagged");
         for (lang, (a, b)) in &benign {
             eprintln!("  benign {lang}: {b}/{a}");
@@ -1520,5 +1533,4 @@ mod tests {
         assert!(hit * 100 >= n * 90, "recall {hit}/{n}");
         assert!(fp * 200 < bn, "false positives {fp}/{bn}");
     }
-
 }

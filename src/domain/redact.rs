@@ -178,87 +178,122 @@ const fn spec(
 const SPECIFIC_RULES: &[RuleSpec] = &[
     // PEM blocks, complete…
     spec(
-        "private_key", &["private key"],
+        "private_key",
+        &["private key"],
         r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",
         0,
     ),
     // …or cut off before their END line.
     spec(
-        "private_key", &["private key"],
+        "private_key",
+        &["private key"],
         r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:[\s\\]|[A-Za-z0-9+/=:,.])*",
         0,
     ),
     spec(
-        "aws_access_key", &["akia", "asia", "abia", "acca", "a3t"],
+        "aws_access_key",
+        &["akia", "asia", "abia", "acca", "a3t"],
         r"\b((?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16})(?:[^A-Za-z0-9]|$)",
         1,
     ),
     spec(
-        "aws_secret_key", &["secret"],
+        "aws_secret_key",
+        &["secret"],
         r#"(?i)(?:aws_?secret_?(?:access_?)?key|secret_?access_?key|aws_?secret)["']?[ \t]*(?:=|:|:=|=>)[ \t]*["']?([A-Za-z0-9/+]{40})(?:[^A-Za-z0-9/+=]|$)"#,
         1,
     ),
     spec(
-        "github_token", &["ghp_", "gho_", "ghu_", "ghs_", "ghr_"],
+        "github_token",
+        &["ghp_", "gho_", "ghu_", "ghs_", "ghr_"],
         r"\b((?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,255})(?:[^A-Za-z0-9_]|$)",
         1,
     ),
     spec(
-        "github_token", &["github_pat_"],
+        "github_token",
+        &["github_pat_"],
         r"\b(github_pat_[A-Za-z0-9_]{22,255})(?:[^A-Za-z0-9_]|$)",
         1,
     ),
     spec(
-        "gitlab_token", &["glpat-", "glptt-", "gldt-", "glrt-", "glsoat-", "glcbt-"],
+        "gitlab_token",
+        &["glpat-", "glptt-", "gldt-", "glrt-", "glsoat-", "glcbt-"],
         r"\b(gl(?:pat|ptt|dt|rt|soat|cbt)-[A-Za-z0-9_\-]{20,}(?:\.[A-Za-z0-9_\-]+)*)",
         1,
     ),
-    spec("slack_token", &["xox"], r"\b(xox[abposr]-[A-Za-z0-9\-]{10,})", 1),
-    spec("slack_token", &["xapp-"], r"\b(xapp-[0-9]-[A-Za-z0-9\-]{10,})", 1),
     spec(
-        "slack_webhook", &["hooks.slack.com"],
+        "slack_token",
+        &["xox"],
+        r"\b(xox[abposr]-[A-Za-z0-9\-]{10,})",
+        1,
+    ),
+    spec(
+        "slack_token",
+        &["xapp-"],
+        r"\b(xapp-[0-9]-[A-Za-z0-9\-]{10,})",
+        1,
+    ),
+    spec(
+        "slack_webhook",
+        &["hooks.slack.com"],
         r"(?i)hooks\.slack\.com/(?:services|workflows|triggers)/([A-Za-z0-9/_+\-]{8,})",
         1,
     ),
     spec(
-        "stripe_key", &["_live_", "_test_", "_prod_", "whsec_"],
+        "stripe_key",
+        &["_live_", "_test_", "_prod_", "whsec_"],
         r"\b((?:sk|rk)_(?:live|test|prod)_[A-Za-z0-9]{10,}|whsec_[A-Za-z0-9]{20,})",
         1,
     ),
-    spec("anthropic_key", &["sk-ant-"], r"\b(sk-ant-[A-Za-z0-9_\-]{20,})", 1),
+    spec(
+        "anthropic_key",
+        &["sk-ant-"],
+        r"\b(sk-ant-[A-Za-z0-9_\-]{20,})",
+        1,
+    ),
     RuleSpec {
         check: Some(looks_like_openai_body),
         ..spec(
-            "openai_key", &["sk-"],
+            "openai_key",
+            &["sk-"],
             r"\b(sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,})",
             1,
         )
     },
     spec(
-        "google_api_key", &["aiza"],
+        "google_api_key",
+        &["aiza"],
         r"\b(AIza[0-9A-Za-z_\-]{35})(?:[^0-9A-Za-z_\-]|$)",
         1,
     ),
     spec(
-        "jwt", &["eyj"],
+        "jwt",
+        &["eyj"],
         r"\b(eyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]*)",
         1,
     ),
-    spec("npm_token", &["npm_"], r"\b(npm_[A-Za-z0-9]{36})(?:[^A-Za-z0-9]|$)", 1),
     spec(
-        "sendgrid_key", &["sg."],
+        "npm_token",
+        &["npm_"],
+        r"\b(npm_[A-Za-z0-9]{36})(?:[^A-Za-z0-9]|$)",
+        1,
+    ),
+    spec(
+        "sendgrid_key",
+        &["sg."],
         r"\b(SG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43})(?:[^A-Za-z0-9_\-]|$)",
         1,
     ),
     spec(
-        "huggingface_token", &["hf_"],
+        "huggingface_token",
+        &["hf_"],
         r"\b(hf_[A-Za-z0-9]{34,})(?:[^A-Za-z0-9]|$)",
         1,
     ),
     RuleSpec {
         preview: Preview::Hide,
         ..spec(
-            "url_password", &["://"],
+            "url_password",
+            &["://"],
             r"(?i)\b[a-z][a-z0-9+.\-]*://[^\s:/?#@\[\]]*:([^\s/?#@]+)@",
             1,
         )
@@ -270,7 +305,8 @@ const GENERIC_RULES: &[RuleSpec] = &[
     RuleSpec {
         check: Some(looks_like_bearer_token),
         ..spec(
-            "bearer_token", &["bearer", "token"],
+            "bearer_token",
+            &["bearer", "token"],
             r"(?i)\b(?:bearer|token)[ \t]+([A-Za-z0-9\-._~+/]{8,}=*)",
             1,
         )
@@ -279,7 +315,8 @@ const GENERIC_RULES: &[RuleSpec] = &[
         check: Some(is_basic_credentials),
         preview: Preview::Hide,
         ..spec(
-            "basic_auth", &["basic"],
+            "basic_auth",
+            &["basic"],
             r"(?i)\bbasic[ \t]+([A-Za-z0-9+/]{4,}={0,2})",
             1,
         )
@@ -288,7 +325,8 @@ const GENERIC_RULES: &[RuleSpec] = &[
         check: Some(looks_like_assigned_value),
         preview: Preview::Hide,
         ..spec(
-            "generic_secret", &["pass", "secret", "token", "credential", "key"],
+            "generic_secret",
+            &["pass", "secret", "token", "credential", "key"],
             r#"(?i)[a-z0-9_.\-]*?(?:password|passwd|passphrase|secret|token|credentials?|(?:api|private|secret|access|auth|signing|encryption|master)[_\-]?key)["']?[ \t]*(?:=|:|:=|=>)[ \t]*["']?([^\s"'&;,<>\[\]{}():][^\s"'&;,<>\[\]{}()]{2,})"#,
             1,
         )
@@ -297,7 +335,8 @@ const GENERIC_RULES: &[RuleSpec] = &[
         check: Some(looks_like_flag_value),
         preview: Preview::Hide,
         ..spec(
-            "generic_secret", &["pass", "token", "secret", "key"],
+            "generic_secret",
+            &["pass", "token", "secret", "key"],
             r#"(?i)(?:^|\s)--?(?:password|passwd|pass|token|secret|api-key|apikey|auth-token|access-token|client-secret)[ \t]+["']?([^\s"'&;,<>\[\]{}()]{3,})"#,
             1,
         )
@@ -306,7 +345,8 @@ const GENERIC_RULES: &[RuleSpec] = &[
         check: Some(looks_like_user_password),
         preview: Preview::Hide,
         ..spec(
-            "generic_secret", &["-u"],
+            "generic_secret",
+            &["-u"],
             r#"(?:^|\s)(?:-u|--user)(?:[ \t]+|=)["']?[^\s:"']+:([^\s"'@]{3,})"#,
             1,
         )
@@ -896,9 +936,8 @@ impl Redactor {
             .filter(|(i, _)| candidates[*i])
             .find(|(_, rule)| {
                 rule.regex.captures_iter(text).any(|c| {
-                    rule.secret(&c).is_some_and(|m| {
-                        !m.is_empty() && rule.check.is_none_or(|f| f(m.as_str()))
-                    })
+                    rule.secret(&c)
+                        .is_some_and(|m| !m.is_empty() && rule.check.is_none_or(|f| f(m.as_str())))
                 })
             })
             .map(|(_, rule)| rule.kind.as_str())
@@ -1063,7 +1102,10 @@ fn decode_html_entities(run: &str) -> Option<String> {
         let tail = &rest[at + 1..];
         let end = tail.find(';')?;
         let name = &tail[..end];
-        let c = if let Some(hex) = name.strip_prefix(['#']).and_then(|n| n.strip_prefix(['x', 'X'])) {
+        let c = if let Some(hex) = name
+            .strip_prefix(['#'])
+            .and_then(|n| n.strip_prefix(['x', 'X']))
+        {
             char::from_u32(u32::from_str_radix(hex, 16).ok()?)?
         } else if let Some(dec) = name.strip_prefix('#') {
             char::from_u32(dec.parse().ok()?)?
@@ -2302,7 +2344,9 @@ mod tests {
     #[test]
     fn corpus_public() {
         let r = Redactor::default();
-        let secrets = jsonl(include_str!("../../tests/fixtures/content_guard/secrets.jsonl"));
+        let secrets = jsonl(include_str!(
+            "../../tests/fixtures/content_guard/secrets.jsonl"
+        ));
         let mut by_rule: BTreeMap<String, (usize, usize, Vec<String>)> = BTreeMap::new();
         let mut encoded_flagged = 0;
         let mut encoded_total = 0;
@@ -2347,7 +2391,9 @@ mod tests {
         }
         eprintln!("encoded: {encoded_flagged}/{encoded_total} flagged {ENCODED_SECRET}");
 
-        let innocent = jsonl(include_str!("../../tests/fixtures/content_guard/innocent.jsonl"));
+        let innocent = jsonl(include_str!(
+            "../../tests/fixtures/content_guard/innocent.jsonl"
+        ));
         let mut by_source: BTreeMap<String, (usize, usize)> = BTreeMap::new();
         let mut fps = 0;
         for row in &innocent {
@@ -2380,5 +2426,4 @@ mod tests {
         assert_eq!(encoded_flagged, encoded_total);
         assert!(rate < 0.005, "innocent strings wrongly masked: {rate}");
     }
-
 }

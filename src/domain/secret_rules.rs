@@ -43,10 +43,7 @@ pub(crate) enum Shape {
         body: &'static str,
     },
     /// A complete pattern and the group holding the secret.
-    Raw {
-        pattern: &'static str,
-        group: Group,
-    },
+    Raw { pattern: &'static str, group: Group },
 }
 
 /// One provider format.
