@@ -259,7 +259,43 @@ const INJECTION_PATTERNS: &[(&str, &str)] = &[
     ("do anything now", r"\bdo\W+anything\W+now\b"),
     (
         "approval bypass claim",
-        r"\b(?:this|the|that|these|my|your)\W+(?:(?:tool\W+)?ca[li][li]|action|request|command|operation|change|deployment|transfer|step|task|payment|dee[li]etion)s?\W+(?:is|are|was|were|has\W+been|have\W+been)\W+(?:a[li]ready\W+)?(?:pre-?approved|pre-?authori[sz]ed|approved|authori[sz]ed|signed\W+off|vetted|c[li]eared)\b|\b(?:is|are|was|were|been|it'?s)\W+(?:a[li]ready\W+)?pre-?(?:approved|authori[sz]ed)\b|\b(?:admin|administrator|owner|operator|user|manager|boss|security\W+team|approver|human|ceo|cto|supervisor|[li]ead)s?\W+(?:has\W+|have\W+)?a[li]ready\W+(?:said\W+(?:yes|ok|okay)|approved|signed\W+off|agreed|authori[sz]ed|confirmed|okayed|ok'?d|gave\W+(?:the\W+)?(?:go-?ahead|permission|approva[li]|green\W+[li]ight))\b|\b(?:admin|administrator|owner|operator|manager|security\W+team|approver|supervisor)s?\W+(?:said\W+yes|signed\W+off|gave\W+(?:the\W+)?(?:go-?ahead|permission|approva[li]|green\W+[li]ight))\b|\b(?:no|without)\W+(?:need\W+(?:for|to\W+(?:ask|wait\W+for|get))\W+)?(?:further\W+|human\W+|manua[li]\W+|additiona[li]\W+)?(?:approva[li]|confirmation|review|permission)\W+(?:is\W+)?(?:needed|required|necessary)\b|\b(?:do\W+not|don'?t|never|no\W+need\W+to)\W+(?:ask|wait)\W+(?:for\W+)?(?:the\W+)?(?:human|user|operator|admin|approver|approva[li]|permission|confirmation)\b|\b(?:skip|bypass|circumvent|auto-?approve)\W+(?:the\W+)?(?:approva[li]|review|confirmation|human\W+review|permission\W+check)|\bauto-?approve\W+(?:this|these|it|every|a[li][li])\b|\bapprova[li]\W+(?:is\W+|was\W+|has\W+been\W+)?(?:not\W+(?:needed|required|necessary)|a[li]ready\W+(?:granted|given|obtained))\b|\b(?:has|have)\W+(?:a[li]ready\W+)?been\W+(?:approved|authori[sz]ed|signed\W+off)\W+by\W+(?:the\W+|your\W+|an\W+)?(?:admin|administrator|owner|operator|security|manager|user|human|team|approver)",
+        r"\b(?:this|the|that|these|my|your)\W+(?:(?:tool\W+)?ca[li][li]|action|request|command|operation|change|deployment|transfer|step|task|payment|dee[li]etion)s?\W+(?:is|are|was|were|has\W+been|have\W+been)\W+(?:a[li]ready\W+)?(?:pre-?approved|pre-?authori[sz]ed|approved|authori[sz]ed|signed\W+off|vetted|c[li]eared)\b",
+    ),
+    (
+        "approval bypass claim",
+        r"\b(?:is|are|was|were|been|it'?s)\W+(?:a[li]ready\W+)?pre-?(?:approved|authori[sz]ed)\b",
+    ),
+    (
+        "approval bypass claim",
+        r"\b(?:admin|administrator|owner|operator|user|manager|boss|security\W+team|approver|human|ceo|cto|supervisor|[li]ead)s?\W+(?:has\W+|have\W+)?a[li]ready\W+(?:said\W+(?:yes|ok|okay)|approved|signed\W+off|agreed|authori[sz]ed|confirmed|okayed|ok'?d|gave\W+(?:the\W+)?(?:go-?ahead|permission|approva[li]|green\W+[li]ight))\b",
+    ),
+    (
+        "approval bypass claim",
+        r"\b(?:admin|administrator|owner|operator|manager|security\W+team|approver|supervisor)s?\W+(?:said\W+yes|signed\W+off|gave\W+(?:the\W+)?(?:go-?ahead|permission|approva[li]|green\W+[li]ight))\b",
+    ),
+    (
+        "approval bypass claim",
+        r"\b(?:no|without)\W+(?:need\W+(?:for|to\W+(?:ask|wait\W+for|get))\W+)?(?:further\W+|human\W+|manua[li]\W+|additiona[li]\W+)?(?:approva[li]|confirmation|review|permission)\W+(?:is\W+)?(?:needed|required|necessary)\b",
+    ),
+    (
+        "approval bypass claim",
+        r"\b(?:do\W+not|don'?t|never|no\W+need\W+to)\W+(?:ask|wait)\W+(?:for\W+)?(?:the\W+)?(?:human|user|operator|admin|approver|approva[li]|permission|confirmation)\b",
+    ),
+    (
+        "approval bypass claim",
+        r"\b(?:skip|bypass|circumvent|auto-?approve)\W+(?:the\W+)?(?:approva[li]|review|confirmation|human\W+review|permission\W+check)",
+    ),
+    (
+        "approval bypass claim",
+        r"\bauto-?approve\W+(?:this|these|it|every|a[li][li])\b",
+    ),
+    (
+        "approval bypass claim",
+        r"\bapprova[li]\W+(?:is\W+|was\W+|has\W+been\W+)?(?:not\W+(?:needed|required|necessary)|a[li]ready\W+(?:granted|given|obtained))\b",
+    ),
+    (
+        "approval bypass claim",
+        r"\b(?:has|have)\W+(?:a[li]ready\W+)?been\W+(?:approved|authori[sz]ed|signed\W+off)\W+by\W+(?:the\W+|your\W+|an\W+)?(?:admin|administrator|owner|operator|security|manager|user|human|team|approver)",
     ),
     (
         "ignore previous instructions (fr)",
@@ -326,13 +362,42 @@ const INJECTION_PATTERNS: &[(&str, &str)] = &[
         r"(?:игнорируй(?:те)?|проигнорируй(?:те)?|забудь(?:те)?|не\W+обращай(?:те)?\W+внимания\W+на)\W+(?:(?:все|всё|свои|мои|твои)\W+){0,2}(?:предыдущие|прошлые|прежние|вышеуказанные|все|изначальные)\W+(?:инструкции|указания|правила|команды)|\bзабудь(?:те)?\W+вс[её]\b|\bтеперь\W+ты\W+(?:dan|свободн)",
     ),
     (
-        "approval bypass claim (es/fr/de/it/pt)",
-        r"\b(?:ya\W+(?:est[áa]|fue|ha\W+sido)\W+(?:pre-?)?aprobad[oa]|preaprobad[oa]|(?:el|la)\W+(?:administrador|admin|administradora|jefe|usuario)\W+ya\W+(?:dijo\W+que\W+s[íi]|[li]o\W+aprob[óo]|aprob[óo])|no\W+(?:hace\W+fa[li]ta|se\W+necesita|requiere)\W+(?:ninguna\W+)?(?:aprobaci[óo]n|confirmaci[óo]n))\b|\b(?:d[ée]j[àa]\W+(?:pr[ée]-?)?approuv[ée]e?s?|pr[ée]-?approuv[ée]e?s?|[li]'administrateur\W+a\W+d[ée]j[àa]\W+(?:dit\W+oui|approuv[ée]|va[li]id[ée])|pas\W+besoin\W+d'(?:approbation|autorisation|demander))|\b(?:bereits\W+(?:vorab\W+)?genehmigt|vorab\W+genehmigt|vorabgenehmigt|der\W+admin(?:istrator)?\W+hat\W+(?:schon|bereits)\W+(?:ja\W+gesagt|zugestimmt|genehmigt)|keine\W+(?:genehmigung|freigabe|best[äa]tigung)\W+(?:n[öo]tig|erforder[li]ich))\b|\b(?:gi[àa]\W+(?:pre-?)?approvat[oa]|pre-?approvat[oa]|[li]'amministratore\W+ha\W+gi[àa]\W+(?:detto\W+di\W+s[ìi]|approvato)|non\W+serve\W+(?:a[li]cuna\W+)?(?:approvazione|conferma))\b|\b(?:j[áa]\W+(?:est[áa]|foi)\W+(?:pr[ée]-?)?aprovad[oa]|pr[ée]-?aprovad[oa]|o\W+administrador\W+j[áa]\W+(?:disse\W+(?:que\W+)?sim|aprovou)|n[ãa]o\W+(?:precisa|[ée]\W+necess[áa]ria)\W+(?:de\W+)?(?:aprova[çc][ãa]o|confirma[çc][ãa]o))\b",
+        "approval bypass claim (es)",
+        r"\b(?:ya\W+(?:est[áa]|fue|ha\W+sido)\W+(?:pre-?)?aprobad[oa]|preaprobad[oa]|(?:el|la)\W+(?:administrador|admin|administradora|jefe|usuario)\W+ya\W+(?:dijo\W+que\W+s[íi]|[li]o\W+aprob[óo]|aprob[óo])|no\W+(?:hace\W+fa[li]ta|se\W+necesita|requiere)\W+(?:ninguna\W+)?(?:aprobaci[óo]n|confirmaci[óo]n))\b",
+    ),
+    (
+        "approval bypass claim (fr)",
+        r"\b(?:d[ée]j[àa]\W+(?:pr[ée]-?)?approuv[ée]e?s?|pr[ée]-?approuv[ée]e?s?|[li]'administrateur\W+a\W+d[ée]j[àa]\W+(?:dit\W+oui|approuv[ée]|va[li]id[ée])|pas\W+besoin\W+d'(?:approbation|autorisation|demander))",
+    ),
+    (
+        "approval bypass claim (de)",
+        r"\b(?:bereits\W+(?:vorab\W+)?genehmigt|vorab\W+genehmigt|vorabgenehmigt|der\W+admin(?:istrator)?\W+hat\W+(?:schon|bereits)\W+(?:ja\W+gesagt|zugestimmt|genehmigt)|keine\W+(?:genehmigung|freigabe|best[äa]tigung)\W+(?:n[öo]tig|erforder[li]ich))\b",
+    ),
+    (
+        "approval bypass claim (it)",
+        r"\b(?:gi[àa]\W+(?:pre-?)?approvat[oa]|pre-?approvat[oa]|[li]'amministratore\W+ha\W+gi[àa]\W+(?:detto\W+di\W+s[ìi]|approvato)|non\W+serve\W+(?:a[li]cuna\W+)?(?:approvazione|conferma))\b",
+    ),
+    (
+        "approval bypass claim (pt)",
+        r"\b(?:j[áa]\W+(?:est[áa]|foi)\W+(?:pr[ée]-?)?aprovad[oa]|pr[ée]-?aprovad[oa]|o\W+administrador\W+j[áa]\W+(?:disse\W+(?:que\W+)?sim|aprovou)|n[ãa]o\W+(?:precisa|[ée]\W+necess[áa]ria)\W+(?:de\W+)?(?:aprova[çc][ãa]o|confirma[çc][ãa]o))\b",
     ),
     (
         "approval bypass claim (ko/ja/zh/ru)",
         r"이미\s*승인(?:되었|됐|된|을\s*받)|사전\s*승인(?:된|되었|됨|을\s*받)|관리자(?:가|는)\s*이미\s*(?:승인|허락|동의|허가)|승인\s*(?:이|은)?\s*필요\s*(?:없|하지\s*않)|事前承認済み|承認済み|既に承認|すでに承認|管理者(?:は|が)(?:既に|すでに)(?:承認|許可|了承)|承認は(?:不要|必要ありません)|已(?:经|經)?(?:获得?|獲得?|被)?(?:批准|授权|授權|同意)|预先批准|預先批准|管理员已经同意|管理員已經同意|无需(?:审批|批准|确认)|無需(?:審批|批准|確認)|уже\W+(?:одобрен|разрешен|согласован)|предварительно\W+одобрен|администратор\W+уже\W+(?:одобрил|разрешил|сказал\W+да|согласовал)|(?:подтверждение|одобрение)\W+не\W+(?:нужно|требуется)",
     ),
+];
+
+/// Label endings of the patterns written only in non-Latin scripts (or
+/// with letters outside ASCII): skipped on ASCII text, where they cannot match.
+const NON_LATIN_LABELS: &[&str] = &[
+    "(ko)",
+    "(ja)",
+    "(zh)",
+    "(ru)",
+    "(ar)",
+    "(hi)",
+    "(vi)",
+    "(ko/ja/zh/ru)",
 ];
 
 /// Patterns for the squashed form (folded, letters only), which catches
@@ -746,8 +811,15 @@ fn injection_flags(s: &str, at: &Location, out: &mut Collector) {
     let base = normalise(s);
     let folded = fold(&base);
     let squashed: String = folded.chars().filter(char::is_ascii_lowercase).collect();
+    // Folding changes nothing in most text: one pass is enough then.
+    let same = folded == base;
+    // Patterns for non-Latin scripts cannot match ASCII text.
+    let ascii = base.is_ascii();
     for (re, (label, _)) in p.injection.iter().zip(INJECTION_PATTERNS) {
-        if re.is_match(&base) || re.is_match(&folded) {
+        if ascii && NON_LATIN_LABELS.iter().any(|l| label.ends_with(l)) {
+            continue;
+        }
+        if re.is_match(&base) || (!same && re.is_match(&folded)) {
             out.push(
                 FlagKind::PromptInjection,
                 format!("\"{label}\" phrase in {}", at.shown()),
