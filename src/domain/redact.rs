@@ -2426,4 +2426,72 @@ mod tests {
         assert_eq!(encoded_flagged, encoded_total);
         assert!(rate < 0.005, "innocent strings wrongly masked: {rate}");
     }
+
+    /// Each form masks the password and only the password; look-alikes that
+    /// carry none stay as they are.
+    #[test]
+    fn command_line_passwords() {
+        let r = Redactor::default();
+        for (text, secret) in [
+            ("mysql -u root -p'hunter2secret' shop", "hunter2secret"),
+            ("mysql -uroot -phunter2secret shop", "hunter2secret"),
+            ("sshpass -p Sup3rS3cret ssh host", "Sup3rS3cret"),
+            ("tool --password=hunter2secret", "hunter2secret"),
+            ("tool --password hunter2secret", "hunter2secret"),
+            ("tool --db-password 'two words'", "two words"),
+            ("PGPASSWORD=hunter2secret psql", "hunter2secret"),
+            ("MYSQL_PWD=hunter2secret mysql", "hunter2secret"),
+            ("curl -u admin:hunter2secret https://x", "hunter2secret"),
+            ("curl --user=admin:hunter2secret https://x", "hunter2secret"),
+            ("redis-cli -a hunter2secret ping", "hunter2secret"),
+            (
+                "docker login -u me -p hunter2secret r.example",
+                "hunter2secret",
+            ),
+            ("echo 'hunter2secret' | sudo -S true", "hunter2secret"),
+        ] {
+            let (out, findings) = r.redact_text(text);
+            assert!(!out.contains(secret), "{text} -> {out}");
+            assert!(!findings.is_empty(), "{text}");
+        }
+        for text in [
+            "mysql -u root -p shop_db < schema.sql",
+            "mysql -h db -P 3306 -u app -p",
+            "docker run -u 1000:1000 alpine id",
+            "echo $GITHUB_TOKEN | docker login ghcr.io -u octocat --password-stdin",
+            "ssh-keygen -t ed25519 -N '' -f key",
+            "PGPASSWORD=$DB_PASSWORD psql -h db",
+        ] {
+            let (out, findings) = r.redact_text(text);
+            assert_eq!(out, text);
+            assert!(findings.is_empty(), "{text}: {findings:?}");
+        }
+    }
+
+    /// A secret in an encoding is masked whole and reported with how it was
+    /// hidden; text that merely decodes (words, digests) is not.
+    #[test]
+    fn encoded_secrets_are_found_and_masked() {
+        let r = Redactor::default();
+        let tok = "ghp_R2d2C3poLuke1Leia2Han3Solo4Chewie5Ab";
+        let hex = hex::encode(tok);
+        let (out, f) = r.redact_text(&format!("blob {hex} end"));
+        assert_eq!(out, "blob [encoded_secret:…] end");
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].kind, ENCODED_SECRET);
+        assert_eq!(f[0].via.as_deref(), Some("github_token as hex"));
+        for innocent in [
+            "aGVsbG8gd29ybGQ=",
+            "SGVsbG8sIFdvcmxkIQ==",
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "https://registry.npmjs.org/@types%2fnode/-/node-20.11.30.tgz",
+            "&lt;div&gt;&amp;nbsp;&lt;/div&gt;",
+            "ｈｅｌｌｏ ｗｏｒｌｄ ｆｕｌｌｗｉｄｔｈ",
+            "a b c d e f g h i j k l m n o p",
+        ] {
+            let (o, f) = r.redact_text(innocent);
+            assert_eq!(o, innocent);
+            assert!(f.is_empty(), "{innocent}: {f:?}");
+        }
+    }
 }
