@@ -6,8 +6,8 @@
 //! The rules themselves are pure, in `domain::{redact, flags, trifecta, audit}`.
 
 use super::{now_ms, AppError, Gateway, Submission};
-use crate::domain::flags::Flag;
-use crate::domain::redact;
+use crate::domain::flags::{Flag, FlagKind};
+use crate::domain::redact::{self, Finding};
 use crate::domain::request::{RequestId, State};
 use crate::domain::trifecta;
 use crate::store::Pruned;
@@ -39,6 +39,40 @@ pub(super) struct Content {
     pub(super) force_ask: Option<(String, String)>,
 }
 
+/// At most this many `encoded_secret` flags per call; the rest are counted.
+const MAX_ENCODED_FLAGS: usize = 20;
+
+/// One `encoded_secret` flag per secret the masker found behind an encoding
+/// (in the justification, then the arguments), so the approver is told even
+/// where the span itself was masked. Details name the format and the
+/// encoding, never the secret.
+fn encoded_secret_flags(justification: &[Finding], args: &[Finding]) -> Vec<Flag> {
+    let mut details: Vec<String> = Vec::new();
+    let found = justification
+        .iter()
+        .map(|f| (f, "justification".to_owned()))
+        .chain(args.iter().map(|f| (f, format!("args{}", f.path))))
+        .filter(|(f, _)| f.kind == redact::ENCODED_SECRET);
+    for (f, at) in found {
+        let d = format!("{} in {at}", f.via.as_deref().unwrap_or("a secret"));
+        if !details.contains(&d) {
+            details.push(d);
+        }
+    }
+    let more = details.len().saturating_sub(MAX_ENCODED_FLAGS);
+    details.truncate(MAX_ENCODED_FLAGS);
+    if more > 0 {
+        details.push(format!("and {more} more"));
+    }
+    details
+        .into_iter()
+        .map(|detail| Flag {
+            kind: FlagKind::EncodedSecret,
+            detail,
+        })
+        .collect()
+}
+
 impl Gateway {
     /// Masks and scans one call; with `read_trifecta` (for `check`, which
     /// stores nothing) also reads the trifecta history. Fail closed: if
@@ -51,10 +85,11 @@ impl Gateway {
         read_trifecta: bool,
     ) -> Result<Content, AppError> {
         let guarded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let args = self.redactor.redact_value(&s.args).value;
-            let (justification, _) = self.redactor.redact_text(&s.justification);
-            let flags = self.scanner.scan(&s.tool, &s.args, &s.justification);
-            (args, justification, flags)
+            let args = self.redactor.redact_value(&s.args);
+            let (justification, jf) = self.redactor.redact_text(&s.justification);
+            let mut flags = self.scanner.scan(&s.tool, &s.args, &s.justification);
+            flags.extend(encoded_secret_flags(&jf, &args.findings));
+            (args.value, justification, flags)
         }));
         let Ok((args, justification, flags)) = guarded else {
             tracing::error!(agent = %agent, tool = %s.tool, "content guard failed; denying the call");

@@ -366,7 +366,47 @@ impl Gateway {
         if s.timeout_secs == Some(0) {
             return Err(bad("`timeout_secs` must be at least 1"));
         }
+        // Names and ids are logged, stored and shown as they are (they key
+        // lookups, so they cannot be masked): one that holds a secret is
+        // refused, and the error names the format, never the value.
+        for (field, v, strict) in [
+            ("tool", Some(&s.tool), true),
+            ("user_id", s.user_id.as_ref(), true),
+            ("channel_id", s.channel_id.as_ref(), true),
+            ("task_id", s.task_id.as_ref(), false),
+            ("idempotency_key", s.idempotency_key.as_ref(), false),
+        ] {
+            if let Some(kind) = v.and_then(|v| self.secret_in_name(v, strict)) {
+                return Err(bad(format!(
+                    "`{field}` looks like it holds a secret ({kind}); names and ids are logged \
+                     and shown as they are, so put secrets in `args`, where they are masked"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The kind of secret in a name or id, if any. Random-looking ids
+    /// (`high_entropy`) are refused only where `strict`: task ids and
+    /// idempotency keys are often random by design.
+    fn secret_in_name(&self, v: &str, strict: bool) -> Option<String> {
+        let (_, findings) = self.redactor.redact_text(v);
+        findings
+            .into_iter()
+            .find(|f| strict || f.kind != "high_entropy")
+            .map(|f| f.kind)
+    }
+
+    /// A display name (operator or pairing user) as stored and shown: secrets
+    /// masked first, then cut to 100 characters, so a cut never leaves half
+    /// a secret unrecognised.
+    fn display_name(&self, name: &str) -> String {
+        self.redactor
+            .redact_text(name)
+            .0
+            .chars()
+            .take(100)
+            .collect()
     }
 
     fn evaluate(
@@ -698,7 +738,7 @@ impl Gateway {
             .map(|r| self.redactor.redact_text(&r).0);
         let vote = Vote {
             voter: voter.to_string(),
-            name,
+            name: name.map(|n| self.display_name(&n)),
             approve,
             reason,
             at_ms: now_ms(),
@@ -961,7 +1001,7 @@ impl Gateway {
         };
         let now = now_ms();
         let expires = now + self.cfg.pairing.code_ttl.0.as_millis() as i64;
-        let display_name = display_name.map(|n| n.chars().take(100).collect());
+        let display_name = display_name.map(|n| self.display_name(&n));
         match self
             .store
             .create_pairing_code(

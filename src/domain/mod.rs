@@ -11,6 +11,7 @@ pub mod ratelimit;
 pub mod redact;
 pub mod request;
 pub mod risk;
+pub mod secret_rules;
 pub mod trifecta;
 
 pub use request::RequestId;

@@ -33,8 +33,14 @@ use std::fmt::Write as _;
 use std::ops::Range;
 use std::sync::OnceLock;
 
+use std::sync::Arc;
+
+use aho_corasick::AhoCorasick;
 use regex::Regex;
 use sha2::{Digest, Sha256};
+use unicode_normalization::UnicodeNormalization as _;
+
+use super::secret_rules::{keyed_value_ok, Group, Provider, COMMAND_LINE, PROVIDERS};
 
 /// Kind reported for values hidden because of their key.
 const SECRET_FIELD: &str = "secret_field";
@@ -143,15 +149,23 @@ enum Preview {
 /// an optional extra check on the captured text, and the preview policy.
 struct RuleSpec {
     kind: &'static str,
+    /// Lowercase literals one of which occurs in every match (the prefilter).
+    keywords: &'static [&'static str],
     pattern: &'static str,
     group: usize,
     check: Option<fn(&str) -> bool>,
     preview: Preview,
 }
 
-const fn spec(kind: &'static str, pattern: &'static str, group: usize) -> RuleSpec {
+const fn spec(
+    kind: &'static str,
+    keywords: &'static [&'static str],
+    pattern: &'static str,
+    group: usize,
+) -> RuleSpec {
     RuleSpec {
         kind,
+        keywords,
         pattern,
         group,
         check: None,
@@ -165,79 +179,113 @@ const SPECIFIC_RULES: &[RuleSpec] = &[
     // PEM blocks, complete…
     spec(
         "private_key",
+        &["private key"],
         r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",
         0,
     ),
     // …or cut off before their END line.
     spec(
         "private_key",
+        &["private key"],
         r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:[\s\\]|[A-Za-z0-9+/=:,.])*",
         0,
     ),
     spec(
         "aws_access_key",
+        &["akia", "asia", "abia", "acca", "a3t"],
         r"\b((?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16})(?:[^A-Za-z0-9]|$)",
         1,
     ),
     spec(
         "aws_secret_key",
+        &["secret"],
         r#"(?i)(?:aws_?secret_?(?:access_?)?key|secret_?access_?key|aws_?secret)["']?[ \t]*(?:=|:|:=|=>)[ \t]*["']?([A-Za-z0-9/+]{40})(?:[^A-Za-z0-9/+=]|$)"#,
         1,
     ),
     spec(
         "github_token",
+        &["ghp_", "gho_", "ghu_", "ghs_", "ghr_"],
         r"\b((?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,255})(?:[^A-Za-z0-9_]|$)",
         1,
     ),
     spec(
         "github_token",
+        &["github_pat_"],
         r"\b(github_pat_[A-Za-z0-9_]{22,255})(?:[^A-Za-z0-9_]|$)",
         1,
     ),
     spec(
         "gitlab_token",
+        &["glpat-", "glptt-", "gldt-", "glrt-", "glsoat-", "glcbt-"],
         r"\b(gl(?:pat|ptt|dt|rt|soat|cbt)-[A-Za-z0-9_\-]{20,}(?:\.[A-Za-z0-9_\-]+)*)",
         1,
     ),
-    spec("slack_token", r"\b(xox[abposr]-[A-Za-z0-9\-]{10,})", 1),
-    spec("slack_token", r"\b(xapp-[0-9]-[A-Za-z0-9\-]{10,})", 1),
+    spec(
+        "slack_token",
+        &["xox"],
+        r"\b(xox[abposr]-[A-Za-z0-9\-]{10,})",
+        1,
+    ),
+    spec(
+        "slack_token",
+        &["xapp-"],
+        r"\b(xapp-[0-9]-[A-Za-z0-9\-]{10,})",
+        1,
+    ),
     spec(
         "slack_webhook",
+        &["hooks.slack.com"],
         r"(?i)hooks\.slack\.com/(?:services|workflows|triggers)/([A-Za-z0-9/_+\-]{8,})",
         1,
     ),
     spec(
         "stripe_key",
-        r"\b((?:sk|rk)_(?:live|test)_[A-Za-z0-9]{10,}|whsec_[A-Za-z0-9]{20,})",
+        &["_live_", "_test_", "_prod_", "whsec_"],
+        r"\b((?:sk|rk)_(?:live|test|prod)_[A-Za-z0-9]{10,}|whsec_[A-Za-z0-9]{20,})",
         1,
     ),
-    spec("anthropic_key", r"\b(sk-ant-[A-Za-z0-9_\-]{20,})", 1),
+    spec(
+        "anthropic_key",
+        &["sk-ant-"],
+        r"\b(sk-ant-[A-Za-z0-9_\-]{20,})",
+        1,
+    ),
     RuleSpec {
         check: Some(looks_like_openai_body),
         ..spec(
             "openai_key",
+            &["sk-"],
             r"\b(sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,})",
             1,
         )
     },
     spec(
         "google_api_key",
+        &["aiza"],
         r"\b(AIza[0-9A-Za-z_\-]{35})(?:[^0-9A-Za-z_\-]|$)",
         1,
     ),
     spec(
         "jwt",
+        &["eyj"],
         r"\b(eyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]*)",
         1,
     ),
-    spec("npm_token", r"\b(npm_[A-Za-z0-9]{36})(?:[^A-Za-z0-9]|$)", 1),
+    spec(
+        "npm_token",
+        &["npm_"],
+        r"\b(npm_[A-Za-z0-9]{36})(?:[^A-Za-z0-9]|$)",
+        1,
+    ),
     spec(
         "sendgrid_key",
+        &["sg."],
         r"\b(SG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43})(?:[^A-Za-z0-9_\-]|$)",
         1,
     ),
     spec(
         "huggingface_token",
+        &["hf_"],
         r"\b(hf_[A-Za-z0-9]{34,})(?:[^A-Za-z0-9]|$)",
         1,
     ),
@@ -245,6 +293,7 @@ const SPECIFIC_RULES: &[RuleSpec] = &[
         preview: Preview::Hide,
         ..spec(
             "url_password",
+            &["://"],
             r"(?i)\b[a-z][a-z0-9+.\-]*://[^\s:/?#@\[\]]*:([^\s/?#@]+)@",
             1,
         )
@@ -257,6 +306,7 @@ const GENERIC_RULES: &[RuleSpec] = &[
         check: Some(looks_like_bearer_token),
         ..spec(
             "bearer_token",
+            &["bearer", "token"],
             r"(?i)\b(?:bearer|token)[ \t]+([A-Za-z0-9\-._~+/]{8,}=*)",
             1,
         )
@@ -266,6 +316,7 @@ const GENERIC_RULES: &[RuleSpec] = &[
         preview: Preview::Hide,
         ..spec(
             "basic_auth",
+            &["basic"],
             r"(?i)\bbasic[ \t]+([A-Za-z0-9+/]{4,}={0,2})",
             1,
         )
@@ -275,7 +326,8 @@ const GENERIC_RULES: &[RuleSpec] = &[
         preview: Preview::Hide,
         ..spec(
             "generic_secret",
-            r#"(?i)[a-z0-9_.\-]*?(?:password|passwd|passphrase|secret|token|credentials?|(?:api|private|secret|access|auth|signing|encryption|master)[_\-]?key)["']?[ \t]*(?:=|:|:=|=>)[ \t]*["']?([^\s"'&;,<>\[\]{}()]{3,})"#,
+            &["pass", "secret", "token", "credential", "key"],
+            r#"(?i)[a-z0-9_.\-]*?(?:password|passwd|passphrase|secret|token|credentials?|(?:api|private|secret|access|auth|signing|encryption|master)[_\-]?key)["']?[ \t]*(?:=|:|:=|=>)[ \t]*["']?([^\s"'&;,<>\[\]{}():][^\s"'&;,<>\[\]{}()]{2,})"#,
             1,
         )
     },
@@ -284,16 +336,18 @@ const GENERIC_RULES: &[RuleSpec] = &[
         preview: Preview::Hide,
         ..spec(
             "generic_secret",
+            &["pass", "token", "secret", "key"],
             r#"(?i)(?:^|\s)--?(?:password|passwd|pass|token|secret|api-key|apikey|auth-token|access-token|client-secret)[ \t]+["']?([^\s"'&;,<>\[\]{}()]{3,})"#,
             1,
         )
     },
     RuleSpec {
-        check: Some(looks_like_assigned_value),
+        check: Some(looks_like_user_password),
         preview: Preview::Hide,
         ..spec(
             "generic_secret",
-            r#"(?:^|\s)(?:-u|--user)[ \t]+["']?[^\s:"']+:([^\s"'@]{3,})"#,
+            &["-u"],
+            r#"(?:^|\s)(?:-u|--user)(?:[ \t]+|=)["']?[^\s:"']+:([^\s"'@]{3,})"#,
             1,
         )
     },
@@ -338,11 +392,21 @@ pub enum RedactError {
 /// carry the secret.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Finding {
-    /// Rule kind, e.g. `aws_access_key`, `secret_field`, `high_entropy`.
+    /// Rule kind, e.g. `aws_access_key`, `secret_field`, `high_entropy`,
+    /// or [`ENCODED_SECRET`].
     pub kind: String,
     /// JSON pointer to the value; `""` for the root or for free text.
     pub path: String,
+    /// For an encoded secret: what it decodes to and how it was encoded
+    /// (`github_token as base64`). Never the secret itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
+
+/// Kind of a finding whose secret hid behind an encoding (hex, percent,
+/// base64, HTML entities, fullwidth or mathematical letters, spaced-out
+/// letters).
+pub const ENCODED_SECRET: &str = "encoded_secret";
 
 /// A masked deep copy of a JSON value and what was masked in it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -360,9 +424,22 @@ struct Rule {
     /// Shown in the mask: `kind` reduced to mask-safe characters.
     label: String,
     regex: Regex,
-    group: usize,
+    group: Group,
     check: Option<fn(&str) -> bool>,
     preview: Preview,
+    /// Lowercase literals one of which occurs in every match; empty: the
+    /// rule always runs (user rules).
+    keywords: Vec<String>,
+}
+
+impl Rule {
+    /// The secret's span in one match, if the match has one.
+    fn secret<'h>(&self, caps: &regex::Captures<'h>) -> Option<regex::Match<'h>> {
+        match self.group {
+            Group::Nth(g) => caps.get(g),
+            Group::FirstSet => caps.iter().skip(1).flatten().next(),
+        }
+    }
 }
 
 /// Compiled rules shared by every `Redactor`: built once, then cloned
@@ -375,6 +452,8 @@ struct Builtins {
     public_material: Regex,
     entropy_run: Regex,
     word: Regex,
+    /// Runs that may hide an encoded secret, by encoding.
+    encoded: Vec<(Encoding, Regex)>,
 }
 
 fn compile_spec(s: &RuleSpec) -> Rule {
@@ -382,23 +461,121 @@ fn compile_spec(s: &RuleSpec) -> Rule {
         kind: s.kind.to_owned(),
         label: s.kind.to_owned(),
         regex: Regex::new(s.pattern).expect("built-in redaction rule must compile"),
-        group: s.group,
+        group: Group::Nth(s.group),
         check: s.check,
         preview: s.preview,
+        keywords: s.keywords.iter().map(|k| (*k).to_owned()).collect(),
     }
+}
+
+fn compile_provider(p: &Provider) -> Rule {
+    let (src, group) = p.pattern();
+    Rule {
+        kind: p.kind.to_owned(),
+        label: p.kind.to_owned(),
+        regex: Regex::new(&src).expect("built-in provider rule must compile"),
+        group,
+        check: p.is_keyed().then_some(keyed_value as fn(&str) -> bool),
+        preview: if p.hide { Preview::Hide } else { Preview::Keep },
+        keywords: p.keywords.iter().map(|k| (*k).to_owned()).collect(),
+    }
+}
+
+/// A value found under a provider's key: not a placeholder, and shaped like
+/// a credential.
+fn keyed_value(s: &str) -> bool {
+    keyed_value_ok(s) && looks_like_assigned_value(s)
 }
 
 fn builtins() -> &'static Builtins {
     static BUILTINS: OnceLock<Builtins> = OnceLock::new();
     BUILTINS.get_or_init(|| Builtins {
-        specific: SPECIFIC_RULES.iter().map(compile_spec).collect(),
+        specific: SPECIFIC_RULES
+            .iter()
+            .map(compile_spec)
+            .chain(PROVIDERS.iter().chain(COMMAND_LINE).map(compile_provider))
+            .collect(),
         generic: GENERIC_RULES.iter().map(compile_spec).collect(),
         mask: Regex::new(MASK_PATTERN).expect("mask pattern must compile"),
         public_material: Regex::new(PUBLIC_MATERIAL_PATTERN)
             .expect("public material pattern must compile"),
         entropy_run: Regex::new(ENTROPY_RUN_PATTERN).expect("entropy pattern must compile"),
         word: Regex::new(WORD_PATTERN).expect("word pattern must compile"),
+        encoded: ENCODED_RUNS
+            .iter()
+            .map(|(e, p)| (*e, Regex::new(p).expect("encoded-run pattern must compile")))
+            .collect(),
     })
+}
+
+/// Picks, for one string, the rules worth running: those with a keyword in
+/// it (one Aho-Corasick pass) and those without keywords.
+#[derive(Debug)]
+struct Prefilter {
+    /// All keywords, ASCII case-insensitive; `None` if there are none.
+    ac: Option<AhoCorasick>,
+    /// Keyword index → rules that list it.
+    rules_of: Vec<Vec<usize>>,
+    /// Rules that always run.
+    always: Vec<usize>,
+    rule_count: usize,
+}
+
+impl Prefilter {
+    fn new(rules: &[Rule]) -> Self {
+        let mut keywords: Vec<String> = Vec::new();
+        let mut rules_of: Vec<Vec<usize>> = Vec::new();
+        let mut always = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            if r.keywords.is_empty() {
+                always.push(i);
+            }
+            for k in &r.keywords {
+                match keywords.iter().position(|x| x == k) {
+                    Some(at) => rules_of[at].push(i),
+                    None => {
+                        keywords.push(k.clone());
+                        rules_of.push(vec![i]);
+                    }
+                }
+            }
+        }
+        let ac = AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(&keywords)
+            .ok();
+        Prefilter {
+            ac,
+            rules_of,
+            always,
+            rule_count: rules.len(),
+        }
+    }
+
+    /// `out[i]`: rule `i` may match `s`.
+    fn candidates(&self, s: &str) -> Vec<bool> {
+        let mut out = vec![false; self.rule_count];
+        for &i in &self.always {
+            out[i] = true;
+        }
+        match &self.ac {
+            Some(ac) => {
+                let mut seen = vec![false; self.rules_of.len()];
+                for m in ac.find_overlapping_iter(s) {
+                    let k = m.pattern().as_usize();
+                    if !seen[k] {
+                        seen[k] = true;
+                        for &i in &self.rules_of[k] {
+                            out[i] = true;
+                        }
+                    }
+                }
+            }
+            // Without an automaton every rule runs: slower, never laxer.
+            None => out.iter_mut().for_each(|c| *c = true),
+        }
+        out
+    }
 }
 
 /// Masks secrets in JSON values and text. Cheap to clone; build once from
@@ -407,6 +584,8 @@ fn builtins() -> &'static Builtins {
 pub struct Redactor {
     /// Specific, then user, then generic rules: earlier wins on overlap.
     rules: Vec<Rule>,
+    /// Which rules to run on a given string.
+    prefilter: Arc<Prefilter>,
     /// Extra exact secret keys from configuration, normalised.
     extra_keys: HashSet<String>,
 }
@@ -414,11 +593,18 @@ pub struct Redactor {
 impl Default for Redactor {
     /// Built-in keys and rules only.
     fn default() -> Self {
-        let b = builtins();
-        Redactor {
-            rules: b.specific.iter().chain(&b.generic).cloned().collect(),
-            extra_keys: HashSet::new(),
-        }
+        static DEFAULT: OnceLock<Redactor> = OnceLock::new();
+        DEFAULT
+            .get_or_init(|| {
+                let b = builtins();
+                let rules: Vec<Rule> = b.specific.iter().chain(&b.generic).cloned().collect();
+                Redactor {
+                    prefilter: Arc::new(Prefilter::new(&rules)),
+                    rules,
+                    extra_keys: HashSet::new(),
+                }
+            })
+            .clone()
     }
 }
 
@@ -437,7 +623,7 @@ impl Redactor {
                 name: r.name.clone(),
                 source,
             })?;
-            let group = usize::from(regex.captures_len() > 1);
+            let group = Group::Nth(usize::from(regex.captures_len() > 1));
             rules.push(Rule {
                 kind: r.name.clone(),
                 label: mask_label(&r.name),
@@ -445,6 +631,7 @@ impl Redactor {
                 group,
                 check: None,
                 preview: Preview::Keep,
+                keywords: Vec::new(),
             });
         }
         rules.extend(b.generic.iter().cloned());
@@ -453,7 +640,11 @@ impl Redactor {
             .map(|k| normalize_key(k))
             .filter(|k| !k.is_empty())
             .collect();
-        Ok(Redactor { rules, extra_keys })
+        Ok(Redactor {
+            prefilter: Arc::new(Prefilter::new(&rules)),
+            rules,
+            extra_keys,
+        })
     }
 
     /// Returns a masked deep copy of `v` and the findings, in document order.
@@ -505,6 +696,7 @@ impl Redactor {
                         findings.push(Finding {
                             kind: f.kind,
                             path: child_path.clone(),
+                            via: f.via,
                         });
                     }
                     let child_secret = secret
@@ -557,9 +749,15 @@ impl Redactor {
             return s.to_owned();
         }
         let trimmed = s.trim();
-        for rule in self.rules.iter().filter(|r| r.preview == Preview::Keep) {
+        let candidates = self.prefilter.candidates(trimmed);
+        for (_, rule) in self
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| candidates[*i] && r.preview == Preview::Keep)
+        {
             let whole = rule.regex.captures_iter(trimmed).any(|c| {
-                c.get(rule.group).is_some_and(|m| {
+                rule.secret(&c).is_some_and(|m| {
                     m.start() == 0
                         && m.end() == trimmed.len()
                         && rule.check.is_none_or(|f| f(m.as_str()))
@@ -587,15 +785,16 @@ impl Redactor {
         // Existing masks are protected so that redaction is idempotent.
         let protected = Spans::from_ranges(b.mask.find_iter(s).map(|m| m.range()));
         let mut spans = Spans::default();
-        let mut taken: Vec<(Range<usize>, &str, &str, Preview)> = Vec::new();
-        for rule in &self.rules {
-            // `is_match` needs no capture slots, and most strings match no
-            // rule: this skips the capture set-up on the hot path.
-            if !rule.regex.is_match(s) {
+        let mut taken: Vec<Taken> = Vec::new();
+        let candidates = self.prefilter.candidates(s);
+        for (i, rule) in self.rules.iter().enumerate() {
+            // Only rules with a keyword in `s` run, and `is_match` needs no
+            // capture slots: most strings match no rule.
+            if !candidates[i] || !rule.regex.is_match(s) {
                 continue;
             }
             for caps in rule.regex.captures_iter(s) {
-                let Some(m) = caps.get(rule.group) else {
+                let Some(m) = rule.secret(&caps) else {
                     continue;
                 };
                 if m.is_empty() || rule.check.is_some_and(|f| !f(m.as_str())) {
@@ -604,9 +803,35 @@ impl Redactor {
                 let r = m.range();
                 if !protected.overlaps(&r) && !spans.overlaps(&r) {
                     spans.insert(r.clone());
-                    taken.push((r, &rule.kind, &rule.label, rule.preview));
+                    taken.push(Taken {
+                        range: r,
+                        kind: &rule.kind,
+                        label: &rule.label,
+                        preview: rule.preview,
+                        via: None,
+                    });
                 }
             }
+        }
+        // Secrets behind an encoding: masked whole where nothing else was
+        // masked there, always reported.
+        let mut reported_only = Vec::new();
+        for (r, via) in self.encoded_hits(s) {
+            if protected.overlaps(&r) {
+                continue;
+            }
+            if spans.overlaps(&r) {
+                reported_only.push(via);
+                continue;
+            }
+            spans.insert(r.clone());
+            taken.push(Taken {
+                range: r,
+                kind: ENCODED_SECRET,
+                label: ENCODED_SECRET,
+                preview: Preview::Hide,
+                via: Some(via),
+            });
         }
         let public = Spans::from_ranges(b.public_material.find_iter(s).map(|m| m.range()));
         for run in b.entropy_run.find_iter(s) {
@@ -618,28 +843,280 @@ impl Redactor {
                     && is_high_entropy(&s[r.clone()], &b.word)
                 {
                     spans.insert(r.clone());
-                    taken.push((r, HIGH_ENTROPY, HIGH_ENTROPY, Preview::Keep));
+                    taken.push(Taken {
+                        range: r,
+                        kind: HIGH_ENTROPY,
+                        label: HIGH_ENTROPY,
+                        preview: Preview::Keep,
+                        via: None,
+                    });
                 }
             }
+        }
+        for via in reported_only {
+            findings.push(Finding {
+                kind: ENCODED_SECRET.to_owned(),
+                path: path.to_owned(),
+                via: Some(via),
+            });
         }
         if taken.is_empty() {
             return s.to_owned();
         }
-        taken.sort_by_key(|(r, ..)| r.start);
+        taken.sort_by_key(|t| t.range.start);
         let mut out = String::with_capacity(s.len());
         let mut at = 0;
-        for (r, kind, label, preview) in taken {
-            out.push_str(&s[at..r.start]);
-            match preview {
-                Preview::Keep => out.push_str(&mask(&s[r.clone()], label)),
-                Preview::Hide => out.push_str(&hidden_mask(label)),
+        for t in taken {
+            out.push_str(&s[at..t.range.start]);
+            match t.preview {
+                Preview::Keep => out.push_str(&mask(&s[t.range.clone()], t.label)),
+                Preview::Hide => out.push_str(&hidden_mask(t.label)),
             }
-            findings.push(finding(kind, path));
-            at = r.end;
+            findings.push(Finding {
+                kind: t.kind.to_owned(),
+                path: path.to_owned(),
+                via: t.via,
+            });
+            at = t.range.end;
         }
         out.push_str(&s[at..]);
         out
     }
+
+    /// Encoded runs of `s` that decode to text one of the rules recognises,
+    /// with a note of what and how (`github_token as base64`). Bounded: runs
+    /// longer than `ENCODED_MAX_RUN` bytes are not decoded, and at most
+    /// `ENCODED_BUDGET` bytes are decoded per string.
+    fn encoded_hits(&self, s: &str) -> Vec<(Range<usize>, String)> {
+        let b = builtins();
+        let mut out: Vec<(Range<usize>, String)> = Vec::new();
+        let mut budget = ENCODED_BUDGET;
+        for (encoding, re) in &b.encoded {
+            if !encoding.may_occur(s) {
+                continue;
+            }
+            for m in re.find_iter(s) {
+                let mut range = m.range();
+                if *encoding == Encoding::SpacedLetters {
+                    // The pattern includes one boundary character each side.
+                    let token = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+                    if let Some(c) = s[range.clone()].chars().next().filter(|c| !token(*c)) {
+                        range.start += c.len_utf8();
+                    }
+                    if let Some(c) = s[range.clone()].chars().next_back().filter(|c| !token(*c)) {
+                        range.end -= c.len_utf8();
+                    }
+                }
+                let run = &s[range.clone()];
+                if run.len() > ENCODED_MAX_RUN || out.iter().any(|(r, _)| r == &range) {
+                    continue;
+                }
+                let Some(left) = budget.checked_sub(run.len()) else {
+                    break;
+                };
+                budget = left;
+                let Some(decoded) = encoding.decode(run) else {
+                    continue;
+                };
+                if let Some(kind) = self.secret_kind(&decoded) {
+                    out.push((range, format!("{kind} as {}", encoding.name())));
+                }
+            }
+        }
+        out
+    }
+
+    /// The kind of the first secret format found in `text` (rules only; the
+    /// entropy heuristic means nothing on decoded text).
+    fn secret_kind(&self, text: &str) -> Option<&str> {
+        let candidates = self.prefilter.candidates(text);
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| candidates[*i])
+            .find(|(_, rule)| {
+                rule.regex.captures_iter(text).any(|c| {
+                    rule.secret(&c)
+                        .is_some_and(|m| !m.is_empty() && rule.check.is_none_or(|f| f(m.as_str())))
+                })
+            })
+            .map(|(_, rule)| rule.kind.as_str())
+    }
+}
+
+/// One span chosen for masking.
+struct Taken<'a> {
+    range: Range<usize>,
+    kind: &'a str,
+    label: &'a str,
+    preview: Preview,
+    via: Option<String>,
+}
+
+// ---- encoded secrets -------------------------------------------------------
+
+/// Longest run decoded in search of a secret.
+const ENCODED_MAX_RUN: usize = 4096;
+/// Bytes decoded per string at most.
+const ENCODED_BUDGET: usize = 256 * 1024;
+/// Shortest decoded text looked at.
+const DECODED_MIN_CHARS: usize = 8;
+
+/// How a secret may be hidden.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Hex,
+    Percent,
+    Base64,
+    HtmlEntities,
+    /// Fullwidth, mathematical, circled letters: folded by NFKC.
+    WideLetters,
+    /// `g h p _ A b C …`
+    SpacedLetters,
+}
+
+/// Candidate runs, by encoding.
+const ENCODED_RUNS: &[(Encoding, &str)] = &[
+    (Encoding::Hex, r"(?:\\x[0-9A-Fa-f]{2}){8,}|[0-9A-Fa-f]{16,}"),
+    (
+        Encoding::Percent,
+        r"[A-Za-z0-9._~+\-]*(?:%[0-9A-Fa-f]{2}[A-Za-z0-9._~+\-]*)+",
+    ),
+    (Encoding::Base64, r"[A-Za-z0-9+/_\-]{16,}={0,2}"),
+    (
+        Encoding::HtmlEntities,
+        r"(?:[A-Za-z0-9_\-./+=:]*(?:&#[0-9]{1,7};|&#[xX][0-9A-Fa-f]{1,6};|&[A-Za-z]{2,8};)){2,}[A-Za-z0-9_\-./+=:]*",
+    ),
+    (
+        Encoding::WideLetters,
+        r"[\x21-\x7E\u{FF01}-\u{FF5E}\u{1D400}-\u{1D7FF}\u{2460}-\u{24FF}\u{1F130}-\u{1F189}]{8,}",
+    ),
+    (
+        Encoding::SpacedLetters,
+        r"(?:^|[^A-Za-z0-9_\-])(?:[A-Za-z0-9_\-][ \t]){11,}[A-Za-z0-9_\-](?:[^A-Za-z0-9_\-]|$)",
+    ),
+];
+
+impl Encoding {
+    fn name(self) -> &'static str {
+        match self {
+            Encoding::Hex => "hex",
+            Encoding::Percent => "percent-encoding",
+            Encoding::Base64 => "base64",
+            Encoding::HtmlEntities => "HTML entities",
+            Encoding::WideLetters => "fullwidth or styled letters",
+            Encoding::SpacedLetters => "spaced-out letters",
+        }
+    }
+
+    /// A cheap test that spares the regex on most strings.
+    fn may_occur(self, s: &str) -> bool {
+        match self {
+            Encoding::Percent => s.contains('%'),
+            Encoding::HtmlEntities => s.contains("&#") || s.contains(';'),
+            Encoding::WideLetters => !s.is_ascii(),
+            Encoding::SpacedLetters => s.contains(' ') || s.contains('\t'),
+            Encoding::Hex | Encoding::Base64 => s.len() >= 16,
+        }
+    }
+
+    /// The decoded text, if the run decodes to mostly printable text.
+    fn decode(self, run: &str) -> Option<String> {
+        use base64::Engine as _;
+        let text = match self {
+            Encoding::Hex => {
+                let digits: String = if run.starts_with("\\x") {
+                    run.split("\\x").collect()
+                } else {
+                    run.to_owned()
+                };
+                if digits.len() % 2 != 0 {
+                    return None;
+                }
+                String::from_utf8(hex::decode(digits).ok()?).ok()?
+            }
+            Encoding::Percent => {
+                if run.len() < 12 {
+                    return None;
+                }
+                percent_encoding::percent_decode_str(run)
+                    .decode_utf8()
+                    .ok()?
+                    .into_owned()
+            }
+            Encoding::Base64 => {
+                let body = run.trim_end_matches('=');
+                let bytes = if body.contains(['-', '_']) {
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(body)
+                } else {
+                    base64::engine::general_purpose::STANDARD_NO_PAD.decode(body)
+                };
+                String::from_utf8(bytes.ok()?).ok()?
+            }
+            Encoding::HtmlEntities => decode_html_entities(run)?,
+            Encoding::WideLetters => {
+                if run.is_ascii() {
+                    return None;
+                }
+                run.nfkc().collect()
+            }
+            Encoding::SpacedLetters => run.chars().filter(|c| !c.is_whitespace()).collect(),
+        };
+        let n = text.chars().count();
+        let printable = text
+            .chars()
+            .filter(|c| !c.is_control() || matches!(c, '\n' | '\t' | '\r'))
+            .count();
+        (n >= DECODED_MIN_CHARS && printable * 20 >= n * 19).then_some(text)
+    }
+}
+
+/// Numeric entities and the named ones that spell token characters.
+fn decode_html_entities(run: &str) -> Option<String> {
+    const NAMED: &[(&str, char)] = &[
+        ("amp", '&'),
+        ("lt", '<'),
+        ("gt", '>'),
+        ("quot", '"'),
+        ("apos", '\''),
+        ("lowbar", '_'),
+        ("UnderBar", '_'),
+        ("colon", ':'),
+        ("period", '.'),
+        ("sol", '/'),
+        ("hyphen", '-'),
+        ("dash", '-'),
+        ("equals", '='),
+        ("plus", '+'),
+        ("num", '#'),
+        ("excl", '!'),
+        ("percnt", '%'),
+        ("commat", '@'),
+        ("nbsp", ' '),
+        ("tilde", '~'),
+    ];
+    let mut out = String::with_capacity(run.len());
+    let mut rest = run;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + 1..];
+        let end = tail.find(';')?;
+        let name = &tail[..end];
+        let c = if let Some(hex) = name
+            .strip_prefix(['#'])
+            .and_then(|n| n.strip_prefix(['x', 'X']))
+        {
+            char::from_u32(u32::from_str_radix(hex, 16).ok()?)?
+        } else if let Some(dec) = name.strip_prefix('#') {
+            char::from_u32(dec.parse().ok()?)?
+        } else {
+            NAMED.iter().find(|(n, _)| *n == name)?.1
+        };
+        out.push(c);
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 /// The mask for a secret: `[kind:abcd…wxyz]`, keeping the first and last four
@@ -683,6 +1160,7 @@ fn finding(kind: &str, path: &str) -> Finding {
     Finding {
         kind: kind.to_owned(),
         path: path.to_owned(),
+        via: None,
     }
 }
 
@@ -811,7 +1289,22 @@ fn looks_like_assigned_value(s: &str) -> bool {
         || lower.starts_with("os.environ")
         || lower.starts_with("env.");
     let filler = s.chars().all(|c| matches!(c, '*' | 'x' | 'X' | '.' | '•'));
-    !(reference || filler || PLACEHOLDERS.contains(&lower.as_str()))
+    // `secret = ks.derive_secret(…)`, `token: self.api_token`: a dotted
+    // snake_case path is code naming a value, not the value.
+    let code_path = s.contains('.')
+        && s.contains('_')
+        && s.split('.').all(|seg| {
+            seg.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        });
+    !(reference || filler || code_path || PLACEHOLDERS.contains(&lower.as_str()))
+}
+
+/// `-u user:password`, but not `-u 1000:1000` (uid:gid).
+fn looks_like_user_password(s: &str) -> bool {
+    looks_like_assigned_value(s) && !s.chars().all(|c| c.is_ascii_digit())
 }
 
 /// After a `--token` flag in prose ("pass the --token flag"), a plain
@@ -1059,7 +1552,7 @@ mod tests {
         let b = builtins();
         assert_eq!(
             b.specific.len() + b.generic.len(),
-            SPECIFIC_RULES.len() + GENERIC_RULES.len()
+            SPECIFIC_RULES.len() + PROVIDERS.len() + COMMAND_LINE.len() + GENERIC_RULES.len()
         );
     }
 
@@ -1277,7 +1770,8 @@ mod tests {
             out.findings,
             [Finding {
                 kind: "github_token".into(),
-                path: "/token".into()
+                path: "/token".into(),
+                via: None,
             }]
         );
     }
@@ -1833,5 +2327,171 @@ mod tests {
         }
         assert!(PLANTED.len() >= 60 && innocent.len() >= 200);
         assert!(rate < 0.01, "false-positive rate {rate}");
+    }
+
+    /// One line of a JSON Lines fixture.
+    fn jsonl(text: &str) -> Vec<serde_json::Value> {
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).expect("fixture line is JSON"))
+            .collect()
+    }
+
+    /// The public corpus (tests/fixtures/content_guard, sources in
+    /// docs/content-guard.md): every gitleaks provider, command-line
+    /// passwords, encoded secrets; innocent paths, code and translated
+    /// messages. Prints the figures written in the docs.
+    #[test]
+    fn corpus_public() {
+        let r = Redactor::default();
+        let secrets = jsonl(include_str!(
+            "../../tests/fixtures/content_guard/secrets.jsonl"
+        ));
+        let mut by_rule: BTreeMap<String, (usize, usize, Vec<String>)> = BTreeMap::new();
+        let mut encoded_flagged = 0;
+        let mut encoded_total = 0;
+        for row in &secrets {
+            let rule = row["rule"].as_str().unwrap_or("?").to_owned();
+            let text = row["text"].as_str().unwrap_or("");
+            let secret = row["secret"].as_str().unwrap_or("");
+            let (out, findings) = r.redact_text(text);
+            let masked = !out.contains(secret) && !findings.is_empty();
+            let e = by_rule.entry(rule.clone()).or_default();
+            e.0 += 1;
+            if masked {
+                e.1 += 1;
+            } else {
+                eprintln!("  MISSED {rule}: {text:?} -> {out:?}");
+            }
+            for f in &findings {
+                if !e.2.contains(&f.kind) {
+                    e.2.push(f.kind.clone());
+                }
+            }
+            if rule.starts_with("encoded:") {
+                encoded_total += 1;
+                if findings.iter().any(|f| f.kind == ENCODED_SECRET) {
+                    encoded_flagged += 1;
+                }
+            }
+            let (again, refound) = r.redact_text(&out);
+            assert_eq!(again, out, "{rule}: not idempotent");
+            assert!(refound.is_empty(), "{rule}: re-flagged `{out}`");
+        }
+        let providers = by_rule
+            .keys()
+            .filter(|k| !k.starts_with("encoded:") && *k != "command-line-password")
+            .count();
+        let (n, ok) = by_rule
+            .values()
+            .fold((0, 0), |(n, ok), (a, b, _)| (n + a, ok + b));
+        eprintln!("secrets: {n} strings from {providers} gitleaks rules + command lines + encodings, {ok} masked");
+        for (rule, (a, b, kinds)) in &by_rule {
+            eprintln!("  rule {rule}: {b}/{a} masked as {}", kinds.join(","));
+        }
+        eprintln!("encoded: {encoded_flagged}/{encoded_total} flagged {ENCODED_SECRET}");
+
+        let innocent = jsonl(include_str!(
+            "../../tests/fixtures/content_guard/innocent.jsonl"
+        ));
+        let mut by_source: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        let mut fps = 0;
+        for row in &innocent {
+            let text = row["text"].as_str().unwrap_or("");
+            let source = format!(
+                "{} {}",
+                row["source"].as_str().unwrap_or("?"),
+                row["lang"].as_str().unwrap_or("-")
+            );
+            let (_, findings) = r.redact_text(text);
+            let e = by_source.entry(source).or_default();
+            e.0 += 1;
+            if !findings.is_empty() {
+                e.1 += 1;
+                fps += 1;
+                eprintln!("  FP {text:?}: {findings:?}");
+            }
+        }
+        let rate = fps as f64 / innocent.len() as f64;
+        eprintln!(
+            "innocent: {} strings, {fps} wrongly masked ({:.2} %)",
+            innocent.len(),
+            rate * 100.0
+        );
+        for (source, (a, b)) in &by_source {
+            eprintln!("  source {source}: {b}/{a}");
+        }
+        assert!(providers >= 200, "{providers} gitleaks rules in the corpus");
+        assert_eq!(ok, n, "every planted secret is masked");
+        assert_eq!(encoded_flagged, encoded_total);
+        assert!(rate < 0.005, "innocent strings wrongly masked: {rate}");
+    }
+
+    /// Each form masks the password and only the password; look-alikes that
+    /// carry none stay as they are.
+    #[test]
+    fn command_line_passwords() {
+        let r = Redactor::default();
+        for (text, secret) in [
+            ("mysql -u root -p'hunter2secret' shop", "hunter2secret"),
+            ("mysql -uroot -phunter2secret shop", "hunter2secret"),
+            ("sshpass -p Sup3rS3cret ssh host", "Sup3rS3cret"),
+            ("tool --password=hunter2secret", "hunter2secret"),
+            ("tool --password hunter2secret", "hunter2secret"),
+            ("tool --db-password 'two words'", "two words"),
+            ("PGPASSWORD=hunter2secret psql", "hunter2secret"),
+            ("MYSQL_PWD=hunter2secret mysql", "hunter2secret"),
+            ("curl -u admin:hunter2secret https://x", "hunter2secret"),
+            ("curl --user=admin:hunter2secret https://x", "hunter2secret"),
+            ("redis-cli -a hunter2secret ping", "hunter2secret"),
+            (
+                "docker login -u me -p hunter2secret r.example",
+                "hunter2secret",
+            ),
+            ("echo 'hunter2secret' | sudo -S true", "hunter2secret"),
+        ] {
+            let (out, findings) = r.redact_text(text);
+            assert!(!out.contains(secret), "{text} -> {out}");
+            assert!(!findings.is_empty(), "{text}");
+        }
+        for text in [
+            "mysql -u root -p shop_db < schema.sql",
+            "mysql -h db -P 3306 -u app -p",
+            "docker run -u 1000:1000 alpine id",
+            "echo $GITHUB_TOKEN | docker login ghcr.io -u octocat --password-stdin",
+            "ssh-keygen -t ed25519 -N '' -f key",
+            "PGPASSWORD=$DB_PASSWORD psql -h db",
+        ] {
+            let (out, findings) = r.redact_text(text);
+            assert_eq!(out, text);
+            assert!(findings.is_empty(), "{text}: {findings:?}");
+        }
+    }
+
+    /// A secret in an encoding is masked whole and reported with how it was
+    /// hidden; text that merely decodes (words, digests) is not.
+    #[test]
+    fn encoded_secrets_are_found_and_masked() {
+        let r = Redactor::default();
+        let tok = "ghp_R2d2C3poLuke1Leia2Han3Solo4Chewie5Ab";
+        let hex = hex::encode(tok);
+        let (out, f) = r.redact_text(&format!("blob {hex} end"));
+        assert_eq!(out, "blob [encoded_secret:…] end");
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].kind, ENCODED_SECRET);
+        assert_eq!(f[0].via.as_deref(), Some("github_token as hex"));
+        for innocent in [
+            "aGVsbG8gd29ybGQ=",
+            "SGVsbG8sIFdvcmxkIQ==",
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "https://registry.npmjs.org/@types%2fnode/-/node-20.11.30.tgz",
+            "&lt;div&gt;&amp;nbsp;&lt;/div&gt;",
+            "ｈｅｌｌｏ ｗｏｒｌｄ ｆｕｌｌｗｉｄｔｈ",
+            "a b c d e f g h i j k l m n o p",
+        ] {
+            let (o, f) = r.redact_text(innocent);
+            assert_eq!(o, innocent);
+            assert!(f.is_empty(), "{innocent}: {f:?}");
+        }
     }
 }
