@@ -370,7 +370,10 @@ impl Conn {
 }
 
 fn parse_args(s: &str) -> anyhow::Result<Value> {
-    let v: Value = serde_json::from_str(s).context("--args is not valid JSON")?;
+    // Strict: refused here as the server would (duplicate keys, numbers
+    // that would not survive exactly), with the key or number named.
+    let v: Value = crate::domain::canonical::parse_strict(s)
+        .map_err(|e| anyhow::anyhow!("--args: {e}"))?;
     anyhow::ensure!(
         v.is_object(),
         "--args must be a JSON object, e.g. '{{\"path\":\"/tmp/x\"}}'"

@@ -3,6 +3,7 @@
 
 use super::protocol::{reply, response, DecisionView, RpcError};
 use crate::app::{AppError, Gateway, Submission};
+use crate::domain::canonical::{parse_strict, StrictError};
 use crate::domain::policy::Effect;
 use crate::domain::request::RequestId;
 use crate::domain::Risk;
@@ -198,6 +199,31 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
     serde_json::to_value(v).map_err(|e| RpcError::new("internal", e.to_string()))
 }
 
+/// The answer to a line the strict reader refused: `parse_error` for
+/// text that is not JSON; for JSON Keyturn will not read (a duplicate key, a
+/// number that would not survive exactly) `invalid_params` when it is inside
+/// `params`, else `invalid_request`. The id is echoed when it can be read.
+fn refused_line(line: &str, e: &StrictError) -> String {
+    let Some(at) = e.at() else {
+        return response(&Value::Null, Err(RpcError::new("parse_error", e.to_string())));
+    };
+    let in_params = at.starts_with("/params/") || at == "/params";
+    let code = if in_params {
+        "invalid_params"
+    } else {
+        "invalid_request"
+    };
+    // The line is JSON (only its params were refused): read the id leniently.
+    // Outside params the id itself may be what is in doubt.
+    let id = in_params
+        .then(|| serde_json::from_str::<Value>(line).ok())
+        .flatten()
+        .and_then(|v| v.get("id").cloned())
+        .filter(|id| matches!(id, Value::Number(_) | Value::String(_)))
+        .unwrap_or(Value::Null);
+    response(&id, Err(RpcError::new(code, e.to_string())))
+}
+
 /// Methods only admins may call.
 pub const ADMIN_METHODS: &[&str] = &[
     "stats",
@@ -232,14 +258,9 @@ impl Handler {
 
     /// Handles one line. `None` for a notification (no `id`), which gets no answer.
     pub async fn handle_line(&self, peer: Peer, line: &str) -> Option<String> {
-        let msg: Value = match serde_json::from_str(line) {
+        let msg: Value = match parse_strict(line) {
             Ok(v) => v,
-            Err(e) => {
-                return Some(response(
-                    &Value::Null,
-                    Err(RpcError::new("parse_error", format!("not valid JSON: {e}"))),
-                ))
-            }
+            Err(e) => return Some(refused_line(line, &e)),
         };
         let Value::Object(mut obj) = msg else {
             return Some(response(
