@@ -183,7 +183,8 @@ pub fn strict_number(literal: &str) -> Result<Number, NumberProblem> {
         });
     }
     let nearest = shortest_f64(f);
-    if Decimal::of(literal) != Decimal::of(&nearest) {
+    // Most floats arrive already in their shortest form.
+    if nearest != literal && Decimal::of(literal) != Decimal::of(&nearest) {
         return Err(NumberProblem::Inexact {
             literal: quote(literal),
             nearest,
