@@ -47,7 +47,10 @@ fn rust_side_matches_the_recorded_vectors() {
             }
         }
     }
-    assert!(hashed >= 10 && refused >= 5, "{hashed} hashed, {refused} refused");
+    assert!(
+        hashed >= 10 && refused >= 5,
+        "{hashed} hashed, {refused} refused"
+    );
     if write {
         let mut out = serde_json::to_string_pretty(&cases).expect("json");
         out.push('\n');

@@ -1100,16 +1100,19 @@ async fn the_card_shows_big_integers_exactly_and_verify_binds_them() {
         )
     };
     let ok = verify(args.clone()).await.expect("verify");
-    assert_eq!((&ok["matches"], &ok["approved"]), (&json!(true), &json!(true)));
-    let off: Value = serde_json::from_str(
-        r#"{"path":"/srv/x","keep_bytes":123456789012345678900,"ratio":1.0}"#,
-    )
-    .expect("args");
+    assert_eq!(
+        (&ok["matches"], &ok["approved"]),
+        (&json!(true), &json!(true))
+    );
+    let off: Value =
+        serde_json::from_str(r#"{"path":"/srv/x","keep_bytes":123456789012345678900,"ratio":1.0}"#)
+            .expect("args");
     let v = verify(off).await.expect("verify");
     assert_eq!(v["matches"], false, "{v}");
-    let as_int: Value =
-        serde_json::from_str(&format!(r#"{{"path":"/srv/x","keep_bytes":{APPROVED},"ratio":1}}"#))
-            .expect("args");
+    let as_int: Value = serde_json::from_str(&format!(
+        r#"{{"path":"/srv/x","keep_bytes":{APPROVED},"ratio":1}}"#
+    ))
+    .expect("args");
     let v = verify(as_int).await.expect("verify");
     assert_eq!(v["matches"], false, "1 is not 1.0: {v}");
     fake.assert_no_violations();

@@ -94,7 +94,10 @@ fn integers_beyond_64_bits_survive_display_hash_and_verify() {
     // Off by one in the last digit: not the approved call.
     let v = raw(
         &s,
-        &verify_line(&id, &args.replace(&format!(":{APPROVED}"), &format!(":{OFF_BY_ONE}"))),
+        &verify_line(
+            &id,
+            &args.replace(&format!(":{APPROVED}"), &format!(":{OFF_BY_ONE}")),
+        ),
     );
     assert_eq!(v["result"]["matches"], false, "{v}");
     assert_ne!(v["result"]["args_hash"], json!(hash));
@@ -127,7 +130,11 @@ fn ambiguous_json_is_refused_on_the_socket_and_queues_nothing() {
     let s = Server::start("");
     let cases = [
         // (args, key or number named, pointer named)
-        (r#"{"path":"/tmp/ok","path":"/etc/passwd"}"#, "`path`", "/params/args"),
+        (
+            r#"{"path":"/tmp/ok","path":"/etc/passwd"}"#,
+            "`path`",
+            "/params/args",
+        ),
         (
             r#"{"opts":{"deep":[{"k":1,"k":2}]}}"#,
             "`k`",
@@ -136,7 +143,11 @@ fn ambiguous_json_is_refused_on_the_socket_and_queues_nothing() {
         (r#"{"n":-0}"#, "-0", "/params/args/n"),
         (r#"{"n":1e400}"#, "range", "/params/args/n"),
         (r#"{"n":1e-400}"#, "exactly", "/params/args/n"),
-        (r#"{"n":0.10000000000000000001}"#, "exactly", "/params/args/n"),
+        (
+            r#"{"n":0.10000000000000000001}"#,
+            "exactly",
+            "/params/args/n",
+        ),
         (
             r#"{"$serde_json::private::Number":"1"}"#,
             "reserved",
@@ -168,10 +179,7 @@ fn ambiguous_json_is_refused_on_the_socket_and_queues_nothing() {
     // `verify` refuses them too (it must never match an ambiguous text).
     let v = raw(
         &s,
-        &verify_line(
-            "00000000-0000-0000-0000-000000000000",
-            r#"{"a":1,"a":1}"#,
-        ),
+        &verify_line("00000000-0000-0000-0000-000000000000", r#"{"a":1,"a":1}"#),
     );
     assert_eq!(v["error"]["data"]["code"], "invalid_params", "{v}");
 
@@ -188,7 +196,16 @@ fn ambiguous_json_is_refused_by_the_cli_and_the_hook() {
     ] {
         let (code, out, err) = cli(
             &s,
-            &["request", "--tool", "Bash", "--agent", "cli", "--no-wait", "--args", args],
+            &[
+                "request",
+                "--tool",
+                "Bash",
+                "--agent",
+                "cli",
+                "--no-wait",
+                "--args",
+                args,
+            ],
         );
         assert_ne!(code, 0, "{out}");
         assert!(err.contains(named), "{args}: {err}");

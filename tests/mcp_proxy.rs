@@ -399,7 +399,10 @@ fn malformed_tools_calls_never_reach_the_real_server_nor_the_queue() {
         (json!({"arguments": {"path": target}}), "no tool `name`"),
         (json!({"name": "", "arguments": {}}), "empty tool `name`"),
         (json!({"name": 7, "arguments": {}}), "must be a string"),
-        (json!({"name": "write file", "arguments": {}}), "may contain only"),
+        (
+            json!({"name": "write file", "arguments": {}}),
+            "may contain only",
+        ),
         (json!("write_file"), "needs `params`"),
     ] {
         let id = c.request("tools/call", params);
@@ -412,8 +415,14 @@ fn malformed_tools_calls_never_reach_the_real_server_nor_the_queue() {
             r#"{{"jsonrpc":"2.0","id":900,"method":"tools/call","params":{{"name":"write_file","arguments":{{"path":"{other}","content":"x","path":"{target}"}}}}}}"#
         ),
     );
-    let l = c.lines.recv_timeout(Duration::from_secs(10)).expect("answer");
-    assert!(l.contains("duplicate key `path`") && l.contains("-32600"), "{l}");
+    let l = c
+        .lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answer");
+    assert!(
+        l.contains("duplicate key `path`") && l.contains("-32600"),
+        "{l}"
+    );
     // …or different methods.
     send_raw(
         &mut c,
@@ -421,7 +430,10 @@ fn malformed_tools_calls_never_reach_the_real_server_nor_the_queue() {
             r#"{{"jsonrpc":"2.0","id":901,"method":"tools/call","method":"tools/list","params":{{"name":"write_file","arguments":{{"path":"{target}","content":"x"}}}}}}"#
         ),
     );
-    let l = c.lines.recv_timeout(Duration::from_secs(10)).expect("answer");
+    let l = c
+        .lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answer");
     assert!(l.contains("duplicate key `method`"), "{l}");
     // Text a lenient reader accepts (NaN) is not passed on either.
     send_raw(
@@ -430,7 +442,10 @@ fn malformed_tools_calls_never_reach_the_real_server_nor_the_queue() {
             r#"{{"jsonrpc":"2.0","id":902,"method":"tools/call","params":{{"name":"write_file","arguments":{{"path":"{target}","content":"x","n":NaN}}}}}}"#
         ),
     );
-    let l = c.lines.recv_timeout(Duration::from_secs(10)).expect("answer");
+    let l = c
+        .lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answer");
     assert!(l.contains("-32700"), "{l}");
 
     // Nothing was queued: the next queued request is this call, and denying
@@ -466,15 +481,27 @@ fn refused_lines_are_not_forwarded_to_the_server() {
         "-c".into(),
         format!("cat >> '{}'", seen.display()),
     ]);
-    let id = c.request("tools/call", json!({"name": "list_directory", "arguments": "{}"}));
+    let id = c.request(
+        "tools/call",
+        json!({"name": "list_directory", "arguments": "{}"}),
+    );
     refused(&c, id, -32602, "`arguments`");
     let id = c.request("tools/call", json!({"arguments": {}}));
     refused(&c, id, -32602, "`name`");
     send_raw(&mut c, r#"{"jsonrpc":"2.0","id":5,"method":"ping","id":6}"#);
-    let l = c.lines.recv_timeout(Duration::from_secs(10)).expect("answer");
+    let l = c
+        .lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answer");
     assert!(l.contains("duplicate key `id`"), "{l}");
-    send_raw(&mut c, r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"list_directory","arguments":{"n":1e400}}}"#);
-    let l = c.lines.recv_timeout(Duration::from_secs(10)).expect("answer");
+    send_raw(
+        &mut c,
+        r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"list_directory","arguments":{"n":1e400}}}"#,
+    );
+    let l = c
+        .lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answer");
     assert!(l.contains("range"), "{l}");
     // A tools/call without an id is dropped, not forwarded.
     c.send(json!({"jsonrpc": "2.0", "method": "tools/call",
@@ -488,7 +515,10 @@ fn refused_lines_are_not_forwarded_to_the_server() {
         if got.contains(r#""id":99"#) {
             break got;
         }
-        assert!(std::time::Instant::now() < deadline, "ping not forwarded: {got:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ping not forwarded: {got:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(got.lines().count(), 1, "only the ping was forwarded: {got}");

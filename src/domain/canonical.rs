@@ -170,9 +170,11 @@ pub fn strict_number(literal: &str) -> Result<Number, NumberProblem> {
             return Err(NumberProblem::TooManyDigits { digits });
         }
         // Already exact digits; `Number`'s parser keeps them as they are.
-        return literal.parse::<Number>().map_err(|_| NumberProblem::OutOfRange {
-            literal: quote(literal),
-        });
+        return literal
+            .parse::<Number>()
+            .map_err(|_| NumberProblem::OutOfRange {
+                literal: quote(literal),
+            });
     }
     let f: f64 = literal.parse().map_err(|_| NumberProblem::OutOfRange {
         literal: quote(literal),
@@ -464,9 +466,7 @@ impl<'de> Visitor<'de> for Strict<'_> {
                     slot.insert(value);
                 }
                 serde_json::map::Entry::Occupied(slot) => {
-                    return Err(self
-                        .ctx
-                        .refuse(Problem::DuplicateKey(quote(slot.key()))))
+                    return Err(self.ctx.refuse(Problem::DuplicateKey(quote(slot.key()))))
                 }
             }
         }
@@ -708,7 +708,10 @@ mod tests {
             );
         }
         assert!(parse_strict_slice(b"\xff").is_err());
-        assert_eq!(parse_strict_slice(br#"{"a":[]}"#).unwrap(), json!({"a": []}));
+        assert_eq!(
+            parse_strict_slice(br#"{"a":[]}"#).unwrap(),
+            json!({"a": []})
+        );
     }
 
     #[test]

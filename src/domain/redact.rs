@@ -958,8 +958,8 @@ pub use super::canonical::{args_hash, canonical_json};
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sha2::{Digest, Sha256};
     use serde_json::json;
+    use sha2::{Digest, Sha256};
     use std::collections::BTreeMap;
 
     #[test]

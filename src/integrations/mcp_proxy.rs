@@ -165,7 +165,9 @@ impl Proxy {
                         return;
                     }
                 };
-                lock(&self.state).inflight.insert(id.to_string(), id.clone());
+                lock(&self.state)
+                    .inflight
+                    .insert(id.to_string(), id.clone());
                 let me = self.clone();
                 tokio::spawn(async move { me.gate(id, target, line).await });
             }

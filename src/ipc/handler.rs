@@ -205,7 +205,10 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
 /// `params`, else `invalid_request`. The id is echoed when it can be read.
 fn refused_line(line: &str, e: &StrictError) -> String {
     let Some(at) = e.at() else {
-        return response(&Value::Null, Err(RpcError::new("parse_error", e.to_string())));
+        return response(
+            &Value::Null,
+            Err(RpcError::new("parse_error", e.to_string())),
+        );
     };
     let in_params = at.starts_with("/params/") || at == "/params";
     let code = if in_params {
