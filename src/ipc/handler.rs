@@ -3,7 +3,7 @@
 
 use super::protocol::{reply, response, DecisionView, RpcError};
 use crate::app::{AppError, Gateway, Submission};
-use crate::domain::canonical::{parse_strict, StrictError};
+use crate::domain::canonical::{parse_strict, strict_number, StrictError};
 use crate::domain::policy::Effect;
 use crate::domain::request::RequestId;
 use crate::domain::Risk;
@@ -197,34 +197,6 @@ fn parse_id(s: &str) -> Result<RequestId, RpcError> {
 
 fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
     serde_json::to_value(v).map_err(|e| RpcError::new("internal", e.to_string()))
-}
-
-/// The answer to a line the strict reader refused: `parse_error` for
-/// text that is not JSON; for JSON Keyturn will not read (a duplicate key, a
-/// number that would not survive exactly) `invalid_params` when it is inside
-/// `params`, else `invalid_request`. The id is echoed when it can be read.
-fn refused_line(line: &str, e: &StrictError) -> String {
-    let Some(at) = e.at() else {
-        return response(
-            &Value::Null,
-            Err(RpcError::new("parse_error", e.to_string())),
-        );
-    };
-    let in_params = at.starts_with("/params/") || at == "/params";
-    let code = if in_params {
-        "invalid_params"
-    } else {
-        "invalid_request"
-    };
-    // The line is JSON (only its params were refused): read the id leniently.
-    // Outside params the id itself may be what is in doubt.
-    let id = in_params
-        .then(|| serde_json::from_str::<Value>(line).ok())
-        .flatten()
-        .and_then(|v| v.get("id").cloned())
-        .filter(|id| matches!(id, Value::Number(_) | Value::String(_)))
-        .unwrap_or(Value::Null);
-    response(&id, Err(RpcError::new(code, e.to_string())))
 }
 
 /// Methods only admins may call.
@@ -521,4 +493,36 @@ impl Handler {
 enum Out {
     Value(Value),
     Decision(Box<DecisionView>),
+}
+
+/// The answer to a line the strict reader refused: `parse_error` for
+/// text that is not JSON; for JSON Keyturn will not read (a duplicate key, a
+/// number that would not survive exactly) `invalid_params` when it is inside
+/// `params`, else `invalid_request`. The id is echoed when it can be read.
+fn refused_line(line: &str, e: &StrictError) -> String {
+    let Some(at) = e.at() else {
+        return response(
+            &Value::Null,
+            Err(RpcError::new("parse_error", e.to_string())),
+        );
+    };
+    let in_params = at.starts_with("/params/") || at == "/params";
+    let code = if in_params {
+        "invalid_params"
+    } else {
+        "invalid_request"
+    };
+    // The line is JSON (only its params were refused): read the id leniently.
+    // Outside params the id itself may be what is in doubt.
+    let id = in_params
+        .then(|| serde_json::from_str::<Value>(line).ok())
+        .flatten()
+        .and_then(|v| v.get("id").cloned())
+        .filter(|id| match id {
+            Value::String(_) => true,
+            Value::Number(n) => strict_number(&n.to_string()).is_ok(),
+            _ => false,
+        })
+        .unwrap_or(Value::Null);
+    response(&id, Err(RpcError::new(code, e.to_string())))
 }
