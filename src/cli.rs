@@ -420,7 +420,13 @@ impl Conn {
 }
 
 fn parse_args(s: &str) -> anyhow::Result<Value> {
-    let v: Value = serde_json::from_str(s).context("--args is not valid JSON")?;
+    // Strict: refused here as the server would (duplicate keys, numbers
+    // that would not survive exactly), with the key or number named.
+    use crate::domain::canonical::{parse_strict, StrictError};
+    let v: Value = parse_strict(s).map_err(|e| match e {
+        StrictError::Syntax(why) => anyhow::anyhow!("--args is not valid JSON: {why}"),
+        refused => anyhow::anyhow!("--args: {refused}"),
+    })?;
     anyhow::ensure!(
         v.is_object(),
         "--args must be a JSON object, e.g. '{{\"path\":\"/tmp/x\"}}'"

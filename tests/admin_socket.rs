@@ -216,7 +216,7 @@ async fn a_vote_from_the_uid_that_made_the_request_is_refused() {
 fn check_config(text: &str, env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.toml");
-    write_config(&p, &text);
+    write_config(&p, text);
     let mut cmd = Command::new(BIN);
     cmd.args(["check-config", "--config"]).arg(&p);
     for (k, v) in env {

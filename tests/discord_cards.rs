@@ -1096,3 +1096,55 @@ async fn bench_click_to_agent_latency() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_card_shows_big_integers_exactly_and_verify_binds_them() {
+    const APPROVED: &str = "123456789012345678901";
+    let (fake, server, _dir) = setup().await;
+    let args: Value = serde_json::from_str(&format!(
+        r#"{{"path":"/srv/x","keep_bytes":{APPROVED},"ratio":1.0}}"#
+    ))
+    .expect("args");
+    let mut p = delete_file();
+    p["args"] = args.clone();
+    let agent = server.submit_waiting(p);
+    let card = first_card(&fake).await;
+    let text = card.all_text();
+    assert!(text.contains(APPROVED), "{text}");
+    assert!(!text.contains("e+20") && !text.contains("e20"), "{text}");
+    assert!(text.contains("1.0"), "{text}");
+
+    let h = fake
+        .click_button(card.id, &button(&card, "approve"), ALICE)
+        .await;
+    fake.wait_interaction_response(&h, WAIT).await.expect("ack");
+    let decision = tokio::time::timeout(WAIT, agent)
+        .await
+        .expect("agent unblocked")
+        .expect("join");
+    assert_eq!(decision["approved"], true, "{decision}");
+
+    let verify = |args: Value| {
+        server.call(
+            "verify",
+            json!({"agent": keyturn::AGENT, "id": request_id(&card), "args": args}),
+        )
+    };
+    let ok = verify(args.clone()).await.expect("verify");
+    assert_eq!(
+        (&ok["matches"], &ok["approved"]),
+        (&json!(true), &json!(true))
+    );
+    let off: Value =
+        serde_json::from_str(r#"{"path":"/srv/x","keep_bytes":123456789012345678900,"ratio":1.0}"#)
+            .expect("args");
+    let v = verify(off).await.expect("verify");
+    assert_eq!(v["matches"], false, "{v}");
+    let as_int: Value = serde_json::from_str(&format!(
+        r#"{{"path":"/srv/x","keep_bytes":{APPROVED},"ratio":1}}"#
+    ))
+    .expect("args");
+    let v = verify(as_int).await.expect("verify");
+    assert_eq!(v["matches"], false, "1 is not 1.0: {v}");
+    fake.assert_no_violations();
+}

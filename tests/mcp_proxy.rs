@@ -428,3 +428,187 @@ fn a_client_that_goes_away_withdraws_its_gated_calls() {
     ));
     assert_withdrawn(&s, &id);
 }
+
+/// Sends one raw line (text the test writes, so duplicates survive).
+fn send_raw(c: &mut Mcp, line: &str) {
+    writeln!(c.stdin, "{line}").expect("write to proxy");
+}
+
+/// The proxy's own error for request `id`: -32602 (or `code`) with `needle`.
+fn refused(c: &Mcp, id: u64, code: i64, needle: &str) {
+    let r = c.response(id);
+    assert_eq!(r["error"]["code"], code, "{r}");
+    let msg = r["error"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
+}
+
+#[test]
+fn malformed_tools_calls_never_reach_the_real_server_nor_the_queue() {
+    let Some(server_js) = fs_server() else { return };
+    let s = Server::start(EXTRA);
+    let root = s.dir.path().join("files");
+    std::fs::create_dir(&root).expect("mkdir");
+    let mut c = Mcp::start(&[
+        "--name".into(),
+        "fs".into(),
+        "--socket".into(),
+        s.socket.display().to_string(),
+        "--".into(),
+        "node".into(),
+        server_js.display().to_string(),
+        root.display().to_string(),
+    ]);
+    let init = c.call(
+        "initialize",
+        json!({
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "keyturn-test", "version": "1"}
+        }),
+    );
+    assert!(init["result"]["serverInfo"]["name"].is_string(), "{init}");
+    c.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+
+    let target = root.join("x.txt").display().to_string();
+    let other = root.join("y.txt").display().to_string();
+    // `arguments` present but not an object: the approver would see `{}`.
+    for bad in [
+        json!(format!("{{\"path\":\"{target}\",\"content\":\"x\"}}")),
+        json!([target, "x"]),
+        Value::Null,
+        json!(5),
+    ] {
+        let id = c.request(
+            "tools/call",
+            json!({"name": "write_file", "arguments": bad}),
+        );
+        refused(&c, id, -32602, "`arguments` must be an object");
+    }
+    // No usable tool name: the card would name a tool called `fs.`.
+    for (params, needle) in [
+        (json!({"arguments": {"path": target}}), "no tool `name`"),
+        (json!({"name": "", "arguments": {}}), "empty tool `name`"),
+        (json!({"name": 7, "arguments": {}}), "must be a string"),
+        (
+            json!({"name": "write file", "arguments": {}}),
+            "may contain only",
+        ),
+        (json!("write_file"), "needs `params`"),
+    ] {
+        let id = c.request("tools/call", params);
+        refused(&c, id, -32602, needle);
+    }
+    // Duplicate keys: the approver and the server could read different paths.
+    send_raw(
+        &mut c,
+        &format!(
+            r#"{{"jsonrpc":"2.0","id":900,"method":"tools/call","params":{{"name":"write_file","arguments":{{"path":"{other}","content":"x","path":"{target}"}}}}}}"#
+        ),
+    );
+    let l = c
+        .lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answer");
+    assert!(
+        l.contains("duplicate key `path`") && l.contains("-32600"),
+        "{l}"
+    );
+    // …or different methods.
+    send_raw(
+        &mut c,
+        &format!(
+            r#"{{"jsonrpc":"2.0","id":901,"method":"tools/call","method":"tools/list","params":{{"name":"write_file","arguments":{{"path":"{target}","content":"x"}}}}}}"#
+        ),
+    );
+    let l = c
+        .lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answer");
+    assert!(l.contains("duplicate key `method`"), "{l}");
+    // Text a lenient reader accepts (NaN) is not passed on either.
+    send_raw(
+        &mut c,
+        &format!(
+            r#"{{"jsonrpc":"2.0","id":902,"method":"tools/call","params":{{"name":"write_file","arguments":{{"path":"{target}","content":"x","n":NaN}}}}}}"#
+        ),
+    );
+    let l = c
+        .lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answer");
+    assert!(l.contains("-32700"), "{l}");
+
+    // Nothing was queued: the next queued request is this call, and denying
+    // it answers this call.
+    let id = c.request(
+        "tools/call",
+        json!({"name": "write_file", "arguments": {"path": target, "content": "late"}}),
+    );
+    let rid = s.wait_queued("fs.write_file");
+    s.deny(&rid, "no");
+    let r = c.response(id);
+    assert_eq!(r["result"]["isError"], json!(true), "{r}");
+    assert!(text(&r).contains("denied by"), "{r}");
+    // Nothing was forwarded: no file was written, and the server is fine.
+    assert!(!root.join("x.txt").exists() && !root.join("y.txt").exists());
+    let list = c.call("tools/list", json!({}));
+    assert!(list["result"]["tools"].is_array(), "{list}");
+}
+
+#[test]
+fn refused_lines_are_not_forwarded_to_the_server() {
+    let s = Server::start(EXTRA);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seen = dir.path().join("forwarded.jsonl");
+    // A stand-in server that records every line it is given.
+    let mut c = Mcp::start(&[
+        "--name".into(),
+        "fs".into(),
+        "--socket".into(),
+        s.socket.display().to_string(),
+        "--".into(),
+        "sh".into(),
+        "-c".into(),
+        format!("cat >> '{}'", seen.display()),
+    ]);
+    let id = c.request(
+        "tools/call",
+        json!({"name": "list_directory", "arguments": "{}"}),
+    );
+    refused(&c, id, -32602, "`arguments`");
+    let id = c.request("tools/call", json!({"arguments": {}}));
+    refused(&c, id, -32602, "`name`");
+    send_raw(&mut c, r#"{"jsonrpc":"2.0","id":5,"method":"ping","id":6}"#);
+    let l = c
+        .lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answer");
+    assert!(l.contains("duplicate key `id`"), "{l}");
+    send_raw(
+        &mut c,
+        r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"list_directory","arguments":{"n":1e400}}}"#,
+    );
+    let l = c
+        .lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answer");
+    assert!(l.contains("range"), "{l}");
+    // A tools/call without an id is dropped, not forwarded.
+    c.send(json!({"jsonrpc": "2.0", "method": "tools/call",
+        "params": {"name": "list_directory", "arguments": {}}}));
+    // A plain request marks the end: once it arrives, everything before it
+    // that was forwarded has arrived too (one pipe, in order).
+    c.send(json!({"jsonrpc": "2.0", "id": 99, "method": "ping"}));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        let got = std::fs::read_to_string(&seen).unwrap_or_default();
+        if got.contains(r#""id":99"#) {
+            break got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ping not forwarded: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(got.lines().count(), 1, "only the ping was forwarded: {got}");
+}

@@ -45,6 +45,7 @@ __all__ = [
     "require_approval",
     "canonical_json",
     "args_hash",
+    "loads_strict",
 ]
 
 __version__ = "0.1.0"
@@ -122,7 +123,18 @@ class RiskMismatch(KeyturnError):
 
 
 # --------------------------------------------------------------------------
-# Canonical JSON and the arguments hash (must match src/domain/redact.rs)
+# Canonical JSON and the arguments hash (must match src/domain/canonical.rs)
+#
+# Numbers: an int is its exact decimal digits (any size up to
+# MAX_INTEGER_DIGITS); a float is the shortest text that reads back to the
+# same double, as serde_json prints it (1.0, 100.0, 1e+16, 1.5e-7). So 1 and
+# 1.0 hash differently. JSON text is read as Keyturn reads it (loads_strict):
+# duplicate keys, the literal -0, NaN/Infinity and numbers a double cannot
+# hold exactly (1e400, 1e-400, 0.10000000000000000001) are refused.
+
+#: Longest integer Keyturn accepts, in digits (CPython's own default limit).
+MAX_INTEGER_DIGITS = 4300
+_INT_LIMIT = 10**MAX_INTEGER_DIGITS
 
 
 def _ryu_float(x: float) -> str:
@@ -162,11 +174,67 @@ def _number(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
-        # serde_json keeps integers that fit i64/u64; larger ones become f64.
-        if -(2**63) <= v < 2**64:
-            return str(v)
-        return _ryu_float(float(v))
+        # Exact digits, whatever the size (Keyturn keeps every digit).
+        if -_INT_LIMIT < v < _INT_LIMIT:
+            return str(int(v))
+        raise ValueError(f"an integer of more than {MAX_INTEGER_DIGITS} digits cannot be sent")
     return _ryu_float(float(v))
+
+
+# serde_json's internal marker for a number; Keyturn refuses it as a key.
+_RESERVED_KEY = "$serde_json::private::Number"
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k == _RESERVED_KEY:
+            raise ValueError(f"the key {k!r} is reserved")
+        if k in out:
+            raise ValueError(f"duplicate key {k[:64]!r}")
+        out[k] = v
+    return out
+
+
+def _strict_int(s: str) -> int:
+    if s == "-0":
+        raise ValueError("-0 is ambiguous (the integer 0 or the float -0.0); send 0 or -0.0")
+    if len(s.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise ValueError(f"an integer of more than {MAX_INTEGER_DIGITS} digits is too long")
+    return int(s)
+
+
+def _strict_float(s: str) -> float:
+    import decimal
+
+    f = float(s)
+    if math.isinf(f):
+        raise ValueError(f"{s[:64]} is beyond the range of a 64-bit float")
+    nearest = _ryu_float(f)
+    if decimal.Decimal(s) != decimal.Decimal(nearest):
+        raise ValueError(
+            f"{s[:64]} cannot be kept exactly as a 64-bit float (it would become {nearest}); "
+            "send fewer digits or a string"
+        )
+    return f
+
+
+def _no_constant(s: str) -> Any:
+    raise ValueError(f"{s} is not JSON")
+
+
+def loads_strict(text: Any) -> Any:
+    """Reads JSON text as Keyturn does: raises ``ValueError`` on a duplicate
+    key at any depth, the literal ``-0``, ``NaN``/``Infinity``, an integer of
+    more than :data:`MAX_INTEGER_DIGITS` digits, or a number that a 64-bit
+    float cannot hold exactly (so what is hashed is what was written)."""
+    return json.loads(
+        text,
+        object_pairs_hook=_no_duplicate_keys,
+        parse_int=_strict_int,
+        parse_float=_strict_float,
+        parse_constant=_no_constant,
+    )
 
 
 def _string(s: str) -> str:
@@ -217,6 +285,8 @@ def _canon(v: Any, out: list) -> None:
         for k in v:
             if not isinstance(k, str):
                 raise TypeError(f"object keys must be strings, not {type(k).__name__}")
+            if k == _RESERVED_KEY:
+                raise ValueError(f"the key {k!r} is reserved")
         out.append("{")
         # Code point order is UTF-8 byte order.
         for i, k in enumerate(sorted(v)):
@@ -231,8 +301,9 @@ def _canon(v: Any, out: list) -> None:
 
 
 def canonical_json(v: Any) -> str:
-    """Keys sorted by UTF-8 bytes at every level, no whitespace, numbers as
-    serde_json prints them: the text Keyturn hashes."""
+    """Keys sorted by UTF-8 bytes at every level, no whitespace, integers as
+    exact digits, floats in their shortest round-trip form: the text Keyturn
+    hashes."""
     out: list = []
     _canon(v, out)
     return "".join(out)
@@ -345,7 +416,7 @@ class Client:
                     if not raw:
                         raise ConnectionFailed("Keyturn closed the connection")
                     try:
-                        msg = json.loads(raw)
+                        msg = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
                     except ValueError as e:
                         raise KeyturnError(f"Keyturn sent something that is not JSON: {raw[:200]!r}") from e
                     if not isinstance(msg, dict):
@@ -377,7 +448,7 @@ class Client:
     def _submit_params(
         self,
         tool: str,
-        args: Optional[Dict[str, Any]],
+        args: Optional[Any],
         justification: str = "",
         *,
         task_id: Optional[str] = None,
@@ -389,8 +460,11 @@ class Client:
         unattended: Optional[bool] = None,
     ) -> Dict[str, Any]:
         args = {} if args is None else args
+        if isinstance(args, (str, bytes, bytearray)):
+            # JSON text: read as Keyturn reads it, before anything is sent.
+            args = loads_strict(args)
         if not isinstance(args, dict):
-            raise TypeError("args must be a dict (a JSON object)")
+            raise TypeError("args must be a dict (a JSON object) or the JSON text of one")
         canonical_json(args)  # fail early on values that are not JSON
         p: Dict[str, Any] = {"tool": tool, "args": args, "justification": justification}
         for k, v in (
@@ -407,7 +481,7 @@ class Client:
             p["unattended"] = True
         return self._auth(p)
 
-    def submit(self, tool: str, args: Optional[Dict[str, Any]] = None, justification: str = "", *,
+    def submit(self, tool: str, args: Optional[Any] = None, justification: str = "", *,
                wait: bool = True, **kw: Any) -> Decision:
         """Submits a tool call. With ``wait`` (the default) blocks until it is
         decided, Keyturn's deadline passes, or ``max_wait`` passes (then the
@@ -487,7 +561,7 @@ class Client:
             p["reason"] = reason
         return Decision(self.call("cancel", p, timeout=30.0))
 
-    def check(self, tool: str, args: Optional[Dict[str, Any]] = None, **kw: Any) -> Dict[str, Any]:
+    def check(self, tool: str, args: Optional[Any] = None, **kw: Any) -> Dict[str, Any]:
         """What the policy would do with a call, without queueing it:
         ``{"verdict": {"action": "allow"|"ask"|"deny", "rule", "detail", …}, "risk", "allowlist"}``."""
         p = self._submit_params(tool, args, **kw)

@@ -4,6 +4,7 @@
 //! codes are parameters. Nothing here may import tokio, sqlx or serenity.
 
 pub mod audit;
+pub mod canonical;
 pub mod flags;
 pub mod pairing;
 pub mod policy;

@@ -1,5 +1,5 @@
-//! Secret masking for tool-call arguments and free text, plus the canonical
-//! JSON form and hash that identify a call's arguments. This module owns the
+//! Secret masking for tool-call arguments and free text (the canonical JSON
+//! form and hash are in `canonical`, re-exported here). This module owns the
 //! tables of secret-looking keys and secret formats, the high-entropy
 //! heuristic and the mask text. It is pure: no I/O, clock, randomness or
 //! async runtime, and it imports nothing from the rest of the crate.
@@ -29,7 +29,6 @@
 //! - `redact_text` findings carry the empty path `""` (the text itself).
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt::Write as _;
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -37,7 +36,6 @@ use std::sync::Arc;
 
 use aho_corasick::AhoCorasick;
 use regex::Regex;
-use sha2::{Digest, Sha256};
 use unicode_normalization::UnicodeNormalization as _;
 
 use super::secret_rules::{keyed_value_ok, Group, Provider, COMMAND_LINE, PROVIDERS};
@@ -1446,81 +1444,15 @@ fn shannon_entropy(s: &str) -> f64 {
 
 // ---- canonical form --------------------------------------------------------
 
-/// Canonical JSON: object keys sorted by byte order at every depth, no
-/// whitespace, numbers as serde_json prints them (`1` and `1.0` differ),
-/// strings escaped as serde_json does. Array order is kept.
-pub fn canonical_json(v: &serde_json::Value) -> String {
-    let mut out = String::new();
-    write_canonical(v, &mut out);
-    out
-}
-
-/// Lowercase hex SHA-256 of [`canonical_json`]: identifies a call's arguments
-/// whatever their key order or formatting.
-pub fn args_hash(v: &serde_json::Value) -> String {
-    hex::encode(Sha256::digest(canonical_json(v).as_bytes()))
-}
-
-fn write_canonical(v: &serde_json::Value, out: &mut String) {
-    use serde_json::Value;
-    match v {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => out.push_str(&n.to_string()),
-        Value::String(s) => write_json_string(s, out),
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(item, out);
-            }
-            out.push(']');
-        }
-        Value::Object(map) => {
-            let mut members: Vec<(&String, &Value)> = map.iter().collect();
-            members.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push('{');
-            for (i, (k, val)) in members.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_json_string(k, out);
-                out.push(':');
-                write_canonical(val, out);
-            }
-            out.push('}');
-        }
-    }
-}
-
-/// Same escaping as serde_json's compact writer.
-fn write_json_string(s: &str, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{08}' => out.push_str("\\b"),
-            '\u{0c}' => out.push_str("\\f"),
-            c if u32::from(c) < 0x20 => {
-                // Writing to a String cannot fail.
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
+/// The canonical form and hash live in [`super::canonical`]; re-exported so
+/// callers keep their paths.
+pub use super::canonical::{args_hash, canonical_json};
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+    use sha2::{Digest, Sha256};
     use std::collections::BTreeMap;
 
     #[test]
@@ -1919,55 +1851,6 @@ mod tests {
     fn redactor_is_shareable() {
         fn assert_traits<T: Clone + std::fmt::Debug + Send + Sync>() {}
         assert_traits::<Redactor>();
-    }
-
-    #[test]
-    fn canonical_json_sorts_keys_and_drops_whitespace() {
-        let a: serde_json::Value =
-            serde_json::from_str(r#"{ "b": 1, "a": {"z": [1, 2], "y": "é\n\"q\"\u0001"} }"#)
-                .unwrap();
-        let b: serde_json::Value =
-            serde_json::from_str(r#"{"a":{"y":"é\n\"q\"\u0001","z":[1,2]},"b":1}"#).unwrap();
-        assert_eq!(
-            canonical_json(&a),
-            r#"{"a":{"y":"é\n\"q\"\u0001","z":[1,2]},"b":1}"#
-        );
-        assert_eq!(args_hash(&a), args_hash(&b));
-        assert_eq!(args_hash(&a).len(), 64);
-        assert!(args_hash(&a)
-            .chars()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
-        // Same escaping as serde_json for every string.
-        let s = json!("tab\t nul\u{0} bs\u{8} ff\u{c} uni\u{7f}\u{2028}");
-        assert_eq!(canonical_json(&s), serde_json::to_string(&s).unwrap());
-        // Byte order of keys, not locale order.
-        assert_eq!(
-            canonical_json(&json!({"b": 0, "B": 0, "a": 0, "é": 0})),
-            r#"{"B":0,"a":0,"b":0,"é":0}"#
-        );
-        assert_eq!(
-            args_hash(&json!({})),
-            "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
-        );
-    }
-
-    #[test]
-    fn args_hash_changes_with_any_value() {
-        let base = json!({"n": 1, "list": [1, [2, 3]], "s": "x"});
-        let variants = [
-            json!({"n": 1.0, "list": [1, [2, 3]], "s": "x"}),
-            json!({"n": "1", "list": [1, [2, 3]], "s": "x"}),
-            json!({"n": 2, "list": [1, [2, 3]], "s": "x"}),
-            json!({"n": 1, "list": [1, [3, 2]], "s": "x"}),
-            json!({"n": 1, "list": [[2, 3], 1], "s": "x"}),
-            json!({"n": 1, "list": [1, [2, 3]], "s": "x "}),
-            json!({"n": 1, "list": [1, [2, 3]], "s": "x", "t": null}),
-            json!({"n": 1, "list": [1, [2, 3]], "S": "x"}),
-        ];
-        let h = args_hash(&base);
-        for v in &variants {
-            assert_ne!(h, args_hash(v), "{v}");
-        }
     }
 
     /// Deterministic pseudo-random tokens (SHA-256 of a counter mapped to

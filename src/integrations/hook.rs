@@ -178,7 +178,12 @@ pub fn submission(input: &HookInput, a: &ClaudeCodeArgs) -> Value {
 
 /// Decides one hook input: `(allow, reason)`.
 pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
-    let input: HookInput = match serde_json::from_slice(raw) {
+    // Strict: a duplicate key or a number that would be rounded means the
+    // approver could see other arguments than the tool reads.
+    let input: HookInput = match crate::domain::canonical::parse_strict_slice(raw)
+        .map_err(|e| e.to_string())
+        .and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string()))
+    {
         Ok(i) => i,
         Err(e) => {
             return (

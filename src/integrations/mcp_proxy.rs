@@ -3,7 +3,11 @@
 //!
 //! Every line passes through untouched except the client's `tools/call`
 //! requests: each is submitted to Keyturn as tool `NAME.<tool>` with the
-//! call's arguments, and forwarded to the server only once approved. A
+//! call's arguments, and forwarded to the server only once approved. Client
+//! lines are read strictly (no duplicate keys, no number that would be
+//! rounded, nothing but JSON); a line that fails is answered with a JSON-RPC
+//! error and never forwarded, as is a `tools/call` whose `name` is missing,
+//! empty or not a string or whose `arguments` is present but not an object. A
 //! denial or a timeout becomes a tool result with `isError: true` whose text
 //! says who denied it and why, or that nobody decided in time. With
 //! `--filter-tools`, `tools/list` answers hide the tools the policy would
@@ -23,6 +27,7 @@ use super::hook::parse_duration;
 use super::{
     ask_abortable, policy_tool_name, socket_path, Identity, LineClient, Outcome, Withdraw,
 };
+use crate::domain::canonical::parse_strict;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
@@ -130,11 +135,18 @@ impl Proxy {
 
     /// One line from the client.
     fn on_client_line(self: &Arc<Self>, line: String) {
-        let msg: Value = match serde_json::from_str(&line) {
+        // Read strictly: a line the server might read differently from us
+        // (a duplicate key, a number we would round, or text a lenient
+        // parser accepts, like `NaN`) could carry a call past the gate, so
+        // it is answered here and never forwarded.
+        let msg: Value = match parse_strict(&line) {
             Ok(v) => v,
-            // Not ours to judge: the server answers garbage itself.
-            Err(_) => {
-                self.forward(line);
+            Err(e) => {
+                self.send(error_line(
+                    &Value::Null,
+                    if e.at().is_some() { -32600 } else { -32700 },
+                    &format!("keyturn mcp-proxy refused the message: {e}"),
+                ));
                 return;
             }
         };
@@ -153,25 +165,39 @@ impl Proxy {
             .map(str::to_string);
         let id = msg.get("id").cloned();
         match (method.as_deref(), id) {
-            (Some(m), Some(id)) => {
+            (Some("tools/call"), Some(id)) => {
+                let target = match call_target(&msg) {
+                    Ok(t) => t,
+                    Err(why) => {
+                        // Nothing forwarded, nothing queued.
+                        self.send(error_line(&id, -32602, &why));
+                        return;
+                    }
+                };
                 let key = id.to_string();
                 let withdraw = Arc::new(Withdraw::default());
                 {
                     let mut st = lock(&self.state);
                     st.inflight.insert(key.clone(), id.clone());
+                    st.gates.insert(key, withdraw.clone());
+                }
+                let me = self.clone();
+                tokio::spawn(async move { me.gate(id, target, line, withdraw).await });
+            }
+            (Some("tools/call"), None) => {
+                // A call without an id cannot be answered; it is not forwarded either.
+                eprintln!("keyturn mcp-proxy: dropped a tools/call without an id");
+            }
+            (Some(m), Some(id)) => {
+                let key = id.to_string();
+                {
+                    let mut st = lock(&self.state);
+                    st.inflight.insert(key.clone(), id.clone());
                     if m == "tools/list" {
-                        st.lists.insert(key.clone());
-                    }
-                    if m == "tools/call" {
-                        st.gates.insert(key, withdraw.clone());
+                        st.lists.insert(key);
                     }
                 }
-                if m == "tools/call" {
-                    let me = self.clone();
-                    tokio::spawn(async move { me.gate(id, msg, line, withdraw).await });
-                } else {
-                    self.forward(line);
-                }
+                self.forward(line);
             }
             // Notifications and answers to the server's own requests.
             (method, _) => {
@@ -211,14 +237,15 @@ impl Proxy {
         }
     }
 
-    async fn gate(self: Arc<Self>, id: Value, msg: Value, line: String, withdraw: Arc<Withdraw>) {
+    async fn gate(
+        self: Arc<Self>,
+        id: Value,
+        (tool, args): (String, Value),
+        line: String,
+        withdraw: Arc<Withdraw>,
+    ) {
         let key = id.to_string();
-        let params = msg.get("params").cloned().unwrap_or(Value::Null);
-        let tool = params.get("name").and_then(Value::as_str).unwrap_or("");
-        let args = match params.get("arguments") {
-            Some(Value::Object(m)) => Value::Object(m.clone()),
-            _ => json!({}),
-        };
+        let tool = tool.as_str();
         let hints = lock(&self.state)
             .annotations
             .get(tool)
@@ -346,6 +373,48 @@ impl Proxy {
             self.send(error_line(&id, -32603, why));
         }
     }
+}
+
+/// The tool name and arguments of a `tools/call`, exactly as the server
+/// will read them, or why the call is refused (a JSON-RPC -32602): the
+/// approver must see the call that runs, so nothing is defaulted or
+/// rewritten. `arguments` may be absent (no arguments: `{}`), else it must
+/// be an object; `name` must be a non-empty string the policy can name as
+/// it is.
+fn call_target(msg: &Value) -> Result<(String, Value), String> {
+    let Some(params) = msg.get("params").and_then(Value::as_object) else {
+        return Err("tools/call needs `params` with the tool's `name`".into());
+    };
+    let name = match params.get("name") {
+        Some(Value::String(n)) if !n.is_empty() => n,
+        Some(Value::String(_)) => return Err("tools/call has an empty tool `name`".into()),
+        Some(_) => return Err("tools/call `name` must be a string".into()),
+        None => return Err("tools/call has no tool `name`".into()),
+    };
+    if policy_tool_name(name) != *name {
+        return Err(format!(
+            "tools/call `name` {:?} may contain only ASCII letters, digits and `_.:-/`",
+            name.chars().take(64).collect::<String>()
+        ));
+    }
+    let args = match params.get("arguments") {
+        None => json!({}),
+        Some(Value::Object(m)) => Value::Object(m.clone()),
+        Some(other) => {
+            let kind = match other {
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::String(_) => "a string",
+                Value::Array(_) => "an array",
+                Value::Object(_) => "an object",
+            };
+            return Err(format!(
+                "tools/call `arguments` must be an object (or absent), not {kind}"
+            ));
+        }
+    };
+    Ok((name.clone(), args))
 }
 
 /// The tools (by MCP name) the policy denies whatever the arguments.

@@ -8,6 +8,7 @@
 
 use super::protocol::{reply, response, DecisionView, RpcError};
 use crate::app::{AppError, Gateway, Submission};
+use crate::domain::canonical::{parse_strict, strict_number, StrictError};
 use crate::domain::policy::Effect;
 use crate::domain::request::{ApprovalRequest, RequestId, CLIENT_GONE};
 use crate::domain::Risk;
@@ -276,14 +277,9 @@ impl Handler {
         line: &str,
         gone: &CancellationToken,
     ) -> Option<String> {
-        let msg: Value = match serde_json::from_str(line) {
+        let msg: Value = match parse_strict(line) {
             Ok(v) => v,
-            Err(e) => {
-                return Some(response(
-                    &Value::Null,
-                    Err(RpcError::new("parse_error", format!("not valid JSON: {e}"))),
-                ))
-            }
+            Err(e) => return Some(refused_line(line, &e)),
         };
         let Value::Object(mut obj) = msg else {
             return Some(response(
@@ -601,4 +597,36 @@ impl Handler {
 enum Out {
     Value(Value),
     Decision(Box<DecisionView>),
+}
+
+/// The answer to a line the strict reader refused: `parse_error` for
+/// text that is not JSON; for JSON Keyturn will not read (a duplicate key, a
+/// number that would not survive exactly) `invalid_params` when it is inside
+/// `params`, else `invalid_request`. The id is echoed when it can be read.
+fn refused_line(line: &str, e: &StrictError) -> String {
+    let Some(at) = e.at() else {
+        return response(
+            &Value::Null,
+            Err(RpcError::new("parse_error", e.to_string())),
+        );
+    };
+    let in_params = at.starts_with("/params/") || at == "/params";
+    let code = if in_params {
+        "invalid_params"
+    } else {
+        "invalid_request"
+    };
+    // The line is JSON (only its params were refused): read the id leniently.
+    // Outside params the id itself may be what is in doubt.
+    let id = in_params
+        .then(|| serde_json::from_str::<Value>(line).ok())
+        .flatten()
+        .and_then(|v| v.get("id").cloned())
+        .filter(|id| match id {
+            Value::String(_) => true,
+            Value::Number(n) => strict_number(&n.to_string()).is_ok(),
+            _ => false,
+        })
+        .unwrap_or(Value::Null);
+    response(&id, Err(RpcError::new(code, e.to_string())))
 }

@@ -42,12 +42,36 @@ def test_hash_agrees_with_server_on_random_values(server):
     floats = [rng.uniform(-1, 1) * 10 ** rng.randint(-30, 30) for _ in range(1500)]
     floats += [float(rng.randint(-(2**60), 2**60)) for _ in range(200)]
     ints = [rng.randint(-(2**63), 2**64 - 1) for _ in range(200)]
+    ints += [rng.randint(-(2**300), 2**300) for _ in range(200)]
     text = "".join(chr(rng.choice([rng.randint(0, 0x7F), rng.randint(0x80, 0xD7FF), rng.randint(0xE000, 0x10FFFF)])) for _ in range(300))
     args = {"floats": floats, "ints": ints, "text": text, text[:5]: 1, "Z": {"b": 1, "a": [2]}}
     # The random text holds invisible characters, so the call is flagged and
     # waits for a human; its hash is known at once.
     d = kt.submit("read_file", args, wait=False)
     assert d.args_hash == kc.args_hash(args)
+
+
+def test_big_integers_are_hashed_exactly_on_both_sides(server):
+    kt = client(server)
+    approved = 123456789012345678901
+    args = {"amount": approved, "neg": -(2**200), "ints": [2**64, -(2**63) - 1], "f": 1.0}
+    d = kt.submit("read_file", args)
+    assert d.approved
+    assert d.args_hash == kc.args_hash(args)
+    # One digit off is another call, and 1 is not 1.0.
+    assert d.args_hash != kc.args_hash(dict(args, amount=approved - 1))
+    assert d.args_hash != kc.args_hash(dict(args, f=1))
+    # The same call given as JSON text hashes the same.
+    text = '{"amount": 123456789012345678901, "neg": -%d, "ints": [%d, %d], "f": 1.0}' % (
+        2**200, 2**64, -(2**63) - 1)
+    assert kt.submit("read_file", text).args_hash == d.args_hash
+
+
+def test_json_text_with_duplicate_keys_is_refused_before_sending():
+    # No socket at all: the refusal comes before any connection.
+    kt = kc.Client("/nonexistent/keyturn.sock", agent="py")
+    with pytest.raises(ValueError, match="duplicate key 'path'"):
+        kt.submit("read_file", '{"path": "/srv/a", "path": "/etc/shadow"}')
 
 
 def test_decorator_runs_only_after_human_approval(server, tmp_path):

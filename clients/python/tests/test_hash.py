@@ -12,17 +12,40 @@ ROOT = pathlib.Path(__file__).resolve().parents[3]
 VECTORS = json.loads((ROOT / "tests/fixtures/args_hash_vectors.json").read_text(encoding="utf-8"))
 
 
-def serde_like_loads(text):
-    # serde_json reads the literal -0 as the float -0.0; Python never sends
-    # it (json.dumps writes -0.0), but the vector file contains it.
-    return json.loads(text, parse_int=lambda s: -0.0 if s == "-0" else int(s))
-
-
 @pytest.mark.parametrize("case", VECTORS, ids=[c["args_json"][:40] for c in VECTORS])
 def test_vectors(case):
-    args = serde_like_loads(case["args_json"])
+    if "refused" in case:
+        # Keyturn refuses this text; the client refuses it before sending.
+        with pytest.raises(ValueError):
+            kc.loads_strict(case["args_json"])
+        return
+    args = kc.loads_strict(case["args_json"])
     assert kc.canonical_json(args) == case["canonical"]
     assert kc.args_hash(args) == case["sha256"]
+
+
+def test_big_integers_keep_every_digit():
+    approved = {"amount": 123456789012345678901}
+    assert kc.canonical_json(approved) == '{"amount":123456789012345678901}'
+    assert kc.args_hash(approved) != kc.args_hash({"amount": 123456789012345678900})
+    assert kc.canonical_json({"n": -(2**200)}) == '{"n":%d}' % -(2**200)
+    assert kc.canonical_json({"n": 10**4300 - 1})
+    with pytest.raises(ValueError):
+        kc.canonical_json({"n": 10**4300})
+    # 1 and 1.0 are different values.
+    assert kc.args_hash({"n": 1}) != kc.args_hash({"n": 1.0})
+
+
+def test_json_text_args_are_read_strictly():
+    client = kc.Client(socket_path="/nonexistent.sock", agent="a")
+    p = client._submit_params("t", '{"n": 123456789012345678901, "f": 1e2}')
+    assert p["args"] == {"n": 123456789012345678901, "f": 100.0}
+    for bad in ('{"a": 1, "a": 2}', '{"x": {"y": [{"k": 1, "k": 1}]}}', '{"n": -0}',
+                '{"n": 1e400}', '{"n": 0.10000000000000000001}', '{"n": NaN}'):
+        with pytest.raises(ValueError):
+            client._submit_params("t", bad)
+    with pytest.raises(TypeError):
+        client._submit_params("t", "[1]")
 
 
 def test_python_values_round_trip_through_json_dumps():
