@@ -742,15 +742,7 @@ async fn a_bad_token_makes_serve_fail_fast() {
     // Nothing was left behind.
     assert!(!dir.path().join("k.sock").exists());
 
-    // An unreachable API fails fast too.
-    let dead = "http://127.0.0.1:9".to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let err = match keyturn::spawn(dir.path(), &keyturn::config(&dead)).await {
-        Ok(_) => panic!("serve started without Discord"),
-        Err(e) => e,
-    };
-    assert!(!err.status.expect("exited").success());
-    assert!(err.log.contains("Discord"), "{}", err.log);
+    // An unreachable API no longer stops serve: see tests/discord_outage.rs.
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

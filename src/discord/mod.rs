@@ -20,13 +20,12 @@ use anyhow::Context as _;
 use card::CardSettings;
 use routing::Route;
 use serenity::all::{
-    ActionRowComponent, Channel, ChannelId, ClientBuilder, CommandInteraction, ComponentInteraction, Context,
-    CreateActionRow, CreateAllowedMentions, CreateInputText, CreateInteractionResponse,
-    CreateInteractionResponseFollowup, CreateInteractionResponseMessage, CreateMessage,
-    CreateModal, EditInteractionResponse, Event, EventHandler, GatewayIntents, GuildId, Http,
-    HttpBuilder, InputTextStyle, Interaction, Member, Message, ModalInteraction, Permissions,
-    RawEventHandler,
-    Ready, ShardManager, UserId,
+    ActionRowComponent, Channel, ChannelId, ClientBuilder, CommandInteraction,
+    ComponentInteraction, Context, CreateActionRow, CreateAllowedMentions, CreateInputText,
+    CreateInteractionResponse, CreateInteractionResponseFollowup, CreateInteractionResponseMessage,
+    CreateMessage, CreateModal, EditInteractionResponse, Event, EventHandler, GatewayIntents,
+    GuildId, Http, HttpBuilder, InputTextStyle, Interaction, Member, Message, ModalInteraction,
+    Permissions, RawEventHandler, Ready, ShardManager, UserId,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -277,7 +276,11 @@ pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Resu
             stop.clone(),
         )),
     ];
-    Ok(Bot { stop, tasks, status })
+    Ok(Bot {
+        stop,
+        tasks,
+        status,
+    })
 }
 
 /// Finishes the start in the background: repeats the checks until they
