@@ -1057,3 +1057,71 @@ async fn bench_click_to_agent_latency() {
     );
     server.stop().await;
 }
+
+/// Issue item 5: blank justifications collapse, Keyturn's rule text shows
+/// real code spans, the exfiltration flag names the host without the `)`
+/// around it, and an edited card promises only a file it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn card_details_are_compact_honest_and_readable() {
+    let (fake, server, _dir) = setup().await;
+    let mut p = delete_file();
+    p["justification"] = json!(format!("first{}last   word", "\n   \n\t".repeat(200)));
+    p["args"] = json!({"path": "/srv/x", "note": "(see https://evil.example)"});
+    let agent = server.submit_waiting(p);
+    let card = first_card(&fake).await;
+    let embed = &card.embeds[0];
+    let description = embed["description"].as_str().unwrap();
+    assert!(
+        description.contains("first\n\nlast word"),
+        "blank runs collapse: {description:?}"
+    );
+    assert!(description.lines().count() < 10, "{description:?}");
+    let field = |m: &StoredMessage, name: &str| -> String {
+        m.embeds[0]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .map(|f| f["value"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    let why = field(&card, "Why policy asked");
+    assert!(
+        why.contains('`') && !why.contains('ˋ'),
+        "real code spans: {why}"
+    );
+    let flags = field(&card, "Flags");
+    assert!(flags.contains("evil.example"), "{flags}");
+    assert!(!flags.contains("evil.example)"), "stray paren: {flags}");
+    assert!(card.attachments.is_empty(), "nothing was cut at creation");
+
+    // A long reason is cut on the edited card, which has no attachment:
+    // the footer must not promise one.
+    let modal_id = button(&card, "reason");
+    let h = fake
+        .click_button(card.id, &button(&card, "deny_reason"), DAVE)
+        .await;
+    fake.wait_interaction_response(&h, WAIT)
+        .await
+        .expect("modal");
+    let reason = "no ".repeat(300);
+    let m = fake
+        .submit_modal(card.id, &modal_id, DAVE, &[("reason", reason.trim())])
+        .await;
+    fake.wait_interaction_response(&m, WAIT).await.expect("ack");
+    let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
+    assert_eq!(decision["state"], "denied");
+    let edited = card_until(&fake, card.id, |m| m.components.is_empty()).await;
+    let footer = edited.embeds[0]["footer"]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(edited.attachments.is_empty());
+    assert!(
+        !footer.contains(".json"),
+        "promises a file never attached: {footer}"
+    );
+    assert!(footer.contains("reason truncated"), "{footer}");
+    fake.assert_no_violations();
+    server.stop().await;
+}

@@ -4,7 +4,7 @@
 //! admin role, because Discord's default permissions can be changed by any
 //! server admin.
 
-use super::card::{code_block, inline_code, plain};
+use super::card::{code_block, inline_code, plain, trusted};
 use crate::app::{AppError, Gateway};
 use crate::domain::policy::Effect;
 use serenity::all::{
@@ -344,9 +344,9 @@ pub async fn run(
                 channel.map_or("—".to_string(), |c| inline_code(c, 30)),
                 inline_code(tool, 140),
                 if a.allowed { "allowed" } else { "not allowed" },
-                a.rule,
+                inline_code(a.rule, 60),
                 a.deciding_scope.unwrap_or("none (fail closed)"),
-                plain(&a.detail),
+                trusted(&a.detail),
             );
             if !a.entries.is_empty() {
                 let lines: Vec<String> = a
