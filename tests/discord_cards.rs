@@ -1125,3 +1125,78 @@ async fn card_details_are_compact_honest_and_readable() {
     fake.assert_no_violations();
     server.stop().await;
 }
+
+/// Issue item 4: a second DM does not kill the live code; a new code only
+/// on request, and only a few per user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_dm_keeps_the_live_pairing_code() {
+    let (fake, server, _dir) = setup().await;
+    // The n-th answer the bot sent Bob.
+    let answers = |n: usize| {
+        let fake = &fake;
+        async move {
+            let ch = fake.dm_channel_of(BOB).expect("DM channel");
+            fake.wait_for_messages(
+                ch,
+                |ms| {
+                    ms.iter()
+                        .filter(|m| m.author_id == BOT_USER_ID)
+                        .nth(n - 1)
+                        .map(|m| m.content.clone())
+                },
+                WAIT,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("answer {n}: {e}"))
+        }
+    };
+    let code_in = |text: &str| {
+        text.split('`')
+            .nth(1)
+            .expect("code in backticks")
+            .to_string()
+    };
+
+    fake.send_dm(BOB, "hi").await;
+    let first = answers(1).await;
+    assert!(first.contains("pairing code"), "{first}");
+    let code1 = code_in(&first);
+    fake.send_dm(BOB, "thanks").await;
+    let second = answers(2).await;
+    assert!(second.contains("already have a live"), "{second}");
+    assert!(second.contains("<t:"), "says when it expires: {second}");
+    fake.send_dm(BOB, "New code").await;
+    let third = answers(3).await;
+    let code2 = code_in(&third);
+    assert_ne!(code1, code2);
+    fake.send_dm(BOB, "new code").await;
+    assert!(answers(4).await.contains("pairing code"));
+    fake.send_dm(BOB, "new code").await;
+    let fifth = answers(5).await;
+    assert!(fifth.contains("too many"), "rate limited: {fifth}");
+
+    // Only the newest code pairs.
+    let approve = |code: String| {
+        let fake = &fake;
+        async move {
+            let h = fake
+                .slash_command(
+                    "pairing",
+                    json!([{"name": "approve", "type": 1, "options": [{"name": "code", "type": 3, "value": code}]}]),
+                    CAROL,
+                )
+                .await;
+            fake.wait_interaction_response(&h, WAIT).await.unwrap();
+            let edit = fake
+                .wait_for_call(|c| c.method == "PATCH" && c.path.contains(&h.token), WAIT)
+                .await
+                .unwrap();
+            edit.body["content"].as_str().unwrap_or("").to_string()
+        }
+    };
+    let newest = code_in(&fake.dms_to(BOB)[3].content);
+    assert!(!approve(code1).await.contains("Paired user"));
+    assert!(approve(newest).await.contains("Paired user"));
+    fake.assert_no_violations();
+    server.stop().await;
+}

@@ -59,6 +59,8 @@ struct Shared {
     wake: Arc<Notify>,
     /// Connected / connecting / failed, for health reports.
     status: ConnectionStatus,
+    /// Per-user limits on DM answers and pairing codes.
+    dms: Mutex<commands::DmLimiter>,
 }
 
 #[derive(Clone)]
@@ -258,6 +260,7 @@ pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Resu
         cfg: cfg.clone(),
         wake: wake.clone(),
         status: status.clone(),
+        dms: Mutex::default(),
     });
     let tasks = vec![
         tokio::spawn(follow_events(
@@ -535,6 +538,45 @@ impl EventHandler for Handler {
         }
         let gw = &self.0.gw;
         let user = msg.author.id.get().to_string();
+        // DMs are answered in a small burst, then one every few seconds per
+        // user, so a flood of DMs is not a flood of Discord calls.
+        if !self.0.dms.lock().await.reply(&user, Instant::now()) {
+            tracing::debug!(user.id = %user, "DM ignored: answered one moments ago");
+            return;
+        }
+        let wants_new = commands::asks_new_code(&msg.content);
+        if !wants_new {
+            // A second "hi" must not kill the code the first one gave.
+            match gw.store().pairing_codes(now_ms()).await {
+                Ok(live) => {
+                    if let Some(p) = live.iter().find(|p| p.user_id == user) {
+                        self.answer_dm(&ctx, &msg, commands::live_code_text(p.expires_ms))
+                            .await;
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot look up pairing codes");
+                    self.answer_dm(&ctx, &msg, "Something went wrong; try again later.".into())
+                        .await;
+                    return;
+                }
+            }
+        }
+        if let Err(wait) = self.0.dms.lock().await.new_code(&user, Instant::now()) {
+            tracing::info!(user.id = %user, "pairing code refused: too many for this user");
+            let at = now_ms() + wait.as_millis() as i64;
+            self.answer_dm(
+                &ctx,
+                &msg,
+                format!(
+                    "You have asked for too many pairing codes; try again <t:{}:R>.",
+                    at.div_euclid(1000) + 1
+                ),
+            )
+            .await;
+            return;
+        }
         let text = match gw
             .request_pairing(&user, Some(msg.author.name.clone()))
             .await
@@ -549,12 +591,7 @@ impl EventHandler for Handler {
             }
             Err(e) => format!("Cannot give you a pairing code: {e}"),
         };
-        let reply = CreateMessage::new()
-            .content(text)
-            .allowed_mentions(no_mentions());
-        if let Err(e) = msg.channel_id.send_message(&ctx.http, reply).await {
-            tracing::warn!(error = %describe(&e), "cannot answer a DM");
-        }
+        self.answer_dm(&ctx, &msg, text).await;
     }
 
     async fn interaction_create(&self, ctx: Context, interaction: Interaction) {
@@ -563,6 +600,17 @@ impl EventHandler for Handler {
             Interaction::Modal(m) => self.modal(&ctx, m).await,
             Interaction::Command(c) => self.command(&ctx, c).await,
             _ => {}
+        }
+    }
+}
+
+impl Handler {
+    async fn answer_dm(&self, ctx: &Context, msg: &Message, text: String) {
+        let reply = CreateMessage::new()
+            .content(text)
+            .allowed_mentions(no_mentions());
+        if let Err(e) = msg.channel_id.send_message(&ctx.http, reply).await {
+            tracing::warn!(error = %describe(&e), "cannot answer a DM");
         }
     }
 }
