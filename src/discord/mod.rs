@@ -858,6 +858,26 @@ impl Handler {
                 return;
             }
         }
+        if name == "pair" {
+            // An explicit request, but limited per user like DMs.
+            let uid = c.user.id.get().to_string();
+            if let Err(wait) = self.0.dms.lock().await.new_code(&uid, Instant::now()) {
+                tracing::info!(user.id = %uid, "pairing code refused: too many for this user");
+                let at = (now_ms() + wait.as_millis() as i64).div_euclid(1000) + 1;
+                if let Err(e) = c
+                    .create_response(
+                        &ctx.http,
+                        ephemeral(format!(
+                            "You have asked for too many pairing codes; try again <t:{at}:R>."
+                        )),
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %describe(&e), "cannot answer a command");
+                }
+                return;
+            }
+        }
         if let Err(e) = c.defer_ephemeral(&ctx.http).await {
             tracing::warn!(error = %describe(&e), "cannot defer a command");
             return;
