@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Default longest pause of a card that waits for Discord.
 pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(10);
-/// Cards read per pass; a pass re-reads so newer, older-deadline cards go first.
-const PASS: u32 = 16;
+/// Cards read at a time: the table is read again before every call, so a
+/// card queued meanwhile with an older deadline goes next, even in a flood.
+const PASS: u32 = 1;
 /// Shortest pause after a failure.
 const MIN_PAUSE: Duration = Duration::from_millis(100);
 
