@@ -71,6 +71,11 @@ struct Limits {
     global_until: Option<Instant>,
 }
 
+/// The major parameter of a route key (`POST /channels/<id>/messages`).
+fn major(route: &str) -> &str {
+    route.split('/').nth(2).unwrap_or("")
+}
+
 /// The rate-limit headers of one response.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RateHeaders {
@@ -144,7 +149,18 @@ impl Limits {
             self.global_until = Some(now + r);
             return;
         }
-        let Some(id) = &h.bucket else { return };
+        // A bucket is Discord's bucket id with the major parameter (the
+        // channel). A 429 without a bucket id still holds this route back.
+        let id = match (&h.bucket, retry) {
+            (Some(b), _) => format!("{b} {}", major(route)),
+            (None, Some(_)) => self
+                .routes
+                .get(route)
+                .cloned()
+                .unwrap_or_else(|| format!("route {route}")),
+            (None, None) => return,
+        };
+        let id = &id;
         if self.buckets.len() >= MAX_BUCKETS && !self.buckets.contains_key(id) {
             self.buckets.retain(|_, b| b.reset_at > now);
             if self.buckets.len() >= MAX_BUCKETS {
@@ -358,6 +374,27 @@ mod tests {
         assert_eq!(l.wait(r, t0 + Duration::from_secs(2)), Duration::ZERO);
         // Another route is not held up by this bucket.
         assert_eq!(l.wait("PATCH /channels/1/messages", t0), Duration::ZERO);
+    }
+
+    #[test]
+    fn buckets_are_per_channel_and_a_bare_429_still_holds_back() {
+        let mut l = Limits::default();
+        let t0 = Instant::now();
+        let (a, b) = ("POST /channels/1/messages", "POST /channels/2/messages");
+        l.take(a);
+        l.answered(a, t0, &headers("m", 0, 2.0), None);
+        l.take(b);
+        l.answered(b, t0, &headers("m", 4, 2.0), None);
+        assert_eq!(
+            l.wait(a, t0),
+            Duration::from_secs(2),
+            "same bucket, other channel"
+        );
+        assert_eq!(l.wait(b, t0), Duration::ZERO);
+        let c = "PATCH /channels/3/messages";
+        l.take(c);
+        l.answered(c, t0, &RateHeaders::default(), Some(Duration::from_secs(1)));
+        assert_eq!(l.wait(c, t0), Duration::from_secs(1));
     }
 
     #[test]
