@@ -584,6 +584,14 @@ impl DmLimiter {
         Ok(())
     }
 
+    /// Gives back the last [`DmLimiter::new_code`] when no code was made
+    /// (the user was already paired, or the store failed).
+    pub fn refund(&mut self, user: &str) {
+        if let Some(u) = self.users.get_mut(user) {
+            u.codes.pop_back();
+        }
+    }
+
     fn prune(&mut self, now: std::time::Instant) {
         if self.users.len() < MAX_DM_USERS {
             return;
@@ -627,6 +635,9 @@ mod tests {
             assert_eq!(l.new_code("a", t0), Ok(()));
         }
         assert_eq!(l.new_code("a", t0), Err(CODE_WINDOW));
+        l.refund("a");
+        l.refund("a");
+        assert_eq!(l.new_code("a", t0), Ok(()), "a refunded try counts no more");
         assert_eq!(l.new_code("a", t0 + CODE_WINDOW), Ok(()));
     }
 

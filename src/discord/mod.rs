@@ -577,10 +577,13 @@ impl EventHandler for Handler {
             .await;
             return;
         }
-        let text = match gw
+        let result = gw
             .request_pairing(&user, Some(msg.author.name.clone()))
-            .await
-        {
+            .await;
+        if result.is_err() {
+            self.0.dms.lock().await.refund(&user);
+        }
+        let text = match result {
             Ok((code, expires)) => commands::pairing_text(&code, expires),
             Err(AppError::Pairing(m)) if m.contains("already paired") => {
                 "You are already paired with Keyturn.".to_string()
