@@ -490,6 +490,11 @@ pub struct DiscordConfig {
     pub ping_admins: bool,
     /// The user a request is for may approve it.
     pub allow_self_approval: bool,
+    /// Longest pause of a card waiting for Discord after failures (default 10 s).
+    pub max_retry_pause: Option<Dur>,
+    /// How long the start-up checks may take before `serve` goes on without
+    /// Discord and keeps connecting in the background (default 5 s).
+    pub start_timeout: Option<Dur>,
 }
 
 /// Refuses a socket path `key` that resolves to one of the `taken` paths
@@ -1006,6 +1011,22 @@ impl Config {
                 "discord.admin_role_id",
                 "is required when a bot token is set (nobody could approve critical requests)",
             ));
+        }
+        if let Some(Dur(p)) = d.max_retry_pause {
+            if p.is_zero() || p > Duration::from_secs(60) {
+                return Err(invalid(
+                    "discord.max_retry_pause",
+                    "must be between 1ms and 60s",
+                ));
+            }
+        }
+        if let Some(Dur(p)) = d.start_timeout {
+            if p.is_zero() || p > Duration::from_secs(60) {
+                return Err(invalid(
+                    "discord.start_timeout",
+                    "must be between 1ms and 60s",
+                ));
+            }
         }
         if let Some(base) = &d.api_base {
             if !(base.starts_with("http://") || base.starts_with("https://")) {

@@ -37,8 +37,10 @@ pub async fn run_until(
         .await
         .context("while loading the policy")?;
 
-    // The bot starts before the socket is bound, so a bad token or an
-    // unreachable API fails `serve` at once, leaving nothing behind.
+    // The bot starts before the socket is bound, so a bad token, an unknown
+    // channel or missing permissions fail `serve` at once, leaving nothing
+    // behind. An unreachable Discord does not: the bot keeps connecting in
+    // the background and `discord_status` shows where it stands.
     let bot = if cfg.discord_enabled() {
         Some(
             crate::discord::start(gw.clone(), &stop)
@@ -48,6 +50,8 @@ pub async fn run_until(
     } else {
         None
     };
+    // Read by health reports.
+    let _discord_status = bot.as_ref().map(crate::discord::Bot::status);
 
     let opts = SocketOptions {
         path: cfg.server.socket_path.clone(),

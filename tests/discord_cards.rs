@@ -773,15 +773,7 @@ async fn a_bad_token_makes_serve_fail_fast() {
     // Nothing was left behind.
     assert!(!dir.path().join("k.sock").exists());
 
-    // An unreachable API fails fast too.
-    let dead = "http://127.0.0.1:9".to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let err = match keyturn::spawn(dir.path(), &keyturn::config(&dead)).await {
-        Ok(_) => panic!("serve started without Discord"),
-        Err(e) => e,
-    };
-    assert!(!err.status.expect("exited").success());
-    assert!(err.log.contains("Discord"), "{}", err.log);
+    // An unreachable API no longer stops serve: see tests/discord_outage.rs.
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1147,4 +1139,147 @@ async fn the_card_shows_big_integers_exactly_and_verify_binds_them() {
     let v = verify(as_int).await.expect("verify");
     assert_eq!(v["matches"], false, "1 is not 1.0: {v}");
     fake.assert_no_violations();
+}
+
+/// Issue item 5: blank justifications collapse, Keyturn's rule text shows
+/// real code spans, the exfiltration flag names the host without the `)`
+/// around it, and an edited card promises only a file it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn card_details_are_compact_honest_and_readable() {
+    let (fake, server, _dir) = setup().await;
+    let mut p = delete_file();
+    p["justification"] = json!(format!("first{}last   word", "\n   \n\t".repeat(200)));
+    p["args"] = json!({"path": "/srv/x", "note": "(see https://evil.example)"});
+    let agent = server.submit_waiting(p);
+    let card = first_card(&fake).await;
+    let embed = &card.embeds[0];
+    let description = embed["description"].as_str().unwrap();
+    assert!(
+        description.contains("first\n\nlast word"),
+        "blank runs collapse: {description:?}"
+    );
+    assert!(description.lines().count() < 10, "{description:?}");
+    let field = |m: &StoredMessage, name: &str| -> String {
+        m.embeds[0]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .map(|f| f["value"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    let why = field(&card, "Why policy asked");
+    assert!(
+        why.contains('`') && !why.contains('ˋ'),
+        "real code spans: {why}"
+    );
+    let flags = field(&card, "Flags");
+    assert!(flags.contains("evil.example"), "{flags}");
+    assert!(!flags.contains("evil.example)"), "stray paren: {flags}");
+    assert!(card.attachments.is_empty(), "nothing was cut at creation");
+
+    // A long reason is cut on the edited card, which has no attachment:
+    // the footer must not promise one.
+    let modal_id = button(&card, "reason");
+    let h = fake
+        .click_button(card.id, &button(&card, "deny_reason"), DAVE)
+        .await;
+    fake.wait_interaction_response(&h, WAIT)
+        .await
+        .expect("modal");
+    let reason = "no ".repeat(300);
+    let m = fake
+        .submit_modal(card.id, &modal_id, DAVE, &[("reason", reason.trim())])
+        .await;
+    fake.wait_interaction_response(&m, WAIT).await.expect("ack");
+    let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
+    assert_eq!(decision["state"], "denied");
+    let edited = card_until(&fake, card.id, |m| m.components.is_empty()).await;
+    let footer = edited.embeds[0]["footer"]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(edited.attachments.is_empty());
+    assert!(
+        !footer.contains(".json"),
+        "promises a file never attached: {footer}"
+    );
+    assert!(footer.contains("reason truncated"), "{footer}");
+    fake.assert_no_violations();
+    server.stop().await;
+}
+
+/// Issue item 4: a second DM does not kill the live code; a new code only
+/// on request, and only a few per user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_dm_keeps_the_live_pairing_code() {
+    let (fake, server, _dir) = setup().await;
+    // The n-th answer the bot sent Bob.
+    let answers = |n: usize| {
+        let fake = &fake;
+        async move {
+            let ch = fake.dm_channel_of(BOB).expect("DM channel");
+            fake.wait_for_messages(
+                ch,
+                |ms| {
+                    ms.iter()
+                        .filter(|m| m.author_id == BOT_USER_ID)
+                        .nth(n - 1)
+                        .map(|m| m.content.clone())
+                },
+                WAIT,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("answer {n}: {e}"))
+        }
+    };
+    let code_in = |text: &str| {
+        text.split('`')
+            .nth(1)
+            .expect("code in backticks")
+            .to_string()
+    };
+
+    fake.send_dm(BOB, "hi").await;
+    let first = answers(1).await;
+    assert!(first.contains("pairing code"), "{first}");
+    let code1 = code_in(&first);
+    fake.send_dm(BOB, "thanks").await;
+    let second = answers(2).await;
+    assert!(second.contains("already have a live"), "{second}");
+    assert!(second.contains("<t:"), "says when it expires: {second}");
+    fake.send_dm(BOB, "New code").await;
+    let third = answers(3).await;
+    let code2 = code_in(&third);
+    assert_ne!(code1, code2);
+    fake.send_dm(BOB, "new code").await;
+    assert!(answers(4).await.contains("pairing code"));
+    fake.send_dm(BOB, "new code").await;
+    let fifth = answers(5).await;
+    assert!(fifth.contains("too many"), "rate limited: {fifth}");
+
+    // Only the newest code pairs.
+    let approve = |code: String| {
+        let fake = &fake;
+        async move {
+            let h = fake
+                .slash_command(
+                    "pairing",
+                    json!([{"name": "approve", "type": 1, "options": [{"name": "code", "type": 3, "value": code}]}]),
+                    CAROL,
+                )
+                .await;
+            fake.wait_interaction_response(&h, WAIT).await.unwrap();
+            let edit = fake
+                .wait_for_call(|c| c.method == "PATCH" && c.path.contains(&h.token), WAIT)
+                .await
+                .unwrap();
+            edit.body["content"].as_str().unwrap_or("").to_string()
+        }
+    };
+    let newest = code_in(&fake.dms_to(BOB)[3].content);
+    assert!(!approve(code1).await.contains("Paired user"));
+    assert!(approve(newest).await.contains("Paired user"));
+    fake.assert_no_violations();
+    server.stop().await;
 }

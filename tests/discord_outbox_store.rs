@@ -76,6 +76,21 @@ async fn outbox_rows_follow_their_requests() {
         .iter()
         .any(|x| x.request_id == c.id));
     assert_eq!(store.card_next_attempt().await.unwrap(), Some(0));
+    // Discord answers again: every waiting card is due at once, in
+    // deadline order with the rest.
+    assert_eq!(store.cards_retry_now(5_000).await.unwrap(), 1);
+    assert!(store
+        .cards_due(5_000, 10)
+        .await
+        .unwrap()
+        .iter()
+        .any(|x| x.request_id == c.id));
+    assert_eq!(
+        store.cards_retry_now(5_000).await.unwrap(),
+        0,
+        "nothing waits"
+    );
+    store.card_retry_later(c.id, 3, 10_000).await.unwrap();
 
     // Everything delivered; then a request is decided while the bot is down.
     for r in [&a, &b, &c] {

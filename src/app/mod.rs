@@ -4,6 +4,7 @@
 //! or Discord: every surface (socket, CLI, bot) calls these methods, so every
 //! surface gets the same rules, the same audit and the same answers.
 
+pub mod connection;
 mod content;
 pub mod retention;
 pub mod scheduler;

@@ -143,6 +143,8 @@ pub fn render_with_votes(
     creating: bool,
     approvers: &[String],
 ) -> RenderedCard {
+    // What the request held at creation was cut: the file attached to the
+    // first post has it all. A decision reason is not in that file.
     let mut truncated = false;
     let mut cut = |(text, was_cut): (String, bool)| {
         truncated |= was_cut;
@@ -159,10 +161,15 @@ pub fn render_with_votes(
         TITLE_BUDGET,
     )
     .0;
-    let justification = if req.justification.trim().is_empty() {
+    let tidy_justification = tidy(&req.justification);
+    let justification = if tidy_justification.is_empty() {
         "*No justification given.*".to_string()
     } else {
-        cut(code_block(&req.justification, "text", JUSTIFICATION_BUDGET))
+        cut(code_block(
+            &tidy_justification,
+            "text",
+            JUSTIFICATION_BUDGET,
+        ))
     };
     let description = format!("**Justification**\n{justification}");
     let args_pretty =
@@ -189,7 +196,11 @@ pub fn render_with_votes(
         format!("was <t:{secs}:f>")
     };
     let why = cut(fit(
-        &format!("{} — {}", plain(&req.rule), plain(&req.rule_detail)),
+        &format!(
+            "{} — {}",
+            inline_code(&req.rule, SHORT_BUDGET),
+            trusted(&req.rule_detail)
+        ),
         RULE_BUDGET,
     ));
     let mut fields = vec![
@@ -226,6 +237,7 @@ pub fn render_with_votes(
             false,
         ));
     }
+    let mut reason_cut = false;
     if req.state.is_terminal() {
         let who = req
             .decided_who
@@ -244,30 +256,29 @@ pub fn render_with_votes(
             format!("**{}** by {who}{when}", state_label(req.state)),
             false,
         ));
-        match req.decided_reason.as_deref().filter(|r| !r.is_empty()) {
-            Some(CLIENT_GONE) if req.state == State::Cancelled => {
-                fields.push(field(
-                    "Reason",
-                    "cancelled: the agent's client went away".into(),
-                    false,
-                ));
-            }
-            Some(r) => {
-                fields.push(field(
-                    "Reason",
-                    cut(code_block(r, "text", REASON_BUDGET)),
-                    false,
-                ));
-            }
-            None => {}
+        let reason = req.decided_reason.as_deref().map(tidy).unwrap_or_default();
+        if req.state == State::Cancelled && reason == CLIENT_GONE {
+            fields.push(field(
+                "Reason",
+                "cancelled: the agent's client went away".into(),
+                false,
+            ));
+        } else if !reason.is_empty() {
+            let (text, was_cut) = code_block(&reason, "text", REASON_BUDGET);
+            reason_cut = was_cut;
+            fields.push(field("Reason", text, false));
         }
     }
     let mut footer = format!("request {}", req.id);
     if truncated {
+        // Attached to the first post (and kept by every edit): the content
+        // cut here is all there, as it was at creation.
         footer.push_str(&format!(
             " · truncated: full request in request-{}.json",
             req.id
         ));
+    } else if reason_cut {
+        footer.push_str(" · reason truncated");
     }
     let embed = json!({
         "title": title,
@@ -330,7 +341,7 @@ pub fn render_with_votes(
     RenderedCard {
         payload,
         file,
-        truncated,
+        truncated: truncated || reason_cut,
     }
 }
 
@@ -461,6 +472,60 @@ pub fn inline_code(s: &str, max: usize) -> String {
     }
     let (body, _) = fit(&body, max.saturating_sub(2));
     format!("`{body}`")
+}
+
+/// Untrusted free text made compact, so blank space cannot push the rest
+/// of a card off-screen: spaces and tabs at line ends dropped and runs of
+/// them made one space, runs of blank lines made one, blank lines at both
+/// ends dropped.
+pub fn tidy(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(8192));
+    let mut blank_run = false;
+    for line in s.lines() {
+        let mut l = String::with_capacity(line.len());
+        let mut space = false;
+        for c in line.trim().chars() {
+            if c.is_whitespace() {
+                space = true;
+                continue;
+            }
+            if space {
+                l.push(' ');
+                space = false;
+            }
+            l.push(c);
+        }
+        if l.is_empty() {
+            blank_run = !out.is_empty();
+            continue;
+        }
+        if !out.is_empty() {
+            out.push('\n');
+            if blank_run {
+                out.push('\n');
+            }
+        }
+        blank_run = false;
+        out.push_str(&l);
+    }
+    out
+}
+
+/// Keyturn's own text (a rule's explanation): shown as written, with its
+/// `code spans` as real code spans. The values it quotes may come from the
+/// agent, so text between spans goes through [`plain`] and each span
+/// through [`inline_code`]: whatever the text holds, nothing renders,
+/// links or pings; a stray backtick in a quoted value only shifts the
+/// spans.
+pub fn trusted(s: &str) -> String {
+    s.split('`')
+        .enumerate()
+        .map(|(i, part)| match (i % 2, part.is_empty()) {
+            (_, true) => String::new(),
+            (0, false) => plain(part),
+            _ => inline_code(part, SHORT_BUDGET),
+        })
+        .collect()
 }
 
 /// One line: hidden characters revealed, line breaks shown as `⏎`.
@@ -843,5 +908,39 @@ mod tests {
         assert_eq!(single_line("a\nb"), "a⏎b");
         assert_eq!(reveal("a\u{202E}b"), "a⟨U+202E⟩b");
         assert_eq!(code_block("```", "text", 100).0, "```text\nˋˋˋ\n```");
+    }
+
+    #[test]
+    fn tidy_collapses_blank_runs_and_whitespace() {
+        assert_eq!(tidy("a\n \n\t\n\n\nb  \t c  \n"), "a\n\nb c");
+        assert_eq!(tidy(&"\n  \n".repeat(200)), "");
+        assert_eq!(tidy("  x\r\ny"), "x\ny");
+    }
+
+    #[test]
+    fn trusted_text_keeps_code_spans_and_escapes_the_rest() {
+        assert_eq!(
+            trusted("`delete_file` is allowed by `delete_*`"),
+            "`delete_file` is allowed by `delete_*`"
+        );
+        let t = trusted("x `<@1>` y <@2> [l](https://e) `a`b`");
+        assert!(t.contains("`<@1>`"), "{t}");
+        assert!(t.contains("\\<\\@2\\>"), "{t}");
+        assert!(t.contains("https\\://"), "{t}");
+        assert!(!t.contains(BACKTICK_STANDIN), "{t}");
+    }
+
+    #[test]
+    fn a_cut_reason_on_an_edit_promises_no_file() {
+        let mut r = request();
+        r.state = State::Denied;
+        r.decided_who = Some("dave".into());
+        r.decided_reason = Some("no ".repeat(400));
+        let c = render(&r, &settings(), false);
+        let footer = c.payload["embeds"][0]["footer"]["text"].as_str().unwrap();
+        assert!(!footer.contains(".json"), "{footer}");
+        assert!(footer.contains("reason truncated"), "{footer}");
+        // Posted fresh, the file is not attached for a reason either.
+        assert!(render(&r, &settings(), true).file.is_none());
     }
 }

@@ -4,7 +4,7 @@
 //! admin role, because Discord's default permissions can be changed by any
 //! server admin.
 
-use super::card::{code_block, inline_code, plain};
+use super::card::{code_block, inline_code, plain, trusted};
 use crate::app::{AppError, Gateway};
 use crate::domain::policy::Effect;
 use serenity::all::{
@@ -344,9 +344,9 @@ pub async fn run(
                 channel.map_or("—".to_string(), |c| inline_code(c, 30)),
                 inline_code(tool, 140),
                 if a.allowed { "allowed" } else { "not allowed" },
-                a.rule,
+                inline_code(a.rule, 60),
                 a.deciding_scope.unwrap_or("none (fail closed)"),
-                plain(&a.detail),
+                trusted(&a.detail),
             );
             if !a.entries.is_empty() {
                 let lines: Vec<String> = a
@@ -489,10 +489,157 @@ pub fn pairing_text(code: &str, expires_ms: i64) -> String {
     )
 }
 
+/// What a user DMs to get a fresh pairing code (case and spaces ignored).
+pub const NEW_CODE_WORDS: &str = "new code";
+/// Codes one user may be given per [`CODE_WINDOW`].
+pub const CODES_PER_WINDOW: usize = 3;
+pub const CODE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+/// Answers to one user's DMs: a burst of this many, then one per [`REPLY_GAP`].
+pub const REPLY_BURST: f64 = 5.0;
+pub const REPLY_GAP: std::time::Duration = std::time::Duration::from_secs(2);
+/// Users remembered at most; older entries are dropped first.
+const MAX_DM_USERS: usize = 10_000;
+
+/// Whether a DM asks for a new pairing code.
+pub fn asks_new_code(text: &str) -> bool {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words.join(" ").to_lowercase() == NEW_CODE_WORDS
+}
+
+/// "You already have a live code" (the code itself is not stored).
+pub fn live_code_text(expires_ms: i64) -> String {
+    format!(
+        "You already have a live Keyturn pairing code (expires <t:{}:R>). Give it to a Keyturn admin. \
+         Lost it? Reply `{NEW_CODE_WORDS}` for a new one; the old one then stops working.",
+        expires_ms.div_euclid(1000)
+    )
+}
+
+/// Per-user limits on DM answers and on new pairing codes, in memory (a
+/// restart forgets them, which only gives a user a few codes more).
+#[derive(Debug, Default)]
+pub struct DmLimiter {
+    users: std::collections::HashMap<String, DmUser>,
+}
+
+#[derive(Debug)]
+struct DmUser {
+    /// Answers left (token bucket) as of `at`.
+    tokens: f64,
+    at: std::time::Instant,
+    codes: std::collections::VecDeque<std::time::Instant>,
+}
+
+impl DmUser {
+    fn new(now: std::time::Instant) -> DmUser {
+        DmUser {
+            tokens: REPLY_BURST,
+            at: now,
+            codes: std::collections::VecDeque::new(),
+        }
+    }
+}
+
+impl DmLimiter {
+    /// Whether to answer this user's DM now; records the answer.
+    pub fn reply(&mut self, user: &str, now: std::time::Instant) -> bool {
+        self.prune(now);
+        let u = self
+            .users
+            .entry(user.to_string())
+            .or_insert_with(|| DmUser::new(now));
+        let refill = now.saturating_duration_since(u.at).as_secs_f64() / REPLY_GAP.as_secs_f64();
+        u.tokens = (u.tokens + refill).min(REPLY_BURST);
+        u.at = now;
+        if u.tokens < 1.0 {
+            return false;
+        }
+        u.tokens -= 1.0;
+        true
+    }
+
+    /// Whether this user may get a new code now; records it. `Err` holds
+    /// how long until one more is allowed.
+    pub fn new_code(
+        &mut self,
+        user: &str,
+        now: std::time::Instant,
+    ) -> Result<(), std::time::Duration> {
+        let u = self
+            .users
+            .entry(user.to_string())
+            .or_insert_with(|| DmUser::new(now));
+        while u
+            .codes
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= CODE_WINDOW)
+        {
+            u.codes.pop_front();
+        }
+        if u.codes.len() >= CODES_PER_WINDOW {
+            let oldest = u.codes.front().copied().unwrap_or(now);
+            return Err(CODE_WINDOW.saturating_sub(now.saturating_duration_since(oldest)));
+        }
+        u.codes.push_back(now);
+        Ok(())
+    }
+
+    /// Gives back the last [`DmLimiter::new_code`] when no code was made
+    /// (the user was already paired, or the store failed).
+    pub fn refund(&mut self, user: &str) {
+        if let Some(u) = self.users.get_mut(user) {
+            u.codes.pop_back();
+        }
+    }
+
+    fn prune(&mut self, now: std::time::Instant) {
+        if self.users.len() < MAX_DM_USERS {
+            return;
+        }
+        self.users.retain(|_, u| {
+            u.codes
+                .back()
+                .is_some_and(|t| now.saturating_duration_since(*t) < CODE_WINDOW)
+        });
+        if self.users.len() >= MAX_DM_USERS {
+            self.users.clear();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serenity::all::CreateCommand;
+
+    #[test]
+    fn new_code_words_are_recognised_loosely() {
+        assert!(asks_new_code("new code"));
+        assert!(asks_new_code("  New   CODE "));
+        assert!(!asks_new_code("hi"));
+        assert!(!asks_new_code("thanks, new code please"));
+    }
+
+    #[test]
+    fn dm_limits_per_user() {
+        let t0 = std::time::Instant::now();
+        let mut l = DmLimiter::default();
+        for _ in 0..REPLY_BURST as usize {
+            assert!(l.reply("a", t0));
+        }
+        assert!(!l.reply("a", t0 + REPLY_GAP / 2));
+        assert!(l.reply("b", t0), "another user is not held up");
+        assert!(l.reply("a", t0 + REPLY_GAP));
+        assert!(!l.reply("a", t0 + REPLY_GAP));
+        for _ in 0..CODES_PER_WINDOW {
+            assert_eq!(l.new_code("a", t0), Ok(()));
+        }
+        assert_eq!(l.new_code("a", t0), Err(CODE_WINDOW));
+        l.refund("a");
+        l.refund("a");
+        assert_eq!(l.new_code("a", t0), Ok(()), "a refunded try counts no more");
+        assert_eq!(l.new_code("a", t0 + CODE_WINDOW), Ok(()));
+    }
 
     #[test]
     fn definitions_fit_discord_limits() {

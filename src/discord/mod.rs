@@ -12,19 +12,20 @@ pub mod outbox;
 pub mod rest;
 pub mod routing;
 
-use crate::app::{AppError, Gateway, RequestEvent};
+use crate::app::connection::ConnectionStatus;
+use crate::app::{now_ms, AppError, Gateway, RequestEvent};
 use crate::config::DiscordConfig;
 use crate::domain::request::RequestId;
 use anyhow::Context as _;
 use card::CardSettings;
 use routing::Route;
 use serenity::all::{
-    ActionRowComponent, ClientBuilder, CommandInteraction, ComponentInteraction, Context,
-    CreateActionRow, CreateAllowedMentions, CreateInputText, CreateInteractionResponse,
-    CreateInteractionResponseFollowup, CreateInteractionResponseMessage, CreateMessage,
-    CreateModal, EditInteractionResponse, Event, EventHandler, GatewayIntents, GuildId, Http,
-    HttpBuilder, InputTextStyle, Interaction, Member, Message, ModalInteraction, RawEventHandler,
-    Ready, ShardManager, UserId,
+    ActionRowComponent, Channel, ChannelId, ClientBuilder, CommandInteraction,
+    ComponentInteraction, Context, CreateActionRow, CreateAllowedMentions, CreateInputText,
+    CreateInteractionResponse, CreateInteractionResponseFollowup, CreateInteractionResponseMessage,
+    CreateMessage, CreateModal, EditInteractionResponse, Event, EventHandler, GatewayIntents,
+    GuildId, Http, HttpBuilder, InputTextStyle, Interaction, Member, Message, ModalInteraction,
+    Permissions, RawEventHandler, Ready, ShardManager, UserId,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,8 +33,10 @@ use tokio::sync::{broadcast, Mutex, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// How long start-up checks may take before `serve` gives up.
-const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long start-up checks may take before `serve` goes on without Discord.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait between two connection attempts while Discord is unreachable.
+const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a click may wait for the store before the reason modal opens anyway.
 const MODAL_CHECK: Duration = Duration::from_millis(1500);
 /// Longest wait between two gateway sessions after failures.
@@ -45,6 +48,7 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 pub struct Bot {
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    status: ConnectionStatus,
 }
 
 /// What the event handlers share.
@@ -53,6 +57,10 @@ struct Shared {
     cfg: DiscordConfig,
     /// Pokes the outbox after a card was marked due from here.
     wake: Arc<Notify>,
+    /// Connected / connecting / failed, for health reports.
+    status: ConnectionStatus,
+    /// Per-user limits on DM answers and pairing codes.
+    dms: Mutex<commands::DmLimiter>,
 }
 
 #[derive(Clone)]
@@ -115,9 +123,105 @@ fn describe(e: &serenity::Error) -> String {
     }
 }
 
-/// Starts the bot: checks the token and the API (failing fast with a clear
-/// error), brings the card outbox up to date, then runs the gateway session
-/// and the outbox in the background until [`Bot::shutdown`].
+/// Why the start-up checks failed.
+#[derive(Debug)]
+enum StartError {
+    /// Bad token, unknown guild or channel, missing permissions: exit.
+    Permanent(String),
+    /// Unreachable, 5xx, 429, no answer: serve anyway and keep trying.
+    Transient(String),
+}
+
+/// Permissions the bot needs in the approvals channel.
+fn needed_permissions() -> Permissions {
+    Permissions::VIEW_CHANNEL
+        | Permissions::SEND_MESSAGES
+        | Permissions::EMBED_LINKS
+        | Permissions::ATTACH_FILES
+        | Permissions::READ_MESSAGE_HISTORY
+}
+
+/// Sorts a failed REST call: a 4xx other than 429 cannot heal by itself.
+fn classify_start(e: &serenity::Error, what: &str) -> StartError {
+    let text = format!("{what}: {}", describe(e));
+    match e {
+        serenity::Error::Http(serenity::http::HttpError::UnsuccessfulRequest(r)) => {
+            let s = r.status_code.as_u16();
+            if (400..500).contains(&s) && s != 429 && s != 408 {
+                StartError::Permanent(text)
+            } else {
+                StartError::Transient(text)
+            }
+        }
+        _ => StartError::Transient(text),
+    }
+}
+
+/// The start-up checks: the token, the gateway URL, the guild, the
+/// approvals channel (in that guild) and the bot's permissions there.
+/// Returns the gateway URL.
+async fn check(http: &Http, cfg: &DiscordConfig, channel: u64) -> Result<String, StartError> {
+    let me = http
+        .get_current_user()
+        .await
+        .map_err(|e| classify_start(&e, "checking the bot token"))?;
+    // serenity silently falls back to wss://gateway.discord.gg when this
+    // fails, and would then hang; ask ourselves.
+    let gateway_url = match &cfg.gateway_url {
+        Some(u) => u.clone(),
+        None => {
+            http.get_gateway()
+                .await
+                .map_err(|e| classify_start(&e, "getting the gateway URL"))?
+                .url
+        }
+    };
+    if let Some(guild) = cfg.guild_id {
+        let g = http
+            .get_guild(GuildId::new(guild))
+            .await
+            .map_err(|e| classify_start(&e, &format!("looking up discord.guild_id {guild}")))?;
+        let ch = match http.get_channel(ChannelId::new(channel)).await {
+            Ok(Channel::Guild(c)) => c,
+            Ok(_) => {
+                return Err(StartError::Permanent(format!(
+                    "discord.approvals_channel_id {channel} is not a server channel"
+                )))
+            }
+            Err(e) => {
+                return Err(classify_start(
+                    &e,
+                    &format!("looking up discord.approvals_channel_id {channel}"),
+                ))
+            }
+        };
+        if ch.guild_id.get() != guild {
+            return Err(StartError::Permanent(format!(
+                "discord.approvals_channel_id {channel} is not in discord.guild_id {guild}"
+            )));
+        }
+        let member = http
+            .get_member(GuildId::new(guild), me.id)
+            .await
+            .map_err(|e| classify_start(&e, "looking up the bot's roles"))?;
+        let have = g.user_permissions_in(&ch, &member);
+        let missing = needed_permissions() - have;
+        if !missing.is_empty() {
+            return Err(StartError::Permanent(format!(
+                "the bot lacks permissions in the approvals channel #{} ({channel}): {missing}",
+                ch.name
+            )));
+        }
+    }
+    tracing::info!(bot.id = %me.id, bot.name = %me.name, gateway = %gateway_url, "Discord bot token accepted");
+    Ok(gateway_url)
+}
+
+/// Starts the bot. Permanent errors (bad token, unknown guild or approvals
+/// channel, missing permissions) fail at once with a clear message. A
+/// transient one (unreachable, 5xx, no answer within the start timeout) is
+/// logged loudly and the bot keeps connecting in the background, so the
+/// sockets are served meanwhile; [`Bot::status`] shows where it stands.
 pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Result<Bot> {
     let cfg = gw.config().discord.clone();
     let channel = cfg
@@ -127,58 +231,38 @@ pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Resu
         .api_base
         .clone()
         .unwrap_or_else(|| "https://discord.com".into());
+    let status = ConnectionStatus::new(now_ms());
     let http = build_http(&cfg);
-    let me = tokio::time::timeout(START_TIMEOUT, http.get_current_user())
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!("Discord API at {where_} did not answer within {START_TIMEOUT:?}")
-        })?
-        .map_err(|e| {
-            anyhow::anyhow!("cannot start the Discord bot ({where_}): {}", describe(&e))
-        })?;
-    // serenity silently falls back to wss://gateway.discord.gg when this
-    // fails, and would then hang; ask ourselves and fail fast.
-    let gateway_url = match &cfg.gateway_url {
-        Some(u) => u.clone(),
-        None => {
-            tokio::time::timeout(START_TIMEOUT, http.get_gateway())
-                .await
-                .map_err(|_| {
-                    anyhow::anyhow!("Discord API at {where_} did not answer GET /gateway")
-                })?
-                .map_err(|e| {
-                    anyhow::anyhow!("cannot get the Discord gateway URL: {}", describe(&e))
-                })?
-                .url
+    let start_timeout = cfg.start_timeout.map_or(START_TIMEOUT, |d| d.0);
+    let first = match tokio::time::timeout(start_timeout, check(&http, &cfg, channel)).await {
+        Ok(Ok(url)) => Some(url),
+        Ok(Err(StartError::Permanent(e))) => {
+            anyhow::bail!("cannot start the Discord bot ({where_}): {e}")
+        }
+        Ok(Err(StartError::Transient(e))) => {
+            tracing::error!(error = %e, "DISCORD UNREACHABLE at start ({where_}); serving without it and retrying in the background");
+            status.failing(now_ms(), e);
+            None
+        }
+        Err(_) => {
+            let e = format!("Discord API at {where_} did not answer within {start_timeout:?}");
+            tracing::error!(error = %e, "DISCORD UNREACHABLE at start; serving without it and retrying in the background");
+            status.failing(now_ms(), e);
+            None
         }
     };
-    tracing::info!(bot.id = %me.id, bot.name = %me.name, gateway = %gateway_url, "Discord bot token accepted");
 
     let stop = parent.child_token();
     let wake = Arc::new(Notify::new());
     let events = gw.subscribe();
-    // Requests queued or decided while the bot was down.
-    let n = gw
-        .store()
-        .card_reconcile(channel)
-        .await
-        .context("while bringing the Discord card outbox up to date")?;
-    if n > 0 {
-        tracing::info!(cards = n, "cards to post or update after start");
-    }
-    let outbox = outbox::Outbox {
-        gw: gw.clone(),
-        rest: rest::Rest::new(&cfg.token.0, cfg.api_base.as_deref()),
-        settings: card_settings(&cfg),
-        wake: wake.clone(),
-    };
     let shared = Arc::new(Shared {
         gw: gw.clone(),
         cfg: cfg.clone(),
         wake: wake.clone(),
+        status: status.clone(),
+        dms: Mutex::default(),
     });
     let tasks = vec![
-        tokio::spawn(outbox.run(stop.clone())),
         tokio::spawn(follow_events(
             gw.clone(),
             events,
@@ -186,12 +270,108 @@ pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Resu
             wake,
             stop.clone(),
         )),
-        tokio::spawn(run_gateway(Handler(shared), gateway_url, stop.clone())),
+        tokio::spawn(connect(
+            Handler(shared),
+            http,
+            first,
+            channel,
+            start_timeout,
+            stop.clone(),
+        )),
     ];
-    Ok(Bot { stop, tasks })
+    Ok(Bot {
+        stop,
+        tasks,
+        status,
+    })
+}
+
+/// Finishes the start in the background: repeats the checks until they
+/// pass (if the first try failed), brings the outbox up to date, then runs
+/// the outbox and the gateway sessions until stopped.
+async fn connect(
+    handler: Handler,
+    http: Http,
+    first: Option<String>,
+    channel: u64,
+    start_timeout: Duration,
+    stop: CancellationToken,
+) {
+    let sh = handler.0.clone();
+    let gateway_url = match first {
+        Some(u) => u,
+        None => {
+            let mut wait = Duration::from_millis(500);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                match tokio::time::timeout(start_timeout, check(&http, &sh.cfg, channel)).await {
+                    Ok(Ok(u)) => {
+                        tracing::warn!("Discord reachable again; the bot is starting");
+                        break u;
+                    }
+                    Ok(Err(StartError::Permanent(e))) => {
+                        tracing::error!(error = %e, "DISCORD REFUSES the bot; fix the configuration (retrying slowly)");
+                        sh.status.failed(now_ms(), e);
+                        wait = MAX_CONNECT_BACKOFF;
+                    }
+                    Ok(Err(StartError::Transient(e))) => {
+                        tracing::error!(error = %e, retry_in = ?wait, "DISCORD STILL UNREACHABLE; cards wait, the sockets are served");
+                        sh.status.failing(now_ms(), e);
+                        wait = (wait * 2).min(MAX_CONNECT_BACKOFF);
+                    }
+                    Err(_) => {
+                        let e = format!("Discord did not answer within {start_timeout:?}");
+                        tracing::error!(error = %e, retry_in = ?wait, "DISCORD STILL UNREACHABLE; cards wait, the sockets are served");
+                        sh.status.failing(now_ms(), e);
+                        wait = (wait * 2).min(MAX_CONNECT_BACKOFF);
+                    }
+                }
+            }
+        }
+    };
+    // Requests queued or decided while the bot was down.
+    loop {
+        match sh.gw.store().card_reconcile(channel).await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(cards = n, "cards to post or update after start");
+                }
+                break;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot bring the card outbox up to date; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+    let outbox = outbox::Outbox {
+        gw: sh.gw.clone(),
+        rest: rest::Rest::new(&sh.cfg.token.0, sh.cfg.api_base.as_deref()),
+        settings: card_settings(&sh.cfg),
+        wake: sh.wake.clone(),
+        status: sh.status.clone(),
+        max_pause: sh
+            .cfg
+            .max_retry_pause
+            .map_or(outbox::DEFAULT_MAX_PAUSE, |d| d.0),
+    };
+    let outbox = tokio::spawn(outbox.run(stop.clone()));
+    run_gateway(handler, gateway_url, stop).await;
+    let _ = outbox.await;
 }
 
 impl Bot {
+    /// The Discord connection's state, for health reports.
+    pub fn status(&self) -> ConnectionStatus {
+        self.status.clone()
+    }
+
     /// Closes the gateway session and stops the outbox; cards not yet
     /// delivered stay in the store for the next start.
     pub async fn shutdown(self) {
@@ -273,13 +453,22 @@ async fn run_gateway(handler: Handler, gateway_url: String, stop: CancellationTo
                         mgr.shutdown_all().await;
                         break;
                     }
-                    Some(Ok(())) => tracing::warn!("Discord gateway session ended"),
+                    Some(Ok(())) => {
+                        tracing::warn!("Discord gateway session ended");
+                        handler.0.status.failing(now_ms(), "gateway session ended");
+                    }
                     Some(Err(e)) => {
-                        tracing::error!(error = %describe(&e), "Discord gateway session failed")
+                        let e = describe(&e);
+                        tracing::error!(error = %e, "Discord gateway session failed");
+                        handler.0.status.failing(now_ms(), format!("gateway: {e}"));
                     }
                 }
             }
-            Err(e) => tracing::error!(error = %describe(&e), "cannot build the Discord client"),
+            Err(e) => {
+                let e = describe(&e);
+                tracing::error!(error = %e, "cannot build the Discord client");
+                handler.0.status.failing(now_ms(), format!("gateway: {e}"));
+            }
         }
         if started.elapsed() > HEALTHY_SESSION {
             backoff = Duration::from_secs(1);
@@ -321,6 +510,13 @@ fn followup(text: impl Into<String>) -> CreateInteractionResponseFollowup {
 impl EventHandler for Handler {
     async fn ready(&self, ctx: Context, ready: Ready) {
         tracing::info!(bot = %ready.user.name, "Discord gateway ready");
+        self.0.status.connected(now_ms());
+        // Discord answers: nothing should sit out a backoff any longer.
+        match self.0.gw.store().cards_retry_now(now_ms()).await {
+            Ok(n) if n > 0 => self.0.wake.notify_one(),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot make waiting cards due"),
+        }
         if let Some(guild) = self.0.cfg.guild_id {
             match GuildId::new(guild)
                 .set_commands(&ctx.http, commands::definitions())
@@ -342,10 +538,52 @@ impl EventHandler for Handler {
         }
         let gw = &self.0.gw;
         let user = msg.author.id.get().to_string();
-        let text = match gw
+        // DMs are answered in a small burst, then one every few seconds per
+        // user, so a flood of DMs is not a flood of Discord calls.
+        if !self.0.dms.lock().await.reply(&user, Instant::now()) {
+            tracing::debug!(user.id = %user, "DM ignored: answered one moments ago");
+            return;
+        }
+        let wants_new = commands::asks_new_code(&msg.content);
+        if !wants_new {
+            // A second "hi" must not kill the code the first one gave.
+            match gw.store().pairing_codes(now_ms()).await {
+                Ok(live) => {
+                    if let Some(p) = live.iter().find(|p| p.user_id == user) {
+                        self.answer_dm(&ctx, &msg, commands::live_code_text(p.expires_ms))
+                            .await;
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot look up pairing codes");
+                    self.answer_dm(&ctx, &msg, "Something went wrong; try again later.".into())
+                        .await;
+                    return;
+                }
+            }
+        }
+        if let Err(wait) = self.0.dms.lock().await.new_code(&user, Instant::now()) {
+            tracing::info!(user.id = %user, "pairing code refused: too many for this user");
+            let at = now_ms() + wait.as_millis() as i64;
+            self.answer_dm(
+                &ctx,
+                &msg,
+                format!(
+                    "You have asked for too many pairing codes; try again <t:{}:R>.",
+                    at.div_euclid(1000) + 1
+                ),
+            )
+            .await;
+            return;
+        }
+        let result = gw
             .request_pairing(&user, Some(msg.author.name.clone()))
-            .await
-        {
+            .await;
+        if result.is_err() {
+            self.0.dms.lock().await.refund(&user);
+        }
+        let text = match result {
             Ok((code, expires)) => commands::pairing_text(&code, expires),
             Err(AppError::Pairing(m)) if m.contains("already paired") => {
                 "You are already paired with Keyturn.".to_string()
@@ -356,12 +594,7 @@ impl EventHandler for Handler {
             }
             Err(e) => format!("Cannot give you a pairing code: {e}"),
         };
-        let reply = CreateMessage::new()
-            .content(text)
-            .allowed_mentions(no_mentions());
-        if let Err(e) = msg.channel_id.send_message(&ctx.http, reply).await {
-            tracing::warn!(error = %describe(&e), "cannot answer a DM");
-        }
+        self.answer_dm(&ctx, &msg, text).await;
     }
 
     async fn interaction_create(&self, ctx: Context, interaction: Interaction) {
@@ -370,6 +603,17 @@ impl EventHandler for Handler {
             Interaction::Modal(m) => self.modal(&ctx, m).await,
             Interaction::Command(c) => self.command(&ctx, c).await,
             _ => {}
+        }
+    }
+}
+
+impl Handler {
+    async fn answer_dm(&self, ctx: &Context, msg: &Message, text: String) {
+        let reply = CreateMessage::new()
+            .content(text)
+            .allowed_mentions(no_mentions());
+        if let Err(e) = msg.channel_id.send_message(&ctx.http, reply).await {
+            tracing::warn!(error = %describe(&e), "cannot answer a DM");
         }
     }
 }
@@ -609,6 +853,26 @@ impl Handler {
                         ephemeral(
                             "This command is for Keyturn admins (the configured admin role).",
                         ),
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %describe(&e), "cannot answer a command");
+                }
+                return;
+            }
+        }
+        if name == "pair" {
+            // An explicit request, but limited per user like DMs.
+            let uid = c.user.id.get().to_string();
+            if let Err(wait) = self.0.dms.lock().await.new_code(&uid, Instant::now()) {
+                tracing::info!(user.id = %uid, "pairing code refused: too many for this user");
+                let at = (now_ms() + wait.as_millis() as i64).div_euclid(1000) + 1;
+                if let Err(e) = c
+                    .create_response(
+                        &ctx.http,
+                        ephemeral(format!(
+                            "You have asked for too many pairing codes; try again <t:{at}:R>."
+                        )),
                     )
                     .await
                 {

@@ -3,12 +3,19 @@
 //!
 //! A card is rendered from the request as stored (never from what a click
 //! assumed). A post's message id is recorded before the next card is
-//! touched, so a card is never posted twice; every failure is retried with
-//! backoff (a 429 waits its `retry_after`), and a restart resumes where the
-//! table says. Imports no serenity: the REST calls are in [`super::rest`].
+//! touched, so a card is never posted twice; a restart resumes where the
+//! table says. Pacing within Discord's rate limits is done by [`super::rest`].
+//!
+//! When Discord fails (network error, 5xx) the whole outbox pauses, not the
+//! one card: the pause grows per failed pass (not per card try), is bounded
+//! by `max_pause` and by a fraction of the oldest card's remaining deadline,
+//! and the next pass starts again with the oldest deadline, so an outage
+//! never reorders cards. The first success after failures makes every
+//! waiting card due at once. Imports no serenity.
 
 use super::card::{self, CardSettings};
 use super::rest::{Rest, RestError};
+use crate::app::connection::ConnectionStatus;
 use crate::app::{now_ms, Gateway};
 use crate::store::CardRow;
 use std::sync::Arc;
@@ -16,33 +23,60 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Tries within one pass before a card is put back with a later retry time.
-const INLINE_TRIES: u32 = 5;
-/// Longest wait between retries of one card.
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Default longest pause of a card that waits for Discord.
+pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(10);
+/// Cards read at a time: the table is read again before every call, so a
+/// card queued meanwhile with an older deadline goes next, even in a flood.
+const PASS: u32 = 1;
+/// Shortest pause after a failure.
+const MIN_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct Outbox {
     pub gw: Arc<Gateway>,
     pub rest: Rest,
     pub settings: CardSettings,
     pub wake: Arc<Notify>,
+    pub status: ConnectionStatus,
+    /// The longest a waiting card is left alone ([`DEFAULT_MAX_PAUSE`]).
+    pub max_pause: Duration,
 }
 
-/// Exponential backoff: 250 ms, 500 ms, 1 s, … capped at [`MAX_BACKOFF`].
-pub fn backoff(attempt: u32) -> Duration {
-    let ms = 250u64.saturating_mul(1u64 << attempt.min(20));
-    Duration::from_millis(ms).min(MAX_BACKOFF)
+/// What one delivery attempt means for the outbox.
+enum Outcome {
+    /// Posted or edited, and recorded.
+    Delivered,
+    /// This card alone was refused and rescheduled.
+    CardLater,
+    /// Discord did not answer properly: pause the whole outbox.
+    Outage,
+    /// A rate limit: the next call waits in [`Rest`]; go on.
+    Paced,
+    Stopped,
+}
+
+/// Exponential backoff per failed pass: 250 ms, 500 ms, 1 s, … capped at
+/// `max`, and at a quarter of the remaining deadline (never under
+/// [`MIN_PAUSE`]) so a pending card is shown pending well before it expires.
+pub fn pause(failed_passes: u32, max: Duration, remaining_ms: i64) -> Duration {
+    let exp = 250u64.saturating_mul(1u64 << failed_passes.saturating_sub(1).min(20));
+    let by_deadline = Duration::from_millis((remaining_ms.max(0) / 4) as u64);
+    Duration::from_millis(exp)
+        .min(max)
+        .min(by_deadline)
+        .max(MIN_PAUSE)
+        .min(max.max(MIN_PAUSE))
 }
 
 impl Outbox {
     /// Runs until `stop` is cancelled. Unfinished cards stay in the table.
     pub async fn run(self, stop: CancellationToken) {
         let store = self.gw.store().clone();
+        let mut failed_passes: u32 = 0;
         loop {
             if stop.is_cancelled() {
                 break;
             }
-            let due = match store.cards_due(now_ms(), 64).await {
+            let due = match store.cards_due(now_ms(), PASS).await {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the card outbox; retrying");
@@ -55,9 +89,34 @@ impl Outbox {
             if !due.is_empty() {
                 for c in due {
                     if stop.is_cancelled() {
-                        break;
+                        return;
                     }
-                    self.deliver(c, &stop).await;
+                    let deadline_ms = c.deadline_ms;
+                    match self.deliver(c, &stop).await {
+                        Outcome::Delivered => {
+                            if failed_passes > 0 {
+                                failed_passes = 0;
+                                tracing::warn!("Discord answers again; sending every waiting card");
+                                if let Err(e) = store.cards_retry_now(now_ms()).await {
+                                    tracing::error!(error = %e, "cannot make waiting cards due");
+                                }
+                                // Start again from the oldest deadline.
+                                break;
+                            }
+                        }
+                        Outcome::CardLater => {}
+                        Outcome::Paced => break,
+                        Outcome::Outage => {
+                            failed_passes = failed_passes.saturating_add(1);
+                            let p = pause(failed_passes, self.max_pause, deadline_ms - now_ms());
+                            tracing::warn!(pause = ?p, failed_passes, "Discord is failing; card outbox paused");
+                            if sleep_or_stop(p, &stop).await {
+                                return;
+                            }
+                            break;
+                        }
+                        Outcome::Stopped => return,
+                    }
                 }
                 continue;
             }
@@ -73,14 +132,14 @@ impl Outbox {
         }
     }
 
-    async fn deliver(&self, mut c: CardRow, stop: &CancellationToken) {
+    async fn deliver(&self, mut c: CardRow, stop: &CancellationToken) -> Outcome {
         let store = self.gw.store();
         let req = match self.gw.status(c.request_id).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(request.id = %c.request_id, error = %e, "cannot load the request of a card");
-                self.later(&c, c.attempts + 1).await;
-                return;
+                self.later(&c).await;
+                return Outcome::CardLater;
             }
         };
         // Who approved so far, for cards that need several approvals.
@@ -99,7 +158,6 @@ impl Outbox {
         } else {
             vec![]
         };
-        let mut tries = 0;
         loop {
             let result = match c.message_id {
                 None => {
@@ -114,8 +172,9 @@ impl Outbox {
                         .map(|_| m)
                 }
             };
-            let wait = match result {
+            return match result {
                 Ok(message_id) => {
+                    self.status.connected(now_ms());
                     if c.message_id.is_none() {
                         tracing::info!(request.id = %req.id, message.id = message_id, "card posted");
                     } else {
@@ -130,15 +189,15 @@ impl Outbox {
                     {
                         tracing::error!(request.id = %req.id, error = %e, "cannot record the card; retrying");
                         n += 1;
-                        if sleep_or_stop(backoff(n), stop).await {
-                            return;
+                        if sleep_or_stop(pause(n, Duration::from_secs(5), i64::MAX), stop).await {
+                            return Outcome::Stopped;
                         }
                     }
-                    return;
+                    Outcome::Delivered
                 }
                 Err(RestError::RateLimited(d)) => {
-                    tracing::warn!(request.id = %req.id, retry_after = ?d, "Discord rate limit; waiting");
-                    d.min(MAX_BACKOFF)
+                    tracing::warn!(request.id = %req.id, retry_after = ?d, "Discord rate limit; pacing");
+                    Outcome::Paced
                 }
                 Err(RestError::UnknownMessage) => {
                     tracing::warn!(request.id = %req.id, "the card was deleted; posting it again");
@@ -147,27 +206,29 @@ impl Outbox {
                 }
                 Err(RestError::Temporary(e)) => {
                     tracing::warn!(request.id = %req.id, error = %e, "card delivery failed; will retry");
-                    backoff(tries)
+                    self.status.failing(now_ms(), format!("card delivery: {e}"));
+                    Outcome::Outage
                 }
                 Err(RestError::Refused(status, e)) => {
                     tracing::error!(request.id = %req.id, status, error = %e, "Discord refused the card; will retry later");
-                    self.later(&c, c.attempts + 1).await;
-                    return;
+                    self.status
+                        .failing(now_ms(), format!("Discord refused a card (HTTP {status})"));
+                    self.later(&c).await;
+                    Outcome::CardLater
                 }
             };
-            tries += 1;
-            if tries >= INLINE_TRIES {
-                self.later(&c, c.attempts + i64::from(tries)).await;
-                return;
-            }
-            if sleep_or_stop(wait, stop).await {
-                return;
-            }
         }
     }
 
-    async fn later(&self, c: &CardRow, attempts: i64) {
-        let at = now_ms() + backoff(attempts.clamp(0, 30) as u32).as_millis() as i64;
+    /// Puts one card back with a bounded per-card backoff.
+    async fn later(&self, c: &CardRow) {
+        let attempts = c.attempts.saturating_add(1);
+        let wait = pause(
+            attempts.clamp(0, 30) as u32,
+            self.max_pause,
+            c.deadline_ms - now_ms(),
+        );
+        let at = now_ms() + wait.as_millis() as i64;
         if let Err(e) = self
             .gw
             .store()
@@ -191,11 +252,26 @@ async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
 mod tests {
     use super::*;
 
+    const FAR: i64 = 1 << 40;
+
     #[test]
-    fn backoff_grows_and_is_capped() {
-        assert_eq!(backoff(0), Duration::from_millis(250));
-        assert_eq!(backoff(2), Duration::from_secs(1));
-        assert_eq!(backoff(30), MAX_BACKOFF);
-        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    fn pause_grows_per_pass_and_is_capped() {
+        let max = DEFAULT_MAX_PAUSE;
+        assert_eq!(pause(1, max, FAR), Duration::from_millis(250));
+        assert_eq!(pause(3, max, FAR), Duration::from_secs(1));
+        assert_eq!(pause(30, max, FAR), max);
+        assert_eq!(pause(u32::MAX, max, FAR), max);
+    }
+
+    #[test]
+    fn pause_stays_well_under_the_remaining_deadline() {
+        let max = DEFAULT_MAX_PAUSE;
+        // The case: 16 s into an outage with 254 s left the next
+        // try was 226 s away; now it is at most 10 s.
+        assert!(pause(7, max, 254_000) <= Duration::from_secs(10));
+        assert_eq!(pause(30, max, 8_000), Duration::from_secs(2));
+        assert_eq!(pause(30, max, 0), MIN_PAUSE);
+        assert_eq!(pause(30, max, -5), MIN_PAUSE);
+        assert_eq!(pause(30, Duration::from_millis(1), FAR), MIN_PAUSE);
     }
 }

@@ -1,12 +1,27 @@
 //! The two REST calls the card outbox makes (post and edit a message), done
-//! with our own HTTP client so that every failure is classified and a 429's
-//! `retry_after` is honoured. serenity's rate limiter cannot run against a
-//! local API base, and with it off serenity drops `retry_after`; this is the
-//! retry logic the tests reach.
+//! with our own HTTP client so that every failure is classified and Discord's
+//! rate limits are followed before a call, not learnt from 429s: the
+//! `X-RateLimit-Bucket`/`Remaining`/`Reset-After` headers per bucket, and
+//! the global limit of [`DISCORD_GLOBAL_PER_SEC`] calls a second (of which
+//! cards take [`GLOBAL_PER_SEC`]). serenity's rate
+//! limiter cannot run against a local API base, and with it off serenity
+//! drops `retry_after`; this is the logic the tests reach.
 
 use super::card::{CardFile, RenderedCard};
 use serde_json::Value;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Discord's global limit: calls per second per bot (interactions aside).
+pub const DISCORD_GLOBAL_PER_SEC: usize = 50;
+/// The share of it card calls take, leaving the rest to serenity's own calls
+/// (start-up, command registration, DMs), which this limiter does not see.
+pub const GLOBAL_PER_SEC: usize = DISCORD_GLOBAL_PER_SEC * 4 / 5;
+/// The window of the global limit, with a margin for clock granularity.
+const GLOBAL_WINDOW: Duration = Duration::from_millis(1020);
+/// Buckets remembered at most (one per route and channel in practice).
+const MAX_BUCKETS: usize = 1024;
 
 /// Why a call failed, by what the caller should do about it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -32,6 +47,152 @@ pub struct Rest {
     /// `…/api/v10`
     base: String,
     auth: String,
+    limits: Arc<Mutex<Limits>>,
+}
+
+/// What Discord said about one rate-limit bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    remaining: u32,
+    reset_at: Instant,
+}
+
+/// The rate-limit state: buckets learnt from headers, and the global window.
+#[derive(Debug, Default)]
+struct Limits {
+    /// Route key (method, route, channel) → bucket id from `X-RateLimit-Bucket`.
+    routes: HashMap<String, String>,
+    buckets: HashMap<String, Bucket>,
+    /// When the last calls finished (at most [`GLOBAL_PER_SEC`]).
+    recent: VecDeque<Instant>,
+    /// Calls sent and not yet answered.
+    in_flight: usize,
+    /// A global 429 stops every call until then.
+    global_until: Option<Instant>,
+}
+
+/// The major parameter of a route key (`POST /channels/<id>/messages`).
+fn major(route: &str) -> &str {
+    route.split('/').nth(2).unwrap_or("")
+}
+
+/// The rate-limit headers of one response.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RateHeaders {
+    pub bucket: Option<String>,
+    pub remaining: Option<u32>,
+    pub reset_after: Option<f64>,
+    pub global: bool,
+}
+
+impl RateHeaders {
+    fn from(h: &reqwest::header::HeaderMap) -> RateHeaders {
+        let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+        RateHeaders {
+            bucket: get("x-ratelimit-bucket").filter(|b| !b.is_empty() && b.len() <= 128),
+            remaining: get("x-ratelimit-remaining").and_then(|v| v.parse().ok()),
+            reset_after: get("x-ratelimit-reset-after")
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| v.is_finite()),
+            global: get("x-ratelimit-global").is_some_and(|v| v == "true")
+                || get("x-ratelimit-scope").is_some_and(|v| v == "global"),
+        }
+    }
+}
+
+impl Limits {
+    /// How long a call on `route` must wait now; zero means it may go.
+    fn wait(&self, route: &str, now: Instant) -> Duration {
+        let mut wait = Duration::ZERO;
+        if let Some(until) = self.global_until {
+            wait = wait.max(until.saturating_duration_since(now));
+        }
+        if let Some(b) = self.routes.get(route).and_then(|id| self.buckets.get(id)) {
+            if b.remaining == 0 {
+                wait = wait.max(b.reset_at.saturating_duration_since(now));
+            }
+        }
+        // Count calls in flight as if they finished now: the window is
+        // measured from answers, which come after Discord counted the call.
+        let used = self.recent.len() + self.in_flight;
+        if used >= GLOBAL_PER_SEC {
+            let oldest_needed = used + 1 - GLOBAL_PER_SEC;
+            match self.recent.get(oldest_needed - 1) {
+                Some(t) => wait = wait.max((*t + GLOBAL_WINDOW).saturating_duration_since(now)),
+                // Every slot is in flight: wait for an answer.
+                None => wait = wait.max(Duration::from_millis(10)),
+            }
+        }
+        wait
+    }
+
+    /// Takes a slot for a call on `route` (after [`Limits::wait`] said zero).
+    fn take(&mut self, route: &str) {
+        self.in_flight += 1;
+        if let Some(b) = self
+            .routes
+            .get(route)
+            .and_then(|id| self.buckets.get_mut(id))
+        {
+            b.remaining = b.remaining.saturating_sub(1);
+        }
+    }
+
+    /// Records the answer to a call on `route` at `now`.
+    fn answered(&mut self, route: &str, now: Instant, h: &RateHeaders, retry: Option<Duration>) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.recent.push_back(now);
+        while self.recent.len() > GLOBAL_PER_SEC {
+            self.recent.pop_front();
+        }
+        if let (true, Some(r)) = (h.global, retry) {
+            self.global_until = Some(now + r);
+            return;
+        }
+        // A bucket is Discord's bucket id with the major parameter (the
+        // channel). A 429 without a bucket id still holds this route back.
+        let id = match (&h.bucket, retry) {
+            (Some(b), _) => format!("{b} {}", major(route)),
+            (None, Some(_)) => self
+                .routes
+                .get(route)
+                .cloned()
+                .unwrap_or_else(|| format!("route {route}")),
+            (None, None) => return,
+        };
+        let id = &id;
+        if self.buckets.len() >= MAX_BUCKETS && !self.buckets.contains_key(id) {
+            self.buckets.retain(|_, b| b.reset_at > now);
+            if self.buckets.len() >= MAX_BUCKETS {
+                self.buckets.clear();
+                self.routes.clear();
+            }
+        }
+        self.routes.insert(route.to_string(), id.clone());
+        let reset_after = retry.or_else(|| {
+            h.reset_after
+                .map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0)))
+        });
+        let remaining = if retry.is_some() {
+            Some(0)
+        } else {
+            h.remaining
+        };
+        if let (Some(remaining), Some(after)) = (remaining, reset_after) {
+            self.buckets.insert(
+                id.clone(),
+                Bucket {
+                    remaining,
+                    reset_at: now + after,
+                },
+            );
+        }
+    }
+
+    /// A call that got no answer (network error) frees its slot.
+    fn unanswered(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
 }
 
 impl Rest {
@@ -49,7 +210,63 @@ impl Rest {
             client,
             base: format!("{origin}/api/v10"),
             auth: format!("Bot {}", token.trim_start_matches("Bot ")),
+            limits: Arc::default(),
         }
+    }
+
+    /// Waits until the rate limits allow a call on `route`, then takes a slot.
+    async fn acquire(&self, route: &str) {
+        loop {
+            let wait = {
+                let mut l = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+                let w = l.wait(route, Instant::now());
+                if w.is_zero() {
+                    l.take(route);
+                    return;
+                }
+                w
+            };
+            tracing::debug!(route, wait = ?wait, "pacing Discord calls");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Sends a call on `route` within the rate limits and classifies the answer.
+    async fn send(&self, route: &str, req: reqwest::RequestBuilder) -> Result<Value, RestError> {
+        self.acquire(route).await;
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.limits
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .unanswered();
+                return Err(RestError::Temporary(e.to_string()));
+            }
+        };
+        let status = resp.status().as_u16();
+        let rate = RateHeaders::from(resp.headers());
+        let header_retry = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<f64>().ok());
+        let text = resp.text().await.unwrap_or_default();
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let result = classify(status, header_retry, &body, &text);
+        let retry = match &result {
+            Err(RestError::RateLimited(d)) => Some(*d),
+            _ => None,
+        };
+        let rate = RateHeaders {
+            global: rate.global || (retry.is_some() && body["global"].as_bool() == Some(true)),
+            ..rate
+        };
+        self.limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .answered(route, Instant::now(), &rate, retry);
+        result
     }
 
     /// Posts a card; returns the new message id.
@@ -71,7 +288,9 @@ impl Rest {
                 req.multipart(form)
             }
         };
-        let body = send(req).await?;
+        let body = self
+            .send(&format!("POST /channels/{channel}/messages"), req)
+            .await?;
         body["id"]
             .as_str()
             .and_then(|s| s.parse().ok())
@@ -93,24 +312,10 @@ impl Rest {
             .header("Authorization", &self.auth)
             .header("Content-Type", "application/json")
             .body(payload.to_string());
-        send(req).await.map(|_| ())
+        self.send(&format!("PATCH /channels/{channel}/messages"), req)
+            .await
+            .map(|_| ())
     }
-}
-
-async fn send(req: reqwest::RequestBuilder) -> Result<Value, RestError> {
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| RestError::Temporary(e.to_string()))?;
-    let status = resp.status().as_u16();
-    let header_retry = resp
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<f64>().ok());
-    let text = resp.text().await.unwrap_or_default();
-    let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    classify(status, header_retry, &body, &text)
 }
 
 /// Maps a response to a result; pure, so the retry rules are unit tested.
@@ -144,6 +349,80 @@ pub fn classify(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn headers(bucket: &str, remaining: u32, reset_after: f64) -> RateHeaders {
+        RateHeaders {
+            bucket: Some(bucket.into()),
+            remaining: Some(remaining),
+            reset_after: Some(reset_after),
+            global: false,
+        }
+    }
+
+    #[test]
+    fn an_exhausted_bucket_waits_for_its_reset() {
+        let mut l = Limits::default();
+        let t0 = Instant::now();
+        let r = "POST /channels/1/messages";
+        assert_eq!(l.wait(r, t0), Duration::ZERO);
+        l.take(r);
+        l.answered(r, t0, &headers("b", 1, 2.0), None);
+        assert_eq!(l.wait(r, t0), Duration::ZERO);
+        l.take(r);
+        l.answered(r, t0, &headers("b", 0, 2.0), None);
+        assert_eq!(l.wait(r, t0), Duration::from_secs(2));
+        assert_eq!(l.wait(r, t0 + Duration::from_secs(2)), Duration::ZERO);
+        // Another route is not held up by this bucket.
+        assert_eq!(l.wait("PATCH /channels/1/messages", t0), Duration::ZERO);
+    }
+
+    #[test]
+    fn buckets_are_per_channel_and_a_bare_429_still_holds_back() {
+        let mut l = Limits::default();
+        let t0 = Instant::now();
+        let (a, b) = ("POST /channels/1/messages", "POST /channels/2/messages");
+        l.take(a);
+        l.answered(a, t0, &headers("m", 0, 2.0), None);
+        l.take(b);
+        l.answered(b, t0, &headers("m", 4, 2.0), None);
+        assert_eq!(
+            l.wait(a, t0),
+            Duration::from_secs(2),
+            "same bucket, other channel"
+        );
+        assert_eq!(l.wait(b, t0), Duration::ZERO);
+        let c = "PATCH /channels/3/messages";
+        l.take(c);
+        l.answered(c, t0, &RateHeaders::default(), Some(Duration::from_secs(1)));
+        assert_eq!(l.wait(c, t0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_global_limit_spaces_calls() {
+        let mut l = Limits::default();
+        let t0 = Instant::now();
+        for i in 0..GLOBAL_PER_SEC {
+            let r = format!("POST /channels/{i}/messages");
+            assert_eq!(l.wait(&r, t0), Duration::ZERO, "call {i}");
+            l.take(&r);
+            l.answered(&r, t0, &RateHeaders::default(), None);
+        }
+        assert_eq!(l.wait("x", t0), GLOBAL_WINDOW);
+        assert_eq!(l.wait("x", t0 + GLOBAL_WINDOW), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_global_429_stops_every_route() {
+        let mut l = Limits::default();
+        let t0 = Instant::now();
+        l.take("a");
+        let h = RateHeaders {
+            global: true,
+            ..RateHeaders::default()
+        };
+        l.answered("a", t0, &h, Some(Duration::from_secs(3)));
+        assert_eq!(l.wait("b", t0), Duration::from_secs(3));
+    }
 
     #[test]
     fn failures_are_classified() {

@@ -1011,7 +1011,9 @@ fn host_of_authority(authority: &str) -> String {
     } else {
         hostport.split(':').next().unwrap_or(hostport)
     };
-    host.trim_end_matches('.').to_lowercase()
+    // Prose around a URL, as in "(see https://host)," is not part of the host.
+    host.trim_end_matches(['.', ')', ']', ',', ';', '!', '*', '\''])
+        .to_lowercase()
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -1636,5 +1638,24 @@ mod tests {
             let f = s.scan("run_shell", &json!({"note": text}), text);
             assert!(f.is_empty(), "flagged: {text}: {f:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod host_punctuation_tests {
+    use super::*;
+
+    #[test]
+    fn closing_punctuation_is_not_part_of_a_host() {
+        assert_eq!(
+            hosts_in("(see https://Evil.example)."),
+            vec!["evil.example".to_string()]
+        );
+        assert_eq!(
+            hosts_in("https://a.example), https://b.example;"),
+            vec!["a.example".to_string(), "b.example".to_string()]
+        );
+        assert_eq!(host_of_authority("user@[::1]:80"), "::1");
+        assert_eq!(host_of_authority("host.example:8080"), "host.example");
     }
 }

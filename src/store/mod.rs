@@ -316,6 +316,10 @@ pub trait Store: Send + Sync + 'static {
         version: i64,
         rendered_state: String,
     ) -> StoreResult<()>;
+    /// Makes every waiting card (retry time after `now_ms`) due at once:
+    /// Discord answers again, so nothing should sit out its backoff.
+    /// Returns how many cards were waiting.
+    async fn cards_retry_now(&self, now_ms: i64) -> StoreResult<u64>;
     /// Records a failed attempt; the card is retried at `next_attempt_ms`.
     async fn card_retry_later(
         &self,

@@ -199,6 +199,41 @@ pub struct FakeDiscordConfig {
     pub heartbeat_interval_ms: u64,
     /// Discord's limit for the initial interaction response.
     pub interaction_deadline: Duration,
+    /// Rate limits enforced on bot REST calls (not webhooks/interactions), with Discord's
+    /// headers on every reply. `None`: no limits, no headers.
+    pub rate_limits: Option<FakeRateLimits>,
+    /// Bind this port instead of a free one (to start a fake where a bot already points).
+    pub port: Option<u16>,
+}
+
+/// Discord-like rate limits: a fixed window per bucket and major parameter (reported in
+/// `X-RateLimit-*` headers), and a global limit per rolling second that is never
+/// advertised (Discord's 50/s). Excess calls get a 429 and are counted
+/// ([`FakeDiscord::rate_limited_count`]).
+#[derive(Clone, Debug)]
+pub struct FakeRateLimits {
+    pub bucket_limit: u32,
+    pub bucket_window: Duration,
+    pub global_per_sec: usize,
+}
+
+impl Default for FakeRateLimits {
+    fn default() -> Self {
+        Self {
+            bucket_limit: 50,
+            bucket_window: Duration::from_secs(1),
+            global_per_sec: 50,
+        }
+    }
+}
+
+/// How the fake misbehaves during an outage ([`FakeDiscord::outage`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutageMode {
+    /// Every REST call gets 503.
+    Unavailable,
+    /// REST calls get no answer until the outage ends.
+    Silence,
 }
 
 impl Default for FakeDiscordConfig {
@@ -238,6 +273,8 @@ impl Default for FakeDiscordConfig {
             ],
             heartbeat_interval_ms: 1000,
             interaction_deadline: Duration::from_secs(3),
+            rate_limits: Some(FakeRateLimits::default()),
+            port: None,
         }
     }
 }
@@ -538,6 +575,14 @@ struct FakeState {
     dm_channels: BTreeMap<u64, u64>,
     interactions: BTreeMap<u64, InteractionState>,
     failures: Vec<FailRule>,
+    /// Per bucket and major parameter: (window end, calls in the window).
+    buckets: BTreeMap<String, (Instant, u32)>,
+    /// Arrival times of recent calls, for the global limit.
+    global_recent: std::collections::VecDeque<Instant>,
+    /// 429s the rate limits produced (not injected ones).
+    rate_limited: usize,
+    /// An outage in progress: its end and mode.
+    outage: Option<(Instant, OutageMode)>,
     guild_commands: Vec<Value>,
     global_commands: Vec<Value>,
     gw: GatewayState,
@@ -604,7 +649,7 @@ impl Drop for FakeDiscord {
 impl FakeDiscord {
     /// Binds `127.0.0.1:0` and serves REST and the gateway.
     pub async fn start(cfg: FakeDiscordConfig) -> FakeDiscord {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", cfg.port.unwrap_or(0)))
             .await
             .expect("fake discord: bind 127.0.0.1:0");
         let port = listener
@@ -623,6 +668,10 @@ impl FakeDiscord {
                 dm_channels: BTreeMap::new(),
                 interactions: BTreeMap::new(),
                 failures: Vec::new(),
+                buckets: BTreeMap::new(),
+                global_recent: std::collections::VecDeque::new(),
+                rate_limited: 0,
+                outage: None,
                 guild_commands: Vec::new(),
                 global_commands: Vec::new(),
                 gw: GatewayState {
@@ -977,6 +1026,25 @@ impl FakeDiscord {
             status,
             body,
         });
+    }
+
+    /// From now on, for `length`, every REST call fails the way `mode` says; then the fake
+    /// recovers by itself. Returns the instant of recovery.
+    pub fn outage(&self, length: Duration, mode: OutageMode) -> Instant {
+        let until = Instant::now() + length;
+        self.inner.lock().outage = Some((until, mode));
+        until
+    }
+
+    /// Ends an outage now.
+    pub fn end_outage(&self) {
+        self.inner.lock().outage = None;
+        self.inner.bump();
+    }
+
+    /// How many 429s the rate limits produced so far.
+    pub fn rate_limited_count(&self) -> usize {
+        self.inner.lock().rate_limited
     }
 
     /// A ready-made Discord 429 body.
@@ -1936,6 +2004,16 @@ async fn rest_entry(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let silent_until = {
+        let st = inner.lock();
+        match st.outage {
+            Some((until, OutageMode::Silence)) if until > Instant::now() => Some(until),
+            _ => None,
+        }
+    };
+    if let Some(until) = silent_until {
+        tokio::time::sleep_until(until.into()).await;
+    }
     let reply = inner.handle_rest(method.as_str(), &uri, &headers, &body);
     inner.bump();
     reply.into_response()
@@ -1994,6 +2072,10 @@ impl Inner {
                 format!("{}: bad Authorization header {auth:?}", req.what()),
             );
             Reply::error(401, 0, "401: Unauthorized")
+        } else if matches!(st.outage, Some((until, OutageMode::Unavailable)) if until > Instant::now())
+        {
+            injected = true;
+            Reply::error(503, 0, "503: Service Unavailable")
         } else if let Some(pos) = st
             .failures
             .iter()
@@ -2002,8 +2084,17 @@ impl Inner {
             injected = true;
             let rule = st.failures.remove(pos);
             failure_reply(rule)
-        } else {
+        } else if is_webhook {
             self.route(&mut st, &req)
+        } else {
+            match self.rate_limit(&mut st, &req) {
+                Err(limited) => limited,
+                Ok(headers) => {
+                    let mut r = self.route(&mut st, &req);
+                    r.headers.extend(headers);
+                    r
+                }
+            }
         };
         if let Some(b) = &reply.body {
             if reply.status < 300 {
@@ -2031,6 +2122,95 @@ impl Inner {
             at: Instant::now(),
         });
         reply
+    }
+
+    /// Applies the rate limits to a bot call: the headers to add, or the 429.
+    fn rate_limit(&self, st: &mut FakeState, req: &Req) -> Result<Vec<(String, String)>, Reply> {
+        let Some(rl) = &self.cfg.rate_limits else {
+            return Ok(Vec::new());
+        };
+        let now = Instant::now();
+        // Global: a rolling second, never advertised.
+        while st
+            .global_recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            st.global_recent.pop_front();
+        }
+        if st.global_recent.len() >= rl.global_per_sec {
+            st.rate_limited += 1;
+            let retry = st.global_recent.front().map_or(Duration::ZERO, |t| {
+                (*t + Duration::from_secs(1)).duration_since(now)
+            });
+            let secs = retry.as_secs_f64();
+            return Err(Reply {
+                status: 429,
+                body: Some(
+                    json!({"message": "You are being rate limited.", "retry_after": secs, "global": true}),
+                ),
+                headers: vec![
+                    ("retry-after".into(), format!("{}", secs.ceil() as u64)),
+                    ("x-ratelimit-global".into(), "true".into()),
+                    ("x-ratelimit-scope".into(), "global".into()),
+                ],
+            });
+        }
+        st.global_recent.push_back(now);
+        // Bucket: the route with ids after the major parameter (segment 1) wildcarded.
+        let template: Vec<&str> = req
+            .segs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                if i >= 2 && x.parse::<u64>().is_ok() {
+                    "*"
+                } else if i == 1 && x.parse::<u64>().is_ok() {
+                    "{major}"
+                } else {
+                    x.as_str()
+                }
+            })
+            .collect();
+        let template = format!("{} /{}", req.method, template.join("/"));
+        let bucket_id = format!("{:016x}", fnv(&template));
+        let major = req.segs.get(1).cloned().unwrap_or_default();
+        let key = format!("{bucket_id}:{major}");
+        let entry = st.buckets.entry(key).or_insert((now, 0));
+        if now >= entry.0 {
+            *entry = (now + rl.bucket_window, 0);
+        }
+        let reset_after = entry.0.duration_since(now).as_secs_f64();
+        let mut headers = vec![
+            ("x-ratelimit-limit".to_string(), rl.bucket_limit.to_string()),
+            ("x-ratelimit-bucket".to_string(), bucket_id),
+            (
+                "x-ratelimit-reset-after".to_string(),
+                format!("{reset_after:.3}"),
+            ),
+        ];
+        if entry.1 >= rl.bucket_limit {
+            st.rate_limited += 1;
+            headers.push(("x-ratelimit-remaining".into(), "0".into()));
+            headers.push((
+                "retry-after".into(),
+                format!("{}", reset_after.ceil() as u64),
+            ));
+            headers.push(("x-ratelimit-scope".into(), "user".into()));
+            return Err(Reply {
+                status: 429,
+                body: Some(
+                    json!({"message": "You are being rate limited.", "retry_after": reset_after, "global": false}),
+                ),
+                headers,
+            });
+        }
+        entry.1 += 1;
+        headers.push((
+            "x-ratelimit-remaining".to_string(),
+            (rl.bucket_limit - entry.1).to_string(),
+        ));
+        Ok(headers)
     }
 
     fn route(&self, st: &mut FakeState, req: &Req) -> Reply {
@@ -2079,7 +2259,8 @@ impl Inner {
                 } else if let Some(u) = st.dm_recipient(c) {
                     Reply::json(dm_channel_json(cfg, c, u))
                 } else {
-                    self.not_found(st, req, 10003, "Unknown Channel")
+                    // Not a violation: a bot checking a configured channel id is legitimate.
+                    Reply::error(404, 10003, "Unknown Channel")
                 }
             }
             ("POST", ["channels", _, "messages"]) => {
@@ -2166,6 +2347,8 @@ impl Inner {
                         .collect(),
                 ))
             }
+            // Looking up a guild the bot is not in is legitimate (a wrong guild_id).
+            ("GET", ["guilds", _]) => Reply::error(404, 10004, "Unknown Guild"),
             ("GET", ["guilds", _, "members", _]) if id(1) == Some(cfg.guild_id) => {
                 match id(3).and_then(|u| member_json(cfg, u, true, false)) {
                     Some(mut m) => {
@@ -2761,6 +2944,13 @@ impl Inner {
         }
         Reply::json(Value::Array(echoed))
     }
+}
+
+/// FNV-1a, for stable fake bucket ids.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn failure_reply(rule: FailRule) -> Reply {
@@ -3852,6 +4042,10 @@ mod self_check {
                 dm_channels: BTreeMap::new(),
                 interactions: BTreeMap::new(),
                 failures: Vec::new(),
+                buckets: BTreeMap::new(),
+                global_recent: std::collections::VecDeque::new(),
+                rate_limited: 0,
+                outage: None,
                 guild_commands: Vec::new(),
                 global_commands: Vec::new(),
                 gw: GatewayState {

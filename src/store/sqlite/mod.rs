@@ -833,6 +833,13 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn cards_retry_now(&self, now_ms: i64) -> StoreResult<u64> {
+        match self.write(Op::CardsRetryNow(now_ms)).await? {
+            Reply::Count(n) => Ok(n),
+            _ => Err(unexpected()),
+        }
+    }
+
     async fn card_retry_later(
         &self,
         request_id: RequestId,

@@ -73,6 +73,8 @@ pub(super) enum Op {
     CardTouch(RequestId, u64, i64),
     CardReconcile(u64),
     CardDone(RequestId, u64, i64, String),
+    /// Every waiting card due now (Discord answered again).
+    CardsRetryNow(i64),
     CardRetry(RequestId, i64, i64),
 }
 
@@ -814,6 +816,15 @@ fn exec<'a>(tx: &Transaction<'_>, op: &'a Op, ev: &mut Events<'a>) -> StoreResul
             )?
             .execute(params![*message as i64, version, state, id.to_string()])?;
             Reply::Unit
+        }
+        Op::CardsRetryNow(now) => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE discord_cards SET next_attempt_ms = 0 \
+                     WHERE want > done AND next_attempt_ms > ?1",
+                )?
+                .execute(params![now])?;
+            Reply::Count(n as u64)
         }
         Op::CardRetry(id, attempts, next) => {
             tx.prepare_cached(
