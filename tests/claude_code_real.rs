@@ -53,10 +53,11 @@ struct Call {
     command: String,
 }
 
-/// Every request the stand-in received: (method, path, JSON body or null).
+/// Every request the stand-in received: (method, path, JSON body or null,
+/// when it arrived).
 #[derive(Default)]
 struct Log {
-    requests: Mutex<Vec<(String, String, Value)>>,
+    requests: Mutex<Vec<(String, String, Value, Instant)>>,
     changed: Condvar,
 }
 
@@ -156,6 +157,7 @@ impl StandIn {
             |State((log, script, turns)): State<Shared>, req: Request| async move {
                 let method = req.method().to_string();
                 let path = req.uri().path().to_string();
+                let at = Instant::now();
                 let bytes = axum::body::to_bytes(req.into_body(), 64 * 1024 * 1024)
                     .await
                     .unwrap_or_default();
@@ -174,7 +176,7 @@ impl StandIn {
                     }
                 };
                 let mut r = log.requests.lock().expect("lock");
-                r.push((method, path, body));
+                r.push((method, path, body, at));
                 log.changed.notify_all();
                 resp
             },
@@ -200,8 +202,8 @@ impl StandIn {
             .lock()
             .expect("lock")
             .iter()
-            .filter(|(m, p, _)| m == "POST" && p == "/v1/messages")
-            .map(|(_, _, b)| b.clone())
+            .filter(|(m, p, _, _)| m == "POST" && p == "/v1/messages")
+            .map(|(_, _, b, _)| b.clone())
             .collect()
     }
 
@@ -213,13 +215,30 @@ impl StandIn {
         loop {
             let found = reqs
                 .iter()
-                .filter_map(|(_, _, b)| nth_tool_result(b, n))
+                .filter_map(|(_, _, b, _)| nth_tool_result(b, n))
                 .next();
             if let Some(r) = found {
                 return r;
             }
             let left = until.saturating_duration_since(Instant::now());
             assert!(!left.is_zero(), "no tool_result #{n} within {within:?}");
+            reqs = self.log.changed.wait_timeout(reqs, left).expect("lock").0;
+        }
+    }
+
+    /// Waits until the first request arrived; returns when it did.
+    fn wait_first_request(&self, within: Duration) -> Instant {
+        let until = Instant::now() + within;
+        let mut reqs = self.log.requests.lock().expect("lock");
+        loop {
+            if let Some((_, _, _, at)) = reqs.first() {
+                return *at;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "Claude Code sent no request within {within:?}"
+            );
             reqs = self.log.changed.wait_timeout(reqs, left).expect("lock").0;
         }
     }
@@ -231,7 +250,7 @@ impl StandIn {
             .lock()
             .expect("lock")
             .iter()
-            .map(|(m, p, _)| format!("{m} {p}"))
+            .map(|(m, p, _, _)| format!("{m} {p}"))
             .collect()
     }
 }
@@ -266,6 +285,7 @@ fn result_text(r: &Value) -> String {
 
 struct Run {
     code: Option<i32>,
+    started: Instant,
     /// `--output-format stream-json` lines: Claude Code's own transcript.
     transcript: Vec<Value>,
     stderr: String,
@@ -388,6 +408,7 @@ fn claude(claude: &Path, project: &Project, api: &StandIn, settings: &Value) -> 
     };
     let run = Run {
         code: out.status.code(),
+        started,
         transcript: String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
@@ -416,6 +437,13 @@ fn claude_in_background(
     std::thread::spawn(move || claude(&bin, &project, &api, &settings))
 }
 
+/// The id of the hook's request, once Claude Code (start-up: about a second
+/// here, more on a loaded machine) has asked the stand-in and run the hook.
+fn queued(s: &Server, api: &StandIn) -> String {
+    api.wait_first_request(CLAUDE_DEADLINE);
+    s.wait_queued("Bash")
+}
+
 // ------------------------------------------------------------------ tests
 
 /// The baseline every figure is measured against: no hook at all.
@@ -431,7 +459,9 @@ fn claude_code_runs_the_stand_ins_tool_call_without_a_hook() {
     assert_eq!(r["tool_use_id"], "toolu_plain", "{r}");
     assert_ne!(r["is_error"], true, "{r}");
     eprintln!(
-        "FIGURE: claude -p start to exit, two turns, no hook: {:?}",
+        "FIGURE: no hook: spawn to first API request {:?}, spawn to exit (two turns) {:?}",
+        api.wait_first_request(Duration::ZERO)
+            .duration_since(run.started),
         run.took
     );
 }
@@ -449,7 +479,7 @@ fn a_human_approval_lets_the_command_run() {
         api.clone(),
         settings(hook_entry(&keyturn_hook(&s.socket), 600, true)),
     );
-    let id = s.wait_queued("Bash");
+    let id = queued(&s, &api);
     let queued = started.elapsed();
     assert!(!p.marker("approved").exists(), "ran before the approval");
     s.approve(&id, "fine to touch");
@@ -480,7 +510,7 @@ fn a_human_denial_blocks_the_command_and_claude_sees_why() {
         api.clone(),
         settings(hook_entry(&keyturn_hook(&s.socket), 600, true)),
     );
-    let id = s.wait_queued("Bash");
+    let id = queued(&s, &api);
     s.deny(&id, "not on a Friday");
     let run = running.join().expect("claude thread");
     eprintln!("FIGURE: deny case: claude exited after {:?}", run.took);
@@ -588,7 +618,7 @@ fn a_reused_tool_use_id_for_another_command_is_denied() {
         api.clone(),
         settings(hook_entry(&keyturn_hook(&s.socket), 600, true)),
     );
-    let id = s.wait_queued("Bash");
+    let id = queued(&s, &api);
     s.approve(&id, "the first one only");
     let run = running.join().expect("claude thread");
     eprintln!("FIGURE: reused id case: claude exited after {:?}", run.took);
@@ -625,7 +655,7 @@ fn a_reused_tool_use_id_for_another_command_is_denied() {
 /// Claude Code's own hook `timeout` (2 s) fires long before the hook's wait
 /// (540 s, the command lying that Claude's is 600 s): with onFailure the call
 /// is blocked, and the killed hook's request is withdrawn (`client_gone`),
-/// so a late approval can run nothing.
+/// so a late approval can run nothing. Without onFailure the command runs.
 #[test]
 fn claude_codes_hook_timeout_blocks_and_withdraws_the_request() {
     let Some(bin) = claude_bin() else { return };
@@ -638,7 +668,7 @@ fn claude_codes_hook_timeout_blocks_and_withdraws_the_request() {
         api.clone(),
         settings(hook_entry(&keyturn_hook(&s.socket), 2, true)),
     );
-    let id = s.wait_queued("Bash");
+    let id = queued(&s, &api);
     let run = running.join().expect("claude thread");
     eprintln!(
         "FIGURE: hook timeout case: claude exited after {:?}",
@@ -660,4 +690,32 @@ fn claude_codes_hook_timeout_blocks_and_withdraws_the_request() {
         .rpc("approve", json!({"id": id, "reason": "too late"}))
         .expect_err("approving a withdrawn request must fail");
     assert_eq!(late["data"]["code"], "already_decided", "{late}");
+
+    // The same without onFailure: Claude Code gives up on the hook and runs
+    // the command (what the README warns about), while Keyturn still
+    // withdraws the request, so no card is left for a late click.
+    let p = Arc::new(Project::new());
+    let api = Arc::new(StandIn::start(vec![p.touch("toolu_slow_open", "open")]));
+    let running = claude_in_background(
+        claude_bin().expect("claude"),
+        p.clone(),
+        api.clone(),
+        settings(hook_entry(&keyturn_hook(&s.socket), 2, false)),
+    );
+    let id = queued(&s, &api);
+    let run = running.join().expect("claude thread");
+    let r = api.wait_tool_result(0, Duration::from_secs(1));
+    eprintln!(
+        "OBSERVED: hook timeout WITHOUT onFailure: marker exists = {}, tool_result {r}",
+        p.marker("open").exists()
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        p.marker("open").exists(),
+        "Claude Code no longer runs the tool when the hook times out without onFailure"
+    );
+    s.wait_log(
+        |l| l.contains("the client went away; request cancelled") && l.contains(&id),
+        Duration::from_secs(10),
+    );
 }
