@@ -468,7 +468,11 @@ fn health_text(v: &Value) -> String {
         }
         out.push_str(&format!(
             "\n  {name}: {}{}",
-            if c["up"].as_bool() == Some(true) { "up" } else { "DOWN" },
+            if c["up"].as_bool() == Some(true) {
+                "up"
+            } else {
+                "DOWN"
+            },
             match c["state"].as_str() {
                 Some(s) if s != "up" && s != "down" => format!(" ({})", printable(s)),
                 _ => String::new(),

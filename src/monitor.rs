@@ -43,9 +43,9 @@ pub struct Monitor {
 
 /// Binds `addr`; a failure is a start-up error naming the key.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("while binding the health and metrics listener metrics.listen = {addr}"))
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("while binding the health and metrics listener metrics.listen = {addr}")
+    })
 }
 
 /// Serves until `stop` is cancelled.
@@ -156,9 +156,7 @@ impl Collector for Snapshot {
         ] {
             let s = h.snapshot();
             enc.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?
-                .encode_histogram::<NoLabelSet>(
-                    s.sum_s, s.count, &s.buckets, None,
-                )?;
+                .encode_histogram::<NoLabelSet>(s.sum_s, s.count, &s.buckets, None)?;
         }
 
         let (agent, admin) = m.connections();
@@ -168,8 +166,10 @@ impl Collector for Snapshot {
             None,
             MetricType::Gauge,
         )?;
-        e.encode_family(&[("socket", "agent")])?.encode_gauge(&agent)?;
-        e.encode_family(&[("socket", "admin")])?.encode_gauge(&admin)?;
+        e.encode_family(&[("socket", "agent")])?
+            .encode_gauge(&agent)?;
+        e.encode_family(&[("socket", "admin")])?
+            .encode_gauge(&admin)?;
 
         if let Some(n) = self.backlog {
             enc.encode_descriptor(

@@ -106,7 +106,9 @@ pub async fn run_until(
 
     let monitor = match monitor_listener {
         Some(l) => {
-            let addr = l.local_addr().context("while reading the metrics address")?;
+            let addr = l
+                .local_addr()
+                .context("while reading the metrics address")?;
             tracing::info!(%addr, "health and metrics listening on http://{addr}/healthz and /metrics");
             println!("keyturn: metrics on http://{addr}");
             let m = crate::monitor::Monitor {

@@ -59,8 +59,13 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 /// The value of one sample line (`name{labels} value`), if present.
 fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Polls `/metrics` until `series` has `want`, or fails with the last text.
@@ -175,7 +180,10 @@ fn health_and_metrics_on_a_running_server() {
     // Every decision above was committed by the writer.
     let commits = sample(&text, "keyturn_store_commit_seconds_count").expect("commits");
     assert!(commits >= 1.0, "{text}");
-    assert!(text.contains("# TYPE keyturn_store_commit_seconds histogram"), "{text}");
+    assert!(
+        text.contains("# TYPE keyturn_store_commit_seconds histogram"),
+        "{text}"
+    );
     // Discord is not configured: no Discord series.
     assert!(!text.contains("keyturn_discord_"), "{text}");
     assert!(text.trim_end().ends_with("# EOF"), "{text}");

@@ -89,7 +89,10 @@ impl Histogram {
             .enumerate()
             .map(|(i, b)| (*b, self.buckets[i].load(Relaxed)))
             .collect();
-        buckets.push((f64::INFINITY, self.buckets[self.bounds_s.len()].load(Relaxed)));
+        buckets.push((
+            f64::INFINITY,
+            self.buckets[self.bounds_s.len()].load(Relaxed),
+        ));
         HistogramSnapshot {
             sum_s: self.sum_micros.load(Relaxed) as f64 / 1e6,
             count: self.count.load(Relaxed),
@@ -139,7 +142,8 @@ impl Metrics {
         if r.decided_by == Some(DecidedBy::Human) {
             if let Some(at) = r.decided_ms {
                 let ms = (at - r.created_ms).max(0) as u64;
-                self.time_to_decision.observe_micros(ms.saturating_mul(1000));
+                self.time_to_decision
+                    .observe_micros(ms.saturating_mul(1000));
             }
         }
     }
@@ -149,7 +153,11 @@ impl Metrics {
         let mut out = Vec::with_capacity(OUTCOMES.len() * DECIDERS.len());
         for (o, outcome) in OUTCOMES.iter().enumerate() {
             for (d, by) in DECIDERS.iter().enumerate() {
-                out.push((outcome.as_str(), by.as_str(), self.decisions[o][d].load(Relaxed)));
+                out.push((
+                    outcome.as_str(),
+                    by.as_str(),
+                    self.decisions[o][d].load(Relaxed),
+                ));
             }
         }
         out
