@@ -5,8 +5,8 @@
 //! the agent socket by connecting to its path, like any client would).
 //!
 //! Off by default and loopback by default (config validation refuses a
-//! remote address unless `metrics.allow_remote`). It serves nothing else
-//! and reads no request body.
+//! remote address unless `metrics.allow_remote`). It serves nothing else,
+//! reads no request body, and bounds its connections (how many, how long).
 
 use crate::app::connection::{ConnectionState, ConnectionStatus};
 use crate::app::health::HealthProbe;
@@ -20,12 +20,23 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 32;
+/// The longest a connection lives, whatever it sends (or does not send):
+/// a client that stalls cannot hold a slot for longer.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// How long `/healthz` waits to connect to the agent socket.
 const SOCKET_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -54,6 +65,10 @@ pub async fn serve(listener: TcpListener, monitor: Monitor, stop: CancellationTo
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .with_state(Arc::new(monitor));
+    let listener = Bounded {
+        inner: listener,
+        slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+    };
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
@@ -193,5 +208,104 @@ impl Collector for Snapshot {
             }
         }
         Ok(())
+    }
+}
+
+/// The TCP listener with a bound on open connections and on each one's
+/// lifetime (axum's own listener has neither).
+struct Bounded {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = BoundedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            // Wait for a free slot before accepting: the rest queue in the backlog.
+            let Ok(permit) = self.slots.clone().acquire_owned().await else {
+                // Never closed; wait rather than spin if it were.
+                std::future::pending::<()>().await;
+                continue;
+            };
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let io = BoundedStream {
+                        stream,
+                        deadline: Box::pin(tokio::time::sleep(CONNECTION_LIFETIME)),
+                        _permit: permit,
+                    };
+                    return (io, addr);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that holds its slot, and fails its reads and writes once
+/// its lifetime is over (the server then closes it).
+struct BoundedStream {
+    stream: TcpStream,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl BoundedStream {
+    fn expired(&mut self, cx: &mut TaskContext<'_>) -> bool {
+        self.deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn too_long() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "metrics connection open too long",
+    )
+}
+
+impl AsyncRead for BoundedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.expired(cx) {
+            return Poll::Ready(Err(too_long()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for BoundedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.expired(cx) {
+            return Poll::Ready(Err(too_long()));
+        }
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
