@@ -1,6 +1,6 @@
 //! The command line: `serve` runs the daemon; every other subcommand is a
 //! client of one of its sockets: agent subcommands (request, check, exec,
-//! hook, mcp-proxy, verify) use the agent socket, admin subcommands
+//! hook, mcp-proxy, verify, health) use the agent socket, admin subcommands
 //! (approve, deny, pending, grant, tools, pairing, audit, status, cancel)
 //! the admin socket. Human-readable output by default, `--json` everywhere.
 
@@ -121,6 +121,15 @@ enum Command {
         /// Leave the request pending if this command is interrupted.
         #[arg(long)]
         detach: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Is the server healthy? Asks over the agent socket (the admin socket
+    /// with --admin-socket, which also says why a component is down).
+    /// Exit 0 when the socket, the store and (if configured) Discord are
+    /// up, 1 when something is down (printed), 2 when the server cannot be
+    /// reached or does not answer.
+    Health {
         #[command(flatten)]
         conn: Conn,
     },
@@ -419,6 +428,63 @@ impl Conn {
     }
 }
 
+/// How long `keyturn health` waits for the server's answer.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn health(conn: &Conn) -> anyhow::Result<u8> {
+    let ask = async {
+        let mut c = match conn.admin_socket {
+            Some(_) => conn.admin_client().await?,
+            None => conn.client().await?,
+        };
+        anyhow::Ok(c.call("health", json!({})).await?)
+    };
+    let v = tokio::time::timeout(HEALTH_TIMEOUT, ask)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the server did not answer within {} s",
+                HEALTH_TIMEOUT.as_secs()
+            )
+        })??;
+    let ok = v["ok"].as_bool() == Some(true);
+    print(conn.json, &v, health_text);
+    Ok(if ok { 0 } else { EXIT_DENIED })
+}
+
+fn health_text(v: &Value) -> String {
+    let mut out = String::from(if v["ok"].as_bool() == Some(true) {
+        "healthy"
+    } else {
+        "UNHEALTHY"
+    });
+    for name in ["socket", "store", "discord"] {
+        let c = &v[name];
+        if c.is_null() {
+            if name == "discord" {
+                out.push_str("\n  discord: not configured");
+            }
+            continue;
+        }
+        out.push_str(&format!(
+            "\n  {name}: {}{}",
+            if c["up"].as_bool() == Some(true) {
+                "up"
+            } else {
+                "DOWN"
+            },
+            match c["state"].as_str() {
+                Some(s) if s != "up" && s != "down" => format!(" ({})", printable(s)),
+                _ => String::new(),
+            }
+        ));
+        if let Some(d) = c["detail"].as_str() {
+            out.push_str(&format!(": {}", printable(d)));
+        }
+    }
+    out
+}
+
 fn parse_args(s: &str) -> anyhow::Result<Value> {
     // Strict: refused here as the server would (duplicate keys, numbers
     // that would not survive exactly), with the key or number named.
@@ -638,6 +704,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 EXIT_DENIED
             })
         }
+        Command::Health { conn } => health(&conn).await,
         Command::Status { id, conn } => {
             let v = conn
                 .admin_client()

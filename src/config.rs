@@ -110,6 +110,8 @@ pub struct Config {
     pub content: ContentConfig,
     #[serde(default)]
     pub exec: ExecConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Keys whose secret is written in the file itself (not from the
     /// environment): such a file must not be readable by others.
     #[serde(skip)]
@@ -124,6 +126,42 @@ pub struct ExecConfig {
     /// `LANG` and `TERM` (CA-bundle variables such as `SSL_CERT_FILE` only
     /// when listed; Keyturn's own tokens and loader/proxy variables never).
     pub keep_env: Vec<String>,
+}
+
+/// The optional HTTP listener for `/healthz` and `/metrics` (Prometheus).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address to listen on, e.g. `127.0.0.1:9464` (port 0 picks a free
+    /// port, logged at start). Unset: no listener.
+    pub listen: Option<String>,
+    /// Allow a non-loopback `listen` address. Metrics name agents and
+    /// queue sizes: exposing them beyond this host is a deliberate choice.
+    pub allow_remote: bool,
+}
+
+impl MetricsConfig {
+    /// The parsed listen address, if any (checked by [`Config::validate`]).
+    pub fn listen_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let Some(raw) = &self.listen else {
+            return Ok(None);
+        };
+        let addr: std::net::SocketAddr = raw.parse().map_err(|_| {
+            invalid(
+                "metrics.listen",
+                format!("`{raw}` is not an IP address and port, e.g. 127.0.0.1:9464"),
+            )
+        })?;
+        if !addr.ip().is_loopback() && !self.allow_remote {
+            return Err(invalid(
+                "metrics.listen",
+                format!(
+                    "`{raw}` is not a loopback address; set metrics.allow_remote = true to serve health and metrics beyond this host"
+                ),
+            ));
+        }
+        Ok(Some(addr))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -772,6 +810,7 @@ impl Config {
         ] {
             validate_socket(section, path, mode, group)?;
         }
+        self.metrics.listen_addr()?;
         if s.socket_path == self.admin.socket_path {
             return Err(invalid(
                 "admin.socket_path",

@@ -1,7 +1,8 @@
 //! Keyturn: a self-hosted, human-in-the-loop approval gateway for AI agents.
 //!
 //! Layout: `domain` is the pure core; `app` holds the use-cases over the
-//! `store` port; `ipc` (agent socket), `cli` and `discord` are adapters that
+//! `store` port; `ipc` (agent socket), `cli`, `discord` and `monitor` (health and
+//! metrics over HTTP) are adapters that
 //! call `app`. Adapters never call each other.
 
 pub mod app;
@@ -12,5 +13,6 @@ pub mod discord;
 pub mod domain;
 pub mod integrations;
 pub mod ipc;
+pub mod monitor;
 pub mod serve;
 pub mod store;

@@ -1,6 +1,7 @@
 //! `keyturn serve`: wire the store, the gateway, the scheduler and the two
 //! sockets (agent and admin) together, and shut them down in order.
 
+use crate::app::health::HealthProbe;
 use crate::app::{retention, scheduler, Gateway};
 use crate::config::Config;
 use crate::ipc::handler::Handler;
@@ -36,6 +37,12 @@ pub async fn run_until(
     let (gw, deadlines) = Gateway::new(cfg.clone(), store.clone(), uid)
         .await
         .context("while loading the policy")?;
+    // Bound before anything else listens, so a taken port fails the start
+    // with nothing left behind.
+    let monitor_listener = match cfg.metrics.listen_addr()? {
+        Some(addr) => Some(crate::monitor::bind(addr).await?),
+        None => None,
+    };
 
     // The bot starts before the socket is bound, so a bad token, an unknown
     // channel or missing permissions fail `serve` at once, leaving nothing
@@ -50,8 +57,8 @@ pub async fn run_until(
     } else {
         None
     };
-    // Read by health reports.
-    let _discord_status = bot.as_ref().map(crate::discord::Bot::status);
+    // Read by health reports and metrics.
+    let discord_status = bot.as_ref().map(crate::discord::Bot::status);
 
     let opts = SocketOptions {
         path: cfg.server.socket_path.clone(),
@@ -97,7 +104,25 @@ pub async fn run_until(
         let _ = r.send(());
     }
 
-    let handler = Arc::new(Handler::new(gw.clone()));
+    let monitor = match monitor_listener {
+        Some(l) => {
+            let addr = l
+                .local_addr()
+                .context("while reading the metrics address")?;
+            tracing::info!(%addr, "health and metrics listening on http://{addr}/healthz and /metrics");
+            println!("keyturn: metrics on http://{addr}");
+            let m = crate::monitor::Monitor {
+                gw: gw.clone(),
+                probe: HealthProbe::new(gw.clone(), discord_status.clone()),
+                discord: discord_status.clone(),
+                socket_path: opts.path.clone(),
+            };
+            Some(tokio::spawn(crate::monitor::serve(l, m, stop.clone())))
+        }
+        None => None,
+    };
+
+    let handler = Arc::new(Handler::new(gw.clone()).with_discord(discord_status));
     tokio::join!(
         server::serve(listener, opts, handler.clone(), stop.clone()),
         server::serve(admin_listener, admin_opts, handler, stop.clone()),
@@ -105,6 +130,9 @@ pub async fn run_until(
     stop.cancel();
     let _ = sched.await;
     let _ = retention.await;
+    if let Some(m) = monitor {
+        let _ = m.await;
+    }
     if let Some(bot) = bot {
         bot.shutdown().await;
     }

@@ -296,3 +296,139 @@ async fn permanent_discord_errors_make_serve_exit() {
         err.log
     );
 }
+
+/// `keyturn health` on this server's agent socket: (exit code, JSON).
+fn health(server: &Server) -> (Option<i32>, serde_json::Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyturn"))
+        .args(["health", "--json", "--socket"])
+        .arg(&server.socket)
+        .output()
+        .expect("run keyturn health");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    (out.status.code(), v)
+}
+
+/// A plain HTTP/1.1 GET on the metrics listener: (status, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics listener");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read the response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a header and a body");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (status, body.to_string())
+}
+
+/// Health and metrics item: with Discord configured but unreachable, serve
+/// keeps serving while `keyturn health` exits 1 and `/healthz` answers 503,
+/// both naming Discord; once Discord is back, both say healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_an_unreachable_discord_and_its_recovery() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let cfg = format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        config_with(&base, "start_timeout = \"1s\"")
+    );
+    let server = spawn(dir.path(), &cfg).await;
+    let log = log_until(&server, |l| {
+        l.contains("DISCORD UNREACHABLE") && l.contains("metrics listening on http://")
+    })
+    .await;
+    let addr = log
+        .split("metrics listening on http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .expect("metrics address in the log")
+        .to_string();
+
+    let (code, v) = health(&server);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["down"], json!(["discord"]));
+    assert_eq!(v["discord"]["state"], "connecting");
+    assert_eq!(v["store"]["up"], true);
+    // The agent socket says what is down, not why.
+    assert!(v["discord"].get("detail").is_none(), "{v}");
+    let (status, body) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || http_get(&addr, "/healthz")
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 503, "{body}");
+    let hv: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(hv["down"], json!(["discord"]));
+    let (status, text) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || http_get(&addr, "/metrics")
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("keyturn_discord_state{state=\"connecting\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keyturn_discord_state{state=\"connected\"} 0"),
+        "{text}"
+    );
+    // The socket answers meanwhile, and its card waits in the outbox (the
+    // card row follows the request's commit: polled, with a deadline).
+    submit_with_timeout(&server, 600).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, text) = tokio::task::spawn_blocking({
+            let addr = addr.clone();
+            move || http_get(&addr, "/metrics")
+        })
+        .await
+        .unwrap();
+        if text.contains("keyturn_discord_outbox_backlog 1\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no card in the backlog:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Discord comes back.
+    let fake = FakeDiscord::start(FakeDiscordConfig {
+        port: Some(port),
+        ..FakeDiscordConfig::default()
+    })
+    .await;
+    fake.wait_ready(WAIT * 2)
+        .await
+        .expect("bot connected later");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (code, v) = health(&server);
+        if code == Some(0) {
+            assert_eq!(v["discord"]["state"], "connected");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still unhealthy: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(&addr, "/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    fake.assert_no_violations();
+    server.stop().await;
+}

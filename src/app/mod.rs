@@ -6,6 +6,8 @@
 
 pub mod connection;
 mod content;
+pub mod health;
+pub mod metrics;
 pub mod retention;
 pub mod scheduler;
 mod waiters;
@@ -637,6 +639,9 @@ impl Gateway {
             crate::store::Inserted::Conflict(r) => return Err(conflict(&r)),
             crate::store::Inserted::New(r) => r,
         };
+        if req.state.is_terminal() {
+            metrics::global().decided(&req);
+        }
         // The slot now belongs to the stored request; `finished` frees it.
         if let Some(r) = reservation {
             if req.state == State::Pending {
@@ -803,6 +808,7 @@ impl Gateway {
     }
 
     fn finished(&self, r: &ApprovalRequest) {
+        metrics::global().decided(r);
         self.release_pending(&r.agent);
         self.waiters.wake(r);
         let _ = self.events.send(RequestEvent::Resolved(r.clone()));

@@ -7,6 +7,8 @@
 //! read the audit log, even when it runs as an admin uid.
 
 use super::protocol::{reply, response, DecisionView, RpcError};
+use crate::app::connection::ConnectionStatus;
+use crate::app::health::HealthProbe;
 use crate::app::{AppError, Gateway, Submission};
 use crate::domain::canonical::{parse_strict, strict_number, StrictError};
 use crate::domain::policy::Effect;
@@ -32,6 +34,7 @@ pub struct Peer {
 
 pub struct Handler {
     gw: Arc<Gateway>,
+    health: HealthProbe,
 }
 
 impl From<AppError> for RpcError {
@@ -211,6 +214,11 @@ struct PairingParams {
     display_name: Option<String>,
 }
 
+/// A method that takes no parameters.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Empty {}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct AuditParams {
@@ -253,7 +261,16 @@ pub const ADMIN_METHODS: &[&str] = &[
 
 impl Handler {
     pub fn new(gw: Arc<Gateway>) -> Handler {
-        Handler { gw }
+        Handler {
+            health: HealthProbe::new(gw.clone(), None),
+            gw,
+        }
+    }
+
+    /// Reports this Discord connection in `health` (when Discord is configured).
+    pub fn with_discord(mut self, status: Option<ConnectionStatus>) -> Handler {
+        self.health = HealthProbe::new(self.gw.clone(), status);
+        self
     }
 
     pub fn gateway(&self) -> &Arc<Gateway> {
@@ -383,6 +400,17 @@ impl Handler {
         let who = format!("uid:{}", peer.uid);
         let value = match method {
             "ping" => Ok(json!({"pong": true, "admin": admin})),
+            // On both sockets: it says what is down, never why, except to
+            // an admin (error texts may name hosts or Discord's answers).
+            "health" => {
+                let _: Empty = params(p)?;
+                let report = self.health.check(true).await;
+                to_value(if admin {
+                    report
+                } else {
+                    report.without_details()
+                })
+            }
             "submit" => {
                 let (agent, token, flow, mut sub) = params::<SubmitParams>(p)?.split();
                 gw.authenticate_agent(&agent, token.as_deref(), peer.uid)?;

@@ -178,8 +178,10 @@ pub async fn serve(
         let handler = handler.clone();
         let stop = stop.clone();
         let (max_line, max_inflight, admin) = (opts.max_line_bytes, opts.max_inflight, opts.admin);
+        let open = crate::app::metrics::global().connection(admin);
         tracker.spawn(async move {
             connection(stream, handler, admin, max_line, max_inflight, stop).await;
+            drop(open);
             drop(permit);
         });
     }

@@ -305,6 +305,9 @@ pub trait Store: Send + Sync + 'static {
     async fn card_reconcile(&self, channel_id: u64) -> StoreResult<u64>;
     /// Due cards (`want > done`, `next_attempt_ms <= now_ms`), oldest deadline first.
     async fn cards_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<CardRow>>;
+    /// How many cards wait to be posted or edited (`want > done`), due now
+    /// or later: the outbox backlog, for metrics.
+    async fn cards_backlog(&self) -> StoreResult<u64>;
     /// The earliest retry time among due cards, if any.
     async fn card_next_attempt(&self) -> StoreResult<Option<i64>>;
     async fn card(&self, request_id: RequestId) -> StoreResult<Option<CardRow>>;

@@ -793,6 +793,14 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    async fn cards_backlog(&self) -> StoreResult<u64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM discord_cards WHERE want > done")
+            .fetch_one(&self.reads)
+            .await
+            .map_err(db)?;
+        Ok(n.max(0) as u64)
+    }
+
     async fn card_next_attempt(&self) -> StoreResult<Option<i64>> {
         let (next,): (Option<i64>,) =
             sqlx::query_as("SELECT MIN(next_attempt_ms) FROM discord_cards WHERE want > done")

@@ -447,11 +447,11 @@ fn write_batch(conn: &mut Connection, jobs: &mut Vec<Job>, head: &mut Head, guar
     // path names, or nothing of it survives a restart (see `FileGuard`).
     match run_batch(conn, &ops, head).and_then(|r| guard.check().map(|()| r)) {
         Ok(replies) => {
-            tracing::trace!(
-                batch = ops.len(),
-                micros = started.elapsed().as_micros() as u64,
-                "committed"
-            );
+            let micros = started.elapsed().as_micros() as u64;
+            crate::app::metrics::global()
+                .commit_latency
+                .observe_micros(micros);
+            tracing::trace!(batch = ops.len(), micros, "committed");
             for (Job { op, reply: tx }, reply) in jobs.drain(..).zip(replies) {
                 // Let go of the caller's request before it wakes (see `Op::Insert`).
                 drop(op);

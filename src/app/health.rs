@@ -1,0 +1,136 @@
+//! Health: whether the socket, the store and (when configured) Discord are
+//! up, as one report that `keyturn health` (over the socket) and `/healthz`
+//! (over HTTP) both give. The store check really reads the database, with a
+//! short time limit, so a locked or vanished database shows as down.
+//! Socket state is the caller's to say: the socket handler knows it is up
+//! because the question came through it; the HTTP adapter connects to it.
+
+use super::connection::{ConnectionState, ConnectionStatus};
+use super::Gateway;
+use crate::domain::request::RequestId;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long the store's read may take before the store counts as down.
+pub const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One component's state.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub up: bool,
+    /// `up`, `down`, `timeout`, or Discord's `connected`/`connecting`/`failed`.
+    pub state: &'static str,
+    /// Why it is down, for admins only (see [`HealthReport::without_details`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// How long the store's read took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub millis: Option<u64>,
+}
+
+/// The whole answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthReport {
+    /// Every component is up.
+    pub ok: bool,
+    pub socket: Check,
+    pub store: Check,
+    /// `None` when Discord is not configured.
+    pub discord: Option<Check>,
+    /// Names of the components that are down.
+    pub down: Vec<&'static str>,
+}
+
+impl HealthReport {
+    /// The same report without error texts (for the agent socket and HTTP,
+    /// which need to know what is down, not why).
+    pub fn without_details(mut self) -> HealthReport {
+        self.store.detail = None;
+        if let Some(d) = &mut self.discord {
+            d.detail = None;
+        }
+        self
+    }
+}
+
+/// Asks each component; cheap enough to run on every probe.
+#[derive(Clone)]
+pub struct HealthProbe {
+    gw: Arc<Gateway>,
+    discord: Option<ConnectionStatus>,
+}
+
+impl HealthProbe {
+    pub fn new(gw: Arc<Gateway>, discord: Option<ConnectionStatus>) -> HealthProbe {
+        HealthProbe { gw, discord }
+    }
+
+    pub async fn check(&self, socket_up: bool) -> HealthReport {
+        let socket = Check {
+            up: socket_up,
+            state: if socket_up { "up" } else { "down" },
+            detail: None,
+            millis: None,
+        };
+        let store = self.store().await;
+        let discord = self.discord.as_ref().map(|s| {
+            let st = s.get();
+            Check {
+                up: matches!(st, ConnectionState::Connected { .. }),
+                state: st.as_str(),
+                detail: match st {
+                    ConnectionState::Connected { .. } => None,
+                    ConnectionState::Connecting { last_error, .. } => last_error,
+                    ConnectionState::Failed { error, .. } => Some(error),
+                },
+                millis: None,
+            }
+        });
+        let mut down = Vec::new();
+        for (name, c) in [
+            ("socket", Some(&socket)),
+            ("store", Some(&store)),
+            ("discord", discord.as_ref()),
+        ] {
+            if c.is_some_and(|c| !c.up) {
+                down.push(name);
+            }
+        }
+        HealthReport {
+            ok: down.is_empty(),
+            socket,
+            store,
+            discord,
+            down,
+        }
+    }
+
+    /// A primary-key read of a request that cannot exist: touches the
+    /// database and its schema, costs one index probe.
+    async fn store(&self) -> Check {
+        let started = Instant::now();
+        let read = self.gw.store().get_request(RequestId(uuid::Uuid::nil()));
+        let (up, state, detail) = match tokio::time::timeout(STORE_CHECK_TIMEOUT, read).await {
+            Ok(Ok(_)) => (true, "up", None),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "health check: the store read failed");
+                (false, "down", Some(e.to_string()))
+            }
+            Err(_) => (
+                false,
+                "timeout",
+                Some(format!(
+                    "no answer within {} ms",
+                    STORE_CHECK_TIMEOUT.as_millis()
+                )),
+            ),
+        };
+        Check {
+            up,
+            state,
+            detail,
+            millis: Some(started.elapsed().as_millis() as u64),
+        }
+    }
+}
