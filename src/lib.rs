@@ -12,5 +12,6 @@ pub mod discord;
 pub mod domain;
 pub mod integrations;
 pub mod ipc;
+pub mod logging;
 pub mod serve;
 pub mod store;
