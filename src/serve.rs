@@ -202,6 +202,18 @@ async fn reload_on_hup(gw: Arc<Gateway>, path: Option<PathBuf>, mut hup: mpsc::R
                 continue;
             }
         };
+        // As at start: a file holding tokens that others can read is refused.
+        match cfg.check_file_permissions(path) {
+            Ok(Some(w)) => tracing::warn!("{w}"),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(
+                    config = %path.display(),
+                    "SIGHUP: config not reloaded, nothing changed: {e}"
+                );
+                continue;
+            }
+        }
         let level = cfg.log.level.clone();
         match gw.reload_config(cfg).await {
             Ok(what) => {

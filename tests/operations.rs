@@ -20,6 +20,10 @@ use std::time::{Duration, Instant};
 const WAIT: Duration = Duration::from_secs(15);
 
 fn config_text(dir: &Path, extra: &str) -> String {
+    config_with(dir, true, "[[agents]]\nname = \"cli\"\n", extra)
+}
+
+fn config_with(dir: &Path, demo: bool, agents: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
@@ -30,10 +34,9 @@ url = "sqlite://{d}/k.db"
 
 [admin]
 socket_path = "{d}/a.sock"
-single_user_demo = true
+single_user_demo = {demo}
 
-[[agents]]
-name = "cli"
+{agents}
 
 [[tools]]
 name = "Read"
@@ -377,4 +380,63 @@ fn completions_and_man_page_come_from_the_binary() {
         .output()
         .expect("run man");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
+
+#[test]
+fn sighup_never_moves_an_agent_onto_the_server_uid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    // Not a demo: the agent runs under another uid, with a token.
+    let other = r#"
+[[agents]]
+name = "cli"
+uids = [65534]
+token = "a-long-enough-agent-token-0123456789"
+"#;
+    write_config(&config, &config_with(dir.path(), false, other, GRANT_READ));
+    let (mut child, _out) = serve(&config, Stdio::piped());
+    let err = lines(child.stderr.take().expect("stderr"));
+    // The same agent, now on the server's own uid: refused, nothing changes.
+    write_config(
+        &config,
+        &config_with(
+            dir.path(),
+            false,
+            "[[agents]]\nname = \"cli\"\n",
+            GRANT_READ,
+        ),
+    );
+    signal(&child, Signal::SIGHUP);
+    let line = wait_line(&err, "the refused reload line", |l| {
+        l.contains("SIGHUP: config not reloaded")
+    });
+    assert!(line.contains("the uid Keyturn runs as"), "{line}");
+    signal(&child, Signal::SIGTERM);
+    assert!(wait_exit(&mut child).expect("exit on SIGTERM").success());
+}
+
+#[test]
+fn sighup_does_not_admit_an_agent_added_since_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    write_config(&config, &config_text(dir.path(), GRANT_READ));
+    let (mut child, _out) = serve(&config, Stdio::piped());
+    let err = lines(child.stderr.take().expect("stderr"));
+    let agents = "[[agents]]\nname = \"cli\"\n\n[[agents]]\nname = \"newbie\"\n";
+    write_config(&config, &config_with(dir.path(), true, agents, GRANT_READ));
+    signal(&child, Signal::SIGHUP);
+    let line = wait_line(&err, "the reload line", |l| l.contains("SIGHUP: reloaded"));
+    assert!(
+        line.contains("agents added since start need a restart"),
+        "{line}"
+    );
+    let v = rpc(
+        &dir.path().join("k.sock"),
+        "check",
+        json!({"agent": "newbie", "tool": "Read", "args": {}}),
+    );
+    assert_eq!(v["error"]["data"]["code"], "agent_refused", "{v}");
+    assert_eq!(check_read(dir.path()), "allow");
+    signal(&child, Signal::SIGTERM);
+    assert!(wait_exit(&mut child).expect("exit on SIGTERM").success());
 }

@@ -261,6 +261,13 @@ impl Gateway {
     pub async fn reload_config(&self, new: Config) -> Result<&'static str, AppError> {
         // Checked before anything is swapped: a bad file changes nothing.
         new.config_grants().map_err(|e| bad(e.to_string()))?;
+        // The new agents against the admin settings in force (those are
+        // not reloaded): no reload makes an agent an admin or the server.
+        let mut probe = (*self.cfg).clone();
+        probe.agents = new.agents.clone();
+        probe
+            .check_uids(self.server_uid)
+            .map_err(|e| bad(e.to_string()))?;
         let old = std::mem::replace(
             &mut *self.live.write().unwrap_or_else(|e| e.into_inner()),
             Arc::new(new),
@@ -269,7 +276,7 @@ impl Gateway {
             *self.live.write().unwrap_or_else(|e| e.into_inner()) = old;
             return Err(e);
         }
-        Ok("config grants, tool risks, agent tokens and uids")
+        Ok("config grants, tool risks, agent tokens and uids (agents added since start need a restart)")
     }
 
     /// Reloads grants, tool risks and paired users from config and store.
@@ -333,6 +340,11 @@ impl Gateway {
         let refused = || AppError::AgentRefused(name.chars().take(64).collect(), uid);
         let live = self.live();
         let a = live.agent(name).ok_or_else(refused)?;
+        // An agent added by a reload has none of its other settings
+        // (max_pending, unattended…) in force until a restart: refused.
+        if self.cfg.agent(name).is_none() {
+            return Err(refused());
+        }
         if !self.agent_uid_ok(a, uid) {
             return Err(refused());
         }
