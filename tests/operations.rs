@@ -440,3 +440,43 @@ fn sighup_does_not_admit_an_agent_added_since_start() {
     signal(&child, Signal::SIGTERM);
     assert!(wait_exit(&mut child).expect("exit on SIGTERM").success());
 }
+
+#[test]
+fn serve_with_an_undrained_stderr_neither_blocks_nor_ignores_sigterm() {
+    // stderr is a pipe whose reader is alive but never reads: once its
+    // buffer (64 KiB on Linux) is full, a blocking write would wedge serve.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    let agents = "[[agents]]\nname = \"cli\"\nmax_pending = 10000\n";
+    let deploy = "[[tools]]\nname = \"Deploy\"\nrisk = \"high\"\n\n[[grants]]\nscope = \"global\"\ntool = \"Deploy\"\neffect = \"allow\"\n";
+    write_config(&config, &config_with(dir.path(), true, agents, deploy));
+    let (mut child, _out) = serve(&config, Stdio::piped());
+    let mut stderr = child.stderr.take().expect("stderr");
+    const N: usize = 1500;
+    let started = Instant::now();
+    for i in 0..N {
+        // Each queued call logs an INFO line of about 150 bytes.
+        let v = rpc(
+            &dir.path().join("k.sock"),
+            "submit",
+            json!({"agent": "cli", "tool": "Deploy", "args": {"n": i}}),
+        );
+        assert_eq!(v["result"]["state"], "pending", "call {i}: {v}");
+    }
+    let took = started.elapsed();
+    signal(&child, Signal::SIGTERM);
+    let status = wait_exit(&mut child).expect("serve ignored SIGTERM");
+    assert!(status.success(), "{status:?}");
+    let mut text = String::new();
+    stderr.read_to_string(&mut text).expect("read stderr");
+    let queued = text.matches("queued for approval").count();
+    eprintln!(
+        "{N} queued calls in {took:?}; {} bytes of log reached the pipe, {queued} queue lines",
+        text.len()
+    );
+    assert!(
+        text.len() >= 60 * 1024,
+        "the pipe never filled, so this test proved nothing ({} bytes)",
+        text.len()
+    );
+}
