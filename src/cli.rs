@@ -257,6 +257,14 @@ enum Command {
     Exec(crate::integrations::exec::ExecArgs),
     /// Gate the tool calls of an MCP server that speaks stdio.
     McpProxy(crate::integrations::mcp_proxy::ProxyArgs),
+    /// Print a shell completion script, e.g.
+    /// `keyturn completions bash > /etc/bash_completion.d/keyturn`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `keyturn man | man -l -`.
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -346,38 +354,63 @@ pub fn main() -> ExitCode {
         Command::Exec(a) => return ExitCode::from(crate::integrations::exec::main(a)),
         command => Cli { command },
     };
-    init_tracing(matches!(cli.command, Command::Serve { .. }));
+    // Printed without a runtime or a logger.
+    match &cli.command {
+        Command::Completions { shell } => {
+            return ExitCode::from(print_completions(*shell));
+        }
+        Command::Man => return ExitCode::from(print_man()),
+        _ => {}
+    }
+    // `serve` logs as its config says; a config that does not load is
+    // reported by `serve` itself, with the default logger.
+    let log = match &cli.command {
+        Command::Serve { config } => Config::load(config).map(|c| c.log).unwrap_or_default(),
+        _ => Default::default(),
+    };
+    let _log_guard = crate::logging::init(
+        matches!(cli.command, Command::Serve { .. }),
+        log.level.as_deref(),
+        log.format,
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("keyturn: cannot start the runtime: {e}");
+            crate::errln!("keyturn: cannot start the runtime: {e}");
             return ExitCode::from(EXIT_ERROR);
         }
     };
     match rt.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("keyturn: {e:#}");
+            crate::errln!("keyturn: {e:#}");
             ExitCode::from(EXIT_ERROR)
         }
     }
 }
 
-fn init_tracing(server: bool) {
-    let default = if server {
-        "keyturn=info"
-    } else {
-        "keyturn=warn"
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYTURN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Writes the completion script for `shell` to stdout.
+fn print_completions(shell: clap_complete::Shell) -> u8 {
+    use clap::CommandFactory;
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "keyturn", &mut buf);
+    crate::logging::out(format_args!("{}", String::from_utf8_lossy(&buf)));
+    0
+}
+
+/// Writes the man page (roff) to stdout.
+fn print_man() -> u8 {
+    use clap::CommandFactory;
+    let mut buf = Vec::new();
+    if let Err(e) = clap_mangen::Man::new(Cli::command()).render(&mut buf) {
+        crate::errln!("keyturn: cannot render the man page: {e}");
+        return EXIT_ERROR;
+    }
+    crate::logging::out(format_args!("{}", String::from_utf8_lossy(&buf)));
+    0
 }
 
 impl Conn {
@@ -520,9 +553,9 @@ fn call_params(c: &CallArgs) -> anyhow::Result<Value> {
 
 fn print(json_out: bool, v: &Value, text: impl FnOnce(&Value) -> String) {
     if json_out {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        crate::outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     } else {
-        println!("{}", text(v));
+        crate::outln!("{}", text(v));
     }
 }
 
@@ -585,34 +618,36 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Hook(cmd) => Ok(crate::integrations::hook::main(cmd)),
         Command::Exec(a) => Ok(crate::integrations::exec::main(a)),
         Command::McpProxy(a) => crate::integrations::mcp_proxy::run(a).await,
+        Command::Completions { shell } => Ok(print_completions(shell)),
+        Command::Man => Ok(print_man()),
         Command::Serve { config } => {
             let cfg = Config::load(&config)?;
             if let Some(w) = cfg.check_file_permissions(&config)? {
                 tracing::warn!("{w}");
             }
-            crate::serve::run(cfg).await?;
+            crate::serve::run_reloading(cfg, config).await?;
             Ok(0)
         }
         Command::Init { config } => {
             let cfg = Config::load(&config)?;
             if let Some(w) = cfg.check_file_permissions(&config)? {
-                eprintln!("keyturn: WARNING: {w}");
+                crate::errln!("keyturn: WARNING: {w}");
             }
             let db = cfg
                 .store_path()
                 .context("store.url names no database file (in memory): nothing to create")?;
             let store = crate::serve::open_store(&cfg, crate::store::files::Create::Fresh).await?;
             crate::store::Store::close(&store).await;
-            println!("created the database {}", db.display());
+            crate::outln!("created the database {}", db.display());
             Ok(0)
         }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             cfg.check_uids(nix::unistd::getuid().as_raw())?;
             if let Some(w) = cfg.check_file_permissions(&config)? {
-                eprintln!("keyturn: WARNING: {w}");
+                crate::errln!("keyturn: WARNING: {w}");
             }
-            println!(
+            crate::outln!(
                 "{}: ok ({} agents, {} grants, {} tools, {} users, discord {}{})",
                 config.display(),
                 cfg.agents.len(),
@@ -1037,13 +1072,13 @@ async fn audit_cmd(conn: &Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
             let v = c.call("audit.tail", json!({"n": n})).await?;
             for e in v.as_array().into_iter().flatten() {
                 if conn.json {
-                    println!("{e}");
+                    crate::outln!("{e}");
                 } else {
                     let at =
                         chrono::DateTime::from_timestamp_millis(e["at_ms"].as_i64().unwrap_or(0))
                             .map(|t| t.to_rfc3339())
                             .unwrap_or_default();
-                    println!(
+                    crate::outln!(
                         "#{} {} {:<18} {:<22} {} {}",
                         e["seq"],
                         at,
@@ -1063,7 +1098,7 @@ async fn audit_cmd(conn: &Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
             let Some(last) = page.last() else { break };
             after = last["seq"].as_i64().unwrap_or(i64::MAX);
             for e in &page {
-                println!("{e}");
+                crate::outln!("{e}");
             }
         },
         AuditCmd::Prune { older_than_days } => {

@@ -112,10 +112,33 @@ pub struct Config {
     pub exec: ExecConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
     /// Keys whose secret is written in the file itself (not from the
     /// environment): such a file must not be readable by others.
     #[serde(skip)]
     pub secrets_in_file: Vec<String>,
+}
+
+/// `[log]`: what `serve` logs to stderr, and how.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `keyturn=debug,serenity=warn`). Default
+    /// `keyturn=info`; `KEYTURN_LOG` overrides it. Reloaded on SIGHUP.
+    pub level: Option<String>,
+    /// `text` (default) or `json` (one JSON object per line, for journald
+    /// and log shippers). Read at start only.
+    pub format: LogFormat,
+}
+
+/// The format of `serve`'s log lines.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// `keyturn exec`: what the command it runs may see.
@@ -793,6 +816,11 @@ impl Config {
 
     /// Rejects bad values and impossible combinations, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(level) = &self.log.level {
+            tracing_subscriber::EnvFilter::builder()
+                .parse(level)
+                .map_err(|e| invalid("log.level", format!("not a log filter: {e}")))?;
+        }
         let s = &self.server;
         for (section, path, mode, group) in [
             (

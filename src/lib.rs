@@ -13,6 +13,7 @@ pub mod discord;
 pub mod domain;
 pub mod integrations;
 pub mod ipc;
+pub mod logging;
 pub mod monitor;
 pub mod serve;
 pub mod store;

@@ -9,14 +9,26 @@ use crate::ipc::server::{self, SocketOptions};
 use crate::store::files::{self, Access, Create};
 use crate::store::{SqliteStore, Store};
 use anyhow::Context;
+use std::path::PathBuf;
 use std::sync::Arc;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Runs until SIGINT or SIGTERM (a second signal exits at once).
+/// Runs until SIGINT or SIGTERM (a second signal exits at once); SIGHUP is
+/// ignored (logged).
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    spawn_signal_handler(stop.clone());
-    run_until(cfg, stop, None).await
+    let hup = spawn_signal_handler(stop.clone());
+    run_inner(cfg, stop, None, Some((None, hup))).await
+}
+
+/// Like [`run`], and SIGHUP re-reads `path` and applies what can be applied
+/// while running: config grants, tool risks, agents' tokens and uids, and
+/// the log level. A file that does not load changes nothing.
+pub async fn run_reloading(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let hup = spawn_signal_handler(stop.clone());
+    run_inner(cfg, stop, None, Some((Some(path), hup))).await
 }
 
 /// Runs until `stop` is cancelled. `ready` is told once the socket accepts.
@@ -24,6 +36,15 @@ pub async fn run_until(
     cfg: Config,
     stop: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<()>>,
+) -> anyhow::Result<()> {
+    run_inner(cfg, stop, ready, None).await
+}
+
+async fn run_inner(
+    cfg: Config,
+    stop: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+    reload: Option<(Option<PathBuf>, mpsc::Receiver<()>)>,
 ) -> anyhow::Result<()> {
     let uid = nix::unistd::getuid().as_raw();
     // Before anything is opened: a config where agents would be admins (or
@@ -98,8 +119,17 @@ pub async fn run_until(
         store = %cfg.store.url,
         "keyturn is ready"
     );
-    // A line on stdout that scripts and tests can wait for.
-    println!("keyturn: listening on {}", opts.path.display());
+    if let Some((path, hup)) = reload {
+        tokio::spawn(reload_on_hup(gw.clone(), path, hup));
+    }
+    // A line on stdout that scripts and tests can wait for; a closed stdout
+    // does not stop the daemon.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "keyturn: listening on {}", opts.path.display());
+        let _ = out.flush();
+    }
     if let Some(r) = ready {
         let _ = r.send(());
     }
@@ -182,20 +212,91 @@ pub async fn open_store(cfg: &Config, create: Create) -> anyhow::Result<SqliteSt
     Ok(store)
 }
 
-fn spawn_signal_handler(stop: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    tokio::spawn(async move {
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            tracing::error!("cannot install signal handlers");
-            return;
+/// Applies what SIGHUP may change, once per signal (signals that arrive
+/// during a reload are folded into the next one).
+async fn reload_on_hup(gw: Arc<Gateway>, path: Option<PathBuf>, mut hup: mpsc::Receiver<()>) {
+    while hup.recv().await.is_some() {
+        let Some(path) = &path else {
+            tracing::info!("SIGHUP: nothing to reload (no config file); ignored");
+            continue;
         };
-        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-        tracing::info!("shutting down (send the signal again to exit at once)");
-        stop.cancel();
-        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-        std::process::exit(130);
+        let cfg = match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(
+                    config = %path.display(),
+                    "SIGHUP: config not reloaded, nothing changed: {e}"
+                );
+                continue;
+            }
+        };
+        // As at start: a file holding tokens that others can read is refused.
+        match cfg.check_file_permissions(path) {
+            Ok(Some(w)) => tracing::warn!("{w}"),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(
+                    config = %path.display(),
+                    "SIGHUP: config not reloaded, nothing changed: {e}"
+                );
+                continue;
+            }
+        }
+        let level = cfg.log.level.clone();
+        match gw.reload_config(cfg).await {
+            Ok(what) => {
+                let log = crate::logging::set_level(level.as_deref()).map_or_else(
+                    |why| format!("log level {why}"),
+                    |l| format!("log level {l}"),
+                );
+                tracing::info!(
+                    config = %path.display(),
+                    "SIGHUP: reloaded {what}; {log}; other settings need a restart"
+                );
+            }
+            Err(e) => tracing::error!(
+                config = %path.display(),
+                "SIGHUP: config not reloaded, nothing changed: {e}"
+            ),
+        }
+    }
+}
+
+/// SIGINT and SIGTERM cancel `stop` (a second one exits at once); SIGHUP is
+/// passed on through the returned channel. The task never ends on its own:
+/// its logging cannot fail (see [`crate::logging`]).
+fn spawn_signal_handler(stop: CancellationToken) -> mpsc::Receiver<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = mpsc::channel(1);
+    let installed = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    );
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = installed else {
+        tracing::error!("cannot install signal handlers");
+        return rx;
+    };
+    tokio::spawn(async move {
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+                _ = hup.recv() => {
+                    // Full means a reload is already due: it will read the
+                    // file as it is now.
+                    let _ = tx.try_send(());
+                    continue;
+                }
+            }
+            if stopping {
+                std::process::exit(130);
+            }
+            stopping = true;
+            tracing::info!("shutting down (send the signal again to exit at once)");
+            stop.cancel();
+        }
     });
+    rx
 }

@@ -29,6 +29,7 @@ fn systemd_unit_verifies_clean() {
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ExecStart=/usr/local/bin/keyturn serve --config",
+        "ExecReload=/bin/kill -HUP $MAINPID",
     ] {
         assert!(unit.contains(must), "the unit lacks `{must}`");
     }

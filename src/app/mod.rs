@@ -175,6 +175,10 @@ const MAX_KEY_LEN: usize = 200;
 
 pub struct Gateway {
     cfg: Arc<Config>,
+    /// The config as last (re)loaded: read only for what SIGHUP reloads
+    /// (config grants, tool risks, agents' tokens and uids); everything
+    /// else comes from `cfg`, the config `serve` started with.
+    live: RwLock<Arc<Config>>,
     store: Arc<dyn Store>,
     redactor: Redactor,
     scanner: FlagScanner,
@@ -208,6 +212,7 @@ impl Gateway {
             settings: cfg.policy_settings(),
             redactor,
             scanner,
+            live: RwLock::new(cfg.clone()),
             cfg,
             store,
             view: RwLock::default(),
@@ -247,12 +252,41 @@ impl Gateway {
         self.events.subscribe()
     }
 
+    /// The config as last reloaded (see [`Gateway::reload_config`]).
+    fn live(&self) -> Arc<Config> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Takes the reloadable parts of a newly loaded (and validated) config:
+    /// its grants, tool risks, and agents' tokens and uids. Returns their
+    /// names, for the log. Everything else keeps its start-up value.
+    pub async fn reload_config(&self, new: Config) -> Result<&'static str, AppError> {
+        // Checked before anything is swapped: a bad file changes nothing.
+        new.config_grants().map_err(|e| bad(e.to_string()))?;
+        // The new agents against the admin settings in force (those are
+        // not reloaded): no reload makes an agent an admin or the server.
+        let mut probe = (*self.cfg).clone();
+        probe.agents = new.agents.clone();
+        probe
+            .check_uids(self.server_uid)
+            .map_err(|e| bad(e.to_string()))?;
+        let old = std::mem::replace(
+            &mut *self.live.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(new),
+        );
+        if let Err(e) = self.refresh_policy().await {
+            *self.live.write().unwrap_or_else(|e| e.into_inner()) = old;
+            return Err(e);
+        }
+        Ok("config grants, tool risks, agent tokens and uids (agents added since start need a restart)")
+    }
+
     /// Reloads grants, tool risks and paired users from config and store.
     pub async fn refresh_policy(&self) -> Result<(), AppError> {
-        let mut grants = self.cfg.config_grants().map_err(|e| bad(e.to_string()))?;
+        let live = self.live();
+        let mut grants = live.config_grants().map_err(|e| bad(e.to_string()))?;
         grants.extend(self.store.grants().await?.into_iter().map(|g| g.grant));
-        let mut risks: HashMap<String, Risk> = self
-            .cfg
+        let mut risks: HashMap<String, Risk> = live
             .tools
             .iter()
             .map(|t| (t.name.clone(), t.risk))
@@ -306,7 +340,13 @@ impl Gateway {
         uid: u32,
     ) -> Result<(), AppError> {
         let refused = || AppError::AgentRefused(name.chars().take(64).collect(), uid);
-        let a = self.cfg.agent(name).ok_or_else(refused)?;
+        let live = self.live();
+        let a = live.agent(name).ok_or_else(refused)?;
+        // An agent added by a reload has none of its other settings
+        // (max_pending, unattended…) in force until a restart: refused.
+        if self.cfg.agent(name).is_none() {
+            return Err(refused());
+        }
         if !self.agent_uid_ok(a, uid) {
             return Err(refused());
         }
@@ -894,7 +934,7 @@ impl Gateway {
         let scope: Scope = scope.parse().map_err(bad)?;
         let tool: ToolPattern = tool.parse().map_err(bad)?;
         if self
-            .cfg
+            .live()
             .config_grants()
             .map_err(|e| bad(e.to_string()))?
             .iter()
@@ -916,7 +956,7 @@ impl Gateway {
     pub async fn grants(&self, scope: Option<&str>) -> Result<Vec<StoredGrant>, AppError> {
         let scope: Option<Scope> = scope.map(str::parse).transpose().map_err(bad)?;
         let mut all: Vec<StoredGrant> = self
-            .cfg
+            .live()
             .config_grants()
             .map_err(|e| bad(e.to_string()))?
             .into_iter()

@@ -228,7 +228,7 @@ pub fn main(a: ExecArgs) -> u8 {
     let socket = match socket_path(a.socket.as_deref(), a.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("keyturn exec: {e}; not running the command");
+            crate::errln!("keyturn exec: {e}; not running the command");
             return EXIT_NOT_APPROVED;
         }
     };
@@ -240,7 +240,7 @@ pub fn main(a: ExecArgs) -> u8 {
     }) {
         Ok(k) => k,
         Err(e) => {
-            eprintln!("keyturn exec: {e}; not running the command");
+            crate::errln!("keyturn exec: {e}; not running the command");
             return EXIT_NOT_APPROVED;
         }
     };
@@ -274,7 +274,7 @@ pub fn main(a: ExecArgs) -> u8 {
         .approval_timeout
         .unwrap_or(Duration::from_secs(7 * 24 * 3600));
     let outcome = ask(&id, p, budget);
-    eprintln!("keyturn: {}", outcome.reason());
+    crate::errln!("keyturn: {}", outcome.reason());
     if !matches!(outcome, Outcome::Approved(_)) {
         return EXIT_NOT_APPROVED;
     }
@@ -303,7 +303,7 @@ fn run(a: &ExecArgs, keep: &[String]) -> u8 {
     let dropped = std::env::vars_os()
         .filter(|(k, _)| !keep.iter().any(|n| k.as_os_str() == n.as_str()))
         .count();
-    eprintln!(
+    crate::errln!(
         "keyturn: the command's environment is {} ({dropped} other variables not passed; \
          --keep-env NAME passes one)",
         if passed.is_empty() {
@@ -313,12 +313,12 @@ fn run(a: &ExecArgs, keep: &[String]) -> u8 {
         }
     );
     if !missing.is_empty() {
-        eprintln!("keyturn: not set, so not passed: {}", missing.join(" "));
+        crate::errln!("keyturn: not set, so not passed: {}", missing.join(" "));
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("keyturn exec: cannot run {}: {e}", a.command[0]);
+            crate::errln!("keyturn exec: cannot run {}: {e}", a.command[0]);
             return if e.kind() == std::io::ErrorKind::NotFound {
                 EXIT_NOT_FOUND
             } else {
@@ -348,7 +348,7 @@ fn run(a: &ExecArgs, keep: &[String]) -> u8 {
                 use nix::unistd::Pid;
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 let _ = rx.recv();
-                eprintln!(
+                crate::errln!(
                     "\nkeyturn: {} ran past --timeout {t:?} and was killed",
                     a.command[0]
                 );
@@ -373,7 +373,7 @@ fn run(a: &ExecArgs, keep: &[String]) -> u8 {
             }
         }
         Err(e) => {
-            eprintln!("keyturn exec: lost the command: {e}");
+            crate::errln!("keyturn exec: lost the command: {e}");
             1
         }
     }

@@ -219,7 +219,7 @@ pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
         token: a.token.clone(),
     };
     let wait = effective_wait(a.timeout, a.claude_timeout).unwrap_or_else(|(cut, warning)| {
-        eprintln!("{warning}");
+        crate::errln!("{warning}");
         cut
     });
     let outcome = ask(&id, submission(&input, a), wait);
@@ -259,7 +259,7 @@ pub fn main(cmd: HookCmd) -> u8 {
         Ok(()) => 0,
         Err(_) => {
             // Exit 2 blocks the call and shows stderr to Claude.
-            eprintln!("{reason}");
+            crate::errln!("{reason}");
             2
         }
     }

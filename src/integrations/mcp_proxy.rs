@@ -186,7 +186,7 @@ impl Proxy {
             }
             (Some("tools/call"), None) => {
                 // A call without an id cannot be answered; it is not forwarded either.
-                eprintln!("keyturn mcp-proxy: dropped a tools/call without an id");
+                crate::errln!("keyturn mcp-proxy: dropped a tools/call without an id");
             }
             (Some(m), Some(id)) => {
                 let key = id.to_string();
@@ -286,7 +286,7 @@ impl Proxy {
         } else {
             st.inflight.remove(&key);
             drop(st);
-            eprintln!("keyturn mcp-proxy: {}", outcome.reason());
+            crate::errln!("keyturn mcp-proxy: {}", outcome.reason());
             self.send(refusal(&id, &outcome.reason()));
         }
     }
@@ -356,7 +356,9 @@ impl Proxy {
             }
             Err(e) => {
                 // Calls are gated anyway; the list is only a convenience.
-                eprintln!("keyturn mcp-proxy: cannot filter tools/list ({e}); passing it through");
+                crate::errln!(
+                    "keyturn mcp-proxy: cannot filter tools/list ({e}); passing it through"
+                );
                 self.send(line);
             }
         }
