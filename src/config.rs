@@ -144,6 +144,19 @@ pub struct ServerConfig {
     pub max_justification_bytes: usize,
     /// Requests one connection may have in flight at once.
     pub max_inflight_per_connection: usize,
+    /// Bytes of request lines one connection may have in flight at once
+    /// (each call counts its line's length until it is answered).
+    pub max_inflight_bytes_per_connection: usize,
+    /// Bytes of request lines in flight on all connections of a socket.
+    pub max_inflight_bytes: usize,
+    /// Open connections from one uid on one socket.
+    pub max_connections_per_uid: usize,
+    /// A connection with no call in flight that sends no complete line for
+    /// this long is closed (with an `idle_timeout` error line).
+    pub idle_timeout: Dur,
+    /// On the first SIGINT/SIGTERM: how long calls in flight may finish and
+    /// replies flush before every connection is closed.
+    pub shutdown_drain: Dur,
 }
 
 impl Default for ServerConfig {
@@ -157,6 +170,11 @@ impl Default for ServerConfig {
             max_args_bytes: 64 * 1024,
             max_justification_bytes: 4096,
             max_inflight_per_connection: 64,
+            max_inflight_bytes_per_connection: 8 * 1024 * 1024,
+            max_inflight_bytes: 64 * 1024 * 1024,
+            max_connections_per_uid: 64,
+            idle_timeout: Dur(Duration::from_secs(300)),
+            shutdown_drain: Dur(Duration::from_secs(5)),
         }
     }
 }
@@ -792,12 +810,33 @@ impl Config {
                 s.max_inflight_per_connection,
                 1,
             ),
+            (
+                "server.max_connections_per_uid",
+                s.max_connections_per_uid,
+                1,
+            ),
+            (
+                "server.max_inflight_bytes_per_connection",
+                s.max_inflight_bytes_per_connection,
+                s.max_line_bytes,
+            ),
+            (
+                "server.max_inflight_bytes",
+                s.max_inflight_bytes,
+                s.max_inflight_bytes_per_connection,
+            ),
             ("store.max_batch", self.store.max_batch, 1),
             ("pairing.max_live_codes", self.pairing.max_live_codes, 1),
         ] {
             if v < min {
                 return Err(invalid(key, format!("must be at least {min} (got {v})")));
             }
+        }
+        if s.idle_timeout.0 < Duration::from_millis(100) {
+            return Err(invalid("server.idle_timeout", "must be at least 100ms"));
+        }
+        if s.shutdown_drain.0 > Duration::from_secs(600) {
+            return Err(invalid("server.shutdown_drain", "must be at most 10m"));
         }
         if s.max_args_bytes >= s.max_line_bytes {
             return Err(invalid(
