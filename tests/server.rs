@@ -711,19 +711,31 @@ fn sigterm_exits_within_the_drain_while_a_client_reads_no_replies() {
 }
 
 #[tokio::test]
-async fn sigterm_lets_a_call_in_flight_finish_and_refuses_new_clients() {
+async fn deadlines_keep_running_during_the_drain_and_the_call_is_answered() {
     let dir = tempfile::tempdir().unwrap();
     let text = support::server::base_config(dir.path(), "")
         .replace("[server]\n", "[server]\nshutdown_drain = \"30s\"\n");
     let mut s = Server::start_in(dir, &text);
     let mut agent = Raw::connect(&s);
-    let v = agent.send(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#);
-    assert!(v["result"].is_object() || v["result"].is_string(), "{v}");
-    // Nothing in flight: the drain ends at once, not after 30 s.
+    let line = json!({"jsonrpc": "2.0", "id": 7, "method": "submit",
+        "params": submit("delete_file", json!({"wait": true, "timeout_secs": 2}))});
+    agent
+        .writer
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
+    let mut admin = s.client().await;
+    support::server::wait_pending(&mut admin, 1).await;
+    drop(admin);
     sigterm(&s);
+    // The scheduler still runs while the call is in flight: the request
+    // times out and its answer reaches the agent before the server exits.
+    let v = agent.read();
+    assert_eq!(v["id"], 7, "{v}");
+    assert_eq!(v["result"]["state"], "timed_out", "{v}");
     let st = wait_exit(&mut s, Duration::from_secs(10))
         .unwrap_or_else(|| panic!("serve still running; log:\n{}", s.log()));
     assert!(st.success());
+    // New clients are refused, not left unanswered.
     assert!(StdStream::connect(s.socket()).is_err());
 }
 
