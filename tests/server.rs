@@ -681,7 +681,10 @@ fn sigterm_exits_within_the_drain_while_a_client_reads_no_replies() {
     let mut off = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        assert!(std::time::Instant::now() < deadline, "the server kept reading");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server kept reading"
+        );
         match w.write(&line[off..]) {
             Ok(n) => off = (off + n) % line.len(),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -764,10 +767,7 @@ async fn idle_connections_of_an_agent_do_not_lock_admins_out() {
     let mut late = s.agent_client().await;
     wait_log(&s, "refused a connection and closed it", 2);
     let e = late.call("ping", json!({})).await.unwrap_err();
-    assert!(
-        e.to_string().contains("max_connections_per_uid"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("max_connections_per_uid"), "{e}");
     // The admin socket has its own budget: admins still get in.
     let out = s.cli(&["pending"]);
     assert!(

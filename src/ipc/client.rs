@@ -68,7 +68,10 @@ impl Client {
             // A server that refuses a connection (too many connections, not
             // an admin) writes why, then closes: report that, not the
             // broken pipe the send ran into.
-            return Err(self.refusal().await.unwrap_or(ClientError::Io(e.to_string())));
+            return Err(self
+                .refusal()
+                .await
+                .unwrap_or(ClientError::Io(e.to_string())));
         }
         loop {
             let line = match self.framed.next().await {

@@ -233,8 +233,12 @@ pub async fn serve(
             pid: cred.pid(),
             admin_socket: opts.admin,
         };
-        let (handler, stop, closed, inflight) =
-            (handler.clone(), stop.clone(), closed.clone(), inflight.clone());
+        let (handler, stop, closed, inflight) = (
+            handler.clone(),
+            stop.clone(),
+            closed.clone(),
+            inflight.clone(),
+        );
         tracker.spawn(async move {
             connection(stream, peer, handler, limits, &stop, &closed, &inflight).await;
             drop(uid_slot);
@@ -342,7 +346,10 @@ async fn refuse(stream: UnixStream, code: &str, message: String) {
 }
 
 fn too_many(id: &serde_json::Value, message: String) -> Option<String> {
-    Some(response(id, Err(RpcError::new("too_many_inflight", message))))
+    Some(response(
+        id,
+        Err(RpcError::new("too_many_inflight", message)),
+    ))
 }
 
 async fn connection(
@@ -461,16 +468,20 @@ async fn connection(
                     }
                     None
                 }
-                Ok(Some(Line::Text(line))) if line.trim().is_empty() => None,
-                Ok(Some(Line::Text(line))) => {
+                Ok(Some(Line::Ready)) => match lines.text() {
+                    Err(why) => Some(response(
+                        &serde_json::Value::Null,
+                        Err(RpcError::new("parse_error", why)),
+                    )),
+                    Ok(line) if line.trim().is_empty() => None,
+                    Ok(line) => {
                     last_active = Instant::now();
                     let n = line.len();
-                    // Parsed here, and the line freed at once: a call in
-                    // flight holds its params, not its whole line.
-                    match parse_call(&line) {
+                    // Parsed straight from the read buffer: a call in
+                    // flight holds its params, never a copy of its line.
+                    match parse_call(line) {
                         Err(reply) => Some(reply),
                         Ok(call) => {
-                            drop(line);
                             if calls.len() >= max_inflight {
                                 too_many(call.id(), format!(
                                     "more than {max_inflight} calls in flight on this connection \
@@ -503,10 +514,7 @@ async fn connection(
                         }
                     }
                 }
-                Ok(Some(Line::Invalid(why))) => Some(response(
-                    &serde_json::Value::Null,
-                    Err(RpcError::new("parse_error", why)),
-                )),
+                },
                 // The rest of the line was discarded; the connection stays usable.
                 Ok(Some(Line::TooLong)) => {
                     last_active = Instant::now();
@@ -581,18 +589,22 @@ fn peer_hung_up(write: &tokio::net::unix::OwnedWriteHalf) -> bool {
     }
 }
 
-/// One line read from a peer.
+/// What [`LineReader::next_line`] found.
 enum Line {
-    Text(String),
+    /// A whole line, read with [`LineReader::text`].
+    Ready,
     /// Longer than the limit; its bytes were discarded up to the newline.
     TooLong,
-    /// Not UTF-8.
-    Invalid(String),
 }
+
+/// Capacity the line buffer keeps between lines; after a longer line it is
+/// shrunk back, so no connection holds a buffer the size of its longest line.
+const KEEP_LINE_BUFFER: usize = 16 * 1024;
 
 /// Reads newline-terminated lines, never buffering more than `max` bytes:
 /// an overlong line is skipped to its end and reported, and the next line
-/// is read normally (a codec would end the stream after the error).
+/// is read normally (a codec would end the stream after the error). One
+/// buffer per connection, reused: no allocation per line.
 struct LineReader<R> {
     inner: BufReader<R>,
     max: usize,
@@ -600,6 +612,8 @@ struct LineReader<R> {
     /// half-way (by a `select!`) loses nothing.
     buf: Vec<u8>,
     too_long: bool,
+    /// `buf` holds a whole line, handed out by `text`; cleared on the next read.
+    ready: bool,
 }
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
@@ -609,12 +623,27 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             max,
             buf: Vec::new(),
             too_long: false,
+            ready: false,
         }
+    }
+
+    /// The line [`LineReader::next_line`] just reported as ready (without
+    /// its `\r\n`), or why it is not text.
+    fn text(&self) -> Result<&str, &'static str> {
+        let line = match self.buf.last() {
+            Some(b'\r') => &self.buf[..self.buf.len() - 1],
+            _ => &self.buf[..],
+        };
+        std::str::from_utf8(line).map_err(|_| "the line is not valid UTF-8")
     }
 
     /// Cancel-safe: bytes move from the reader into `buf` with no await in
     /// between.
     async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
+        if std::mem::take(&mut self.ready) {
+            self.buf.clear();
+            self.buf.shrink_to(KEEP_LINE_BUFFER);
+        }
         loop {
             let chunk = self.inner.fill_buf().await?;
             if chunk.is_empty() {
@@ -646,13 +675,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         if std::mem::take(&mut self.too_long) {
             return Ok(Some(Line::TooLong));
         }
-        let mut line = std::mem::take(&mut self.buf);
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        Ok(Some(match String::from_utf8(line) {
-            Ok(s) => Line::Text(s),
-            Err(_) => Line::Invalid("the line is not valid UTF-8".into()),
-        }))
+        self.ready = true;
+        Ok(Some(Line::Ready))
     }
 }
