@@ -1274,6 +1274,23 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_name_the_key() {
+        assert!(err("[server]\nidle_timeout = \"10ms\"").contains("server.idle_timeout"));
+        assert!(err("[server]\nshutdown_drain = \"1h\"").contains("server.shutdown_drain"));
+        assert!(
+            err("[server]\nmax_connections_per_uid = 0").contains("server.max_connections_per_uid")
+        );
+        // A line of the longest size must fit in a connection's budget,
+        // and one connection's budget in the socket's.
+        assert!(err("[server]\nmax_inflight_bytes_per_connection = 1000")
+            .contains("server.max_inflight_bytes_per_connection"));
+        assert!(err("[server]\nmax_inflight_bytes = 300000").contains("server.max_inflight_bytes"));
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.server.shutdown_drain.0, Duration::from_secs(5));
+        assert_eq!(c.server.idle_timeout.0, Duration::from_secs(300));
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         assert!(err("[server]\nsocket_mode = \"0666\"").contains("server.socket_mode"));
         assert!(err("[server]\nsocket_mode = \"0660\"").contains("server.socket_group"));
