@@ -1,5 +1,8 @@
-//! The Unix socket listener: connection limit, peer credentials, line
-//! framing with a length limit, and a shutdown that waits for handlers.
+//! The Unix socket listener: connection limits (in total and per uid),
+//! peer credentials, line framing with a length limit, bytes in flight
+//! bounded per connection and per socket, idle connections closed, and a
+//! shutdown that lets calls in flight finish for a bounded drain, then
+//! closes every connection (a peer that reads nothing cannot hold it open).
 //! It notices a peer that went away (closed, killed: not a half-close) while
 //! its calls are in flight, and tells them, so a waiting client that leaves
 //! cancels its request instead of leaving it approvable by mistake.
