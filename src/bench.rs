@@ -41,6 +41,7 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
 [server]
 socket_path = "{sock}"
 max_connections = 1024
+max_connections_per_uid = 1024
 [store]
 url = "sqlite://{db}"
 [admin]

@@ -205,6 +205,19 @@ pub struct ServerConfig {
     pub max_justification_bytes: usize,
     /// Requests one connection may have in flight at once.
     pub max_inflight_per_connection: usize,
+    /// Bytes of request lines one connection may have in flight at once
+    /// (each call counts its line's length until it is answered).
+    pub max_inflight_bytes_per_connection: usize,
+    /// Bytes of request lines in flight on all connections of a socket.
+    pub max_inflight_bytes: usize,
+    /// Open connections from one uid on one socket.
+    pub max_connections_per_uid: usize,
+    /// A connection with no call in flight that sends no complete line for
+    /// this long is closed (with an `idle_timeout` error line).
+    pub idle_timeout: Dur,
+    /// On the first SIGINT/SIGTERM: how long calls in flight may finish and
+    /// replies flush before every connection is closed.
+    pub shutdown_drain: Dur,
 }
 
 impl Default for ServerConfig {
@@ -218,6 +231,11 @@ impl Default for ServerConfig {
             max_args_bytes: 64 * 1024,
             max_justification_bytes: 4096,
             max_inflight_per_connection: 64,
+            max_inflight_bytes_per_connection: 8 * 1024 * 1024,
+            max_inflight_bytes: 64 * 1024 * 1024,
+            max_connections_per_uid: 64,
+            idle_timeout: Dur(Duration::from_secs(300)),
+            shutdown_drain: Dur(Duration::from_secs(5)),
         }
     }
 }
@@ -859,12 +877,33 @@ impl Config {
                 s.max_inflight_per_connection,
                 1,
             ),
+            (
+                "server.max_connections_per_uid",
+                s.max_connections_per_uid,
+                1,
+            ),
+            (
+                "server.max_inflight_bytes_per_connection",
+                s.max_inflight_bytes_per_connection,
+                s.max_line_bytes,
+            ),
+            (
+                "server.max_inflight_bytes",
+                s.max_inflight_bytes,
+                s.max_inflight_bytes_per_connection,
+            ),
             ("store.max_batch", self.store.max_batch, 1),
             ("pairing.max_live_codes", self.pairing.max_live_codes, 1),
         ] {
             if v < min {
                 return Err(invalid(key, format!("must be at least {min} (got {v})")));
             }
+        }
+        if s.idle_timeout.0 < Duration::from_millis(100) {
+            return Err(invalid("server.idle_timeout", "must be at least 100ms"));
+        }
+        if s.shutdown_drain.0 > Duration::from_secs(600) {
+            return Err(invalid("server.shutdown_drain", "must be at most 10m"));
         }
         if s.max_args_bytes >= s.max_line_bytes {
             return Err(invalid(
@@ -1299,6 +1338,23 @@ mod tests {
     fn unknown_keys_are_rejected() {
         assert!(err("[server]\nsocket = \"x\"").contains("unknown field `socket`"));
         assert!(err("colour = 1").contains("unknown field"));
+    }
+
+    #[test]
+    fn connection_limits_name_the_key() {
+        assert!(err("[server]\nidle_timeout = \"10ms\"").contains("server.idle_timeout"));
+        assert!(err("[server]\nshutdown_drain = \"1h\"").contains("server.shutdown_drain"));
+        assert!(
+            err("[server]\nmax_connections_per_uid = 0").contains("server.max_connections_per_uid")
+        );
+        // A line of the longest size must fit in a connection's budget,
+        // and one connection's budget in the socket's.
+        assert!(err("[server]\nmax_inflight_bytes_per_connection = 1000")
+            .contains("server.max_inflight_bytes_per_connection"));
+        assert!(err("[server]\nmax_inflight_bytes = 300000").contains("server.max_inflight_bytes"));
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.server.shutdown_drain.0, Duration::from_secs(5));
+        assert_eq!(c.server.idle_timeout.0, Duration::from_secs(300));
     }
 
     #[test]

@@ -89,6 +89,11 @@ async fn run_inner(
         max_connections: cfg.server.max_connections,
         max_line_bytes: cfg.server.max_line_bytes,
         max_inflight: cfg.server.max_inflight_per_connection,
+        max_connections_per_uid: cfg.server.max_connections_per_uid,
+        max_inflight_bytes_per_connection: cfg.server.max_inflight_bytes_per_connection,
+        max_inflight_bytes: cfg.server.max_inflight_bytes,
+        idle_timeout: cfg.server.idle_timeout.0,
+        shutdown_drain: cfg.server.shutdown_drain.0,
     };
     let admin_opts = SocketOptions {
         path: cfg.admin.socket_path.clone(),
@@ -98,6 +103,11 @@ async fn run_inner(
         max_connections: cfg.server.max_connections,
         max_line_bytes: cfg.server.max_line_bytes,
         max_inflight: cfg.server.max_inflight_per_connection,
+        max_connections_per_uid: cfg.server.max_connections_per_uid,
+        max_inflight_bytes_per_connection: cfg.server.max_inflight_bytes_per_connection,
+        max_inflight_bytes: cfg.server.max_inflight_bytes,
+        idle_timeout: cfg.server.idle_timeout.0,
+        shutdown_drain: cfg.server.shutdown_drain.0,
     };
     let admin_listener = server::bind(&admin_opts).await?;
     let listener = match server::bind(&opts).await {
@@ -110,8 +120,11 @@ async fn run_inner(
         }
     };
 
-    let sched = tokio::spawn(scheduler::run(gw.clone(), deadlines, stop.clone()));
-    let retention = tokio::spawn(retention::run(gw.clone(), stop.clone()));
+    // The scheduler and retention outlive the sockets' drain: a request's
+    // deadline still expires it while calls in flight finish.
+    let background = CancellationToken::new();
+    let sched = tokio::spawn(scheduler::run(gw.clone(), deadlines, background.clone()));
+    let retention = tokio::spawn(retention::run(gw.clone(), background.clone()));
 
     tracing::info!(
         socket = %opts.path.display(),
@@ -158,6 +171,7 @@ async fn run_inner(
         server::serve(admin_listener, admin_opts, handler, stop.clone()),
     );
     stop.cancel();
+    background.cancel();
     let _ = sched.await;
     let _ = retention.await;
     if let Some(m) = monitor {

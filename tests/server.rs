@@ -629,3 +629,259 @@ fn group_mode_sets_the_socket_group() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(meta.gid(), gid);
 }
+
+/// Waits (with a deadline) until the server's log has `needle` `n` times.
+fn wait_log(s: &Server, needle: &str, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.log().matches(needle).count() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} in the log:\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits (with a deadline) for the server process to exit.
+fn wait_exit(s: &mut Server, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn sigterm(s: &Server) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+}
+
+#[test]
+fn sigterm_exits_within_the_drain_while_a_client_reads_no_replies() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "")
+        .replace("[server]\n", "[server]\nshutdown_drain = \"1s\"\n");
+    let mut s = Server::start_in(dir, &text);
+    // A client that sends calls and never reads their replies, until the
+    // server stops reading too (it is stuck writing to this client): the
+    // socket stays unwritable for a whole second.
+    let stream = StdStream::connect(s.socket()).unwrap();
+    stream.set_nonblocking(true).unwrap();
+    let line = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\n".repeat(64);
+    let mut w = &stream;
+    let mut off = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server kept reading"
+        );
+        match w.write(&line[off..]) {
+            Ok(n) => off = (off + n) % line.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                use std::os::fd::AsFd;
+                let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLOUT)];
+                if poll(&mut fds, PollTimeout::from(1000u16)).unwrap() == 0 {
+                    break;
+                }
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    // An agent with a call in flight that does read: it is answered
+    // during the drain or closed at its end, never left hanging.
+    let t = std::time::Instant::now();
+    sigterm(&s);
+    let st = wait_exit(&mut s, Duration::from_secs(4))
+        .unwrap_or_else(|| panic!("serve still running 4 s after SIGTERM; log:\n{}", s.log()));
+    assert!(st.success(), "{st:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "left before the drain"
+    );
+    assert!(s.log().contains("shutdown drain over"), "{}", s.log());
+    assert!(!s.socket().exists());
+}
+
+#[tokio::test]
+async fn deadlines_keep_running_during_the_drain_and_the_call_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "")
+        .replace("[server]\n", "[server]\nshutdown_drain = \"30s\"\n");
+    let mut s = Server::start_in(dir, &text);
+    let mut agent = Raw::connect(&s);
+    let line = json!({"jsonrpc": "2.0", "id": 7, "method": "submit",
+        "params": submit("delete_file", json!({"wait": true, "timeout_secs": 2}))});
+    agent
+        .writer
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
+    let mut admin = s.client().await;
+    support::server::wait_pending(&mut admin, 1).await;
+    drop(admin);
+    sigterm(&s);
+    // The scheduler still runs while the call is in flight: the request
+    // times out and its answer reaches the agent before the server exits.
+    let v = agent.read();
+    assert_eq!(v["id"], 7, "{v}");
+    assert_eq!(v["result"]["state"], "timed_out", "{v}");
+    let st = wait_exit(&mut s, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("serve still running; log:\n{}", s.log()));
+    assert!(st.success());
+    // New clients are refused, not left unanswered.
+    assert!(StdStream::connect(s.socket()).is_err());
+}
+
+#[tokio::test]
+async fn idle_connections_of_an_agent_do_not_lock_admins_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "").replace(
+        "[server]\n",
+        "[server]\nmax_connections = 8\nmax_connections_per_uid = 4\n",
+    );
+    let s = Server::start_in(dir, &text);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = s.agent_client().await;
+        c.call("ping", json!({})).await.unwrap();
+        held.push(c);
+    }
+    // Over the per-uid cap: a clear refusal naming the key.
+    let mut raw = Raw::connect(&s);
+    let v = raw.read();
+    assert_eq!(v["error"]["data"]["code"], "too_many_connections");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("server.max_connections_per_uid"), "{msg}");
+    // The client reports the server's refusal even when its own write
+    // finds the connection already closed (not `Broken pipe`).
+    let mut late = s.agent_client().await;
+    wait_log(&s, "refused a connection and closed it", 2);
+    let e = late.call("ping", json!({})).await.unwrap_err();
+    assert!(e.to_string().contains("max_connections_per_uid"), "{e}");
+    // The admin socket has its own budget: admins still get in.
+    let out = s.cli(&["pending"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(held);
+}
+
+#[test]
+fn the_cli_prints_the_refusal_not_broken_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "")
+        .replace("[server]\n", "[server]\nmax_connections_per_uid = 1\n");
+    let s = Server::start_in(dir, &text);
+    // The one admin connection this uid may have, held open.
+    let hold = StdStream::connect(s.admin_socket()).unwrap();
+    let out = s.cli(&["pending"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("too_many_connections"), "{err}");
+    assert!(err.contains("server.max_connections_per_uid"), "{err}");
+    assert!(!err.contains("Broken pipe"), "{err}");
+    drop(hold);
+}
+
+#[test]
+fn an_idle_connection_is_closed_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "")
+        .replace("[server]\n", "[server]\nidle_timeout = \"300ms\"\n");
+    let s = Server::start_in(dir, &text);
+    let mut raw = Raw::connect(&s);
+    let v = raw.send(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#);
+    assert!(v.get("error").is_none(), "{v}");
+    let t = std::time::Instant::now();
+    // Read until EOF (the read timeout is the deadline).
+    let v = raw.read();
+    assert_eq!(v["error"]["data"]["code"], "idle_timeout", "{v}");
+    assert!(t.elapsed() >= Duration::from_millis(250));
+    let mut rest = String::new();
+    assert_eq!(raw.reader.read_line(&mut rest).unwrap(), 0, "{rest}");
+    // A connection with a call in flight is not idle.
+    let mut busy = Raw::connect(&s);
+    let line = json!({"jsonrpc": "2.0", "id": 2, "method": "submit",
+        "params": submit("delete_file", json!({"wait": true, "timeout_secs": 1}))});
+    busy.writer
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
+    let v = busy.read();
+    assert_eq!(v["id"], 2, "{v}");
+    assert!(v.get("error").is_none(), "{v}");
+}
+
+/// A `submit` line that waits for a decision, padded with a field the
+/// server ignores to about `len` bytes.
+fn padded_wait(id: u64, len: usize) -> Vec<u8> {
+    let mut v = json!({"jsonrpc": "2.0", "id": id, "method": "submit",
+        "params": submit("delete_file", json!({"wait": true}))});
+    let short = v.to_string().len();
+    v["pad"] = json!("x".repeat(len - short - 10));
+    format!("{v}\n").into_bytes()
+}
+
+#[tokio::test]
+async fn bytes_in_flight_are_bounded_per_connection_and_in_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = support::server::base_config(dir.path(), "").replace(
+        "[server]\n",
+        "[server]\nmax_line_bytes = 4096\nmax_args_bytes = 1024\n\
+         max_inflight_bytes_per_connection = 8192\nmax_inflight_bytes = 16384\n",
+    );
+    let s = Server::start_in(dir, &text);
+    let mut conns: Vec<Raw> = (0..3).map(|_| Raw::connect(&s)).collect();
+    let mut admin = s.client().await;
+    // Two 3000-byte calls fit on a connection; the third does not.
+    for id in 1..=2 {
+        conns[0].writer.write_all(&padded_wait(id, 3000)).unwrap();
+    }
+    let v = conns[0].send(&padded_wait(3, 3000)[..2999]);
+    assert_eq!(v["id"], 3, "{v}");
+    assert_eq!(v["error"]["data"]["code"], "too_many_inflight", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("max_inflight_bytes_per_connection"), "{msg}");
+    // 5 × 3000 fit in the 16384 of the socket; the sixth does not.
+    for id in 11..=12 {
+        conns[1].writer.write_all(&padded_wait(id, 3000)).unwrap();
+    }
+    conns[2].writer.write_all(&padded_wait(21, 3000)).unwrap();
+    let list = support::server::wait_pending(&mut admin, 5).await;
+    let v = conns[2].send(&padded_wait(22, 3000)[..2999]);
+    assert_eq!(v["id"], 22, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("server.max_inflight_bytes)"), "{msg}");
+    // Calls that end give their bytes back: deny all five, read each
+    // answer (written after its call has ended), then the socket has room.
+    for r in &list {
+        let id = r["id"].as_str().unwrap().to_string();
+        admin.call("deny", json!({"id": id})).await.unwrap();
+    }
+    for (c, n) in conns.iter_mut().zip([2, 2, 1]) {
+        for _ in 0..n {
+            let v = c.read();
+            assert_eq!(v["result"]["state"], "denied", "{v}");
+        }
+    }
+    for id in 31..=2 + 30 {
+        conns[0].writer.write_all(&padded_wait(id, 3000)).unwrap();
+    }
+    conns[1].writer.write_all(&padded_wait(41, 3000)).unwrap();
+    conns[1].writer.write_all(&padded_wait(42, 3000)).unwrap();
+    conns[2].writer.write_all(&padded_wait(51, 3000)).unwrap();
+    let v = conns[2].send(br#"{"jsonrpc":"2.0","id":99,"method":"ping"}"#);
+    assert_eq!(v["id"], 99, "a call was refused: {v}");
+    support::server::wait_pending(&mut admin, 5).await;
+}

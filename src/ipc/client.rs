@@ -64,13 +64,22 @@ impl Client {
         self.next_id += 1;
         let line =
             json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
-        self.framed
-            .send(line)
-            .await
-            .map_err(|e| ClientError::Io(e.to_string()))?;
+        if let Err(e) = self.framed.send(line).await {
+            // A server that refuses a connection (too many connections, not
+            // an admin) writes why, then closes: report that, not the
+            // broken pipe the send ran into.
+            return Err(self
+                .refusal()
+                .await
+                .unwrap_or(ClientError::Io(e.to_string())));
+        }
         loop {
             let line = match self.framed.next().await {
-                None => return Err(ClientError::Io("the server closed the connection".into())),
+                None => {
+                    return Err(ClientError::Io(
+                        "the server closed the connection without an answer".into(),
+                    ))
+                }
                 Some(Err(e)) => return Err(ClientError::Io(e.to_string())),
                 Some(Ok(l)) => l,
             };
@@ -85,5 +94,16 @@ impl Client {
             }
             return v.result.ok_or_else(|| ClientError::Protocol(line.clone()));
         }
+    }
+
+    /// The error line a refusing server left before closing, if any (read
+    /// for at most a second).
+    async fn refusal(&mut self) -> Option<ClientError> {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(1), self.framed.next());
+        let Ok(Some(Ok(line))) = next.await else {
+            return None;
+        };
+        let v: Response = serde_json::from_str(&line).ok()?;
+        v.error.map(ClientError::Rpc)
     }
 }

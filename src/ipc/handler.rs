@@ -32,6 +32,64 @@ pub struct Peer {
     pub admin_socket: bool,
 }
 
+/// One call, parsed out of its line: only the id, the method and the
+/// params are kept, so the line (and anything else it carried) is freed
+/// before the call runs.
+pub struct Call {
+    id: Option<Value>,
+    method: String,
+    params: Value,
+}
+
+impl Call {
+    /// The call's id (`Null` for a notification), for an answer that refuses it.
+    pub fn id(&self) -> &Value {
+        self.id.as_ref().unwrap_or(&Value::Null)
+    }
+}
+
+/// Reads one JSON-RPC line strictly. `Err` is the response line refusing it.
+pub fn parse_call(line: &str) -> Result<Call, String> {
+    let msg: Value = match parse_strict(line) {
+        Ok(v) => v,
+        Err(e) => return Err(refused_line(line, &e)),
+    };
+    let Value::Object(mut obj) = msg else {
+        return Err(response(
+            &Value::Null,
+            Err(RpcError::new("invalid_request", "expected a JSON object")),
+        ));
+    };
+    let id = obj.remove("id");
+    let id_ok = matches!(
+        &id,
+        None | Some(Value::Null | Value::Number(_) | Value::String(_))
+    );
+    let method = match obj.remove("method") {
+        Some(Value::String(m)) => Some(m),
+        _ => None,
+    };
+    let (Some(method), true, Some("2.0")) =
+        (method, id_ok, obj.get("jsonrpc").and_then(Value::as_str))
+    else {
+        return Err(response(
+            &id.unwrap_or(Value::Null),
+            Err(RpcError::new(
+                "invalid_request",
+                "expected {\"jsonrpc\":\"2.0\",\"id\":…,\"method\":\"…\",\"params\":{…}}",
+            )),
+        ));
+    };
+    let params = obj.remove("params").unwrap_or(Value::Null);
+    if !(params.is_object() || params.is_null()) {
+        return Err(response(
+            &id.unwrap_or(Value::Null),
+            Err(RpcError::new("invalid_params", "params must be an object")),
+        ));
+    }
+    Ok(Call { id, method, params })
+}
+
 pub struct Handler {
     gw: Arc<Gateway>,
     health: HealthProbe,
@@ -294,43 +352,21 @@ impl Handler {
         line: &str,
         gone: &CancellationToken,
     ) -> Option<String> {
-        let msg: Value = match parse_strict(line) {
-            Ok(v) => v,
-            Err(e) => return Some(refused_line(line, &e)),
-        };
-        let Value::Object(mut obj) = msg else {
-            return Some(response(
-                &Value::Null,
-                Err(RpcError::new("invalid_request", "expected a JSON object")),
-            ));
-        };
-        let id = obj.get("id").cloned();
-        let id_ok = matches!(
-            &id,
-            None | Some(Value::Null | Value::Number(_) | Value::String(_))
-        );
-        let method = obj.get("method").and_then(Value::as_str);
-        let (Some(method), true, Some("2.0")) =
-            (method, id_ok, obj.get("jsonrpc").and_then(Value::as_str))
-        else {
-            return Some(response(
-                &id.unwrap_or(Value::Null),
-                Err(RpcError::new(
-                    "invalid_request",
-                    "expected {\"jsonrpc\":\"2.0\",\"id\":…,\"method\":\"…\",\"params\":{…}}",
-                )),
-            ));
-        };
-        let method = method.to_string();
-        let p = obj.remove("params").unwrap_or(Value::Null);
-        if !(p.is_object() || p.is_null()) {
-            return Some(response(
-                &id.unwrap_or(Value::Null),
-                Err(RpcError::new("invalid_params", "params must be an object")),
-            ));
+        match parse_call(line) {
+            Ok(call) => self.handle_call(peer, call, gone).await,
+            Err(reply) => Some(reply),
         }
-        let result = self.dispatch(peer, &method, p, gone).await;
-        id.map(|id| reply(&id, result))
+    }
+
+    /// Runs a call parsed by [`parse_call`]; `None` for a notification.
+    pub async fn handle_call(
+        &self,
+        peer: Peer,
+        call: Call,
+        gone: &CancellationToken,
+    ) -> Option<String> {
+        let result = self.dispatch(peer, &call.method, call.params, gone).await;
+        call.id.map(|id| reply(&id, result))
     }
 
     /// The client of a call waiting on request `id` left before its answer.

@@ -34,7 +34,9 @@ pub fn numeric_code(name: &str) -> i64 {
         }
         "not_admin" | "admin_only" | "agent_refused" | "not_your_request" | "peer_refused"
         | "self_approval" => codes::FORBIDDEN,
-        "too_many_pending" | "too_many_connections" | "too_many_inflight" => codes::LIMIT,
+        "too_many_pending" | "too_many_connections" | "too_many_inflight" | "idle_timeout" => {
+            codes::LIMIT
+        }
         _ => codes::INTERNAL,
     }
 }

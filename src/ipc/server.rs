@@ -1,19 +1,26 @@
-//! The Unix socket listener: connection limit, peer credentials, line
-//! framing with a length limit, and a shutdown that waits for handlers.
+//! The Unix socket listener: connection limits (in total and per uid),
+//! peer credentials, line framing with a length limit, bytes in flight
+//! bounded per connection and per socket, idle connections closed, and a
+//! shutdown that lets calls in flight finish for a bounded drain, then
+//! closes every connection (a peer that reads nothing cannot hold it open).
 //! It notices a peer that went away (closed, killed: not a half-close) while
 //! its calls are in flight, and tells them, so a waiting client that leaves
 //! cancels its request instead of leaving it approvable by mistake.
 
-use super::handler::{Handler, Peer};
+use super::handler::{parse_call, Handler, Peer};
 use super::protocol::{response, RpcError};
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::codec::{FramedWrite, LinesCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,6 +55,17 @@ pub struct SocketOptions {
     pub max_connections: usize,
     pub max_line_bytes: usize,
     pub max_inflight: usize,
+    /// Open connections from one uid (this socket only).
+    pub max_connections_per_uid: usize,
+    /// Bytes of request lines in flight on one connection.
+    pub max_inflight_bytes_per_connection: usize,
+    /// Bytes of request lines in flight on all of this socket's connections.
+    pub max_inflight_bytes: usize,
+    /// A connection with no call in flight and no line for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long calls in flight may finish after `stop`, before every
+    /// connection is closed.
+    pub shutdown_drain: Duration,
 }
 
 /// What sits at a socket path.
@@ -141,8 +159,9 @@ pub async fn bind(opts: &SocketOptions) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
-/// Accepts connections until `stop` is cancelled, then waits for the
-/// in-flight handlers and removes the socket file.
+/// Accepts connections until `stop` is cancelled, then lets the calls in
+/// flight finish and their replies flush for at most `shutdown_drain`,
+/// closes whatever is still open, and removes the socket file.
 pub async fn serve(
     listener: UnixListener,
     opts: SocketOptions,
@@ -150,7 +169,20 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(opts.max_connections));
+    let per_uid = Arc::new(UidSlots::default());
     let tracker = TaskTracker::new();
+    // Cancelled `shutdown_drain` after `stop`: every connection still open
+    // is then closed, whatever it was doing (a blocked write included).
+    let closed = CancellationToken::new();
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let limits = Limits {
+        admin: opts.admin,
+        max_line: opts.max_line_bytes,
+        max_inflight: opts.max_inflight,
+        max_bytes: opts.max_inflight_bytes_per_connection,
+        max_total_bytes: opts.max_inflight_bytes,
+        idle: opts.idle_timeout,
+    };
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => break,
@@ -159,7 +191,7 @@ pub async fn serve(
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     // Out of file descriptors and the like: back off briefly.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -169,27 +201,141 @@ pub async fn serve(
                 stream,
                 "too_many_connections",
                 format!(
-                    "the server already has {} connections",
+                    "the server already has {} connections (server.max_connections)",
                     opts.max_connections
                 ),
             ));
             continue;
         };
-        let handler = handler.clone();
-        let stop = stop.clone();
-        let (max_line, max_inflight, admin) = (opts.max_line_bytes, opts.max_inflight, opts.admin);
-        let open = crate::app::metrics::global().connection(admin);
+        let cred = match stream.peer_cred() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "no peer credentials; refusing");
+                continue;
+            }
+        };
+        let Some(uid_slot) = UidSlots::take(&per_uid, cred.uid(), opts.max_connections_per_uid)
+        else {
+            tracing::warn!(
+                peer.uid = cred.uid(),
+                "connection refused: too many connections from this uid"
+            );
+            tracker.spawn(refuse(
+                stream,
+                "too_many_connections",
+                format!(
+                    "uid {} already has {} connections (server.max_connections_per_uid)",
+                    cred.uid(),
+                    opts.max_connections_per_uid
+                ),
+            ));
+            continue;
+        };
+        let peer = Peer {
+            uid: cred.uid(),
+            pid: cred.pid(),
+            admin_socket: opts.admin,
+        };
+        let (handler, stop, closed, inflight) = (
+            handler.clone(),
+            stop.clone(),
+            closed.clone(),
+            inflight.clone(),
+        );
+        let open = crate::app::metrics::global().connection(opts.admin);
         tracker.spawn(async move {
-            connection(stream, handler, admin, max_line, max_inflight, stop).await;
+            connection(stream, peer, handler, limits, &stop, &closed, &inflight).await;
             drop(open);
+            drop(uid_slot);
             drop(permit);
         });
     }
+    // New clients are refused at once from here on, not left unanswered.
+    drop(listener);
     tracker.close();
-    tracker.wait().await;
+    tokio::select! {
+        _ = tracker.wait() => {}
+        _ = tokio::time::sleep(opts.shutdown_drain) => {
+            tracing::info!(
+                socket = %opts.path.display(),
+                "shutdown drain over (server.shutdown_drain); closing the remaining connections"
+            );
+            closed.cancel();
+            tracker.wait().await;
+        }
+    }
     if let Err(e) = remove_socket(&opts.path) {
         tracing::warn!(error = %e, "socket file left in place");
     }
+}
+
+/// The open connections of each uid on one socket.
+#[derive(Default)]
+struct UidSlots(Mutex<HashMap<u32, usize>>);
+
+/// One connection's place in [`UidSlots`], given back on drop.
+struct UidSlot {
+    slots: Arc<UidSlots>,
+    uid: u32,
+}
+
+impl UidSlots {
+    fn take(slots: &Arc<UidSlots>, uid: u32, max: usize) -> Option<UidSlot> {
+        let mut m = slots.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(uid).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot {
+            slots: slots.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut m = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// The bytes of a call in flight, counted in the socket's total until the
+/// call ends or is dropped.
+struct Charge<'a>(&'a AtomicUsize, usize);
+
+impl<'a> Charge<'a> {
+    fn take(total: &'a AtomicUsize, n: usize, max: usize) -> Option<Charge<'a>> {
+        let before = total.fetch_add(n, Ordering::Relaxed);
+        if before + n > max {
+            total.fetch_sub(n, Ordering::Relaxed);
+            return None;
+        }
+        Some(Charge(total, n))
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
+    }
+}
+
+/// What one connection may do.
+#[derive(Clone, Copy)]
+struct Limits {
+    admin: bool,
+    max_line: usize,
+    max_inflight: usize,
+    max_bytes: usize,
+    max_total_bytes: usize,
+    idle: Duration,
 }
 
 async fn refuse(stream: UnixStream, code: &str, message: String) {
@@ -200,27 +346,27 @@ async fn refuse(stream: UnixStream, code: &str, message: String) {
             Err(RpcError::new(code, message)),
         ))
         .await;
+    drop(w);
+    tracing::debug!(code, "refused a connection and closed it");
+}
+
+fn too_many(id: &serde_json::Value, message: String) -> Option<String> {
+    Some(response(
+        id,
+        Err(RpcError::new("too_many_inflight", message)),
+    ))
 }
 
 async fn connection(
     stream: UnixStream,
+    peer: Peer,
     handler: Arc<Handler>,
-    admin_socket: bool,
-    max_line: usize,
-    max_inflight: usize,
-    stop: CancellationToken,
+    limits: Limits,
+    stop: &CancellationToken,
+    closed: &CancellationToken,
+    inflight: &AtomicUsize,
 ) {
-    let peer = match stream.peer_cred() {
-        Ok(c) => Peer {
-            uid: c.uid(),
-            pid: c.pid(),
-            admin_socket,
-        },
-        Err(e) => {
-            tracing::warn!(error = %e, "no peer credentials; refusing");
-            return;
-        }
-    };
+    let admin_socket = limits.admin;
     if admin_socket && !handler.gateway().is_admin_uid(peer.uid) {
         tracing::warn!(
             peer.uid = peer.uid,
@@ -253,12 +399,21 @@ async fn connection(
         .await;
         return;
     }
+    let (max_line, max_inflight) = (limits.max_line, limits.max_inflight);
     let (read, mut write) = stream.into_split();
     let mut lines = LineReader::new(read, max_line);
+    // Bytes of this connection's calls in flight.
+    let mut held = 0usize;
+    // Idle and stalled-reader detection with one timer: `last_active` moves
+    // on every line and answer (no timer work per call); the timer, when it
+    // fires, is moved to `last_active + idle` unless that has passed.
+    let mut last_active = Instant::now();
+    let idle = tokio::time::sleep(limits.idle);
+    tokio::pin!(idle);
     // Calls in flight, polled by this task: no task per call, and each reply
-    // is written as soon as its call finishes. Dropping them (on shutdown)
-    // aborts them; their requests stay pending in the store, and a
-    // reconnecting agent can `wait` again.
+    // is written as soon as its call finishes. Dropping them (when the
+    // shutdown drain is over) aborts them; their requests stay pending in
+    // the store, and a reconnecting agent can `wait` again.
     let mut calls = FuturesUnordered::new();
     // Fires once the peer is gone (closed or killed, not merely half-closed):
     // its waiting calls then cancel their requests (`client_gone`) and end.
@@ -267,12 +422,43 @@ async fn connection(
     // calls still get answers; each is bounded by its request's deadline,
     // and the peer is checked now and then for having gone away since.
     let mut reading = true;
+    let mut draining = false;
     let mut recheck = tokio::time::interval(PEER_RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while reading || !calls.is_empty() {
         let reply = tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(reply) = calls.next(), if !calls.is_empty() => reply,
+            _ = closed.cancelled() => return,
+            // Shutdown: read no more calls; those in flight may finish
+            // until the drain is over.
+            _ = stop.cancelled(), if !draining => {
+                draining = true;
+                reading = false;
+                None
+            }
+            Some((n, reply)) = calls.next(), if !calls.is_empty() => {
+                held -= n;
+                last_active = Instant::now();
+                reply
+            }
+            _ = &mut idle, if reading && calls.is_empty() => {
+                if last_active.elapsed() < limits.idle {
+                    idle.as_mut().reset(last_active + limits.idle);
+                    None
+                } else {
+                    tracing::debug!(peer.uid = peer.uid, "idle connection closed");
+                    reading = false;
+                    Some(response(
+                        &serde_json::Value::Null,
+                        Err(RpcError::new(
+                            "idle_timeout",
+                            format!(
+                                "no call for {} (server.idle_timeout); closing the connection",
+                                humantime::format_duration(limits.idle)
+                            ),
+                        )),
+                    ))
+                }
+            }
             _ = recheck.tick(), if !reading && !gone.is_cancelled() => {
                 if peer_hung_up(&write) {
                     gone.cancel();
@@ -287,35 +473,64 @@ async fn connection(
                     }
                     None
                 }
-                Ok(Some(Line::Text(line))) if line.trim().is_empty() => None,
-                Ok(Some(Line::Text(line))) if calls.len() >= max_inflight => {
-                    let e = RpcError::new(
-                        "too_many_inflight",
-                        format!("more than {max_inflight} calls in flight on this connection"),
-                    );
-                    let id = serde_json::from_str::<serde_json::Value>(&line)
-                        .ok()
-                        .and_then(|v| v.get("id").cloned())
-                        .unwrap_or_default();
-                    Some(response(&id, Err(e)))
-                }
-                Ok(Some(Line::Text(line))) => {
-                    let (handler, gone) = (handler.clone(), gone.clone());
-                    calls.push(async move { handler.handle_line_on(peer, &line, &gone).await });
-                    None
-                }
-                Ok(Some(Line::Invalid(why))) => Some(response(
-                    &serde_json::Value::Null,
-                    Err(RpcError::new("parse_error", why)),
-                )),
-                // The rest of the line was discarded; the connection stays usable.
-                Ok(Some(Line::TooLong)) => Some(response(
-                    &serde_json::Value::Null,
-                    Err(RpcError::new(
-                        "line_too_long",
-                        format!("line longer than {max_line} bytes (server.max_line_bytes)"),
+                Ok(Some(Line::Ready)) => match lines.text() {
+                    Err(why) => Some(response(
+                        &serde_json::Value::Null,
+                        Err(RpcError::new("parse_error", why)),
                     )),
-                )),
+                    Ok(line) if line.trim().is_empty() => None,
+                    Ok(line) => {
+                    last_active = Instant::now();
+                    let n = line.len();
+                    // Parsed straight from the read buffer: a call in
+                    // flight holds its params, never a copy of its line.
+                    match parse_call(line) {
+                        Err(reply) => Some(reply),
+                        Ok(call) => {
+                            if calls.len() >= max_inflight {
+                                too_many(call.id(), format!(
+                                    "more than {max_inflight} calls in flight on this connection \
+                                     (server.max_inflight_per_connection)"
+                                ))
+                            } else if held + n > limits.max_bytes {
+                                too_many(call.id(), format!(
+                                    "more than {} bytes of calls in flight on this connection \
+                                     (server.max_inflight_bytes_per_connection)",
+                                    limits.max_bytes
+                                ))
+                            } else if let Some(charge) =
+                                Charge::take(inflight, n, limits.max_total_bytes)
+                            {
+                                held += n;
+                                let (handler, gone) = (handler.clone(), gone.clone());
+                                calls.push(async move {
+                                    let reply = handler.handle_call(peer, call, &gone).await;
+                                    drop(charge);
+                                    (n, reply)
+                                });
+                                None
+                            } else {
+                                too_many(call.id(), format!(
+                                    "more than {} bytes of calls in flight on this socket \
+                                     (server.max_inflight_bytes)",
+                                    limits.max_total_bytes
+                                ))
+                            }
+                        }
+                    }
+                }
+                },
+                // The rest of the line was discarded; the connection stays usable.
+                Ok(Some(Line::TooLong)) => {
+                    last_active = Instant::now();
+                    Some(response(
+                        &serde_json::Value::Null,
+                        Err(RpcError::new(
+                            "line_too_long",
+                            format!("line longer than {max_line} bytes (server.max_line_bytes)"),
+                        )),
+                    ))
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "connection read failed");
                     reading = false;
@@ -329,7 +544,25 @@ async fn connection(
                 continue;
             }
             line.push('\n');
-            if write.write_all(line.as_bytes()).await.is_err() {
+            // The write waits for a peer that does not read, but never past
+            // the shutdown drain, nor for longer than `idle_timeout`.
+            last_active = Instant::now();
+            let write_one = write.write_all(line.as_bytes());
+            tokio::pin!(write_one);
+            let written = loop {
+                tokio::select! {
+                    r = &mut write_one => break r.is_ok(),
+                    _ = closed.cancelled() => return,
+                    _ = &mut idle => {
+                        if last_active.elapsed() >= limits.idle {
+                            tracing::debug!(peer.uid = peer.uid, "the peer reads no replies; giving up on it");
+                            break false;
+                        }
+                        idle.as_mut().reset(last_active + limits.idle);
+                    }
+                }
+            };
+            if !written {
                 // Nobody reads the answers: the rest of the calls end as
                 // for a peer that left.
                 reading = false;
@@ -341,7 +574,7 @@ async fn connection(
 
 /// How often a half-closed peer with calls in flight is checked for having
 /// gone away.
-const PEER_RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
+const PEER_RECHECK: Duration = Duration::from_millis(250);
 
 /// Whether the peer has closed its end entirely (or died), not merely shut
 /// down its writing half: Linux reports POLLHUP on a Unix stream socket only
@@ -361,18 +594,22 @@ fn peer_hung_up(write: &tokio::net::unix::OwnedWriteHalf) -> bool {
     }
 }
 
-/// One line read from a peer.
+/// What [`LineReader::next_line`] found.
 enum Line {
-    Text(String),
+    /// A whole line, read with [`LineReader::text`].
+    Ready,
     /// Longer than the limit; its bytes were discarded up to the newline.
     TooLong,
-    /// Not UTF-8.
-    Invalid(String),
 }
+
+/// Capacity the line buffer keeps between lines; after a longer line it is
+/// shrunk back, so no connection holds a buffer the size of its longest line.
+const KEEP_LINE_BUFFER: usize = 16 * 1024;
 
 /// Reads newline-terminated lines, never buffering more than `max` bytes:
 /// an overlong line is skipped to its end and reported, and the next line
-/// is read normally (a codec would end the stream after the error).
+/// is read normally (a codec would end the stream after the error). One
+/// buffer per connection, reused: no allocation per line.
 struct LineReader<R> {
     inner: BufReader<R>,
     max: usize,
@@ -380,6 +617,8 @@ struct LineReader<R> {
     /// half-way (by a `select!`) loses nothing.
     buf: Vec<u8>,
     too_long: bool,
+    /// `buf` holds a whole line, handed out by `text`; cleared on the next read.
+    ready: bool,
 }
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
@@ -389,12 +628,27 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             max,
             buf: Vec::new(),
             too_long: false,
+            ready: false,
         }
+    }
+
+    /// The line [`LineReader::next_line`] just reported as ready (without
+    /// its `\r\n`), or why it is not text.
+    fn text(&self) -> Result<&str, &'static str> {
+        let line = match self.buf.last() {
+            Some(b'\r') => &self.buf[..self.buf.len() - 1],
+            _ => &self.buf[..],
+        };
+        std::str::from_utf8(line).map_err(|_| "the line is not valid UTF-8")
     }
 
     /// Cancel-safe: bytes move from the reader into `buf` with no await in
     /// between.
     async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
+        if std::mem::take(&mut self.ready) {
+            self.buf.clear();
+            self.buf.shrink_to(KEEP_LINE_BUFFER);
+        }
         loop {
             let chunk = self.inner.fill_buf().await?;
             if chunk.is_empty() {
@@ -411,7 +665,8 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             if !self.too_long {
                 if self.buf.len() + part.len() > self.max {
                     self.too_long = true;
-                    self.buf.clear();
+                    // Freed, not kept at the size of the longest line seen.
+                    self.buf = Vec::new();
                 } else {
                     self.buf.extend_from_slice(part);
                 }
@@ -425,13 +680,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         if std::mem::take(&mut self.too_long) {
             return Ok(Some(Line::TooLong));
         }
-        let mut line = std::mem::take(&mut self.buf);
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        Ok(Some(match String::from_utf8(line) {
-            Ok(s) => Line::Text(s),
-            Err(_) => Line::Invalid("the line is not valid UTF-8".into()),
-        }))
+        self.ready = true;
+        Ok(Some(Line::Ready))
     }
 }
