@@ -582,7 +582,19 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             if let Some(t) = timeout {
                 p["timeout_secs"] = json!(t);
             }
+            // While a human decides, stderr says which request it is and how
+            // to approve it; the idempotency key lets that lookup find it.
+            if p.get("idempotency_key").is_none() {
+                p["idempotency_key"] = json!(format!("keyturn-cli:{}", uuid::Uuid::new_v4()));
+            }
             let mut client = conn.client().await?;
+            let _notice = (!no_wait).then(|| {
+                crate::integrations::PendingNotice::start(
+                    conn.socket_path().unwrap_or_default(),
+                    p.clone(),
+                    crate::integrations::NOTICE_AFTER,
+                )
+            });
             let v = client.call("submit", p).await?;
             let d: DecisionView = serde_json::from_value(v.clone())?;
             // Exit 0 only for an answer about exactly this call.
