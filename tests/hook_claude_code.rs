@@ -239,7 +239,10 @@ fn other_hook_events_are_refused_naming_pretooluse() {
         let input = serde_json::to_vec(&v).expect("json");
         let (code, out, err) = run_with_stdin(hook(&s.socket, &[]), &input);
         assert_eq!(code, 2, "{event}: {out} {err}");
-        assert!(out.trim().is_empty(), "{event}: no PreToolUse answer: {out}");
+        assert!(
+            out.trim().is_empty(),
+            "{event}: no PreToolUse answer: {out}"
+        );
         assert!(
             err.contains("answers only PreToolUse events") && err.contains(event),
             "{event}: {err}"

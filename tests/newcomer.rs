@@ -22,7 +22,9 @@ const WITHIN: Duration = Duration::from_secs(15);
 fn readme_block(marker: &str) -> Vec<String> {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
         .expect("README.md");
-    let at = readme.find(marker).unwrap_or_else(|| panic!("{marker} in README"));
+    let at = readme
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker} in README"));
     let rest = &readme[at..];
     let start = rest.find("```sh\n").expect("a ```sh block") + "```sh\n".len();
     let end = rest[start..].find("```").expect("end of block") + start;
@@ -31,8 +33,14 @@ fn readme_block(marker: &str) -> Vec<String> {
 
 /// A README line split into its command(s) and the comment after `#`.
 fn commands(line: &str) -> (Vec<String>, String) {
-    let (cmd, comment) = match line.find("  #").or_else(|| line.starts_with('#').then_some(0)) {
-        Some(i) => (&line[..i], line[i..].trim_start_matches([' ', '#']).to_string()),
+    let (cmd, comment) = match line
+        .find("  #")
+        .or_else(|| line.starts_with('#').then_some(0))
+    {
+        Some(i) => (
+            &line[..i],
+            line[i..].trim_start_matches([' ', '#']).to_string(),
+        ),
         None => (line, String::new()),
     };
     let cmds = cmd
@@ -173,9 +181,10 @@ impl Demo {
             .expect("id in the notice")
             .to_string();
         assert!(notice.contains(&format!("request {id} ")), "{notice}");
-        for c in lines.iter().filter(|c| {
-            !c.starts_with("keyturn serve") && !c.starts_with("keyturn request")
-        }) {
+        for c in lines
+            .iter()
+            .filter(|c| !c.starts_with("keyturn serve") && !c.starts_with("keyturn request"))
+        {
             let c = c.replace("<id>", &id);
             let (code, out, err) = self.run(&c);
             assert_eq!(code, 0, "{c}: {out}{err}");
@@ -188,7 +197,10 @@ impl Demo {
             if let Some(s) = waiting.try_wait().expect("try_wait") {
                 break s;
             }
-            assert!(Instant::now() < until, "request still waiting after approve");
+            assert!(
+                Instant::now() < until,
+                "request still waiting after approve"
+            );
             // The request exits as soon as the approval reaches it.
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -249,9 +261,7 @@ fn the_integrations_agents_are_defined_and_a_refusal_names_its_cause() {
     let demo = Demo::start();
     // The hook's, the MCP proxy's and the example script's agents connect.
     for agent in ["claude-code", "mcp", "example"] {
-        let (code, out, err) = demo.run(&format!(
-            "keyturn check --agent {agent} --tool read_file"
-        ));
+        let (code, out, err) = demo.run(&format!("keyturn check --agent {agent} --tool read_file"));
         assert_eq!(code, 0, "{agent}: {out}{err}");
         assert!(!err.contains("agent_refused"), "{agent}: {err}");
     }
@@ -263,4 +273,11 @@ fn the_integrations_agents_are_defined_and_a_refusal_names_its_cause() {
         "{err}"
     );
     assert!(!err.contains("from uid"), "not a uid problem: {err}");
+
+    // Durations take units: a 1s deadline times the request out.
+    let (code, out, err) =
+        demo.run("keyturn request --tool delete_file --user 42 --channel 7 --timeout 1s");
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("timed out"), "{out}");
+    assert!(err.contains("is waiting for approval"), "{err}");
 }

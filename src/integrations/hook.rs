@@ -94,14 +94,8 @@ pub fn effective_wait(timeout: Duration, claude: Duration) -> Result<Duration, (
     ))
 }
 
-/// `30` (seconds), `30s`, `5m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration: {e}"))
-}
+/// The shared duration parser (`90s`, `5m`, `1h`; a bare number is seconds).
+pub use crate::config::parse_duration;
 
 /// The fields of Claude Code's hook input that Keyturn uses; the rest
 /// (`transcript_path`, `permission_mode`, …) is ignored.
