@@ -87,6 +87,9 @@ enum Command {
         #[arg(long, env = "KEYTURN_CONFIG")]
         config: PathBuf,
     },
+    /// The database itself (admin, on the server's machine).
+    #[command(subcommand)]
+    Db(DbCmd),
     /// Validate a config file without starting.
     CheckConfig {
         /// Config file to check.
@@ -306,6 +309,18 @@ enum ToolsCmd {
         tool: String,
         /// low, medium, high, critical or clear.
         level: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCmd {
+    /// Full integrity check of the database (PRAGMA integrity_check) and a
+    /// read of every pending request; read-only, safe while `serve` runs.
+    /// Exit 0 when sound, 1 when damaged.
+    Check {
+        /// Config file naming the database.
+        #[arg(long, env = "KEYTURN_CONFIG")]
+        config: PathBuf,
     },
 }
 
@@ -586,6 +601,37 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             crate::store::Store::close(&store).await;
             println!("created the database {}", db.display());
             Ok(0)
+        }
+        Command::Db(DbCmd::Check { config }) => {
+            let cfg = Config::load(&config)?;
+            if let Some(db) = cfg.store_path() {
+                if !db.exists() {
+                    anyhow::bail!("no database at {}", db.display());
+                }
+            }
+            let r = crate::store::check::check(
+                &cfg.store.url,
+                crate::store::check::Depth::Full,
+                std::time::Duration::from_secs(24 * 3600),
+            )
+            .await;
+            if r.ok() {
+                println!(
+                    "{}: ok (integrity_check passed, {} pending requests readable)",
+                    cfg.store.url,
+                    r.pending.unwrap_or(0)
+                );
+                Ok(0)
+            } else {
+                println!("{}: DAMAGED", cfg.store.url);
+                for p in &r.problems {
+                    println!("  {}", printable(p));
+                }
+                println!(
+                    "restore the database from a backup; `keyturn serve` refuses to start on it"
+                );
+                Ok(EXIT_DENIED)
+            }
         }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
