@@ -59,7 +59,10 @@ fn damaged_pages_stop_serve_at_start_and_db_check_reports_them() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("SIGTERM");
-    assert!(s.wait_exit(Duration::from_secs(20)).is_some(), "serve did not stop");
+    assert!(
+        s.wait_exit(Duration::from_secs(20)).is_some(),
+        "serve did not stop"
+    );
     let db = s.dir.path().join("k.db");
     let (root, page_size) = {
         let c = rusqlite::Connection::open(&db).expect("open db");
@@ -81,7 +84,11 @@ fn damaged_pages_stop_serve_at_start_and_db_check_reports_them() {
     // Sound: db check passes and reads the pending request.
     let o = db_check(&s.config);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    assert!(text(&o).contains("1 pending requests readable"), "{}", text(&o));
+    assert!(
+        text(&o).contains("1 pending requests readable"),
+        "{}",
+        text(&o)
+    );
 
     // Damage the requests table's root page (its b-tree page header).
     {
@@ -105,12 +112,19 @@ fn damaged_pages_stop_serve_at_start_and_db_check_reports_them() {
         .arg(&s.config)
         .env("NO_COLOR", "1");
     let o = output_within(c);
-    assert!(!o.status.success(), "serve started on a damaged database: {}", text(&o));
+    assert!(
+        !o.status.success(),
+        "serve started on a damaged database: {}",
+        text(&o)
+    );
     let out = text(&o);
     assert!(
         out.contains("is damaged") && out.contains("keyturn db check") && out.contains("backup"),
         "{out}"
     );
     assert!(!out.contains("listening on"), "{out}");
-    eprintln!("serve refused the damaged database in {:?}", started.elapsed());
+    eprintln!(
+        "serve refused the damaged database in {:?}",
+        started.elapsed()
+    );
 }

@@ -69,7 +69,9 @@ async fn run(url: &str, depth: Depth) -> Report {
     let mut conn = match opts.connect().await {
         Ok(c) => c,
         Err(e) => {
-            report.problems.push(format!("cannot open the database: {e}"));
+            report
+                .problems
+                .push(format!("cannot open the database: {e}"));
             return report;
         }
     };
@@ -101,11 +103,9 @@ async fn run(url: &str, depth: Depth) -> Report {
         Ok(_) => {
             // Every column of every pending row, through the index the
             // scheduler uses and through the table itself.
-            match sqlx::query(
-                "SELECT * FROM requests WHERE state = 'pending' ORDER BY deadline_ms",
-            )
-            .fetch_all(&mut conn)
-            .await
+            match sqlx::query("SELECT * FROM requests WHERE state = 'pending' ORDER BY deadline_ms")
+                .fetch_all(&mut conn)
+                .await
             {
                 Ok(rows) => report.pending = Some(rows.len() as u64),
                 Err(e) => report
@@ -113,9 +113,7 @@ async fn run(url: &str, depth: Depth) -> Report {
                     .push(format!("cannot read the pending requests: {e}")),
             }
         }
-        Err(e) => report
-            .problems
-            .push(format!("cannot read the schema: {e}")),
+        Err(e) => report.problems.push(format!("cannot read the schema: {e}")),
     }
     let _ = conn.close().await;
     report
