@@ -247,7 +247,7 @@ pub fn main(cmd: HookCmd) -> u8 {
             .read_to_end(&mut raw)
         {
             Ok(_) => match other_event(&raw) {
-                Some(msg) => return Err(msg),
+                Some(msg) => Err(msg),
                 None => Ok(decide(&raw, &a)),
             },
             Err(e) => Ok((
