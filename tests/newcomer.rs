@@ -281,3 +281,36 @@ fn the_integrations_agents_are_defined_and_a_refusal_names_its_cause() {
     assert!(out.contains("timed out"), "{out}");
     assert!(err.contains("is waiting for approval"), "{err}");
 }
+
+#[test]
+fn agent_refusals_name_uid_and_token_causes_without_the_token() {
+    let other_uid = nix::unistd::getuid().as_raw() + 4242;
+    let s = common::Server::start(&format!(
+        "[[agents]]\nname = \"tok\"\ntoken = \"s3cret-token-value\"\n\n\
+         [[agents]]\nname = \"elsewhere\"\nuids = [{other_uid}]\n"
+    ));
+    let msg = |agent: &str, token: Option<&str>| {
+        let mut p = serde_json::json!({"agent": agent, "tool": "Read"});
+        if let Some(t) = token {
+            p["token"] = t.into();
+        }
+        let e = s.agent_rpc("check", p).expect_err("refused");
+        assert_eq!(e["data"]["code"], "agent_refused", "{e}");
+        e["message"].as_str().unwrap_or_default().to_string()
+    };
+    let m = msg("elsewhere", None);
+    assert!(m.contains("from uid") && m.contains("uids"), "{m}");
+    let m = msg("tok", None);
+    assert!(
+        m.contains("none was sent") && m.contains("KEYTURN_AGENT_TOKEN"),
+        "{m}"
+    );
+    let m = msg("tok", Some("wrong"));
+    assert!(m.contains("is wrong") && !m.contains("s3cret"), "{m}");
+    assert!(s
+        .agent_rpc(
+            "check",
+            serde_json::json!({"agent": "tok", "tool": "Read", "token": "s3cret-token-value"})
+        )
+        .is_ok());
+}
