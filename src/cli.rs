@@ -55,8 +55,10 @@ struct CallArgs {
     /// Channel id the request comes from.
     #[arg(long)]
     channel: Option<String>,
+    /// Why the agent wants to run it, shown to the approver.
     #[arg(long, default_value = "")]
     justification: String,
+    /// Task id: step limit and cost budget are counted per task.
     #[arg(long)]
     task: Option<String>,
     /// Cost of the call, counted against the task budget.
@@ -74,17 +76,23 @@ struct CallArgs {
 enum Command {
     /// Run the gateway.
     Serve {
+        /// Config file (see config.example.toml).
         #[arg(long, env = "KEYTURN_CONFIG")]
         config: PathBuf,
     },
     /// Create the database deliberately (never over an existing one).
     /// `serve` creates it on its own only where no database ever was.
     Init {
+        /// Config file naming the database to create.
         #[arg(long, env = "KEYTURN_CONFIG")]
         config: PathBuf,
     },
+    /// The database itself (admin, on the server's machine).
+    #[command(subcommand)]
+    Db(DbCmd),
     /// Validate a config file without starting.
     CheckConfig {
+        /// Config file to check.
         #[arg(long, env = "KEYTURN_CONFIG")]
         config: PathBuf,
     },
@@ -95,9 +103,10 @@ enum Command {
         /// Retrying with the same key returns the same request.
         #[arg(long)]
         idempotency_key: Option<String>,
-        /// Ask for a shorter wait than the default (seconds).
-        #[arg(long)]
-        timeout: Option<u64>,
+        /// Ask for another deadline than the risk level's (`90s`, `5m`, `1h`;
+        /// never beyond risk.max_timeout).
+        #[arg(long, value_parser = crate::config::parse_duration)]
+        timeout: Option<std::time::Duration>,
         /// Return at once with the request id instead of waiting; the
         /// request stays pending after this command exits (`detach`).
         #[arg(long)]
@@ -115,7 +124,9 @@ enum Command {
     /// Wait for a request's decision (agents resume with this after reconnecting).
     /// As an agent, leaving (Ctrl-C, kill) cancels the request unless --detach.
     Wait {
+        /// Request id.
         id: String,
+        /// Agent that made the request (admins may leave it out).
         #[arg(long, env = "KEYTURN_AGENT")]
         agent: Option<String>,
         /// Leave the request pending if this command is interrupted.
@@ -135,13 +146,16 @@ enum Command {
     },
     /// Show a request.
     Status {
+        /// Request id.
         id: String,
         #[command(flatten)]
         conn: Conn,
     },
     /// Cancel a pending request.
     Cancel {
+        /// Request id.
         id: String,
+        /// Why, recorded with the cancellation.
         #[arg(long)]
         reason: Option<String>,
         #[command(flatten)]
@@ -149,6 +163,7 @@ enum Command {
     },
     /// List pending requests (admin).
     Pending {
+        /// Most requests to list.
         #[arg(long, default_value_t = 100)]
         limit: u32,
         #[command(flatten)]
@@ -156,7 +171,9 @@ enum Command {
     },
     /// Approve a pending request (admin).
     Approve {
+        /// Request id (from `keyturn pending` or the waiting agent's stderr).
         id: String,
+        /// Why, shown to the agent and in the audit log.
         #[arg(long)]
         reason: Option<String>,
         /// Your name, shown beside your uid, never instead of it (letters,
@@ -168,9 +185,12 @@ enum Command {
     },
     /// Deny a pending request (admin).
     Deny {
+        /// Request id.
         id: String,
+        /// Why, shown to the agent and in the audit log.
         #[arg(long)]
         reason: Option<String>,
+        /// Your name, shown beside your uid (as for approve). Default: $USER.
         #[arg(long = "as")]
         operator: Option<String>,
         #[command(flatten)]
@@ -178,8 +198,10 @@ enum Command {
     },
     /// Allow a tool (or glob) in a scope: global, agent:NAME, role:ID, channel:ID, user:ID (admin).
     Grant {
+        /// global, agent:NAME, role:ID, channel:ID or user:ID.
         #[arg(long)]
         scope: String,
+        /// Tool name or glob such as `fs.*`.
         #[arg(long)]
         tool: String,
         /// Add a deny entry instead of an allow entry.
@@ -190,10 +212,13 @@ enum Command {
     },
     /// Remove a grant (admin).
     Revoke {
+        /// The grant's scope, as given to `grant`.
         #[arg(long)]
         scope: String,
+        /// The grant's tool or glob, as given to `grant`.
         #[arg(long)]
         tool: String,
+        /// Remove a deny entry instead of an allow entry.
         #[arg(long)]
         deny: bool,
         #[command(flatten)]
@@ -231,6 +256,7 @@ enum Command {
     /// Check that arguments are exactly those a request was approved with
     /// (exit 0 when they match and it is approved, 1 otherwise).
     Verify {
+        /// Request id.
         id: String,
         /// The arguments about to be executed, as a JSON object.
         #[arg(long)]
@@ -238,6 +264,7 @@ enum Command {
         /// Agent name (admins may leave it out).
         #[arg(long, env = "KEYTURN_AGENT")]
         agent: Option<String>,
+        /// Agent token, if the agent has one.
         #[arg(long, env = "KEYTURN_AGENT_TOKEN", hide_env_values = true)]
         token: Option<String>,
         #[command(flatten)]
@@ -271,25 +298,47 @@ enum Command {
 enum ToolsCmd {
     /// List grants and tool risks.
     List {
+        /// Only this scope's grants.
         #[arg(long)]
         scope: Option<String>,
     },
     /// Which scope decides for a context, and why.
     Effective {
+        /// User id of the context.
         #[arg(long)]
         user: Option<String>,
+        /// Channel id of the context.
         #[arg(long)]
         channel: Option<String>,
         /// Role ids (default: the user's recorded roles).
         #[arg(long = "role")]
         roles: Vec<String>,
+        /// Agent name of the context.
         #[arg(long, default_value = "cli")]
         agent: String,
+        /// Tool to decide for.
         #[arg(long, default_value = "*")]
         tool: String,
     },
     /// Set a tool's risk (low, medium, high, critical) or `clear` the override.
-    Risk { tool: String, level: String },
+    Risk {
+        /// Tool name.
+        tool: String,
+        /// low, medium, high, critical or clear.
+        level: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCmd {
+    /// Full integrity check of the database (PRAGMA integrity_check) and a
+    /// read of every pending request; read-only, safe while `serve` runs.
+    /// Exit 0 when sound, 1 when damaged.
+    Check {
+        /// Config file naming the database.
+        #[arg(long, env = "KEYTURN_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -298,32 +347,44 @@ enum PairingCmd {
     List,
     /// Issue a pairing code for a user (as if they had asked the bot).
     Request {
+        /// User id to pair.
         #[arg(long)]
         user: String,
+        /// Display name shown with the code.
         #[arg(long)]
         name: Option<String>,
     },
     /// Approve a pairing code.
-    Approve { code: String },
+    Approve {
+        /// The code `pairing request` (or the bot) gave.
+        code: String,
+    },
     /// Pair a user directly.
     Add {
+        /// User id to pair.
         user: String,
+        /// Role ids the user has (repeatable).
         #[arg(long = "role")]
         roles: Vec<String>,
     },
     /// Revoke a user's pairing.
-    Revoke { user: String },
+    Revoke {
+        /// User id to unpair.
+        user: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum AuditCmd {
     /// The newest entries.
     Tail {
+        /// How many entries.
         #[arg(short, long, default_value_t = 20)]
         n: u32,
     },
     /// Every entry as JSON Lines.
     Export {
+        /// Only entries after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: i64,
     },
@@ -336,6 +397,7 @@ enum AuditCmd {
     /// Delete entries older than N days, leaving a checkpoint entry that keeps
     /// the chain verifiable (default N: audit.retention_days).
     Prune {
+        /// Age in days (default: audit.retention_days).
         #[arg(long)]
         older_than_days: Option<u32>,
     },
@@ -641,6 +703,37 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             crate::outln!("created the database {}", db.display());
             Ok(0)
         }
+        Command::Db(DbCmd::Check { config }) => {
+            let cfg = Config::load(&config)?;
+            if let Some(db) = cfg.store_path() {
+                if !db.exists() {
+                    anyhow::bail!("no database at {}", db.display());
+                }
+            }
+            let r = crate::store::check::check(
+                &cfg.store.url,
+                crate::store::check::Depth::Full,
+                std::time::Duration::from_secs(24 * 3600),
+            )
+            .await;
+            if r.ok() {
+                println!(
+                    "{}: ok (integrity_check passed, {} pending requests readable)",
+                    cfg.store.url,
+                    r.pending.unwrap_or(0)
+                );
+                Ok(0)
+            } else {
+                println!("{}: DAMAGED", cfg.store.url);
+                for p in &r.problems {
+                    println!("  {}", printable(p));
+                }
+                println!(
+                    "restore the database from a backup; `keyturn serve` refuses to start on it"
+                );
+                Ok(EXIT_DENIED)
+            }
+        }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             cfg.check_uids(nix::unistd::getuid().as_raw())?;
@@ -681,9 +774,22 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 p["idempotency_key"] = json!(k);
             }
             if let Some(t) = timeout {
-                p["timeout_secs"] = json!(t);
+                // Whole seconds on the wire; a part second rounds up.
+                p["timeout_secs"] = json!(t.as_secs() + u64::from(t.subsec_nanos() > 0));
+            }
+            // While a human decides, stderr says which request it is and how
+            // to approve it; the idempotency key lets that lookup find it.
+            if p.get("idempotency_key").is_none() {
+                p["idempotency_key"] = json!(format!("keyturn-cli:{}", uuid::Uuid::new_v4()));
             }
             let mut client = conn.client().await?;
+            let _notice = (!no_wait).then(|| {
+                crate::integrations::PendingNotice::start(
+                    conn.socket_path().unwrap_or_default(),
+                    p.clone(),
+                    crate::integrations::NOTICE_AFTER,
+                )
+            });
             let v = client.call("submit", p).await?;
             let d: DecisionView = serde_json::from_value(v.clone())?;
             // Exit 0 only for an answer about exactly this call.
@@ -1179,4 +1285,38 @@ fn verify_file(path: &std::path::Path, json_out: bool) -> anyhow::Result<u8> {
         Err(b) => format!("audit export BROKEN at entry {}: {}", b.seq, b.problem),
     });
     Ok(if result.is_ok() { 0 } else { EXIT_DENIED })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag and positional of every subcommand, with no help text.
+    fn missing_help(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                out.push(format!("{path} {id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                out.push(format!("{path} {} (subcommand)", sub.get_name()));
+            }
+            missing_help(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_and_subcommand_has_help_text() {
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        missing_help(&cmd, "keyturn", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
 }

@@ -63,7 +63,19 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A duration written as `30s`, `5m`, `1h`.
+/// The one duration syntax of every CLI flag and config key: `90s`, `5m`,
+/// `1h`, `1h30m` (humantime). A bare number is read as seconds, as some
+/// flags always accepted; the documented form has a unit.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(t)
+        .map_err(|e| format!("`{t}` is not a duration (e.g. `90s`, `5m`, `1h`): {e}"))
+}
+
+/// A duration written as `30s`, `5m`, `1h` (see [`parse_duration`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub struct Dur(pub Duration);
@@ -71,9 +83,7 @@ pub struct Dur(pub Duration);
 impl TryFrom<String> for Dur {
     type Error = String;
     fn try_from(s: String) -> Result<Self, Self::Error> {
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|e| format!("`{s}` is not a duration (e.g. `30s`, `5m`, `1h`): {e}"))
+        parse_duration(&s).map(Dur)
     }
 }
 
@@ -1296,6 +1306,29 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_duration_syntax_for_flags_and_keys() {
+        for (text, secs) in [
+            ("90s", 90),
+            ("5m", 300),
+            ("1h", 3600),
+            ("1h30m", 5400),
+            ("90", 90),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
+            assert_eq!(
+                Dur::try_from(text.to_string()).map(|d| d.0),
+                Ok(Duration::from_secs(secs))
+            );
+        }
+        let e = parse_duration("5 parsecs").unwrap_err();
+        assert!(e.contains("`90s`, `5m`, `1h`"), "{e}");
+    }
 
     fn parse_ok(text: &str) -> Config {
         let c = Config::parse(text).unwrap();

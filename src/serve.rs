@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::ipc::handler::Handler;
 use crate::ipc::server::{self, SocketOptions};
 use crate::store::files::{self, Access, Create};
-use crate::store::{SqliteStore, Store};
+use crate::store::{check, SqliteStore, Store};
 use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -209,6 +209,25 @@ pub async fn open_store(cfg: &Config, create: Create) -> anyhow::Result<SqliteSt
             );
         }
     }
+    if let Some(db) = db.as_ref().filter(|d| has_content(d)) {
+        // Before anything is loaded: a database with damaged pages would
+        // start "ready", then fail to list or expire its pending requests.
+        let r = check::check(&cfg.store.url, check::Depth::Quick, START_CHECK_LIMIT).await;
+        if r.timed_out {
+            tracing::warn!(
+                database = %db.display(),
+                "the start-up integrity check did not finish within {START_CHECK_LIMIT:?}; starting anyway (run `keyturn db check` for a full check)"
+            );
+        } else if !r.ok() {
+            anyhow::bail!(
+                "the database {} is damaged, so `serve` does not start on it: {}. \
+                 Stop here: run `keyturn db check --config FILE` for the full report, \
+                 then restore the database from a backup (or `keyturn init` to start over)",
+                db.display(),
+                r.problems.join("; ")
+            );
+        }
+    }
     let store = SqliteStore::open(
         &cfg.store.url,
         &cfg.store.sqlite_synchronous,
@@ -224,6 +243,14 @@ pub async fn open_store(cfg: &Config, create: Create) -> anyhow::Result<SqliteSt
         }
     }
     Ok(store)
+}
+
+/// How long the start-up `quick_check` may take; a larger database starts
+/// anyway, with a warning, and `keyturn db check` checks it in full.
+pub const START_CHECK_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn has_content(db: &std::path::Path) -> bool {
+    std::fs::metadata(db).map(|m| m.len() > 0).unwrap_or(false)
 }
 
 /// Applies what SIGHUP may change, once per signal (signals that arrive

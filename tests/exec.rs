@@ -239,3 +239,38 @@ fn command_timeout_and_output_truncation() {
     ));
     assert_eq!(code, 127);
 }
+
+#[test]
+fn a_waiting_exec_prints_the_request_id_and_how_to_approve_it() {
+    use std::io::{BufRead, BufReader};
+    let s = Server::start(EXTRA);
+    let mut child = exec(&s, &["--tool", "shell.rm"], &["true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn exec");
+    let err = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let queued = s.wait_queued("shell.rm");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let notice = loop {
+        let l = rx
+            .recv_timeout(until.saturating_duration_since(std::time::Instant::now()))
+            .expect("a notice on stderr while waiting");
+        if l.contains("is waiting for approval") {
+            break l;
+        }
+    };
+    assert!(
+        notice.contains(&format!("request {queued} "))
+            && notice.contains(&format!("keyturn approve {queued}")),
+        "{notice}"
+    );
+    s.approve(&queued, "ok");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+}

@@ -229,3 +229,26 @@ fn server_stops_promptly_when_a_gone_agent_was_still_waiting() {
     assert!(status.is_some(), "server still running 10 s after SIGTERM");
     eprintln!("server stopped {:?} after SIGTERM", started.elapsed());
 }
+
+#[test]
+fn other_hook_events_are_refused_naming_pretooluse() {
+    let s = Server::start("");
+    for event in ["PostToolUse", "UserPromptSubmit", "Stop"] {
+        let mut v: Value = serde_json::from_slice(&fixture("bash.json")).expect("fixture json");
+        v["hook_event_name"] = Value::from(event);
+        let input = serde_json::to_vec(&v).expect("json");
+        let (code, out, err) = run_with_stdin(hook(&s.socket, &[]), &input);
+        assert_eq!(code, 2, "{event}: {out} {err}");
+        assert!(
+            out.trim().is_empty(),
+            "{event}: no PreToolUse answer: {out}"
+        );
+        assert!(
+            err.contains("answers only PreToolUse events") && err.contains(event),
+            "{event}: {err}"
+        );
+    }
+    // Nothing was submitted.
+    let (code, out, _) = run_with_stdin(hook(&s.socket, &[]), &fixture("read.json"));
+    assert_eq!(parse(code, &out).1, "allow");
+}

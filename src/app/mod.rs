@@ -57,8 +57,10 @@ pub enum AppError {
     SelfApproval(String),
     #[error("this is a critical request: only an admin may decide it")]
     AdminOnly,
-    #[error("agent `{0}` is not allowed to connect from uid {1}")]
-    AgentRefused(String, u32),
+    /// The agent could not authenticate; the text names the cause and the fix
+    /// (unknown name, wrong uid, missing or wrong token) and never a token.
+    #[error("{0}")]
+    AgentRefused(String),
     #[error("request {0} belongs to another agent")]
     NotYourRequest(String),
     #[error("agent `{agent}` already has {max} pending requests; wait for some to be decided")]
@@ -339,22 +341,43 @@ impl Gateway {
         token: Option<&str>,
         uid: u32,
     ) -> Result<(), AppError> {
-        let refused = || AppError::AgentRefused(name.chars().take(64).collect(), uid);
+        let shown: String = name.chars().take(64).collect();
+        let shown = shown.escape_debug().to_string();
         let live = self.live();
-        let a = live.agent(name).ok_or_else(refused)?;
+        let Some(a) = live.agent(name) else {
+            return Err(AppError::AgentRefused(format!(
+                "agent `{shown}` is not configured: add an [[agents]] entry with name = \"{shown}\" \
+                 to the server's config, or connect with --agent NAME of a configured agent"
+            )));
+        };
         // An agent added by a reload has none of its other settings
         // (max_pending, unattended…) in force until a restart: refused.
         if self.cfg.agent(name).is_none() {
-            return Err(refused());
+            return Err(AppError::AgentRefused(format!(
+                "agent `{shown}` was added to the config after keyturn started: restart \
+                 keyturn serve to admit it"
+            )));
         }
         if !self.agent_uid_ok(a, uid) {
-            return Err(refused());
+            return Err(AppError::AgentRefused(format!(
+                "agent `{shown}` is not allowed to connect from uid {uid}: run the agent as a \
+                 uid in its [[agents]] uids (empty: only the uid running the server), or add \
+                 {uid} there"
+            )));
         }
         if !a.token.0.is_empty() {
             use subtle::ConstantTimeEq;
-            let given = token.unwrap_or("").as_bytes();
-            if !bool::from(given.ct_eq(a.token.0.as_bytes())) {
-                return Err(refused());
+            let Some(given) = token else {
+                return Err(AppError::AgentRefused(format!(
+                    "agent `{shown}` has a token and none was sent: pass --token or set \
+                     KEYTURN_AGENT_TOKEN to the agent's token"
+                )));
+            };
+            if !bool::from(given.as_bytes().ct_eq(a.token.0.as_bytes())) {
+                return Err(AppError::AgentRefused(format!(
+                    "the token sent for agent `{shown}` is wrong: pass the token configured \
+                     for it (--token or KEYTURN_AGENT_TOKEN)"
+                )));
             }
         }
         Ok(())

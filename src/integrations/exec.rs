@@ -12,7 +12,7 @@
 //! visible marker. Blocking `std` only, no runtime.
 
 use super::hook::parse_duration;
-use super::{ask, socket_path, Identity, Outcome};
+use super::{ask_announcing, socket_path, Identity, Outcome};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -273,7 +273,7 @@ pub fn main(a: ExecArgs) -> u8 {
     let budget = a
         .approval_timeout
         .unwrap_or(Duration::from_secs(7 * 24 * 3600));
-    let outcome = ask(&id, p, budget);
+    let outcome = ask_announcing(&id, p, budget);
     crate::errln!("keyturn: {}", outcome.reason());
     if !matches!(outcome, Outcome::Approved(_)) {
         return EXIT_NOT_APPROVED;

@@ -94,14 +94,8 @@ pub fn effective_wait(timeout: Duration, claude: Duration) -> Result<Duration, (
     ))
 }
 
-/// `30` (seconds), `30s`, `5m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration: {e}"))
-}
+/// The shared duration parser (`90s`, `5m`, `1h`; a bare number is seconds).
+pub use crate::config::parse_duration;
 
 /// The fields of Claude Code's hook input that Keyturn uses; the rest
 /// (`transcript_path`, `permission_mode`, …) is ignored.
@@ -196,10 +190,7 @@ pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
     };
     if let Some(ev) = input.hook_event_name.as_deref() {
         if ev != "PreToolUse" {
-            return (
-                false,
-                format!("Keyturn's hook handles PreToolUse, not {ev}; failing closed"),
-            );
+            return (false, other_event_message(ev));
         }
     }
     let socket = match socket_path(a.socket.as_deref(), a.config.as_deref()) {
@@ -227,6 +218,25 @@ pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
 }
 
 /// Runs the hook: stdin in, one JSON line out, exit 0 (or 2 if stdout is gone).
+/// The refusal for a hook input whose `hook_event_name` is set and is not
+/// `PreToolUse`; `None` for PreToolUse, a missing name or unparsable input
+/// (which [`decide`] answers).
+fn other_event(raw: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    let ev = v.get("hook_event_name")?.as_str()?;
+    (ev != "PreToolUse").then(|| other_event_message(ev))
+}
+
+fn other_event_message(ev: &str) -> String {
+    let shown: String = ev.chars().take(64).collect();
+    format!(
+        "keyturn hook claude-code answers only PreToolUse events, not {:?}: register it \
+         under \"hooks\": {{\"PreToolUse\": ...}} in settings.json and nowhere else; \
+         nothing was decided",
+        shown
+    )
+}
+
 pub fn main(cmd: HookCmd) -> u8 {
     let HookCmd::ClaudeCode(a) = cmd;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -236,19 +246,30 @@ pub fn main(cmd: HookCmd) -> u8 {
             .take(MAX_INPUT_BYTES)
             .read_to_end(&mut raw)
         {
-            Ok(_) => decide(&raw, &a),
-            Err(e) => (
+            Ok(_) => match other_event(&raw) {
+                Some(msg) => Err(msg),
+                None => Ok(decide(&raw, &a)),
+            },
+            Err(e) => Ok((
                 false,
                 format!("Keyturn could not read stdin ({e}); failing closed"),
-            ),
+            )),
         }
     }));
-    let (allow, reason) = result.unwrap_or_else(|_| {
-        (
+    let (allow, reason) = match result {
+        Ok(Ok(r)) => r,
+        // Another event: a PreToolUse answer would be the wrong shape for
+        // it, so say why on stderr and exit 2 (Claude Code blocks where it
+        // can and shows the text).
+        Ok(Err(msg)) => {
+            eprintln!("{msg}");
+            return 2;
+        }
+        Err(_) => (
             false,
             "Keyturn's hook hit an internal error; failing closed, the call was not run".into(),
-        )
-    });
+        ),
+    };
     let out = json!({"hookSpecificOutput": {
         "hookEventName": "PreToolUse",
         "permissionDecision": if allow { "allow" } else { "deny" },

@@ -303,6 +303,75 @@ pub fn ask(id: &Identity, params: Value, budget: Duration) -> Outcome {
     ask_abortable(id, params, budget, &Withdraw::default())
 }
 
+/// [`ask`] for a person at a terminal (`keyturn exec`): while the call
+/// waits for a human, stderr says which request it is and how to approve it
+/// (see [`PendingNotice`]).
+pub fn ask_announcing(id: &Identity, params: Value, budget: Duration) -> Outcome {
+    let mut params = params;
+    if params.get("idempotency_key").is_none() {
+        params["idempotency_key"] = json!(format!("keyturn-gate:{}", uuid::Uuid::new_v4()));
+    }
+    let mut lookup = params.clone();
+    lookup["agent"] = json!(id.agent);
+    if let Some(t) = &id.token {
+        lookup["token"] = json!(t);
+    }
+    let _notice = PendingNotice::start(id.socket.clone(), lookup, NOTICE_AFTER);
+    ask(id, params, budget)
+}
+
+/// How long a call may go unanswered before [`PendingNotice`] looks it up:
+/// calls the policy decides are answered well within it, so they print nothing.
+pub const NOTICE_AFTER: Duration = Duration::from_millis(300);
+
+/// Prints `keyturn: request ID is waiting for approval: keyturn approve ID`
+/// to stderr once a call has gone unanswered for a moment. It finds the
+/// request by submitting the same call again under the same idempotency key
+/// with `wait: false` (which returns the stored request, never a second
+/// one) on its own connection, so the waiting call stays one call: killing
+/// the process still cancels the request. Dropping it before it fires (the
+/// answer came) prints nothing.
+pub struct PendingNotice {
+    _done: std::sync::mpsc::Sender<()>,
+}
+
+impl PendingNotice {
+    /// `params`: the full `submit` params (agent, token, idempotency_key).
+    pub fn start(socket: PathBuf, params: Value, after: Duration) -> PendingNotice {
+        let (done, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if !matches!(
+                rx.recv_timeout(after),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            ) {
+                return;
+            }
+            let mut p = params;
+            p["wait"] = json!(false);
+            let found = LineClient::connect(&socket)
+                .and_then(|mut c| {
+                    c.call("submit", p, Some(Instant::now() + Duration::from_secs(2)))
+                })
+                .and_then(view);
+            // The answer may have come meanwhile: say nothing then.
+            if let (Ok(d), Err(std::sync::mpsc::TryRecvError::Empty)) = (found, rx.try_recv()) {
+                if d.state == crate::domain::request::State::Pending {
+                    crate::errln!("{}", pending_notice(&d.request_id));
+                }
+            }
+        });
+        PendingNotice { _done: done }
+    }
+}
+
+/// The line [`PendingNotice`] prints.
+pub fn pending_notice(request_id: &str) -> String {
+    format!(
+        "keyturn: request {request_id} is waiting for approval: keyturn approve {request_id} \
+         (or keyturn deny {request_id}; on Discord, its card in the approvals channel if a bot is configured)"
+    )
+}
+
 /// [`ask`], which `withdraw` can end early (the request is then cancelled
 /// by the server, and the outcome is [`GateError::Withdrawn`]).
 pub fn ask_abortable(

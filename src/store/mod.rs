@@ -7,6 +7,7 @@
 pub mod files;
 mod sqlite;
 
+pub use sqlite::check;
 pub use sqlite::{SqliteStore, WalTuning};
 
 use crate::domain::audit::{AuditEntry, AuditEvent};

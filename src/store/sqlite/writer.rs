@@ -113,6 +113,82 @@ pub(super) fn start(
     max_batch: usize,
     tuning: WalTuning,
 ) -> StoreResult<Started> {
+    let conn = open_writer(path, synchronous_full)?;
+    let guard = Arc::new(FileGuard::new(path)?);
+    let catch_up = Arc::new(AtomicBool::new(false));
+    let checkpointer = Checkpointer::start(path, catch_up.clone(), guard.clone(), tuning)?;
+    let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
+    let (done_tx, done) = oneshot::channel();
+    let reopen = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("keyturn-writer".into())
+        .spawn(move || {
+            let mut conn = conn;
+            let writable = Writable {
+                path: reopen,
+                synchronous_full,
+            };
+            run(
+                &mut conn,
+                rx,
+                max_batch.max(1),
+                &catch_up,
+                &guard,
+                &writable,
+            );
+            // The final checkpoint must be the only one: a background round
+            // still running would leave it unfinished (busy), and the next
+            // start would rebuild its WAL index from a log of any size.
+            checkpointer.stop();
+            close(conn);
+            let _ = done_tx.send(());
+        })
+        .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
+    Ok(Started { jobs, done })
+}
+
+/// How to reopen the write connection. SQLite opens a file it may not write
+/// read-only, and such a connection stays read-only after the file becomes
+/// writable: the writer reopens it before a batch, so a server started on
+/// read-only files recovers like one whose files turned read-only while
+/// it ran (those writes fail, later ones succeed).
+struct Writable {
+    path: std::path::PathBuf,
+    synchronous_full: bool,
+}
+
+impl Writable {
+    /// A fresh read-write connection in place of a read-only `conn`, when
+    /// the file can be written now; otherwise `conn` stays (its writes fail
+    /// with SQLite's read-only error, and nothing is acknowledged).
+    fn refresh(&self, conn: &mut Connection) {
+        if !conn
+            .is_readonly(rusqlite::DatabaseName::Main)
+            .unwrap_or(false)
+        {
+            return;
+        }
+        match open_writer(&self.path, self.synchronous_full) {
+            Ok(fresh)
+                if !fresh
+                    .is_readonly(rusqlite::DatabaseName::Main)
+                    .unwrap_or(true) =>
+            {
+                tracing::info!(
+                    database = %self.path.display(),
+                    "the database can be written again; writes resume"
+                );
+                let old = std::mem::replace(conn, fresh);
+                let _ = old.close();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot reopen the database for writing"),
+        }
+    }
+}
+
+/// The write connection, configured: WAL, synchronous, no autocheckpoint.
+fn open_writer(path: &Path, synchronous_full: bool) -> StoreResult<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.set_prepared_statement_cache_capacity(64);
@@ -134,25 +210,7 @@ pub(super) fn start(
         [],
         |_| Ok(()),
     )?;
-    let guard = Arc::new(FileGuard::new(path)?);
-    let catch_up = Arc::new(AtomicBool::new(false));
-    let checkpointer = Checkpointer::start(path, catch_up.clone(), guard.clone(), tuning)?;
-    let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
-    let (done_tx, done) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("keyturn-writer".into())
-        .spawn(move || {
-            let mut conn = conn;
-            run(&mut conn, rx, max_batch.max(1), &catch_up, &guard);
-            // The final checkpoint must be the only one: a background round
-            // still running would leave it unfinished (busy), and the next
-            // start would rebuild its WAL index from a log of any size.
-            checkpointer.stop();
-            close(conn);
-            let _ = done_tx.send(());
-        })
-        .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
-    Ok(Started { jobs, done })
+    Ok(conn)
 }
 
 /// The database file as it was opened. If its path stops naming that file
@@ -390,6 +448,7 @@ fn run(
     max_batch: usize,
     catch_up: &AtomicBool,
     guard: &FileGuard,
+    writable: &Writable,
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
     let mut head: Head = None;
@@ -409,6 +468,7 @@ fn run(
         }
         mean_batch = 0.9 * mean_batch + 0.1 * jobs.len() as f64;
         if !jobs.is_empty() {
+            writable.refresh(conn);
             write_batch(conn, &mut jobs, &mut head, guard);
         }
         // Between batches nothing is being written: copy the last frames the
