@@ -287,6 +287,7 @@ enum Command {
     /// Print a shell completion script, e.g.
     /// `keyturn completions bash > /etc/bash_completion.d/keyturn`.
     Completions {
+        /// The shell to write the completion script for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -717,18 +718,18 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             )
             .await;
             if r.ok() {
-                println!(
+                crate::outln!(
                     "{}: ok (integrity_check passed, {} pending requests readable)",
                     cfg.store.url,
                     r.pending.unwrap_or(0)
                 );
                 Ok(0)
             } else {
-                println!("{}: DAMAGED", cfg.store.url);
+                crate::outln!("{}: DAMAGED", cfg.store.url);
                 for p in &r.problems {
-                    println!("  {}", printable(p));
+                    crate::outln!("  {}", printable(p));
                 }
-                println!(
+                crate::outln!(
                     "restore the database from a backup; `keyturn serve` refuses to start on it"
                 );
                 Ok(EXIT_DENIED)

@@ -153,7 +153,12 @@ async fn run_inner(
                 .local_addr()
                 .context("while reading the metrics address")?;
             tracing::info!(%addr, "health and metrics listening on http://{addr}/healthz and /metrics");
-            println!("keyturn: metrics on http://{addr}");
+            {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "keyturn: metrics on http://{addr}");
+                let _ = out.flush();
+            }
             let m = crate::monitor::Monitor {
                 gw: gw.clone(),
                 probe: HealthProbe::new(gw.clone(), discord_status.clone()),

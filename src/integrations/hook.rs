@@ -262,7 +262,7 @@ pub fn main(cmd: HookCmd) -> u8 {
         // it, so say why on stderr and exit 2 (Claude Code blocks where it
         // can and shows the text).
         Ok(Err(msg)) => {
-            eprintln!("{msg}");
+            crate::errln!("{msg}");
             return 2;
         }
         Err(_) => (
