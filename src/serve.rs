@@ -95,19 +95,14 @@ async fn run_inner(
         idle_timeout: cfg.server.idle_timeout.0,
         shutdown_drain: cfg.server.shutdown_drain.0,
     };
+    // The admin socket shares the agent socket's limits; only its path,
+    // mode and group are its own.
     let admin_opts = SocketOptions {
         path: cfg.admin.socket_path.clone(),
         admin: true,
         mode: cfg.admin_socket_mode()?,
         group: cfg.admin.socket_group.clone(),
-        max_connections: cfg.server.max_connections,
-        max_line_bytes: cfg.server.max_line_bytes,
-        max_inflight: cfg.server.max_inflight_per_connection,
-        max_connections_per_uid: cfg.server.max_connections_per_uid,
-        max_inflight_bytes_per_connection: cfg.server.max_inflight_bytes_per_connection,
-        max_inflight_bytes: cfg.server.max_inflight_bytes,
-        idle_timeout: cfg.server.idle_timeout.0,
-        shutdown_drain: cfg.server.shutdown_drain.0,
+        ..opts.clone()
     };
     let admin_listener = server::bind(&admin_opts).await?;
     let listener = match server::bind(&opts).await {

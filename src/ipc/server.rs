@@ -45,6 +45,7 @@ pub enum BindError {
     NotASocket { path: PathBuf, what: &'static str },
 }
 
+#[derive(Clone)]
 pub struct SocketOptions {
     pub path: PathBuf,
     /// The admin socket: only admin uids may connect, and only here are
