@@ -4,7 +4,7 @@
 
 mod support;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -269,6 +269,12 @@ async fn a_database_deleted_under_the_server_fails_closed_and_is_not_recreated()
         .call("grant", json!({"scope": "user:42", "tool": "x"}))
         .await;
     assert_eq!(err_code(r), "internal");
+    // Health says so: reads may still work, but the store is down.
+    let out = run(&["health", "--json"], &s.config);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("health --json");
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert_eq!(report["store"]["up"], json!(false), "{report}");
+    assert!(report["down"].to_string().contains("store"), "{report}");
     drop(c);
     stop(&mut s);
 

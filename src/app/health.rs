@@ -110,6 +110,16 @@ impl HealthProbe {
     /// database and its schema, costs one index probe.
     async fn store(&self) -> Check {
         let started = Instant::now();
+        // Reads may still work on a store whose writes are refused for good
+        // (its database file was deleted under it): that store is down.
+        if let Some(why) = self.gw.store().write_failure() {
+            return Check {
+                up: false,
+                state: "down",
+                detail: Some(why),
+                millis: Some(started.elapsed().as_millis() as u64),
+            };
+        }
         let read = self.gw.store().get_request(RequestId(uuid::Uuid::nil()));
         let (up, state, detail) = match tokio::time::timeout(STORE_CHECK_TIMEOUT, read).await {
             Ok(Ok(_)) => (true, "up", None),

@@ -309,6 +309,12 @@ pub trait Store: Send + Sync + 'static {
     /// How many cards wait to be posted or edited (`want > done`), due now
     /// or later: the outbox backlog, for metrics.
     async fn cards_backlog(&self) -> StoreResult<u64>;
+    /// Why writes are refused for good (the database file was deleted or
+    /// replaced under the server), if they are; `None` while writable.
+    /// Costs nothing: it reads the writer's last finding, not the disk.
+    fn write_failure(&self) -> Option<String> {
+        None
+    }
     /// The earliest retry time among due cards, if any.
     async fn card_next_attempt(&self) -> StoreResult<Option<i64>>;
     async fn card(&self, request_id: RequestId) -> StoreResult<Option<CardRow>>;

@@ -37,6 +37,8 @@ pub struct SqliteStore {
     jobs: mpsc::Sender<Msg>,
     /// Fires once the writer has committed everything queued and closed.
     shutdown: Mutex<Option<oneshot::Receiver<()>>>,
+    /// The writer's check of the database file (failed once it is lost).
+    guard: Arc<writer::FileGuard>,
 }
 
 impl SqliteStore {
@@ -88,6 +90,7 @@ impl SqliteStore {
             reads,
             jobs: writer.jobs,
             shutdown: Mutex::new(Some(writer.done)),
+            guard: writer.guard,
         })
     }
 
@@ -792,6 +795,10 @@ impl Store for SqliteStore {
         .into_iter()
         .map(CardDbRow::into_card)
         .collect()
+    }
+
+    fn write_failure(&self) -> Option<String> {
+        self.guard.lost().map(|e| e.to_string())
     }
 
     async fn cards_backlog(&self) -> StoreResult<u64> {

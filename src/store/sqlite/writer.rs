@@ -103,6 +103,8 @@ pub(super) struct Started {
     /// Fires once the last queued write has committed and the WAL has been
     /// folded back into the database file.
     pub done: oneshot::Receiver<()>,
+    /// Whether the database file is still the one the writer opened.
+    pub guard: Arc<FileGuard>,
 }
 
 /// Opens the write and checkpoint connections on `path` (already migrated)
@@ -120,6 +122,7 @@ pub(super) fn start(
     let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
     let (done_tx, done) = oneshot::channel();
     let reopen = path.to_path_buf();
+    let kept = guard.clone();
     std::thread::Builder::new()
         .name("keyturn-writer".into())
         .spawn(move || {
@@ -144,7 +147,11 @@ pub(super) fn start(
             let _ = done_tx.send(());
         })
         .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
-    Ok(Started { jobs, done })
+    Ok(Started {
+        jobs,
+        done,
+        guard: kept,
+    })
 }
 
 /// How to reopen the write connection. SQLite opens a file it may not write
@@ -244,7 +251,7 @@ impl FileGuard {
     }
 
     /// Why the store is failed, without looking at the disk.
-    fn lost(&self) -> Option<StoreError> {
+    pub(super) fn lost(&self) -> Option<StoreError> {
         self.lost.get().map(|why| StoreError::FileLost(why.clone()))
     }
 
