@@ -53,28 +53,8 @@ pub struct Server {
     log: Receiver<String>,
 }
 
-/// Methods served only on the admin socket (as in `src/ipc/handler.rs`).
-pub const ADMIN_METHODS: &[&str] = &[
-    "stats",
-    "pending",
-    "approve",
-    "deny",
-    "grant",
-    "revoke",
-    "tools.list",
-    "tools.effective",
-    "tools.risk",
-    "tools.risks",
-    "pairing.list",
-    "pairing.request",
-    "pairing.approve",
-    "pairing.add",
-    "pairing.revoke",
-    "audit.tail",
-    "audit.export",
-    "audit.verify",
-    "audit.prune",
-];
+/// Methods served only on the admin socket: the server's own list.
+pub use keyturn::ipc::handler::ADMIN_METHODS;
 
 /// `toml` with `[admin] single_user_demo = true` added, unless it already
 /// says `single_user_demo` (tests of the refusal set it to false).
