@@ -2,12 +2,13 @@
 //! sockets (agent and admin) together, and shut them down in order.
 
 use crate::app::health::HealthProbe;
+use crate::app::ports::Store;
 use crate::app::{retention, scheduler, Gateway};
 use crate::config::Config;
 use crate::ipc::handler::Handler;
 use crate::ipc::server::{self, SocketOptions};
 use crate::store::files::{self, Access, Create};
-use crate::store::{check, SqliteStore, Store};
+use crate::store::{check, SqliteStore};
 use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -3,11 +3,13 @@
 //! lethal-trifecta escalation (also after a restart), `verify`, and audit
 //! retention with checkpoints.
 
+#[allow(unused_imports)]
+use keyturn::app::ports::{AuditLog, Cards, Requests, Store};
 use keyturn::app::{Gateway, Submission};
 use keyturn::config::Config;
 use keyturn::domain::request::{ApprovalRequest, RequestId, State};
 use keyturn::domain::Risk;
-use keyturn::store::{SqliteStore, Store};
+use keyturn::store::SqliteStore;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;

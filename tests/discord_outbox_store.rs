@@ -1,9 +1,11 @@
 //! The card outbox as the SQLite store keeps it: due order, versions that
 //! survive a change racing a post, and the reconcile after a restart.
 
+#[allow(unused_imports)]
+use keyturn::app::ports::{AuditLog, Cards, Requests, Store};
 use keyturn::domain::request::{ApprovalRequest, RequestId, State, Vote};
 use keyturn::domain::Risk;
-use keyturn::store::{SqliteStore, Store};
+use keyturn::store::SqliteStore;
 use serde_json::json;
 use uuid::Uuid;
 

@@ -1,10 +1,12 @@
 //! The gateway's use-cases over a real SQLite store, without a socket:
 //! multi-person approval, admin-only requests, pairing and the audit chain.
 
+#[allow(unused_imports)]
+use keyturn::app::ports::{AuditLog, Cards, Requests, Store};
 use keyturn::app::{AppError, Gateway, Submission};
 use keyturn::config::Config;
 use keyturn::domain::request::State;
-use keyturn::store::{SqliteStore, Store};
+use keyturn::store::SqliteStore;
 use serde_json::json;
 use std::sync::Arc;
 

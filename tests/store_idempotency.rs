@@ -2,10 +2,11 @@
 //! first used for. The check runs in the insert's own transaction, and rows
 //! stored before fingerprints existed (NULL) never match: fail closed.
 
+use keyturn::app::ports::{AuditLog, Inserted, Requests, Store};
 use keyturn::domain::audit::events;
 use keyturn::domain::request::{ApprovalRequest, RequestId, State};
 use keyturn::domain::Risk;
-use keyturn::store::{Inserted, SqliteStore, Store};
+use keyturn::store::SqliteStore;
 use serde_json::json;
 use uuid::Uuid;
 

@@ -2,10 +2,12 @@
 //! so it stays small while far more than its size goes through it, and
 //! nothing written is lost on the way.
 
+#[allow(unused_imports)]
+use keyturn::app::ports::{AuditLog, Requests, Store};
 use keyturn::domain::audit::events;
 use keyturn::domain::request::{ApprovalRequest, RequestId, State};
 use keyturn::domain::Risk;
-use keyturn::store::{SqliteStore, Store, WalTuning};
+use keyturn::store::{SqliteStore, WalTuning};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,12 +5,12 @@
 //! `verify` of arguments against an approval, and audit retention.
 //! The rules themselves are pure, in `domain::{redact, flags, trifecta, audit}`.
 
+use super::ports::Pruned;
 use super::{now_ms, AppError, Gateway, Submission};
 use crate::domain::flags::{Flag, FlagKind};
 use crate::domain::redact::{self, Finding};
 use crate::domain::request::{RequestId, State};
 use crate::domain::trifecta;
-use crate::store::Pruned;
 use serde::Serialize;
 
 /// What `verify` answers: does an argument object match what was approved?

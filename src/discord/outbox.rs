@@ -16,8 +16,8 @@
 use super::card::{self, CardSettings};
 use super::rest::{Rest, RestError};
 use crate::app::connection::ConnectionStatus;
+use crate::app::ports::CardRow;
 use crate::app::{now_ms, Gateway};
-use crate::store::CardRow;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;

@@ -6,9 +6,10 @@ mod writer;
 
 pub use writer::WalTuning;
 
-use super::{
-    CardRow, Inserted, KeyHolder, PairedUser, PairingRefused, PendingPairing, Pruned, Store,
-    StoreError, StoreResult, StoredGrant, Voted,
+use crate::app::ports::{
+    AuditLog, CardRow, Cards, Change, Changes, Feed, Inserted, KeyHolder, PairedUser,
+    PairingRefused, Pairings, PendingPairing, PolicyData, Pruned, Requests, Store, StoreError,
+    StoreResult, StoredGrant, Voted,
 };
 use crate::domain::audit::{self, AuditEntry, AuditEvent};
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
@@ -39,6 +40,8 @@ pub struct SqliteStore {
     shutdown: Mutex<Option<oneshot::Receiver<()>>>,
     /// The writer's check of the database file (failed once it is lost).
     guard: Arc<writer::FileGuard>,
+    /// Changes, published after each commit.
+    feed: Feed,
 }
 
 impl SqliteStore {
@@ -91,16 +94,83 @@ impl SqliteStore {
             jobs: writer.jobs,
             shutdown: Mutex::new(Some(writer.done)),
             guard: writer.guard,
+            feed: Feed::default(),
         })
     }
 
+    /// Runs one write on the writer thread and, once it has committed,
+    /// publishes what changed on the feed (never before the commit).
     async fn write(&self, op: Op) -> StoreResult<Reply> {
+        let kind = WriteKind::of(&op);
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send(Msg::Job(Job { op, reply: tx }))
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        let reply = rx.await.map_err(|_| StoreError::Closed)??;
+        if let Some(change) = kind.change(&reply) {
+            self.feed.publish(change);
+        }
+        Ok(reply)
+    }
+}
+
+/// What a write is, kept past handing the op to the writer, to tell which
+/// change its reply means.
+enum WriteKind {
+    /// An insert: queued when the stored request is pending.
+    Insert(Arc<ApprovalRequest>),
+    Decide,
+    Policy,
+    Cards,
+    Other,
+}
+
+impl WriteKind {
+    fn of(op: &Op) -> WriteKind {
+        match op {
+            Op::Insert(req, ..) => WriteKind::Insert(req.clone()),
+            Op::Vote(..) | Op::Cancel(..) | Op::TimeOut(..) => WriteKind::Decide,
+            Op::AddGrant(..)
+            | Op::RemoveGrant(..)
+            | Op::SetRisk(..)
+            | Op::Pair(..)
+            | Op::Unpair(..)
+            | Op::Redeem(..) => WriteKind::Policy,
+            Op::CardTouch(..) | Op::CardReconcile(..) | Op::CardsRetryNow(..) => WriteKind::Cards,
+            Op::CreateCode { .. }
+            | Op::Audit(..)
+            | Op::PruneAudit(..)
+            | Op::CardDone(..)
+            | Op::CardRetry(..) => WriteKind::Other,
+        }
+    }
+
+    fn change(self, reply: &Reply) -> Option<Change> {
+        let queued = |r: &ApprovalRequest| {
+            (r.state == State::Pending).then(|| Change::Queued {
+                id: r.id,
+                agent: r.agent.clone(),
+                deadline_ms: r.deadline_ms,
+            })
+        };
+        match (self, reply) {
+            (WriteKind::Insert(req), Reply::InsertedNew) => queued(&req),
+            (WriteKind::Insert(_), Reply::Guarded(r)) => queued(r),
+            (WriteKind::Decide, Reply::Voted(Ok(v))) if v.request.state.is_terminal() => {
+                Some(Change::Resolved(Arc::new(v.request.clone())))
+            }
+            (WriteKind::Decide, Reply::Voted(Ok(v))) => Some(Change::Voted { id: v.request.id }),
+            (WriteKind::Decide, Reply::Finished(Ok(r))) => {
+                Some(Change::Resolved(Arc::new(r.clone())))
+            }
+            (WriteKind::Policy, Reply::Bool(true) | Reply::Unit | Reply::Redeemed(Some(_))) => {
+                Some(Change::PolicyChanged)
+            }
+            (WriteKind::Cards, Reply::Unit) => Some(Change::CardsDue),
+            (WriteKind::Cards, Reply::Count(n)) if *n > 0 => Some(Change::CardsDue),
+            _ => None,
+        }
     }
 }
 
@@ -310,7 +380,7 @@ impl AuditRow {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl Requests for SqliteStore {
     async fn insert_request(
         &self,
         req: ApprovalRequest,
@@ -318,57 +388,12 @@ impl Store for SqliteStore {
     ) -> StoreResult<Inserted> {
         self.insert_guarded(req, audit, None).await
     }
-
-    async fn insert_guarded(
-        &self,
-        req: ApprovalRequest,
-        audit: Vec<AuditEvent>,
-        guard: Option<Guard>,
-    ) -> StoreResult<Inserted> {
-        let sealed = audit.iter().map(AuditEvent::seal).collect();
-        let req = Arc::new(req);
-        match self.write(Op::Insert(req.clone(), sealed, guard)).await? {
-            // The writer has dropped its handle by now, so this rarely copies.
-            Reply::InsertedNew => Ok(Inserted::New(
-                Arc::try_unwrap(req).unwrap_or_else(|shared| (*shared).clone()),
-            )),
-            Reply::Guarded(r) => Ok(Inserted::New(r)),
-            Reply::Existing(r) => Ok(Inserted::Existing(r)),
-            Reply::Conflict(r) => Ok(Inserted::Conflict(r)),
-            _ => Err(unexpected()),
-        }
-    }
-
-    async fn trifecta_history(
-        &self,
-        agent: &str,
-        user: Option<&str>,
-        since_ms: i64,
-    ) -> StoreResult<Vec<(String, Vec<ToolTag>)>> {
-        let mut out = Vec::new();
-        for tag in trifecta::ALL_TAGS {
-            for (column, key) in [("agent", Some(agent)), ("user_id", user)] {
-                let Some(key) = key else { continue };
-                let rows: Vec<(String, String, String)> =
-                    sqlx::query_as(&history_sql(column, tag.bit()))
-                        .bind(key)
-                        .bind(since_ms)
-                        .fetch_all(&self.reads)
-                        .await
-                        .map_err(db)?;
-                out.extend(rows.into_iter().map(|r| history_entry(agent, tag, r)));
-            }
-        }
-        Ok(out)
-    }
-
     async fn vote(&self, id: RequestId, vote: Vote) -> StoreResult<Result<Voted, TransitionError>> {
         match self.write(Op::Vote(id, vote)).await? {
             Reply::Voted(v) => Ok(v),
             _ => Err(unexpected()),
         }
     }
-
     async fn cancel(
         &self,
         id: RequestId,
@@ -381,7 +406,6 @@ impl Store for SqliteStore {
             _ => Err(unexpected()),
         }
     }
-
     async fn time_out(
         &self,
         id: RequestId,
@@ -392,7 +416,6 @@ impl Store for SqliteStore {
             _ => Err(unexpected()),
         }
     }
-
     async fn get_request(&self, id: RequestId) -> StoreResult<Option<ApprovalRequest>> {
         sqlx::query_as::<_, RequestRow>("SELECT * FROM requests WHERE id = $1")
             .bind(id.to_string())
@@ -402,7 +425,6 @@ impl Store for SqliteStore {
             .map(RequestRow::into_request)
             .transpose()
     }
-
     async fn find_by_idempotency_key(
         &self,
         agent: &str,
@@ -430,11 +452,9 @@ impl Store for SqliteStore {
             fingerprint: row.idempotency_fp,
         }))
     }
-
     async fn votes(&self, id: RequestId) -> StoreResult<Vec<Vote>> {
         load_votes(&self.reads, id).await.map_err(db)
     }
-
     async fn pending(&self, limit: u32) -> StoreResult<Vec<ApprovalRequest>> {
         sqlx::query_as::<_, RequestRow>(
             "SELECT * FROM requests WHERE state = 'pending' ORDER BY deadline_ms, id LIMIT $1",
@@ -447,7 +467,6 @@ impl Store for SqliteStore {
         .map(RequestRow::into_request)
         .collect()
     }
-
     async fn pending_deadlines(&self) -> StoreResult<Vec<(RequestId, i64)>> {
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT id, deadline_ms FROM requests WHERE state = 'pending'")
@@ -458,7 +477,6 @@ impl Store for SqliteStore {
             .map(|(id, d)| Ok((id.parse().map_err(StoreError::Corrupt)?, d)))
             .collect()
     }
-
     async fn pending_counts(&self) -> StoreResult<Vec<(String, u64)>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT agent, COUNT(*) FROM requests WHERE state = 'pending' GROUP BY agent",
@@ -471,14 +489,57 @@ impl Store for SqliteStore {
             .map(|(a, n)| (a, n.max(0) as u64))
             .collect())
     }
+    async fn insert_guarded(
+        &self,
+        req: ApprovalRequest,
+        audit: Vec<AuditEvent>,
+        guard: Option<Guard>,
+    ) -> StoreResult<Inserted> {
+        let sealed = audit.iter().map(AuditEvent::seal).collect();
+        let req = Arc::new(req);
+        match self.write(Op::Insert(req.clone(), sealed, guard)).await? {
+            // The writer has dropped its handle by now, so this rarely copies.
+            Reply::InsertedNew => Ok(Inserted::New(
+                Arc::try_unwrap(req).unwrap_or_else(|shared| (*shared).clone()),
+            )),
+            Reply::Guarded(r) => Ok(Inserted::New(r)),
+            Reply::Existing(r) => Ok(Inserted::Existing(r)),
+            Reply::Conflict(r) => Ok(Inserted::Conflict(r)),
+            _ => Err(unexpected()),
+        }
+    }
+    async fn trifecta_history(
+        &self,
+        agent: &str,
+        user: Option<&str>,
+        since_ms: i64,
+    ) -> StoreResult<Vec<(String, Vec<ToolTag>)>> {
+        let mut out = Vec::new();
+        for tag in trifecta::ALL_TAGS {
+            for (column, key) in [("agent", Some(agent)), ("user_id", user)] {
+                let Some(key) = key else { continue };
+                let rows: Vec<(String, String, String)> =
+                    sqlx::query_as(&history_sql(column, tag.bit()))
+                        .bind(key)
+                        .bind(since_ms)
+                        .fetch_all(&self.reads)
+                        .await
+                        .map_err(db)?;
+                out.extend(rows.into_iter().map(|r| history_entry(agent, tag, r)));
+            }
+        }
+        Ok(out)
+    }
+}
 
+#[async_trait]
+impl PolicyData for SqliteStore {
     async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool> {
         match self.write(Op::AddGrant(grant, by, now_ms)).await? {
             Reply::Bool(b) => Ok(b),
             _ => Err(unexpected()),
         }
     }
-
     async fn remove_grant(
         &self,
         scope: Scope,
@@ -495,7 +556,6 @@ impl Store for SqliteStore {
             _ => Err(unexpected()),
         }
     }
-
     async fn grants(&self) -> StoreResult<Vec<StoredGrant>> {
         let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(
             "SELECT scope, tool, effect, created_by, created_ms FROM grants ORDER BY scope, tool",
@@ -522,7 +582,6 @@ impl Store for SqliteStore {
             })
             .collect()
     }
-
     async fn set_tool_risk(
         &self,
         tool: String,
@@ -535,7 +594,6 @@ impl Store for SqliteStore {
             _ => Err(unexpected()),
         }
     }
-
     async fn tool_risks(&self) -> StoreResult<Vec<(String, Risk)>> {
         let rows: Vec<(String, String)> =
             sqlx::query_as("SELECT tool, risk FROM tool_risks ORDER BY tool")
@@ -546,7 +604,10 @@ impl Store for SqliteStore {
             .map(|(t, r)| Ok((t, r.parse().map_err(StoreError::Corrupt)?)))
             .collect()
     }
+}
 
+#[async_trait]
+impl Pairings for SqliteStore {
     async fn paired_users(&self) -> StoreResult<Vec<PairedUser>> {
         let rows: Vec<(String, String, Option<String>, String, i64)> = sqlx::query_as(
             "SELECT user_id, roles, display_name, paired_by, paired_ms FROM paired_users ORDER BY paired_ms",
@@ -567,21 +628,18 @@ impl Store for SqliteStore {
             })
             .collect()
     }
-
     async fn pair_user(&self, user: PairedUser) -> StoreResult<bool> {
         match self.write(Op::Pair(user)).await? {
             Reply::Bool(b) => Ok(b),
             _ => Err(unexpected()),
         }
     }
-
     async fn unpair_user(&self, user_id: String, by: String, now_ms: i64) -> StoreResult<bool> {
         match self.write(Op::Unpair(user_id, by, now_ms)).await? {
             Reply::Bool(b) => Ok(b),
             _ => Err(unexpected()),
         }
     }
-
     async fn create_pairing_code(
         &self,
         user_id: String,
@@ -606,7 +664,6 @@ impl Store for SqliteStore {
             _ => Err(unexpected()),
         }
     }
-
     async fn redeem_pairing_code(
         &self,
         code: String,
@@ -618,7 +675,6 @@ impl Store for SqliteStore {
             _ => Err(unexpected()),
         }
     }
-
     async fn pairing_codes(&self, now_ms: i64) -> StoreResult<Vec<PendingPairing>> {
         let rows: Vec<(String, Option<String>, i64, i64)> = sqlx::query_as(
             "SELECT user_id, display_name, created_ms, expires_ms FROM pairing_codes WHERE expires_ms > $1 ORDER BY created_ms",
@@ -639,7 +695,10 @@ impl Store for SqliteStore {
             )
             .collect())
     }
+}
 
+#[async_trait]
+impl AuditLog for SqliteStore {
     async fn append_audit(&self, events: Vec<AuditEvent>) -> StoreResult<()> {
         let sealed = events.iter().map(AuditEvent::seal).collect();
         match self.write(Op::Audit(sealed)).await? {
@@ -647,7 +706,6 @@ impl Store for SqliteStore {
             _ => Err(unexpected()),
         }
     }
-
     async fn audit_tail(&self, n: u32) -> StoreResult<Vec<AuditEntry>> {
         let mut rows: Vec<AuditEntry> =
             sqlx::query_as::<_, AuditRow>("SELECT * FROM audit ORDER BY seq DESC LIMIT $1")
@@ -661,7 +719,6 @@ impl Store for SqliteStore {
         rows.reverse();
         Ok(rows)
     }
-
     async fn audit_after(&self, after: i64, limit: u32) -> StoreResult<Vec<AuditEntry>> {
         Ok(sqlx::query_as::<_, AuditRow>(
             "SELECT * FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
@@ -675,14 +732,12 @@ impl Store for SqliteStore {
         .map(AuditRow::into_entry)
         .collect())
     }
-
     async fn audit_head(&self) -> StoreResult<(i64, String)> {
         sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
             .fetch_one(&self.reads)
             .await
             .map_err(db)
     }
-
     async fn audit_verify(&self) -> StoreResult<Result<(u64, u64), audit::Break>> {
         // One read transaction: in WAL mode every statement in it sees the
         // database as of its first read, so rows appended while the walk
@@ -752,14 +807,16 @@ impl Store for SqliteStore {
         tx.rollback().await.map_err(db)?;
         Ok(ledger.finish().map(|requests| (entries, requests)))
     }
-
     async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>> {
         match self.write(Op::PruneAudit(cutoff_ms, now_ms)).await? {
             Reply::Pruned(p) => Ok(p),
             _ => Err(unexpected()),
         }
     }
+}
 
+#[async_trait]
+impl Cards for SqliteStore {
     async fn card_touch(
         &self,
         request_id: RequestId,
@@ -774,14 +831,12 @@ impl Store for SqliteStore {
             _ => Err(unexpected()),
         }
     }
-
     async fn card_reconcile(&self, channel_id: u64) -> StoreResult<u64> {
         match self.write(Op::CardReconcile(channel_id)).await? {
             Reply::Count(n) => Ok(n),
             _ => Err(unexpected()),
         }
     }
-
     async fn cards_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<CardRow>> {
         sqlx::query_as::<_, CardDbRow>(
             "SELECT * FROM discord_cards WHERE want > done AND next_attempt_ms <= $1 \
@@ -796,11 +851,6 @@ impl Store for SqliteStore {
         .map(CardDbRow::into_card)
         .collect()
     }
-
-    fn write_failure(&self) -> Option<String> {
-        self.guard.lost().map(|e| e.to_string())
-    }
-
     async fn cards_backlog(&self) -> StoreResult<u64> {
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM discord_cards WHERE want > done")
             .fetch_one(&self.reads)
@@ -808,7 +858,6 @@ impl Store for SqliteStore {
             .map_err(db)?;
         Ok(n.max(0) as u64)
     }
-
     async fn card_next_attempt(&self) -> StoreResult<Option<i64>> {
         let (next,): (Option<i64>,) =
             sqlx::query_as("SELECT MIN(next_attempt_ms) FROM discord_cards WHERE want > done")
@@ -817,7 +866,6 @@ impl Store for SqliteStore {
                 .map_err(db)?;
         Ok(next)
     }
-
     async fn card(&self, request_id: RequestId) -> StoreResult<Option<CardRow>> {
         sqlx::query_as::<_, CardDbRow>("SELECT * FROM discord_cards WHERE request_id = $1")
             .bind(request_id.to_string())
@@ -827,7 +875,6 @@ impl Store for SqliteStore {
             .map(CardDbRow::into_card)
             .transpose()
     }
-
     async fn card_done(
         &self,
         request_id: RequestId,
@@ -848,14 +895,12 @@ impl Store for SqliteStore {
             _ => Err(unexpected()),
         }
     }
-
     async fn cards_retry_now(&self, now_ms: i64) -> StoreResult<u64> {
         match self.write(Op::CardsRetryNow(now_ms)).await? {
             Reply::Count(n) => Ok(n),
             _ => Err(unexpected()),
         }
     }
-
     async fn card_retry_later(
         &self,
         request_id: RequestId,
@@ -870,7 +915,13 @@ impl Store for SqliteStore {
             _ => Err(unexpected()),
         }
     }
+}
 
+#[async_trait]
+impl Store for SqliteStore {
+    fn write_failure(&self) -> Option<String> {
+        self.guard.lost().map(|e| e.to_string())
+    }
     async fn close(&self) {
         // Readers first, so the writer's final checkpoint is not blocked by
         // them; the writer commits what is queued, checkpoints and closes.
@@ -879,5 +930,11 @@ impl Store for SqliteStore {
             let _ = self.jobs.send(Msg::Stop).await;
             let _ = written.await;
         }
+    }
+}
+
+impl Changes for SqliteStore {
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.feed.subscribe()
     }
 }

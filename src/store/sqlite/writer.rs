@@ -10,13 +10,13 @@
 //! stay on sqlx.
 
 use super::RequestRow;
+use crate::app::ports::{PairedUser, PairingRefused, Pruned, StoreError, StoreResult, Voted};
 use crate::domain::audit::{self, events, SealedEvent};
 use crate::domain::pairing;
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
 use crate::domain::request::{self, ApprovalRequest, RequestId, TransitionError, Vote, VoteEffect};
 use crate::domain::trifecta::{self, Guard, ToolTag};
 use crate::domain::Risk;
-use crate::store::{PairedUser, PairingRefused, Pruned, StoreError, StoreResult, Voted};
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::json;
 use std::borrow::Cow;

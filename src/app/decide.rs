@@ -1,0 +1,218 @@
+//! Deciding requests: status and waiting, votes, cancels and timeouts, and
+//! the per-agent pending slots they free.
+
+use super::*;
+
+impl Gateway {
+    /// The request as stored.
+    pub async fn status(&self, id: RequestId) -> Result<ApprovalRequest, AppError> {
+        self.store
+            .get_request(id)
+            .await?
+            .ok_or_else(|| AppError::NotFound(id.to_string()))
+    }
+
+    /// Checks that `agent` submitted `id` (admins may see every request).
+    pub async fn status_for(
+        &self,
+        id: RequestId,
+        agent: Option<&str>,
+    ) -> Result<ApprovalRequest, AppError> {
+        let r = self.status(id).await?;
+        match agent {
+            Some(a) if a != r.agent => Err(AppError::NotYourRequest(id.to_string())),
+            _ => Ok(r),
+        }
+    }
+
+    /// Blocks until `id` is terminal, or `max_wait` passes (then returns it pending).
+    pub async fn wait(
+        &self,
+        id: RequestId,
+        agent: Option<&str>,
+        max_wait: Option<Duration>,
+    ) -> Result<ApprovalRequest, AppError> {
+        let woken = self.waiters.register(id);
+        let r = self.status_for(id, agent).await?;
+        if r.state.is_terminal() {
+            return Ok(r);
+        }
+        // The scheduler times the request out at its deadline; the grace
+        // covers a store that is briefly slow.
+        let until_deadline = Duration::from_millis((r.deadline_ms - now_ms()).max(0) as u64)
+            + Duration::from_secs(5);
+        let limit = max_wait.map_or(until_deadline, |m| m.min(until_deadline));
+        match tokio::time::timeout(limit, woken).await {
+            Ok(Ok(done)) => Ok(done),
+            _ => self.status(id).await,
+        }
+    }
+
+    /// Records a person's vote. `is_admin` says whether the voter may decide
+    /// critical requests. `voter` is a stable identity (`uid:N`,
+    /// `discord:ID`); `name` is only shown beside it, cleaned so it cannot
+    /// imitate one.
+    ///
+    /// The uid that made a request (and its agent) may not vote on it,
+    /// unless `[admin] allow_self_approval` or `single_user_demo` is set:
+    /// checked here so every surface gets the rule.
+    pub async fn vote(
+        &self,
+        id: RequestId,
+        voter: &str,
+        name: Option<String>,
+        approve: bool,
+        reason: Option<String>,
+        is_admin: bool,
+    ) -> Result<super::ports::Voted, AppError> {
+        let r = self.status(id).await?;
+        if r.admin_only && !is_admin {
+            return Err(AppError::AdminOnly);
+        }
+        let own = r.requester_uid.is_some_and(|u| voter == format!("uid:{u}"))
+            || voter == format!("agent:{}", r.agent);
+        let admin = &self.cfg.admin;
+        if own && !(admin.allow_self_approval || admin.single_user_demo) {
+            tracing::warn!(request.id = %id, voter = %voter, "vote by the requester refused");
+            return Err(AppError::SelfApproval(voter.to_string()));
+        }
+        let name = name
+            .map(|n| crate::domain::request::clean_display_name(&n))
+            .filter(|n| !n.is_empty());
+        let reason = reason
+            .filter(|r| !r.trim().is_empty())
+            .map(|r| self.redactor.redact_text(&r).0);
+        let vote = Vote {
+            voter: voter.to_string(),
+            name: name.map(|n| self.display_name(&n)),
+            approve,
+            reason,
+            at_ms: now_ms(),
+        };
+        match self.store.vote(id, vote).await? {
+            Ok(v) => {
+                if v.request.state.is_terminal() {
+                    tracing::info!(request.id = %id, state = %v.request.state, "decided");
+                    self.finished(&v.request);
+                }
+                Ok(v)
+            }
+            Err(TransitionError::PastDeadline) => {
+                // The decision lost to the timeout; make the timeout happen now.
+                let _ = self.expire(id).await;
+                Err(AppError::AlreadyDecided(State::TimedOut))
+            }
+            Err(e) => Err(transition(id, e)),
+        }
+    }
+
+    /// Cancels a pending request.
+    pub async fn cancel(
+        &self,
+        id: RequestId,
+        who: &str,
+        agent: Option<&str>,
+        reason: Option<String>,
+    ) -> Result<ApprovalRequest, AppError> {
+        self.status_for(id, agent).await?;
+        let reason = reason.map(|r| self.redactor.redact_text(&r).0);
+        match self
+            .store
+            .cancel(id, who.to_string(), reason, now_ms())
+            .await?
+        {
+            Ok(r) => {
+                self.finished(&r);
+                Ok(r)
+            }
+            Err(e) => Err(transition(id, e)),
+        }
+    }
+
+    /// Times out `id` if its deadline has passed (called by the scheduler).
+    pub async fn expire(&self, id: RequestId) -> Result<(), AppError> {
+        match self.store.time_out(id, now_ms()).await? {
+            Ok(r) => {
+                tracing::info!(request.id = %id, "timed out");
+                self.finished(&r);
+            }
+            Err(TransitionError::NotDue) => {
+                // Woken early (clock change): schedule again.
+                if let Ok(r) = self.status(id).await {
+                    let _ = self.deadlines.send((r.deadline_ms, id)).await;
+                }
+            }
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    pub(super) fn finished(&self, r: &ApprovalRequest) {
+        metrics::global().decided(r);
+        self.release_pending(&r.agent);
+        self.waiters.wake(r);
+        let _ = self.events.send(RequestEvent::Resolved(r.clone()));
+    }
+
+    /// Takes one of `agent`'s pending slots, or refuses when all are taken.
+    /// Counted in memory (loaded from the store at start), so the check
+    /// costs nothing with 100,000 pending requests.
+    pub(super) fn reserve_pending(
+        &self,
+        agent: &str,
+        max: usize,
+    ) -> Result<PendingSlot<'_>, AppError> {
+        let mut counts = self
+            .pending_by_agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(agent.to_string()).or_default();
+        if *n >= max {
+            return Err(AppError::TooManyPending {
+                agent: agent.to_string(),
+                max,
+            });
+        }
+        *n += 1;
+        Ok(PendingSlot {
+            gw: self,
+            agent: agent.to_string(),
+            kept: false,
+        })
+    }
+
+    /// Pending requests per agent, as counted in memory.
+    pub fn pending_counts(&self) -> HashMap<String, usize> {
+        self.pending_by_agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(a, n)| (a.clone(), *n))
+            .collect()
+    }
+
+    pub(super) fn release_pending(&self, agent: &str) {
+        let mut counts = self
+            .pending_by_agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(agent) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    pub async fn pending(&self, limit: u32) -> Result<Vec<ApprovalRequest>, AppError> {
+        Ok(self.store.pending(limit).await?)
+    }
+}
+
+fn transition(id: RequestId, e: TransitionError) -> AppError {
+    match e {
+        TransitionError::NotFound => AppError::NotFound(id.to_string()),
+        TransitionError::AlreadyDecided { state } => AppError::AlreadyDecided(state),
+        TransitionError::PastDeadline => AppError::AlreadyDecided(State::TimedOut),
+        TransitionError::AlreadyVoted { voter } => AppError::AlreadyVoted(voter),
+        TransitionError::NotDue => bad("the deadline has not been reached"),
+    }
+}

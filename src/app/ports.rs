@@ -1,0 +1,412 @@
+//! The persistence ports the use-cases need, owned by the app: split by
+//! capability (requests, policy data, pairings, audit log, cards, changes)
+//! and composed into [`Store`], which a backend in `src/store` implements.
+//! Value types that cross the port live here too. Nothing here does I/O.
+
+use crate::domain::audit::{AuditEntry, AuditEvent};
+use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
+use crate::domain::request::{ApprovalRequest, RequestId, TransitionError, Vote};
+use crate::domain::trifecta::{Guard, ToolTag};
+use crate::domain::Risk;
+use async_trait::async_trait;
+use serde::Serialize;
+use std::sync::Arc;
+use tokio::sync::broadcast;
+
+/// A storage failure. Callers treat every one of these as *deny*.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("database migration failed: {0}")]
+    Migration(String),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("the store is shutting down")]
+    Closed,
+    /// The database file was deleted or replaced under the running server;
+    /// the store refuses every write from then on.
+    #[error("the database file is lost: {0}")]
+    FileLost(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Result of inserting a request.
+#[derive(Debug, Clone)]
+pub enum Inserted {
+    /// Stored as new.
+    New(ApprovalRequest),
+    /// The agent had already submitted this idempotency key for the same
+    /// call (same fingerprint): here is that request.
+    Existing(ApprovalRequest),
+    /// The agent had already used this idempotency key for a different call
+    /// (or before fingerprints were stored): nothing was stored, and the
+    /// conflict was audited in the same transaction. Here is the holder.
+    Conflict(ApprovalRequest),
+}
+
+/// The request holding an idempotency key, with the fingerprint stored
+/// beside the key (`None` for rows from before fingerprints were kept).
+#[derive(Debug, Clone)]
+pub struct KeyHolder {
+    pub request: ApprovalRequest,
+    pub fingerprint: Option<String>,
+}
+
+/// Result of a vote that the lifecycle accepted.
+#[derive(Debug, Clone)]
+pub struct Voted {
+    /// The request after the vote (terminal if the vote decided it).
+    pub request: ApprovalRequest,
+    pub have: u32,
+    pub need: u32,
+}
+
+/// A user Keyturn may act for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PairedUser {
+    pub user_id: String,
+    pub roles: Vec<String>,
+    pub display_name: Option<String>,
+    pub paired_by: String,
+    pub paired_ms: i64,
+}
+
+/// A live pairing code (the code itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PendingPairing {
+    pub user_id: String,
+    pub display_name: Option<String>,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// Why a pairing code could not be created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PairingRefused {
+    #[error("user {0} is already paired")]
+    AlreadyPaired(String),
+    #[error("too many live pairing codes ({0}); try again later")]
+    TooManyCodes(usize),
+}
+
+/// A grant as stored, with who added it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredGrant {
+    #[serde(flatten)]
+    pub grant: Grant,
+    pub created_by: String,
+    pub created_ms: i64,
+}
+
+/// What a retention prune did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    /// Entries deleted.
+    pub entries: u64,
+    /// The last deleted entry, as the checkpoint records it.
+    pub through_seq: i64,
+    pub through_hash: String,
+}
+
+/// A request's Discord card as the outbox knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardRow {
+    pub request_id: RequestId,
+    pub channel_id: u64,
+    /// Set once the card is posted; later changes edit this message.
+    pub message_id: Option<u64>,
+    /// The request state the posted message shows.
+    pub rendered_state: Option<String>,
+    /// The version wanted; the card is due while `want > done`.
+    pub want: i64,
+    pub done: i64,
+    /// Failed attempts since the last success.
+    pub attempts: i64,
+    pub next_attempt_ms: i64,
+    pub deadline_ms: i64,
+}
+
+/// Approval requests: insert, decide, read.
+#[async_trait]
+pub trait Requests: Send + Sync + 'static {
+    /// Stores a new request with its audit events, or returns the request the
+    /// agent already submitted under the same idempotency key: as
+    /// [`Inserted::Existing`] when its fingerprint
+    /// ([`ApprovalRequest::fingerprint`]) matches, else as
+    /// [`Inserted::Conflict`], with an `idempotency_conflict` audit entry
+    /// written in the same transaction. The check and the insert are one
+    /// transaction, so two racing submits with one key cannot both win.
+    async fn insert_request(
+        &self,
+        req: ApprovalRequest,
+        audit: Vec<AuditEvent>,
+    ) -> StoreResult<Inserted>;
+    /// Applies a vote atomically (see [`crate::domain::request::apply_vote`]).
+    async fn vote(&self, id: RequestId, vote: Vote) -> StoreResult<Result<Voted, TransitionError>>;
+    /// Cancels a pending request.
+    async fn cancel(
+        &self,
+        id: RequestId,
+        who: String,
+        reason: Option<String>,
+        now_ms: i64,
+    ) -> StoreResult<Result<ApprovalRequest, TransitionError>>;
+    /// Times out a pending request whose deadline has passed.
+    async fn time_out(
+        &self,
+        id: RequestId,
+        now_ms: i64,
+    ) -> StoreResult<Result<ApprovalRequest, TransitionError>>;
+    async fn get_request(&self, id: RequestId) -> StoreResult<Option<ApprovalRequest>>;
+    /// The request `agent` submitted under `key`, if any, with its fingerprint.
+    async fn find_by_idempotency_key(
+        &self,
+        agent: &str,
+        key: &str,
+    ) -> StoreResult<Option<KeyHolder>>;
+    async fn votes(&self, id: RequestId) -> StoreResult<Vec<Vote>>;
+    /// Pending requests, oldest deadline first.
+    async fn pending(&self, limit: u32) -> StoreResult<Vec<ApprovalRequest>>;
+    /// Every pending request's deadline (for the scheduler at start-up).
+    async fn pending_deadlines(&self) -> StoreResult<Vec<(RequestId, i64)>>;
+    /// Pending requests per agent (loaded once at start; the gateway keeps
+    /// the counts from then on).
+    async fn pending_counts(&self) -> StoreResult<Vec<(String, u64)>>;
+    /// [`Requests::insert_request`] with the lethal-trifecta guard applied in
+    /// the same transaction: the store reads the history of the request's
+    /// agent and user since `guard.since_ms` (approved and pending tagged
+    /// calls, this call's own batch included), applies
+    /// [`crate::domain::trifecta::guard`], stores what it returns instead if
+    /// anything, and records the call's tags on its row. `Inserted::New`
+    /// carries the request as stored. The default refuses a guard, so a
+    /// store that cannot apply it fails closed.
+    async fn insert_guarded(
+        &self,
+        req: ApprovalRequest,
+        audit: Vec<AuditEvent>,
+        guard: Option<Guard>,
+    ) -> StoreResult<Inserted> {
+        match guard {
+            None => self.insert_request(req, audit).await,
+            Some(_) => Err(StoreError::Database(
+                "this store cannot apply the lethal-trifecta guard".into(),
+            )),
+        }
+    }
+    /// The trifecta history of `agent` (and of `user`, any agent) since
+    /// `since_ms`: tools of approved or pending calls with their tags, as
+    /// [`Requests::insert_guarded`] reads it (for `check`, outside a write).
+    /// The default refuses, so the call errors instead of skipping the guard.
+    async fn trifecta_history(
+        &self,
+        agent: &str,
+        user: Option<&str>,
+        since_ms: i64,
+    ) -> StoreResult<Vec<(String, Vec<ToolTag>)>> {
+        let _ = (agent, user, since_ms);
+        Err(StoreError::Database(
+            "this store cannot read the trifecta history".into(),
+        ))
+    }
+}
+
+/// Grants and tool risks added at run time.
+#[async_trait]
+pub trait PolicyData: Send + Sync + 'static {
+    /// Adds a grant; `false` if it already existed.
+    async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool>;
+    /// Removes a grant; `false` if there was none.
+    async fn remove_grant(
+        &self,
+        scope: Scope,
+        tool: ToolPattern,
+        effect: Effect,
+        by: String,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    async fn grants(&self) -> StoreResult<Vec<StoredGrant>>;
+    /// Sets (or with `None` clears) a tool's risk override.
+    async fn set_tool_risk(
+        &self,
+        tool: String,
+        risk: Option<Risk>,
+        by: String,
+        now_ms: i64,
+    ) -> StoreResult<()>;
+    async fn tool_risks(&self) -> StoreResult<Vec<(String, Risk)>>;
+}
+
+/// Paired users and pairing codes.
+#[async_trait]
+pub trait Pairings: Send + Sync + 'static {
+    async fn paired_users(&self) -> StoreResult<Vec<PairedUser>>;
+    /// Pairs a user directly (admin action); `false` if already paired.
+    async fn pair_user(&self, user: PairedUser) -> StoreResult<bool>;
+    async fn unpair_user(&self, user_id: String, by: String, now_ms: i64) -> StoreResult<bool>;
+    /// Stores a pairing code's hash for a user, replacing that user's earlier code.
+    async fn create_pairing_code(
+        &self,
+        user_id: String,
+        display_name: Option<String>,
+        code_hash: String,
+        now_ms: i64,
+        expires_ms: i64,
+        max_live: usize,
+    ) -> StoreResult<Result<(), PairingRefused>>;
+    /// Redeems a typed code (compared in constant time against live hashes):
+    /// pairs its user and deletes the code.
+    async fn redeem_pairing_code(
+        &self,
+        code: String,
+        by: String,
+        now_ms: i64,
+    ) -> StoreResult<Option<PairedUser>>;
+    async fn pairing_codes(&self, now_ms: i64) -> StoreResult<Vec<PendingPairing>>;
+}
+
+/// The hash-chained audit log.
+#[async_trait]
+pub trait AuditLog: Send + Sync + 'static {
+    async fn append_audit(&self, events: Vec<AuditEvent>) -> StoreResult<()>;
+    /// The newest `n` entries, oldest first.
+    async fn audit_tail(&self, n: u32) -> StoreResult<Vec<AuditEntry>>;
+    /// Entries with `seq > after`, oldest first.
+    async fn audit_after(&self, after: i64, limit: u32) -> StoreResult<Vec<AuditEntry>>;
+    /// The chain head `(seq, hash)` as recorded at the last commit.
+    async fn audit_head(&self) -> StoreResult<(i64, String)>;
+    /// Verifies the whole audit chain against its recorded head, and every
+    /// request row against the chain, all from one consistent snapshot (a
+    /// write committed meanwhile is simply not seen). `Ok((entries,
+    /// requests))` or the first break. The default refuses, so a store that
+    /// cannot take a snapshot never reports a false "ok" or a false break.
+    async fn audit_verify(&self) -> StoreResult<Result<(u64, u64), crate::domain::audit::Break>> {
+        Err(StoreError::Database(
+            "this store cannot verify the audit log from one snapshot".into(),
+        ))
+    }
+    /// Deletes the oldest entries (the longest prefix of the log older than
+    /// `cutoff_ms`) and, in the same transaction, appends a checkpoint that
+    /// names the last one deleted. `None` when nothing was old enough.
+    /// The default refuses (keeping entries is the safe failure).
+    async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>> {
+        let _ = (cutoff_ms, now_ms);
+        Err(StoreError::Database(
+            "this store cannot prune the audit log".into(),
+        ))
+    }
+}
+
+/// The Discord card outbox (one row per request that has a card).
+#[async_trait]
+pub trait Cards: Send + Sync + 'static {
+    /// Creates the card row for a request (due at once), or marks an
+    /// existing one due again (its request changed).
+    async fn card_touch(
+        &self,
+        request_id: RequestId,
+        channel_id: u64,
+        deadline_ms: i64,
+    ) -> StoreResult<()>;
+    /// After a restart: adds a row for every pending request without one,
+    /// and marks due every card whose message shows a stale state.
+    /// Returns how many rows changed.
+    async fn card_reconcile(&self, channel_id: u64) -> StoreResult<u64>;
+    /// Due cards (`want > done`, `next_attempt_ms <= now_ms`), oldest deadline first.
+    async fn cards_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<CardRow>>;
+    /// How many cards wait to be posted or edited (`want > done`), due now
+    /// or later: the outbox backlog, for metrics.
+    async fn cards_backlog(&self) -> StoreResult<u64>;
+    /// The earliest retry time among due cards, if any.
+    async fn card_next_attempt(&self) -> StoreResult<Option<i64>>;
+    async fn card(&self, request_id: RequestId) -> StoreResult<Option<CardRow>>;
+    /// Records a successful post or edit of version `version`.
+    async fn card_done(
+        &self,
+        request_id: RequestId,
+        message_id: u64,
+        version: i64,
+        rendered_state: String,
+    ) -> StoreResult<()>;
+    /// Makes every waiting card (retry time after `now_ms`) due at once:
+    /// Discord answers again, so nothing should sit out its backoff.
+    /// Returns how many cards were waiting.
+    async fn cards_retry_now(&self, now_ms: i64) -> StoreResult<u64>;
+    /// Records a failed attempt; the card is retried at `next_attempt_ms`.
+    async fn card_retry_later(
+        &self,
+        request_id: RequestId,
+        attempts: i64,
+        next_attempt_ms: i64,
+    ) -> StoreResult<()>;
+}
+
+/// A change committed to the store, published after its commit (never
+/// before), for whatever in this process follows the store: waiters, the
+/// deadline scheduler, the policy view and the card outbox.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A request now waits for a human, until `deadline_ms`.
+    Queued {
+        id: RequestId,
+        agent: String,
+        deadline_ms: i64,
+    },
+    /// A vote was recorded and the request still waits.
+    Voted { id: RequestId },
+    /// A request reached its terminal state (vote, cancel or timeout).
+    Resolved(Arc<ApprovalRequest>),
+    /// Grants, tool risks or paired users changed.
+    PolicyChanged,
+    /// Cards were marked due (a request changed, or a retry was brought forward).
+    CardsDue,
+}
+
+/// How many changes a slow subscriber may fall behind before it is told it
+/// lagged (and must then re-read what it follows from the store).
+pub const CHANGE_BACKLOG: usize = 4096;
+
+/// The change feed: subscribe to hear every change committed from now on.
+/// A subscriber that lags (`RecvError::Lagged`) missed changes and must
+/// re-read its state from the store.
+pub trait Changes: Send + Sync + 'static {
+    fn subscribe(&self) -> broadcast::Receiver<Change>;
+}
+
+/// An in-process feed, for a backend to publish into after each commit.
+pub struct Feed {
+    tx: broadcast::Sender<Change>,
+}
+
+impl Default for Feed {
+    fn default() -> Feed {
+        Feed {
+            tx: broadcast::channel(CHANGE_BACKLOG).0,
+        }
+    }
+}
+
+impl Feed {
+    /// Publishes a committed change (dropped when nobody listens).
+    pub fn publish(&self, change: Change) {
+        let _ = self.tx.send(change);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.tx.subscribe()
+    }
+}
+
+/// Every persistence port, as one backend implements them.
+#[async_trait]
+pub trait Store: Requests + PolicyData + Pairings + AuditLog + Cards + Changes {
+    /// Why writes are refused for good (the database file was deleted or
+    /// replaced under the server), if they are; `None` while writable.
+    /// Costs nothing: it reads the writer's last finding, not the disk.
+    fn write_failure(&self) -> Option<String> {
+        None
+    }
+    /// Flushes and closes.
+    async fn close(&self);
+}
