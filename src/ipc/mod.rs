@@ -4,6 +4,7 @@
 //! line to one response without touching a socket, `server` owns the Unix
 //! listener, and `client` is what the CLI uses.
 
+pub mod answers;
 pub mod client;
 pub mod handler;
 pub mod protocol;
