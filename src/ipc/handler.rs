@@ -556,7 +556,8 @@ mod tests {
                 assert!(e.message.contains(m.as_str()), "{}", e.message);
             }
             // A uid that is not an admin on the admin socket.
-            let e = refusal(m, peer(true), false).expect(m.as_str());
+            let e = refusal(m, peer(true), false)
+                .unwrap_or_else(|| panic!("{} served to a non-admin uid", m.as_str()));
             assert_eq!(e.data.code, "not_admin", "{}", m.as_str());
             // An admin on the admin socket.
             assert!(refusal(m, peer(true), true).is_none(), "{}", m.as_str());
@@ -582,7 +583,9 @@ mod tests {
     fn an_admin_method_with_bad_params_is_still_an_admin_method() {
         // The handler refuses by `BadMethod::name` before blaming the params.
         let line = r#"{"jsonrpc":"2.0","id":1,"method":"approve","params":{"nope":1}}"#;
-        let call = parse_call(line).ok().expect("parsed");
+        let Ok(call) = parse_call(line) else {
+            panic!("line refused")
+        };
         let Err(bad) = &call.method else {
             panic!("bad params accepted")
         };

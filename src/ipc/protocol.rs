@@ -768,7 +768,8 @@ mod tests {
         for &m in MethodName::ALL {
             assert!(seen.insert(m.as_str()), "{} twice", m.as_str());
             assert_eq!(MethodName::from_name(m.as_str()), Some(m));
-            let parsed = Method::parse(m.as_str(), minimal(m)).expect(m.as_str());
+            let parsed = Method::parse(m.as_str(), minimal(m))
+                .unwrap_or_else(|bad| panic!("{}: {}", m.as_str(), bad.error));
             assert_eq!(parsed.name(), m);
             assert_eq!(parsed.requires_admin(), m.requires_admin());
         }
