@@ -5,10 +5,17 @@
 //! the admin socket. Human-readable output by default, `--json` everywhere.
 
 use crate::config::Config;
+use crate::ipc::answers::{
+    AuditAnswer, ChainAnswer, ChangedAnswer, CheckAnswer, EffectiveAnswer, FlagAnswer,
+    HealthAnswer, PairedAnswer, PairingCodeIssued, PairingsAnswer, PendingAnswer, PruneAnswer,
+    ToolRiskAnswer, ToolsAnswer, VerifyAnswer, VoteAnswer,
+};
 use crate::ipc::client::Client;
 use crate::ipc::protocol::DecisionView;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -543,38 +550,33 @@ async fn health(conn: &Conn) -> anyhow::Result<u8> {
                 HEALTH_TIMEOUT.as_secs()
             )
         })??;
-    let ok = v["ok"].as_bool() == Some(true);
-    print(conn.json, &v, health_text);
-    Ok(if ok { 0 } else { EXIT_DENIED })
+    let h: HealthAnswer = read(&v)?;
+    show(conn.json, &v, &h, health_text);
+    Ok(if h.ok { 0 } else { EXIT_DENIED })
 }
 
-fn health_text(v: &Value) -> String {
-    let mut out = String::from(if v["ok"].as_bool() == Some(true) {
-        "healthy"
-    } else {
-        "UNHEALTHY"
-    });
-    for name in ["socket", "store", "discord"] {
-        let c = &v[name];
-        if c.is_null() {
+fn health_text(h: &HealthAnswer) -> String {
+    let mut out = String::from(if h.ok { "healthy" } else { "UNHEALTHY" });
+    for (name, c) in [
+        ("socket", &h.socket),
+        ("store", &h.store),
+        ("discord", &h.discord),
+    ] {
+        let Some(c) = c else {
             if name == "discord" {
                 out.push_str("\n  discord: not configured");
             }
             continue;
-        }
+        };
         out.push_str(&format!(
             "\n  {name}: {}{}",
-            if c["up"].as_bool() == Some(true) {
-                "up"
-            } else {
-                "DOWN"
-            },
-            match c["state"].as_str() {
+            if c.up { "up" } else { "DOWN" },
+            match c.state.as_deref() {
                 Some(s) if s != "up" && s != "down" => format!(" ({})", printable(s)),
                 _ => String::new(),
             }
         ));
-        if let Some(d) = c["detail"].as_str() {
+        if let Some(d) = &c.detail {
             out.push_str(&format!(": {}", printable(d)));
         }
     }
@@ -614,39 +616,54 @@ fn call_params(c: &CallArgs) -> anyhow::Result<Value> {
     Ok(p)
 }
 
-fn print(json_out: bool, v: &Value, text: impl FnOnce(&Value) -> String) {
+/// Reads a method's answer into the type the CLI prints from (once).
+fn read<T: DeserializeOwned>(v: &Value) -> anyhow::Result<T> {
+    T::deserialize(v)
+        .map_err(|e| anyhow::anyhow!("Keyturn sent an answer this CLI cannot read: {e}"))
+}
+
+/// Prints an answer: with `--json` as the server sent it, else as text
+/// made from its typed form.
+fn show<T>(json_out: bool, raw: &Value, answer: &T, text: impl FnOnce(&T) -> String) {
     if json_out {
-        crate::outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        crate::outln!("{}", serde_json::to_string_pretty(raw).unwrap_or_default());
     } else {
-        crate::outln!("{}", text(v));
+        crate::outln!("{}", text(answer));
     }
 }
 
-fn decision_text(v: &Value) -> String {
-    match serde_json::from_value::<DecisionView>(v.clone()) {
-        Ok(d) => format!(
-            "{} {}: {}{}",
-            d.request_id,
-            d.tool,
-            d.summary,
-            flags_text(&v["flags"])
-        ),
-        Err(_) => v.to_string(),
-    }
+fn decision_text(d: &DecisionView) -> String {
+    // A flag the CLI cannot read is still counted and shown as unknown.
+    let flags: Vec<FlagAnswer> = d
+        .flags
+        .iter()
+        .map(|f| {
+            FlagAnswer::deserialize(f).unwrap_or(FlagAnswer {
+                kind: None,
+                detail: String::new(),
+            })
+        })
+        .collect();
+    format!(
+        "{} {}: {}{}",
+        d.request_id,
+        d.tool,
+        d.summary,
+        flags_text(&flags)
+    )
 }
 
 /// Content flags, one per line, loud enough to be seen: empty when none.
-fn flags_text(flags: &Value) -> String {
-    let list = flags.as_array().cloned().unwrap_or_default();
-    if list.is_empty() {
+fn flags_text(flags: &[FlagAnswer]) -> String {
+    if flags.is_empty() {
         return String::new();
     }
-    let mut out = format!("\n    !! {} CONTENT FLAG(S):", list.len());
-    for f in &list {
+    let mut out = format!("\n    !! {} CONTENT FLAG(S):", flags.len());
+    for f in flags {
         out.push_str(&format!(
             "\n    !! {}: {}",
-            f["kind"].as_str().unwrap_or("?"),
-            printable(f["detail"].as_str().unwrap_or(""))
+            f.kind.as_deref().unwrap_or("?"),
+            printable(&f.detail)
         ));
     }
     out
@@ -770,7 +787,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             // cancels the request: nobody is left to act on an approval.
             p["detach"] = json!(no_wait);
             let asked_tool = call.tool.clone();
-            let asked_hash = crate::domain::redact::args_hash(&p["args"]);
+            let asked_hash = crate::domain::canonical::args_hash(&p["args"]);
             if let Some(k) = idempotency_key {
                 p["idempotency_key"] = json!(k);
             }
@@ -792,12 +809,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 )
             });
             let v = client.call("submit", p).await?;
-            let d: DecisionView = serde_json::from_value(v.clone())?;
+            let d: DecisionView = read(&v)?;
             // Exit 0 only for an answer about exactly this call.
             if let Some(why) = d.mismatch(&asked_tool, &asked_hash) {
                 anyhow::bail!("Keyturn's answer is about a different call ({why}); not approved");
             }
-            print(conn.json, &v, decision_text);
+            show(conn.json, &v, &d, decision_text);
             Ok(
                 if d.approved || (no_wait && d.state == crate::domain::request::State::Pending) {
                     0
@@ -812,14 +829,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .await?
                 .call("check", call_params(&call)?)
                 .await?;
-            print(conn.json, &v, |v| {
-                let verdict = &v["verdict"];
-                let action = verdict["action"].as_str().unwrap_or("?");
+            let a: CheckAnswer = read(&v)?;
+            show(conn.json, &v, &a, |a| {
                 format!(
-                    "{action} ({}): {}{}",
-                    verdict["rule"].as_str().unwrap_or("?"),
-                    verdict["detail"].as_str().unwrap_or(""),
-                    flags_text(&v["flags"])
+                    "{} ({}): {}{}",
+                    a.verdict.action,
+                    a.verdict.rule,
+                    a.verdict.detail,
+                    flags_text(&a.flags)
                 )
             });
             Ok(0)
@@ -831,20 +848,17 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             conn,
         } => {
             let mut p = json!({"id": id, "detach": detach});
-            if let Some(a) = agent {
+            if let Some(a) = &agent {
                 p["agent"] = json!(a);
             }
             let v = conn
-                .client_for(p["agent"].as_str())
+                .client_for(agent.as_deref())
                 .await?
                 .call("wait", p)
                 .await?;
-            print(conn.json, &v, decision_text);
-            Ok(if v["approved"] == json!(true) {
-                0
-            } else {
-                EXIT_DENIED
-            })
+            let d: DecisionView = read(&v)?;
+            show(conn.json, &v, &d, decision_text);
+            Ok(if d.approved { 0 } else { EXIT_DENIED })
         }
         Command::Health { conn } => health(&conn).await,
         Command::Status { id, conn } => {
@@ -853,7 +867,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .await?
                 .call("status", json!({"id": id}))
                 .await?;
-            print(conn.json, &v, decision_text);
+            show(conn.json, &v, &read(&v)?, decision_text);
             Ok(0)
         }
         Command::Cancel { id, reason, conn } => {
@@ -862,7 +876,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .await?
                 .call("cancel", json!({"id": id, "reason": reason}))
                 .await?;
-            print(conn.json, &v, decision_text);
+            show(conn.json, &v, &read(&v)?, decision_text);
             Ok(0)
         }
         Command::Pending { limit, conn } => {
@@ -871,27 +885,27 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .await?
                 .call("pending", json!({"limit": limit}))
                 .await?;
-            print(conn.json, &v, |v| {
-                let list = v.as_array().cloned().unwrap_or_default();
+            let list: Vec<PendingAnswer> = read(&v)?;
+            show(conn.json, &v, &list, |list| {
                 if list.is_empty() {
                     return "no pending requests".into();
                 }
                 list.iter()
                     .map(|r| {
-                        let left = (r["deadline_ms"].as_i64().unwrap_or(0) - crate::app::now_ms()) / 1000;
+                        let left = (r.deadline_ms - crate::app::now_ms()) / 1000;
                         format!(
                             "{}  {}  risk={}  agent={}  user={}  channel={}  {}s left{}\n    rule: {}\n    args: {}\n    why: {}",
-                            r["id"].as_str().unwrap_or("?"),
-                            r["tool"].as_str().unwrap_or("?"),
-                            r["risk"].as_str().unwrap_or("?"),
-                            r["agent"].as_str().unwrap_or("?"),
-                            r["user_id"].as_str().unwrap_or("-"),
-                            r["channel_id"].as_str().unwrap_or("-"),
+                            r.id,
+                            r.tool,
+                            r.risk,
+                            r.agent,
+                            r.user_id.as_deref().unwrap_or("-"),
+                            r.channel_id.as_deref().unwrap_or("-"),
                             left.max(0),
-                            flags_text(&r["flags"]),
-                            printable(r["rule_detail"].as_str().unwrap_or("")),
-                            r["args"],
-                            r["justification"].as_str().unwrap_or("").escape_debug(),
+                            flags_text(&r.flags),
+                            printable(&r.rule_detail),
+                            r.args,
+                            r.justification.escape_debug(),
                         )
                     })
                     .collect::<Vec<_>>()
@@ -951,31 +965,30 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             conn,
         } => {
             let mut p = json!({"id": id, "args": parse_args(&args)?});
-            if let Some(a) = agent {
+            if let Some(a) = &agent {
                 p["agent"] = json!(a);
             }
             if let Some(t) = token {
                 p["token"] = json!(t);
             }
             let v = conn
-                .client_for(p["agent"].as_str())
+                .client_for(agent.as_deref())
                 .await?
                 .call("verify", p)
                 .await?;
-            let ok = v["matches"] == json!(true) && v["approved"] == json!(true);
-            print(conn.json, &v, |v| {
-                let id = v["request_id"].as_str().unwrap_or("?");
-                let state = v["state"].as_str().unwrap_or("?");
-                match (v["matches"] == json!(true), v["approved"] == json!(true)) {
+            let a: VerifyAnswer = read(&v)?;
+            let ok = a.matches && a.approved;
+            show(conn.json, &v, &a, |a| {
+                let id = &a.request_id;
+                let state = &a.state;
+                match (a.matches, a.approved) {
                     (true, true) => format!("{id}: ok, these are the approved arguments"),
                     (true, false) => {
                         format!("{id}: arguments match, but the request is {state}, not approved")
                     }
                     (false, _) => format!(
                         "{id}: MISMATCH: these arguments hash to {}, the request was {} with {}",
-                        v["args_hash"].as_str().unwrap_or("?"),
-                        state,
-                        v["expected_hash"].as_str().unwrap_or("?")
+                        a.args_hash, state, a.expected_hash
                     ),
                 }
             });
@@ -999,14 +1012,13 @@ async fn decide(
             json!({"id": id, "reason": reason, "operator": operator(op)}),
         )
         .await?;
-    print(conn.json, &v, |v| {
-        let d = &v["decision"];
-        if d["state"] == json!("pending") {
+    let a: VoteAnswer = read(&v)?;
+    show(conn.json, &v, &a, |a| {
+        let d = &a.decision;
+        if d.state == crate::domain::request::State::Pending {
             format!(
                 "{}: vote recorded ({} of {} approvals)",
-                d["request_id"].as_str().unwrap_or("?"),
-                v["approvals"],
-                v["approvals_required"]
+                d.request_id, a.approvals, a.approvals_required
             )
         } else {
             decision_text(d)
@@ -1031,14 +1043,12 @@ async fn grant(
             json!({"scope": scope, "tool": tool, "effect": effect}),
         )
         .await?;
-    print(conn.json, &v, |v| {
-        let changed = v["changed"] == json!(true);
-        match (method, changed) {
-            ("grant", true) => format!("{effect} `{tool}` in {scope}: added"),
-            ("grant", false) => format!("{effect} `{tool}` in {scope}: already present"),
-            (_, true) => format!("{effect} `{tool}` in {scope}: removed"),
-            _ => format!("{effect} `{tool}` in {scope}: there was no such grant"),
-        }
+    let a: ChangedAnswer = read(&v)?;
+    show(conn.json, &v, &a, |a| match (method, a.changed) {
+        ("grant", true) => format!("{effect} `{tool}` in {scope}: added"),
+        ("grant", false) => format!("{effect} `{tool}` in {scope}: already present"),
+        (_, true) => format!("{effect} `{tool}` in {scope}: removed"),
+        _ => format!("{effect} `{tool}` in {scope}: there was no such grant"),
     });
     Ok(0)
 }
@@ -1048,23 +1058,24 @@ async fn tools(conn: &Conn, cmd: ToolsCmd) -> anyhow::Result<u8> {
     match cmd {
         ToolsCmd::List { scope } => {
             let v = c.call("tools.list", json!({"scope": scope})).await?;
-            print(conn.json, &v, |v| {
+            let a: ToolsAnswer = read(&v)?;
+            show(conn.json, &v, &a, |a| {
                 let mut out = vec!["grants:".to_string()];
-                for g in v["grants"].as_array().into_iter().flatten() {
+                for g in &a.grants {
                     out.push(format!(
                         "  {:<20} {:<6} {:<30} (by {})",
-                        g["scope"].as_str().unwrap_or("?"),
-                        g["effect"].as_str().unwrap_or("?"),
-                        g["tool"].as_str().unwrap_or("?"),
-                        g["created_by"].as_str().unwrap_or("?")
+                        g.scope,
+                        g.effect,
+                        g.tool,
+                        g.created_by.as_deref().unwrap_or("?")
                     ));
                 }
                 out.push("risks (unlisted tools are high):".into());
-                for r in v["risks"].as_array().into_iter().flatten() {
+                for r in &a.risks {
                     out.push(format!(
                         "  {:<30} {}",
-                        r["tool"].as_str().unwrap_or("?"),
-                        r["risk"].as_str().unwrap_or("?")
+                        r.tool,
+                        r.risk.as_deref().unwrap_or("?")
                     ));
                 }
                 out.join("\n")
@@ -1081,19 +1092,15 @@ async fn tools(conn: &Conn, cmd: ToolsCmd) -> anyhow::Result<u8> {
             let v = c
                 .call("tools.effective", json!({"user_id": user, "channel_id": channel, "roles": roles, "agent": agent, "tool": tool}))
                 .await?;
-            print(conn.json, &v, |v| {
+            let a: EffectiveAnswer = read(&v)?;
+            show(conn.json, &v, &a, |a| {
                 let mut out = vec![format!(
                     "{} — deciding scope: {}",
-                    v["detail"].as_str().unwrap_or(""),
-                    v["deciding_scope"].as_str().unwrap_or("none (deny)")
+                    a.detail,
+                    a.deciding_scope.as_deref().unwrap_or("none (deny)")
                 )];
-                for g in v["entries"].as_array().into_iter().flatten() {
-                    out.push(format!(
-                        "  {} {} {}",
-                        g["scope"].as_str().unwrap_or("?"),
-                        g["effect"].as_str().unwrap_or("?"),
-                        g["tool"].as_str().unwrap_or("?")
-                    ));
+                for g in &a.entries {
+                    out.push(format!("  {} {} {}", g.scope, g.effect, g.tool));
                 }
                 out.join("\n")
             });
@@ -1107,11 +1114,12 @@ async fn tools(conn: &Conn, cmd: ToolsCmd) -> anyhow::Result<u8> {
             let v = c
                 .call("tools.risk", json!({"tool": tool, "risk": risk}))
                 .await?;
-            print(conn.json, &v, |v| {
+            let a: ToolRiskAnswer = read(&v)?;
+            show(conn.json, &v, &a, |a| {
                 format!(
                     "{}: {}",
-                    v["tool"].as_str().unwrap_or("?"),
-                    v["risk"].as_str().unwrap_or("cleared (config or high)")
+                    a.tool,
+                    a.risk.as_deref().unwrap_or("cleared (config or high)")
                 )
             });
         }
@@ -1134,38 +1142,39 @@ async fn pairing_cmd(conn: &Conn, cmd: PairingCmd) -> anyhow::Result<u8> {
         PairingCmd::Revoke { user } => ("pairing.revoke", json!({"user_id": user})),
     };
     let v = c.call(method, params).await?;
-    print(conn.json, &v, |v| match method {
+    let text = match method {
         "pairing.list" => {
+            let a: PairingsAnswer = read(&v)?;
             let mut out = vec!["paired users:".to_string()];
-            for u in v["paired"].as_array().into_iter().flatten() {
+            for u in &a.paired {
                 out.push(format!(
                     "  {}  roles={}  by {}",
-                    u["user_id"].as_str().unwrap_or("?"),
-                    u["roles"],
-                    u["paired_by"].as_str().unwrap_or("?")
+                    u.user_id,
+                    serde_json::to_string(&u.roles).unwrap_or_default(),
+                    u.paired_by
                 ));
             }
             out.push("live pairing codes:".into());
-            for p in v["pending_codes"].as_array().into_iter().flatten() {
+            for p in &a.pending_codes {
                 out.push(format!(
                     "  user {}  expires in {}s",
-                    p["user_id"].as_str().unwrap_or("?"),
-                    (p["expires_ms"].as_i64().unwrap_or(0) - crate::app::now_ms()) / 1000
+                    p.user_id,
+                    (p.expires_ms - crate::app::now_ms()) / 1000
                 ));
             }
             out.join("\n")
         }
-        "pairing.request" => format!(
-            "pairing code for user {}: {}",
-            v["user_id"].as_str().unwrap_or("?"),
-            v["code"].as_str().unwrap_or("?")
-        ),
-        "pairing.approve" => format!(
-            "user {} is now paired",
-            v["user_id"].as_str().unwrap_or("?")
-        ),
-        _ => format!("changed: {}", v["changed"]),
-    });
+        "pairing.request" => {
+            let a: PairingCodeIssued = read(&v)?;
+            format!("pairing code for user {}: {}", a.user_id, a.code)
+        }
+        "pairing.approve" => {
+            let a: PairedAnswer = read(&v)?;
+            format!("user {} is now paired", a.user_id)
+        }
+        _ => format!("changed: {}", read::<ChangedAnswer>(&v)?.changed),
+    };
+    show(conn.json, &v, &text, String::clone);
     Ok(0)
 }
 
@@ -1177,22 +1186,24 @@ async fn audit_cmd(conn: &Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
     match cmd {
         AuditCmd::Tail { n } => {
             let v = c.call("audit.tail", json!({"n": n})).await?;
-            for e in v.as_array().into_iter().flatten() {
+            // With `--json`, each entry exactly as the server sent it.
+            let raw: Vec<Value> = read(&v)?;
+            for e in &raw {
                 if conn.json {
                     crate::outln!("{e}");
                 } else {
-                    let at =
-                        chrono::DateTime::from_timestamp_millis(e["at_ms"].as_i64().unwrap_or(0))
-                            .map(|t| t.to_rfc3339())
-                            .unwrap_or_default();
+                    let e: AuditAnswer = read(e)?;
+                    let at = chrono::DateTime::from_timestamp_millis(e.at_ms)
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_default();
                     crate::outln!(
                         "#{} {} {:<18} {:<22} {} {}",
-                        e["seq"],
+                        e.seq,
                         at,
-                        e["kind"].as_str().unwrap_or("?"),
-                        e["actor"].as_str().unwrap_or("?"),
-                        e["request_id"].as_str().unwrap_or("-"),
-                        e["detail"]
+                        e.kind,
+                        e.actor,
+                        e.request_id.as_deref().unwrap_or("-"),
+                        e.detail
                     );
                 }
             }
@@ -1201,9 +1212,11 @@ async fn audit_cmd(conn: &Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
             let v = c
                 .call("audit.export", json!({"after": after, "limit": 5000}))
                 .await?;
-            let page = v.as_array().cloned().unwrap_or_default();
+            // Each entry exactly as the server sent it (the export is what
+            // `audit verify --file` checks).
+            let page: Vec<Value> = read(&v)?;
             let Some(last) = page.last() else { break };
-            after = last["seq"].as_i64().unwrap_or(i64::MAX);
+            after = read::<AuditAnswer>(last)?.seq;
             for e in &page {
                 crate::outln!("{e}");
             }
@@ -1214,35 +1227,32 @@ async fn audit_cmd(conn: &Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
                 p["older_than_days"] = json!(d);
             }
             let v = c.call("audit.prune", p).await?;
-            print(conn.json, &v, |v| {
-                if v["pruned"] == json!(0) {
-                    "nothing to prune".to_string()
-                } else {
-                    format!(
-                        "pruned {} entries (through entry {}); a checkpoint entry records the last one",
-                        v["pruned"], v["through_seq"]
-                    )
-                }
+            let a: PruneAnswer = read(&v)?;
+            show(conn.json, &v, &a, |a| {
+                match a.through_seq {
+                Some(through) if a.pruned > 0 => format!(
+                    "pruned {} entries (through entry {through}); a checkpoint entry records the last one",
+                    a.pruned
+                ),
+                _ => "nothing to prune".to_string(),
+            }
             });
         }
         AuditCmd::Verify { .. } => {
             let v = c.call("audit.verify", json!({})).await?;
-            print(conn.json, &v, |v| {
-                if v["ok"] == json!(true) {
-                    format!("audit chain ok: {} entries", v["entries"])
+            let a: ChainAnswer = read(&v)?;
+            show(conn.json, &v, &a, |a| {
+                if a.ok {
+                    format!("audit chain ok: {} entries", a.entries.unwrap_or(0))
                 } else {
                     format!(
                         "audit chain BROKEN at entry {}: {}",
-                        v["broken_at"],
-                        v["problem"].as_str().unwrap_or("")
+                        a.broken_at.unwrap_or(0),
+                        a.problem.as_deref().unwrap_or("")
                     )
                 }
             });
-            return Ok(if v["ok"] == json!(true) {
-                0
-            } else {
-                EXIT_DENIED
-            });
+            return Ok(if a.ok { 0 } else { EXIT_DENIED });
         }
     }
     Ok(0)
@@ -1265,7 +1275,7 @@ fn verify_file(path: &std::path::Path, json_out: bool) -> anyhow::Result<u8> {
             Err(e) => {
                 let problem = format!("line {} is not an audit entry: {e}", i + 1);
                 let v = json!({"ok": false, "broken_at_line": i + 1, "problem": problem});
-                print(json_out, &v, |_| {
+                show(json_out, &v, &(), |_| {
                     format!("audit export BROKEN at line {}: {problem}", i + 1)
                 });
                 return Ok(EXIT_DENIED);
@@ -1281,8 +1291,8 @@ fn verify_file(path: &std::path::Path, json_out: bool) -> anyhow::Result<u8> {
         Ok(n) => json!({"ok": true, "entries": n}),
         Err(b) => json!({"ok": false, "broken_at": b.seq, "problem": b.problem}),
     };
-    print(json_out, &v, |v| match &result {
-        Ok(_) => format!("audit export ok: {} entries", v["entries"]),
+    show(json_out, &v, &result, |result| match result {
+        Ok(n) => format!("audit export ok: {n} entries"),
         Err(b) => format!("audit export BROKEN at entry {}: {}", b.seq, b.problem),
     });
     Ok(if result.is_ok() { 0 } else { EXIT_DENIED })

@@ -357,3 +357,26 @@ fn the_admin_socket_has_its_own_mode_and_group() {
     let agent = std::fs::metadata(s.socket()).unwrap();
     assert_eq!(agent.permissions().mode() & 0o777, 0o600);
 }
+
+#[tokio::test]
+async fn every_admin_method_is_refused_on_the_agent_socket_whatever_its_params() {
+    // This uid is both the agent and the (only) admin. Every admin method
+    // the server knows, with params it would refuse as well: the refusal is
+    // `not_admin`, decided before the params are judged.
+    let s = Server::start("");
+    let mut agent = s.agent_client().await;
+    let admin = keyturn::ipc::protocol::MethodName::ALL
+        .iter()
+        .filter(|m| m.requires_admin());
+    for m in admin {
+        for params in [json!({}), json!({"id": "not-a-uuid", "no_such_param": 1})] {
+            match agent.call(m.as_str(), params).await {
+                Err(keyturn::ipc::client::ClientError::Rpc(e)) => {
+                    assert_eq!(e.data.code, "not_admin", "{}", m.as_str());
+                    assert!(e.message.contains("admin socket"), "{}", e.message);
+                }
+                other => panic!("{}: expected not_admin, got {other:?}", m.as_str()),
+            }
+        }
+    }
+}

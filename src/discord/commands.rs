@@ -4,7 +4,7 @@
 //! admin role, because Discord's default permissions can be changed by any
 //! server admin.
 
-use super::card::{code_block, inline_code, plain, trusted};
+use super::escape::{code_block, inline_code, plain, trusted};
 use crate::app::{AppError, Gateway};
 use crate::domain::policy::Effect;
 use serenity::all::{
@@ -381,7 +381,7 @@ pub async fn run(
                     r.deadline_ms.div_euclid(1000)
                 ));
             }
-            Ok(reply(super::card::fit(&lines.join("\n"), REPLY_BUDGET).0))
+            Ok(reply(super::escape::fit(&lines.join("\n"), REPLY_BUDGET).0))
         }
         ("audit", _) => {
             let n = inv

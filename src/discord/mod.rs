@@ -8,6 +8,7 @@
 
 pub mod card;
 pub mod commands;
+mod escape;
 pub mod outbox;
 pub mod rest;
 pub mod routing;

@@ -13,7 +13,7 @@ pub mod exec;
 pub mod hook;
 pub mod mcp_proxy;
 
-use crate::ipc::protocol::{DecisionView, RpcError};
+use crate::ipc::protocol::{read_response, request_line, DecisionView, ResponseError, RpcError};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -102,45 +102,30 @@ impl LineClient {
     ) -> Result<Value, GateError> {
         let id = self.next_id;
         self.next_id += 1;
-        let mut line =
-            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+        let mut line = request_line(id, method, &params);
         line.push('\n');
         let stream = self.reader.get_mut();
         stream.write_all(line.as_bytes())?;
-        loop {
-            let timeout = match deadline {
-                Some(d) => Some(
-                    d.checked_duration_since(Instant::now())
-                        .filter(|t| !t.is_zero())
-                        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut))?,
-                ),
-                None => None,
-            };
-            self.reader.get_ref().set_read_timeout(timeout)?;
-            let mut buf = String::new();
-            if self.reader.read_line(&mut buf)? == 0 {
-                return Err(GateError::Io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the server closed the connection",
-                )));
-            }
-            let v: Value = serde_json::from_str(buf.trim_end())
-                .map_err(|e| GateError::Protocol(format!("{e}")))?;
-            // A refusal at connect time has a null id.
-            let rid = v.get("id");
-            if rid != Some(&json!(id)) && rid != Some(&Value::Null) {
-                continue;
-            }
-            if let Some(err) = v.get("error") {
-                let e: RpcError = serde_json::from_value(err.clone())
-                    .map_err(|e| GateError::Protocol(e.to_string()))?;
-                return Err(GateError::Rpc(e));
-            }
-            return v
-                .get("result")
-                .cloned()
-                .ok_or_else(|| GateError::Protocol("response without a result".into()));
+        let timeout = match deadline {
+            Some(d) => Some(
+                d.checked_duration_since(Instant::now())
+                    .filter(|t| !t.is_zero())
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut))?,
+            ),
+            None => None,
+        };
+        self.reader.get_ref().set_read_timeout(timeout)?;
+        let mut buf = String::new();
+        if self.reader.read_line(&mut buf)? == 0 {
+            return Err(GateError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            )));
         }
+        read_response(buf.trim_end(), id).map_err(|e| match e {
+            ResponseError::Rpc(e) => GateError::Rpc(e),
+            ResponseError::Protocol(why) => GateError::Protocol(why),
+        })
     }
 }
 
@@ -211,7 +196,7 @@ fn view(v: Value) -> Result<DecisionView, GateError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Asked {
     pub tool: String,
-    /// [`crate::domain::redact::args_hash`] of the arguments sent.
+    /// [`crate::domain::canonical::args_hash`] of the arguments sent.
     pub args_hash: String,
 }
 
@@ -220,7 +205,7 @@ impl Asked {
     pub fn from_params(p: &Value) -> Asked {
         Asked {
             tool: p.get("tool").and_then(Value::as_str).unwrap_or("").into(),
-            args_hash: crate::domain::redact::args_hash(p.get("args").unwrap_or(&Value::Null)),
+            args_hash: crate::domain::canonical::args_hash(p.get("args").unwrap_or(&Value::Null)),
         }
     }
 

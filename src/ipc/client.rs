@@ -1,8 +1,8 @@
 //! A small client for the socket, used by the CLI and the tests.
 
-use super::protocol::RpcError;
+use super::protocol::{read_response, request_line, ResponseError, RpcError};
 use futures::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::Path;
 use tokio::net::UnixStream;
 use tokio_util::codec::{Framed, LinesCodec};
@@ -24,19 +24,13 @@ pub enum ClientError {
     Rpc(RpcError),
 }
 
-/// A response line, parsed once (no intermediate JSON tree to copy from).
-#[derive(serde::Deserialize)]
-struct Response {
-    #[serde(default)]
-    id: Option<Value>,
-    /// `Some(Value::Null)` for `"result": null`, `None` when absent.
-    #[serde(default, deserialize_with = "present")]
-    result: Option<Value>,
-    error: Option<RpcError>,
-}
-
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    serde::Deserialize::deserialize(d).map(Some)
+impl From<ResponseError> for ClientError {
+    fn from(e: ResponseError) -> ClientError {
+        match e {
+            ResponseError::Rpc(e) => ClientError::Rpc(e),
+            ResponseError::Protocol(why) => ClientError::Protocol(why),
+        }
+    }
 }
 
 pub struct Client {
@@ -62,48 +56,38 @@ impl Client {
     pub async fn call(&mut self, method: &str, params: Value) -> Result<Value, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
-        let line =
-            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+        let line = request_line(id, method, &params);
         if let Err(e) = self.framed.send(line).await {
             // A server that refuses a connection (too many connections, not
             // an admin) writes why, then closes: report that, not the
             // broken pipe the send ran into.
             return Err(self
-                .refusal()
+                .refusal(id)
                 .await
                 .unwrap_or(ClientError::Io(e.to_string())));
         }
-        loop {
-            let line = match self.framed.next().await {
-                None => {
-                    return Err(ClientError::Io(
-                        "the server closed the connection without an answer".into(),
-                    ))
-                }
-                Some(Err(e)) => return Err(ClientError::Io(e.to_string())),
-                Some(Ok(l)) => l,
-            };
-            let v: Response =
-                serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))?;
-            // A refusal at connect time has a null id.
-            if v.id != Some(json!(id)) && v.id.as_ref().is_some_and(|i| !i.is_null()) {
-                continue;
+        let line = match self.framed.next().await {
+            None => {
+                return Err(ClientError::Io(
+                    "the server closed the connection without an answer".into(),
+                ))
             }
-            if let Some(e) = v.error {
-                return Err(ClientError::Rpc(e));
-            }
-            return v.result.ok_or_else(|| ClientError::Protocol(line.clone()));
-        }
+            Some(Err(e)) => return Err(ClientError::Io(e.to_string())),
+            Some(Ok(l)) => l,
+        };
+        Ok(read_response(&line, id)?)
     }
 
     /// The error line a refusing server left before closing, if any (read
     /// for at most a second).
-    async fn refusal(&mut self) -> Option<ClientError> {
+    async fn refusal(&mut self, id: u64) -> Option<ClientError> {
         let next = tokio::time::timeout(std::time::Duration::from_secs(1), self.framed.next());
         let Ok(Some(Ok(line))) = next.await else {
             return None;
         };
-        let v: Response = serde_json::from_str(&line).ok()?;
-        v.error.map(ClientError::Rpc)
+        match read_response(&line, id) {
+            Err(ResponseError::Rpc(e)) => Some(ClientError::Rpc(e)),
+            _ => None,
+        }
     }
 }

@@ -2,20 +2,18 @@
 //! passes the peer's uid and which socket it came through, and tests can
 //! drive this directly.
 //!
-//! Admin methods ([`ADMIN_METHODS`]) are served only on the admin socket,
-//! whatever the peer's uid: an agent connection can never approve, grant or
-//! read the audit log, even when it runs as an admin uid.
+//! Admin methods ([`MethodName::requires_admin`]) are served only on the
+//! admin socket, whatever the peer's uid: an agent connection can never
+//! approve, grant or read the audit log, even when it runs as an admin uid.
 
-use super::protocol::{reply, response, DecisionView, RpcError};
+use super::protocol::{
+    reply, response, BadMethod, DecisionView, Method, MethodName, RpcError, SubmitParams,
+};
 use crate::app::connection::ConnectionStatus;
 use crate::app::health::HealthProbe;
 use crate::app::{AppError, Gateway, Submission};
 use crate::domain::canonical::{parse_strict, strict_number, StrictError};
-use crate::domain::policy::Effect;
 use crate::domain::request::{ApprovalRequest, RequestId, CLIENT_GONE};
-use crate::domain::Risk;
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,13 +30,14 @@ pub struct Peer {
     pub admin_socket: bool,
 }
 
-/// One call, parsed out of its line: only the id, the method and the
-/// params are kept, so the line (and anything else it carried) is freed
-/// before the call runs.
+/// One call, parsed out of its line once: only the id and the method with
+/// its typed params are kept, so the line (and anything else it carried)
+/// is freed before the call runs.
 pub struct Call {
     id: Option<Value>,
-    method: String,
-    params: Value,
+    /// An unknown method or bad params are answered when the call runs
+    /// (after the admin check, and not at all for a notification).
+    method: Result<Method, BadMethod>,
 }
 
 impl Call {
@@ -87,7 +86,10 @@ pub fn parse_call(line: &str) -> Result<Call, String> {
             Err(RpcError::new("invalid_params", "params must be an object")),
         ));
     }
-    Ok(Call { id, method, params })
+    Ok(Call {
+        id,
+        method: Method::parse(&method, params),
+    })
 }
 
 pub struct Handler {
@@ -104,185 +106,37 @@ impl From<AppError> for RpcError {
     }
 }
 
-fn params<T: DeserializeOwned>(p: Value) -> Result<T, RpcError> {
-    let p = if p.is_null() { json!({}) } else { p };
-    serde_json::from_value(p)
-        .map_err(|e| RpcError::new("invalid_params", format!("invalid params: {e}")))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SubmitParams {
-    agent: String,
-    token: Option<String>,
-    tool: String,
-    #[serde(default = "empty_object")]
-    args: Value,
-    user_id: Option<String>,
-    channel_id: Option<String>,
-    #[serde(default)]
-    justification: String,
-    task_id: Option<String>,
-    idempotency_key: Option<String>,
-    #[serde(default)]
-    cost: f64,
-    timeout_secs: Option<u64>,
-    #[serde(default)]
-    unattended: bool,
-    /// Block until the decision instead of returning at once.
-    #[serde(default)]
-    wait: bool,
-    /// Keep the request pending if this connection goes away before the
-    /// answer (by default a client that leaves cancels it: `client_gone`).
-    #[serde(default)]
-    detach: bool,
-}
-
-fn empty_object() -> Value {
-    json!({})
-}
-
-impl SubmitParams {
-    fn split(self) -> (String, Option<String>, Flow, Submission) {
-        (
-            self.agent,
-            self.token,
-            Flow {
-                wait: self.wait,
-                detach: self.detach,
-            },
-            Submission {
-                tool: self.tool,
-                args: self.args,
-                user_id: self.user_id,
-                channel_id: self.channel_id,
-                justification: self.justification,
-                task_id: self.task_id,
-                idempotency_key: self.idempotency_key,
-                cost: self.cost,
-                timeout_secs: self.timeout_secs,
-                unattended: self.unattended,
-                // Set by the socket from SO_PEERCRED, never from the params.
-                requester_uid: None,
-            },
-        )
-    }
+/// `submit` params split into who asks, how the call waits, and what the
+/// app stores.
+fn split(p: SubmitParams) -> (String, Option<String>, Flow, Submission) {
+    (
+        p.agent,
+        p.token,
+        Flow {
+            wait: p.wait,
+            detach: p.detach,
+        },
+        Submission {
+            tool: p.tool,
+            args: p.args,
+            user_id: p.user_id,
+            channel_id: p.channel_id,
+            justification: p.justification,
+            task_id: p.task_id,
+            idempotency_key: p.idempotency_key,
+            cost: p.cost,
+            timeout_secs: p.timeout_secs,
+            unattended: p.unattended,
+            // Set by the socket from SO_PEERCRED, never from the params.
+            requester_uid: None,
+        },
+    )
 }
 
 /// How a `submit` waits, and whether its request outlives the connection.
 struct Flow {
     wait: bool,
     detach: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ById {
-    /// Agent name; admins may leave it out to act on any request.
-    agent: Option<String>,
-    token: Option<String>,
-    id: String,
-    /// For `wait`: give up after this long and return the request still pending.
-    timeout_secs: Option<u64>,
-    /// For `cancel`.
-    reason: Option<String>,
-    /// For `wait`: leave the request pending if this connection goes away.
-    #[serde(default)]
-    detach: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VerifyParams {
-    /// Agent name; admins may leave it out.
-    agent: Option<String>,
-    token: Option<String>,
-    id: String,
-    /// The arguments about to be executed.
-    args: Value,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct PruneParams {
-    /// Prune entries older than this many days (default: audit.retention_days).
-    older_than_days: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DecideParams {
-    id: String,
-    reason: Option<String>,
-    /// The operator's name, shown beside their uid (letters, digits,
-    /// spaces and `_-.'` only, so it cannot imitate a uid).
-    operator: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GrantParams {
-    scope: String,
-    tool: String,
-    #[serde(default)]
-    effect: Effect,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ListParams {
-    limit: Option<u32>,
-    scope: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EffectiveParams {
-    #[serde(default = "default_agent")]
-    agent: String,
-    user_id: Option<String>,
-    channel_id: Option<String>,
-    roles: Option<Vec<String>>,
-    #[serde(default = "star")]
-    tool: String,
-}
-
-fn default_agent() -> String {
-    "cli".into()
-}
-fn star() -> String {
-    "*".into()
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RiskParams {
-    tool: String,
-    /// `null` clears the override.
-    risk: Option<Risk>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PairingParams {
-    code: Option<String>,
-    user_id: Option<String>,
-    #[serde(default)]
-    roles: Vec<String>,
-    display_name: Option<String>,
-}
-
-/// A method that takes no parameters.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Empty {}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct AuditParams {
-    n: Option<u32>,
-    after: Option<i64>,
-    limit: Option<u32>,
 }
 
 fn parse_id(s: &str) -> Result<RequestId, RpcError> {
@@ -294,28 +148,34 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
     serde_json::to_value(v).map_err(|e| RpcError::new("internal", e.to_string()))
 }
 
-/// Methods only admins may call.
-pub const ADMIN_METHODS: &[&str] = &[
-    "stats",
-    "pending",
-    "approve",
-    "deny",
-    "grant",
-    "revoke",
-    "tools.list",
-    "tools.effective",
-    "tools.risk",
-    "tools.risks",
-    "pairing.list",
-    "pairing.request",
-    "pairing.approve",
-    "pairing.add",
-    "pairing.revoke",
-    "audit.tail",
-    "audit.export",
-    "audit.verify",
-    "audit.prune",
-];
+/// Methods only admins may call, derived from [`MethodName::requires_admin`].
+pub use super::protocol::ADMIN_METHODS;
+
+impl Peer {
+    /// Admin rights come with the admin socket (and its uid check), never
+    /// with a uid alone: agent connections are never admins.
+    fn is_admin(&self, admin_uid: bool) -> bool {
+        self.admin_socket && admin_uid
+    }
+}
+
+/// Why `peer` (whose uid is an admin's when `admin_uid`) may not call
+/// `method`, if it may not.
+fn refusal(method: MethodName, peer: Peer, admin_uid: bool) -> Option<RpcError> {
+    if !method.requires_admin() || peer.is_admin(admin_uid) {
+        return None;
+    }
+    if !peer.admin_socket {
+        return Some(RpcError::new(
+            "not_admin",
+            format!(
+                "`{}` is an admin method and is served only on the admin socket ([admin] socket_path; the CLI finds it with --config or --admin-socket), not on the agent socket",
+                method.as_str()
+            ),
+        ));
+    }
+    Some(AppError::NotAdmin.into())
+}
 
 impl Handler {
     pub fn new(gw: Arc<Gateway>) -> Handler {
@@ -365,7 +225,7 @@ impl Handler {
         call: Call,
         gone: &CancellationToken,
     ) -> Option<String> {
-        let result = self.dispatch(peer, &call.method, call.params, gone).await;
+        let result = self.run(peer, call.method, gone).await;
         call.id.map(|id| reply(&id, result))
     }
 
@@ -403,28 +263,35 @@ impl Handler {
         }
     }
 
+    /// Refuses an admin method to a non-admin (before anything else about
+    /// the call is judged, its params included), then runs it.
+    async fn run(
+        &self,
+        peer: Peer,
+        method: Result<Method, BadMethod>,
+        gone: &CancellationToken,
+    ) -> Result<Out, RpcError> {
+        let admin_uid = self.gw.is_admin_uid(peer.uid);
+        let admin = peer.is_admin(admin_uid);
+        let name = match &method {
+            Ok(m) => Some(m.name()),
+            Err(bad) => bad.name,
+        };
+        if let Some(no) = name.and_then(|n| refusal(n, peer, admin_uid)) {
+            return Err(no);
+        }
+        let method = method.map_err(|bad| bad.error)?;
+        self.dispatch(peer, admin, method, gone).await
+    }
+
     async fn dispatch(
         &self,
         peer: Peer,
-        method: &str,
-        p: Value,
+        admin: bool,
+        method: Method,
         gone: &CancellationToken,
     ) -> Result<Out, RpcError> {
         let gw = &self.gw;
-        // Admin rights come with the admin socket (and its uid check), never
-        // with a uid alone: agent connections are never admins.
-        let admin = peer.admin_socket && gw.is_admin_uid(peer.uid);
-        if ADMIN_METHODS.contains(&method) && !admin {
-            if !peer.admin_socket {
-                return Err(RpcError::new(
-                    "not_admin",
-                    format!(
-                        "`{method}` is an admin method and is served only on the admin socket ([admin] socket_path; the CLI finds it with --config or --admin-socket), not on the agent socket"
-                    ),
-                ));
-            }
-            return Err(AppError::NotAdmin.into());
-        }
         let actor = |operator: &Option<String>| -> Result<(String, Option<String>), RpcError> {
             let name = match operator.as_deref() {
                 Some(raw) => crate::domain::request::check_display_name(raw)
@@ -434,12 +301,12 @@ impl Handler {
             Ok((format!("uid:{}", peer.uid), name))
         };
         let who = format!("uid:{}", peer.uid);
+        let approve = matches!(method, Method::Approve(_));
         let value = match method {
-            "ping" => Ok(json!({"pong": true, "admin": admin})),
+            Method::Ping => Ok(json!({"pong": true, "admin": admin})),
             // On both sockets: it says what is down, never why, except to
             // an admin (error texts may name hosts or Discord's answers).
-            "health" => {
-                let _: Empty = params(p)?;
+            Method::Health(_) => {
                 let report = self.health.check(true).await;
                 to_value(if admin {
                     report
@@ -447,8 +314,8 @@ impl Handler {
                     report.without_details()
                 })
             }
-            "submit" => {
-                let (agent, token, flow, mut sub) = params::<SubmitParams>(p)?.split();
+            Method::Submit(p) => {
+                let (agent, token, flow, mut sub) = split(p);
                 gw.authenticate_agent(&agent, token.as_deref(), peer.uid)?;
                 sub.requester_uid = Some(peer.uid);
                 // The submit itself always completes (a half-stored request
@@ -470,159 +337,112 @@ impl Handler {
                 };
                 return Ok(Out::Decision(Box::new(DecisionView::from(&r))));
             }
-            "check" => {
-                let (agent, token, _, sub) = params::<SubmitParams>(p)?.split();
+            Method::Check(p) => {
+                let (agent, token, _, sub) = split(p);
                 gw.authenticate_agent(&agent, token.as_deref(), peer.uid)?;
                 to_value(gw.check(&agent, &sub).await?)
             }
-            "wait" | "status" | "cancel" => {
-                let q: ById = params(p)?;
+            Method::Wait(q) => {
                 let id = parse_id(&q.id)?;
-                let agent = match &q.agent {
-                    Some(a) => {
-                        gw.authenticate_agent(a, q.token.as_deref(), peer.uid)?;
-                        Some(a.as_str())
-                    }
-                    None if admin => None,
-                    None => return Err(RpcError::new("invalid_params", "`agent` is required")),
-                };
-                let r = match method {
-                    "wait" => {
-                        let waited = gw.wait(id, agent, q.timeout_secs.map(Duration::from_secs));
-                        tokio::select! {
-                            w = waited => w?,
-                            _ = gone.cancelled() => self.client_left(id, agent, q.detach).await?,
-                        }
-                    }
-                    "status" => gw.status_for(id, agent).await?,
-                    _ => {
-                        let by = agent.map(|a| format!("agent:{a}")).unwrap_or(who);
-                        gw.cancel(id, &by, agent, q.reason).await?
-                    }
+                let agent = self.acting_agent(peer, admin, &q.agent, &q.token)?;
+                let waited = gw.wait(id, agent, q.timeout_secs.map(Duration::from_secs));
+                let r = tokio::select! {
+                    w = waited => w?,
+                    _ = gone.cancelled() => self.client_left(id, agent, q.detach).await?,
                 };
                 return Ok(Out::Decision(Box::new(DecisionView::from(&r))));
             }
-            "verify" => {
-                let q: VerifyParams = params(p)?;
+            Method::Status(q) => {
                 let id = parse_id(&q.id)?;
-                let agent = match &q.agent {
-                    Some(a) => {
-                        gw.authenticate_agent(a, q.token.as_deref(), peer.uid)?;
-                        Some(a.as_str())
-                    }
-                    None if admin => None,
-                    None => return Err(RpcError::new("invalid_params", "`agent` is required")),
-                };
+                let agent = self.acting_agent(peer, admin, &q.agent, &q.token)?;
+                let r = gw.status_for(id, agent).await?;
+                return Ok(Out::Decision(Box::new(DecisionView::from(&r))));
+            }
+            Method::Cancel(q) => {
+                let id = parse_id(&q.id)?;
+                let agent = self.acting_agent(peer, admin, &q.agent, &q.token)?;
+                let by = agent.map(|a| format!("agent:{a}")).unwrap_or(who);
+                let r = gw.cancel(id, &by, agent, q.reason).await?;
+                return Ok(Out::Decision(Box::new(DecisionView::from(&r))));
+            }
+            Method::Verify(q) => {
+                let id = parse_id(&q.id)?;
+                let agent = self.acting_agent(peer, admin, &q.agent, &q.token)?;
                 to_value(gw.verify_args(id, agent, &q.args).await?)
             }
-            "stats" => {
+            Method::Stats => {
                 let counts = gw.pending_counts();
                 let total: usize = counts.values().sum();
                 Ok(json!({"pending": total, "pending_by_agent": counts}))
             }
-            "pending" => {
-                let q: ListParams = params(p)?;
-                to_value(gw.pending(q.limit.unwrap_or(100).min(10_000)).await?)
-            }
-            "approve" | "deny" => {
-                let q: DecideParams = params(p)?;
+            Method::Pending(q) => to_value(gw.pending(q.limit.unwrap_or(100).min(10_000)).await?),
+            Method::Approve(q) | Method::Deny(q) => {
                 let id = parse_id(&q.id)?;
                 let (voter, name) = actor(&q.operator)?;
-                let v = gw
-                    .vote(id, &voter, name, method == "approve", q.reason, true)
-                    .await?;
+                let v = gw.vote(id, &voter, name, approve, q.reason, true).await?;
                 Ok(json!({
                     "decision": DecisionView::from(&v.request),
                     "approvals": v.have,
                     "approvals_required": v.need,
                 }))
             }
-            "grant" | "revoke" => {
-                let q: GrantParams = params(p)?;
-                let changed = if method == "grant" {
-                    gw.grant(&q.scope, &q.tool, q.effect, &who).await?
-                } else {
-                    gw.revoke(&q.scope, &q.tool, q.effect, &who).await?
-                };
-                Ok(json!({"changed": changed}))
+            Method::Grant(q) => {
+                Ok(json!({"changed": gw.grant(&q.scope, &q.tool, q.effect, &who).await?}))
             }
-            "tools.list" => {
-                let q: ListParams = params(p)?;
-                Ok(json!({
-                    "grants": to_value(gw.grants(q.scope.as_deref()).await?)?,
-                    "risks": gw.tool_risks().into_iter().map(|(t, r)| json!({"tool": t, "risk": r})).collect::<Vec<_>>(),
-                }))
+            Method::Revoke(q) => {
+                Ok(json!({"changed": gw.revoke(&q.scope, &q.tool, q.effect, &who).await?}))
             }
-            "tools.effective" => {
-                let q: EffectiveParams = params(p)?;
-                to_value(gw.effective(
-                    &q.agent,
-                    q.user_id.as_deref(),
-                    q.channel_id.as_deref(),
-                    q.roles,
-                    &q.tool,
-                )?)
-            }
-            "tools.risk" => {
-                let q: RiskParams = params(p)?;
+            Method::ToolsList(q) => Ok(json!({
+                "grants": to_value(gw.grants(q.scope.as_deref()).await?)?,
+                "risks": gw.tool_risks().into_iter().map(|(t, r)| json!({"tool": t, "risk": r})).collect::<Vec<_>>(),
+            })),
+            Method::ToolsEffective(q) => to_value(gw.effective(
+                &q.agent,
+                q.user_id.as_deref(),
+                q.channel_id.as_deref(),
+                q.roles,
+                &q.tool,
+            )?),
+            Method::ToolsRisk(q) => {
                 gw.set_risk(&q.tool, q.risk, &who).await?;
                 Ok(json!({"tool": q.tool, "risk": q.risk}))
             }
-            "tools.risks" => Ok(json!(gw
+            Method::ToolsRisks => Ok(json!(gw
                 .tool_risks()
                 .into_iter()
                 .map(|(t, r)| json!({"tool": t, "risk": r}))
                 .collect::<Vec<_>>())),
-            "pairing.list" => {
+            Method::PairingList => {
                 let (users, codes) = gw.pairings().await?;
                 Ok(json!({"paired": to_value(users)?, "pending_codes": to_value(codes)?}))
             }
-            "pairing.request" => {
-                let q: PairingParams = params(p)?;
-                let user = q
-                    .user_id
-                    .ok_or_else(|| RpcError::new("invalid_params", "`user_id` is required"))?;
+            Method::PairingRequest(q) => {
+                let user = required(q.user_id, "user_id")?;
                 let (code, expires_ms) = gw.request_pairing(&user, q.display_name).await?;
                 Ok(json!({"user_id": user, "code": code, "expires_ms": expires_ms}))
             }
-            "pairing.approve" => {
-                let q: PairingParams = params(p)?;
-                let code = q
-                    .code
-                    .ok_or_else(|| RpcError::new("invalid_params", "`code` is required"))?;
+            Method::PairingApprove(q) => {
+                let code = required(q.code, "code")?;
                 to_value(gw.approve_pairing(&code, &who).await?)
             }
-            "pairing.add" => {
-                let q: PairingParams = params(p)?;
-                let user = q
-                    .user_id
-                    .ok_or_else(|| RpcError::new("invalid_params", "`user_id` is required"))?;
+            Method::PairingAdd(q) => {
+                let user = required(q.user_id, "user_id")?;
                 Ok(json!({"changed": gw.pair_user(&user, q.roles, &who).await?}))
             }
-            "pairing.revoke" => {
-                let q: PairingParams = params(p)?;
-                let user = q
-                    .user_id
-                    .ok_or_else(|| RpcError::new("invalid_params", "`user_id` is required"))?;
+            Method::PairingRevoke(q) => {
+                let user = required(q.user_id, "user_id")?;
                 Ok(json!({"changed": gw.revoke_pairing(&user, &who).await?}))
             }
-            "audit.tail" => {
-                let q: AuditParams = params(p)?;
-                to_value(gw.audit_tail(q.n.unwrap_or(20).min(10_000)).await?)
-            }
-            "audit.export" => {
-                let q: AuditParams = params(p)?;
-                to_value(
-                    gw.audit_after(q.after.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000))
-                        .await?,
-                )
-            }
-            "audit.verify" => match gw.audit_verify().await? {
+            Method::AuditTail(q) => to_value(gw.audit_tail(q.n.unwrap_or(20).min(10_000)).await?),
+            Method::AuditExport(q) => to_value(
+                gw.audit_after(q.after.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000))
+                    .await?,
+            ),
+            Method::AuditVerify => match gw.audit_verify().await? {
                 Ok(n) => Ok(json!({"ok": true, "entries": n})),
                 Err(b) => Ok(json!({"ok": false, "broken_at": b.seq, "problem": b.problem})),
             },
-            "audit.prune" => {
-                let q: PruneParams = params(p)?;
+            Method::AuditPrune(q) => {
                 let days = match q.older_than_days {
                     Some(d) => d,
                     None if gw.config().audit.retention_days > 0 => {
@@ -642,16 +462,33 @@ impl Handler {
                     None => json!({"pruned": 0}),
                 })
             }
-            other => Err(RpcError::new(
-                "method_not_found",
-                format!(
-                    "unknown method `{}`",
-                    other.chars().take(64).collect::<String>()
-                ),
-            )),
         };
         value.map(Out::Value)
     }
+
+    /// The agent a by-id call acts as (authenticated), or `None` for an
+    /// admin acting on any request.
+    fn acting_agent<'a>(
+        &self,
+        peer: Peer,
+        admin: bool,
+        agent: &'a Option<String>,
+        token: &Option<String>,
+    ) -> Result<Option<&'a str>, RpcError> {
+        match agent {
+            Some(a) => {
+                self.gw.authenticate_agent(a, token.as_deref(), peer.uid)?;
+                Ok(Some(a.as_str()))
+            }
+            None if admin => Ok(None),
+            None => Err(RpcError::new("invalid_params", "`agent` is required")),
+        }
+    }
+}
+
+/// A param that this method requires although its params type does not.
+fn required(v: Option<String>, field: &str) -> Result<String, RpcError> {
+    v.ok_or_else(|| RpcError::new("invalid_params", format!("`{field}` is required")))
 }
 
 /// A method's result. Decisions, the hot path, are serialized straight from
@@ -693,4 +530,66 @@ fn refused_line(line: &str, e: &StrictError) -> String {
         })
         .unwrap_or(Value::Null);
     response(&id, Err(RpcError::new(code, e.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(admin_socket: bool) -> Peer {
+        Peer {
+            uid: 1000,
+            pid: None,
+            admin_socket,
+        }
+    }
+
+    #[test]
+    fn the_agent_socket_refuses_every_admin_method_even_to_an_admin_uid() {
+        for &m in MethodName::ALL.iter().filter(|m| m.requires_admin()) {
+            for admin_uid in [false, true] {
+                let Some(e) = refusal(m, peer(false), admin_uid) else {
+                    panic!("{} served on the agent socket", m.as_str());
+                };
+                assert_eq!(e.data.code, "not_admin", "{}", m.as_str());
+                assert!(e.message.contains("admin socket"), "{}", e.message);
+                assert!(e.message.contains(m.as_str()), "{}", e.message);
+            }
+            // A uid that is not an admin on the admin socket.
+            let e = refusal(m, peer(true), false)
+                .unwrap_or_else(|| panic!("{} served to a non-admin uid", m.as_str()));
+            assert_eq!(e.data.code, "not_admin", "{}", m.as_str());
+            // An admin on the admin socket.
+            assert!(refusal(m, peer(true), true).is_none(), "{}", m.as_str());
+        }
+    }
+
+    #[test]
+    fn agent_methods_are_served_on_both_sockets() {
+        for &m in MethodName::ALL.iter().filter(|m| !m.requires_admin()) {
+            for socket in [false, true] {
+                for admin_uid in [false, true] {
+                    assert!(
+                        refusal(m, peer(socket), admin_uid).is_none(),
+                        "{}",
+                        m.as_str()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_admin_method_with_bad_params_is_still_an_admin_method() {
+        // The handler refuses by `BadMethod::name` before blaming the params.
+        let line = r#"{"jsonrpc":"2.0","id":1,"method":"approve","params":{"nope":1}}"#;
+        let Ok(call) = parse_call(line) else {
+            panic!("line refused")
+        };
+        let Err(bad) = &call.method else {
+            panic!("bad params accepted")
+        };
+        assert_eq!(bad.name, Some(MethodName::Approve));
+        assert!(refusal(MethodName::Approve, peer(false), false).is_some());
+    }
 }

@@ -1,0 +1,186 @@
+//! Method results as a client reads them: the fields the CLI prints, typed,
+//! so it deserializes an answer once and prints from fields instead of
+//! indexing JSON. Pure: serde types only, no I/O. Unknown fields are
+//! ignored (a newer server may add some); a missing one is an answer the
+//! client cannot read. Decisions are [`super::protocol::DecisionView`].
+
+use super::protocol::DecisionView;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// `health`.
+#[derive(Debug, Deserialize)]
+pub struct HealthAnswer {
+    pub ok: bool,
+    pub socket: Option<ComponentAnswer>,
+    pub store: Option<ComponentAnswer>,
+    /// `None` when Discord is not configured.
+    pub discord: Option<ComponentAnswer>,
+}
+
+/// One component in [`HealthAnswer`].
+#[derive(Debug, Deserialize)]
+pub struct ComponentAnswer {
+    pub up: bool,
+    /// `up`, `down`, `timeout`, or Discord's `connected`/`connecting`/`failed`.
+    pub state: Option<String>,
+    /// Why it is down (admins only).
+    pub detail: Option<String>,
+}
+
+/// A content flag, in a decision, a check or a pending request.
+#[derive(Debug, Deserialize)]
+pub struct FlagAnswer {
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// `check`.
+#[derive(Debug, Deserialize)]
+pub struct CheckAnswer {
+    pub verdict: VerdictAnswer,
+    #[serde(default)]
+    pub flags: Vec<FlagAnswer>,
+}
+
+/// The policy's verdict in [`CheckAnswer`].
+#[derive(Debug, Deserialize)]
+pub struct VerdictAnswer {
+    /// `allow`, `deny` or `ask`.
+    pub action: String,
+    pub rule: String,
+    pub detail: String,
+}
+
+/// `approve` and `deny`.
+#[derive(Debug, Deserialize)]
+pub struct VoteAnswer {
+    pub decision: DecisionView,
+    pub approvals: u32,
+    pub approvals_required: u32,
+}
+
+/// One request in the `pending` list.
+#[derive(Debug, Deserialize)]
+pub struct PendingAnswer {
+    pub id: String,
+    pub tool: String,
+    pub risk: String,
+    pub agent: String,
+    pub user_id: Option<String>,
+    pub channel_id: Option<String>,
+    pub deadline_ms: i64,
+    #[serde(default)]
+    pub flags: Vec<FlagAnswer>,
+    pub rule_detail: String,
+    pub args: Value,
+    pub justification: String,
+}
+
+/// `grant`, `revoke`, `pairing.add` and `pairing.revoke`.
+#[derive(Debug, Deserialize)]
+pub struct ChangedAnswer {
+    pub changed: bool,
+}
+
+/// `tools.list`.
+#[derive(Debug, Deserialize)]
+pub struct ToolsAnswer {
+    pub grants: Vec<GrantAnswer>,
+    pub risks: Vec<ToolRiskAnswer>,
+}
+
+/// One allowlist entry (`tools.list`, `tools.effective`).
+#[derive(Debug, Deserialize)]
+pub struct GrantAnswer {
+    pub scope: String,
+    pub effect: String,
+    pub tool: String,
+    /// Absent from `tools.effective`.
+    pub created_by: Option<String>,
+}
+
+/// A tool's risk level (`tools.list`, `tools.risk`); `None` when cleared.
+#[derive(Debug, Deserialize)]
+pub struct ToolRiskAnswer {
+    pub tool: String,
+    pub risk: Option<String>,
+}
+
+/// `tools.effective`.
+#[derive(Debug, Deserialize)]
+pub struct EffectiveAnswer {
+    pub detail: String,
+    pub deciding_scope: Option<String>,
+    pub entries: Vec<GrantAnswer>,
+}
+
+/// `pairing.list`.
+#[derive(Debug, Deserialize)]
+pub struct PairingsAnswer {
+    pub paired: Vec<PairedAnswer>,
+    pub pending_codes: Vec<PairingCodeAnswer>,
+}
+
+/// A paired user (`pairing.list`, `pairing.approve`).
+#[derive(Debug, Deserialize)]
+pub struct PairedAnswer {
+    pub user_id: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub paired_by: String,
+}
+
+/// A live pairing code in [`PairingsAnswer`] (the code itself is never shown).
+#[derive(Debug, Deserialize)]
+pub struct PairingCodeAnswer {
+    pub user_id: String,
+    pub expires_ms: i64,
+}
+
+/// `pairing.request`.
+#[derive(Debug, Deserialize)]
+pub struct PairingCodeIssued {
+    pub user_id: String,
+    pub code: String,
+}
+
+/// One audit entry (`audit.tail`, `audit.export`).
+#[derive(Debug, Deserialize)]
+pub struct AuditAnswer {
+    pub seq: i64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub actor: String,
+    pub request_id: Option<String>,
+    pub detail: Value,
+}
+
+/// `audit.prune`.
+#[derive(Debug, Deserialize)]
+pub struct PruneAnswer {
+    pub pruned: u64,
+    pub through_seq: Option<i64>,
+}
+
+/// `audit.verify`.
+#[derive(Debug, Deserialize)]
+pub struct ChainAnswer {
+    pub ok: bool,
+    pub entries: Option<u64>,
+    pub broken_at: Option<i64>,
+    pub problem: Option<String>,
+}
+
+/// `verify`.
+#[derive(Debug, Deserialize)]
+pub struct VerifyAnswer {
+    pub request_id: String,
+    pub state: String,
+    pub matches: bool,
+    pub approved: bool,
+    pub args_hash: String,
+    pub expected_hash: String,
+}
