@@ -554,7 +554,7 @@ fn health_text(v: &Value) -> String {
     } else {
         "UNHEALTHY"
     });
-    for name in ["socket", "store", "discord"] {
+    for name in ["socket", "store", "policy", "discord"] {
         let c = &v[name];
         if c.is_null() {
             if name == "discord" {
@@ -699,8 +699,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let db = cfg
                 .store_path()
                 .context("store.url names no database file (in memory): nothing to create")?;
-            let store = crate::serve::open_store(&cfg, crate::store::files::Create::Fresh).await?;
-            crate::app::ports::Store::close(&store).await;
+            crate::serve::init_store(&cfg).await?;
             crate::outln!("created the database {}", db.display());
             Ok(0)
         }
@@ -711,12 +710,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     anyhow::bail!("no database at {}", db.display());
                 }
             }
-            let r = crate::store::check::check(
-                &cfg.store.url,
-                crate::store::check::Depth::Full,
-                std::time::Duration::from_secs(24 * 3600),
-            )
-            .await;
+            let r = crate::serve::check_store(&cfg).await;
             if r.ok() {
                 crate::outln!(
                     "{}: ok (integrity_check passed, {} pending requests readable)",
