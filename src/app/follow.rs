@@ -1,7 +1,8 @@
 //! Following the store's change feed: what this process keeps in memory is
 //! brought up to date from committed changes, whoever committed them.
 //!
-//! [`Gateway::new`] starts one task that follows [`Changes::subscribe`]:
+//! [`Gateway::new`] starts one task that follows
+//! [`super::ports::Changes::subscribe`]:
 //! - `Resolved` wakes the agents waiting on the request, counts the decision
 //!   in the metrics and frees the agent's pending slot: once per resolution,
 //!   whether this process, another one or a person at the database decided;
