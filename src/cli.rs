@@ -560,6 +560,7 @@ fn health_text(h: &HealthAnswer) -> String {
     for (name, c) in [
         ("socket", &h.socket),
         ("store", &h.store),
+        ("policy", &h.policy),
         ("discord", &h.discord),
     ] {
         let Some(c) = c else {
@@ -716,8 +717,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let db = cfg
                 .store_path()
                 .context("store.url names no database file (in memory): nothing to create")?;
-            let store = crate::serve::open_store(&cfg, crate::store::files::Create::Fresh).await?;
-            crate::app::ports::Store::close(&store).await;
+            crate::serve::init_store(&cfg).await?;
             crate::outln!("created the database {}", db.display());
             Ok(0)
         }
@@ -728,12 +728,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     anyhow::bail!("no database at {}", db.display());
                 }
             }
-            let r = crate::store::check::check(
-                &cfg.store.url,
-                crate::store::check::Depth::Full,
-                std::time::Duration::from_secs(24 * 3600),
-            )
-            .await;
+            let r = crate::serve::check_store(&cfg).await;
             if r.ok() {
                 crate::outln!(
                     "{}: ok (integrity_check passed, {} pending requests readable)",

@@ -1,9 +1,14 @@
 //! Keyturn: a self-hosted, human-in-the-loop approval gateway for AI agents.
 //!
-//! Layout: `domain` is the pure core; `app` holds the use-cases over the
-//! `store` port; `ipc` (agent socket), `cli`, `discord` and `monitor` (health and
-//! metrics over HTTP) are adapters that
-//! call `app`. Adapters never call each other.
+//! Layout: `domain` is the pure core (no I/O, clock or runtime); `app` holds
+//! the use-cases and owns the persistence ports (`app::ports`), including
+//! the change feed its waiters, deadline scheduler and policy view follow.
+//! Adapters call `app` and never each other: `store` (implements the ports
+//! on SQLite), `ipc` (agent and admin sockets), `cli`, `discord` (the bot
+//! and card outbox, which reach persistence only through `app`),
+//! `integrations` and `monitor` (health and metrics over HTTP). Only `store`
+//! and the composition root (`serve`, `main`) name `store`;
+//! `tests/architecture.rs` holds these rules.
 
 pub mod app;
 pub mod bench;

@@ -98,7 +98,7 @@ async fn healthz(State(m): State<Arc<Monitor>>) -> Response {
 async fn metrics_text(State(m): State<Arc<Monitor>>) -> Response {
     let pending: usize = m.gw.pending_counts().values().sum();
     let backlog = match &m.discord {
-        Some(_) => match m.gw.store().cards_backlog().await {
+        Some(_) => match m.gw.cards_backlog().await {
             Ok(n) => Some(n),
             Err(e) => {
                 tracing::warn!(error = %e, "metrics: cannot count the card outbox");

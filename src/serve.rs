@@ -1,5 +1,10 @@
 //! `keyturn serve`: wire the store, the gateway, the scheduler and the two
 //! sockets (agent and admin) together, and shut them down in order.
+//!
+//! With `src/main.rs`, the composition root: the one place outside
+//! `src/store` that names the store adapter (opening it for `serve`,
+//! `init` and `db check`); everything else reaches persistence through the
+//! app's ports.
 
 use crate::app::health::HealthProbe;
 use crate::app::ports::Store;
@@ -56,7 +61,7 @@ async fn run_inner(
     }
     let cfg = Arc::new(cfg);
     let store: Arc<dyn Store> = Arc::new(open_store(&cfg, Create::IfNeverExisted).await?);
-    let (gw, deadlines) = Gateway::new(cfg.clone(), store.clone(), uid)
+    let gw = Gateway::new(cfg.clone(), store.clone(), uid)
         .await
         .context("while loading the policy")?;
     // Bound before anything else listens, so a taken port fails the start
@@ -119,7 +124,7 @@ async fn run_inner(
     // The scheduler and retention outlive the sockets' drain: a request's
     // deadline still expires it while calls in flight finish.
     let background = CancellationToken::new();
-    let sched = tokio::spawn(scheduler::run(gw.clone(), deadlines, background.clone()));
+    let sched = tokio::spawn(scheduler::run(gw.clone(), background.clone()));
     let retention = tokio::spawn(retention::run(gw.clone(), background.clone()));
 
     tracing::info!(
@@ -244,6 +249,24 @@ pub async fn open_store(cfg: &Config, create: Create) -> anyhow::Result<SqliteSt
         }
     }
     Ok(store)
+}
+
+/// `keyturn init`: creates the database (refusing one that exists or
+/// existed), migrated and closed.
+pub async fn init_store(cfg: &Config) -> anyhow::Result<()> {
+    let store = open_store(cfg, Create::Fresh).await?;
+    store.close().await;
+    Ok(())
+}
+
+/// `keyturn db check`: the full integrity check, however long it takes.
+pub async fn check_store(cfg: &Config) -> check::Report {
+    check::check(
+        &cfg.store.url,
+        check::Depth::Full,
+        std::time::Duration::from_secs(24 * 3600),
+    )
+    .await
 }
 
 /// How long the start-up `quick_check` may take; a larger database starts

@@ -7,19 +7,16 @@
 use keyturn::app::ports::{AuditLog, Cards, Requests, Store};
 use keyturn::app::{Gateway, Submission};
 use keyturn::config::Config;
-use keyturn::domain::request::{ApprovalRequest, RequestId, State};
+use keyturn::domain::request::{ApprovalRequest, State};
 use keyturn::domain::Risk;
 use keyturn::store::SqliteStore;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 struct Env {
     gw: Arc<Gateway>,
     store: Arc<dyn Store>,
-    // Kept so deadlines can be scheduled.
-    _deadlines: mpsc::Receiver<(i64, RequestId)>,
 }
 
 async fn env(dir: &Path, extra: &str) -> Env {
@@ -44,14 +41,10 @@ tool = "*"
             .unwrap(),
     );
     let uid = nix::unistd::getuid().as_raw();
-    let (gw, rx) = Gateway::new(Arc::new(cfg), store.clone(), uid)
+    let gw = Gateway::new(Arc::new(cfg), store.clone(), uid)
         .await
         .unwrap();
-    Env {
-        gw,
-        store,
-        _deadlines: rx,
-    }
+    Env { gw, store }
 }
 
 fn call(tool: &str, args: Value, justification: &str, task: Option<&str>) -> Submission {

@@ -31,9 +31,7 @@ async fn env(extra: &str) -> Env {
             .await
             .unwrap(),
     );
-    let (gw, deadlines) = Gateway::new(Arc::new(cfg), store.clone(), 0).await.unwrap();
-    // Keep the scheduler's channel open; these tests do not need timeouts.
-    std::mem::forget(deadlines);
+    let gw = Gateway::new(Arc::new(cfg), store.clone(), 0).await.unwrap();
     Env {
         _dir: dir,
         db,
@@ -226,7 +224,7 @@ async fn audit_chain_detects_edits_deletes_and_a_truncated_tail() {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(url, "normal", 8).await.unwrap());
         let mut cfg = Config::parse("").unwrap();
         cfg.store.url = url.into();
-        let (gw, _rx) = Gateway::new(Arc::new(cfg), store.clone(), 0).await.unwrap();
+        let gw = Gateway::new(Arc::new(cfg), store.clone(), 0).await.unwrap();
         let r = gw.audit_verify().await.unwrap();
         store.close().await;
         r

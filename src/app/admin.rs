@@ -85,6 +85,9 @@ impl Gateway {
             policy::validate_tool_name(tool).map_err(bad)?;
         }
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        if view.unavailable.is_some() {
+            return Err(AppError::PolicyUnavailable);
+        }
         let roles = roles.unwrap_or_else(|| {
             user.and_then(|u| view.users.get(u))
                 .cloned()

@@ -25,7 +25,9 @@ impl Gateway {
         }
     }
 
-    /// Blocks until `id` is terminal, or `max_wait` passes (then returns it pending).
+    /// Blocks until `id` is terminal, or `max_wait` passes (then returns it
+    /// pending). Woken by the `Resolved` change the store publishes, so a
+    /// decision committed by anyone who publishes on the feed wakes it.
     pub async fn wait(
         &self,
         id: RequestId,
@@ -46,6 +48,11 @@ impl Gateway {
             Ok(Ok(done)) => Ok(done),
             _ => self.status(id).await,
         }
+    }
+
+    /// How many agents are blocked in [`Gateway::wait`] right now.
+    pub fn waiting(&self) -> usize {
+        self.waiters.count()
     }
 
     /// Records a person's vote. `is_admin` says whether the voter may decide
@@ -93,7 +100,6 @@ impl Gateway {
             Ok(v) => {
                 if v.request.state.is_terminal() {
                     tracing::info!(request.id = %id, state = %v.request.state, "decided");
-                    self.finished(&v.request);
                 }
                 Ok(v)
             }
@@ -121,37 +127,19 @@ impl Gateway {
             .cancel(id, who.to_string(), reason, now_ms())
             .await?
         {
-            Ok(r) => {
-                self.finished(&r);
-                Ok(r)
-            }
+            Ok(r) => Ok(r),
             Err(e) => Err(transition(id, e)),
         }
     }
 
     /// Times out `id` if its deadline has passed (called by the scheduler).
+    /// Not due yet (the clock moved back) is no error: the scheduler's
+    /// sweep finds it again at its deadline.
     pub async fn expire(&self, id: RequestId) -> Result<(), AppError> {
-        match self.store.time_out(id, now_ms()).await? {
-            Ok(r) => {
-                tracing::info!(request.id = %id, "timed out");
-                self.finished(&r);
-            }
-            Err(TransitionError::NotDue) => {
-                // Woken early (clock change): schedule again.
-                if let Ok(r) = self.status(id).await {
-                    let _ = self.deadlines.send((r.deadline_ms, id)).await;
-                }
-            }
-            Err(_) => {}
+        if let Ok(r) = self.store.time_out(id, now_ms()).await? {
+            tracing::info!(request.id = %r.id, "timed out");
         }
         Ok(())
-    }
-
-    pub(super) fn finished(&self, r: &ApprovalRequest) {
-        metrics::global().decided(r);
-        self.release_pending(&r.agent);
-        self.waiters.wake(r);
-        let _ = self.events.send(RequestEvent::Resolved(r.clone()));
     }
 
     /// Takes one of `agent`'s pending slots, or refuses when all are taken.

@@ -36,6 +36,9 @@ pub struct HealthReport {
     pub ok: bool,
     pub socket: Check,
     pub store: Check,
+    /// The policy view: down while it cannot be loaded from the store (every
+    /// call is then denied, `policy_unavailable`).
+    pub policy: Check,
     /// `None` when Discord is not configured.
     pub discord: Option<Check>,
     /// Names of the components that are down.
@@ -47,6 +50,7 @@ impl HealthReport {
     /// which need to know what is down, not why).
     pub fn without_details(mut self) -> HealthReport {
         self.store.detail = None;
+        self.policy.detail = None;
         if let Some(d) = &mut self.discord {
             d.detail = None;
         }
@@ -74,6 +78,20 @@ impl HealthProbe {
             millis: None,
         };
         let store = self.store().await;
+        let policy = match self.gw.policy_unavailable() {
+            None => Check {
+                up: true,
+                state: "up",
+                detail: None,
+                millis: None,
+            },
+            Some(why) => Check {
+                up: false,
+                state: "down",
+                detail: Some(why),
+                millis: None,
+            },
+        };
         let discord = self.discord.as_ref().map(|s| {
             let st = s.get();
             Check {
@@ -91,6 +109,7 @@ impl HealthProbe {
         for (name, c) in [
             ("socket", Some(&socket)),
             ("store", Some(&store)),
+            ("policy", Some(&policy)),
             ("discord", discord.as_ref()),
         ] {
             if c.is_some_and(|c| !c.up) {
@@ -101,6 +120,7 @@ impl HealthProbe {
             ok: down.is_empty(),
             socket,
             store,
+            policy,
             discord,
             down,
         }
@@ -112,7 +132,7 @@ impl HealthProbe {
         let started = Instant::now();
         // Reads may still work on a store whose writes are refused for good
         // (its database file was deleted under it): that store is down.
-        if let Some(why) = self.gw.store().write_failure() {
+        if let Some(why) = self.gw.store.write_failure() {
             return Check {
                 up: false,
                 state: "down",
@@ -120,7 +140,7 @@ impl HealthProbe {
                 millis: Some(started.elapsed().as_millis() as u64),
             };
         }
-        let read = self.gw.store().get_request(RequestId(uuid::Uuid::nil()));
+        let read = self.gw.store.get_request(RequestId(uuid::Uuid::nil()));
         let (up, state, detail) = match tokio::time::timeout(STORE_CHECK_TIMEOUT, read).await {
             Ok(Ok(_)) => (true, "up", None),
             Ok(Err(e)) => {

@@ -6,9 +6,11 @@
 
 mod admin;
 mod audit;
+mod cards;
 pub mod connection;
 mod content;
 mod decide;
+mod follow;
 pub mod health;
 pub mod metrics;
 mod pairing;
@@ -40,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::Notify;
 use uuid::Uuid;
 pub use waiters::Waiters;
 
@@ -80,6 +82,10 @@ pub enum AppError {
     /// user, channel or task differ, or the key predates fingerprints).
     #[error("idempotency key already used for a different call (request {request_id}, tool `{tool}`); nothing was queued: use a new key for a new call")]
     IdempotencyConflict { request_id: String, tool: String },
+    /// The policy view could not be loaded from the store: nothing is
+    /// decided by a policy that may be stale (fail closed).
+    #[error("the policy is unavailable (it could not be loaded from the store); refused until it is (see the server log)")]
+    PolicyUnavailable,
     #[error("internal error; the call was not carried out (see the server log)")]
     Store(#[from] StoreError),
 }
@@ -100,6 +106,7 @@ impl AppError {
             AppError::TooManyPending { .. } => "too_many_pending",
             AppError::Pairing(_) => "pairing_refused",
             AppError::IdempotencyConflict { .. } => "idempotency_conflict",
+            AppError::PolicyUnavailable => "policy_unavailable",
             AppError::Store(_) => "internal",
         }
     }
@@ -131,15 +138,6 @@ pub struct Submission {
     pub requester_uid: Option<u32>,
 }
 
-/// A change that surfaces (the Discord bot) follow.
-#[derive(Debug, Clone)]
-pub enum RequestEvent {
-    /// A request now waits for a human.
-    Queued(ApprovalRequest),
-    /// A request reached its terminal state (any source).
-    Resolved(ApprovalRequest),
-}
-
 /// What `check` answers: what the policy would do, and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckAnswer {
@@ -157,7 +155,13 @@ struct PolicyView {
     risks: HashMap<String, Risk>,
     /// Paired user id → roles.
     users: HashMap<String, Vec<String>>,
+    /// Why the last refresh failed, while it does: the view may be stale,
+    /// so every call is denied (`policy_unavailable`) until a refresh works.
+    unavailable: Option<String>,
 }
+
+/// The rule a call is denied by while the policy view is unavailable.
+pub const POLICY_UNAVAILABLE: &str = "policy_unavailable";
 
 /// A reserved pending slot, given back unless the request was stored.
 struct PendingSlot<'a> {
@@ -195,25 +199,28 @@ pub struct Gateway {
     scanner: FlagScanner,
     settings: PolicySettings,
     view: RwLock<PolicyView>,
+    /// Held while the view is read from the store and swapped, so an older
+    /// read never replaces a newer one.
+    refreshing: tokio::sync::Mutex<()>,
+    /// Asks the follower for a policy refresh (see [`follow`]).
+    policy_due: Arc<Notify>,
     limits: Mutex<PolicyState>,
     waiters: Waiters,
     /// Pending requests per agent, for `max_pending`.
     pending_by_agent: Mutex<HashMap<String, usize>>,
-    deadlines: mpsc::Sender<(i64, RequestId)>,
-    events: broadcast::Sender<RequestEvent>,
     server_uid: u32,
 }
 
 impl Gateway {
-    /// Builds the gateway and loads the policy view. The receiver is for
-    /// [`scheduler::run`].
+    /// Builds the gateway, starts following the store's change feed (see
+    /// [`follow`]: waiters, pending slots and the policy view follow it), and
+    /// loads the policy view and the pending counts. Deadlines are
+    /// [`scheduler::run`]'s, which `serve` starts.
     pub async fn new(
         cfg: Arc<Config>,
         store: Arc<dyn Store>,
         server_uid: u32,
-    ) -> Result<(Arc<Gateway>, mpsc::Receiver<(i64, RequestId)>), AppError> {
-        let (deadlines, rx) = mpsc::channel(65_536);
-        let (events, _) = broadcast::channel(4096);
+    ) -> Result<Arc<Gateway>, AppError> {
         let redactor = cfg.redactor().map_err(|e| bad(e.to_string()))?;
         let scanner = FlagScanner::new(
             cfg.content.allowed_domains.clone(),
@@ -227,40 +234,43 @@ impl Gateway {
             cfg,
             store,
             view: RwLock::default(),
+            refreshing: tokio::sync::Mutex::new(()),
+            policy_due: Arc::new(Notify::new()),
             limits: Mutex::default(),
             waiters: Waiters::default(),
             pending_by_agent: Mutex::default(),
-            deadlines,
-            events,
             server_uid,
         });
+        // Subscribed before anything is loaded: no change is missed between.
+        follow::start(&gw);
         // Opting out of "a flagged call asks a human" is allowed, never silent.
         for exemption in gw.cfg.flag_ask_exemptions() {
             tracing::warn!("flagged calls may run without a human: {exemption}");
         }
         gw.refresh_policy().await?;
-        *gw.pending_by_agent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = gw
-            .store
-            .pending_counts()
-            .await?
-            .into_iter()
-            .map(|(a, n)| (a, n as usize))
-            .collect();
-        Ok((gw, rx))
+        gw.load_pending_counts().await?;
+        Ok(gw)
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+    /// Loads the pending requests per agent from the store.
+    async fn load_pending_counts(&self) -> Result<(), AppError> {
+        let counts = self.store.pending_counts().await?;
+        *self
+            .pending_by_agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) =
+            counts.into_iter().map(|(a, n)| (a, n as usize)).collect();
+        Ok(())
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<RequestEvent> {
-        self.events.subscribe()
+    /// Changes committed to the store from now on (see [`ports::Change`]),
+    /// for adapters that follow them (the Discord outbox).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<ports::Change> {
+        self.store.subscribe()
     }
 
     /// The config as last reloaded (see [`Gateway::reload_config`]).
@@ -293,7 +303,48 @@ impl Gateway {
     }
 
     /// Reloads grants, tool risks and paired users from config and store.
+    /// Runs after every local policy write (so this process's very next call
+    /// sees it) and on every `PolicyChanged` from the feed. If it fails the
+    /// view fails closed: every call is denied until a refresh succeeds (the
+    /// follower retries with a growing pause; health reports it).
     pub async fn refresh_policy(&self) -> Result<(), AppError> {
+        let _one = self.refreshing.lock().await;
+        match self.load_policy().await {
+            Ok(view) => {
+                let mut current = self.view.write().unwrap_or_else(|e| e.into_inner());
+                if current.unavailable.is_some() {
+                    tracing::warn!(
+                        "policy view loaded again; calls are decided by the policy again"
+                    );
+                }
+                *current = view;
+                Ok(())
+            }
+            Err(e) => {
+                let why = match &e {
+                    AppError::Store(s) => s.to_string(),
+                    other => other.to_string(),
+                };
+                tracing::error!(error = %why, "POLICY VIEW UNAVAILABLE: every call is denied until it loads again (retrying)");
+                self.view
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .unavailable = Some(why);
+                Err(e)
+            }
+        }
+    }
+
+    /// Why the policy view is unavailable (every call denied), if it is.
+    pub fn policy_unavailable(&self) -> Option<String> {
+        self.view
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .unavailable
+            .clone()
+    }
+
+    async fn load_policy(&self) -> Result<PolicyView, AppError> {
         let live = self.live();
         let mut grants = live.config_grants().map_err(|e| bad(e.to_string()))?;
         grants.extend(self.store.grants().await?.into_iter().map(|g| g.grant));
@@ -312,12 +363,12 @@ impl Gateway {
         for u in self.store.paired_users().await? {
             users.entry(u.user_id).or_default().extend(u.roles);
         }
-        *self.view.write().unwrap_or_else(|e| e.into_inner()) = PolicyView {
+        Ok(PolicyView {
             grants,
             risks,
             users,
-        };
-        Ok(())
+            unavailable: None,
+        })
     }
 
     /// Whether `uid` may run admin operations.

@@ -126,4 +126,9 @@ impl Gateway {
         users.extend(self.store.paired_users().await?);
         Ok((users, self.store.pairing_codes(now_ms()).await?))
     }
+
+    /// The live pairing codes (never the codes themselves).
+    pub async fn pairing_codes(&self) -> Result<Vec<PendingPairing>, StoreError> {
+        self.store.pairing_codes(now_ms()).await
+    }
 }

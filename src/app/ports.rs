@@ -174,6 +174,12 @@ pub trait Requests: Send + Sync + 'static {
     /// Pending requests per agent (loaded once at start; the gateway keeps
     /// the counts from then on).
     async fn pending_counts(&self) -> StoreResult<Vec<(String, u64)>>;
+    /// Up to `limit` pending requests whose deadline is at or before
+    /// `now_ms`, earliest first (through the pending-deadline index): what
+    /// the deadline scheduler times out, whoever created them.
+    async fn due_deadlines(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<(RequestId, i64)>>;
+    /// The earliest deadline of any pending request, if one is pending.
+    async fn next_deadline(&self) -> StoreResult<Option<i64>>;
     /// [`Requests::insert_request`] with the lethal-trifecta guard applied in
     /// the same transaction: the store reads the history of the request's
     /// agent and user since `guard.since_ms` (approved and pending tagged

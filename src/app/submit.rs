@@ -105,6 +105,26 @@ impl Gateway {
         dry_run: bool,
     ) -> (Verdict, Risk, AllowlistAnswer) {
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        if view.unavailable.is_some() {
+            // Fail closed: a view that could not be refreshed may still
+            // allow what was revoked.
+            let detail = "the policy could not be loaded from the store, so every call is \
+                          denied until it is (see the server log)"
+                .to_string();
+            let verdict = Verdict::Deny {
+                rule: POLICY_UNAVAILABLE.into(),
+                detail: detail.clone(),
+            };
+            let allowlist = AllowlistAnswer {
+                allowed: false,
+                rule: POLICY_UNAVAILABLE,
+                deciding_scope: None,
+                matched: None,
+                entries: vec![],
+                detail,
+            };
+            return (verdict, Risk::High, allowlist);
+        }
         let no_roles = Vec::new();
         let roles = s
             .user_id
@@ -326,24 +346,16 @@ impl Gateway {
         if req.state.is_terminal() {
             metrics::global().decided(&req);
         }
-        // The slot now belongs to the stored request; `finished` frees it.
+        // The slot now belongs to the stored request; its `Resolved` change
+        // frees it (see `follow`).
         if let Some(r) = reservation {
             if req.state == State::Pending {
                 r.keep();
             }
         }
         if req.state == State::Pending {
+            // The store published `Queued`: the scheduler and the outbox follow it.
             tracing::info!(request.id = %req.id, agent = %req.agent, tool = %req.tool, risk = %req.risk, "queued for approval");
-            // Bounded channel: if the scheduler is far behind, the submit waits.
-            if self
-                .deadlines
-                .send((req.deadline_ms, req.id))
-                .await
-                .is_err()
-            {
-                tracing::error!(request.id = %req.id, "deadline scheduler is gone");
-            }
-            let _ = self.events.send(RequestEvent::Queued(req.clone()));
         }
         Ok(req)
     }

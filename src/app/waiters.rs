@@ -1,4 +1,5 @@
-//! Agents blocked on a request, woken the moment its decision commits.
+//! Agents blocked on a request, woken the moment its decision commits (by
+//! the follower of the change feed, see `follow`).
 
 use crate::domain::request::{ApprovalRequest, RequestId};
 use std::collections::HashMap;
@@ -21,6 +22,26 @@ impl Waiters {
         list.retain(|w| !w.is_closed());
         list.push(tx);
         rx
+    }
+
+    /// How many agents wait, on any request.
+    pub fn count(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|l| l.iter().filter(|w| !w.is_closed()).count())
+            .sum()
+    }
+
+    /// The requests someone waits on (to re-read after missed changes).
+    pub fn ids(&self) -> Vec<RequestId> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect()
     }
 
     /// Wakes everyone waiting on `req` with its terminal state.

@@ -366,7 +366,7 @@ pub async fn run(
             }
             let mut lines = Vec::new();
             for r in &list {
-                let link = match gw.store().card(r.id).await {
+                let link = match gw.card(r.id).await {
                     Ok(Some(c)) => c
                         .message_id
                         .map(|m| card_link(c.channel_id, m))

@@ -2,8 +2,10 @@
 //!
 //! It owns the serenity client (the only place serenity is imported), the
 //! card outbox, button/modal/slash-command handling and pairing by DM. It
-//! calls only [`crate::app::Gateway`]; it never talks to the socket or the
-//! CLI. Cards are rendered by [`card`] (pure), buttons routed by
+//! calls only [`crate::app::Gateway`] (persistence included: it never holds
+//! the store) and follows the app's change feed to know which cards to
+//! post or edit; it never talks to the socket, the CLI or the store
+//! adapter. Cards are rendered by [`card`] (pure), buttons routed by
 //! [`routing`] (pure), and posted/edited by [`outbox`] through [`rest`].
 
 pub mod card;
@@ -14,7 +16,8 @@ pub mod rest;
 pub mod routing;
 
 use crate::app::connection::ConnectionStatus;
-use crate::app::{now_ms, AppError, Gateway, RequestEvent};
+use crate::app::ports::Change;
+use crate::app::{now_ms, AppError, Gateway};
 use crate::config::DiscordConfig;
 use crate::domain::request::RequestId;
 use anyhow::Context as _;
@@ -255,7 +258,7 @@ pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Resu
 
     let stop = parent.child_token();
     let wake = Arc::new(Notify::new());
-    let events = gw.subscribe();
+    let events = gw.changes();
     let shared = Arc::new(Shared {
         gw: gw.clone(),
         cfg: cfg.clone(),
@@ -335,7 +338,7 @@ async fn connect(
     };
     // Requests queued or decided while the bot was down.
     loop {
-        match sh.gw.store().card_reconcile(channel).await {
+        match sh.gw.card_reconcile(channel).await {
             Ok(n) => {
                 if n > 0 {
                     tracing::info!(cards = n, "cards to post or update after start");
@@ -384,10 +387,11 @@ impl Bot {
     }
 }
 
-/// Every queued or resolved request marks its card due.
+/// Follows the change feed: a request queued, voted on or resolved marks
+/// its card due; any change to cards wakes the outbox.
 async fn follow_events(
     gw: Arc<Gateway>,
-    mut events: broadcast::Receiver<RequestEvent>,
+    mut events: broadcast::Receiver<Change>,
     channel: u64,
     wake: Arc<Notify>,
     stop: CancellationToken,
@@ -398,19 +402,28 @@ async fn follow_events(
             ev = events.recv() => ev,
         };
         let r = match ev {
-            Ok(RequestEvent::Queued(r) | RequestEvent::Resolved(r)) => {
-                gw.store().card_touch(r.id, channel, r.deadline_ms).await
-            }
+            Ok(Change::Queued {
+                id, deadline_ms, ..
+            }) => gw.card_touch(id, channel, deadline_ms).await,
+            Ok(Change::Resolved(r)) => gw.card_touch(r.id, channel, r.deadline_ms).await,
+            Ok(Change::Voted { id }) => match gw.status(id).await {
+                Ok(r) => gw.card_touch(id, channel, r.deadline_ms).await,
+                Err(e) => {
+                    tracing::warn!(request.id = %id, error = %e, "cannot read a voted request for its card");
+                    Ok(())
+                }
+            },
+            Ok(Change::CardsDue | Change::PolicyChanged) => Ok(()),
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 tracing::warn!(missed = n, "card events lagged; reconciling");
-                gw.store().card_reconcile(channel).await.map(|_| ())
+                gw.card_reconcile(channel).await.map(|_| ())
             }
             Err(broadcast::error::RecvError::Closed) => break,
         };
         if let Err(e) = r {
             // The reconcile at the next start repairs this; try now too.
             tracing::error!(error = %e, "cannot queue a card update");
-            let _ = gw.store().card_reconcile(channel).await;
+            let _ = gw.card_reconcile(channel).await;
         }
         wake.notify_one();
     }
@@ -513,7 +526,7 @@ impl EventHandler for Handler {
         tracing::info!(bot = %ready.user.name, "Discord gateway ready");
         self.0.status.connected(now_ms());
         // Discord answers: nothing should sit out a backoff any longer.
-        match self.0.gw.store().cards_retry_now(now_ms()).await {
+        match self.0.gw.cards_retry_now().await {
             Ok(n) if n > 0 => self.0.wake.notify_one(),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot make waiting cards due"),
@@ -548,7 +561,7 @@ impl EventHandler for Handler {
         let wants_new = commands::asks_new_code(&msg.content);
         if !wants_new {
             // A second "hi" must not kill the code the first one gave.
-            match gw.store().pairing_codes(now_ms()).await {
+            match gw.pairing_codes().await {
                 Ok(live) => {
                     if let Some(p) = live.iter().find(|p| p.user_id == user) {
                         self.answer_dm(&ctx, &msg, commands::live_code_text(p.expires_ms))
@@ -805,14 +818,7 @@ impl Handler {
             }
             Ok(Ok(v)) => {
                 // Not decided yet: show the count on the card.
-                if let Some(ch) = self.0.cfg.approvals_channel_id {
-                    match gw.store().card_touch(id, ch, v.request.deadline_ms).await {
-                        Ok(()) => self.0.wake.notify_one(),
-                        Err(e) => {
-                            tracing::warn!(request.id = %id, error = %e, "cannot queue a card update")
-                        }
-                    }
-                }
+                // Its card shows the count: the `Voted` change marks it due.
                 format!(
                     "Your approval is recorded ({} of {} needed).",
                     v.have, v.need

@@ -70,13 +70,13 @@ pub fn pause(failed_passes: u32, max: Duration, remaining_ms: i64) -> Duration {
 impl Outbox {
     /// Runs until `stop` is cancelled. Unfinished cards stay in the table.
     pub async fn run(self, stop: CancellationToken) {
-        let store = self.gw.store().clone();
+        let gw = &self.gw;
         let mut failed_passes: u32 = 0;
         loop {
             if stop.is_cancelled() {
                 break;
             }
-            let due = match store.cards_due(now_ms(), PASS).await {
+            let due = match gw.cards_due(PASS).await {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the card outbox; retrying");
@@ -97,7 +97,7 @@ impl Outbox {
                             if failed_passes > 0 {
                                 failed_passes = 0;
                                 tracing::warn!("Discord answers again; sending every waiting card");
-                                if let Err(e) = store.cards_retry_now(now_ms()).await {
+                                if let Err(e) = gw.cards_retry_now().await {
                                     tracing::error!(error = %e, "cannot make waiting cards due");
                                 }
                                 // Start again from the oldest deadline.
@@ -120,7 +120,7 @@ impl Outbox {
                 }
                 continue;
             }
-            let wait = match store.card_next_attempt().await {
+            let wait = match gw.card_next_attempt().await {
                 Ok(Some(at)) => Duration::from_millis((at - now_ms()).clamp(1, 60_000) as u64),
                 _ => Duration::from_secs(60),
             };
@@ -133,7 +133,7 @@ impl Outbox {
     }
 
     async fn deliver(&self, mut c: CardRow, stop: &CancellationToken) -> Outcome {
-        let store = self.gw.store();
+        let gw = &self.gw;
         let req = match self.gw.status(c.request_id).await {
             Ok(r) => r,
             Err(e) => {
@@ -144,7 +144,7 @@ impl Outbox {
         };
         // Who approved so far, for cards that need several approvals.
         let approvers: Vec<String> = if req.approvals_required > 1 && !req.state.is_terminal() {
-            match store.votes(req.id).await {
+            match gw.votes(req.id).await {
                 Ok(v) => v
                     .iter()
                     .filter(|v| v.approve)
@@ -183,7 +183,7 @@ impl Outbox {
                     // The message exists now: record it before anything else,
                     // retrying, so it is never posted again.
                     let mut n = 0;
-                    while let Err(e) = store
+                    while let Err(e) = gw
                         .card_done(c.request_id, message_id, c.want, req.state.as_str().into())
                         .await
                     {
@@ -229,12 +229,7 @@ impl Outbox {
             c.deadline_ms - now_ms(),
         );
         let at = now_ms() + wait.as_millis() as i64;
-        if let Err(e) = self
-            .gw
-            .store()
-            .card_retry_later(c.request_id, attempts, at)
-            .await
-        {
+        if let Err(e) = self.gw.card_retry_later(c.request_id, attempts, at).await {
             tracing::error!(request.id = %c.request_id, error = %e, "cannot record a card retry");
         }
     }

@@ -14,6 +14,9 @@ pub struct HealthAnswer {
     pub ok: bool,
     pub socket: Option<ComponentAnswer>,
     pub store: Option<ComponentAnswer>,
+    /// The policy view (grants, risks, pairings) as loaded from the store.
+    #[serde(default)]
+    pub policy: Option<ComponentAnswer>,
     /// `None` when Discord is not configured.
     pub discord: Option<ComponentAnswer>,
 }

@@ -98,6 +98,14 @@ impl SqliteStore {
         })
     }
 
+    /// The feed this store publishes on after each commit. Also the hook
+    /// for changes committed elsewhere (another process on the same
+    /// database, a PostgreSQL `LISTEN` later): publish them here and this
+    /// process's subscribers follow them.
+    pub fn feed(&self) -> &Feed {
+        &self.feed
+    }
+
     /// Runs one write on the writer thread and, once it has committed,
     /// publishes what changed on the feed (never before the commit).
     async fn write(&self, op: Op) -> StoreResult<Reply> {
@@ -476,6 +484,30 @@ impl Requests for SqliteStore {
         rows.into_iter()
             .map(|(id, d)| Ok((id.parse().map_err(StoreError::Corrupt)?, d)))
             .collect()
+    }
+    async fn due_deadlines(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<(RequestId, i64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, deadline_ms FROM requests INDEXED BY requests_pending_deadline \
+             WHERE state = 'pending' AND deadline_ms <= $1 ORDER BY deadline_ms LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(|(id, d)| Ok((id.parse().map_err(StoreError::Corrupt)?, d)))
+            .collect()
+    }
+    async fn next_deadline(&self) -> StoreResult<Option<i64>> {
+        let (d,): (Option<i64>,) = sqlx::query_as(
+            "SELECT MIN(deadline_ms) FROM requests INDEXED BY requests_pending_deadline \
+             WHERE state = 'pending'",
+        )
+        .fetch_one(&self.reads)
+        .await
+        .map_err(db)?;
+        Ok(d)
     }
     async fn pending_counts(&self) -> StoreResult<Vec<(String, u64)>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
