@@ -1,8 +1,7 @@
 //! End to end: the real `keyturn serve` binary with its Discord bot pointed
-//! at the fake Discord in `discord_support/fake_discord.rs`, agents on its socket.
+//! at the fake Discord in `fake_discord/`, agents on its socket.
 //! Every wait has a deadline; nothing sleeps to hope.
 
-#[path = "discord_support/fake_discord.rs"]
 mod fake_discord;
 mod harness;
 

@@ -3,7 +3,6 @@
 //! queued, rate limits per bucket and global, and permanent start-up errors.
 //! Every wait has a deadline; nothing sleeps but the fake's own outage timer.
 
-#[path = "discord_support/fake_discord.rs"]
 mod fake_discord;
 mod harness;
 

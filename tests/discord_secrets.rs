@@ -1,7 +1,6 @@
 //! Secrets planted in a request's arguments and justification never reach
 //! Discord: not in the card, its edits, its attached JSON, nor any other call.
 
-#[path = "discord_support/fake_discord.rs"]
 mod fake_discord;
 mod harness;
 
