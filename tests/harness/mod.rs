@@ -7,12 +7,14 @@
 //! ([`Server::wait_log`]), and SIGKILL, SIGTERM and restarts on the same
 //! directory and database. A start that fails is a [`StartFailure`] with
 //! the exit status and log. [`serve_command`], [`cli`] and [`run`] give the
-//! raw commands, for tests of what the binary refuses.
+//! raw commands, for tests of what the binary refuses. [`fixture`] builds
+//! `ApprovalRequest` values for the store tests.
 //!
 //! Each test binary uses part of it.
 #![allow(dead_code, unused_imports)]
 
 pub mod config;
+pub mod fixture;
 pub mod rpc;
 mod server;
 
