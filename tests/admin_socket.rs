@@ -91,7 +91,7 @@ async fn the_agent_socket_refuses_admin_methods_even_from_an_admin_uid() {
 #[tokio::test]
 async fn the_admin_socket_refuses_a_uid_that_is_not_an_admin() {
     let s = Server::start(config::files, "[admin]\nuids = [4000000001]\n");
-    let mut admin = Client::connect(&s.admin_socket()).await.unwrap();
+    let mut admin = Client::connect(s.admin_socket()).await.unwrap();
     assert_eq!(
         err_code(admin.call("pending", json!({})).await),
         "not_admin"

@@ -36,7 +36,7 @@
 //! Files by section: `constants`, `config`, `records` (what tests read), `fake` (the
 //! handle tests hold), `state` and `inner` (shared state), `gateway` (websocket), `rest`
 //! (HTTP routes), `rate_limit`, `failures` (injected errors), `inject` (interactions sent to
-//! the bot), `request_body`, `validate`, `payload`, `self_check`.
+//! the bot), `request_body`, `validate`, `payload`, `serenity_check` (self-checks).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -65,7 +65,7 @@ mod rate_limit;
 mod records;
 mod request_body;
 mod rest;
-mod self_check;
+mod serenity_check;
 mod state;
 mod validate;
 
@@ -78,6 +78,6 @@ use self::payload::*;
 pub use self::records::*;
 use self::request_body::*;
 use self::rest::*;
-pub use self::self_check::*;
+pub use self::serenity_check::*;
 use self::state::*;
 pub use self::validate::*;

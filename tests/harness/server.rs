@@ -610,7 +610,7 @@ impl Log {
         let until = Instant::now() + within;
         let mut st = self.lock();
         loop {
-            if let Some(t) = check(&*st) {
+            if let Some(t) = check(&st) {
                 return Some(t);
             }
             let left = until.saturating_duration_since(Instant::now());
@@ -636,11 +636,11 @@ impl Log {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(t) = check(&*self.lock()) {
+            if let Some(t) = check(&self.lock()) {
                 return Some(t);
             }
             if tokio::time::timeout_at(until, notified).await.is_err() {
-                return check(&*self.lock());
+                return check(&self.lock());
             }
         }
     }
