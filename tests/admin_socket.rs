@@ -3,12 +3,14 @@
 //! (or let them claim each other's names) refused, and operator names that
 //! cannot pass for another uid. All through the real binary.
 
-mod support;
+mod harness;
 
+use harness::config::{self, write_config};
+use harness::rpc::{err_code, submit};
+use harness::{Server, BIN};
 use keyturn::ipc::client::Client;
 use serde_json::{json, Value};
 use std::process::Command;
-use support::server::{base_config, err_code, submit, write_config, Server, BIN};
 
 fn id_of(v: &Value) -> String {
     v["request_id"].as_str().expect("request_id").to_string()
@@ -40,7 +42,7 @@ async fn pending_request(s: &Server) -> String {
 #[tokio::test]
 async fn the_agent_socket_refuses_admin_methods_even_from_an_admin_uid() {
     // This uid is both the agent and the (only) admin: the worst case.
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let id = pending_request(&s).await;
     let mut agent = s.agent_client().await;
     for (method, params) in [
@@ -88,8 +90,8 @@ async fn the_agent_socket_refuses_admin_methods_even_from_an_admin_uid() {
 
 #[tokio::test]
 async fn the_admin_socket_refuses_a_uid_that_is_not_an_admin() {
-    let s = Server::start("[admin]\nuids = [4000000001]\n");
-    let mut admin = Client::connect(&s.admin_socket()).await.unwrap();
+    let s = Server::start(config::files, "[admin]\nuids = [4000000001]\n");
+    let mut admin = Client::connect(s.admin_socket()).await.unwrap();
     assert_eq!(
         err_code(admin.call("pending", json!({})).await),
         "not_admin"
@@ -106,7 +108,7 @@ async fn the_admin_socket_refuses_a_uid_that_is_not_an_admin() {
 
 #[tokio::test]
 async fn the_cli_approves_through_the_admin_socket_only() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let id = pending_request(&s).await;
     // Pointed at the agent socket, approve is refused and changes nothing.
     let out = Command::new(BIN)
@@ -147,7 +149,7 @@ async fn the_cli_approves_through_the_admin_socket_only() {
 /// `bot` and `cli` on another uid, each with a token: a config that passes
 /// without the demo switch (this test's uid is then only the admin).
 fn production_config(dir: &std::path::Path, admin_extra: &str) -> String {
-    base_config(
+    config::files(
         dir,
         &format!("[admin]\nsingle_user_demo = false\n{admin_extra}"),
     )
@@ -168,7 +170,7 @@ async fn a_vote_from_the_uid_that_made_the_request_is_refused() {
     // admin's uid made the request, so it may not vote on it.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let mut s = Server::start_in(dir, &base_config(&path, ""));
+    let mut s = Server::start_in(dir, &config::files(&path, ""));
     let id = pending_request(&s).await;
     let me = nix::unistd::getuid().as_raw();
     let listed = s.client().await.call("pending", json!({})).await.unwrap();
@@ -231,7 +233,7 @@ fn check_config_and_serve_refuse_agents_running_as_the_server_uid() {
     let me = nix::unistd::getuid().as_raw();
     let dir = tempfile::tempdir().unwrap();
     // The shipped default: agents with `uids = []`, i.e. the server's uid.
-    let text = base_config(dir.path(), "[admin]\nsingle_user_demo = false\n");
+    let text = config::files(dir.path(), "[admin]\nsingle_user_demo = false\n");
     let (code, _, err) = check_config(&text, &[]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
@@ -242,7 +244,7 @@ fn check_config_and_serve_refuse_agents_running_as_the_server_uid() {
     );
     assert!(err.contains("single_user_demo"), "{err}");
     // An agent on an admin uid (not the server's).
-    let admin_agent = base_config(
+    let admin_agent = config::files(
         dir.path(),
         "[admin]\nsingle_user_demo = false\nuids = [4000000001]\n",
     )
@@ -256,11 +258,7 @@ fn check_config_and_serve_refuse_agents_running_as_the_server_uid() {
     // serve refuses the same file before creating anything.
     let p = dir.path().join("config.toml");
     write_config(&p, &text);
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&p)
-        .output()
-        .unwrap();
+    let out = harness::serve_command(&p).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("agents[0].uids"), "{}", stderr(&out));
     assert!(!dir.path().join("k.db").exists());
@@ -290,7 +288,7 @@ fn check_config_refuses_token_less_agents_sharing_a_uid() {
 
 #[test]
 fn the_demo_switch_is_named_at_start_and_by_check_config() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let log = s.log();
     let line = log
         .lines()
@@ -308,7 +306,7 @@ fn the_demo_switch_is_named_at_start_and_by_check_config() {
 
 #[tokio::test]
 async fn an_operator_name_cannot_read_as_another_uid() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let me = nix::unistd::getuid().as_raw();
     let id = pending_request(&s).await;
     let mut admin = s.client().await;
@@ -342,14 +340,15 @@ async fn an_operator_name_cannot_read_as_another_uid() {
 #[test]
 fn the_admin_socket_has_its_own_mode_and_group() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let meta = std::fs::metadata(s.admin_socket()).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     drop(s);
     let gid = nix::unistd::getgid().as_raw();
-    let s = Server::start(&format!(
-        "[admin]\nsocket_mode = \"0660\"\nsocket_group = \"{gid}\"\n"
-    ));
+    let s = Server::start(
+        config::files,
+        &format!("[admin]\nsocket_mode = \"0660\"\nsocket_group = \"{gid}\"\n"),
+    );
     let meta = std::fs::metadata(s.admin_socket()).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(meta.gid(), gid);
@@ -363,7 +362,7 @@ async fn every_admin_method_is_refused_on_the_agent_socket_whatever_its_params()
     // This uid is both the agent and the (only) admin. Every admin method
     // the server knows, with params it would refuse as well: the refusal is
     // `not_admin`, decided before the params are judged.
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let mut agent = s.agent_client().await;
     let admin = keyturn::ipc::protocol::MethodName::ALL
         .iter()

@@ -8,9 +8,9 @@
 //! "it ran" is a file on disk, not a claim. Without Claude Code the tests
 //! fail under `CI=true` and are skipped, loudly, elsewhere.
 
-mod common;
+mod harness;
 
-use common::{Server, BIN};
+use harness::{config, Server, BIN};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -469,7 +469,7 @@ fn claude_code_runs_the_stand_ins_tool_call_without_a_hook() {
 #[test]
 fn a_human_approval_lets_the_command_run() {
     let Some(bin) = claude_bin() else { return };
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     let p = Arc::new(Project::new());
     let api = Arc::new(StandIn::start(vec![p.touch("toolu_ok", "approved")]));
     let started = Instant::now();
@@ -477,7 +477,7 @@ fn a_human_approval_lets_the_command_run() {
         bin,
         p.clone(),
         api.clone(),
-        settings(hook_entry(&keyturn_hook(&s.socket), 600, true)),
+        settings(hook_entry(&keyturn_hook(s.socket()), 600, true)),
     );
     let id = queued(&s, &api);
     let queued = started.elapsed();
@@ -501,14 +501,14 @@ fn a_human_approval_lets_the_command_run() {
 #[test]
 fn a_human_denial_blocks_the_command_and_claude_sees_why() {
     let Some(bin) = claude_bin() else { return };
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     let p = Arc::new(Project::new());
     let api = Arc::new(StandIn::start(vec![p.touch("toolu_no", "denied")]));
     let running = claude_in_background(
         bin,
         p.clone(),
         api.clone(),
-        settings(hook_entry(&keyturn_hook(&s.socket), 600, true)),
+        settings(hook_entry(&keyturn_hook(s.socket()), 600, true)),
     );
     let id = queued(&s, &api);
     s.deny(&id, "not on a Friday");
@@ -533,6 +533,7 @@ fn a_human_denial_blocks_the_command_and_claude_sees_why() {
 fn a_policy_deny_blocks_the_command_without_asking_anyone() {
     let Some(bin) = claude_bin() else { return };
     let s = Server::start(
+        config::claude_code,
         "[[grants]]\nscope = \"agent:claude-code\"\ntool = \"Bash\"\neffect = \"deny\"\n",
     );
     let p = Project::new();
@@ -541,7 +542,7 @@ fn a_policy_deny_blocks_the_command_without_asking_anyone() {
         &bin,
         &p,
         &api,
-        &settings(hook_entry(&keyturn_hook(&s.socket), 600, true)),
+        &settings(hook_entry(&keyturn_hook(s.socket()), 600, true)),
     );
     eprintln!(
         "FIGURE: policy deny case: claude exited after {:?}",
@@ -606,7 +607,7 @@ fn a_mistyped_hook_path_blocks_only_with_on_failure_block() {
 #[test]
 fn a_reused_tool_use_id_for_another_command_is_denied() {
     let Some(bin) = claude_bin() else { return };
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     let p = Arc::new(Project::new());
     let api = Arc::new(StandIn::start(vec![
         p.touch("toolu_same", "first"),
@@ -616,7 +617,7 @@ fn a_reused_tool_use_id_for_another_command_is_denied() {
         bin,
         p.clone(),
         api.clone(),
-        settings(hook_entry(&keyturn_hook(&s.socket), 600, true)),
+        settings(hook_entry(&keyturn_hook(s.socket()), 600, true)),
     );
     let id = queued(&s, &api);
     s.approve(&id, "the first one only");
@@ -659,14 +660,14 @@ fn a_reused_tool_use_id_for_another_command_is_denied() {
 #[test]
 fn claude_codes_hook_timeout_blocks_and_withdraws_the_request() {
     let Some(bin) = claude_bin() else { return };
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     let p = Arc::new(Project::new());
     let api = Arc::new(StandIn::start(vec![p.touch("toolu_slow", "slow")]));
     let running = claude_in_background(
         bin,
         p.clone(),
         api.clone(),
-        settings(hook_entry(&keyturn_hook(&s.socket), 2, true)),
+        settings(hook_entry(&keyturn_hook(s.socket()), 2, true)),
     );
     let id = queued(&s, &api);
     let run = running.join().expect("claude thread");
@@ -700,7 +701,7 @@ fn claude_codes_hook_timeout_blocks_and_withdraws_the_request() {
         claude_bin().expect("claude"),
         p.clone(),
         api.clone(),
-        settings(hook_entry(&keyturn_hook(&s.socket), 2, false)),
+        settings(hook_entry(&keyturn_hook(s.socket()), 2, false)),
     );
     let id = queued(&s, &api);
     let run = running.join().expect("claude thread");

@@ -1,10 +1,11 @@
 //! The CLI as a user runs it: exit codes and output against the real server.
 
-mod support;
+mod harness;
 
+use harness::config;
+use harness::{Server, BIN};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use support::server::{Server, BIN};
 
 fn pending_ids(s: &Server) -> Vec<String> {
     let out = s.cli(&["pending", "--json"]);
@@ -104,7 +105,7 @@ fn wait_exit(mut child: std::process::Child) -> (i32, String) {
 
 #[test]
 fn request_exits_0_when_approved_and_1_when_denied() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let (child, id) = request_in_background(&s, "k1");
     assert_eq!(pending_ids(&s), vec![id.clone()]);
     let out = s.cli(&["approve", &id, "--reason", "ok", "--as", "alice"]);
@@ -141,7 +142,7 @@ fn request_exits_2_when_the_server_is_unreachable() {
 
 #[test]
 fn bad_input_gets_a_clear_error() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let out = s.cli(&["request", "--tool", "x", "--args", "{not json"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--args is not valid JSON"));
@@ -179,18 +180,14 @@ fn check_config_names_the_bad_key() {
         String::from_utf8_lossy(&out.stderr)
     );
     // serve refuses the same bad file before touching anything.
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&p)
-        .output()
-        .unwrap();
+    let out = harness::serve_command(&p).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(!dir.path().join("keyturn.db").exists());
 }
 
 #[test]
 fn audit_export_verifies_offline_and_detects_an_edit() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     for (tool, user) in [
         ("read_file", "42"),
         ("read_file", "99"),

@@ -3,9 +3,9 @@
 //! server's log; an encoded secret comes back masked and flagged
 //! `encoded_secret`.
 
-mod common;
+mod harness;
 
-use common::Server;
+use harness::{config, Server};
 use serde_json::json;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ const GHP: &str = "ghp_Q7mW2xR9tK4vB8nL1cZ5hJ3pD6fG0sY2aE4u";
 
 #[test]
 fn a_secret_in_a_tool_name_or_id_is_refused_and_never_logged() {
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     for params in [
         json!({"agent": "cli", "tool": GHP, "args": {}}),
         json!({"agent": "cli", "tool": "Read", "args": {}, "task_id": format!("t-{GHP}")}),
@@ -49,7 +49,7 @@ fn a_secret_in_a_tool_name_or_id_is_refused_and_never_logged() {
 
 #[test]
 fn an_encoded_secret_is_masked_and_flagged_through_the_socket() {
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     let hex: String = GHP.bytes().map(|b| format!("{b:02x}")).collect();
     let r = s
         .rpc(

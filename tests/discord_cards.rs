@@ -1,28 +1,31 @@
 //! End to end: the real `keyturn serve` binary with its Discord bot pointed
-//! at the fake Discord in `discord_support/fake_discord.rs`, agents on its socket.
+//! at the fake Discord in `fake_discord/`, agents on its socket.
 //! Every wait has a deadline; nothing sleeps to hope.
 
-#[path = "discord_support/mod.rs"]
-mod support;
+mod fake_discord;
+mod harness;
 
+use fake_discord::*;
+use harness::config::{self, DISCORD_AGENT as AGENT};
+use harness::rpc::delete_file;
+use harness::{Launch, Server};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use support::fake_discord::*;
-use support::keyturn::{self, delete_file, Server};
 
 const WAIT: Duration = Duration::from_secs(8);
 
-async fn setup() -> (FakeDiscord, Server, tempfile::TempDir) {
+async fn setup() -> (FakeDiscord, Server) {
     let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = keyturn::spawn(dir.path(), &keyturn::config(&fake.api_base()))
+    let server = Launch::new(dir, config::discord(&fake.api_base()))
+        .try_start_async()
         .await
         .unwrap_or_else(|f| panic!("serve did not start: {:?}\n{}", f.status, f.log));
     fake.wait_ready(WAIT).await.expect("bot ready");
     fake.wait_for_route("PUT /applications/*/guilds/*/commands", WAIT)
         .await
         .expect("commands registered");
-    (fake, server, dir)
+    (fake, server)
 }
 
 /// The first card whose buttons name a request matching `pred`.
@@ -158,8 +161,8 @@ fn all_posts_have_allowed_mentions(fake: &FakeDiscord) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn card_is_posted_and_an_approver_click_unblocks_the_agent() {
-    let (fake, server, _dir) = setup().await;
-    let agent = server.submit_waiting(delete_file());
+    let (fake, mut server) = setup().await;
+    let agent = server.submit_waiting_as(AGENT, delete_file());
     let card = first_card(&fake).await;
 
     // Fields, buttons, mentions.
@@ -233,7 +236,7 @@ async fn card_is_posted_and_an_approver_click_unblocks_the_agent() {
     let text = ephemeral_reply(&fake, &h2).await;
     assert!(text.starts_with("Already decided: approved"), "{text}");
     let status = server
-        .call("status", json!({"id": request_id(&card)}))
+        .admin_call("status", json!({"id": request_id(&card)}))
         .await
         .expect("status");
     assert_eq!(status["state"], "approved");
@@ -241,15 +244,15 @@ async fn card_is_posted_and_an_approver_click_unblocks_the_agent() {
     all_posts_have_allowed_mentions(&fake);
     fake.assert_no_violations();
     assert!(
-        server.stop().await.success(),
+        server.stop_async().await.success(),
         "clean shutdown with the bot running"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_with_reason_goes_through_the_modal() {
-    let (fake, server, _dir) = setup().await;
-    let agent = server.submit_waiting(delete_file());
+    let (fake, mut server) = setup().await;
+    let agent = server.submit_waiting_as(AGENT, delete_file());
     let card = first_card(&fake).await;
     let h = fake
         .click_button(card.id, &button(&card, "deny_reason"), DAVE)
@@ -280,16 +283,16 @@ async fn deny_with_reason_goes_through_the_modal() {
         "reason in a code block"
     );
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_approvers_self_approval_and_double_clicks_are_refused() {
-    let (fake, server, _dir) = setup().await;
+    let (fake, mut server) = setup().await;
     // On behalf of alice (100), who is also an approver.
     let mut p = delete_file();
     p["user_id"] = json!(ALICE.to_string());
-    let agent = server.submit_waiting(p);
+    let agent = server.submit_waiting_as(AGENT, p);
     let card = first_card(&fake).await;
 
     // Bob has no role.
@@ -305,7 +308,7 @@ async fn non_approvers_self_approval_and_double_clicks_are_refused() {
     let text = ephemeral_reply(&fake, &h).await;
     assert!(text.contains("own behalf"), "{text}");
     let s = server
-        .call("status", json!({"id": request_id(&card)}))
+        .admin_call("status", json!({"id": request_id(&card)}))
         .await
         .unwrap();
     assert_eq!(s["state"], "pending", "refusals change nothing");
@@ -331,15 +334,15 @@ async fn non_approvers_self_approval_and_double_clicks_are_refused() {
     assert!(text.starts_with("Already decided: approved"), "{text}");
     card_until(&fake, card.id, |m| m.components.is_empty()).await;
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_edits_the_card_and_late_clicks_are_refused() {
-    let (fake, server, _dir) = setup().await;
+    let (fake, mut server) = setup().await;
     let mut p = delete_file();
     p["timeout_secs"] = json!(1);
-    let agent = server.submit_waiting(p);
+    let agent = server.submit_waiting_as(AGENT, p);
     let card = first_card(&fake).await;
     let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
     assert_eq!(decision["state"], "timed_out");
@@ -359,13 +362,13 @@ async fn timeout_edits_the_card_and_late_clicks_are_refused() {
     let text = ephemeral_reply(&fake, &h).await;
     assert!(text.starts_with("Already decided: timed_out"), "{text}");
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_cancels_and_the_card_says_so() {
-    let (fake, server, _dir) = setup().await;
-    let agent = server.submit_waiting(delete_file());
+    let (fake, mut server) = setup().await;
+    let agent = server.submit_waiting_as(AGENT, delete_file());
     let card = first_card(&fake).await;
     // The agent's process dies mid-wait: its connection closes.
     agent.abort();
@@ -390,16 +393,16 @@ async fn a_client_that_goes_away_cancels_and_the_card_says_so() {
     let text = ephemeral_reply(&fake, &h).await;
     assert!(text.starts_with("Already decided: cancelled"), "{text}");
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cli_decision_edits_the_card() {
-    let (fake, server, _dir) = setup().await;
-    let agent = server.submit_waiting(delete_file());
+    let (fake, mut server) = setup().await;
+    let agent = server.submit_waiting_as(AGENT, delete_file());
     let card = first_card(&fake).await;
     let r = server
-        .call(
+        .admin_call(
             "deny",
             json!({"id": request_id(&card), "operator": "ops", "reason": "from the CLI"}),
         )
@@ -412,20 +415,20 @@ async fn a_cli_decision_edits_the_card() {
     assert!(title(&edited).contains("Denied"));
     assert!(edited.all_text().contains("from the CLI"));
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_the_card_and_its_deadline_and_catches_up() {
-    let (fake, server, dir) = setup().await;
-    let first = server.submit(delete_file()).await;
+    let (fake, mut server) = setup().await;
+    let first = server.submit_as(AGENT, delete_file()).await;
     let card = card_where(&fake, |m| {
         m.custom_ids()
             .iter()
             .any(|c| c.ends_with(first["request_id"].as_str().unwrap()))
     })
     .await;
-    let second = server.submit(delete_file()).await;
+    let second = server.submit_as(AGENT, delete_file()).await;
     let card2 = card_where(&fake, |m| {
         m.custom_ids()
             .iter()
@@ -434,26 +437,26 @@ async fn restart_keeps_the_card_and_its_deadline_and_catches_up() {
     .await;
     // Both message ids are recorded (the /pending links) before the crash.
     cards_recorded(&fake, 2).await;
-    server.kill9().await;
+    server.kill();
 
     // While keyturn is down, Discord stays up; the card still shows pending.
-    let cfg = keyturn::config(&fake.api_base());
+    let cfg = config::discord(&fake.api_base());
     // Decide the second request with the bot unable to post: start without
     // Discord, deny over the socket, stop.
     let no_bot = cfg.replace("token = \"fake-token\"", "token = \"\"");
-    let quiet = keyturn::spawn(dir.path(), &no_bot)
-        .await
-        .expect("restart without bot");
+    server.rewrite_config(&no_bot);
+    server.restart_async().await;
+    let mut quiet = server;
     quiet
-        .call(
+        .admin_call(
             "deny",
             json!({"id": second["request_id"], "reason": "while the bot was down"}),
         )
         .await
         .expect("deny");
     // A request queued while the bot is down.
-    let third = quiet.submit(delete_file()).await;
-    quiet.stop().await;
+    let third = quiet.submit_as(AGENT, delete_file()).await;
+    quiet.stop_async().await;
     assert_eq!(
         fake.message(card2.id).unwrap().custom_ids().len(),
         3,
@@ -461,7 +464,9 @@ async fn restart_keeps_the_card_and_its_deadline_and_catches_up() {
     );
 
     let posts_before = fake.calls_matching("POST /channels/*/messages").len();
-    let server = keyturn::spawn(dir.path(), &cfg).await.expect("restart");
+    let mut server = quiet;
+    server.rewrite_config(&cfg);
+    server.restart_async().await;
     // The stale card is brought up to date, the unposted one is posted.
     let edited = card_until(&fake, card2.id, |m| m.components.is_empty()).await;
     assert!(edited.all_text().contains("while the bot was down"));
@@ -480,7 +485,7 @@ async fn restart_keeps_the_card_and_its_deadline_and_catches_up() {
         "only the missing card is posted"
     );
     let s = server
-        .call("status", json!({"id": first["request_id"]}))
+        .admin_call("status", json!({"id": first["request_id"]}))
         .await
         .unwrap();
     assert_eq!(s["state"], "pending");
@@ -492,18 +497,18 @@ async fn restart_keeps_the_card_and_its_deadline_and_catches_up() {
     fake.wait_interaction_response(&h, WAIT).await.unwrap();
     card_until(&fake, card.id, |m| m.components.is_empty()).await;
     let s = server
-        .call("status", json!({"id": first["request_id"]}))
+        .admin_call("status", json!({"id": first["request_id"]}))
         .await
         .unwrap();
     assert_eq!(s["state"], "approved");
     assert_eq!(fake.messages_in(APPROVALS_CHANNEL_ID).len(), 3);
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pairing_by_dm_then_admin_approval() {
-    let (fake, server, _dir) = setup().await;
+    let (fake, mut server) = setup().await;
     fake.send_dm(BOB, "hello, can I use keyturn?").await;
     let dm = fake
         .wait_for_call(
@@ -574,19 +579,19 @@ async fn pairing_by_dm_then_admin_approval() {
         .dms_to(BOB)
         .iter()
         .any(|m| m.content.contains("now paired")));
-    let list = server.call("pairing.list", json!({})).await.unwrap();
+    let list = server.admin_call("pairing.list", json!({})).await.unwrap();
     assert!(list["paired"]
         .as_array()
         .unwrap()
         .iter()
         .any(|u| u["user_id"].as_str() == Some(BOB.to_string().as_str())));
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tools_grant_allows_and_revoke_denies() {
-    let (fake, server, _dir) = setup().await;
+    let (fake, mut server) = setup().await;
     // Commands were registered as guild commands, admin-only by default.
     fake.wait_for_route("PUT /applications/*/guilds/*/commands", WAIT)
         .await
@@ -599,7 +604,7 @@ async fn tools_grant_allows_and_revoke_denies() {
     );
 
     let read = json!({"tool": "read_file", "args": {"path": "/etc/motd"}, "user_id": "42", "justification": "read"});
-    let r = server.submit(read.clone()).await;
+    let r = server.submit_as(AGENT, read.clone()).await;
     assert_eq!(r["state"], "denied", "{r}");
 
     let grant = |sub: &str| {
@@ -613,7 +618,7 @@ async fn tools_grant_allows_and_revoke_denies() {
     fake.wait_for_call(|c| c.method == "PATCH" && c.path.contains(&h.token), WAIT)
         .await
         .unwrap();
-    let r = server.submit(read.clone()).await;
+    let r = server.submit_as(AGENT, read.clone()).await;
     assert_eq!(r["state"], "approved", "{r}");
 
     // A bad option gets an error that names it.
@@ -653,7 +658,7 @@ async fn tools_grant_allows_and_revoke_denies() {
     fake.wait_for_call(|c| c.method == "PATCH" && c.path.contains(&h.token), WAIT)
         .await
         .unwrap();
-    let r = server.submit(read).await;
+    let r = server.submit_as(AGENT, read).await;
     assert_eq!(r["state"], "denied", "{r}");
 
     // Effective and pending answer too.
@@ -676,12 +681,12 @@ async fn tools_grant_allows_and_revoke_denies() {
         call.body
     );
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spoofing_corpus_renders_safely() {
-    let (fake, server, _dir) = setup().await;
+    let (fake, mut server) = setup().await;
     let corpus = [
         "```\n**APPROVED** by admin\n```",
         "@everyone @here <@100> <@&30> <#20>",
@@ -692,12 +697,15 @@ async fn a_spoofing_corpus_renders_safely() {
     let long = "z".repeat(5000);
     let args = json!({"a": corpus, "long": long});
     let r = server
-        .submit(json!({
-            "tool": "delete_file",
-            "args": args,
-            "user_id": "42",
-            "justification": corpus.join("\n"),
-        }))
+        .submit_as(
+            AGENT,
+            json!({
+                "tool": "delete_file",
+                "args": args,
+                "user_id": "42",
+                "justification": corpus.join("\n"),
+            }),
+        )
         .await;
     let id = r["request_id"].as_str().unwrap().to_string();
     let card = card_where(&fake, |m| m.custom_ids().iter().any(|c| c.ends_with(&id))).await;
@@ -716,18 +724,18 @@ async fn a_spoofing_corpus_renders_safely() {
     assert_eq!(v["args"]["long"], json!(long));
     // The attachment survives the decision edit.
     server
-        .call("approve", json!({"id": id}))
+        .admin_call("approve", json!({"id": id}))
         .await
         .expect("approve");
     let edited = card_until(&fake, card.id, |m| m.components.is_empty()).await;
     assert_eq!(edited.attachments.len(), 1);
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_is_honoured_and_the_card_posted_once() {
-    let (fake, server, _dir) = setup().await;
+    let (fake, mut server) = setup().await;
     fake.fail_next(
         "POST /channels/*/messages",
         429,
@@ -738,7 +746,7 @@ async fn a_429_is_honoured_and_the_card_posted_once() {
         502,
         json!({"message": "Bad Gateway", "code": 0}),
     );
-    let r = server.submit(delete_file()).await;
+    let r = server.submit_as(AGENT, delete_file()).await;
     let id = r["request_id"].as_str().unwrap().to_string();
     card_where(&fake, |m| m.custom_ids().iter().any(|c| c.ends_with(&id))).await;
     let posts = fake.calls_matching("POST /channels/20/messages");
@@ -751,15 +759,15 @@ async fn a_429_is_honoured_and_the_card_posted_once() {
     );
     assert_eq!(fake.messages_in(APPROVALS_CHANNEL_ID).len(), 1);
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_token_makes_serve_fail_fast() {
     let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = keyturn::config(&fake.api_base()).replace("fake-token", "wrong-token");
-    let err = match keyturn::spawn(dir.path(), &cfg).await {
+    let cfg = config::discord(&fake.api_base()).replace("fake-token", "wrong-token");
+    let err = match Launch::new(dir, cfg).try_start_async().await {
         Ok(_) => panic!("serve started with a bad token"),
         Err(e) => e,
     };
@@ -771,15 +779,15 @@ async fn a_bad_token_makes_serve_fail_fast() {
         err.log
     );
     // Nothing was left behind.
-    assert!(!dir.path().join("k.sock").exists());
+    assert!(!err.dir.path().join("k.sock").exists());
 
     // An unreachable API no longer stops serve: see tests/discord_outage.rs.
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_click_during_a_gateway_disconnect_is_not_lost() {
-    let (fake, server, _dir) = setup().await;
-    let agent = server.submit_waiting(delete_file());
+    let (fake, mut server) = setup().await;
+    let agent = server.submit_waiting_as(AGENT, delete_file());
     let card = first_card(&fake).await;
     fake.disconnect_gateway().await;
     // Injected while the bot is disconnected: replayed when it resumes.
@@ -794,31 +802,36 @@ async fn a_click_during_a_gateway_disconnect_is_not_lost() {
     assert_eq!(decision["state"], "approved");
     card_until(&fake, card.id, |m| m.components.is_empty()).await;
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_is_posted_oldest_deadline_first() {
     let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = keyturn::config(&fake.api_base());
+    let cfg = config::discord(&fake.api_base());
     // Discord unusable: queue requests whose deadlines run opposite to
     // their submission order.
     let no_bot = cfg.replace("token = \"fake-token\"", "token = \"\"");
-    let quiet = keyturn::spawn(dir.path(), &no_bot).await.expect("start");
+    let mut quiet = Launch::new(dir, &no_bot)
+        .try_start_async()
+        .await
+        .expect("start");
     let mut ids = Vec::new();
     for secs in [600, 500, 400, 300, 200] {
         let mut p = delete_file();
         p["timeout_secs"] = json!(secs);
         ids.push(
-            quiet.submit(p).await["request_id"]
+            quiet.submit_as(AGENT, p).await["request_id"]
                 .as_str()
                 .unwrap()
                 .to_string(),
         );
     }
-    quiet.stop().await;
-    let server = keyturn::spawn(dir.path(), &cfg).await.expect("restart");
+    quiet.stop_async().await;
+    let mut server = quiet;
+    server.rewrite_config(&cfg);
+    server.restart_async().await;
     fake.wait_for_messages(APPROVALS_CHANNEL_ID, |m| (m.len() == 5).then_some(()), WAIT)
         .await
         .expect("all posted");
@@ -830,15 +843,18 @@ async fn a_backlog_is_posted_oldest_deadline_first() {
     ids.reverse();
     assert_eq!(posted, ids, "oldest deadline first");
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn critical_requests_need_the_admin_role() {
-    let (fake, server, _dir) = setup().await;
-    let agent = server.submit_waiting(json!({
-        "tool": "drop_db", "args": {"db": "prod"}, "user_id": "42", "justification": "reset",
-    }));
+    let (fake, mut server) = setup().await;
+    let agent = server.submit_waiting_as(
+        AGENT,
+        json!({
+            "tool": "drop_db", "args": {"db": "prod"}, "user_id": "42", "justification": "reset",
+        }),
+    );
     let card = first_card(&fake).await;
     assert_eq!(card.embeds[0]["color"], 0xE7_4C_3C);
     let am = card.allowed_mentions.clone().unwrap();
@@ -861,12 +877,12 @@ async fn critical_requests_need_the_admin_role() {
     assert_eq!(decision["state"], "approved");
     assert!(decision["who"].as_str().unwrap().contains("discord:102"));
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_discord_failing_requests_still_time_out_on_schedule() {
-    let (fake, server, _dir) = setup().await;
+    let (fake, mut server) = setup().await;
     for _ in 0..3 {
         fake.fail_next(
             "POST /channels/*/messages",
@@ -877,7 +893,7 @@ async fn with_discord_failing_requests_still_time_out_on_schedule() {
     let mut p = delete_file();
     p["timeout_secs"] = json!(1);
     let started = Instant::now();
-    let agent = server.submit_waiting(p);
+    let agent = server.submit_waiting_as(AGENT, p);
     let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
     assert_eq!(decision["state"], "timed_out");
     assert!(
@@ -895,12 +911,12 @@ async fn with_discord_failing_requests_still_time_out_on_schedule() {
     assert!(card.components.is_empty());
     assert_eq!(fake.messages_in(APPROVALS_CHANNEL_ID).len(), 1);
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fatal_gateway_close_reconnects_after_a_pause() {
-    let (fake, server, _dir) = setup().await;
+    let (fake, mut server) = setup().await;
     assert_eq!(fake.identify_count(), 1);
     let closed = Instant::now();
     fake.close_gateway(4004, "Authentication failed.").await;
@@ -913,7 +929,7 @@ async fn a_fatal_gateway_close_reconnects_after_a_pause() {
         "no pause before re-identifying: {gap:?}"
     );
     // The new session works.
-    let agent = server.submit_waiting(delete_file());
+    let agent = server.submit_waiting_as(AGENT, delete_file());
     let card = first_card(&fake).await;
     fake.wait_ready(WAIT).await.unwrap();
     let h = fake
@@ -925,20 +941,23 @@ async fn a_fatal_gateway_close_reconnects_after_a_pause() {
         "approved"
     );
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_person_rule_shows_the_count_on_the_card() {
     let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = keyturn::config(&fake.api_base()).replace(
+    let cfg = config::discord(&fake.api_base()).replace(
         "[risk.high]\ntimeout = \"30s\"",
         "[risk.high]\ntimeout = \"30s\"\napprovals = 2",
     );
-    let server = keyturn::spawn(dir.path(), &cfg).await.expect("start");
+    let mut server = Launch::new(dir, cfg)
+        .try_start_async()
+        .await
+        .expect("start");
     fake.wait_ready(WAIT).await.unwrap();
-    let agent = server.submit_waiting(delete_file());
+    let agent = server.submit_waiting_as(AGENT, delete_file());
     let card = first_card(&fake).await;
     let h = fake
         .click_button(card.id, &button(&card, "approve"), ALICE)
@@ -961,19 +980,19 @@ async fn two_person_rule_shows_the_count_on_the_card() {
     assert_eq!(decision["state"], "approved");
     card_until(&fake, card.id, |m| m.components.is_empty()).await;
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_cancel_edits_the_card() {
-    let (fake, server, _dir) = setup().await;
-    let r = server.submit(delete_file()).await;
+    let (fake, mut server) = setup().await;
+    let r = server.submit_as(AGENT, delete_file()).await;
     let id = r["request_id"].as_str().unwrap().to_string();
     let card = card_where(&fake, |m| m.custom_ids().iter().any(|c| c.ends_with(&id))).await;
     server
-        .call(
+        .admin_call(
             "cancel",
-            json!({"id": id, "agent": keyturn::AGENT, "reason": "task finished"}),
+            json!({"id": id, "agent": AGENT, "reason": "task finished"}),
         )
         .await
         .expect("cancel");
@@ -981,12 +1000,12 @@ async fn an_agent_cancel_edits_the_card() {
     assert!(title(&edited).contains("Cancelled"));
     assert!(edited.all_text().contains("task finished"));
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pair_pending_audit_and_list_commands_answer() {
-    let (fake, server, _dir) = setup().await;
+    let (fake, mut server) = setup().await;
     let reply = |h: InteractionHandle| {
         let fake = &fake;
         async move {
@@ -1007,7 +1026,7 @@ async fn pair_pending_audit_and_list_commands_answer() {
     let text = reply(fake.slash_command("pair", json!([]), ALICE).await).await;
     assert!(text.contains("already paired"), "{text}");
 
-    let r = server.submit(delete_file()).await;
+    let r = server.submit_as(AGENT, delete_file()).await;
     let id = r["request_id"].as_str().unwrap().to_string();
     let card = card_where(&fake, |m| m.custom_ids().iter().any(|c| c.ends_with(&id))).await;
     cards_recorded(&fake, 1).await;
@@ -1056,18 +1075,18 @@ async fn pair_pending_audit_and_list_commands_answer() {
     .await;
     assert!(text.contains(&BOB.to_string()), "{text}");
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 /// Click-to-agent latency. Run with `cargo test --release --test discord_cards -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn bench_click_to_agent_latency() {
-    let (fake, server, _dir) = setup().await;
+    let (fake, mut server) = setup().await;
     let n = 200;
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
-        let agent = server.submit_waiting(delete_file());
+        let agent = server.submit_waiting_as(AGENT, delete_file());
         let card = card_where(&fake, |m| !m.custom_ids().is_empty()).await;
         let start = Instant::now();
         fake.click_button(card.id, &button(&card, "approve"), ALICE)
@@ -1086,20 +1105,20 @@ async fn bench_click_to_agent_latency() {
         p(0.99),
         samples[n - 1]
     );
-    server.stop().await;
+    server.stop_async().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_card_shows_big_integers_exactly_and_verify_binds_them() {
     const APPROVED: &str = "123456789012345678901";
-    let (fake, server, _dir) = setup().await;
+    let (fake, server) = setup().await;
     let args: Value = serde_json::from_str(&format!(
         r#"{{"path":"/srv/x","keep_bytes":{APPROVED},"ratio":1.0}}"#
     ))
     .expect("args");
     let mut p = delete_file();
     p["args"] = args.clone();
-    let agent = server.submit_waiting(p);
+    let agent = server.submit_waiting_as(AGENT, p);
     let card = first_card(&fake).await;
     let text = card.all_text();
     assert!(text.contains(APPROVED), "{text}");
@@ -1117,9 +1136,9 @@ async fn the_card_shows_big_integers_exactly_and_verify_binds_them() {
     assert_eq!(decision["approved"], true, "{decision}");
 
     let verify = |args: Value| {
-        server.call(
+        server.admin_call(
             "verify",
-            json!({"agent": keyturn::AGENT, "id": request_id(&card), "args": args}),
+            json!({"agent": AGENT, "id": request_id(&card), "args": args}),
         )
     };
     let ok = verify(args.clone()).await.expect("verify");
@@ -1146,11 +1165,11 @@ async fn the_card_shows_big_integers_exactly_and_verify_binds_them() {
 /// around it, and an edited card promises only a file it has.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn card_details_are_compact_honest_and_readable() {
-    let (fake, server, _dir) = setup().await;
+    let (fake, mut server) = setup().await;
     let mut p = delete_file();
     p["justification"] = json!(format!("first{}last   word", "\n   \n\t".repeat(200)));
     p["args"] = json!({"path": "/srv/x", "note": "(see https://evil.example)"});
-    let agent = server.submit_waiting(p);
+    let agent = server.submit_waiting_as(AGENT, p);
     let card = first_card(&fake).await;
     let embed = &card.embeds[0];
     let description = embed["description"].as_str().unwrap();
@@ -1206,14 +1225,14 @@ async fn card_details_are_compact_honest_and_readable() {
     );
     assert!(footer.contains("reason truncated"), "{footer}");
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 /// Issue item 4: a second DM does not kill the live code; a new code only
 /// on request, and only a few per user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_dm_keeps_the_live_pairing_code() {
-    let (fake, server, _dir) = setup().await;
+    let (fake, mut server) = setup().await;
     // The n-th answer the bot sent Bob.
     let answers = |n: usize| {
         let fake = &fake;
@@ -1281,5 +1300,5 @@ async fn a_repeated_dm_keeps_the_live_pairing_code() {
     assert!(!approve(code1).await.contains("Paired user"));
     assert!(approve(newest).await.contains("Paired user"));
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }

@@ -3,23 +3,26 @@
 //! queued, rate limits per bucket and global, and permanent start-up errors.
 //! Every wait has a deadline; nothing sleeps but the fake's own outage timer.
 
-#[path = "discord_support/mod.rs"]
-mod support;
+mod fake_discord;
+mod harness;
 
+use fake_discord::*;
+use harness::config::{self, DISCORD_AGENT as AGENT};
+use harness::rpc::delete_file;
+use harness::{Launch, Server};
 use serde_json::json;
 use std::time::{Duration, Instant};
-use support::fake_discord::*;
-use support::keyturn::{self, delete_file, Server};
 
 const WAIT: Duration = Duration::from_secs(8);
 
 /// The test config with extra `[discord]` keys (it is the last section).
 fn config_with(api_base: &str, extra: &str) -> String {
-    format!("{}{extra}\n", keyturn::config(api_base))
+    format!("{}{extra}\n", config::discord(api_base))
 }
 
-async fn spawn(dir: &std::path::Path, cfg: &str) -> Server {
-    keyturn::spawn(dir, cfg)
+async fn spawn(cfg: &str) -> Server {
+    Launch::new(tempfile::tempdir().expect("tempdir"), cfg)
+        .try_start_async()
         .await
         .unwrap_or_else(|f| panic!("serve did not start: {:?}\n{}", f.status, f.log))
 }
@@ -35,7 +38,7 @@ fn request_id_of(m: &StoredMessage) -> String {
 async fn submit_with_timeout(server: &Server, secs: u64) -> String {
     let mut p = delete_file();
     p["timeout_secs"] = json!(secs);
-    server.submit(p).await["request_id"]
+    server.submit_as(AGENT, p).await["request_id"]
         .as_str()
         .expect("request_id")
         .to_string()
@@ -43,15 +46,7 @@ async fn submit_with_timeout(server: &Server, secs: u64) -> String {
 
 /// Waits until `pred` holds for the server's log.
 async fn log_until(server: &Server, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let log = server.log();
-        if pred(&log) {
-            return log;
-        }
-        assert!(Instant::now() < deadline, "log never matched:\n{log}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    server.wait_log_text_async(pred, WAIT).await
 }
 
 /// Issue item 1: cards queued during an outage are all posted within about
@@ -60,9 +55,8 @@ async fn log_until(server: &Server, pred: impl Fn(&str) -> bool) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_outage_every_card_is_posted_promptly_oldest_deadline_first() {
     let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap();
     let cfg = config_with(&fake.api_base(), "max_retry_pause = \"1s\"");
-    let server = spawn(dir.path(), &cfg).await;
+    let mut server = spawn(&cfg).await;
     fake.wait_ready(WAIT).await.expect("bot ready");
     let outage = Duration::from_secs(4);
     let recovered = fake.outage(outage, OutageMode::Unavailable);
@@ -111,7 +105,7 @@ async fn after_an_outage_every_card_is_posted_promptly_oldest_deadline_first() {
         .collect();
     assert_eq!(posted, ids, "oldest deadline first across the outage");
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 /// Issue item 2: a flood of 200 cards follows the bucket headers and the
@@ -129,24 +123,25 @@ async fn a_flood_of_cards_draws_no_429_and_goes_oldest_deadline_first() {
         ..FakeDiscordConfig::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = keyturn::config(&fake.api_base());
+    let cfg = config::discord(&fake.api_base());
     // Queue the flood with the bot off, deadlines in a scrambled order
     // 10 s apart (more than the whole submission takes).
     let no_bot = cfg.replace("token = \"fake-token\"", "token = \"\"");
-    let quiet = spawn(dir.path(), &no_bot).await;
+    let mut quiet = spawn(&no_bot).await;
     let mut by_deadline = Vec::new();
     for i in 0..N {
         let slot = (i * 7) % N;
         let id = submit_with_timeout(&quiet, 300 + slot * 10).await;
         by_deadline.push((slot, id));
     }
-    quiet.stop().await;
+    quiet.stop_async().await;
     by_deadline.sort();
     let expected: Vec<String> = by_deadline.into_iter().map(|(_, id)| id).collect();
 
     let started = Instant::now();
-    let server = spawn(dir.path(), &cfg).await;
+    let mut server = quiet;
+    server.rewrite_config(&cfg);
+    server.restart_async().await;
     fake.wait_for_messages(
         APPROVALS_CHANNEL_ID,
         |m| (m.len() == N as usize).then_some(()),
@@ -179,7 +174,7 @@ async fn a_flood_of_cards_draws_no_429_and_goes_oldest_deadline_first() {
         .collect();
     assert_eq!(posted, expected, "oldest deadline first");
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }
 
 /// Issue item 3: connection refused, 503s and silence at start leave the
@@ -192,9 +187,8 @@ async fn a_discord_outage_at_start_does_not_stop_serve() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let dir = tempfile::tempdir().unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let server = spawn(dir.path(), &config_with(&base, "start_timeout = \"1s\"")).await;
+    let mut server = spawn(&config_with(&base, "start_timeout = \"1s\"")).await;
     log_until(&server, |l| l.contains("DISCORD UNREACHABLE")).await;
     // The socket answers meanwhile.
     let id = submit_with_timeout(&server, 600).await;
@@ -212,19 +206,14 @@ async fn a_discord_outage_at_start_does_not_stop_serve() {
         .expect("card");
     assert_eq!(request_id_of(&card), id);
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 
     // 503s, then silence, at start.
     for mode in [OutageMode::Unavailable, OutageMode::Silence] {
         let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
         let recovered = fake.outage(Duration::from_secs(3), mode);
-        let dir = tempfile::tempdir().unwrap();
         let started = Instant::now();
-        let server = spawn(
-            dir.path(),
-            &config_with(&fake.api_base(), "start_timeout = \"1s\""),
-        )
-        .await;
+        let mut server = spawn(&config_with(&fake.api_base(), "start_timeout = \"1s\"")).await;
         let up = started.elapsed();
         assert!(
             Instant::now() < recovered,
@@ -240,7 +229,7 @@ async fn a_discord_outage_at_start_does_not_stop_serve() {
         assert_eq!(request_id_of(&card), id);
         eprintln!("{mode:?}: socket up {up:?} after start");
         fake.assert_no_violations();
-        server.stop().await;
+        server.stop_async().await;
     }
 }
 
@@ -252,28 +241,28 @@ async fn permanent_discord_errors_make_serve_exit() {
     let base = fake.api_base();
     let cases = [
         (
-            keyturn::config(&base).replace("fake-token", "wrong-token"),
+            config::discord(&base).replace("fake-token", "wrong-token"),
             "401",
         ),
         (
-            keyturn::config(&base)
+            config::discord(&base)
                 .replace("approvals_channel_id = 20", "approvals_channel_id = 999"),
             "approvals_channel_id 999",
         ),
         (
-            keyturn::config(&base).replace("guild_id = 10", "guild_id = 999"),
+            config::discord(&base).replace("guild_id = 10", "guild_id = 999"),
             "guild_id 999",
         ),
     ];
     for (cfg, needle) in cases {
         let dir = tempfile::tempdir().unwrap();
-        let err = match keyturn::spawn(dir.path(), &cfg).await {
+        let err = match Launch::new(dir, cfg).try_start_async().await {
             Ok(_) => panic!("serve started ({needle})"),
             Err(e) => e,
         };
         assert!(!err.status.expect("exited").success());
         assert!(err.log.contains(needle), "{needle}: {}", err.log);
-        assert!(!dir.path().join("k.sock").exists());
+        assert!(!err.dir.path().join("k.sock").exists());
     }
     fake.take_violations();
 
@@ -284,7 +273,10 @@ async fn permanent_discord_errors_make_serve_exit() {
     }
     let fake = FakeDiscord::start(fc).await;
     let dir = tempfile::tempdir().unwrap();
-    let err = match keyturn::spawn(dir.path(), &keyturn::config(&fake.api_base())).await {
+    let err = match Launch::new(dir, config::discord(&fake.api_base()))
+        .try_start_async()
+        .await
+    {
         Ok(_) => panic!("serve started without permission to post"),
         Err(e) => e,
     };
@@ -299,9 +291,9 @@ async fn permanent_discord_errors_make_serve_exit() {
 
 /// `keyturn health` on this server's agent socket: (exit code, JSON).
 fn health(server: &Server) -> (Option<i32>, serde_json::Value) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyturn"))
+    let out = std::process::Command::new(harness::BIN)
         .args(["health", "--json", "--socket"])
-        .arg(&server.socket)
+        .arg(server.socket())
         .output()
         .expect("run keyturn health");
     let v = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -338,13 +330,12 @@ async fn health_reports_an_unreachable_discord_and_its_recovery() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let dir = tempfile::tempdir().unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let cfg = format!(
         "{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
         config_with(&base, "start_timeout = \"1s\"")
     );
-    let server = spawn(dir.path(), &cfg).await;
+    let mut server = spawn(&cfg).await;
     let log = log_until(&server, |l| {
         l.contains("DISCORD UNREACHABLE") && l.contains("metrics listening on http://")
     })
@@ -430,5 +421,5 @@ async fn health_reports_an_unreachable_discord_and_its_recovery() {
         .unwrap();
     assert_eq!(status, 200, "{body}");
     fake.assert_no_violations();
-    server.stop().await;
+    server.stop_async().await;
 }

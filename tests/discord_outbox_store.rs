@@ -1,41 +1,22 @@
 //! The card outbox as the SQLite store keeps it: due order, versions that
 //! survive a change racing a post, and the reconcile after a restart.
 
+mod harness;
+
+use harness::fixture;
 #[allow(unused_imports)]
 use keyturn::app::ports::{AuditLog, Cards, Requests, Store};
 use keyturn::domain::request::{ApprovalRequest, RequestId, State, Vote};
 use keyturn::domain::Risk;
 use keyturn::store::SqliteStore;
-use serde_json::json;
-use uuid::Uuid;
 
 fn request(n: u128, deadline_ms: i64) -> ApprovalRequest {
-    ApprovalRequest {
-        id: RequestId(Uuid::from_u128(n)),
-        agent: "a".into(),
-        tool: "t".into(),
-        args: json!({}),
-        args_hash: "h".into(),
-        user_id: None,
-        channel_id: None,
-        justification: String::new(),
-        task_id: None,
-        idempotency_key: None,
-        risk: Risk::High,
-        approvals_required: 1,
-        admin_only: false,
-        rule: "risk_high".into(),
-        rule_detail: String::new(),
-        flags: vec![],
-        created_ms: 0,
-        deadline_ms,
-        state: State::Pending,
-        decided_by: None,
-        decided_who: None,
-        decided_reason: None,
-        decided_ms: None,
-        requester_uid: None,
-    }
+    fixture::request()
+        .id(n)
+        .risk(Risk::High)
+        .deadline(deadline_ms)
+        .state(State::Pending)
+        .build()
 }
 
 #[tokio::test]

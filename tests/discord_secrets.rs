@@ -1,13 +1,14 @@
 //! Secrets planted in a request's arguments and justification never reach
 //! Discord: not in the card, its edits, its attached JSON, nor any other call.
 
-#[path = "discord_support/mod.rs"]
-mod support;
+mod fake_discord;
+mod harness;
 
+use fake_discord::*;
+use harness::config::{self, DISCORD_AGENT as AGENT};
+use harness::Launch;
 use serde_json::json;
 use std::time::Duration;
-use support::fake_discord::*;
-use support::keyturn;
 
 const WAIT: Duration = Duration::from_secs(8);
 
@@ -33,7 +34,8 @@ fn planted() -> Vec<&'static str> {
 async fn planted_secrets_never_reach_discord() {
     let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = keyturn::spawn(dir.path(), &keyturn::config(&fake.api_base()))
+    let mut server = Launch::new(dir, config::discord(&fake.api_base()))
+        .try_start_async()
         .await
         .unwrap_or_else(|f| panic!("serve did not start: {:?}\n{}", f.status, f.log));
     fake.wait_ready(WAIT).await.expect("bot ready");
@@ -55,13 +57,16 @@ async fn planted_secrets_never_reach_discord() {
         // Long enough to be truncated on the card, so the JSON file is attached too.
         "padding": "x".repeat(3000),
     });
-    let agent = server.submit_waiting(json!({
-        "tool": "delete_file",
-        "args": args,
-        "user_id": "42",
-        "channel_id": "7",
-        "justification": format!("rotate {} and {}", s[1], s[4]),
-    }));
+    let agent = server.submit_waiting_as(
+        AGENT,
+        json!({
+            "tool": "delete_file",
+            "args": args,
+            "user_id": "42",
+            "channel_id": "7",
+            "justification": format!("rotate {} and {}", s[1], s[4]),
+        }),
+    );
     let card = fake
         .wait_for_messages(
             APPROVALS_CHANNEL_ID,
@@ -117,5 +122,5 @@ async fn planted_secrets_never_reach_discord() {
         assert!(!sent.contains(secret), "secret {secret:?} reached Discord");
     }
     fake.assert_no_violations();
-    server.kill9().await;
+    server.kill();
 }

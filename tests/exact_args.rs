@@ -5,9 +5,9 @@
 //! `--args` and in the Claude Code hook's `tool_input`, naming the key or
 //! number, and queues nothing. The real binary throughout.
 
-mod common;
+mod harness;
 
-use common::{run_with_stdin, Server, BIN};
+use harness::{config, run_with_stdin, Server, BIN};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -18,7 +18,7 @@ const OFF_BY_ONE: &str = "123456789012345678900";
 
 /// One raw line on a fresh connection (the agent side), its answer parsed.
 fn raw(s: &Server, line: &str) -> Value {
-    let mut sock = UnixStream::connect(&s.socket).expect("connect");
+    let mut sock = UnixStream::connect(s.socket()).expect("connect");
     writeln!(sock, "{line}").expect("write");
     let mut buf = String::new();
     BufReader::new(sock).read_line(&mut buf).expect("read");
@@ -59,7 +59,7 @@ fn verify_line(request: &str, args: &str) -> String {
 
 #[test]
 fn integers_beyond_64_bits_survive_display_hash_and_verify() {
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     let args = format!(r#"{{"to":"acct-1","amount":{APPROVED},"neg":-{APPROVED}}}"#);
     let r = raw(&s, &submit_line(1, &args));
     assert_eq!(r["result"]["state"], "pending", "{r}");
@@ -127,7 +127,7 @@ fn integers_beyond_64_bits_survive_display_hash_and_verify() {
 
 #[test]
 fn ambiguous_json_is_refused_on_the_socket_and_queues_nothing() {
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     let cases = [
         // (args, key or number named, pointer named)
         (
@@ -188,7 +188,7 @@ fn ambiguous_json_is_refused_on_the_socket_and_queues_nothing() {
 
 #[test]
 fn ambiguous_json_is_refused_by_the_cli_and_the_hook() {
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     // CLI --args: refused before anything is sent.
     for (args, named) in [
         (r#"{"path":"a","path":"b"}"#, "duplicate key `path`"),
@@ -217,7 +217,7 @@ fn ambiguous_json_is_refused_by_the_cli_and_the_hook() {
     let hook = || {
         let mut c = Command::new(BIN);
         c.args(["hook", "claude-code", "--socket"])
-            .arg(&s.socket)
+            .arg(s.socket())
             .env_remove("KEYTURN_AGENT")
             .env_remove("KEYTURN_CONFIG");
         c

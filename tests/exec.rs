@@ -1,15 +1,15 @@
 //! `keyturn exec` against a real server: runs only when approved, exit codes,
 //! minimal environment, command timeout and output truncation.
 
-mod common;
+mod harness;
 
-use common::{Server, BIN};
+use harness::{config, Server, BIN};
 use std::process::{Command, Output, Stdio};
 
 fn exec(s: &Server, extra: &[&str], cmd: &[&str]) -> Command {
     let mut c = Command::new(BIN);
     c.args(["exec", "--socket"])
-        .arg(&s.socket)
+        .arg(s.socket())
         .args(extra)
         .arg("--")
         .args(cmd);
@@ -38,7 +38,7 @@ risk = "high"
 
 #[test]
 fn approved_command_runs_with_a_minimal_environment() {
-    let s = Server::start(EXTRA);
+    let s = Server::start(config::claude_code, EXTRA);
     let (code, stdout, stderr) = out(exec(
         &s,
         &["--tool", "shell.ls"],
@@ -81,7 +81,7 @@ fn approved_command_runs_with_a_minimal_environment() {
 #[test]
 fn named_variables_are_kept_and_shown_to_the_approver() {
     let dir = tempfile::tempdir().expect("tmp");
-    let s = Server::start(EXTRA);
+    let s = Server::start(config::claude_code, EXTRA);
     // `[exec] keep_env` in the config the command names, plus --keep-env.
     let cfg = dir.path().join("exec.toml");
     std::fs::write(&cfg, "[exec]\nkeep_env = [\"AWS_SECRET_ACCESS_KEY\"]\n").expect("write");
@@ -142,7 +142,7 @@ fn named_variables_are_kept_and_shown_to_the_approver() {
 
 #[test]
 fn human_approval_runs_and_denial_exits_126_without_running() {
-    let s = Server::start(EXTRA);
+    let s = Server::start(config::claude_code, EXTRA);
     let dir = tempfile::tempdir().expect("tmp");
     let victim = dir.path().join("victim");
     std::fs::write(&victim, "x").expect("write");
@@ -179,7 +179,7 @@ fn human_approval_runs_and_denial_exits_126_without_running() {
 
 #[test]
 fn unattended_timeouts_and_unreachable_socket_exit_126() {
-    let s = Server::start(EXTRA);
+    let s = Server::start(config::claude_code, EXTRA);
     let (code, _, stderr) = out(&mut exec(
         &s,
         &["--tool", "shell.rm", "--unattended"],
@@ -211,7 +211,7 @@ fn unattended_timeouts_and_unreachable_socket_exit_126() {
 
 #[test]
 fn command_timeout_and_output_truncation() {
-    let s = Server::start(EXTRA);
+    let s = Server::start(config::claude_code, EXTRA);
     let started = std::time::Instant::now();
     let (code, _, stderr) = out(&mut exec(
         &s,
@@ -243,7 +243,7 @@ fn command_timeout_and_output_truncation() {
 #[test]
 fn a_waiting_exec_prints_the_request_id_and_how_to_approve_it() {
     use std::io::{BufRead, BufReader};
-    let s = Server::start(EXTRA);
+    let s = Server::start(config::claude_code, EXTRA);
     let mut child = exec(&s, &["--tool", "shell.rm"], &["true"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -2,14 +2,16 @@
 //! a config file holding a token, what may sit at the socket path, a
 //! database deleted under the running server, and `keyturn init`.
 
-mod support;
+mod harness;
 
+use harness::config;
+use harness::rpc::{err_code, submit};
+use harness::{run, Server};
 use serde_json::{json, Value};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
-use support::server::{base_config, err_code, submit, Server, BIN};
+use std::process::Output;
+use std::time::Duration;
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p)
@@ -26,72 +28,24 @@ fn db_files(dir: &Path) -> [PathBuf; 3] {
     ["k.db", "k.db-wal", "k.db-shm"].map(|n| dir.join(n))
 }
 
-/// Runs `keyturn ARGS --config CONFIG`, expecting it to exit within 20 s.
-fn run(args: &[&str], config: &Path) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env("NO_COLOR", "1")
-        .env_remove("KEYTURN_DISCORD_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn keyturn");
-    let until = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > until {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "keyturn {args:?} did not exit; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// SIGTERM, then wait (with a deadline) for a clean exit.
+/// SIGTERM, then a clean exit.
 fn stop(s: &mut Server) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(s.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = s.child.try_wait().expect("try_wait") {
-            assert!(status.success(), "serve exited with {status}");
-            return;
-        }
-        assert!(Instant::now() < until, "serve did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let status = s.stop();
+    assert!(status.success(), "serve exited with {status}");
 }
 
 /// Waits (with a deadline) until the server's log contains `needle`.
 fn wait_log(s: &Server, needle: &str) -> String {
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = s.log();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(Instant::now() < until, "no `{needle}` in the log:\n{log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    s.wait_log_text(|log| log.contains(needle), Duration::from_secs(10))
 }
 
 #[test]
 fn the_database_its_wal_and_shm_are_owner_only() {
-    let mut s = Server::start("");
+    let mut s = Server::start(config::files, "");
     let dir = s.dir.path().to_path_buf();
     for f in db_files(&dir) {
         assert_eq!(mode(&f), 0o600, "{}", f.display());
@@ -127,14 +81,14 @@ fn the_database_its_wal_and_shm_are_owner_only() {
 fn with_a_store_group_the_files_are_0660_and_in_that_group() {
     let dir = tempfile::tempdir().unwrap();
     let gid = nix::unistd::getgid().as_raw();
-    let text =
-        base_config(dir.path(), "").replace("[store]\n", &format!("[store]\ngroup = \"{gid}\"\n"));
+    let text = config::files(dir.path(), "")
+        .replace("[store]\n", &format!("[store]\ngroup = \"{gid}\"\n"));
     let s = Server::start_in(dir, &text);
     for f in db_files(s.dir.path()) {
         assert_eq!(mode(&f), 0o660, "{}", f.display());
         assert_eq!(std::fs::metadata(&f).unwrap().gid(), gid);
     }
-    let text = base_config(s.dir.path(), "")
+    let text = config::files(s.dir.path(), "")
         .replace("[store]\n", "[store]\ngroup = \"no-such-group-keyturn\"\n");
     let cfg = s.dir.path().join("other.toml");
     std::fs::write(&cfg, text).unwrap();
@@ -147,7 +101,7 @@ fn with_a_store_group_the_files_are_0660_and_in_that_group() {
 fn a_config_holding_a_token_must_not_be_readable_by_others() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("config.toml");
-    let text = base_config(dir.path(), "").replace(
+    let text = config::files(dir.path(), "").replace(
         "name = \"cli\"\n",
         "name = \"cli\"\ntoken = \"s3cret-agent-token\"\n",
     );
@@ -184,7 +138,7 @@ fn a_config_holding_a_token_must_not_be_readable_by_others() {
     assert!(!stderr(&out).contains("WARNING"), "{}", stderr(&out));
 
     // A token from the environment leaves nothing secret in the file.
-    std::fs::write(&cfg, base_config(dir.path(), "")).unwrap();
+    std::fs::write(&cfg, config::files(dir.path(), "")).unwrap();
     chmod(&cfg, 0o644);
     let out = run(&["check-config"], &cfg);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -195,7 +149,7 @@ fn serve_never_unlinks_anything_but_a_socket() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("config.toml");
     let with_socket = |sock: &str| {
-        let text = base_config(dir.path(), "").replace(
+        let text = config::files(dir.path(), "").replace(
             &format!("socket_path = \"{}\"", dir.path().join("k.sock").display()),
             &format!("socket_path = \"{sock}\""),
         );
@@ -246,7 +200,7 @@ fn serve_never_unlinks_anything_but_a_socket() {
 
 #[tokio::test]
 async fn a_database_deleted_under_the_server_fails_closed_and_is_not_recreated() {
-    let mut s = Server::start("");
+    let mut s = Server::start(config::files, "");
     let dir = s.dir.path().to_path_buf();
     let mut c = s.client().await;
     let ok = c
@@ -316,7 +270,7 @@ async fn a_database_deleted_under_the_server_fails_closed_and_is_not_recreated()
 
 #[test]
 fn a_database_replaced_under_the_server_fails_closed() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let dir = s.dir.path().to_path_buf();
     // Another file moved into the database's place (a restore done live).
     std::fs::write(dir.join("other.db"), b"").unwrap();
@@ -330,7 +284,7 @@ fn a_database_replaced_under_the_server_fails_closed() {
 fn leftover_wal_without_a_database_blocks_serve_and_init() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("config.toml");
-    std::fs::write(&cfg, base_config(dir.path(), "")).unwrap();
+    std::fs::write(&cfg, config::files(dir.path(), "")).unwrap();
     std::fs::write(dir.path().join("k.db-wal"), b"old frames").unwrap();
     let out = run(&["serve"], &cfg);
     assert_eq!(out.status.code(), Some(2));

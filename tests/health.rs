@@ -4,9 +4,9 @@
 //! fake Discord.) Every wait is on a log line or a polled value with a
 //! deadline.
 
-mod common;
+mod harness;
 
-use common::{Server, BIN};
+use harness::{config, Launch, Server, BIN};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::process::Command;
@@ -92,7 +92,7 @@ fn submit(s: &Server, tool: &str) -> Value {
 
 #[test]
 fn health_and_metrics_on_a_running_server() {
-    let s = Server::start(METRICS);
+    let s = Server::start(config::claude_code, METRICS);
     let addr = metrics_addr(&s);
 
     // `keyturn health`: exit 0, on the agent socket and on the admin socket.
@@ -108,7 +108,7 @@ fn health_and_metrics_on_a_running_server() {
     assert!(stdout.contains("discord: not configured"), "{stdout}");
     let out = Command::new(BIN)
         .args(["health", "--json", "--admin-socket"])
-        .arg(&s.admin_socket)
+        .arg(s.admin_socket())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -189,7 +189,7 @@ fn health_and_metrics_on_a_running_server() {
     assert!(text.trim_end().ends_with("# EOF"), "{text}");
 
     // Connections: one held open on the agent socket, then closed.
-    let held = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+    let held = std::os::unix::net::UnixStream::connect(s.socket()).unwrap();
     wait_sample(&addr, r#"keyturn_connections{socket="agent"}"#, 1.0);
     drop(held);
     wait_sample(&addr, r#"keyturn_connections{socket="agent"}"#, 0.0);
@@ -216,41 +216,23 @@ fn a_taken_metrics_port_stops_serve_at_start_with_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("k.sock");
-    let config = dir.path().join("config.toml");
-    let toml = common::with_demo(&format!(
+    let toml = config::with_demo(&format!(
         "[server]\nsocket_path = \"{}\"\n\n[store]\nurl = \"sqlite://{}\"\n\n{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
-        socket.display(),
+        dir.path().join("k.sock").display(),
         dir.path().join("k.db").display(),
-        common::BASE,
+        config::CLAUDE_CODE_BASE,
     ));
-    std::fs::write(&config, toml).unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Bounded: serve must exit by itself; kill it if it does not.
-    let until = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > until {
-            let _ = child.kill();
-            panic!("serve kept running with its metrics port taken");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    // Bounded: serve must exit by itself (it is killed at the start's deadline).
+    let Err(f) = Launch::new(dir, toml).try_start() else {
+        panic!("serve kept running with its metrics port taken");
+    };
+    let err = &f.log;
+    assert_eq!(f.status.and_then(|s| s.code()), Some(2), "{err}");
     assert!(err.contains("metrics.listen"), "{err}");
-    assert!(!socket.exists(), "the agent socket was left behind");
+    assert!(
+        !f.dir.path().join("k.sock").exists(),
+        "the agent socket was left behind"
+    );
     drop(taken);
 }
 
@@ -261,10 +243,10 @@ fn a_remote_metrics_address_needs_allow_remote() {
         let config = dir.path().join("config.toml");
         std::fs::write(
             &config,
-            common::with_demo(&format!(
+            config::with_demo(&format!(
                 "[server]\nsocket_path = \"{}\"\n{}\n[metrics]\n{extra}\n",
                 dir.path().join("k.sock").display(),
-                common::BASE
+                config::CLAUDE_CODE_BASE
             )),
         )
         .unwrap();

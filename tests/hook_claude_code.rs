@@ -3,9 +3,9 @@
 //! how it exits for allow, approve, deny, timeout, unattended, socket down
 //! and garbage.
 
-mod common;
+mod harness;
 
-use common::{run_with_stdin, Server, BIN};
+use harness::{config, run_with_stdin, Server, BIN};
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -52,8 +52,8 @@ fn run(cmd: Command, input: &[u8]) -> (i32, String, String) {
 
 #[test]
 fn low_risk_call_is_allowed_at_once() {
-    let s = Server::start("");
-    let (code, decision, reason) = run(hook(&s.socket, &[]), &fixture("read.json"));
+    let s = Server::start(config::claude_code, "");
+    let (code, decision, reason) = run(hook(s.socket(), &[]), &fixture("read.json"));
     assert_eq!((code, decision.as_str()), (0, "allow"), "{reason}");
     assert!(reason.contains("approved by policy"), "{reason}");
 
@@ -71,8 +71,8 @@ fn low_risk_call_is_allowed_at_once() {
 
 #[test]
 fn human_approval_allows_and_wakes_the_hook_quickly() {
-    let s = Server::start("");
-    let cmd = hook(&s.socket, &[]);
+    let s = Server::start(config::claude_code, "");
+    let cmd = hook(s.socket(), &[]);
     let waiting = std::thread::spawn(move || {
         let r = run(cmd, &fixture("bash.json"));
         (r, Instant::now())
@@ -91,15 +91,15 @@ fn human_approval_allows_and_wakes_the_hook_quickly() {
     assert!(wake < Duration::from_secs(2), "woke after {wake:?}");
 
     // Claude Code retrying the same tool_use_id re-attaches to the request.
-    let (_, decision, reason2) = run(hook(&s.socket, &[]), &fixture("bash.json"));
+    let (_, decision, reason2) = run(hook(s.socket(), &[]), &fixture("bash.json"));
     assert_eq!(decision, "allow");
     assert!(reason2.contains(&id), "{reason2}");
 }
 
 #[test]
 fn human_denial_denies_with_who_and_why_and_mcp_names_are_mapped() {
-    let s = Server::start("");
-    let cmd = hook(&s.socket, &[]);
+    let s = Server::start(config::claude_code, "");
+    let cmd = hook(s.socket(), &[]);
     let waiting = std::thread::spawn(move || run(cmd, &fixture("mcp.json")));
     let id = s.wait_queued("mcp.github.create_issue");
     s.deny(&id, "not on a Friday");
@@ -114,10 +114,12 @@ fn human_denial_denies_with_who_and_why_and_mcp_names_are_mapped() {
 
 #[test]
 fn own_timeout_denies_saying_timed_out_and_cancels_the_request() {
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     let started = Instant::now();
-    let (code, decision, reason) =
-        run(hook(&s.socket, &["--timeout", "1"]), &fixture("write.json"));
+    let (code, decision, reason) = run(
+        hook(s.socket(), &["--timeout", "1"]),
+        &fixture("write.json"),
+    );
     let took = started.elapsed();
     assert_eq!((code, decision.as_str()), (0, "deny"), "{reason}");
     assert!(reason.contains("timed out"), "{reason}");
@@ -138,19 +140,19 @@ fn own_timeout_denies_saying_timed_out_and_cancels_the_request() {
 
 #[test]
 fn unattended_flag_and_unattended_agent_deny_at_once() {
-    let s = Server::start("");
-    let (code, decision, reason) = run(hook(&s.socket, &["--unattended"]), &fixture("bash.json"));
+    let s = Server::start(config::claude_code, "");
+    let (code, decision, reason) = run(hook(s.socket(), &["--unattended"]), &fixture("bash.json"));
     assert_eq!((code, decision.as_str()), (0, "deny"), "{reason}");
     assert!(reason.contains("unattended"), "{reason}");
     let (_, decision, reason) = run(
-        hook(&s.socket, &["--agent", "robot"]),
+        hook(s.socket(), &["--agent", "robot"]),
         &fixture("bash.json"),
     );
     assert_eq!(decision, "deny", "{reason}");
     assert!(reason.contains("unattended"), "{reason}");
     // Low risk still runs unattended.
     let (_, decision, _) = run(
-        hook(&s.socket, &["--agent", "robot"]),
+        hook(s.socket(), &["--agent", "robot"]),
         &fixture("read.json"),
     );
     assert_eq!(decision, "allow");
@@ -204,8 +206,8 @@ fn server_stops_promptly_when_a_gone_agent_was_still_waiting() {
     // An agent gone mid-wait (a hook killed by Claude Code's own timeout)
     // leaves a call in flight on a closed connection; SIGTERM must still
     // stop the server at once.
-    let mut s = Server::start("");
-    let c = std::os::unix::net::UnixStream::connect(&s.socket).expect("connect");
+    let mut s = Server::start(config::claude_code, "");
+    let c = std::os::unix::net::UnixStream::connect(s.socket()).expect("connect");
     let mut r = std::io::BufReader::new(c);
     let submit = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "submit", "params": {
         "agent": "claude-code", "tool": "Bash", "args": {"command": "ls"}}});
@@ -232,12 +234,12 @@ fn server_stops_promptly_when_a_gone_agent_was_still_waiting() {
 
 #[test]
 fn other_hook_events_are_refused_naming_pretooluse() {
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     for event in ["PostToolUse", "UserPromptSubmit", "Stop"] {
         let mut v: Value = serde_json::from_slice(&fixture("bash.json")).expect("fixture json");
         v["hook_event_name"] = Value::from(event);
         let input = serde_json::to_vec(&v).expect("json");
-        let (code, out, err) = run_with_stdin(hook(&s.socket, &[]), &input);
+        let (code, out, err) = run_with_stdin(hook(s.socket(), &[]), &input);
         assert_eq!(code, 2, "{event}: {out} {err}");
         assert!(
             out.trim().is_empty(),
@@ -249,6 +251,6 @@ fn other_hook_events_are_refused_naming_pretooluse() {
         );
     }
     // Nothing was submitted.
-    let (code, out, _) = run_with_stdin(hook(&s.socket, &[]), &fixture("read.json"));
+    let (code, out, _) = run_with_stdin(hook(s.socket(), &[]), &fixture("read.json"));
     assert_eq!(parse(code, &out).1, "allow");
 }

@@ -3,9 +3,9 @@
 //! target/mcp), driven by a test client that speaks MCP over stdio. Without
 //! the package the test fails under `CI=true` and is skipped, loudly, elsewhere.
 
-mod common;
+mod harness;
 
-use common::{Server, BIN};
+use harness::{config, Server, BIN};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -157,7 +157,7 @@ effect = "deny"
 #[test]
 fn gates_a_real_filesystem_server() {
     let Some(server_js) = fs_server() else { return };
-    let s = Server::start(EXTRA);
+    let s = Server::start(config::claude_code, EXTRA);
     let root = s.dir.path().join("files");
     std::fs::create_dir(&root).expect("mkdir");
     std::fs::write(root.join("hello.txt"), "hi").expect("write");
@@ -166,7 +166,7 @@ fn gates_a_real_filesystem_server() {
         "--name".into(),
         "fs".into(),
         "--socket".into(),
-        s.socket.display().to_string(),
+        s.socket().display().to_string(),
         "--filter-tools".into(),
         "--approval-timeout".into(),
         "2s".into(),
@@ -276,13 +276,13 @@ fn gates_a_real_filesystem_server() {
 
 #[test]
 fn server_exit_answers_in_flight_requests_and_ends_the_proxy() {
-    let s = Server::start(EXTRA);
+    let s = Server::start(config::claude_code, EXTRA);
     // A stand-in server that reads one request, complains on stderr and dies.
     let mut c = Mcp::start(&[
         "--name".into(),
         "fs".into(),
         "--socket".into(),
-        s.socket.display().to_string(),
+        s.socket().display().to_string(),
         "--".into(),
         "sh".into(),
         "-c".into(),
@@ -320,12 +320,12 @@ fn server_exit_answers_in_flight_requests_and_ends_the_proxy() {
 
 #[test]
 fn unattended_proxy_denies_gated_calls_at_once() {
-    let s = Server::start(EXTRA);
+    let s = Server::start(config::claude_code, EXTRA);
     let mut c = Mcp::start(&[
         "--name".into(),
         "fs".into(),
         "--socket".into(),
-        s.socket.display().to_string(),
+        s.socket().display().to_string(),
         "--unattended".into(),
         "--".into(),
         "sh".into(),
@@ -346,7 +346,7 @@ fn silent_proxy(s: &Server) -> Mcp {
         "--name".into(),
         "fs".into(),
         "--socket".into(),
-        s.socket.display().to_string(),
+        s.socket().display().to_string(),
         "--".into(),
         "sh".into(),
         "-c".into(),
@@ -369,7 +369,7 @@ fn assert_withdrawn(s: &Server, id: &str) {
 
 #[test]
 fn a_cancelled_call_is_withdrawn_and_a_late_approval_runs_nothing() {
-    let s = Server::start(EXTRA);
+    let s = Server::start(config::claude_code, EXTRA);
     let mut c = silent_proxy(&s);
     let gated = c.request(
         "tools/call",
@@ -408,7 +408,7 @@ fn a_cancelled_call_is_withdrawn_and_a_late_approval_runs_nothing() {
 
 #[test]
 fn a_client_that_goes_away_withdraws_its_gated_calls() {
-    let s = Server::start(EXTRA);
+    let s = Server::start(config::claude_code, EXTRA);
     let mut c = silent_proxy(&s);
     c.request(
         "tools/call",
@@ -445,14 +445,14 @@ fn refused(c: &Mcp, id: u64, code: i64, needle: &str) {
 #[test]
 fn malformed_tools_calls_never_reach_the_real_server_nor_the_queue() {
     let Some(server_js) = fs_server() else { return };
-    let s = Server::start(EXTRA);
+    let s = Server::start(config::claude_code, EXTRA);
     let root = s.dir.path().join("files");
     std::fs::create_dir(&root).expect("mkdir");
     let mut c = Mcp::start(&[
         "--name".into(),
         "fs".into(),
         "--socket".into(),
-        s.socket.display().to_string(),
+        s.socket().display().to_string(),
         "--".into(),
         "node".into(),
         server_js.display().to_string(),
@@ -556,7 +556,7 @@ fn malformed_tools_calls_never_reach_the_real_server_nor_the_queue() {
 
 #[test]
 fn refused_lines_are_not_forwarded_to_the_server() {
-    let s = Server::start(EXTRA);
+    let s = Server::start(config::claude_code, EXTRA);
     let dir = tempfile::tempdir().expect("tempdir");
     let seen = dir.path().join("forwarded.jsonl");
     // A stand-in server that records every line it is given.
@@ -564,7 +564,7 @@ fn refused_lines_are_not_forwarded_to_the_server() {
         "--name".into(),
         "fs".into(),
         "--socket".into(),
-        s.socket.display().to_string(),
+        s.socket().display().to_string(),
         "--".into(),
         "sh".into(),
         "-c".into(),

@@ -6,9 +6,9 @@
 //! example config, an agent refusal names its real cause, and `request`
 //! prints the waiting request's id and how to approve it.
 
-mod common;
+mod harness;
 
-use common::BIN;
+use harness::{config, Server, BIN};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -285,10 +285,13 @@ fn the_integrations_agents_are_defined_and_a_refusal_names_its_cause() {
 #[test]
 fn agent_refusals_name_uid_and_token_causes_without_the_token() {
     let other_uid = nix::unistd::getuid().as_raw() + 4242;
-    let s = common::Server::start(&format!(
-        "[[agents]]\nname = \"tok\"\ntoken = \"s3cret-token-value\"\n\n\
+    let s = Server::start(
+        config::claude_code,
+        &format!(
+            "[[agents]]\nname = \"tok\"\ntoken = \"s3cret-token-value\"\n\n\
          [[agents]]\nname = \"elsewhere\"\nuids = [{other_uid}]\n"
-    ));
+        ),
+    );
     let msg = |agent: &str, token: Option<&str>| {
         let mut p = serde_json::json!({"agent": agent, "tool": "Read"});
         if let Some(t) = token {

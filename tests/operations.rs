@@ -4,18 +4,17 @@
 //! codes off a terminal and are JSON when asked, and completions and the man
 //! page come out of the binary. Everything runs through the real binary.
 
-mod common;
+mod harness;
 
-use common::BIN;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use harness::{closed_pipe, Launch, Server, Stderr, BIN};
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tempfile::TempDir;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -48,12 +47,6 @@ risk = "low"
     )
 }
 
-fn write_config(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text).expect("write config");
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-}
-
 const GRANT_READ: &str = r#"
 [[grants]]
 scope = "global"
@@ -61,65 +54,15 @@ tool = "Read"
 effect = "allow"
 "#;
 
-/// Lines of a pipe, as they come.
-fn lines(r: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
-fn wait_line(rx: &Receiver<String>, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let until = Instant::now() + WAIT;
-    loop {
-        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
-            Ok(l) if pred(&l) => return l,
-            Ok(_) => {}
-            Err(RecvTimeoutError::Timeout) => panic!("no {what} within {WAIT:?}"),
-            Err(RecvTimeoutError::Disconnected) => panic!("the process exited before {what}"),
-        }
-    }
-}
-
-/// `keyturn serve` with `stderr`, waited for until it listens. Returns the
-/// child and its stdout lines.
-fn serve(config: &Path, stderr: Stdio) -> (Child, Receiver<String>) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
+/// `keyturn serve` as an operator runs it (log level and colour left to the
+/// config and the terminal), stderr going to `stderr`; waited for until it
+/// listens.
+fn serve(dir: TempDir, text: &str, stderr: Stderr) -> Server {
+    Launch::new(dir, text)
         .env_remove("KEYTURN_LOG")
         .env_remove("NO_COLOR")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
         .stderr(stderr)
-        .spawn()
-        .expect("spawn keyturn serve");
-    let out = lines(child.stdout.take().expect("stdout"));
-    wait_line(&out, "the ready line", |l| {
-        l.starts_with("keyturn: listening on")
-    });
-    (child, out)
-}
-
-fn signal(child: &Child, sig: Signal) {
-    kill(Pid::from_raw(child.id() as i32), sig).expect("kill");
-}
-
-/// Waits for the child to exit, at most [`WAIT`].
-fn wait_exit(child: &mut Child) -> Option<ExitStatus> {
-    let until = Instant::now() + WAIT;
-    while Instant::now() < until {
-        if let Ok(Some(s)) = child.try_wait() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
+        .start()
 }
 
 fn rpc(socket: &Path, method: &str, params: Value) -> Value {
@@ -144,45 +87,33 @@ fn check_read(dir: &Path) -> String {
         .to_string()
 }
 
-/// A pipe whose read end is already closed: every write to it fails with
-/// EPIPE, from the first byte on (no race with a reader).
-fn dead_pipe() -> Stdio {
-    let (r, w) = nix::unistd::pipe().expect("pipe");
-    drop(r);
-    Stdio::from(w)
-}
-
 #[test]
 fn serve_with_a_dead_stderr_keeps_serving_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
-    write_config(&config, &config_text(dir.path(), GRANT_READ));
-    let (mut child, _out) = serve(&config, dead_pipe());
+    let text = config_text(dir.path(), GRANT_READ);
+    let mut s = serve(dir, &text, Stderr::Closed);
+    let dir = s.dir.path().to_path_buf();
     // Every call below logs; every log line hits EPIPE.
     for _ in 0..50 {
         let v = rpc(
-            &dir.path().join("k.sock"),
+            &dir.as_path().join("k.sock"),
             "submit",
             json!({"agent": "cli", "tool": "Read", "args": {"path": "/x"}}),
         );
         assert_eq!(v["result"]["state"], "approved", "{v}");
     }
-    signal(&child, Signal::SIGHUP);
+    s.signal(Signal::SIGHUP);
     assert_eq!(
-        check_read(dir.path()),
+        check_read(dir.as_path()),
         "allow",
         "still serving after SIGHUP"
     );
-    assert_eq!(
-        child.try_wait().expect("try_wait"),
-        None,
-        "SIGHUP killed serve"
-    );
-    signal(&child, Signal::SIGTERM);
-    let status = wait_exit(&mut child).expect("serve ignored SIGTERM");
+    assert_eq!(s.try_wait(), None, "SIGHUP killed serve");
+    s.signal(Signal::SIGTERM);
+    let status = s.wait_exit(WAIT).expect("serve ignored SIGTERM");
     assert!(status.success(), "{status:?}");
     assert!(
-        !dir.path().join("k.sock").exists(),
+        !dir.as_path().join("k.sock").exists(),
         "the socket is removed on shutdown"
     );
 }
@@ -192,10 +123,10 @@ fn sigint_after_stderr_died_mid_run_still_stops_serve() {
     // As with `keyturn serve 2>&1 | tee log` and Ctrl-C killing `tee`
     // first: stderr works at start, then its reader goes away.
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
-    write_config(&config, &config_text(dir.path(), GRANT_READ));
-    let (mut child, _out) = serve(&config, Stdio::piped());
-    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    let text = config_text(dir.path(), GRANT_READ);
+    let mut s = serve(dir, &text, Stderr::Pipe);
+    let dir = s.dir.path().to_path_buf();
+    let mut err = BufReader::new(s.take_stderr());
     // The ready line on stdout came after this log line was queued.
     let mut line = String::new();
     while !line.contains("keyturn is ready") {
@@ -206,78 +137,61 @@ fn sigint_after_stderr_died_mid_run_still_stops_serve() {
         );
     }
     drop(err); // `tee` is gone
-    signal(&child, Signal::SIGHUP); // logs into the dead pipe
+    s.signal(Signal::SIGHUP); // logs into the dead pipe
     for _ in 0..20 {
-        assert_eq!(check_read(dir.path()), "allow");
+        assert_eq!(check_read(dir.as_path()), "allow");
     }
-    signal(&child, Signal::SIGINT);
-    let status = wait_exit(&mut child).expect("serve ignored SIGINT");
+    s.signal(Signal::SIGINT);
+    let status = s.wait_exit(WAIT).expect("serve ignored SIGINT");
     assert!(status.success(), "{status:?}");
 }
 
 #[test]
 fn sighup_reloads_grants_says_so_and_keeps_serving() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
-    write_config(&config, &config_text(dir.path(), GRANT_READ));
-    let (mut child, _out) = serve(&config, Stdio::piped());
-    let err_pipe = child.stderr.take().expect("stderr");
-    let (tx, err) = std::sync::mpsc::channel();
-    let raw = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    {
-        let raw = raw.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
-                raw.lock().expect("lock").push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-    }
-    assert_eq!(check_read(dir.path()), "allow");
+    let text = config_text(dir.path(), GRANT_READ);
+    let mut s = serve(dir, &text, Stderr::Log);
+    let dir = s.dir.path().to_path_buf();
+    assert_eq!(check_read(dir.as_path()), "allow");
 
     // A file that does not load changes nothing.
-    write_config(&config, "this is not toml [");
-    signal(&child, Signal::SIGHUP);
-    wait_line(&err, "the refused reload line", |l| {
-        l.contains("SIGHUP: config not reloaded, nothing changed")
-    });
-    assert_eq!(check_read(dir.path()), "allow");
+    s.rewrite_config("this is not toml [");
+    s.signal(Signal::SIGHUP);
+    s.wait_log(
+        |l| l.contains("SIGHUP: config not reloaded, nothing changed"),
+        WAIT,
+    );
+    assert_eq!(check_read(dir.as_path()), "allow");
 
     // The grant leaves the file: after SIGHUP it no longer applies.
-    write_config(&config, &config_text(dir.path(), ""));
-    signal(&child, Signal::SIGHUP);
-    let line = wait_line(&err, "the reload line", |l| l.contains("SIGHUP: reloaded"));
+    s.rewrite_config(&config_text(dir.as_path(), ""));
+    s.signal(Signal::SIGHUP);
+    let line = s.wait_log(|l| l.contains("SIGHUP: reloaded"), WAIT);
     assert!(
         line.contains("config grants, tool risks, agent tokens and uids")
             && line.contains("log level keyturn=info"),
         "{line}"
     );
     assert_ne!(
-        check_read(dir.path()),
+        check_read(dir.as_path()),
         "allow",
         "the removed grant still applies"
     );
-    assert_eq!(
-        child.try_wait().expect("try_wait"),
-        None,
-        "SIGHUP killed serve"
-    );
+    assert_eq!(s.try_wait(), None, "SIGHUP killed serve");
 
     // The log level is reloaded too.
-    write_config(
-        &config,
-        &config_text(dir.path(), "[log]\nlevel = \"keyturn=debug\"\n"),
-    );
-    signal(&child, Signal::SIGHUP);
-    let line = wait_line(&err, "the second reload line", |l| {
-        l.contains("SIGHUP: reloaded")
-    });
+    s.rewrite_config(&config_text(
+        dir.as_path(),
+        "[log]\nlevel = \"keyturn=debug\"\n",
+    ));
+    s.signal(Signal::SIGHUP);
+    let line = s.wait_log(|l| l.contains("SIGHUP: reloaded"), WAIT);
     assert!(line.contains("log level keyturn=debug"), "{line}");
 
-    signal(&child, Signal::SIGTERM);
-    assert!(wait_exit(&mut child).expect("exit on SIGTERM").success());
+    s.signal(Signal::SIGTERM);
+    assert!(s.wait_exit(WAIT).expect("exit on SIGTERM").success());
     // stderr is a pipe, not a terminal: no colour codes anywhere.
-    let all = raw.lock().expect("lock").join("\n");
+    let all = s.log();
     assert!(all.contains("keyturn is ready"), "{all}");
     assert!(
         !all.contains("\u{1b}["),
@@ -288,19 +202,15 @@ fn sighup_reloads_grants_says_so_and_keeps_serving() {
 #[test]
 fn log_format_json_writes_one_object_per_line() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
-    write_config(
-        &config,
-        &config_text(
-            dir.path(),
-            &format!("{GRANT_READ}\n[log]\nformat = \"json\"\n"),
-        ),
+    let text = config_text(
+        dir.path(),
+        &format!("{GRANT_READ}\n[log]\nformat = \"json\"\n"),
     );
-    let (mut child, _out) = serve(&config, Stdio::piped());
-    let mut err_pipe = child.stderr.take().expect("stderr");
-    assert_eq!(check_read(dir.path()), "allow");
-    signal(&child, Signal::SIGTERM);
-    assert!(wait_exit(&mut child).expect("exit on SIGTERM").success());
+    let mut s = serve(dir, &text, Stderr::Pipe);
+    let mut err_pipe = s.take_stderr();
+    assert_eq!(check_read(s.dir.path()), "allow");
+    s.signal(Signal::SIGTERM);
+    assert!(s.wait_exit(WAIT).expect("exit on SIGTERM").success());
     let mut text = String::new();
     err_pipe.read_to_string(&mut text).expect("read stderr");
     let mut n = 0;
@@ -319,12 +229,12 @@ fn log_format_json_writes_one_object_per_line() {
 #[test]
 fn audit_export_into_a_closed_pipe_exits_quietly() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
-    write_config(&config, &config_text(dir.path(), GRANT_READ));
-    let (mut child, _out) = serve(&config, Stdio::null());
+    let text = config_text(dir.path(), GRANT_READ);
+    let mut s = serve(dir, &text, Stderr::Null);
+    let (dir, config) = (s.dir.path().to_path_buf(), s.config.clone());
     for _ in 0..5 {
         let v = rpc(
-            &dir.path().join("k.sock"),
+            &dir.as_path().join("k.sock"),
             "submit",
             json!({"agent": "cli", "tool": "Read", "args": {}}),
         );
@@ -342,7 +252,7 @@ fn audit_export_into_a_closed_pipe_exits_quietly() {
     let out = Command::new(BIN)
         .args(["audit", "export", "--config"])
         .arg(&config)
-        .stdout(dead_pipe())
+        .stdout(closed_pipe())
         .stderr(Stdio::piped())
         .output()
         .expect("run export");
@@ -350,8 +260,8 @@ fn audit_export_into_a_closed_pipe_exits_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(141), "{stderr}");
     assert_eq!(stderr, "", "a closed stdout is not an error to report");
-    signal(&child, Signal::SIGTERM);
-    assert!(wait_exit(&mut child).is_some());
+    s.signal(Signal::SIGTERM);
+    assert!(s.wait_exit(WAIT).is_some());
 }
 
 fn run_ok(args: &[&str]) -> String {
@@ -375,7 +285,7 @@ fn completions_and_man_page_come_from_the_binary() {
     // Into a closed pipe: no panic.
     let out = Command::new(BIN)
         .args(["man"])
-        .stdout(dead_pipe())
+        .stdout(closed_pipe())
         .stderr(Stdio::piped())
         .output()
         .expect("run man");
@@ -385,7 +295,6 @@ fn completions_and_man_page_come_from_the_binary() {
 #[test]
 fn sighup_never_moves_an_agent_onto_the_server_uid() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
     // Not a demo: the agent runs under another uid, with a token.
     let other = r#"
 [[agents]]
@@ -393,52 +302,46 @@ name = "cli"
 uids = [65534]
 token = "a-long-enough-agent-token-0123456789"
 "#;
-    write_config(&config, &config_with(dir.path(), false, other, GRANT_READ));
-    let (mut child, _out) = serve(&config, Stdio::piped());
-    let err = lines(child.stderr.take().expect("stderr"));
+    let text = config_with(dir.path(), false, other, GRANT_READ);
+    let mut s = serve(dir, &text, Stderr::Log);
+    let dir = s.dir.path().to_path_buf();
     // The same agent, now on the server's own uid: refused, nothing changes.
-    write_config(
-        &config,
-        &config_with(
-            dir.path(),
-            false,
-            "[[agents]]\nname = \"cli\"\n",
-            GRANT_READ,
-        ),
-    );
-    signal(&child, Signal::SIGHUP);
-    let line = wait_line(&err, "the refused reload line", |l| {
-        l.contains("SIGHUP: config not reloaded")
-    });
+    s.rewrite_config(&config_with(
+        dir.as_path(),
+        false,
+        "[[agents]]\nname = \"cli\"\n",
+        GRANT_READ,
+    ));
+    s.signal(Signal::SIGHUP);
+    let line = s.wait_log(|l| l.contains("SIGHUP: config not reloaded"), WAIT);
     assert!(line.contains("the uid Keyturn runs as"), "{line}");
-    signal(&child, Signal::SIGTERM);
-    assert!(wait_exit(&mut child).expect("exit on SIGTERM").success());
+    s.signal(Signal::SIGTERM);
+    assert!(s.wait_exit(WAIT).expect("exit on SIGTERM").success());
 }
 
 #[test]
 fn sighup_does_not_admit_an_agent_added_since_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
-    write_config(&config, &config_text(dir.path(), GRANT_READ));
-    let (mut child, _out) = serve(&config, Stdio::piped());
-    let err = lines(child.stderr.take().expect("stderr"));
+    let text = config_text(dir.path(), GRANT_READ);
+    let mut s = serve(dir, &text, Stderr::Log);
+    let dir = s.dir.path().to_path_buf();
     let agents = "[[agents]]\nname = \"cli\"\n\n[[agents]]\nname = \"newbie\"\n";
-    write_config(&config, &config_with(dir.path(), true, agents, GRANT_READ));
-    signal(&child, Signal::SIGHUP);
-    let line = wait_line(&err, "the reload line", |l| l.contains("SIGHUP: reloaded"));
+    s.rewrite_config(&config_with(dir.as_path(), true, agents, GRANT_READ));
+    s.signal(Signal::SIGHUP);
+    let line = s.wait_log(|l| l.contains("SIGHUP: reloaded"), WAIT);
     assert!(
         line.contains("agents added since start need a restart"),
         "{line}"
     );
     let v = rpc(
-        &dir.path().join("k.sock"),
+        &dir.as_path().join("k.sock"),
         "check",
         json!({"agent": "newbie", "tool": "Read", "args": {}}),
     );
     assert_eq!(v["error"]["data"]["code"], "agent_refused", "{v}");
-    assert_eq!(check_read(dir.path()), "allow");
-    signal(&child, Signal::SIGTERM);
-    assert!(wait_exit(&mut child).expect("exit on SIGTERM").success());
+    assert_eq!(check_read(dir.as_path()), "allow");
+    s.signal(Signal::SIGTERM);
+    assert!(s.wait_exit(WAIT).expect("exit on SIGTERM").success());
 }
 
 #[test]
@@ -446,26 +349,26 @@ fn serve_with_an_undrained_stderr_neither_blocks_nor_ignores_sigterm() {
     // stderr is a pipe whose reader is alive but never reads: once its
     // buffer (64 KiB on Linux) is full, a blocking write would wedge serve.
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
     let agents = "[[agents]]\nname = \"cli\"\nmax_pending = 10000\n";
     let deploy = "[[tools]]\nname = \"Deploy\"\nrisk = \"high\"\n\n[[grants]]\nscope = \"global\"\ntool = \"Deploy\"\neffect = \"allow\"\n";
-    write_config(&config, &config_with(dir.path(), true, agents, deploy));
-    let (mut child, _out) = serve(&config, Stdio::piped());
-    let mut stderr = child.stderr.take().expect("stderr");
+    let text = config_with(dir.path(), true, agents, deploy);
+    let mut s = serve(dir, &text, Stderr::Pipe);
+    let dir = s.dir.path().to_path_buf();
+    let mut stderr = s.take_stderr();
     const N: usize = 1500;
     let started = Instant::now();
     for i in 0..N {
         // Each queued call logs an INFO line of about 150 bytes.
         let v = rpc(
-            &dir.path().join("k.sock"),
+            &dir.as_path().join("k.sock"),
             "submit",
             json!({"agent": "cli", "tool": "Deploy", "args": {"n": i}}),
         );
         assert_eq!(v["result"]["state"], "pending", "call {i}: {v}");
     }
     let took = started.elapsed();
-    signal(&child, Signal::SIGTERM);
-    let status = wait_exit(&mut child).expect("serve ignored SIGTERM");
+    s.signal(Signal::SIGTERM);
+    let status = s.wait_exit(WAIT).expect("serve ignored SIGTERM");
     assert!(status.success(), "{status:?}");
     let mut text = String::new();
     stderr.read_to_string(&mut text).expect("read stderr");

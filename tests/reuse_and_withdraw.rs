@@ -8,9 +8,9 @@
 //!   request cancelled (`client_gone`), unless it detached, so an approver
 //!   cannot approve the orphan instead of the live call.
 
-mod common;
+mod harness;
 
-use common::{run_with_stdin, Server, BIN};
+use harness::{config, run_with_stdin, Server, BIN};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -47,7 +47,7 @@ fn agent_call(socket: &Path, method: &str, params: Value) -> Value {
 }
 
 fn status(s: &Server, id: &str) -> Value {
-    agent_call(&s.socket, "status", json!({"agent": "cli", "id": id}))["result"].clone()
+    agent_call(s.socket(), "status", json!({"agent": "cli", "id": id}))["result"].clone()
 }
 
 /// Waits for the server to log that `id`'s client went away.
@@ -71,10 +71,10 @@ fn assert_cancelled_client_gone(s: &Server, id: &str) {
 
 #[test]
 fn key_reused_for_another_call_is_refused_and_audited() {
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     let first = ["--tool", "Read", "--args", r#"{"path":"/srv/a"}"#];
     let (code, out, err) = output(request(
-        &s.socket,
+        s.socket(),
         &[&first[..], &["--idempotency-key", "step-1"]].concat(),
     ));
     assert_eq!(code, 0, "{out}{err}");
@@ -82,7 +82,7 @@ fn key_reused_for_another_call_is_refused_and_audited() {
 
     // The same key for `shell rm -rf /srv`, a tool granted nowhere.
     let (code, out, err) = output(request(
-        &s.socket,
+        s.socket(),
         &[
             "--tool",
             "shell",
@@ -102,7 +102,7 @@ fn key_reused_for_another_call_is_refused_and_audited() {
         &[&first[..], &["--task", "t2"]].concat()[..],
     ] {
         let (code, _, err) = output(request(
-            &s.socket,
+            s.socket(),
             &[extra, &["--idempotency-key", "step-1"]].concat(),
         ));
         assert_ne!(code, 0, "{err}");
@@ -111,7 +111,7 @@ fn key_reused_for_another_call_is_refused_and_audited() {
 
     // A true retry still gets its request back.
     let (code, out, err) = output(request(
-        &s.socket,
+        s.socket(),
         &[&first[..], &["--idempotency-key", "step-1"]].concat(),
     ));
     assert_eq!(code, 0, "{out}{err}");
@@ -140,12 +140,12 @@ fn key_reused_for_another_call_is_refused_and_audited() {
 
 #[test]
 fn racing_submits_with_one_key_have_exactly_one_winner() {
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     // Eight different calls under one key at once: the unique key and the
     // writer's in-transaction check leave one request; the rest conflict.
     let threads: Vec<_> = (0..8)
         .map(|i| {
-            let sock = s.socket.clone();
+            let sock = s.socket().to_path_buf();
             std::thread::spawn(move || {
                 agent_call(
                     &sock,
@@ -198,15 +198,15 @@ fn hook_decision(out: &str) -> (String, String) {
 
 #[test]
 fn hook_with_a_reused_tool_use_id_and_another_command_is_denied() {
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     let (_, out, _) = run_with_stdin(
-        hook(&s.socket),
+        hook(s.socket()),
         &hook_input("Read", json!({"file_path": "/a"}), "toolu_1"),
     );
     assert_eq!(hook_decision(&out).0, "allow", "{out}");
     // A local API that numbers tool ids per process hands out toolu_1 again.
     let (code, out, _) = run_with_stdin(
-        hook(&s.socket),
+        hook(s.socket()),
         &hook_input("Bash", json!({"command": "rm -rf /srv"}), "toolu_1"),
     );
     let (decision, reason) = hook_decision(&out);
@@ -288,9 +288,9 @@ fn gates_refuse_an_answer_about_another_call() {
 
 #[test]
 fn killing_a_waiting_request_cancels_it_with_client_gone() {
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     let mut waiting = request(
-        &s.socket,
+        s.socket(),
         &["--tool", "Bash", "--args", r#"{"command":"make deploy"}"#],
     )
     .stdout(Stdio::null())
@@ -308,12 +308,12 @@ fn killing_a_waiting_request_cancels_it_with_client_gone() {
 fn sigterm_on_exec_cancels_its_request() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     let dir = tempfile::tempdir().expect("tempdir");
     let marker = dir.path().join("ran");
     let mut waiting = Command::new(BIN)
         .args(["exec", "--tool", "Bash", "--socket"])
-        .arg(&s.socket)
+        .arg(s.socket())
         .args(["--", "touch"])
         .arg(&marker)
         .env_remove("KEYTURN_AGENT")
@@ -340,10 +340,10 @@ fn submit_raw(socket: &Path, params: Value) -> UnixStream {
 
 #[test]
 fn closing_a_waiting_connection_cancels_unless_detached() {
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     // Waiting, not detached: closing the connection cancels.
     let c = submit_raw(
-        &s.socket,
+        s.socket(),
         json!({"agent": "cli", "tool": "Bash", "args": {"n": 1}, "wait": true}),
     );
     let id = s.wait_queued("Bash");
@@ -353,7 +353,7 @@ fn closing_a_waiting_connection_cancels_unless_detached() {
 
     // Detached: the request outlives the connection and can be approved.
     let c = submit_raw(
-        &s.socket,
+        s.socket(),
         json!({"agent": "cli", "tool": "Bash", "args": {"n": 2}, "wait": true, "detach": true}),
     );
     let id = s.wait_queued("Bash");
@@ -368,7 +368,7 @@ fn closing_a_waiting_connection_cancels_unless_detached() {
 
     // `--no-wait` detaches; a later `wait` on it by id follows the rule again.
     let (code, out, _) = output(request(
-        &s.socket,
+        s.socket(),
         &[
             "--tool",
             "Bash",
@@ -388,7 +388,7 @@ fn closing_a_waiting_connection_cancels_unless_detached() {
         "pending",
         "--no-wait keeps it pending"
     );
-    let mut c = UnixStream::connect(&s.socket).expect("connect");
+    let mut c = UnixStream::connect(s.socket()).expect("connect");
     let line = json!({"jsonrpc": "2.0", "id": 1, "method": "wait",
                       "params": {"agent": "cli", "id": id}});
     writeln!(c, "{line}").expect("write");
@@ -401,9 +401,9 @@ fn closing_a_waiting_connection_cancels_unless_detached() {
 
 #[test]
 fn a_half_closed_peer_still_gets_its_answer() {
-    let s = Server::start("");
+    let s = Server::start(config::claude_code, "");
     let c = submit_raw(
-        &s.socket,
+        s.socket(),
         json!({"agent": "cli", "tool": "Bash", "args": {"n": 4}, "wait": true}),
     );
     // `echo … | socat`: done writing, still reading.

@@ -5,16 +5,13 @@
 //! or any CLI output. And: a copy of the database with one audit row edited,
 //! deleted or reordered fails `keyturn audit verify`, naming the row.
 
+mod harness;
+
+use harness::{Launch, Server};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_keyturn");
-const DEADLINE: Duration = Duration::from_secs(10);
+use tempfile::TempDir;
 
 /// Deterministic pseudo-random characters from `alphabet`, so each planted
 /// secret is unique to this test and cannot appear by accident.
@@ -150,19 +147,9 @@ fn needles(s: &[(&str, String)], agent_token: &str) -> Vec<(String, String)> {
     out
 }
 
-struct Server {
-    child: Child,
-    stdout: Arc<Mutex<Vec<u8>>>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
-}
-
-fn write_config(dir: &Path, db: &str) -> PathBuf {
-    let cfg = dir.join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
+fn config_text(db: &str) -> String {
+    format!(
+        r#"
 [server]
 socket_path = "k.sock"
 [store]
@@ -188,104 +175,21 @@ tool = "read_file"
 scope = "global"
 tool = "deploy"
 "#
-        ),
     )
-    .unwrap();
-    cfg
 }
 
-fn start(cfg: &Path, agent_token: &str) -> Server {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(cfg)
+/// `serve` in `dir` with debug logs of every crate and the agent's token
+/// from the environment.
+fn start(dir: TempDir, agent_token: &str) -> Server {
+    Launch::new(dir, config_text("k.db"))
         .env("KEYTURN_LOG", "debug")
         .env("KEYTURN_AGENT_CLI_TOKEN", agent_token)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = Arc::new(Mutex::new(Vec::new()));
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    let buf = stdout.clone();
-    let r1 = std::thread::spawn(move || {
-        let mut rd = BufReader::new(out);
-        let mut line = Vec::new();
-        while rd.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-            if line.starts_with(b"keyturn: listening on") {
-                let _ = ready_tx.send(());
-            }
-            buf.lock().unwrap().extend_from_slice(&line);
-            line.clear();
-        }
-    });
-    let mut err = child.stderr.take().unwrap();
-    let buf = stderr.clone();
-    let r2 = std::thread::spawn(move || {
-        let mut chunk = [0u8; 8192];
-        while let Ok(n) = err.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            buf.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
-    if ready_rx.recv_timeout(DEADLINE).is_err() {
-        let _ = child.kill();
-        panic!(
-            "server did not start: {}",
-            String::from_utf8_lossy(&stderr.lock().unwrap())
-        );
-    }
-    Server {
-        child,
-        stdout,
-        stderr,
-        readers: vec![r1, r2],
-    }
-}
-
-impl Server {
-    /// SIGTERM, wait for a clean exit, return (stdout, stderr).
-    fn stop(mut self) -> (String, String) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let until = Instant::now() + DEADLINE;
-        loop {
-            if self.child.try_wait().unwrap().is_some() {
-                break;
-            }
-            if Instant::now() > until {
-                let _ = self.child.kill();
-                panic!("server did not stop on SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        let out = String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned();
-        let err = String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned();
-        (out, err)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-    }
+        .start()
 }
 
 /// One CLI run: (exit code, stdout + stderr).
 fn cli(cfg: &Path, agent_token: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(cfg)
+    let out = harness::cli(cfg, args)
         .env("KEYTURN_LOG", "debug")
         .env("KEYTURN_AGENT_TOKEN", agent_token)
         .output()
@@ -320,13 +224,13 @@ fn contains(hay: &[u8], needle: &str) -> bool {
 #[test]
 fn planted_secrets_never_reach_disk_logs_or_cli_output() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "k.db");
     let token = format!("agent-tok-{}", rnd("agenttoken", 32, B62));
     let s = secrets();
     assert!(s.len() >= 12);
     let args = planted_args(&s).to_string();
     let why = planted_justification(&s);
-    let server = start(&cfg, &token);
+    let mut server = start(dir, &token);
+    let cfg = server.config.clone();
     let mut outputs: Vec<(String, String)> = Vec::new();
     let mut run = |label: &str, a: &[&str]| -> (i32, String) {
         let (code, out) = cli(&cfg, &token, a);
@@ -449,25 +353,25 @@ fn planted_secrets_never_reach_disk_logs_or_cli_output() {
     // The database while the server runs (main file, WAL, shared memory).
     let files: Vec<PathBuf> = ["k.db", "k.db-wal", "k.db-shm"]
         .iter()
-        .map(|f| dir.path().join(f))
+        .map(|f| server.dir.path().join(f))
         .collect();
     let live_db = read_all(&files);
     assert!(
         contains(&live_db, "[github_token:"),
         "the db holds masked args"
     );
-    let (stdout, stderr) = server.stop();
+    server.stop();
+    let log = server.log();
     let db_after = read_all(&files);
     assert!(
-        stderr.contains("queued for approval") && stderr.contains("DEBUG"),
-        "debug logs were captured: {stderr}"
+        log.contains("queued for approval") && log.contains("DEBUG"),
+        "debug logs were captured: {log}"
     );
 
     let mut places: Vec<(String, Vec<u8>)> = vec![
         ("db (live)".into(), live_db),
         ("db (after stop)".into(), db_after),
-        ("server stdout".into(), stdout.into_bytes()),
-        ("server stderr".into(), stderr.into_bytes()),
+        ("server stdout and stderr".into(), log.into_bytes()),
     ];
     places.extend(
         outputs
@@ -505,9 +409,8 @@ fn tamper(db: &Path, sql: &[&str]) {
 
 #[test]
 fn audit_verify_names_the_tampered_row_in_a_copied_database() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "k.db");
-    let server = start(&cfg, "t");
+    let mut server = start(tempfile::tempdir().unwrap(), "t");
+    let (dir, cfg) = (server.dir.path().to_path_buf(), server.config.clone());
     // Each call is decided at once by the policy: one audit entry each.
     for i in 0..8 {
         let (code, out) = cli(
@@ -553,16 +456,15 @@ fn audit_verify_names_the_tampered_row_in_a_copied_database() {
         let copy = tempfile::tempdir().unwrap();
         // The store's readers are read-only, so the WAL may outlive the
         // server: copy it with the database.
-        std::fs::copy(dir.path().join("k.db"), copy.path().join("k.db")).unwrap();
-        let wal = dir.path().join("k.db-wal");
+        std::fs::copy(dir.as_path().join("k.db"), copy.path().join("k.db")).unwrap();
+        let wal = dir.as_path().join("k.db-wal");
         if wal.exists() {
             std::fs::copy(&wal, copy.path().join("k.db-wal")).unwrap();
         }
         tamper(&copy.path().join("k.db"), sql);
-        let cfg = write_config(copy.path(), "k.db");
-        let server = start(&cfg, "t");
-        let (code, out) = cli(&cfg, "t", &["audit", "verify"]);
-        server.stop();
+        let mut copied = start(copy, "t");
+        let (code, out) = cli(&copied.config, "t", &["audit", "verify"]);
+        copied.stop();
         assert_eq!(code, 1, "{name}: {out}");
         assert!(out.contains(want), "{name}: want `{want}` in {out}");
     }
@@ -586,7 +488,7 @@ fn audit_verify_names_the_tampered_row_in_a_copied_database() {
             "BROKEN at entry 2",
         ),
     ] {
-        let f = dir.path().join(format!("{name}.jsonl"));
+        let f = dir.as_path().join(format!("{name}.jsonl"));
         std::fs::write(&f, l.join("\n")).unwrap();
         let (code, out) = cli(
             &cfg,
@@ -596,7 +498,7 @@ fn audit_verify_names_the_tampered_row_in_a_copied_database() {
         assert_eq!(code, 1, "{name}: {out}");
         assert!(out.contains(want), "{name}: want `{want}` in {out}");
     }
-    let f = dir.path().join("good.jsonl");
+    let f = dir.as_path().join("good.jsonl");
     std::fs::write(&f, &export).unwrap();
     let (code, out) = cli(
         &cfg,
@@ -614,7 +516,7 @@ fn audit_verify_names_the_tampered_row_in_a_copied_database() {
             &["audit", "verify", "--file", f.to_str().unwrap()],
         )
     };
-    let server = start(&cfg, "t");
+    server.restart();
     let (code, out) = cli(&cfg, "t", &["audit", "prune"]);
     assert_eq!(code, 2, "retention is off, so the age must be given: {out}");
     let (code, out) = cli(&cfg, "t", &["audit", "prune", "--older-than-days", "0"]);
@@ -634,7 +536,7 @@ fn audit_verify_names_the_tampered_row_in_a_copied_database() {
     server.stop();
     let lines: Vec<&str> = pruned_export.lines().collect();
     assert!(lines[0].contains("\"checkpoint\""), "{pruned_export}");
-    let f = dir.path().join("pruned.jsonl");
+    let f = dir.as_path().join("pruned.jsonl");
     std::fs::write(&f, lines.join("\n")).unwrap();
     let (code, out) = verify_file(&f);
     assert_eq!(code, 0, "{out}");

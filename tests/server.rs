@@ -1,12 +1,14 @@
 //! The real server on a temporary socket and database, driven as a client.
 
-mod support;
+mod harness;
 
+use harness::config;
+use harness::rpc::{err_code, submit, wait_pending};
+use harness::Server;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream as StdStream;
 use std::time::Duration;
-use support::server::{err_code, submit, Server};
 
 async fn submit_no_wait(s: &Server, tool: &str, extra: Value) -> Value {
     s.client()
@@ -22,7 +24,7 @@ fn id_of(v: &Value) -> String {
 
 #[tokio::test]
 async fn approve_unblocks_the_waiting_agent() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let r = submit_no_wait(&s, "delete_file", json!({})).await;
     assert_eq!(r["state"], "pending");
     assert_eq!(r["rule"], "risk_high");
@@ -58,7 +60,7 @@ async fn approve_unblocks_the_waiting_agent() {
 
 #[tokio::test]
 async fn deny_with_reason_is_reported_as_a_human_denial() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let r = submit_no_wait(&s, "delete_file", json!({})).await;
     let mut admin = s.client().await;
     admin
@@ -79,7 +81,7 @@ async fn deny_with_reason_is_reported_as_a_human_denial() {
 
 #[tokio::test]
 async fn unanswered_request_times_out_as_a_denial_distinct_from_a_human_no() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let t0 = std::time::Instant::now();
     let d = s
         .client()
@@ -106,7 +108,7 @@ async fn unanswered_request_times_out_as_a_denial_distinct_from_a_human_no() {
 
 #[tokio::test]
 async fn cancel_ends_the_request_and_wakes_waiters() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let r = submit_no_wait(&s, "delete_file", json!({})).await;
     let id = id_of(&r);
     let mut agent = s.client().await;
@@ -142,7 +144,7 @@ async fn cancel_ends_the_request_and_wakes_waiters() {
 
 #[tokio::test]
 async fn idempotent_resubmit_returns_the_same_request() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let a = submit_no_wait(&s, "delete_file", json!({"idempotency_key": "call-1"})).await;
     let b = submit_no_wait(&s, "delete_file", json!({"idempotency_key": "call-1"})).await;
     assert_eq!(id_of(&a), id_of(&b));
@@ -154,7 +156,7 @@ async fn idempotent_resubmit_returns_the_same_request() {
 
 #[tokio::test]
 async fn wait_resumes_after_reconnect() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let r = {
         let mut first = s.client().await;
         first
@@ -182,7 +184,7 @@ async fn wait_resumes_after_reconnect() {
 
 #[tokio::test]
 async fn restart_after_sigkill_keeps_pending_requests_and_deadlines() {
-    let mut s = Server::start("");
+    let mut s = Server::start(config::files, "");
     let short = submit_no_wait(&s, "delete_file", json!({"timeout_secs": 3})).await;
     let long = submit_no_wait(&s, "delete_file", json!({"timeout_secs": 600})).await;
     let short_deadline = short["deadline_ms"].as_i64().unwrap();
@@ -229,10 +231,9 @@ async fn restart_after_sigkill_keeps_pending_requests_and_deadlines() {
 
 #[tokio::test]
 async fn overdue_requests_time_out_at_once_after_restart() {
-    let mut s = Server::start("");
+    let mut s = Server::start(config::files, "");
     let r = submit_no_wait(&s, "delete_file", json!({"timeout_secs": 1})).await;
-    s.child.kill().unwrap();
-    s.child.wait().unwrap();
+    s.kill();
     // Stay down past the deadline (wall clock; the server is not running).
     std::thread::sleep(Duration::from_millis(1200));
     s.kill_and_restart();
@@ -280,7 +281,7 @@ impl Raw {
 #[tokio::test]
 async fn malformed_and_oversized_lines_get_errors_and_the_connection_stays_usable() {
     let dir = tempfile::tempdir().unwrap();
-    let text = support::server::base_config(dir.path(), "").replace(
+    let text = config::files(dir.path(), "").replace(
         "[server]\n",
         "[server]\nmax_line_bytes = 4096\nmax_args_bytes = 1024\n",
     );
@@ -325,7 +326,7 @@ async fn malformed_and_oversized_lines_get_errors_and_the_connection_stays_usabl
 
 #[tokio::test]
 async fn a_line_split_around_another_calls_reply_is_read_whole() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     let mut raw = Raw::connect(&s);
     // One whole call and the first half of the next in one write; the first
     // call's reply goes out while the server holds half a line.
@@ -349,7 +350,7 @@ async fn a_line_split_around_another_calls_reply_is_read_whole() {
 async fn a_peer_whose_uid_is_not_configured_is_refused() {
     // Neither an admin nor any agent may connect from this uid.
     let dir = tempfile::tempdir().unwrap();
-    let text = support::server::base_config(dir.path(), "[admin]\nuids = [4000000001]\n")
+    let text = config::files(dir.path(), "[admin]\nuids = [4000000001]\n")
         .replace("name = \"bot\"", "name = \"bot\"\nuids = [4000000002]")
         .replace("name = \"cli\"", "name = \"cli\"\nuids = [4000000002]");
     let s = Server::start_in(dir, &text);
@@ -360,7 +361,7 @@ async fn a_peer_whose_uid_is_not_configured_is_refused() {
 
 #[tokio::test]
 async fn admin_methods_are_refused_to_non_admins() {
-    let s = Server::start("[admin]\nuids = [4000000001]\n");
+    let s = Server::start(config::files, "[admin]\nuids = [4000000001]\n");
     let mut c = s.agent_client().await;
     for (method, params) in [
         ("pending", json!({})),
@@ -388,7 +389,7 @@ async fn admin_methods_are_refused_to_non_admins() {
 
 #[tokio::test]
 async fn policy_decisions_name_their_rule() {
-    let s = Server::start("[limits]\nagent_rate = \"2/min\"\n");
+    let s = Server::start(config::files, "[limits]\nagent_rate = \"2/min\"\n");
     let mut c = s.client().await;
     let r = c
         .call("submit", submit("read_file", json!({})))
@@ -440,8 +441,8 @@ async fn policy_decisions_name_their_rule() {
 #[tokio::test]
 async fn pending_requests_per_agent_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let text = support::server::base_config(dir.path(), "")
-        .replace("name = \"bot\"", "name = \"bot\"\nmax_pending = 2");
+    let text =
+        config::files(dir.path(), "").replace("name = \"bot\"", "name = \"bot\"\nmax_pending = 2");
     let s = Server::start_in(dir, &text);
     let mut c = s.client().await;
     for _ in 0..2 {
@@ -465,8 +466,8 @@ async fn pending_requests_per_agent_are_bounded() {
 #[tokio::test]
 async fn grants_revokes_and_audit_over_the_socket() {
     let dir = tempfile::tempdir().unwrap();
-    let text = support::server::base_config(dir.path(), "")
-        .replace("[[grants]]\nscope = \"global\"\ntool = \"*\"", "");
+    let text =
+        config::files(dir.path(), "").replace("[[grants]]\nscope = \"global\"\ntool = \"*\"", "");
     let s = Server::start_in(dir, &text);
     let mut c = s.client().await;
     let r = c
@@ -538,7 +539,7 @@ async fn grants_revokes_and_audit_over_the_socket() {
 
 #[tokio::test]
 async fn racing_deciders_exactly_one_wins() {
-    let s = Server::start("");
+    let s = Server::start(config::files, "");
     for _ in 0..10 {
         let r = submit_no_wait(&s, "delete_file", json!({})).await;
         let id = id_of(&r);
@@ -562,12 +563,8 @@ async fn racing_deciders_exactly_one_wins() {
 
 #[test]
 fn a_second_instance_on_the_same_socket_fails_clearly() {
-    let s = Server::start("");
-    let out = std::process::Command::new(support::server::BIN)
-        .args(["serve", "--config"])
-        .arg(&s.config)
-        .output()
-        .unwrap();
+    let s = Server::start(config::files, "");
+    let out = harness::serve_command(&s.config).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already listening"), "{err}");
@@ -580,7 +577,7 @@ fn a_stale_socket_file_is_replaced() {
     let sock = dir.path().join("k.sock");
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());
-    let text = support::server::base_config(dir.path(), "");
+    let text = config::files(dir.path(), "");
     let s = Server::start_in(dir, &text);
     assert!(StdStream::connect(s.socket()).is_ok());
     use std::os::unix::fs::PermissionsExt;
@@ -591,8 +588,8 @@ fn a_stale_socket_file_is_replaced() {
 #[tokio::test]
 async fn connections_beyond_the_limit_are_refused_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let text = support::server::base_config(dir.path(), "")
-        .replace("[server]\n", "[server]\nmax_connections = 2\n");
+    let text =
+        config::files(dir.path(), "").replace("[server]\n", "[server]\nmax_connections = 2\n");
     let s = Server::start_in(dir, &text);
     let mut a = s.agent_client().await;
     let mut b = s.agent_client().await;
@@ -619,7 +616,7 @@ async fn connections_beyond_the_limit_are_refused_with_a_reason() {
 fn group_mode_sets_the_socket_group() {
     let gid = nix::unistd::getgid().as_raw();
     let dir = tempfile::tempdir().unwrap();
-    let text = support::server::base_config(dir.path(), "").replace(
+    let text = config::files(dir.path(), "").replace(
         "[server]\n",
         &format!("[server]\nsocket_mode = \"0660\"\nsocket_group = \"{gid}\"\n"),
     );
@@ -630,46 +627,11 @@ fn group_mode_sets_the_socket_group() {
     assert_eq!(meta.gid(), gid);
 }
 
-/// Waits (with a deadline) until the server's log has `needle` `n` times.
-fn wait_log(s: &Server, needle: &str, n: usize) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while s.log().matches(needle).count() < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {needle:?} in the log:\n{}",
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Waits (with a deadline) for the server process to exit.
-fn wait_exit(s: &mut Server, within: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            return Some(st);
-        }
-        if std::time::Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn sigterm(s: &Server) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(s.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-}
-
 #[test]
 fn sigterm_exits_within_the_drain_while_a_client_reads_no_replies() {
     let dir = tempfile::tempdir().unwrap();
-    let text = support::server::base_config(dir.path(), "")
-        .replace("[server]\n", "[server]\nshutdown_drain = \"1s\"\n");
+    let text =
+        config::files(dir.path(), "").replace("[server]\n", "[server]\nshutdown_drain = \"1s\"\n");
     let mut s = Server::start_in(dir, &text);
     // A client that sends calls and never reads their replies, until the
     // server stops reading too (it is stuck writing to this client): the
@@ -701,8 +663,9 @@ fn sigterm_exits_within_the_drain_while_a_client_reads_no_replies() {
     // An agent with a call in flight that does read: it is answered
     // during the drain or closed at its end, never left hanging.
     let t = std::time::Instant::now();
-    sigterm(&s);
-    let st = wait_exit(&mut s, Duration::from_secs(4))
+    s.sigterm();
+    let st = s
+        .wait_exit(Duration::from_secs(4))
         .unwrap_or_else(|| panic!("serve still running 4 s after SIGTERM; log:\n{}", s.log()));
     assert!(st.success(), "{st:?}");
     assert!(
@@ -716,8 +679,8 @@ fn sigterm_exits_within_the_drain_while_a_client_reads_no_replies() {
 #[tokio::test]
 async fn deadlines_keep_running_during_the_drain_and_the_call_is_answered() {
     let dir = tempfile::tempdir().unwrap();
-    let text = support::server::base_config(dir.path(), "")
-        .replace("[server]\n", "[server]\nshutdown_drain = \"30s\"\n");
+    let text =
+        config::files(dir.path(), "").replace("[server]\n", "[server]\nshutdown_drain = \"30s\"\n");
     let mut s = Server::start_in(dir, &text);
     let mut agent = Raw::connect(&s);
     let line = json!({"jsonrpc": "2.0", "id": 7, "method": "submit",
@@ -727,15 +690,16 @@ async fn deadlines_keep_running_during_the_drain_and_the_call_is_answered() {
         .write_all(format!("{line}\n").as_bytes())
         .unwrap();
     let mut admin = s.client().await;
-    support::server::wait_pending(&mut admin, 1).await;
+    wait_pending(&mut admin, 1).await;
     drop(admin);
-    sigterm(&s);
+    s.sigterm();
     // The scheduler still runs while the call is in flight: the request
     // times out and its answer reaches the agent before the server exits.
     let v = agent.read();
     assert_eq!(v["id"], 7, "{v}");
     assert_eq!(v["result"]["state"], "timed_out", "{v}");
-    let st = wait_exit(&mut s, Duration::from_secs(10))
+    let st = s
+        .wait_exit(Duration::from_secs(10))
         .unwrap_or_else(|| panic!("serve still running; log:\n{}", s.log()));
     assert!(st.success());
     // New clients are refused, not left unanswered.
@@ -745,7 +709,7 @@ async fn deadlines_keep_running_during_the_drain_and_the_call_is_answered() {
 #[tokio::test]
 async fn idle_connections_of_an_agent_do_not_lock_admins_out() {
     let dir = tempfile::tempdir().unwrap();
-    let text = support::server::base_config(dir.path(), "").replace(
+    let text = config::files(dir.path(), "").replace(
         "[server]\n",
         "[server]\nmax_connections = 8\nmax_connections_per_uid = 4\n",
     );
@@ -765,7 +729,10 @@ async fn idle_connections_of_an_agent_do_not_lock_admins_out() {
     // The client reports the server's refusal even when its own write
     // finds the connection already closed (not `Broken pipe`).
     let mut late = s.agent_client().await;
-    wait_log(&s, "refused a connection and closed it", 2);
+    s.wait_log_text(
+        |l| l.matches("refused a connection and closed it").count() >= 2,
+        Duration::from_secs(10),
+    );
     let e = late.call("ping", json!({})).await.unwrap_err();
     assert!(e.to_string().contains("max_connections_per_uid"), "{e}");
     // The admin socket has its own budget: admins still get in.
@@ -781,7 +748,7 @@ async fn idle_connections_of_an_agent_do_not_lock_admins_out() {
 #[test]
 fn the_cli_prints_the_refusal_not_broken_pipe() {
     let dir = tempfile::tempdir().unwrap();
-    let text = support::server::base_config(dir.path(), "")
+    let text = config::files(dir.path(), "")
         .replace("[server]\n", "[server]\nmax_connections_per_uid = 1\n");
     let s = Server::start_in(dir, &text);
     // The one admin connection this uid may have, held open.
@@ -798,8 +765,8 @@ fn the_cli_prints_the_refusal_not_broken_pipe() {
 #[test]
 fn an_idle_connection_is_closed_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let text = support::server::base_config(dir.path(), "")
-        .replace("[server]\n", "[server]\nidle_timeout = \"300ms\"\n");
+    let text =
+        config::files(dir.path(), "").replace("[server]\n", "[server]\nidle_timeout = \"300ms\"\n");
     let s = Server::start_in(dir, &text);
     let mut raw = Raw::connect(&s);
     let v = raw.send(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#);
@@ -836,7 +803,7 @@ fn padded_wait(id: u64, len: usize) -> Vec<u8> {
 #[tokio::test]
 async fn bytes_in_flight_are_bounded_per_connection_and_in_total() {
     let dir = tempfile::tempdir().unwrap();
-    let text = support::server::base_config(dir.path(), "").replace(
+    let text = config::files(dir.path(), "").replace(
         "[server]\n",
         "[server]\nmax_line_bytes = 4096\nmax_args_bytes = 1024\n\
          max_inflight_bytes_per_connection = 8192\nmax_inflight_bytes = 16384\n",
@@ -858,7 +825,7 @@ async fn bytes_in_flight_are_bounded_per_connection_and_in_total() {
         conns[1].writer.write_all(&padded_wait(id, 3000)).unwrap();
     }
     conns[2].writer.write_all(&padded_wait(21, 3000)).unwrap();
-    let list = support::server::wait_pending(&mut admin, 5).await;
+    let list = wait_pending(&mut admin, 5).await;
     let v = conns[2].send(&padded_wait(22, 3000)[..2999]);
     assert_eq!(v["id"], 22, "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
@@ -883,5 +850,5 @@ async fn bytes_in_flight_are_bounded_per_connection_and_in_total() {
     conns[2].writer.write_all(&padded_wait(51, 3000)).unwrap();
     let v = conns[2].send(br#"{"jsonrpc":"2.0","id":99,"method":"ping"}"#);
     assert_eq!(v["id"], 99, "a call was refused: {v}");
-    support::server::wait_pending(&mut admin, 5).await;
+    wait_pending(&mut admin, 5).await;
 }

@@ -2,41 +2,24 @@
 //! first used for. The check runs in the insert's own transaction, and rows
 //! stored before fingerprints existed (NULL) never match: fail closed.
 
+mod harness;
+
+use harness::fixture;
 use keyturn::app::ports::{AuditLog, Inserted, Requests, Store};
 use keyturn::domain::audit::events;
-use keyturn::domain::request::{ApprovalRequest, RequestId, State};
-use keyturn::domain::Risk;
+use keyturn::domain::request::ApprovalRequest;
 use keyturn::store::SqliteStore;
-use serde_json::json;
-use uuid::Uuid;
 
 fn call(tool: &str, args_hash: &str) -> ApprovalRequest {
-    ApprovalRequest {
-        id: RequestId(Uuid::now_v7()),
-        agent: "a".into(),
-        tool: tool.into(),
-        args: json!({}),
-        args_hash: args_hash.into(),
-        user_id: Some("42".into()),
-        channel_id: None,
-        justification: String::new(),
-        task_id: Some("t".into()),
-        idempotency_key: Some("step-1".into()),
-        risk: Risk::Low,
-        approvals_required: 1,
-        admin_only: false,
-        rule: "risk_low".into(),
-        rule_detail: String::new(),
-        flags: vec![],
-        created_ms: 1,
-        deadline_ms: 1,
-        state: State::Approved,
-        decided_by: None,
-        decided_who: None,
-        decided_reason: None,
-        decided_ms: None,
-        requester_uid: None,
-    }
+    fixture::request()
+        .tool(tool)
+        .args_hash(args_hash)
+        .user("42")
+        .task("t")
+        .idempotency_key("step-1")
+        .created(1)
+        .deadline(1)
+        .build()
 }
 
 async fn insert(store: &SqliteStore, r: ApprovalRequest) -> Inserted {

@@ -4,23 +4,17 @@
 //! by overwriting bytes of the `requests` table's page in a real database
 //! file, after the server stopped and the WAL was merged into it.
 
-mod common;
+mod harness;
 
-use common::{Server, BIN};
+use harness::{config, Server, BIN};
 use serde_json::json;
 use std::io::{Seek, SeekFrom, Write};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 /// Runs `cmd` to its end, failing the test if that takes over 30 s.
-fn output_within(mut cmd: Command) -> Output {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(cmd.output());
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("command did not finish within 30 s")
-        .expect("run command")
+fn output_within(cmd: Command) -> Output {
+    harness::output_within(cmd, Duration::from_secs(30))
 }
 
 fn text(o: &Output) -> String {
@@ -39,9 +33,9 @@ fn db_check(cfg: &std::path::Path) -> Output {
 
 #[test]
 fn damaged_pages_stop_serve_at_start_and_db_check_reports_them() {
-    let mut s = Server::start("");
+    let mut s = Server::start(config::claude_code, "");
     // A pending request, so the damaged page holds what the scheduler needs.
-    let agent_socket = s.socket.clone();
+    let agent_socket = s.socket().to_path_buf();
     let waiter = std::thread::spawn(move || {
         let mut c = Command::new(BIN);
         c.args(["request", "--tool", "Bash", "--no-wait", "--socket"])
@@ -54,11 +48,7 @@ fn damaged_pages_stop_serve_at_start_and_db_check_reports_them() {
     assert_eq!(pending.as_array().map(Vec::len), Some(1), "{pending}");
 
     // Stop it, and merge the WAL into the database file.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(s.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
+    s.sigterm();
     assert!(
         s.wait_exit(Duration::from_secs(20)).is_some(),
         "serve did not stop"
@@ -107,11 +97,7 @@ fn damaged_pages_stop_serve_at_start_and_db_check_reports_them() {
     assert!(text(&o).contains("DAMAGED"), "{}", text(&o));
 
     let started = Instant::now();
-    let mut c = Command::new(BIN);
-    c.args(["serve", "--config"])
-        .arg(&s.config)
-        .env("NO_COLOR", "1");
-    let o = output_within(c);
+    let o = output_within(harness::serve_command(&s.config));
     assert!(
         !o.status.success(),
         "serve started on a damaged database: {}",

@@ -3,15 +3,15 @@
 //! file is writable again it recovers without a restart, as a running
 //! server whose files turned read-only does.
 
-mod common;
+mod harness;
 
-use common::{Server, BIN};
+use harness::{config, Server};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 fn chattr(flag: &str, f: &Path) -> bool {
     Command::new("chattr")
@@ -44,12 +44,8 @@ fn submit(socket: &Path, tool: &str) -> Value {
 
 #[test]
 fn serve_started_on_read_only_files_recovers_once_they_are_writable() {
-    let mut s = Server::start("");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(s.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
+    let mut s = Server::start(config::claude_code, "");
+    s.sigterm();
     assert!(
         s.wait_exit(Duration::from_secs(20)).is_some(),
         "serve did not stop"
@@ -58,33 +54,9 @@ fn serve_started_on_read_only_files_recovers_once_they_are_writable() {
     assert!(chattr("+i", &db), "chattr +i is needed for this test");
     let guard = Immutable(db.clone());
 
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&s.config)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn serve");
-    let out = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let until = Instant::now() + Duration::from_secs(15);
-    loop {
-        let l = rx
-            .recv_timeout(until.saturating_duration_since(Instant::now()))
-            .expect("serve listening");
-        if l.contains("listening on") {
-            break;
-        }
-    }
+    s.restart();
     // Read-only: the call is not acknowledged (fails closed).
-    let r = submit(&s.socket, "Read");
+    let r = submit(s.socket(), "Read");
     assert!(
         r.get("error").is_some() || r["result"]["approved"] != json!(true),
         "{r}"
@@ -92,8 +64,7 @@ fn serve_started_on_read_only_files_recovers_once_they_are_writable() {
 
     // Writable again: the next call is stored and answered, no restart.
     drop(guard);
-    let r = submit(&s.socket, "Read");
-    let _ = child.kill();
-    let _ = child.wait();
+    let r = submit(s.socket(), "Read");
+    s.kill();
     assert_eq!(r["result"]["state"], "approved", "{r}");
 }

@@ -2,44 +2,20 @@
 //! so it stays small while far more than its size goes through it, and
 //! nothing written is lost on the way.
 
+mod harness;
+
+use harness::fixture;
 #[allow(unused_imports)]
 use keyturn::app::ports::{AuditLog, Requests, Store};
 use keyturn::domain::audit::events;
-use keyturn::domain::request::{ApprovalRequest, RequestId, State};
-use keyturn::domain::Risk;
+use keyturn::domain::request::ApprovalRequest;
 use keyturn::store::{SqliteStore, WalTuning};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use uuid::Uuid;
 
 fn allowed(args: serde_json::Value) -> ApprovalRequest {
-    ApprovalRequest {
-        id: RequestId(Uuid::now_v7()),
-        agent: "a".into(),
-        tool: "t".into(),
-        args,
-        args_hash: "h".into(),
-        user_id: None,
-        channel_id: None,
-        justification: String::new(),
-        task_id: None,
-        idempotency_key: None,
-        risk: Risk::Low,
-        approvals_required: 1,
-        admin_only: false,
-        rule: "risk_low".into(),
-        rule_detail: String::new(),
-        flags: vec![],
-        created_ms: 0,
-        deadline_ms: 0,
-        state: State::Approved,
-        decided_by: None,
-        decided_who: None,
-        decided_reason: None,
-        decided_ms: None,
-        requester_uid: None,
-    }
+    fixture::request().args(args).build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

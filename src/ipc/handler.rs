@@ -148,9 +148,6 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
     serde_json::to_value(v).map_err(|e| RpcError::new("internal", e.to_string()))
 }
 
-/// Methods only admins may call, derived from [`MethodName::requires_admin`].
-pub use super::protocol::ADMIN_METHODS;
-
 impl Peer {
     /// Admin rights come with the admin socket (and its uid check), never
     /// with a uid alone: agent connections are never admins.

@@ -1,4 +1,0 @@
-//! Shared test support. Each test binary uses only part of it.
-#![allow(dead_code)]
-
-pub mod server;
