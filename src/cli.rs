@@ -700,7 +700,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .store_path()
                 .context("store.url names no database file (in memory): nothing to create")?;
             let store = crate::serve::open_store(&cfg, crate::store::files::Create::Fresh).await?;
-            crate::app::ports::Store::close(&store).await;
+            store.close().await;
             crate::outln!("created the database {}", db.display());
             Ok(0)
         }

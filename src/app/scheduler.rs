@@ -48,11 +48,19 @@ pub async fn run(
             due.pop_first();
             let gw = gw.clone();
             running.spawn(async move {
-                if let Err(e) = gw.expire(id).await {
-                    tracing::error!(request.id = %id, error = %e, "timeout failed; will retry");
-                    return Some((deadline, id));
+                match gw.expire(id).await {
+                    Ok(()) => None,
+                    Err(super::AppError::Store(e)) if !e.is_retryable() => {
+                        // Retrying cannot help (read-only, full, corrupt):
+                        // the request stays pending, which allows nothing.
+                        tracing::error!(request.id = %id, error = %e, "timeout failed; not retried");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::error!(request.id = %id, error = %e, "timeout failed; will retry");
+                        Some((deadline, id))
+                    }
                 }
-                None
             });
         }
         let wait = match due.first() {

@@ -13,7 +13,8 @@ pub mod rest;
 pub mod routing;
 
 use crate::app::connection::ConnectionStatus;
-use crate::app::{now_ms, AppError, Gateway, RequestEvent};
+use crate::app::ports::Change;
+use crate::app::{now_ms, AppError, Gateway};
 use crate::config::DiscordConfig;
 use crate::domain::request::RequestId;
 use anyhow::Context as _;
@@ -254,7 +255,7 @@ pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Resu
 
     let stop = parent.child_token();
     let wake = Arc::new(Notify::new());
-    let events = gw.subscribe();
+    let changes = gw.store().subscribe();
     let shared = Arc::new(Shared {
         gw: gw.clone(),
         cfg: cfg.clone(),
@@ -263,13 +264,7 @@ pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Resu
         dms: Mutex::default(),
     });
     let tasks = vec![
-        tokio::spawn(follow_events(
-            gw.clone(),
-            events,
-            channel,
-            wake,
-            stop.clone(),
-        )),
+        tokio::spawn(wake_on_changes(changes, wake, stop.clone())),
         tokio::spawn(connect(
             Handler(shared),
             http,
@@ -383,35 +378,31 @@ impl Bot {
     }
 }
 
-/// Every queued or resolved request marks its card due.
-async fn follow_events(
-    gw: Arc<Gateway>,
-    mut events: broadcast::Receiver<RequestEvent>,
-    channel: u64,
+/// Wakes the outbox whenever the store commits a change that marks cards
+/// due: the store creates and bumps card rows itself, in the transaction of
+/// the request's change, so there is nothing to write here. A lag only
+/// means missed wake-ups: wake once and carry on (the outbox reads what is due).
+async fn wake_on_changes(
+    mut changes: broadcast::Receiver<Change>,
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
     loop {
-        let ev = tokio::select! {
+        let change = tokio::select! {
             _ = stop.cancelled() => break,
-            ev = events.recv() => ev,
+            c = changes.recv() => c,
         };
-        let r = match ev {
-            Ok(RequestEvent::Queued(r) | RequestEvent::Resolved(r)) => {
-                gw.store().card_touch(r.id, channel, r.deadline_ms).await
-            }
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "card events lagged; reconciling");
-                gw.store().card_reconcile(channel).await.map(|_| ())
-            }
+        match change {
+            Ok(
+                Change::Queued { .. }
+                | Change::Voted { .. }
+                | Change::Resolved(_)
+                | Change::CardsDue,
+            )
+            | Err(broadcast::error::RecvError::Lagged(_)) => wake.notify_one(),
+            Ok(Change::PolicyChanged) => {}
             Err(broadcast::error::RecvError::Closed) => break,
-        };
-        if let Err(e) = r {
-            // The reconcile at the next start repairs this; try now too.
-            tracing::error!(error = %e, "cannot queue a card update");
-            let _ = gw.store().card_reconcile(channel).await;
         }
-        wake.notify_one();
     }
 }
 
@@ -803,15 +794,8 @@ impl Handler {
                 return;
             }
             Ok(Ok(v)) => {
-                // Not decided yet: show the count on the card.
-                if let Some(ch) = self.0.cfg.approvals_channel_id {
-                    match gw.store().card_touch(id, ch, v.request.deadline_ms).await {
-                        Ok(()) => self.0.wake.notify_one(),
-                        Err(e) => {
-                            tracing::warn!(request.id = %id, error = %e, "cannot queue a card update")
-                        }
-                    }
-                }
+                // Not decided yet: the store marked the card due with the
+                // vote, so the outbox shows the count.
                 format!(
                     "Your approval is recorded ({} of {} needed).",
                     v.have, v.need
