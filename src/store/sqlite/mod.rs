@@ -993,3 +993,71 @@ impl Changes for SqliteStore {
         self.feed.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> RequestRow {
+        RequestRow {
+            id: "00000000-0000-0000-0000-000000000001".into(),
+            agent: "a".into(),
+            tool: "t".into(),
+            args: "{}".into(),
+            args_hash: "h".into(),
+            user_id: None,
+            channel_id: None,
+            justification: String::new(),
+            task_id: None,
+            idempotency_key: None,
+            risk: "high".into(),
+            approvals_required: 1,
+            admin_only: false,
+            rule: "r".into(),
+            rule_detail: String::new(),
+            flags: "[]".into(),
+            created_ms: 0,
+            deadline_ms: 1,
+            state: "approved".into(),
+            decided_by: Some("human".into()),
+            decided_who: None,
+            decided_reason: None,
+            decided_ms: None,
+            requester_uid: None,
+        }
+    }
+
+    #[test]
+    fn a_grant_effect_is_allow_or_deny_and_nothing_else_is_allow() {
+        assert_eq!(parse_effect("allow").unwrap(), Effect::Allow);
+        assert_eq!(parse_effect("deny").unwrap(), Effect::Deny);
+        for bad in ["", "Allow", "DENY", "allow ", "maybe"] {
+            assert!(
+                matches!(parse_effect(bad), Err(StoreError::Corrupt(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_enum_column_of_a_request_parses_fail_closed() {
+        assert!(row().into_request().is_ok());
+        type Spoil = fn(&mut RequestRow);
+        let spoiled: [(&str, Spoil); 6] = [
+            ("state", |r| r.state = "approved ".into()),
+            ("state", |r| r.state = "allowed".into()),
+            ("risk", |r| r.risk = "none".into()),
+            ("decided_by", |r| r.decided_by = Some("admin".into())),
+            ("flags", |r| r.flags = "{}".into()),
+            ("requester_uid", |r| r.requester_uid = Some(-1)),
+        ];
+        for (what, spoil) in spoiled {
+            let mut r = row();
+            spoil(&mut r);
+            assert!(
+                matches!(r.into_request(), Err(StoreError::Corrupt(_))),
+                "a bad {what} must be corrupt"
+            );
+        }
+    }
+}
