@@ -122,15 +122,10 @@ impl Feed {
     /// published after the commit, which the write's return stands for).
     async fn write<T>(&mut self, write: impl Future<Output = T>) -> (T, Change) {
         self.quiet();
-        let out = {
-            let mut write = std::pin::pin!(write);
-            loop {
-                tokio::select! {
-                    biased;
-                    out = &mut write => break out,
-                    early = self.0.recv() => panic!("published before the write returned: {early:?}"),
-                }
-            }
+        let out = tokio::select! {
+            biased;
+            out = write => out,
+            early = self.0.recv() => panic!("published before the write returned: {early:?}"),
         };
         let change = tokio::time::timeout(Duration::from_secs(10), self.0.recv())
             .await
@@ -530,7 +525,10 @@ async fn pairings(store: &dyn Store, feed: &mut Feed) {
         ("42", Some("Ann"))
     );
     assert!(matches!(change, Change::PolicyChanged));
-    assert_eq!(store.paired_users().await.unwrap(), [user.clone()]);
+    assert_eq!(
+        store.paired_users().await.unwrap(),
+        std::slice::from_ref(&user)
+    );
     let entry = &store.audit_tail(1).await.unwrap()[0].event;
     assert_eq!(
         (entry.kind.as_str(), entry.actor.as_str(), &entry.detail),
