@@ -181,7 +181,9 @@ pub trait Requests: Send + Sync + 'static {
     /// ([`ApprovalRequest::fingerprint`]) matches, else as
     /// [`Inserted::Conflict`], with an `idempotency_conflict` audit entry
     /// written in the same transaction. The check and the insert are one
-    /// transaction, so two racing submits with one key cannot both win.
+    /// transaction, so two racing submits with one key cannot both win. A
+    /// new pending request gets its card row in that transaction too (see
+    /// [`Cards`]).
     async fn insert_request(
         &self,
         req: ApprovalRequest,

@@ -3,7 +3,11 @@
 //!
 //! It takes every write waiting (up to `max_batch`), runs them in one
 //! transaction with their audit entries, and answers each only after the
-//! commit: many callers, one commit. Writes run on rusqlite, synchronously:
+//! commit: many callers, one commit. A write is a [`Job`]: one typed
+//! function of [`super::write`] with the caller's arguments, answered on its
+//! own typed channel, so the writer knows nothing of what the writes are.
+//! If a batch fails, each of its writes runs again alone, so one bad write
+//! fails only its own caller. Writes run on rusqlite, synchronously:
 //! sqlx hands every statement to its own worker thread and back, and on the
 //! hot path those hand-offs cost more than SQLite itself (measured with
 //! `keyturn bench`: see the README). Reads, migrations and the checkpointer
