@@ -48,6 +48,47 @@ async fn sqlite_keeps_the_contract() {
     store.close().await;
 }
 
+/// Writes are group-committed; one that fails (here: a request id stored
+/// twice, a unique violation) fails only its own caller, with a conflict,
+/// and its batch's other writes stand.
+#[tokio::test]
+async fn sqlite_fails_only_the_bad_write_of_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("k.db").display());
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&url, "normal", 64).await.unwrap());
+    let mut requests: Vec<ApprovalRequest> =
+        (0..32).map(|n| request(200 + n, 1, 100_000)).collect();
+    let mut twin = requests[7].clone();
+    twin.args_hash = "a different call".into();
+    requests.push(twin);
+    let answers = futures::future::join_all(
+        requests
+            .iter()
+            .map(|r| store.insert_request(r.clone(), submitted(r))),
+    )
+    .await;
+    let refused: Vec<&StoreError> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert_eq!(refused.len(), 1, "{answers:?}");
+    assert!(
+        matches!(refused[0], StoreError::Conflict { retry: false, .. }),
+        "{refused:?}"
+    );
+    for r in &requests[..32] {
+        assert_eq!(state(&*store, r.id).await, State::Pending);
+    }
+    let stored = store.get_request(requests[7].id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.args_hash, requests[7].args_hash,
+        "the first one stands"
+    );
+    store
+        .audit_verify()
+        .await
+        .unwrap()
+        .expect("the chain verifies");
+    store.close().await;
+}
+
 /// The whole story, in order; each chapter leaves the store as the next expects.
 async fn story(store: Arc<dyn Store>, raw: Raw<'_>) {
     let mut feed = Feed(store.subscribe());
