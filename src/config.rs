@@ -250,6 +250,14 @@ impl Default for ServerConfig {
     }
 }
 
+/// What a `postgres://` store URL is answered with until PostgreSQL ships.
+pub const POSTGRES_UNAVAILABLE: &str =
+    "PostgreSQL is not available in this build (the next release adds it); use a sqlite:// URL";
+
+/// The store URL schemes this build supports.
+pub const STORE_SCHEMES: &str =
+    "the supported store URL scheme is sqlite:// (e.g. sqlite:///var/lib/keyturn/keyturn.db)";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
@@ -921,11 +929,17 @@ impl Config {
                 "must be smaller than server.max_line_bytes",
             ));
         }
-        if !self.store.url.starts_with("sqlite://") {
-            return Err(invalid(
-                "store.url",
-                format!("`{}`: only sqlite:// URLs are supported", self.store.url),
-            ));
+        match self.store.url.split_once("://").map(|(scheme, _)| scheme) {
+            Some("sqlite") => {}
+            Some("postgres" | "postgresql") => {
+                return Err(invalid("store.url", POSTGRES_UNAVAILABLE));
+            }
+            _ => {
+                return Err(invalid(
+                    "store.url",
+                    format!("`{}`: {STORE_SCHEMES}", self.store.url),
+                ));
+            }
         }
         if !["normal", "full"].contains(&self.store.sqlite_synchronous.as_str()) {
             return Err(invalid(
@@ -1406,6 +1420,7 @@ mod tests {
             err("[[agents]]\nname = \"a\"\n[[agents]]\nname = \"a\"").contains("agents[1].name")
         );
         assert!(err("[store]\nurl = \"mysql://x\"").contains("store.url"));
+        assert!(err("[store]\nurl = \"postgres://h/k\"").contains("PostgreSQL is not available"));
         assert!(err("[discord]\ntoken = \"t\"").contains("discord.guild_id"));
         assert!(err("[content]\ncolour = 1").contains("unknown field `colour`"));
         assert!(

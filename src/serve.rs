@@ -12,8 +12,8 @@ use crate::app::{retention, scheduler, Gateway};
 use crate::config::Config;
 use crate::ipc::handler::Handler;
 use crate::ipc::server::{self, SocketOptions};
+use crate::store::check;
 use crate::store::files::{self, Access, Create};
-use crate::store::{check, SqliteStore};
 use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,7 +60,7 @@ async fn run_inner(
         tracing::warn!("{}", crate::config::SINGLE_USER_DEMO_WARNING);
     }
     let cfg = Arc::new(cfg);
-    let store: Arc<dyn Store> = Arc::new(open_store(&cfg, Create::IfNeverExisted).await?);
+    let store = open_store(&cfg, Create::IfNeverExisted).await?;
     let gw = Gateway::new(cfg.clone(), store.clone(), uid)
         .await
         .context("while loading the policy")?;
@@ -194,7 +194,7 @@ async fn run_inner(
 /// Opens the store with its files owner-only (or shared with `store.group`):
 /// sets the process umask to match, refuses to create a database where one
 /// existed (see [`crate::store::files`]), tightens modes that are too open.
-pub async fn open_store(cfg: &Config, create: Create) -> anyhow::Result<SqliteStore> {
+pub async fn open_store(cfg: &Config, create: Create) -> anyhow::Result<Arc<dyn Store>> {
     let access = Access::new(cfg.store.group.as_deref())?;
     // Whatever this process creates from now on (the database's -wal and
     // -shm included) is no more open than the database itself.
@@ -234,13 +234,9 @@ pub async fn open_store(cfg: &Config, create: Create) -> anyhow::Result<SqliteSt
             );
         }
     }
-    let store = SqliteStore::open(
-        &cfg.store.url,
-        &cfg.store.sqlite_synchronous,
-        cfg.store.max_batch,
-    )
-    .await
-    .with_context(|| format!("while opening the store {}", cfg.store.url))?;
+    let store = crate::store::open(cfg)
+        .await
+        .with_context(|| format!("while opening the store {}", cfg.store.url))?;
     if let Some(db) = &db {
         // The -wal and -shm SQLite just created carry the database's mode,
         // but this process's group: give them the store's group.

@@ -220,7 +220,19 @@ async fn a_decision_committed_elsewhere_wakes_the_waiting_agent_at_once() {
         reason: None,
         at_ms: keyturn::app::now_ms(),
     };
-    let decided = other.vote(id, vote).await.unwrap().unwrap().request;
+    let decided = other
+        .vote(
+            id,
+            vote,
+            keyturn::domain::request::VoterRights {
+                is_admin: true,
+                may_self_approve: false,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .request;
     assert_eq!(decided.state, State::Approved);
     e.store.feed().publish(Change::Resolved(Arc::new(decided)));
 

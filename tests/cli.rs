@@ -186,6 +186,38 @@ fn check_config_names_the_bad_key() {
 }
 
 #[test]
+fn a_postgres_store_url_is_refused_as_not_in_this_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(&p, "[store]\nurl = \"postgres://db.example/keyturn\"\n").unwrap();
+    for cmd in ["check-config", "serve"] {
+        let out = Command::new(BIN)
+            .args([cmd, "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(
+            err.contains("store.url") && err.contains("PostgreSQL is not available in this build"),
+            "{cmd}: {err}"
+        );
+    }
+    std::fs::write(&p, "[store]\nurl = \"mysql://db.example/keyturn\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("sqlite://"),
+        "names the supported scheme: {err}"
+    );
+}
+
+#[test]
 fn audit_export_verifies_offline_and_detects_an_edit() {
     let s = Server::start(config::files, "");
     for (tool, user) in [

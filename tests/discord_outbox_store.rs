@@ -6,9 +6,9 @@ mod harness;
 use harness::fixture;
 #[allow(unused_imports)]
 use keyturn::app::ports::{AuditLog, Cards, Requests, Store};
-use keyturn::domain::request::{ApprovalRequest, RequestId, State, Vote};
+use keyturn::domain::request::{ApprovalRequest, RequestId, State, Vote, VoterRights};
 use keyturn::domain::Risk;
-use keyturn::store::SqliteStore;
+use keyturn::store::{Options, SqliteStore};
 
 fn request(n: u128, deadline_ms: i64) -> ApprovalRequest {
     fixture::request()
@@ -19,27 +19,58 @@ fn request(n: u128, deadline_ms: i64) -> ApprovalRequest {
         .build()
 }
 
+fn vote(voter: &str, approve: bool) -> Vote {
+    Vote {
+        voter: voter.into(),
+        name: None,
+        approve,
+        reason: None,
+        at_ms: 1,
+    }
+}
+
+/// The store as `serve` opens it with the bot configured (cards in
+/// channel 20), or without it.
+async fn open(url: &str, bot: bool) -> SqliteStore {
+    let options = Options {
+        max_batch: 64,
+        cards: bot.then_some(20),
+        ..Options::default()
+    };
+    SqliteStore::open_with(url, &options).await.unwrap()
+}
+
 #[tokio::test]
 async fn outbox_rows_follow_their_requests() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("k.db").display());
-    let store = SqliteStore::open(&url, "normal", 64).await.unwrap();
-    let (a, b, c) = (request(1, 3000), request(2, 1000), request(3, 2000));
-    for r in [&a, &b, &c] {
+    let (a, mut b, c) = (request(1, 3000), request(2, 1000), request(3, 2000));
+    b.approvals_required = 2;
+    // c was queued while the bot was not configured: no card row.
+    let store = open(&url, false).await;
+    store.insert_request(c.clone(), vec![]).await.unwrap();
+    assert_eq!(store.card(c.id).await.unwrap(), None);
+    store.close().await;
+    // a and b get their cards with their insert; the reconcile adds c's.
+    let store = open(&url, true).await;
+    for r in [&a, &b] {
         store.insert_request(r.clone(), vec![]).await.unwrap();
     }
-    // a and b get cards through events; c was queued while the bot was down.
-    store.card_touch(a.id, 20, a.deadline_ms).await.unwrap();
-    store.card_touch(b.id, 20, b.deadline_ms).await.unwrap();
     assert_eq!(store.card_reconcile(20).await.unwrap(), 1);
     let due = store.cards_due(0, 10).await.unwrap();
     let order: Vec<RequestId> = due.iter().map(|c| c.request_id).collect();
     assert_eq!(order, [b.id, c.id, a.id], "oldest deadline first");
     assert!(due.iter().all(|c| c.message_id.is_none()));
 
-    // b is posted while a change to it arrives: it stays due.
+    // b is posted while a change to it (a first approval of two) arrives:
+    // it stays due.
     let v = due[0].want;
-    store.card_touch(b.id, 20, b.deadline_ms).await.unwrap();
+    let partial = store
+        .vote(b.id, vote("uid:1", true), VoterRights::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((partial.have, partial.need), (1, 2));
     store
         .card_done(b.id, 555, v, "pending".into())
         .await
@@ -84,14 +115,16 @@ async fn outbox_rows_follow_their_requests() {
             .unwrap();
     }
     assert!(store.cards_due(i64::MAX, 10).await.unwrap().is_empty());
-    let vote = Vote {
-        voter: "uid:1".into(),
-        name: None,
-        approve: false,
-        reason: None,
-        at_ms: 1,
-    };
-    store.vote(a.id, vote).await.unwrap().unwrap();
+    store.close().await;
+    let store = open(&url, false).await;
+    store
+        .vote(a.id, vote("uid:1", false), VoterRights::default())
+        .await
+        .unwrap()
+        .unwrap();
+    store.close().await;
+    let store = open(&url, true).await;
+    assert!(store.cards_due(i64::MAX, 10).await.unwrap().is_empty());
     assert_eq!(store.card_reconcile(20).await.unwrap(), 1);
     let due = store.cards_due(0, 10).await.unwrap();
     assert_eq!(due.len(), 1);

@@ -18,7 +18,9 @@ impl Gateway {
             effect,
             source: "store".into(),
         };
-        let added = self.store.add_grant(g, by.to_string(), now_ms()).await?;
+        let now = now_ms();
+        let audit = events::grant_added(now, by, &g);
+        let added = self.store.add_grant(g, by.to_string(), now, audit).await?;
         self.refresh_policy().await?;
         Ok(added)
     }
@@ -43,10 +45,8 @@ impl Gateway {
                 "`{tool}` in {scope} is granted by the config file; remove it there"
             )));
         }
-        let removed = self
-            .store
-            .remove_grant(scope, tool, effect, by.to_string(), now_ms())
-            .await?;
+        let audit = events::grant_removed(now_ms(), by, &scope, &tool, effect);
+        let removed = self.store.remove_grant(scope, tool, effect, audit).await?;
         self.refresh_policy().await?;
         Ok(removed)
     }
@@ -107,8 +107,10 @@ impl Gateway {
 
     pub async fn set_risk(&self, tool: &str, risk: Option<Risk>, by: &str) -> Result<(), AppError> {
         policy::validate_tool_name(tool).map_err(bad)?;
+        let now = now_ms();
+        let audit = events::risk_set(now, by, tool, risk);
         self.store
-            .set_tool_risk(tool.to_string(), risk, by.to_string(), now_ms())
+            .set_tool_risk(tool.to_string(), risk, by.to_string(), now, audit)
             .await?;
         self.refresh_policy().await
     }

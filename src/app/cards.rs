@@ -7,19 +7,6 @@ use super::{now_ms, Gateway};
 use crate::domain::request::{RequestId, Vote};
 
 impl Gateway {
-    /// Creates the card row for a request (due at once), or marks it due
-    /// again (its request changed).
-    pub async fn card_touch(
-        &self,
-        request_id: RequestId,
-        channel_id: u64,
-        deadline_ms: i64,
-    ) -> StoreResult<()> {
-        self.store
-            .card_touch(request_id, channel_id, deadline_ms)
-            .await
-    }
-
     /// After a start: a row for every pending request without one, and every
     /// card showing a stale state due again. How many rows changed.
     pub async fn card_reconcile(&self, channel_id: u64) -> StoreResult<u64> {

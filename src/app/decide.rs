@@ -2,6 +2,7 @@
 //! the per-agent pending slots they free.
 
 use super::*;
+use crate::domain::request::VoterRights;
 
 impl Gateway {
     /// The request as stored.
@@ -96,7 +97,13 @@ impl Gateway {
             reason,
             at_ms: now_ms(),
         };
-        match self.store.vote(id, vote).await? {
+        let rights = VoterRights {
+            is_admin,
+            may_self_approve: admin.allow_self_approval || admin.single_user_demo,
+        };
+        // The checks above answer early; the store checks again on the row
+        // it decides on, which is the authority.
+        match self.store.vote(id, vote, rights).await? {
             Ok(v) => {
                 if v.request.state.is_terminal() {
                     tracing::info!(request.id = %id, state = %v.request.state, "decided");
@@ -202,5 +209,7 @@ fn transition(id: RequestId, e: TransitionError) -> AppError {
         TransitionError::PastDeadline => AppError::AlreadyDecided(State::TimedOut),
         TransitionError::AlreadyVoted { voter } => AppError::AlreadyVoted(voter),
         TransitionError::NotDue => bad("the deadline has not been reached"),
+        TransitionError::AdminOnly => AppError::AdminOnly,
+        TransitionError::SelfApproval { voter } => AppError::SelfApproval(voter),
     }
 }

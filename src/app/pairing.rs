@@ -41,6 +41,7 @@ impl Gateway {
                 now,
                 expires,
                 self.cfg.pairing.max_live_codes,
+                events::pairing_requested(now, user_id, expires),
             )
             .await?
         {
@@ -62,7 +63,9 @@ impl Gateway {
         }
         let user = self
             .store
-            .redeem_pairing_code(code, by.to_string(), now_ms())
+            .redeem_pairing_code(code, by.to_string(), now_ms(), |u| {
+                events::pairing_approved(u.paired_ms, &u.paired_by, &u.user_id)
+            })
             .await?
             .ok_or_else(|| {
                 AppError::Pairing("no live pairing code matches (wrong, used or expired)".into())
@@ -82,16 +85,15 @@ impl Gateway {
         for r in &roles {
             Scope::new("role", r).map_err(bad)?;
         }
-        let added = self
-            .store
-            .pair_user(PairedUser {
-                user_id: user_id.to_string(),
-                roles,
-                display_name: None,
-                paired_by: by.to_string(),
-                paired_ms: now_ms(),
-            })
-            .await?;
+        let user = PairedUser {
+            user_id: user_id.to_string(),
+            roles,
+            display_name: None,
+            paired_by: by.to_string(),
+            paired_ms: now_ms(),
+        };
+        let audit = events::user_paired(user.paired_ms, by, user_id, &user.roles);
+        let added = self.store.pair_user(user, audit).await?;
         self.refresh_policy().await?;
         Ok(added)
     }
@@ -104,7 +106,10 @@ impl Gateway {
         }
         let removed = self
             .store
-            .unpair_user(user_id.to_string(), by.to_string(), now_ms())
+            .unpair_user(
+                user_id.to_string(),
+                events::pairing_revoked(now_ms(), by, user_id),
+            )
             .await?;
         self.refresh_policy().await?;
         Ok(removed)

@@ -5,7 +5,7 @@
 
 use crate::domain::audit::{AuditEntry, AuditEvent};
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
-use crate::domain::request::{ApprovalRequest, RequestId, TransitionError, Vote};
+use crate::domain::request::{ApprovalRequest, RequestId, TransitionError, Vote, VoterRights};
 use crate::domain::trifecta::{Guard, ToolTag};
 use crate::domain::Risk;
 use async_trait::async_trait;
@@ -13,21 +13,61 @@ use serde::Serialize;
 use std::sync::Arc;
 use tokio::sync::broadcast;
 
-/// A storage failure. Callers treat every one of these as *deny*.
+/// A storage failure, by what the caller can do about it. Callers treat
+/// every one of these as *deny*; they retry only what
+/// [`StoreError::is_retryable`] says may pass (a backend maps its driver's
+/// errors into these classes once, in `src/store`).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
-    Database(String),
-    #[error("database migration failed: {0}")]
-    Migration(String),
+    /// The database could not be reached or was busy: locked, busy past the
+    /// timeout, an I/O error, a dropped connection. Transient: retry.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The write conflicted with another: a unique violation (`retry:
+    /// false`: the same write would conflict again) or a serialization
+    /// failure (`retry: true`: run it again).
+    #[error("conflicting write: {what}")]
+    Conflict { what: String, retry: bool },
+    /// The database cannot be written: its file or connection is read-only,
+    /// or the disk (or the database's size limit) is full. Not retried by
+    /// callers; writes succeed again once an operator fixes it.
+    #[error("the database cannot be written: {0}")]
+    ReadOnly(String),
+    /// A stored value does not parse (unknown enum text, bad JSON, a
+    /// damaged page): never read as a default.
     #[error("corrupt row: {0}")]
     Corrupt(String),
     #[error("the store is shutting down")]
     Closed,
+    #[error("database migration failed: {0}")]
+    Migration(String),
     /// The database file was deleted or replaced under the running server;
     /// the store refuses every write from then on.
     #[error("the database file is lost: {0}")]
     FileLost(String),
+    /// This store does not offer the operation.
+    #[error("not supported by this store: {0}")]
+    Unsupported(String),
+    /// Anything else the database refused (a statement error, a constraint
+    /// other than uniqueness): a bug or a bad setup, not retried.
+    #[error("database error: {0}")]
+    Failed(String),
+}
+
+impl StoreError {
+    /// Whether running the same operation again may succeed without anyone
+    /// fixing anything: unavailable, or a serialization conflict.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::Conflict { retry: true, .. }
+        )
+    }
+
+    /// An [`StoreError::Unavailable`] from a message.
+    pub fn unavailable(what: impl Into<String>) -> StoreError {
+        StoreError::Unavailable(what.into().into())
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -72,6 +112,10 @@ pub struct PairedUser {
     pub paired_by: String,
     pub paired_ms: i64,
 }
+
+/// How to audit a user paired by a redeemed code (known only inside the
+/// transaction that redeems it).
+pub type PairedAudit = fn(&PairedUser) -> AuditEvent;
 
 /// A live pairing code (the code itself is never stored).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -137,15 +181,29 @@ pub trait Requests: Send + Sync + 'static {
     /// ([`ApprovalRequest::fingerprint`]) matches, else as
     /// [`Inserted::Conflict`], with an `idempotency_conflict` audit entry
     /// written in the same transaction. The check and the insert are one
-    /// transaction, so two racing submits with one key cannot both win.
+    /// transaction, so two racing submits with one key cannot both win. A
+    /// new pending request gets its card row in that transaction too (see
+    /// [`Cards`]).
     async fn insert_request(
         &self,
         req: ApprovalRequest,
         audit: Vec<AuditEvent>,
     ) -> StoreResult<Inserted>;
-    /// Applies a vote atomically (see [`crate::domain::request::apply_vote`]).
-    async fn vote(&self, id: RequestId, vote: Vote) -> StoreResult<Result<Voted, TransitionError>>;
-    /// Cancels a pending request.
+    /// Applies a vote atomically, deciding on the row read in the same
+    /// transaction ([`crate::domain::decision::vote`]): a voter without the
+    /// `rights` the request needs is refused there
+    /// ([`TransitionError::AdminOnly`], [`TransitionError::SelfApproval`]),
+    /// whatever checks the caller made before. The vote and (if it decided
+    /// the request) its resolution are audited, and the request's card row,
+    /// if it has one, is marked due, all in that transaction.
+    async fn vote(
+        &self,
+        id: RequestId,
+        vote: Vote,
+        rights: VoterRights,
+    ) -> StoreResult<Result<Voted, TransitionError>>;
+    /// Cancels a pending request (audited, its card row marked due, in one
+    /// transaction).
     async fn cancel(
         &self,
         id: RequestId,
@@ -153,7 +211,8 @@ pub trait Requests: Send + Sync + 'static {
         reason: Option<String>,
         now_ms: i64,
     ) -> StoreResult<Result<ApprovalRequest, TransitionError>>;
-    /// Times out a pending request whose deadline has passed.
+    /// Times out a pending request whose deadline has passed (audited, its
+    /// card row marked due, in one transaction).
     async fn time_out(
         &self,
         id: RequestId,
@@ -169,8 +228,6 @@ pub trait Requests: Send + Sync + 'static {
     async fn votes(&self, id: RequestId) -> StoreResult<Vec<Vote>>;
     /// Pending requests, oldest deadline first.
     async fn pending(&self, limit: u32) -> StoreResult<Vec<ApprovalRequest>>;
-    /// Every pending request's deadline (for the scheduler at start-up).
-    async fn pending_deadlines(&self) -> StoreResult<Vec<(RequestId, i64)>>;
     /// Pending requests per agent (loaded once at start; the gateway keeps
     /// the counts from then on).
     async fn pending_counts(&self) -> StoreResult<Vec<(String, u64)>>;
@@ -196,9 +253,7 @@ pub trait Requests: Send + Sync + 'static {
     ) -> StoreResult<Inserted> {
         match guard {
             None => self.insert_request(req, audit).await,
-            Some(_) => Err(StoreError::Database(
-                "this store cannot apply the lethal-trifecta guard".into(),
-            )),
+            Some(_) => Err(StoreError::Unsupported("the lethal-trifecta guard".into())),
         }
     }
     /// The trifecta history of `agent` (and of `user`, any agent) since
@@ -212,46 +267,63 @@ pub trait Requests: Send + Sync + 'static {
         since_ms: i64,
     ) -> StoreResult<Vec<(String, Vec<ToolTag>)>> {
         let _ = (agent, user, since_ms);
-        Err(StoreError::Database(
-            "this store cannot read the trifecta history".into(),
-        ))
+        Err(StoreError::Unsupported("the trifecta history".into()))
     }
 }
 
 /// Grants and tool risks added at run time.
+///
+/// Each write takes the audit event that records it, built by the caller
+/// (`crate::domain::audit::events`), and appends it in the write's own
+/// transaction exactly when the write changed something, as each method says.
 #[async_trait]
 pub trait PolicyData: Send + Sync + 'static {
-    /// Adds a grant; `false` if it already existed.
-    async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool>;
-    /// Removes a grant; `false` if there was none.
+    /// Adds a grant; `false` if it already existed. `audit` is appended
+    /// only when the grant was added.
+    async fn add_grant(
+        &self,
+        grant: Grant,
+        by: String,
+        now_ms: i64,
+        audit: AuditEvent,
+    ) -> StoreResult<bool>;
+    /// Removes a grant; `false` if there was none. `audit` is appended only
+    /// when a grant was removed.
     async fn remove_grant(
         &self,
         scope: Scope,
         tool: ToolPattern,
         effect: Effect,
-        by: String,
-        now_ms: i64,
+        audit: AuditEvent,
     ) -> StoreResult<bool>;
     async fn grants(&self) -> StoreResult<Vec<StoredGrant>>;
-    /// Sets (or with `None` clears) a tool's risk override.
+    /// Sets (or with `None` clears) a tool's risk override. `audit` is
+    /// always appended (setting the same risk again is still recorded).
     async fn set_tool_risk(
         &self,
         tool: String,
         risk: Option<Risk>,
         by: String,
         now_ms: i64,
+        audit: AuditEvent,
     ) -> StoreResult<()>;
     async fn tool_risks(&self) -> StoreResult<Vec<(String, Risk)>>;
 }
 
-/// Paired users and pairing codes.
+/// Paired users and pairing codes. Writes take their audit event as
+/// [`PolicyData`]'s do, appended in the same transaction when they took effect.
 #[async_trait]
 pub trait Pairings: Send + Sync + 'static {
     async fn paired_users(&self) -> StoreResult<Vec<PairedUser>>;
     /// Pairs a user directly (admin action); `false` if already paired.
-    async fn pair_user(&self, user: PairedUser) -> StoreResult<bool>;
-    async fn unpair_user(&self, user_id: String, by: String, now_ms: i64) -> StoreResult<bool>;
-    /// Stores a pairing code's hash for a user, replacing that user's earlier code.
+    /// `audit` is appended only when the user was paired.
+    async fn pair_user(&self, user: PairedUser, audit: AuditEvent) -> StoreResult<bool>;
+    /// Unpairs a user and deletes their pairing code; `false` if they were
+    /// not paired. `audit` is appended only when they were.
+    async fn unpair_user(&self, user_id: String, audit: AuditEvent) -> StoreResult<bool>;
+    /// Stores a pairing code's hash for a user, replacing that user's
+    /// earlier code. `audit` is appended only when the code was stored.
+    #[allow(clippy::too_many_arguments)]
     async fn create_pairing_code(
         &self,
         user_id: String,
@@ -260,14 +332,18 @@ pub trait Pairings: Send + Sync + 'static {
         now_ms: i64,
         expires_ms: i64,
         max_live: usize,
+        audit: AuditEvent,
     ) -> StoreResult<Result<(), PairingRefused>>;
     /// Redeems a typed code (compared in constant time against live hashes):
-    /// pairs its user and deletes the code.
+    /// pairs its user and deletes the code. The user is known only inside
+    /// the transaction, so the caller passes how to audit it: `audit` of the
+    /// user paired is appended when a code matched.
     async fn redeem_pairing_code(
         &self,
         code: String,
         by: String,
         now_ms: i64,
+        audit: PairedAudit,
     ) -> StoreResult<Option<PairedUser>>;
     async fn pairing_codes(&self, now_ms: i64) -> StoreResult<Vec<PendingPairing>>;
 }
@@ -288,8 +364,8 @@ pub trait AuditLog: Send + Sync + 'static {
     /// requests))` or the first break. The default refuses, so a store that
     /// cannot take a snapshot never reports a false "ok" or a false break.
     async fn audit_verify(&self) -> StoreResult<Result<(u64, u64), crate::domain::audit::Break>> {
-        Err(StoreError::Database(
-            "this store cannot verify the audit log from one snapshot".into(),
+        Err(StoreError::Unsupported(
+            "verifying the audit log from one snapshot".into(),
         ))
     }
     /// Deletes the oldest entries (the longest prefix of the log older than
@@ -298,23 +374,18 @@ pub trait AuditLog: Send + Sync + 'static {
     /// The default refuses (keeping entries is the safe failure).
     async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>> {
         let _ = (cutoff_ms, now_ms);
-        Err(StoreError::Database(
-            "this store cannot prune the audit log".into(),
-        ))
+        Err(StoreError::Unsupported("pruning the audit log".into()))
     }
 }
 
 /// The Discord card outbox (one row per request that has a card).
+///
+/// Rows follow their requests inside the store: when the store was opened
+/// with a card channel, inserting a pending request creates its row (due at
+/// once) and a vote, cancel or timeout of a request with a row marks it due
+/// again, each in the transaction of the request's change.
 #[async_trait]
 pub trait Cards: Send + Sync + 'static {
-    /// Creates the card row for a request (due at once), or marks an
-    /// existing one due again (its request changed).
-    async fn card_touch(
-        &self,
-        request_id: RequestId,
-        channel_id: u64,
-        deadline_ms: i64,
-    ) -> StoreResult<()>;
     /// After a restart: adds a row for every pending request without one,
     /// and marks due every card whose message shows a stale state.
     /// Returns how many rows changed.

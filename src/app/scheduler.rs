@@ -29,6 +29,9 @@ const SWEEP_BATCH: u32 = 4096;
 const MAX_SLEEP_MS: i64 = 60_000;
 /// Pause before sweeping again after the store failed.
 const RETRY_MS: i64 = 1000;
+/// The same after an error that retrying soon cannot fix (read-only, full,
+/// corrupt), so a broken store is not hammered.
+const REFUSED_RETRY_MS: i64 = 30_000;
 /// `sweep_at` while a batch is being timed out.
 const AFTER_BATCH: i64 = i64::MAX;
 
@@ -73,11 +76,19 @@ pub async fn run(gw: Arc<Gateway>, stop: CancellationToken) {
             in_flight.insert(id);
             let gw = gw.clone();
             running.spawn(async move {
-                if let Err(e) = gw.expire(id).await {
-                    tracing::error!(request.id = %id, error = %e, "timeout failed; will retry");
-                    return (id, false);
+                match gw.expire(id).await {
+                    Ok(()) => (id, None),
+                    Err(super::AppError::Store(e)) if !e.is_retryable() => {
+                        // Retrying soon cannot help (read-only, full, corrupt):
+                        // the request stays pending, which allows nothing.
+                        tracing::error!(request.id = %id, error = %e, "timeout failed; the store refuses it, trying again in 30 s");
+                        (id, Some(REFUSED_RETRY_MS))
+                    }
+                    Err(e) => {
+                        tracing::error!(request.id = %id, error = %e, "timeout failed; will retry");
+                        (id, Some(RETRY_MS))
+                    }
                 }
-                (id, true)
             });
         }
         let wait = if sweep_at == AFTER_BATCH {
@@ -104,16 +115,17 @@ pub async fn run(gw: Arc<Gateway>, stop: CancellationToken) {
                 Err(RecvError::Closed) => break,
             },
             Some(done) = running.join_next(), if !running.is_empty() => {
-                let ok = match done {
-                    Ok((id, ok)) => {
+                let retry = match done {
+                    Ok((id, retry)) => {
                         in_flight.remove(&id);
-                        ok
+                        retry
                     }
-                    Err(_) => false,
+                    Err(_) => Some(RETRY_MS),
                 };
-                if !ok {
-                    // The store failed: the next sweep finds it, a second later.
-                    sweep_at = super::now_ms() + RETRY_MS;
+                if let Some(pause) = retry {
+                    // The store failed: the next sweep finds it, after `pause`.
+                    let at = super::now_ms() + pause;
+                    sweep_at = if sweep_at == AFTER_BATCH { at } else { sweep_at.min(at) };
                 } else if sweep_at == AFTER_BATCH && queue.is_empty() {
                     sweep_at = super::now_ms();
                 }

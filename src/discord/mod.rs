@@ -258,7 +258,7 @@ pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Resu
 
     let stop = parent.child_token();
     let wake = Arc::new(Notify::new());
-    let events = gw.changes();
+    let changes = gw.changes();
     let shared = Arc::new(Shared {
         gw: gw.clone(),
         cfg: cfg.clone(),
@@ -267,13 +267,7 @@ pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Resu
         dms: Mutex::default(),
     });
     let tasks = vec![
-        tokio::spawn(follow_events(
-            gw.clone(),
-            events,
-            channel,
-            wake,
-            stop.clone(),
-        )),
+        tokio::spawn(wake_on_changes(changes, wake, stop.clone())),
         tokio::spawn(connect(
             Handler(shared),
             http,
@@ -387,45 +381,31 @@ impl Bot {
     }
 }
 
-/// Follows the change feed: a request queued, voted on or resolved marks
-/// its card due; any change to cards wakes the outbox.
-async fn follow_events(
-    gw: Arc<Gateway>,
-    mut events: broadcast::Receiver<Change>,
-    channel: u64,
+/// Wakes the outbox whenever the store commits a change that marks cards
+/// due: the store creates and bumps card rows itself, in the transaction of
+/// the request's change, so there is nothing to write here. A lag only
+/// means missed wake-ups: wake once and carry on (the outbox reads what is due).
+async fn wake_on_changes(
+    mut changes: broadcast::Receiver<Change>,
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
     loop {
-        let ev = tokio::select! {
+        let change = tokio::select! {
             _ = stop.cancelled() => break,
-            ev = events.recv() => ev,
+            c = changes.recv() => c,
         };
-        let r = match ev {
-            Ok(Change::Queued {
-                id, deadline_ms, ..
-            }) => gw.card_touch(id, channel, deadline_ms).await,
-            Ok(Change::Resolved(r)) => gw.card_touch(r.id, channel, r.deadline_ms).await,
-            Ok(Change::Voted { id }) => match gw.status(id).await {
-                Ok(r) => gw.card_touch(id, channel, r.deadline_ms).await,
-                Err(e) => {
-                    tracing::warn!(request.id = %id, error = %e, "cannot read a voted request for its card");
-                    Ok(())
-                }
-            },
-            Ok(Change::CardsDue | Change::PolicyChanged) => Ok(()),
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "card events lagged; reconciling");
-                gw.card_reconcile(channel).await.map(|_| ())
-            }
+        match change {
+            Ok(
+                Change::Queued { .. }
+                | Change::Voted { .. }
+                | Change::Resolved(_)
+                | Change::CardsDue,
+            )
+            | Err(broadcast::error::RecvError::Lagged(_)) => wake.notify_one(),
+            Ok(Change::PolicyChanged) => {}
             Err(broadcast::error::RecvError::Closed) => break,
-        };
-        if let Err(e) = r {
-            // The reconcile at the next start repairs this; try now too.
-            tracing::error!(error = %e, "cannot queue a card update");
-            let _ = gw.card_reconcile(channel).await;
         }
-        wake.notify_one();
     }
 }
 
@@ -817,8 +797,8 @@ impl Handler {
                 return;
             }
             Ok(Ok(v)) => {
-                // Not decided yet: show the count on the card.
-                // Its card shows the count: the `Voted` change marks it due.
+                // Not decided yet: the store marked the card due with the
+                // vote, so the outbox shows the count.
                 format!(
                     "Your approval is recorded ({} of {} needed).",
                     v.have, v.need

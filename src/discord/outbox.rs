@@ -80,7 +80,10 @@ impl Outbox {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the card outbox; retrying");
-                    if sleep_or_stop(Duration::from_secs(1), &stop).await {
+                    // A transient failure soon; anything else (corrupt,
+                    // misconfigured) only slowly, so it does not spin.
+                    let wait = if e.is_retryable() { 1 } else { 30 };
+                    if sleep_or_stop(Duration::from_secs(wait), &stop).await {
                         break;
                     }
                     continue;
@@ -187,6 +190,13 @@ impl Outbox {
                         .card_done(c.request_id, message_id, c.want, req.state.as_str().into())
                         .await
                     {
+                        if !e.is_retryable() {
+                            // Never posted twice: rather than post it again
+                            // on the next pass, the outbox stops until the
+                            // store is fixed and the server restarted.
+                            tracing::error!(request.id = %req.id, error = %e, "CANNOT RECORD A POSTED CARD and the store error is not transient; the card outbox stops");
+                            return Outcome::Stopped;
+                        }
                         tracing::error!(request.id = %req.id, error = %e, "cannot record the card; retrying");
                         n += 1;
                         if sleep_or_stop(pause(n, Duration::from_secs(5), i64::MAX), stop).await {

@@ -759,7 +759,9 @@ mod tests {
 /// Builders for the events the lifecycle produces, so every surface audits alike.
 pub mod events {
     use super::AuditEvent;
+    use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
     use crate::domain::request::{ApprovalRequest, Vote};
+    use crate::domain::Risk;
     use serde_json::json;
 
     /// A request entered the system (before any decision).
@@ -861,6 +863,67 @@ pub mod events {
                 "tool": tool, "args_hash": args_hash,
             }),
         }
+    }
+
+    /// A grant was added (written only when it was new).
+    pub fn grant_added(at_ms: i64, by: &str, g: &Grant) -> AuditEvent {
+        admin(
+            at_ms,
+            "grant_added",
+            by,
+            json!({"scope": g.scope, "tool": g.tool, "effect": g.effect}),
+        )
+    }
+
+    /// A grant was removed (written only when there was one).
+    pub fn grant_removed(
+        at_ms: i64,
+        by: &str,
+        scope: &Scope,
+        tool: &ToolPattern,
+        effect: Effect,
+    ) -> AuditEvent {
+        admin(
+            at_ms,
+            "grant_removed",
+            by,
+            json!({"scope": scope, "tool": tool, "effect": effect}),
+        )
+    }
+
+    /// A tool's risk was set, or with `None` cleared (always written).
+    pub fn risk_set(at_ms: i64, by: &str, tool: &str, risk: Option<Risk>) -> AuditEvent {
+        admin(at_ms, "risk_set", by, json!({"tool": tool, "risk": risk}))
+    }
+
+    /// A user was paired directly (written only when they were not yet).
+    pub fn user_paired(at_ms: i64, by: &str, user_id: &str, roles: &[String]) -> AuditEvent {
+        admin(
+            at_ms,
+            "user_paired",
+            by,
+            json!({"user_id": user_id, "roles": roles}),
+        )
+    }
+
+    /// A user was unpaired (written only when they were paired).
+    pub fn pairing_revoked(at_ms: i64, by: &str, user_id: &str) -> AuditEvent {
+        admin(at_ms, "pairing_revoked", by, json!({"user_id": user_id}))
+    }
+
+    /// A pairing code was issued to a user (written only when it was stored).
+    pub fn pairing_requested(at_ms: i64, user_id: &str, expires_ms: i64) -> AuditEvent {
+        admin(
+            at_ms,
+            "pairing_requested",
+            &format!("user:{user_id}"),
+            json!({"user_id": user_id, "expires_ms": expires_ms}),
+        )
+    }
+
+    /// A pairing code was redeemed and its user paired.
+    pub fn pairing_approved(at_ms: i64, by: &str, user_id: &str) -> AuditEvent {
+        admin(at_ms, "pairing_approved", by, json!({"user_id": user_id}))
     }
 
     /// An administrative change (grant, revoke, pairing, risk).

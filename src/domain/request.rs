@@ -191,6 +191,54 @@ pub enum TransitionError {
     AlreadyVoted { voter: String },
     #[error("the deadline has not been reached")]
     NotDue,
+    /// A critical request, and the voter is no admin.
+    #[error("only an admin may decide this request")]
+    AdminOnly,
+    /// The voter made the request (its uid or its agent), and self-approval
+    /// is not allowed.
+    #[error("{voter} made this request and may not vote on it")]
+    SelfApproval { voter: String },
+}
+
+/// What a voter may do, as the surface that authenticated them knows it.
+/// Checked against the request row inside the vote's transaction
+/// ([`authorize_vote`]), so no surface can skip it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VoterRights {
+    /// May decide critical (`admin_only`) requests.
+    pub is_admin: bool,
+    /// May vote on a request they made (`[admin] allow_self_approval` or
+    /// `single_user_demo`).
+    pub may_self_approve: bool,
+}
+
+/// Whether `vote.voter` may vote on `req` at all: admin-only requests take
+/// admins only, and the uid that made a request (or its agent) may not vote
+/// on it unless `rights` allow self-approval. Checked before the lifecycle
+/// ([`apply_vote`]), so the refusal is the same whatever state the request is in.
+pub fn authorize_vote(
+    req: &ApprovalRequest,
+    vote: &Vote,
+    rights: VoterRights,
+) -> Result<(), TransitionError> {
+    if req.admin_only && !rights.is_admin {
+        return Err(TransitionError::AdminOnly);
+    }
+    if !rights.may_self_approve && is_requester(req, &vote.voter) {
+        return Err(TransitionError::SelfApproval {
+            voter: vote.voter.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether `voter` is the identity that made `req`: its uid (`uid:N`) or
+/// its agent (`agent:NAME`).
+pub fn is_requester(req: &ApprovalRequest, voter: &str) -> bool {
+    let uid = req
+        .requester_uid
+        .is_some_and(|u| voter.strip_prefix("uid:") == Some(u.to_string().as_str()));
+    uid || voter.strip_prefix("agent:") == Some(req.agent.as_str())
 }
 
 /// What a valid vote does.

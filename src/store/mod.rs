@@ -1,12 +1,78 @@
 //! Persistence adapter: implements the app's ports ([`crate::app::ports`])
-//! on SQLite.
+//! on SQLite, and picks the backend for a config ([`open`]).
 //!
 //! Every SQL statement lives under this module; nothing outside it imports
-//! sqlx or rusqlite. Every mutation writes its audit events in the same transaction, and
-//! writes are group-committed by one writer thread.
+//! sqlx or rusqlite. Every mutation writes its audit events in the same
+//! transaction, and writes are group-committed by one writer thread.
 
+mod error;
 pub mod files;
 mod sqlite;
 
 pub use sqlite::check;
-pub use sqlite::{SqliteStore, WalTuning};
+pub use sqlite::{Options, SqliteStore, WalTuning};
+
+use crate::app::ports::{Store, StoreError, StoreResult};
+use crate::config::{Config, POSTGRES_UNAVAILABLE, STORE_SCHEMES};
+use std::sync::Arc;
+
+/// Opens the store `config.store.url` names, by its scheme: `sqlite:` opens
+/// a [`SqliteStore`] with the config's synchronous, batch and card-channel
+/// settings; `postgres:` / `postgresql:` are refused until a build has them;
+/// anything else is refused naming the supported schemes.
+pub async fn open(config: &Config) -> StoreResult<Arc<dyn Store>> {
+    let url = &config.store.url;
+    match url.split_once(':').map(|(scheme, _)| scheme) {
+        Some("sqlite") => {
+            let options = Options {
+                synchronous: config.store.sqlite_synchronous.clone(),
+                max_batch: config.store.max_batch,
+                wal: WalTuning::default(),
+                cards: card_channel(config),
+            };
+            Ok(Arc::new(SqliteStore::open_with(url, &options).await?))
+        }
+        Some("postgres" | "postgresql") => {
+            Err(StoreError::Unsupported(POSTGRES_UNAVAILABLE.into()))
+        }
+        _ => Err(StoreError::Unsupported(format!("`{url}`: {STORE_SCHEMES}"))),
+    }
+}
+
+/// The channel whose card rows the store keeps: the approvals channel, when
+/// the Discord bot runs (the same condition `serve` starts it on).
+pub fn card_channel(config: &Config) -> Option<u64> {
+    config
+        .discord_enabled()
+        .then_some(config.discord.approvals_channel_id)
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn refused(url: &str) -> String {
+        let mut c = Config::default();
+        c.store.url = url.into();
+        match open(&c).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{url} opened"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_scheme_picks_the_backend() {
+        for url in ["postgres://db/keyturn", "postgresql://db/keyturn"] {
+            assert!(refused(url)
+                .await
+                .contains("PostgreSQL is not available in this build"));
+        }
+        let other = refused("mysql://db/keyturn").await;
+        assert!(other.contains("sqlite://"), "{other}");
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::default();
+        c.store.url = format!("sqlite://{}", dir.path().join("k.db").display());
+        open(&c).await.unwrap().close().await;
+    }
+}

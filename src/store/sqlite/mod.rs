@@ -2,18 +2,21 @@
 //! [`writer`]), a small pool of sqlx readers and a background checkpointer.
 
 pub mod check;
+mod write;
 mod writer;
 
 pub use writer::WalTuning;
 
 use crate::app::ports::{
-    AuditLog, CardRow, Cards, Change, Changes, Feed, Inserted, KeyHolder, PairedUser,
+    AuditLog, CardRow, Cards, Change, Changes, Feed, Inserted, KeyHolder, PairedAudit, PairedUser,
     PairingRefused, Pairings, PendingPairing, PolicyData, Pruned, Requests, Store, StoreError,
     StoreResult, StoredGrant, Voted,
 };
 use crate::domain::audit::{self, AuditEntry, AuditEvent};
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
-use crate::domain::request::{ApprovalRequest, RequestId, State, TransitionError, Vote};
+use crate::domain::request::{
+    ApprovalRequest, RequestId, State, TransitionError, Vote, VoterRights,
+};
 use crate::domain::trifecta::{self, Guard, ToolTag};
 use crate::domain::Risk;
 use async_trait::async_trait;
@@ -25,13 +28,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Mutex};
-use writer::{Job, Msg, Op, Reply};
+use write::Stored;
+use writer::{Msg, Tx};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-fn db(e: sqlx::Error) -> StoreError {
-    StoreError::Database(e.to_string())
-}
+use crate::store::error::sqlx as db;
 
 pub struct SqliteStore {
     reads: SqlitePool,
@@ -42,6 +44,33 @@ pub struct SqliteStore {
     guard: Arc<writer::FileGuard>,
     /// Changes, published after each commit.
     feed: Feed,
+    /// The Discord channel cards are posted in, when the store keeps cards.
+    cards: Option<u64>,
+}
+
+/// How to open a [`SqliteStore`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// SQLite `synchronous`: `full`, else `normal`.
+    pub synchronous: String,
+    /// Most writes committed together.
+    pub max_batch: usize,
+    pub wal: WalTuning,
+    /// The channel of the Discord card outbox: when set, the store creates
+    /// and bumps card rows in the transactions that change requests (see
+    /// [`Cards`]). `None` when Discord is not configured.
+    pub cards: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            synchronous: "normal".into(),
+            max_batch: 512,
+            wal: WalTuning::default(),
+            cards: None,
+        }
+    }
 }
 
 impl SqliteStore {
@@ -57,7 +86,19 @@ impl SqliteStore {
         max_batch: usize,
         wal: WalTuning,
     ) -> StoreResult<SqliteStore> {
-        let full = synchronous == "full";
+        let options = Options {
+            synchronous: synchronous.into(),
+            max_batch,
+            wal,
+            cards: None,
+        };
+        Self::open_with(url, &options).await
+    }
+
+    /// Opens (creating if missing) and migrates the database at `url`.
+    pub async fn open_with(url: &str, options: &Options) -> StoreResult<SqliteStore> {
+        let (max_batch, wal) = (options.max_batch, options.wal);
+        let full = options.synchronous == "full";
         let opts = SqliteConnectOptions::from_str(url)
             .map_err(db)?
             .create_if_missing(true)
@@ -95,6 +136,7 @@ impl SqliteStore {
             shutdown: Mutex::new(Some(writer.done)),
             guard: writer.guard,
             feed: Feed::default(),
+            cards: options.cards,
         })
     }
 
@@ -106,78 +148,44 @@ impl SqliteStore {
         &self.feed
     }
 
-    /// Runs one write on the writer thread and, once it has committed,
-    /// publishes what changed on the feed (never before the commit).
-    async fn write(&self, op: Op) -> StoreResult<Reply> {
-        let kind = WriteKind::of(&op);
-        let (tx, rx) = oneshot::channel();
+    /// Runs one typed write (a function of [`write`]) on the writer thread
+    /// and answers once it has committed. The caller publishes its change
+    /// after this returns, so never before the commit.
+    async fn write<A, F>(&self, write: F) -> StoreResult<A>
+    where
+        A: Send + 'static,
+        F: FnMut(&mut Tx<'_>) -> StoreResult<A> + Send + 'static,
+    {
+        let (job, answer) = writer::job(write);
         self.jobs
-            .send(Msg::Job(Job { op, reply: tx }))
+            .send(Msg::Job(job))
             .await
             .map_err(|_| StoreError::Closed)?;
-        let reply = rx.await.map_err(|_| StoreError::Closed)??;
-        if let Some(change) = kind.change(&reply) {
-            self.feed.publish(change);
-        }
-        Ok(reply)
+        answer.await.map_err(|_| StoreError::Closed)?
     }
-}
 
-/// What a write is, kept past handing the op to the writer, to tell which
-/// change its reply means.
-enum WriteKind {
-    /// An insert: queued when the stored request is pending.
-    Insert(Arc<ApprovalRequest>),
-    Decide,
-    Policy,
-    Cards,
-    Other,
-}
+    fn publish(&self, change: Change) {
+        self.feed.publish(change);
+    }
 
-impl WriteKind {
-    fn of(op: &Op) -> WriteKind {
-        match op {
-            Op::Insert(req, ..) => WriteKind::Insert(req.clone()),
-            Op::Vote(..) | Op::Cancel(..) | Op::TimeOut(..) => WriteKind::Decide,
-            Op::AddGrant(..)
-            | Op::RemoveGrant(..)
-            | Op::SetRisk(..)
-            | Op::Pair(..)
-            | Op::Unpair(..)
-            | Op::Redeem(..) => WriteKind::Policy,
-            Op::CardTouch(..) | Op::CardReconcile(..) | Op::CardsRetryNow(..) => WriteKind::Cards,
-            Op::CreateCode { .. }
-            | Op::Audit(..)
-            | Op::PruneAudit(..)
-            | Op::CardDone(..)
-            | Op::CardRetry(..) => WriteKind::Other,
+    fn policy_changed(&self, changed: bool) {
+        if changed {
+            self.publish(Change::PolicyChanged);
         }
     }
 
-    fn change(self, reply: &Reply) -> Option<Change> {
-        let queued = |r: &ApprovalRequest| {
-            (r.state == State::Pending).then(|| Change::Queued {
+    /// Publishes a decided request (vote, cancel, timeout).
+    fn resolved(&self, r: &ApprovalRequest) {
+        self.publish(Change::Resolved(Arc::new(r.clone())));
+    }
+
+    fn queued(&self, r: &ApprovalRequest) {
+        if r.state == State::Pending {
+            self.publish(Change::Queued {
                 id: r.id,
                 agent: r.agent.clone(),
                 deadline_ms: r.deadline_ms,
-            })
-        };
-        match (self, reply) {
-            (WriteKind::Insert(req), Reply::InsertedNew) => queued(&req),
-            (WriteKind::Insert(_), Reply::Guarded(r)) => queued(r),
-            (WriteKind::Decide, Reply::Voted(Ok(v))) if v.request.state.is_terminal() => {
-                Some(Change::Resolved(Arc::new(v.request.clone())))
-            }
-            (WriteKind::Decide, Reply::Voted(Ok(v))) => Some(Change::Voted { id: v.request.id }),
-            (WriteKind::Decide, Reply::Finished(Ok(r))) => {
-                Some(Change::Resolved(Arc::new(r.clone())))
-            }
-            (WriteKind::Policy, Reply::Bool(true) | Reply::Unit | Reply::Redeemed(Some(_))) => {
-                Some(Change::PolicyChanged)
-            }
-            (WriteKind::Cards, Reply::Unit) => Some(Change::CardsDue),
-            (WriteKind::Cards, Reply::Count(n)) if *n > 0 => Some(Change::CardsDue),
-            _ => None,
+            });
         }
     }
 }
@@ -219,10 +227,6 @@ pub(super) fn history_entry(
         label.push_str(" (pending)");
     }
     (label, vec![tag])
-}
-
-fn unexpected() -> StoreError {
-    StoreError::Database("writer replied with the wrong kind of answer".into())
 }
 
 type VoteRow = (String, Option<String>, bool, Option<String>, i64);
@@ -279,6 +283,16 @@ pub(super) struct RequestRow {
 
 fn corrupt(what: String) -> StoreError {
     StoreError::Corrupt(what)
+}
+
+/// A grant's `effect` column: `allow` or `deny`, anything else corrupt
+/// (never read as allow).
+fn parse_effect(text: &str) -> StoreResult<Effect> {
+    match text {
+        "allow" => Ok(Effect::Allow),
+        "deny" => Ok(Effect::Deny),
+        other => Err(corrupt(format!("unknown grant effect `{other}`"))),
+    }
 }
 
 impl RequestRow {
@@ -396,11 +410,22 @@ impl Requests for SqliteStore {
     ) -> StoreResult<Inserted> {
         self.insert_guarded(req, audit, None).await
     }
-    async fn vote(&self, id: RequestId, vote: Vote) -> StoreResult<Result<Voted, TransitionError>> {
-        match self.write(Op::Vote(id, vote)).await? {
-            Reply::Voted(v) => Ok(v),
-            _ => Err(unexpected()),
+    async fn vote(
+        &self,
+        id: RequestId,
+        vote: Vote,
+        rights: VoterRights,
+    ) -> StoreResult<Result<Voted, TransitionError>> {
+        let cards = self.cards;
+        let v = self
+            .write(move |tx| write::vote(tx, id, &vote, rights, cards))
+            .await?;
+        match &v {
+            Ok(v) if v.request.state.is_terminal() => self.resolved(&v.request),
+            Ok(v) => self.publish(Change::Voted { id: v.request.id }),
+            Err(_) => {}
         }
+        Ok(v)
     }
     async fn cancel(
         &self,
@@ -409,20 +434,28 @@ impl Requests for SqliteStore {
         reason: Option<String>,
         now_ms: i64,
     ) -> StoreResult<Result<ApprovalRequest, TransitionError>> {
-        match self.write(Op::Cancel(id, who, reason, now_ms)).await? {
-            Reply::Finished(f) => Ok(f),
-            _ => Err(unexpected()),
+        let cards = self.cards;
+        let r = self
+            .write(move |tx| write::cancel(tx, id, &who, reason.clone(), now_ms, cards))
+            .await?;
+        if let Ok(r) = &r {
+            self.resolved(r);
         }
+        Ok(r)
     }
     async fn time_out(
         &self,
         id: RequestId,
         now_ms: i64,
     ) -> StoreResult<Result<ApprovalRequest, TransitionError>> {
-        match self.write(Op::TimeOut(id, now_ms)).await? {
-            Reply::Finished(f) => Ok(f),
-            _ => Err(unexpected()),
+        let cards = self.cards;
+        let r = self
+            .write(move |tx| write::time_out(tx, id, now_ms, cards))
+            .await?;
+        if let Ok(r) = &r {
+            self.resolved(r);
         }
+        Ok(r)
     }
     async fn get_request(&self, id: RequestId) -> StoreResult<Option<ApprovalRequest>> {
         sqlx::query_as::<_, RequestRow>("SELECT * FROM requests WHERE id = $1")
@@ -475,16 +508,6 @@ impl Requests for SqliteStore {
         .map(RequestRow::into_request)
         .collect()
     }
-    async fn pending_deadlines(&self) -> StoreResult<Vec<(RequestId, i64)>> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT id, deadline_ms FROM requests WHERE state = 'pending'")
-                .fetch_all(&self.reads)
-                .await
-                .map_err(db)?;
-        rows.into_iter()
-            .map(|(id, d)| Ok((id.parse().map_err(StoreError::Corrupt)?, d)))
-            .collect()
-    }
     async fn due_deadlines(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<(RequestId, i64)>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT id, deadline_ms FROM requests INDEXED BY requests_pending_deadline \
@@ -527,18 +550,27 @@ impl Requests for SqliteStore {
         audit: Vec<AuditEvent>,
         guard: Option<Guard>,
     ) -> StoreResult<Inserted> {
-        let sealed = audit.iter().map(AuditEvent::seal).collect();
+        let sealed: Vec<_> = audit.iter().map(AuditEvent::seal).collect();
         let req = Arc::new(req);
-        match self.write(Op::Insert(req.clone(), sealed, guard)).await? {
+        let mine = req.clone();
+        let cards = self.cards;
+        let stored = self
+            .write(move |tx| write::insert(tx, &mine, &sealed, guard.as_ref(), cards))
+            .await?;
+        Ok(match stored {
             // The writer has dropped its handle by now, so this rarely copies.
-            Reply::InsertedNew => Ok(Inserted::New(
-                Arc::try_unwrap(req).unwrap_or_else(|shared| (*shared).clone()),
-            )),
-            Reply::Guarded(r) => Ok(Inserted::New(r)),
-            Reply::Existing(r) => Ok(Inserted::Existing(r)),
-            Reply::Conflict(r) => Ok(Inserted::Conflict(r)),
-            _ => Err(unexpected()),
-        }
+            Stored::New => {
+                let r = Arc::try_unwrap(req).unwrap_or_else(|shared| (*shared).clone());
+                self.queued(&r);
+                Inserted::New(r)
+            }
+            Stored::Guarded(r) => {
+                self.queued(&r);
+                Inserted::New(r)
+            }
+            Stored::Existing(r) => Inserted::Existing(r),
+            Stored::Conflict(r) => Inserted::Conflict(r),
+        })
     }
     async fn trifecta_history(
         &self,
@@ -566,27 +598,33 @@ impl Requests for SqliteStore {
 
 #[async_trait]
 impl PolicyData for SqliteStore {
-    async fn add_grant(&self, grant: Grant, by: String, now_ms: i64) -> StoreResult<bool> {
-        match self.write(Op::AddGrant(grant, by, now_ms)).await? {
-            Reply::Bool(b) => Ok(b),
-            _ => Err(unexpected()),
-        }
+    async fn add_grant(
+        &self,
+        grant: Grant,
+        by: String,
+        now_ms: i64,
+        audit: AuditEvent,
+    ) -> StoreResult<bool> {
+        let audit = audit.seal();
+        let done = self
+            .write(move |tx| write::add_grant(tx, &grant, &by, now_ms, &audit))
+            .await?;
+        self.policy_changed(done);
+        Ok(done)
     }
     async fn remove_grant(
         &self,
         scope: Scope,
         tool: ToolPattern,
         effect: Effect,
-        by: String,
-        now_ms: i64,
+        audit: AuditEvent,
     ) -> StoreResult<bool> {
-        match self
-            .write(Op::RemoveGrant(scope, tool, effect, by, now_ms))
-            .await?
-        {
-            Reply::Bool(b) => Ok(b),
-            _ => Err(unexpected()),
-        }
+        let audit = audit.seal();
+        let done = self
+            .write(move |tx| write::remove_grant(tx, &scope, &tool, effect, &audit))
+            .await?;
+        self.policy_changed(done);
+        Ok(done)
     }
     async fn grants(&self) -> StoreResult<Vec<StoredGrant>> {
         let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(
@@ -601,11 +639,7 @@ impl PolicyData for SqliteStore {
                     grant: Grant {
                         scope: scope.parse().map_err(StoreError::Corrupt)?,
                         tool: tool.parse().map_err(StoreError::Corrupt)?,
-                        effect: if effect == "deny" {
-                            Effect::Deny
-                        } else {
-                            Effect::Allow
-                        },
+                        effect: parse_effect(&effect)?,
                         source: "store".into(),
                     },
                     created_by,
@@ -620,11 +654,13 @@ impl PolicyData for SqliteStore {
         risk: Option<Risk>,
         by: String,
         now_ms: i64,
+        audit: AuditEvent,
     ) -> StoreResult<()> {
-        match self.write(Op::SetRisk(tool, risk, by, now_ms)).await? {
-            Reply::Unit => Ok(()),
-            _ => Err(unexpected()),
-        }
+        let audit = audit.seal();
+        self.write(move |tx| write::set_tool_risk(tx, &tool, risk, &by, now_ms, &audit))
+            .await?;
+        self.policy_changed(true);
+        Ok(())
     }
     async fn tool_risks(&self) -> StoreResult<Vec<(String, Risk)>> {
         let rows: Vec<(String, String)> =
@@ -660,17 +696,21 @@ impl Pairings for SqliteStore {
             })
             .collect()
     }
-    async fn pair_user(&self, user: PairedUser) -> StoreResult<bool> {
-        match self.write(Op::Pair(user)).await? {
-            Reply::Bool(b) => Ok(b),
-            _ => Err(unexpected()),
-        }
+    async fn pair_user(&self, user: PairedUser, audit: AuditEvent) -> StoreResult<bool> {
+        let audit = audit.seal();
+        let done = self
+            .write(move |tx| write::pair_user(tx, &user, &audit))
+            .await?;
+        self.policy_changed(done);
+        Ok(done)
     }
-    async fn unpair_user(&self, user_id: String, by: String, now_ms: i64) -> StoreResult<bool> {
-        match self.write(Op::Unpair(user_id, by, now_ms)).await? {
-            Reply::Bool(b) => Ok(b),
-            _ => Err(unexpected()),
-        }
+    async fn unpair_user(&self, user_id: String, audit: AuditEvent) -> StoreResult<bool> {
+        let audit = audit.seal();
+        let done = self
+            .write(move |tx| write::unpair_user(tx, &user_id, &audit))
+            .await?;
+        self.policy_changed(done);
+        Ok(done)
     }
     async fn create_pairing_code(
         &self,
@@ -680,32 +720,32 @@ impl Pairings for SqliteStore {
         now_ms: i64,
         expires_ms: i64,
         max_live: usize,
+        audit: AuditEvent,
     ) -> StoreResult<Result<(), PairingRefused>> {
-        match self
-            .write(Op::CreateCode {
-                user_id,
-                display_name,
-                code_hash,
-                now_ms,
-                expires_ms,
-                max_live,
-            })
-            .await?
-        {
-            Reply::Code(c) => Ok(c),
-            _ => Err(unexpected()),
-        }
+        let audit = audit.seal();
+        let code = write::NewCode {
+            user_id,
+            display_name,
+            code_hash,
+            now_ms,
+            expires_ms,
+            max_live,
+        };
+        self.write(move |tx| write::create_pairing_code(tx, &code, &audit))
+            .await
     }
     async fn redeem_pairing_code(
         &self,
         code: String,
         by: String,
         now_ms: i64,
+        audit: PairedAudit,
     ) -> StoreResult<Option<PairedUser>> {
-        match self.write(Op::Redeem(code, by, now_ms)).await? {
-            Reply::Redeemed(u) => Ok(u),
-            _ => Err(unexpected()),
-        }
+        let user = self
+            .write(move |tx| write::redeem_pairing_code(tx, &code, &by, now_ms, audit))
+            .await?;
+        self.policy_changed(user.is_some());
+        Ok(user)
     }
     async fn pairing_codes(&self, now_ms: i64) -> StoreResult<Vec<PendingPairing>> {
         let rows: Vec<(String, Option<String>, i64, i64)> = sqlx::query_as(
@@ -732,11 +772,8 @@ impl Pairings for SqliteStore {
 #[async_trait]
 impl AuditLog for SqliteStore {
     async fn append_audit(&self, events: Vec<AuditEvent>) -> StoreResult<()> {
-        let sealed = events.iter().map(AuditEvent::seal).collect();
-        match self.write(Op::Audit(sealed)).await? {
-            Reply::Unit => Ok(()),
-            _ => Err(unexpected()),
-        }
+        let sealed: Vec<_> = events.iter().map(AuditEvent::seal).collect();
+        self.write(move |tx| write::append_audit(tx, &sealed)).await
     }
     async fn audit_tail(&self, n: u32) -> StoreResult<Vec<AuditEntry>> {
         let mut rows: Vec<AuditEntry> =
@@ -840,34 +877,21 @@ impl AuditLog for SqliteStore {
         Ok(ledger.finish().map(|requests| (entries, requests)))
     }
     async fn prune_audit(&self, cutoff_ms: i64, now_ms: i64) -> StoreResult<Option<Pruned>> {
-        match self.write(Op::PruneAudit(cutoff_ms, now_ms)).await? {
-            Reply::Pruned(p) => Ok(p),
-            _ => Err(unexpected()),
-        }
+        self.write(move |tx| write::prune_audit(tx, cutoff_ms, now_ms))
+            .await
     }
 }
 
 #[async_trait]
 impl Cards for SqliteStore {
-    async fn card_touch(
-        &self,
-        request_id: RequestId,
-        channel_id: u64,
-        deadline_ms: i64,
-    ) -> StoreResult<()> {
-        match self
-            .write(Op::CardTouch(request_id, channel_id, deadline_ms))
-            .await?
-        {
-            Reply::Unit => Ok(()),
-            _ => Err(unexpected()),
-        }
-    }
     async fn card_reconcile(&self, channel_id: u64) -> StoreResult<u64> {
-        match self.write(Op::CardReconcile(channel_id)).await? {
-            Reply::Count(n) => Ok(n),
-            _ => Err(unexpected()),
+        let n = self
+            .write(move |tx| write::card_reconcile(tx, channel_id))
+            .await?;
+        if n > 0 {
+            self.publish(Change::CardsDue);
         }
+        Ok(n)
     }
     async fn cards_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<CardRow>> {
         sqlx::query_as::<_, CardDbRow>(
@@ -914,24 +938,17 @@ impl Cards for SqliteStore {
         version: i64,
         rendered_state: String,
     ) -> StoreResult<()> {
-        match self
-            .write(Op::CardDone(
-                request_id,
-                message_id,
-                version,
-                rendered_state,
-            ))
-            .await?
-        {
-            Reply::Unit => Ok(()),
-            _ => Err(unexpected()),
-        }
+        self.write(move |tx| write::card_done(tx, request_id, message_id, version, &rendered_state))
+            .await
     }
     async fn cards_retry_now(&self, now_ms: i64) -> StoreResult<u64> {
-        match self.write(Op::CardsRetryNow(now_ms)).await? {
-            Reply::Count(n) => Ok(n),
-            _ => Err(unexpected()),
+        let n = self
+            .write(move |tx| write::cards_retry_now(tx, now_ms))
+            .await?;
+        if n > 0 {
+            self.publish(Change::CardsDue);
         }
+        Ok(n)
     }
     async fn card_retry_later(
         &self,
@@ -939,13 +956,8 @@ impl Cards for SqliteStore {
         attempts: i64,
         next_attempt_ms: i64,
     ) -> StoreResult<()> {
-        match self
-            .write(Op::CardRetry(request_id, attempts, next_attempt_ms))
-            .await?
-        {
-            Reply::Unit => Ok(()),
-            _ => Err(unexpected()),
-        }
+        self.write(move |tx| write::card_retry_later(tx, request_id, attempts, next_attempt_ms))
+            .await
     }
 }
 
@@ -968,5 +980,73 @@ impl Store for SqliteStore {
 impl Changes for SqliteStore {
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change> {
         self.feed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> RequestRow {
+        RequestRow {
+            id: "00000000-0000-0000-0000-000000000001".into(),
+            agent: "a".into(),
+            tool: "t".into(),
+            args: "{}".into(),
+            args_hash: "h".into(),
+            user_id: None,
+            channel_id: None,
+            justification: String::new(),
+            task_id: None,
+            idempotency_key: None,
+            risk: "high".into(),
+            approvals_required: 1,
+            admin_only: false,
+            rule: "r".into(),
+            rule_detail: String::new(),
+            flags: "[]".into(),
+            created_ms: 0,
+            deadline_ms: 1,
+            state: "approved".into(),
+            decided_by: Some("human".into()),
+            decided_who: None,
+            decided_reason: None,
+            decided_ms: None,
+            requester_uid: None,
+        }
+    }
+
+    #[test]
+    fn a_grant_effect_is_allow_or_deny_and_nothing_else_is_allow() {
+        assert_eq!(parse_effect("allow").unwrap(), Effect::Allow);
+        assert_eq!(parse_effect("deny").unwrap(), Effect::Deny);
+        for bad in ["", "Allow", "DENY", "allow ", "maybe"] {
+            assert!(
+                matches!(parse_effect(bad), Err(StoreError::Corrupt(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_enum_column_of_a_request_parses_fail_closed() {
+        assert!(row().into_request().is_ok());
+        type Spoil = fn(&mut RequestRow);
+        let spoiled: [(&str, Spoil); 6] = [
+            ("state", |r| r.state = "approved ".into()),
+            ("state", |r| r.state = "allowed".into()),
+            ("risk", |r| r.risk = "none".into()),
+            ("decided_by", |r| r.decided_by = Some("admin".into())),
+            ("flags", |r| r.flags = "{}".into()),
+            ("requester_uid", |r| r.requester_uid = Some(-1)),
+        ];
+        for (what, spoil) in spoiled {
+            let mut r = row();
+            spoil(&mut r);
+            assert!(
+                matches!(r.into_request(), Err(StoreError::Corrupt(_))),
+                "a bad {what} must be corrupt"
+            );
+        }
     }
 }

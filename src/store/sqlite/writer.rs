@@ -3,23 +3,19 @@
 //!
 //! It takes every write waiting (up to `max_batch`), runs them in one
 //! transaction with their audit entries, and answers each only after the
-//! commit: many callers, one commit. Writes run on rusqlite, synchronously:
+//! commit: many callers, one commit. A write is a [`Job`]: one typed
+//! function of [`super::write`] with the caller's arguments, answered on its
+//! own typed channel, so the writer knows nothing of what the writes are.
+//! If a batch fails, each of its writes runs again alone, so one bad write
+//! fails only its own caller. Writes run on rusqlite, synchronously:
 //! sqlx hands every statement to its own worker thread and back, and on the
 //! hot path those hand-offs cost more than SQLite itself (measured with
 //! `keyturn bench`: see the README). Reads, migrations and the checkpointer
 //! stay on sqlx.
 
-use super::RequestRow;
-use crate::app::ports::{PairedUser, PairingRefused, Pruned, StoreError, StoreResult, Voted};
-use crate::domain::audit::{self, events, SealedEvent};
-use crate::domain::pairing;
-use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
-use crate::domain::request::{self, ApprovalRequest, RequestId, TransitionError, Vote, VoteEffect};
-use crate::domain::trifecta::{self, Guard, ToolTag};
-use crate::domain::Risk;
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
-use serde_json::json;
-use std::borrow::Cow;
+use crate::app::ports::{StoreError, StoreResult};
+use crate::domain::audit::{self, AuditEvent, SealedEvent};
+use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,71 +26,10 @@ use tokio::sync::{mpsc, oneshot};
 /// Writes waiting for the writer; beyond this, callers wait (backpressure).
 const WRITE_QUEUE: usize = 8192;
 
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Database(e.to_string())
-    }
-}
-
 pub(super) enum Msg {
-    Job(Job),
+    Job(Box<dyn Job>),
     /// Refuse new writes, commit everything already queued, then stop.
     Stop,
-}
-
-pub(super) struct Job {
-    pub op: Op,
-    pub reply: oneshot::Sender<StoreResult<Reply>>,
-}
-
-pub(super) enum Op {
-    /// The caller keeps its own handle on the request, so the writer never
-    /// copies it (unless the trifecta guard changes it).
-    Insert(Arc<ApprovalRequest>, Vec<SealedEvent>, Option<Guard>),
-    Vote(RequestId, Vote),
-    Cancel(RequestId, String, Option<String>, i64),
-    TimeOut(RequestId, i64),
-    AddGrant(Grant, String, i64),
-    RemoveGrant(Scope, ToolPattern, Effect, String, i64),
-    SetRisk(String, Option<Risk>, String, i64),
-    Pair(PairedUser),
-    Unpair(String, String, i64),
-    CreateCode {
-        user_id: String,
-        display_name: Option<String>,
-        code_hash: String,
-        now_ms: i64,
-        expires_ms: i64,
-        max_live: usize,
-    },
-    Redeem(String, String, i64),
-    Audit(Vec<SealedEvent>),
-    PruneAudit(i64, i64),
-    CardTouch(RequestId, u64, i64),
-    CardReconcile(u64),
-    CardDone(RequestId, u64, i64, String),
-    /// Every waiting card due now (Discord answered again).
-    CardsRetryNow(i64),
-    CardRetry(RequestId, i64, i64),
-}
-
-pub(super) enum Reply {
-    /// Stored as new: the caller's request as it sent it.
-    InsertedNew,
-    /// Stored as new, as the trifecta guard changed it.
-    Guarded(ApprovalRequest),
-    /// The agent had already submitted this idempotency key for this call.
-    Existing(ApprovalRequest),
-    /// The key was used for a different call: refused and audited.
-    Conflict(ApprovalRequest),
-    Voted(Result<Voted, TransitionError>),
-    Finished(Result<ApprovalRequest, TransitionError>),
-    Bool(bool),
-    Unit,
-    Code(Result<(), PairingRefused>),
-    Redeemed(Option<PairedUser>),
-    Pruned(Option<Pruned>),
-    Count(u64),
 }
 
 /// The running writer, as the store holds it.
@@ -146,7 +81,7 @@ pub(super) fn start(
             close(conn);
             let _ = done_tx.send(());
         })
-        .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
+        .map_err(|e| StoreError::Failed(format!("cannot start the writer thread: {e}")))?;
     Ok(Started {
         jobs,
         done,
@@ -201,7 +136,7 @@ fn open_writer(path: &Path, synchronous_full: bool) -> StoreResult<Connection> {
     conn.set_prepared_statement_cache_capacity(64);
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::Database(format!(
+        return Err(StoreError::Failed(format!(
             "could not switch the database to WAL (journal_mode is {mode})"
         )));
     }
@@ -240,7 +175,7 @@ impl FileGuard {
             None
         } else {
             let m = std::fs::metadata(path).map_err(|e| {
-                StoreError::Database(format!("cannot stat the database {}: {e}", path.display()))
+                StoreError::unavailable(format!("cannot stat the database {}: {e}", path.display()))
             })?;
             Some((path.to_path_buf(), m.dev(), m.ino()))
         };
@@ -375,7 +310,7 @@ impl Checkpointer {
                 }
             })
             .map_err(|e| {
-                StoreError::Database(format!("cannot start the checkpointer thread: {e}"))
+                StoreError::Failed(format!("cannot start the checkpointer thread: {e}"))
             })?;
         Ok(CheckpointerHandle { stop, thread })
     }
@@ -432,7 +367,7 @@ fn checkpoint(conn: &Connection, who: &str) -> rusqlite::Result<Option<i64>> {
 }
 
 /// Adds a queued message to the batch (a stop closes the queue).
-fn take(msg: Msg, rx: &mut mpsc::Receiver<Msg>, jobs: &mut Vec<Job>) {
+fn take(msg: Msg, rx: &mut mpsc::Receiver<Msg>, jobs: &mut Vec<Box<dyn Job>>) {
     match msg {
         Msg::Job(job) => jobs.push(job),
         Msg::Stop => rx.close(),
@@ -440,7 +375,7 @@ fn take(msg: Msg, rx: &mut mpsc::Receiver<Msg>, jobs: &mut Vec<Job>) {
 }
 
 /// Takes what is queued, up to `max_batch` jobs in all.
-fn drain(rx: &mut mpsc::Receiver<Msg>, jobs: &mut Vec<Job>, max_batch: usize) {
+fn drain(rx: &mut mpsc::Receiver<Msg>, jobs: &mut Vec<Box<dyn Job>>, max_batch: usize) {
     while jobs.len() < max_batch {
         match rx.try_recv() {
             Ok(msg) => take(msg, rx, jobs),
@@ -457,7 +392,7 @@ fn run(
     guard: &FileGuard,
     writable: &Writable,
 ) {
-    let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
+    let mut jobs: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
     let mut head: Head = None;
     // Recent batch size (moving average): a lone caller never waits.
     let mut mean_batch = 1.0;
@@ -502,27 +437,29 @@ fn close(conn: Connection) {
     }
 }
 
-fn write_batch(conn: &mut Connection, jobs: &mut Vec<Job>, head: &mut Head, guard: &FileGuard) {
+fn write_batch(
+    conn: &mut Connection,
+    jobs: &mut Vec<Box<dyn Job>>,
+    head: &mut Head,
+    guard: &FileGuard,
+) {
     // A lost database file refuses everything, without touching it.
     if let Some(why) = guard.lost.get() {
         refuse_all(jobs, why);
         return;
     }
-    let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
     let started = std::time::Instant::now();
     // Committed is not enough: the commit must have gone into the file the
     // path names, or nothing of it survives a restart (see `FileGuard`).
-    match run_batch(conn, &ops, head).and_then(|r| guard.check().map(|()| r)) {
-        Ok(replies) => {
+    match run_batch(conn, jobs, head).and_then(|()| guard.check()) {
+        Ok(()) => {
             let micros = started.elapsed().as_micros() as u64;
             crate::app::metrics::global()
                 .commit_latency
                 .observe_micros(micros);
-            tracing::trace!(batch = ops.len(), micros, "committed");
-            for (Job { op, reply: tx }, reply) in jobs.drain(..).zip(replies) {
-                // Let go of the caller's request before it wakes (see `Op::Insert`).
-                drop(op);
-                let _ = tx.send(Ok(reply));
+            tracing::trace!(batch = jobs.len(), micros, "committed");
+            for job in jobs.drain(..) {
+                job.answer(Ok(()));
             }
         }
         // Not the batch's fault: retrying would only write into the lost file again.
@@ -530,31 +467,27 @@ fn write_batch(conn: &mut Connection, jobs: &mut Vec<Job>, head: &mut Head, guar
         Err(e) if jobs.len() == 1 => {
             tracing::error!(error = %e, "store write failed");
             if let Some(job) = jobs.pop() {
-                let _ = job.reply.send(Err(e));
+                job.answer(Err(e));
             }
         }
         Err(e) => {
             // One bad write must not fail its neighbours: retry each alone.
             tracing::warn!(error = %e, batch = jobs.len(), "batch failed; retrying writes one by one");
-            for job in jobs.drain(..) {
-                let r = run_batch(conn, &[&job.op], head)
-                    .and_then(|r| guard.check().map(|()| r))
-                    .and_then(|mut v| {
-                        v.pop()
-                            .ok_or_else(|| StoreError::Database("the writer lost a reply".into()))
-                    });
+            for mut job in jobs.drain(..) {
+                let r = run_batch(conn, std::slice::from_mut(&mut job), head)
+                    .and_then(|()| guard.check());
                 if let Err(e) = &r {
                     tracing::error!(error = %e, "store write failed");
                 }
-                let _ = job.reply.send(r);
+                job.answer(r);
             }
         }
     }
 }
 
-fn refuse_all(jobs: &mut Vec<Job>, why: &str) {
+fn refuse_all(jobs: &mut Vec<Box<dyn Job>>, why: &str) {
     for job in jobs.drain(..) {
-        let _ = job.reply.send(Err(StoreError::FileLost(why.to_string())));
+        job.answer(Err(StoreError::FileLost(why.to_string())));
     }
 }
 
@@ -562,600 +495,152 @@ fn refuse_all(jobs: &mut Vec<Job>, why: &str) {
 /// (the one connection that appends), so a batch need not read it back.
 type Head = Option<(i64, String)>;
 
-fn run_batch(conn: &mut Connection, ops: &[&Op], head: &mut Head) -> StoreResult<Vec<Reply>> {
+/// Runs `jobs` in one transaction and commits it.
+fn run_batch(conn: &mut Connection, jobs: &mut [Box<dyn Job>], head: &mut Head) -> StoreResult<()> {
     let known = head.take();
     // On error the transaction rolls back and the head is read again next time.
-    let (replies, new_head) = run_batch_inner(conn, ops, known.clone())?;
+    let mut tx = Tx {
+        sql: conn.transaction_with_behavior(TransactionBehavior::Immediate)?,
+        head: known.clone(),
+        appended: false,
+    };
+    for job in jobs.iter_mut() {
+        job.run(&mut tx)?;
+    }
+    let new_head = tx.commit()?;
     *head = new_head.or(known);
-    Ok(replies)
+    Ok(())
 }
 
-fn run_batch_inner(
-    conn: &mut Connection,
-    ops: &[&Op],
+/// A write waiting for the writer: runs inside a batch's transaction (again,
+/// alone, if its batch failed), and is answered once that has committed.
+pub(super) trait Job: Send {
+    /// Runs the write in `tx`, keeping its answer until [`Job::answer`].
+    fn run(&mut self, tx: &mut Tx<'_>) -> StoreResult<()>;
+    /// Answers the caller: the kept answer if `outcome` (the commit) is `Ok`.
+    fn answer(self: Box<Self>, outcome: StoreResult<()>);
+}
+
+/// A typed write function and the caller waiting for its answer.
+struct Call<A, F> {
+    write: F,
+    kept: Option<A>,
+    reply: oneshot::Sender<StoreResult<A>>,
+}
+
+impl<A, F> Job for Call<A, F>
+where
+    A: Send,
+    F: FnMut(&mut Tx<'_>) -> StoreResult<A> + Send,
+{
+    fn run(&mut self, tx: &mut Tx<'_>) -> StoreResult<()> {
+        self.kept = Some((self.write)(tx)?);
+        Ok(())
+    }
+
+    fn answer(self: Box<Self>, outcome: StoreResult<()>) {
+        let Call {
+            write, kept, reply, ..
+        } = *self;
+        // Let go of what the write captured (the caller's request, for an
+        // insert) before the caller wakes, so it need not copy it.
+        drop(write);
+        let answer = outcome.and_then(|()| {
+            kept.ok_or_else(|| StoreError::Failed("the writer lost an answer".into()))
+        });
+        let _ = reply.send(answer);
+    }
+}
+
+/// A job for `write`, and where its answer arrives after the commit.
+pub(super) fn job<A, F>(write: F) -> (Box<dyn Job>, oneshot::Receiver<StoreResult<A>>)
+where
+    A: Send + 'static,
+    F: FnMut(&mut Tx<'_>) -> StoreResult<A> + Send + 'static,
+{
+    let (reply, rx) = oneshot::channel();
+    (
+        Box::new(Call {
+            write,
+            kept: None,
+            reply,
+        }),
+        rx,
+    )
+}
+
+/// A batch's write transaction, with the audit chain's head: each write
+/// appends its audit entries as it runs ([`Tx::audit`]), and the head row is
+/// updated once, at commit.
+pub(super) struct Tx<'c> {
+    sql: Transaction<'c>,
+    /// The chain head: as of the last commit, then as appended (`None`
+    /// until known: read on the first append).
     head: Head,
-) -> StoreResult<(Vec<Reply>, Head)> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut replies = Vec::with_capacity(ops.len());
-    let mut audit_events = Vec::new();
-    for op in ops {
-        replies.push(exec(&tx, op, &mut audit_events)?);
-    }
-    let mut new_head = None;
-    if !audit_events.is_empty() {
-        new_head = Some(append_audit(&tx, audit_events, head)?);
-    }
-    tx.commit()?;
-    Ok((replies, new_head))
+    appended: bool,
 }
 
-/// A batch's audit events: those its callers sealed, borrowed, and those the
-/// writer makes (votes, resolutions, admin changes).
-type Events<'a> = Vec<Cow<'a, SealedEvent>>;
-
-fn exec<'a>(tx: &Transaction<'_>, op: &'a Op, ev: &mut Events<'a>) -> StoreResult<Reply> {
-    Ok(match op {
-        Op::Insert(req, audit, guard) => {
-            // Looked up and inserted in one write transaction by the one
-            // writer: a concurrent submit with the same key sees this row.
-            let fingerprint = req.idempotency_key.as_ref().map(|_| req.fingerprint());
-            if let (Some(key), Some(fp)) = (&req.idempotency_key, &fingerprint) {
-                let existing = tx
-                    .prepare_cached(
-                        "SELECT * FROM requests WHERE agent = ?1 AND idempotency_key = ?2",
-                    )?
-                    .query_row(params![req.agent, key], |r| {
-                        Ok((
-                            request_row(r)?,
-                            r.get::<_, Option<String>>("idempotency_fp")?,
-                        ))
-                    })
-                    .optional()?;
-                if let Some((row, stored)) = existing {
-                    let existing = row.into_request()?;
-                    // A row without a fingerprint cannot prove it was this call.
-                    if stored.as_deref() == Some(fp.as_str()) {
-                        return Ok(Reply::Existing(existing));
-                    }
-                    ev.push(Cow::Owned(
-                        events::idempotency_conflict(
-                            req.created_ms,
-                            &existing,
-                            &req.tool,
-                            &req.args_hash,
-                        )
-                        .seal(),
-                    ));
-                    return Ok(Reply::Conflict(existing));
-                }
-            }
-            let caps = guard.as_ref().map_or(0, |g| trifecta::bits(&g.tags));
-            if let Some(g) = guard {
-                // Read and decided in this transaction: a call stored earlier
-                // in the same batch is already in the history.
-                let history = trifecta_history(tx, req, g.since_ms)?;
-                if let Some((changed, events)) = trifecta::guard(req, &history, g) {
-                    insert_request(tx, &changed, caps, fingerprint.as_deref())?;
-                    ev.extend(events.iter().map(|e| Cow::Owned(e.seal())));
-                    return Ok(Reply::Guarded(changed));
-                }
-            }
-            insert_request(tx, req, caps, fingerprint.as_deref())?;
-            ev.extend(audit.iter().map(Cow::Borrowed));
-            Reply::InsertedNew
-        }
-        Op::Vote(id, vote) => {
-            let Some(mut req) = load(tx, *id)? else {
-                return Ok(Reply::Voted(Err(TransitionError::NotFound)));
-            };
-            let earlier = load_votes(tx, *id)?;
-            let effect = match request::apply_vote(&req, &earlier, vote) {
-                Ok(e) => e,
-                Err(e) => return Ok(Reply::Voted(Err(e))),
-            };
-            tx.prepare_cached(
-                "INSERT INTO votes (request_id, voter, name, approve, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![id.to_string(), vote.voter, vote.name, vote.approve, vote.reason, vote.at_ms])?;
-            ev.push(Cow::Owned(events::vote(&req, vote).seal()));
-            let (have, need) = match effect {
-                VoteEffect::Recorded { have, need } => (have, need),
-                VoteEffect::Resolved(res) => {
-                    req.resolve(&res);
-                    resolve(tx, &req)?;
-                    ev.push(Cow::Owned(events::resolved(&req).seal()));
-                    let need = req.approvals_required.max(1);
-                    (if vote.approve { need } else { 0 }, need)
-                }
-            };
-            Reply::Voted(Ok(Voted {
-                request: req,
-                have,
-                need,
-            }))
-        }
-        Op::Cancel(id, who, reason, now) => finish(tx, *id, ev, |r| {
-            request::cancel(r, who, reason.clone(), *now)
-        })?,
-        Op::TimeOut(id, now) => finish(tx, *id, ev, |r| request::time_out(r, *now))?,
-        Op::AddGrant(g, by, now) => {
-            let done = tx
-                .prepare_cached(
-                    "INSERT INTO grants (scope, tool, effect, created_by, created_ms) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-                )?
-                .execute(params![g.scope.to_string(), g.tool.as_str(), effect_str(g.effect), by, now])?
-                == 1;
-            if done {
-                ev.push(Cow::Owned(
-                    events::admin(
-                        *now,
-                        "grant_added",
-                        by,
-                        json!({"scope": g.scope, "tool": g.tool, "effect": g.effect}),
-                    )
-                    .seal(),
-                ));
-            }
-            Reply::Bool(done)
-        }
-        Op::RemoveGrant(scope, tool, effect, by, now) => {
-            let done =
-                tx.prepare_cached(
-                    "DELETE FROM grants WHERE scope = ?1 AND tool = ?2 AND effect = ?3",
-                )?
-                .execute(params![
-                    scope.to_string(),
-                    tool.as_str(),
-                    effect_str(*effect)
-                ])? == 1;
-            if done {
-                ev.push(Cow::Owned(
-                    events::admin(
-                        *now,
-                        "grant_removed",
-                        by,
-                        json!({"scope": scope, "tool": tool, "effect": effect}),
-                    )
-                    .seal(),
-                ));
-            }
-            Reply::Bool(done)
-        }
-        Op::SetRisk(tool, risk, by, now) => {
-            match risk {
-                Some(r) => {
-                    tx.prepare_cached(
-                        "INSERT INTO tool_risks (tool, risk, set_by, set_ms) VALUES (?1, ?2, ?3, ?4) \
-                         ON CONFLICT (tool) DO UPDATE SET risk = excluded.risk, set_by = excluded.set_by, set_ms = excluded.set_ms",
-                    )?
-                    .execute(params![tool, r.as_str(), by, now])?;
-                }
-                None => {
-                    tx.prepare_cached("DELETE FROM tool_risks WHERE tool = ?1")?
-                        .execute(params![tool])?;
-                }
-            }
-            ev.push(Cow::Owned(
-                events::admin(*now, "risk_set", by, json!({"tool": tool, "risk": risk})).seal(),
-            ));
-            Reply::Unit
-        }
-        Op::Pair(u) => {
-            let done = insert_paired(tx, u)?;
-            if done {
-                ev.push(Cow::Owned(
-                    events::admin(
-                        u.paired_ms,
-                        "user_paired",
-                        &u.paired_by,
-                        json!({"user_id": u.user_id, "roles": u.roles}),
-                    )
-                    .seal(),
-                ));
-            }
-            Reply::Bool(done)
-        }
-        Op::Unpair(user_id, by, now) => {
-            let done = tx
-                .prepare_cached("DELETE FROM paired_users WHERE user_id = ?1")?
-                .execute(params![user_id])?
-                == 1;
-            tx.prepare_cached("DELETE FROM pairing_codes WHERE user_id = ?1")?
-                .execute(params![user_id])?;
-            if done {
-                ev.push(Cow::Owned(
-                    events::admin(*now, "pairing_revoked", by, json!({"user_id": user_id})).seal(),
-                ));
-            }
-            Reply::Bool(done)
-        }
-        Op::CreateCode {
-            user_id,
-            display_name,
-            code_hash,
-            now_ms,
-            expires_ms,
-            max_live,
-        } => {
-            let paired = tx
-                .prepare_cached("SELECT 1 FROM paired_users WHERE user_id = ?1")?
-                .exists(params![user_id])?;
-            if paired {
-                return Ok(Reply::Code(Err(PairingRefused::AlreadyPaired(
-                    user_id.clone(),
-                ))));
-            }
-            tx.prepare_cached("DELETE FROM pairing_codes WHERE expires_ms <= ?1 OR user_id = ?2")?
-                .execute(params![now_ms, user_id])?;
-            let live: i64 = tx
-                .prepare_cached("SELECT COUNT(*) FROM pairing_codes")?
-                .query_row([], |r| r.get(0))?;
-            if live as usize >= *max_live {
-                return Ok(Reply::Code(Err(PairingRefused::TooManyCodes(*max_live))));
-            }
-            tx.prepare_cached(
-                "INSERT INTO pairing_codes (code_hash, user_id, display_name, created_ms, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![code_hash, user_id, display_name, now_ms, expires_ms])?;
-            ev.push(Cow::Owned(
-                events::admin(
-                    *now_ms,
-                    "pairing_requested",
-                    &format!("user:{user_id}"),
-                    json!({"user_id": user_id, "expires_ms": expires_ms}),
-                )
-                .seal(),
-            ));
-            Reply::Code(Ok(()))
-        }
-        Op::Redeem(code, by, now) => {
-            let live: Vec<(String, String, Option<String>)> = tx
-                .prepare_cached(
-                    "SELECT code_hash, user_id, display_name FROM pairing_codes WHERE expires_ms > ?1",
-                )?
-                .query_map(params![now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?;
-            // Compare against every live hash in constant time; no early exit.
-            let mut found = None;
-            for (hash, user_id, name) in live {
-                if pairing::matches(code, &hash) {
-                    found = Some((hash, user_id, name));
-                }
-            }
-            let Some((hash, user_id, display_name)) = found else {
-                return Ok(Reply::Redeemed(None));
-            };
-            tx.prepare_cached("DELETE FROM pairing_codes WHERE code_hash = ?1")?
-                .execute(params![hash])?;
-            let user = PairedUser {
-                user_id,
-                roles: vec![],
-                display_name,
-                paired_by: by.clone(),
-                paired_ms: *now,
-            };
-            insert_paired(tx, &user)?;
-            ev.push(Cow::Owned(
-                events::admin(
-                    *now,
-                    "pairing_approved",
-                    by,
-                    json!({"user_id": user.user_id}),
-                )
-                .seal(),
-            ));
-            Reply::Redeemed(Some(user))
-        }
-        Op::Audit(list) => {
-            ev.extend(list.iter().map(Cow::Borrowed));
-            Reply::Unit
-        }
-        Op::PruneAudit(cutoff, now) => Reply::Pruned(prune_audit(tx, ev, *cutoff, *now)?),
-        Op::CardTouch(id, channel, deadline) => {
-            tx.prepare_cached(
-                "INSERT INTO discord_cards (request_id, channel_id, deadline_ms) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (request_id) DO UPDATE SET want = want + 1, attempts = 0, next_attempt_ms = 0",
-            )?
-            .execute(params![id.to_string(), *channel as i64, deadline])?;
-            Reply::Unit
-        }
-        Op::CardReconcile(channel) => {
-            let added = tx
-                .prepare_cached(
-                    "INSERT INTO discord_cards (request_id, channel_id, deadline_ms) \
-                     SELECT id, ?1, deadline_ms FROM requests r WHERE r.state = 'pending' \
-                     AND NOT EXISTS (SELECT 1 FROM discord_cards c WHERE c.request_id = r.id)",
-                )?
-                .execute(params![*channel as i64])?;
-            let stale = tx
-                .prepare_cached(
-                    "UPDATE discord_cards SET want = done + 1, attempts = 0, next_attempt_ms = 0 \
-                     WHERE want <= done AND rendered_state IS NOT \
-                     (SELECT state FROM requests r WHERE r.id = discord_cards.request_id)",
-                )?
-                .execute([])?;
-            Reply::Count((added + stale) as u64)
-        }
-        Op::CardDone(id, message, version, state) => {
-            tx.prepare_cached(
-                "UPDATE discord_cards SET message_id = ?1, done = MAX(done, ?2), rendered_state = ?3, \
-                 attempts = 0, next_attempt_ms = 0 WHERE request_id = ?4",
-            )?
-            .execute(params![*message as i64, version, state, id.to_string()])?;
-            Reply::Unit
-        }
-        Op::CardsRetryNow(now) => {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE discord_cards SET next_attempt_ms = 0 \
-                     WHERE want > done AND next_attempt_ms > ?1",
-                )?
-                .execute(params![now])?;
-            Reply::Count(n as u64)
-        }
-        Op::CardRetry(id, attempts, next) => {
-            tx.prepare_cached(
-                "UPDATE discord_cards SET attempts = ?1, next_attempt_ms = ?2 WHERE request_id = ?3",
-            )?
-            .execute(params![attempts, next, id.to_string()])?;
-            Reply::Unit
-        }
-    })
-}
-
-/// Deletes the oldest prefix of the log older than `cutoff` and queues the
-/// checkpoint that accounts for it (appended with this batch's events).
-fn prune_audit(
-    tx: &Transaction<'_>,
-    ev: &mut Events<'_>,
-    cutoff: i64,
-    now: i64,
-) -> StoreResult<Option<Pruned>> {
-    // The prefix ends just before the first entry that is young enough.
-    let young: Option<i64> = tx
-        .prepare_cached("SELECT MIN(seq) FROM audit WHERE at_ms >= ?1")?
-        .query_row(params![cutoff], |r| r.get(0))?;
-    let last: Option<(i64, String)> = tx
-        .prepare_cached("SELECT seq, hash FROM audit WHERE seq < ?1 ORDER BY seq DESC LIMIT 1")?
-        .query_row(params![young.unwrap_or(i64::MAX)], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
-    let Some((through_seq, through_hash)) = last else {
-        return Ok(None);
-    };
-    let entries = tx
-        .prepare_cached("DELETE FROM audit WHERE seq <= ?1")?
-        .execute(params![through_seq])? as u64;
-    ev.push(Cow::Owned(
-        audit::checkpoint(now, (through_seq, &through_hash), entries, cutoff).seal(),
-    ));
-    Ok(Some(Pruned {
-        entries,
-        through_seq,
-        through_hash,
-    }))
-}
-
-fn finish(
-    tx: &Transaction<'_>,
-    id: RequestId,
-    ev: &mut Events<'_>,
-    transition: impl FnOnce(&ApprovalRequest) -> Result<request::Resolution, TransitionError>,
-) -> StoreResult<Reply> {
-    let Some(mut req) = load(tx, id)? else {
-        return Ok(Reply::Finished(Err(TransitionError::NotFound)));
-    };
-    match transition(&req) {
-        Ok(res) => {
-            req.resolve(&res);
-            resolve(tx, &req)?;
-            ev.push(Cow::Owned(events::resolved(&req).seal()));
-            Ok(Reply::Finished(Ok(req)))
-        }
-        Err(e) => Ok(Reply::Finished(Err(e))),
+impl<'c> std::ops::Deref for Tx<'c> {
+    type Target = Transaction<'c>;
+    fn deref(&self) -> &Transaction<'c> {
+        &self.sql
     }
 }
 
-fn insert_paired(tx: &Transaction<'_>, u: &PairedUser) -> StoreResult<bool> {
-    let roles = serde_json::to_string(&u.roles).unwrap_or_else(|_| "[]".into());
-    Ok(tx
-        .prepare_cached(
-            "INSERT INTO paired_users (user_id, roles, display_name, paired_by, paired_ms) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-        )?
-        .execute(params![u.user_id, roles, u.display_name, u.paired_by, u.paired_ms])?
-        == 1)
-}
-
-fn effect_str(e: Effect) -> &'static str {
-    match e {
-        Effect::Allow => "allow",
-        Effect::Deny => "deny",
+impl Tx<'_> {
+    /// Appends sealed events to the audit chain, in this transaction.
+    pub(super) fn audit(&mut self, list: &[SealedEvent]) -> StoreResult<()> {
+        if list.is_empty() {
+            return Ok(());
+        }
+        let (seq, hash) = match self.head.take() {
+            Some(h) => h,
+            None => self
+                .sql
+                .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?,
+        };
+        let links = audit::chain(seq, &hash, list, |seq, prev, e| {
+            audit::sealed_hash(seq, prev, e)
+        });
+        let mut insert = self.sql.prepare_cached(
+            "INSERT INTO audit (seq, at_ms, kind, actor, request_id, detail, prev_hash, hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for (e, l) in list.iter().zip(&links) {
+            insert.execute(params![
+                l.seq,
+                e.at_ms,
+                e.kind,
+                e.actor,
+                e.request_id,
+                e.detail,
+                l.prev_hash,
+                l.hash,
+            ])?;
+        }
+        drop(insert);
+        self.head = links.last().map(|l| (l.seq, l.hash.clone()));
+        self.appended = true;
+        Ok(())
     }
-}
 
-/// The trifecta history of `req`'s agent and user, in this transaction.
-fn trifecta_history(
-    tx: &Transaction<'_>,
-    req: &ApprovalRequest,
-    since_ms: i64,
-) -> StoreResult<Vec<(String, Vec<ToolTag>)>> {
-    let mut out = Vec::new();
-    for tag in trifecta::ALL_TAGS {
-        for (column, key) in [
-            ("agent", Some(req.agent.as_str())),
-            ("user_id", req.user_id.as_deref()),
-        ] {
-            let Some(key) = key else { continue };
-            let mut stmt = tx.prepare_cached(&super::history_sql(column, tag.bit()))?;
-            let rows = stmt.query_map(params![key, since_ms], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })?;
-            for row in rows {
-                out.push(super::history_entry(&req.agent, tag, row?));
+    /// Appends events made in the writer (sealed here).
+    pub(super) fn audit_events(&mut self, list: &[AuditEvent]) -> StoreResult<()> {
+        let sealed: Vec<SealedEvent> = list.iter().map(AuditEvent::seal).collect();
+        self.audit(&sealed)
+    }
+
+    /// Records the new chain head and commits; returns the head if it moved.
+    fn commit(self) -> StoreResult<Head> {
+        if self.appended {
+            if let Some((seq, hash)) = &self.head {
+                self.sql
+                    .prepare_cached("UPDATE audit_head SET seq = ?1, hash = ?2 WHERE id = 1")?
+                    .execute(params![seq, hash])?;
             }
         }
+        self.sql.commit()?;
+        Ok(if self.appended { self.head } else { None })
     }
-    Ok(out)
-}
-
-fn insert_request(
-    tx: &Transaction<'_>,
-    r: &ApprovalRequest,
-    caps: i64,
-    idempotency_fp: Option<&str>,
-) -> StoreResult<()> {
-    let flags = serde_json::Value::Array(r.flags.clone()).to_string();
-    tx.prepare_cached(
-        "INSERT INTO requests (id, agent, tool, args, args_hash, user_id, channel_id, justification, \
-         task_id, idempotency_key, risk, approvals_required, admin_only, rule, rule_detail, flags, \
-         created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms, \
-         requester_uid, caps, idempotency_fp) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
-    )?
-    .execute(params![
-        r.id.to_string(),
-        r.agent,
-        r.tool,
-        r.args.to_string(),
-        r.args_hash,
-        r.user_id,
-        r.channel_id,
-        r.justification,
-        r.task_id,
-        r.idempotency_key,
-        r.risk.as_str(),
-        r.approvals_required as i64,
-        r.admin_only,
-        r.rule,
-        r.rule_detail,
-        flags,
-        r.created_ms,
-        r.deadline_ms,
-        r.state.as_str(),
-        r.decided_by.map(|d| d.as_str()),
-        r.decided_who,
-        r.decided_reason,
-        r.decided_ms,
-        r.requester_uid,
-        caps,
-        idempotency_fp,
-    ])?;
-    Ok(())
-}
-
-/// The conditional update that makes exactly one terminal state win.
-fn resolve(tx: &Transaction<'_>, r: &ApprovalRequest) -> StoreResult<()> {
-    let n = tx
-        .prepare_cached(
-            "UPDATE requests SET state = ?1, decided_by = ?2, decided_who = ?3, decided_reason = ?4, decided_ms = ?5 \
-             WHERE id = ?6 AND state = 'pending'",
-        )?
-        .execute(params![
-            r.state.as_str(),
-            r.decided_by.map(|d| d.as_str()),
-            r.decided_who,
-            r.decided_reason,
-            r.decided_ms,
-            r.id.to_string(),
-        ])?;
-    if n != 1 {
-        // Cannot happen with one writer; if it does, refuse rather than report a win.
-        return Err(StoreError::Database(format!(
-            "request {} was no longer pending",
-            r.id
-        )));
-    }
-    Ok(())
-}
-
-fn load(tx: &Transaction<'_>, id: RequestId) -> StoreResult<Option<ApprovalRequest>> {
-    tx.prepare_cached("SELECT * FROM requests WHERE id = ?1")?
-        .query_row(params![id.to_string()], request_row)
-        .optional()?
-        .map(RequestRow::into_request)
-        .transpose()
-}
-
-fn load_votes(tx: &Transaction<'_>, id: RequestId) -> StoreResult<Vec<Vote>> {
-    let mut stmt = tx.prepare_cached(
-        "SELECT voter, name, approve, reason, at_ms FROM votes WHERE request_id = ?1 ORDER BY at_ms, voter",
-    )?;
-    let rows = stmt.query_map(params![id.to_string()], |r| {
-        Ok(Vote {
-            voter: r.get(0)?,
-            name: r.get(1)?,
-            approve: r.get(2)?,
-            reason: r.get(3)?,
-            at_ms: r.get(4)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
-    Ok(RequestRow {
-        id: r.get("id")?,
-        agent: r.get("agent")?,
-        tool: r.get("tool")?,
-        args: r.get("args")?,
-        args_hash: r.get("args_hash")?,
-        user_id: r.get("user_id")?,
-        channel_id: r.get("channel_id")?,
-        justification: r.get("justification")?,
-        task_id: r.get("task_id")?,
-        idempotency_key: r.get("idempotency_key")?,
-        risk: r.get("risk")?,
-        approvals_required: r.get("approvals_required")?,
-        admin_only: r.get("admin_only")?,
-        rule: r.get("rule")?,
-        rule_detail: r.get("rule_detail")?,
-        flags: r.get("flags")?,
-        created_ms: r.get("created_ms")?,
-        deadline_ms: r.get("deadline_ms")?,
-        state: r.get("state")?,
-        decided_by: r.get("decided_by")?,
-        decided_who: r.get("decided_who")?,
-        decided_reason: r.get("decided_reason")?,
-        decided_ms: r.get("decided_ms")?,
-        requester_uid: r.get("requester_uid")?,
-    })
-}
-
-fn append_audit(tx: &Transaction<'_>, list: Events<'_>, head: Head) -> StoreResult<(i64, String)> {
-    let (seq, hash): (i64, String) = match head {
-        Some(h) => h,
-        None => tx
-            .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")?
-            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?,
-    };
-    let links = audit::chain(seq, &hash, &list, |seq, prev, e| {
-        audit::sealed_hash(seq, prev, e)
-    });
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO audit (seq, at_ms, kind, actor, request_id, detail, prev_hash, hash) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?;
-    for (e, l) in list.iter().zip(&links) {
-        insert.execute(params![
-            l.seq,
-            e.at_ms,
-            e.kind,
-            e.actor,
-            e.request_id,
-            e.detail,
-            l.prev_hash,
-            l.hash,
-        ])?;
-    }
-    let Some(last) = links.last() else {
-        return Ok((seq, hash));
-    };
-    tx.prepare_cached("UPDATE audit_head SET seq = ?1, hash = ?2 WHERE id = 1")?
-        .execute(params![last.seq, last.hash])?;
-    Ok((last.seq, last.hash.clone()))
 }

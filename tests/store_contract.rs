@@ -1,0 +1,745 @@
+//! The store contract: one story over the persistence ports
+//! (`keyturn::app::ports`), written against `Arc<dyn Store>` so every
+//! backend runs the same story. SQLite runs it now; a backend added later
+//! adds one `#[tokio::test]` that opens it and calls [`story`].
+//!
+//! Time is a parameter everywhere here: every timestamp is a literal.
+
+use keyturn::app::ports::{Change, Inserted, PairedUser, PairingRefused, Store, StoreError};
+use keyturn::domain::audit::{events, AuditEvent};
+use keyturn::domain::pairing;
+use keyturn::domain::policy::{Effect, Grant};
+use keyturn::domain::request::{
+    ApprovalRequest, DecidedBy, RequestId, State, TransitionError, Vote, VoterRights,
+};
+use keyturn::domain::Risk;
+use keyturn::store::{Options, SqliteStore};
+use serde_json::json;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast::{self, error::TryRecvError};
+use uuid::Uuid;
+
+/// The card channel the store under test keeps cards for.
+const CARDS: u64 = 20;
+
+/// Reaches under the ports, as an operator's tool or a damaged disk would:
+/// runs raw SQL on the store's database through another connection.
+type Raw<'a> = &'a (dyn Fn(&str) + Sync);
+
+#[tokio::test]
+async fn sqlite_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.db");
+    let url = format!("sqlite://{}", path.display());
+    let options = Options {
+        max_batch: 64,
+        cards: Some(CARDS),
+        ..Options::default()
+    };
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(&url, &options).await.unwrap());
+    let raw = move |sql: &str| {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c.execute_batch(sql).unwrap();
+    };
+    story(store.clone(), &raw).await;
+    store.close().await;
+}
+
+/// Writes are group-committed; one that fails (here: a request id stored
+/// twice, a unique violation) fails only its own caller, with a conflict,
+/// and its batch's other writes stand.
+#[tokio::test]
+async fn sqlite_fails_only_the_bad_write_of_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("k.db").display());
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&url, "normal", 64).await.unwrap());
+    let mut requests: Vec<ApprovalRequest> =
+        (0..32).map(|n| request(200 + n, 1, 100_000)).collect();
+    let mut twin = requests[7].clone();
+    twin.args_hash = "a different call".into();
+    requests.push(twin);
+    let answers = futures::future::join_all(
+        requests
+            .iter()
+            .map(|r| store.insert_request(r.clone(), submitted(r))),
+    )
+    .await;
+    let refused: Vec<&StoreError> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert_eq!(refused.len(), 1, "{answers:?}");
+    assert!(
+        matches!(refused[0], StoreError::Conflict { retry: false, .. }),
+        "{refused:?}"
+    );
+    for r in &requests[..32] {
+        assert_eq!(state(&*store, r.id).await, State::Pending);
+    }
+    let stored = store.get_request(requests[7].id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.args_hash, requests[7].args_hash,
+        "the first one stands"
+    );
+    store
+        .audit_verify()
+        .await
+        .unwrap()
+        .expect("the chain verifies");
+    store.close().await;
+}
+
+/// The whole story, in order; each chapter leaves the store as the next expects.
+async fn story(store: Arc<dyn Store>, raw: Raw<'_>) {
+    let mut feed = Feed(store.subscribe());
+    inserts(&*store, &mut feed).await;
+    votes(&*store, &mut feed).await;
+    cancels_and_timeouts(&*store, &mut feed).await;
+    rights(&*store, &mut feed).await;
+    policy(&*store, &mut feed).await;
+    pairings(&*store, &mut feed).await;
+    cards(&*store, &mut feed).await;
+    deadlines(&*store).await;
+    audit(&*store).await;
+    corrupt(&*store, raw).await;
+}
+
+fn request(n: u128, approvals: u32, deadline_ms: i64) -> ApprovalRequest {
+    ApprovalRequest {
+        id: RequestId(Uuid::from_u128(n)),
+        agent: "agent-a".into(),
+        tool: "delete_file".into(),
+        args: json!({"path": format!("/tmp/{n}")}),
+        args_hash: format!("hash-{n}"),
+        user_id: None,
+        channel_id: None,
+        justification: "contract".into(),
+        task_id: None,
+        idempotency_key: None,
+        risk: Risk::High,
+        approvals_required: approvals,
+        admin_only: false,
+        rule: "risk_high".into(),
+        rule_detail: String::new(),
+        flags: vec![],
+        created_ms: 1_000,
+        deadline_ms,
+        state: State::Pending,
+        decided_by: None,
+        decided_who: None,
+        decided_reason: None,
+        decided_ms: None,
+        requester_uid: None,
+    }
+}
+
+/// The events a submit audits a queued request with.
+fn submitted(r: &ApprovalRequest) -> Vec<AuditEvent> {
+    vec![events::submitted(r), events::policy(r)]
+}
+
+fn vote(voter: &str, approve: bool, at_ms: i64) -> Vote {
+    Vote {
+        voter: voter.into(),
+        name: None,
+        approve,
+        reason: Some(format!("{voter} decides")),
+        at_ms,
+    }
+}
+
+/// Rights of an admin who may not approve their own requests.
+const ADMIN: VoterRights = VoterRights {
+    is_admin: true,
+    may_self_approve: false,
+};
+
+/// The change feed as a subscriber sees it.
+struct Feed(broadcast::Receiver<Change>);
+
+impl Feed {
+    /// Runs one write and returns its result with the change it published.
+    /// The change must not arrive while the write is still running (it is
+    /// published after the commit, which the write's return stands for).
+    async fn write<T>(&mut self, write: impl Future<Output = T>) -> (T, Change) {
+        self.quiet();
+        let out = tokio::select! {
+            biased;
+            out = write => out,
+            early = self.0.recv() => panic!("published before the write returned: {early:?}"),
+        };
+        let change = tokio::time::timeout(Duration::from_secs(10), self.0.recv())
+            .await
+            .expect("a change is published once the write returns")
+            .expect("the feed is open");
+        (out, change)
+    }
+
+    /// Runs a write that changes nothing anyone follows: nothing is published.
+    async fn silent<T>(&mut self, write: impl Future<Output = T>) -> T {
+        self.quiet();
+        let out = write.await;
+        self.quiet();
+        out
+    }
+
+    fn quiet(&mut self) {
+        match self.0.try_recv() {
+            Err(TryRecvError::Empty) => {}
+            other => panic!("unexpected change: {other:?}"),
+        }
+    }
+}
+
+/// Stores a pending request; it is queued after the commit.
+async fn queue(store: &dyn Store, feed: &mut Feed, r: &ApprovalRequest) {
+    let (ins, change) = feed
+        .write(store.insert_request(r.clone(), submitted(r)))
+        .await;
+    assert!(matches!(ins.unwrap(), Inserted::New(_)));
+    assert!(matches!(change, Change::Queued { id, .. } if id == r.id));
+}
+
+async fn last_audit_kind(store: &dyn Store) -> String {
+    store.audit_tail(1).await.unwrap()[0].event.kind.clone()
+}
+
+async fn state(store: &dyn Store, id: RequestId) -> State {
+    store.get_request(id).await.unwrap().unwrap().state
+}
+
+async fn inserts(store: &dyn Store, feed: &mut Feed) {
+    let mut r = request(1, 1, 100_000);
+    r.idempotency_key = Some("key-1".into());
+    let (ins, change) = feed
+        .write(store.insert_request(r.clone(), submitted(&r)))
+        .await;
+    assert!(matches!(ins.unwrap(), Inserted::New(n) if n == r));
+    match change {
+        Change::Queued {
+            id,
+            agent,
+            deadline_ms,
+        } => {
+            assert_eq!(
+                (id, agent.as_str(), deadline_ms),
+                (r.id, "agent-a", 100_000)
+            );
+            // Published after the commit: the row is there to read.
+            assert_eq!(state(store, id).await, State::Pending);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(last_audit_kind(store).await, "queued");
+
+    // The same call again under the same key: the stored request, nothing new.
+    let mut again = r.clone();
+    again.id = RequestId(Uuid::from_u128(101));
+    match feed
+        .silent(store.insert_request(again.clone(), vec![]))
+        .await
+    {
+        Ok(Inserted::Existing(e)) => assert_eq!(e.id, r.id),
+        other => panic!("{other:?}"),
+    }
+    // A different call under the same key: refused, audited, nothing stored.
+    again.args_hash = "another".into();
+    match feed
+        .silent(store.insert_request(again.clone(), vec![]))
+        .await
+    {
+        Ok(Inserted::Conflict(e)) => assert_eq!(e.id, r.id),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(last_audit_kind(store).await, "idempotency_conflict");
+    assert!(store.get_request(again.id).await.unwrap().is_none());
+    let holder = store
+        .find_by_idempotency_key("agent-a", "key-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(holder.request.id, r.id);
+    assert_eq!(holder.fingerprint, Some(r.fingerprint()));
+
+    // A request the policy decided at once is stored, not queued.
+    let mut allowed = request(2, 1, 100_000);
+    allowed.state = State::Approved;
+    allowed.decided_by = Some(DecidedBy::Policy);
+    allowed.decided_ms = Some(allowed.created_ms);
+    let ins = feed
+        .silent(store.insert_request(allowed.clone(), vec![events::decided_by_policy(&allowed)]))
+        .await;
+    assert!(matches!(ins.unwrap(), Inserted::New(_)));
+    assert!(store.card(allowed.id).await.unwrap().is_none(), "no card");
+}
+
+async fn votes(store: &dyn Store, feed: &mut Feed) {
+    // Two approvals needed.
+    let r = request(3, 2, 100_000);
+    queue(store, feed, &r).await;
+    let (v, change) = feed
+        .write(store.vote(r.id, vote("uid:1", true, 2_000), ADMIN))
+        .await;
+    let v = v.unwrap().unwrap();
+    assert_eq!((v.have, v.need, v.request.state), (1, 2, State::Pending));
+    assert!(matches!(change, Change::Voted { id } if id == r.id));
+    assert_eq!(store.votes(r.id).await.unwrap().len(), 1);
+    let again = feed
+        .silent(store.vote(r.id, vote("uid:1", true, 2_001), ADMIN))
+        .await;
+    assert!(matches!(
+        again.unwrap(),
+        Err(TransitionError::AlreadyVoted { .. })
+    ));
+    let (v, change) = feed
+        .write(store.vote(r.id, vote("uid:2", true, 2_002), ADMIN))
+        .await;
+    let v = v.unwrap().unwrap();
+    assert_eq!((v.have, v.need, v.request.state), (2, 2, State::Approved));
+    match change {
+        Change::Resolved(done) => {
+            assert_eq!((done.id, done.state), (r.id, State::Approved));
+            assert_eq!(state(store, r.id).await, State::Approved);
+            let who = done.decided_who.clone().unwrap();
+            assert!(who.contains("uid:1") && who.contains("uid:2"), "{who}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(last_audit_kind(store).await, "approved");
+
+    // The first deny wins over a partial approval.
+    let r = request(4, 2, 100_000);
+    queue(store, feed, &r).await;
+    feed.write(store.vote(r.id, vote("uid:1", true, 2_000), ADMIN))
+        .await
+        .0
+        .unwrap()
+        .unwrap();
+    let (v, change) = feed
+        .write(store.vote(r.id, vote("uid:2", false, 2_001), ADMIN))
+        .await;
+    assert_eq!(v.unwrap().unwrap().request.state, State::Denied);
+    assert!(matches!(change, Change::Resolved(d) if d.state == State::Denied));
+    assert_eq!(state(store, r.id).await, State::Denied);
+    assert_eq!(last_audit_kind(store).await, "denied");
+    let late = feed
+        .silent(store.vote(r.id, vote("uid:3", true, 2_002), ADMIN))
+        .await;
+    assert_eq!(
+        late.unwrap().unwrap_err(),
+        TransitionError::AlreadyDecided {
+            state: State::Denied
+        }
+    );
+    let missing = feed
+        .silent(store.vote(
+            RequestId(Uuid::from_u128(999)),
+            vote("uid:1", true, 1),
+            ADMIN,
+        ))
+        .await;
+    assert_eq!(missing.unwrap().unwrap_err(), TransitionError::NotFound);
+}
+
+async fn cancels_and_timeouts(store: &dyn Store, feed: &mut Feed) {
+    let r = request(5, 1, 100_000);
+    queue(store, feed, &r).await;
+    let (c, change) = feed
+        .write(store.cancel(
+            r.id,
+            "agent:agent-a".into(),
+            Some("not needed".into()),
+            3_000,
+        ))
+        .await;
+    let c = c.unwrap().unwrap();
+    assert_eq!((c.state, c.decided_ms), (State::Cancelled, Some(3_000)));
+    assert!(matches!(change, Change::Resolved(d) if d.state == State::Cancelled));
+    assert_eq!(state(store, r.id).await, State::Cancelled);
+    let again = feed
+        .silent(store.cancel(r.id, "agent:agent-a".into(), None, 3_001))
+        .await;
+    assert!(matches!(
+        again.unwrap(),
+        Err(TransitionError::AlreadyDecided { .. })
+    ));
+
+    // Not before the deadline; at it, yes; a vote after it is refused.
+    let r = request(6, 1, 5_000);
+    queue(store, feed, &r).await;
+    let early = feed.silent(store.time_out(r.id, 4_999)).await;
+    assert_eq!(early.unwrap().unwrap_err(), TransitionError::NotDue);
+    let past = feed
+        .silent(store.vote(r.id, vote("uid:1", true, 5_000), ADMIN))
+        .await;
+    assert_eq!(past.unwrap().unwrap_err(), TransitionError::PastDeadline);
+    let (t, change) = feed.write(store.time_out(r.id, 5_000)).await;
+    assert_eq!(t.unwrap().unwrap().state, State::TimedOut);
+    assert!(matches!(change, Change::Resolved(d) if d.state == State::TimedOut));
+    assert_eq!(state(store, r.id).await, State::TimedOut);
+    assert_eq!(last_audit_kind(store).await, "timed_out");
+    let late = feed
+        .silent(store.vote(r.id, vote("uid:1", true, 4_000), ADMIN))
+        .await;
+    assert_eq!(
+        late.unwrap().unwrap_err(),
+        TransitionError::AlreadyDecided {
+            state: State::TimedOut
+        }
+    );
+}
+
+async fn rights(store: &dyn Store, feed: &mut Feed) {
+    // A critical request: admins only, checked on the stored row.
+    let mut r = request(7, 1, 100_000);
+    r.admin_only = true;
+    queue(store, feed, &r).await;
+    let not_admin = VoterRights::default();
+    let refused = feed
+        .silent(store.vote(r.id, vote("discord:5", true, 2_000), not_admin))
+        .await;
+    assert_eq!(refused.unwrap().unwrap_err(), TransitionError::AdminOnly);
+    assert!(
+        store.votes(r.id).await.unwrap().is_empty(),
+        "nothing stored"
+    );
+    let (ok, _) = feed
+        .write(store.vote(r.id, vote("uid:1", true, 2_001), ADMIN))
+        .await;
+    assert_eq!(ok.unwrap().unwrap().request.state, State::Approved);
+
+    // The requester (uid or agent) may not vote unless allowed.
+    let mut r = request(8, 1, 100_000);
+    r.requester_uid = Some(1000);
+    queue(store, feed, &r).await;
+    for voter in ["uid:1000", "agent:agent-a"] {
+        let refused = feed
+            .silent(store.vote(r.id, vote(voter, true, 2_000), ADMIN))
+            .await;
+        assert_eq!(
+            refused.unwrap().unwrap_err(),
+            TransitionError::SelfApproval {
+                voter: voter.into()
+            }
+        );
+    }
+    assert!(
+        store.votes(r.id).await.unwrap().is_empty(),
+        "nothing stored"
+    );
+    let allowed = VoterRights {
+        may_self_approve: true,
+        ..ADMIN
+    };
+    let (ok, _) = feed
+        .write(store.vote(r.id, vote("uid:1000", true, 2_001), allowed))
+        .await;
+    assert_eq!(ok.unwrap().unwrap().request.state, State::Approved);
+}
+
+async fn policy(store: &dyn Store, feed: &mut Feed) {
+    let g = Grant {
+        scope: "global".parse().unwrap(),
+        tool: "read_*".parse().unwrap(),
+        effect: Effect::Allow,
+        source: "store".into(),
+    };
+    let audit = || events::grant_added(4_000, "uid:0", &g);
+    let (added, change) = feed
+        .write(store.add_grant(g.clone(), "uid:0".into(), 4_000, audit()))
+        .await;
+    assert!(added.unwrap());
+    assert!(matches!(change, Change::PolicyChanged));
+    let stored = store.grants().await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].grant, g);
+    assert_eq!(
+        (stored[0].created_by.as_str(), stored[0].created_ms),
+        ("uid:0", 4_000)
+    );
+    assert_eq!(last_audit_kind(store).await, "grant_added");
+    let head = store.audit_head().await.unwrap();
+    let again = feed
+        .silent(store.add_grant(g.clone(), "uid:0".into(), 4_001, audit()))
+        .await;
+    assert!(!again.unwrap());
+    assert_eq!(
+        store.audit_head().await.unwrap(),
+        head,
+        "no effect, no entry"
+    );
+
+    let removed = || events::grant_removed(4_002, "uid:0", &g.scope, &g.tool, g.effect);
+    let (gone, change) = feed
+        .write(store.remove_grant(g.scope.clone(), g.tool.clone(), g.effect, removed()))
+        .await;
+    assert!(gone.unwrap());
+    assert!(matches!(change, Change::PolicyChanged));
+    assert!(store.grants().await.unwrap().is_empty());
+    assert_eq!(last_audit_kind(store).await, "grant_removed");
+    let again = feed
+        .silent(store.remove_grant(g.scope.clone(), g.tool.clone(), g.effect, removed()))
+        .await;
+    assert!(!again.unwrap());
+    assert_eq!(store.audit_head().await.unwrap().0, head.0 + 1);
+
+    let (set, change) = feed
+        .write(store.set_tool_risk(
+            "rm".into(),
+            Some(Risk::Critical),
+            "uid:0".into(),
+            4_003,
+            events::risk_set(4_003, "uid:0", "rm", Some(Risk::Critical)),
+        ))
+        .await;
+    set.unwrap();
+    assert!(matches!(change, Change::PolicyChanged));
+    assert_eq!(
+        store.tool_risks().await.unwrap(),
+        [("rm".to_string(), Risk::Critical)]
+    );
+    assert_eq!(last_audit_kind(store).await, "risk_set");
+    feed.write(store.set_tool_risk(
+        "rm".into(),
+        None,
+        "uid:0".into(),
+        4_004,
+        events::risk_set(4_004, "uid:0", "rm", None),
+    ))
+    .await
+    .0
+    .unwrap();
+    assert!(store.tool_risks().await.unwrap().is_empty());
+}
+
+async fn pairings(store: &dyn Store, feed: &mut Feed) {
+    let code = "ACDEFGHJKM";
+    let requested = |user: &str| events::pairing_requested(5_000, user, 65_000);
+    let created = feed
+        .silent(store.create_pairing_code(
+            "42".into(),
+            Some("Ann".into()),
+            pairing::hash_code(code),
+            5_000,
+            65_000,
+            1,
+            requested("42"),
+        ))
+        .await;
+    assert_eq!(created.unwrap(), Ok(()));
+    assert_eq!(last_audit_kind(store).await, "pairing_requested");
+    let live = store.pairing_codes(5_000).await.unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(
+        (live[0].user_id.as_str(), live[0].expires_ms),
+        ("42", 65_000)
+    );
+    assert!(
+        store.pairing_codes(65_000).await.unwrap().is_empty(),
+        "expired"
+    );
+    let full = feed
+        .silent(store.create_pairing_code(
+            "43".into(),
+            None,
+            pairing::hash_code("CCCCCCCCCC"),
+            5_000,
+            65_000,
+            1,
+            requested("43"),
+        ))
+        .await;
+    assert_eq!(full.unwrap(), Err(PairingRefused::TooManyCodes(1)));
+
+    let approved: fn(&PairedUser) -> _ =
+        |u| events::pairing_approved(u.paired_ms, &u.paired_by, &u.user_id);
+    let wrong = feed
+        .silent(store.redeem_pairing_code("XXXXXXXXXX".into(), "uid:0".into(), 6_000, approved))
+        .await;
+    assert!(wrong.unwrap().is_none());
+    let (user, change) = feed
+        .write(store.redeem_pairing_code(code.into(), "uid:0".into(), 6_000, approved))
+        .await;
+    let user = user.unwrap().unwrap();
+    assert_eq!(
+        (user.user_id.as_str(), user.display_name.as_deref()),
+        ("42", Some("Ann"))
+    );
+    assert!(matches!(change, Change::PolicyChanged));
+    assert_eq!(
+        store.paired_users().await.unwrap(),
+        std::slice::from_ref(&user)
+    );
+    let entry = &store.audit_tail(1).await.unwrap()[0].event;
+    assert_eq!(
+        (entry.kind.as_str(), entry.actor.as_str(), &entry.detail),
+        ("pairing_approved", "uid:0", &json!({"user_id": "42"}))
+    );
+    let used = feed
+        .silent(store.redeem_pairing_code(code.into(), "uid:0".into(), 6_001, approved))
+        .await;
+    assert!(used.unwrap().is_none(), "a code is redeemed once");
+    let paired = feed
+        .silent(store.create_pairing_code(
+            "42".into(),
+            None,
+            pairing::hash_code(code),
+            6_002,
+            66_000,
+            5,
+            requested("42"),
+        ))
+        .await;
+    assert_eq!(
+        paired.unwrap(),
+        Err(PairingRefused::AlreadyPaired("42".into()))
+    );
+
+    let (gone, change) = feed
+        .write(store.unpair_user("42".into(), events::pairing_revoked(6_003, "uid:0", "42")))
+        .await;
+    assert!(gone.unwrap());
+    assert!(matches!(change, Change::PolicyChanged));
+    assert!(store.paired_users().await.unwrap().is_empty());
+    assert_eq!(last_audit_kind(store).await, "pairing_revoked");
+    let again = feed
+        .silent(store.unpair_user("42".into(), events::pairing_revoked(6_004, "uid:0", "42")))
+        .await;
+    assert!(!again.unwrap());
+
+    let bob = PairedUser {
+        user_id: "77".into(),
+        roles: vec!["ops".into()],
+        display_name: None,
+        paired_by: "uid:0".into(),
+        paired_ms: 6_005,
+    };
+    let audit = || events::user_paired(6_005, "uid:0", "77", &bob.roles);
+    let (added, change) = feed.write(store.pair_user(bob.clone(), audit())).await;
+    assert!(added.unwrap());
+    assert!(matches!(change, Change::PolicyChanged));
+    assert_eq!(last_audit_kind(store).await, "user_paired");
+    let again = feed.silent(store.pair_user(bob.clone(), audit())).await;
+    assert!(!again.unwrap());
+    assert_eq!(store.paired_users().await.unwrap(), [bob]);
+}
+
+async fn cards(store: &dyn Store, feed: &mut Feed) {
+    // A pending insert gets its card row, due at once, in the same write.
+    let r = request(9, 2, 90_000);
+    queue(store, feed, &r).await;
+    let card = store.card(r.id).await.unwrap().expect("a card row");
+    assert_eq!(
+        (card.channel_id, card.message_id, card.want, card.done),
+        (CARDS, None, 1, 0)
+    );
+    assert!(store
+        .cards_due(7_000, 100)
+        .await
+        .unwrap()
+        .iter()
+        .any(|c| c.request_id == r.id));
+
+    // Posted: done, not due.
+    feed.silent(store.card_done(r.id, 900, card.want, "pending".into()))
+        .await
+        .unwrap();
+    let card = store.card(r.id).await.unwrap().unwrap();
+    assert_eq!((card.message_id, card.done), (Some(900), 1));
+    assert!(card.want <= card.done);
+    assert!(!store
+        .cards_due(i64::MAX, 100)
+        .await
+        .unwrap()
+        .iter()
+        .any(|c| c.request_id == r.id));
+
+    // A partial vote bumps it (the count shows), so does the decision.
+    let (_, change) = feed
+        .write(store.vote(r.id, vote("uid:1", true, 7_001), ADMIN))
+        .await;
+    assert!(matches!(change, Change::Voted { .. }));
+    let card = store.card(r.id).await.unwrap().unwrap();
+    assert!(card.want > card.done, "bumped by the vote");
+    let (_, change) = feed
+        .write(store.cancel(r.id, "uid:0".into(), None, 7_002))
+        .await;
+    assert!(matches!(change, Change::Resolved(_)));
+    let card = store.card(r.id).await.unwrap().unwrap();
+    assert_eq!(card.want, 3, "bumped by the vote and by the cancel");
+    assert!(store.cards_backlog().await.unwrap() >= 1);
+
+    // A failed attempt waits for its time; done again once edited.
+    feed.silent(store.card_retry_later(r.id, 1, 8_000))
+        .await
+        .unwrap();
+    assert!(!store
+        .cards_due(7_999, 100)
+        .await
+        .unwrap()
+        .iter()
+        .any(|c| c.request_id == r.id));
+    let (n, change) = feed.write(store.cards_retry_now(7_999)).await;
+    assert!(n.unwrap() >= 1);
+    assert!(matches!(change, Change::CardsDue));
+    feed.silent(store.card_done(r.id, 900, card.want, "cancelled".into()))
+        .await
+        .unwrap();
+    let card = store.card(r.id).await.unwrap().unwrap();
+    assert_eq!((card.want, card.done), (3, 3));
+    assert_eq!(card.rendered_state.as_deref(), Some("cancelled"));
+}
+
+async fn deadlines(store: &dyn Store) {
+    // Pending now: request 1 alone (deadline 100_000); the rest are decided.
+    let pending: Vec<_> = store
+        .pending(1_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.id, r.deadline_ms))
+        .collect();
+    let earliest = pending.iter().map(|(_, d)| *d).min();
+    assert_eq!(store.next_deadline().await.unwrap(), earliest);
+    let due = store.due_deadlines(earliest.unwrap(), 10).await.unwrap();
+    assert!(!due.is_empty());
+    assert!(due.iter().all(|(_, d)| *d <= earliest.unwrap()));
+    assert!(store.due_deadlines(0, 10).await.unwrap().is_empty());
+    let all = store.due_deadlines(i64::MAX, 1_000).await.unwrap();
+    assert_eq!(all.len(), pending.len());
+    assert!(all.windows(2).all(|w| w[0].1 <= w[1].1), "earliest first");
+    assert_eq!(store.due_deadlines(i64::MAX, 1).await.unwrap().len(), 1);
+}
+
+async fn audit(store: &dyn Store) {
+    let (entries, requests) = store
+        .audit_verify()
+        .await
+        .unwrap()
+        .expect("the chain verifies");
+    assert!(entries > 20 && requests >= 9, "{entries} {requests}");
+    let head = store.audit_head().await.unwrap();
+    let last = store.audit_tail(1).await.unwrap().pop().unwrap();
+    assert_eq!(head, (last.seq, last.hash));
+}
+
+async fn corrupt(store: &dyn Store, raw: Raw<'_>) {
+    let g = Grant {
+        scope: "global".parse().unwrap(),
+        tool: "delete_*".parse().unwrap(),
+        effect: Effect::Deny,
+        source: "store".into(),
+    };
+    let audit = events::grant_added(9_000, "uid:0", &g);
+    assert!(store
+        .add_grant(g, "uid:0".into(), 9_000, audit)
+        .await
+        .unwrap());
+    assert_eq!(store.grants().await.unwrap().len(), 1);
+    // An effect that is neither allow nor deny is never read as allow.
+    raw("UPDATE grants SET effect = 'Deny'");
+    match store.grants().await {
+        Err(StoreError::Corrupt(why)) => assert!(why.contains("Deny"), "{why}"),
+        other => panic!("a corrupt effect must not read: {other:?}"),
+    }
+}
