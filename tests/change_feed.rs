@@ -147,6 +147,32 @@ async fn a_revoke_made_in_the_database_binds_the_next_call_once_published() {
 }
 
 #[tokio::test]
+async fn a_grant_whose_effect_is_corrupt_denies_instead_of_allowing() {
+    let e = env().await;
+    assert_eq!(
+        e.gw.submit("bot", read_file()).await.unwrap().state,
+        State::Denied,
+        "not granted yet"
+    );
+    // Another process writes a grant whose effect is neither `allow` nor
+    // `deny`: read as *allow* it would let the call through.
+    sql(
+        &e.url,
+        "INSERT INTO grants (scope, tool, effect, created_by, created_ms) \
+         VALUES ('global', 'read_file', 'Allow ', 'x', 0)",
+    )
+    .await;
+    e.store.feed().publish(Change::PolicyChanged);
+    until("the policy view refuses the corrupt row", || async {
+        e.gw.policy_unavailable().is_some()
+    })
+    .await;
+    let r = e.gw.submit("bot", read_file()).await.unwrap();
+    assert_eq!(r.state, State::Denied, "{r:?}");
+    assert_eq!(r.rule, keyturn::app::POLICY_UNAVAILABLE);
+}
+
+#[tokio::test]
 async fn a_policy_view_that_cannot_load_denies_every_call_until_it_loads_again() {
     let e = env().await;
     e.gw.grant(
