@@ -4,12 +4,15 @@
 //! the feed is seen by this process's policy view, waiters and deadline
 //! scheduler; a policy view that cannot be loaded denies every call.
 
+mod harness;
+
+use harness::fixture;
 use keyturn::app::health::HealthProbe;
 use keyturn::app::ports::{Change, Requests, Store};
 use keyturn::app::{scheduler, Gateway, Submission};
 use keyturn::config::Config;
 use keyturn::domain::audit::events;
-use keyturn::domain::request::{ApprovalRequest, RequestId, State, Vote};
+use keyturn::domain::request::{ApprovalRequest, State, Vote};
 use keyturn::domain::Risk;
 use keyturn::store::SqliteStore;
 use serde_json::json;
@@ -17,7 +20,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 /// The longest any awaited change may take; far below every deadline used.
 const LIMIT: Duration = Duration::from_secs(30);
@@ -82,33 +84,14 @@ where
 
 /// A pending request as another process would store it.
 fn pending(deadline_ms: i64) -> ApprovalRequest {
-    let now = keyturn::app::now_ms();
-    ApprovalRequest {
-        id: RequestId(Uuid::now_v7()),
-        agent: "bot".into(),
-        tool: "deploy".into(),
-        args: json!({}),
-        args_hash: "h".into(),
-        user_id: None,
-        channel_id: None,
-        justification: String::new(),
-        task_id: None,
-        idempotency_key: None,
-        risk: Risk::High,
-        approvals_required: 1,
-        admin_only: false,
-        rule: "risk_high".into(),
-        rule_detail: String::new(),
-        flags: vec![],
-        created_ms: now,
-        deadline_ms,
-        state: State::Pending,
-        decided_by: None,
-        decided_who: None,
-        decided_reason: None,
-        decided_ms: None,
-        requester_uid: None,
-    }
+    fixture::request()
+        .agent("bot")
+        .tool("deploy")
+        .risk(Risk::High)
+        .created(keyturn::app::now_ms())
+        .deadline(deadline_ms)
+        .state(State::Pending)
+        .build()
 }
 
 async fn insert_elsewhere(other: &SqliteStore, r: ApprovalRequest) {

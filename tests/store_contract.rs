@@ -5,6 +5,9 @@
 //!
 //! Time is a parameter everywhere here: every timestamp is a literal.
 
+mod harness;
+
+use harness::fixture;
 use keyturn::app::ports::{Change, Inserted, PairedUser, PairingRefused, Store, StoreError};
 use keyturn::domain::audit::{events, AuditEvent};
 use keyturn::domain::pairing;
@@ -105,32 +108,19 @@ async fn story(store: Arc<dyn Store>, raw: Raw<'_>) {
 }
 
 fn request(n: u128, approvals: u32, deadline_ms: i64) -> ApprovalRequest {
-    ApprovalRequest {
-        id: RequestId(Uuid::from_u128(n)),
-        agent: "agent-a".into(),
-        tool: "delete_file".into(),
-        args: json!({"path": format!("/tmp/{n}")}),
-        args_hash: format!("hash-{n}"),
-        user_id: None,
-        channel_id: None,
-        justification: "contract".into(),
-        task_id: None,
-        idempotency_key: None,
-        risk: Risk::High,
-        approvals_required: approvals,
-        admin_only: false,
-        rule: "risk_high".into(),
-        rule_detail: String::new(),
-        flags: vec![],
-        created_ms: 1_000,
-        deadline_ms,
-        state: State::Pending,
-        decided_by: None,
-        decided_who: None,
-        decided_reason: None,
-        decided_ms: None,
-        requester_uid: None,
-    }
+    fixture::request()
+        .id(n)
+        .agent("agent-a")
+        .tool("delete_file")
+        .args(json!({"path": format!("/tmp/{n}")}))
+        .args_hash(&format!("hash-{n}"))
+        .justification("contract")
+        .risk(Risk::High)
+        .approvals(approvals)
+        .created(1_000)
+        .deadline(deadline_ms)
+        .state(State::Pending)
+        .build()
 }
 
 /// The events a submit audits a queued request with.

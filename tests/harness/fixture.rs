@@ -83,6 +83,15 @@ impl RequestBuilder {
         self.0.rule = format!("risk_{risk}");
         self
     }
+    pub fn justification(mut self, text: &str) -> Self {
+        self.0.justification = text.into();
+        self
+    }
+    /// How many approvals decide it.
+    pub fn approvals(mut self, n: u32) -> Self {
+        self.0.approvals_required = n;
+        self
+    }
     pub fn created(mut self, ms: i64) -> Self {
         self.0.created_ms = ms;
         self
