@@ -190,16 +190,20 @@ impl Outbox {
                         .card_done(c.request_id, message_id, c.want, req.state.as_str().into())
                         .await
                     {
-                        if !e.is_retryable() {
-                            // Never posted twice: rather than post it again
-                            // on the next pass, the outbox stops until the
-                            // store is fixed and the server restarted.
-                            tracing::error!(request.id = %req.id, error = %e, "CANNOT RECORD A POSTED CARD and the store error is not transient; the card outbox stops");
-                            return Outcome::Stopped;
-                        }
-                        tracing::error!(request.id = %req.id, error = %e, "cannot record the card; retrying");
+                        // Never posted twice: nothing else is posted until
+                        // this is recorded. An error that retrying soon
+                        // cannot fix (read-only, disk full) is retried
+                        // slowly, so the outbox resumes by itself once the
+                        // store is writable again.
+                        let longest = if e.is_retryable() {
+                            tracing::error!(request.id = %req.id, error = %e, "cannot record the card; retrying");
+                            Duration::from_secs(5)
+                        } else {
+                            tracing::error!(request.id = %req.id, error = %e, "CANNOT RECORD A POSTED CARD: the store refuses writes; the card outbox waits until it accepts them");
+                            Duration::from_secs(30)
+                        };
                         n += 1;
-                        if sleep_or_stop(pause(n, Duration::from_secs(5), i64::MAX), stop).await {
+                        if sleep_or_stop(pause(n, longest, i64::MAX), stop).await {
                             return Outcome::Stopped;
                         }
                     }
