@@ -63,7 +63,7 @@ impl Gateway {
     ///
     /// The uid that made a request (and its agent) may not vote on it,
     /// unless `[admin] allow_self_approval` or `single_user_demo` is set:
-    /// checked here so every surface gets the rule.
+    /// checked in the vote's transaction, so every surface gets the rule.
     pub async fn vote(
         &self,
         id: RequestId,
@@ -73,17 +73,7 @@ impl Gateway {
         reason: Option<String>,
         is_admin: bool,
     ) -> Result<super::ports::Voted, AppError> {
-        let r = self.status(id).await?;
-        if r.admin_only && !is_admin {
-            return Err(AppError::AdminOnly);
-        }
-        let own = r.requester_uid.is_some_and(|u| voter == format!("uid:{u}"))
-            || voter == format!("agent:{}", r.agent);
         let admin = &self.cfg.admin;
-        if own && !(admin.allow_self_approval || admin.single_user_demo) {
-            tracing::warn!(request.id = %id, voter = %voter, "vote by the requester refused");
-            return Err(AppError::SelfApproval(voter.to_string()));
-        }
         let name = name
             .map(|n| crate::domain::request::clean_display_name(&n))
             .filter(|n| !n.is_empty());
@@ -101,8 +91,8 @@ impl Gateway {
             is_admin,
             may_self_approve: admin.allow_self_approval || admin.single_user_demo,
         };
-        // The checks above answer early; the store checks again on the row
-        // it decides on, which is the authority.
+        // Admin-only and self-approval are checked by the store on the row
+        // it decides on, in the vote's transaction.
         match self.store.vote(id, vote, rights).await? {
             Ok(v) => {
                 if v.request.state.is_terminal() {
@@ -114,6 +104,10 @@ impl Gateway {
                 // The decision lost to the timeout; make the timeout happen now.
                 let _ = self.expire(id).await;
                 Err(AppError::AlreadyDecided(State::TimedOut))
+            }
+            Err(e @ TransitionError::SelfApproval { .. }) => {
+                tracing::warn!(request.id = %id, voter = %voter, "vote by the requester refused");
+                Err(transition(id, e))
             }
             Err(e) => Err(transition(id, e)),
         }

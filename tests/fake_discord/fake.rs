@@ -33,25 +33,10 @@ impl FakeDiscord {
         let inner = Arc::new(Inner {
             cfg: cfg.normalized(),
             port,
-            state: Mutex::new(FakeState {
-                next_id: FIRST_SNOWFLAKE,
-                calls: Vec::new(),
-                violations: Vec::new(),
-                messages: BTreeMap::new(),
-                dm_channels: BTreeMap::new(),
-                interactions: BTreeMap::new(),
-                failures: Vec::new(),
-                buckets: BTreeMap::new(),
-                global_recent: std::collections::VecDeque::new(),
-                rate_limited: 0,
-                outage: None,
-                guild_commands: Vec::new(),
-                global_commands: Vec::new(),
-                gw: GatewayState {
-                    ack_heartbeats: true,
-                    ..GatewayState::default()
-                },
-            }),
+            state: Mutex::new(FakeState::new(GatewayState {
+                ack_heartbeats: true,
+                ..GatewayState::default()
+            })),
             changed,
         });
         let app = Router::new()

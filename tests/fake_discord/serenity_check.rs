@@ -147,26 +147,11 @@ mod self_check {
         let inner = Inner {
             cfg: c.clone(),
             port: 1,
-            state: Mutex::new(FakeState {
-                next_id: FIRST_SNOWFLAKE,
-                calls: Vec::new(),
-                violations: Vec::new(),
-                messages: BTreeMap::new(),
-                dm_channels: BTreeMap::new(),
-                interactions: BTreeMap::new(),
-                failures: Vec::new(),
-                buckets: BTreeMap::new(),
-                global_recent: std::collections::VecDeque::new(),
-                rate_limited: 0,
-                outage: None,
-                guild_commands: Vec::new(),
-                global_commands: Vec::new(),
-                gw: GatewayState {
-                    session_id: Some("s".into()),
-                    intents: intent::GUILD_MESSAGES | intent::DIRECT_MESSAGES,
-                    ..GatewayState::default()
-                },
-            }),
+            state: Mutex::new(FakeState::new(GatewayState {
+                session_id: Some("s".into()),
+                intents: intent::GUILD_MESSAGES | intent::DIRECT_MESSAGES,
+                ..GatewayState::default()
+            })),
             changed: watch::channel(0).0,
         };
         let mut st = inner.lock();

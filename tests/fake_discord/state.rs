@@ -71,6 +71,26 @@ pub(super) struct FakeState {
 }
 
 impl FakeState {
+    /// Nothing recorded yet, with this gateway state.
+    pub(super) fn new(gw: GatewayState) -> FakeState {
+        FakeState {
+            next_id: FIRST_SNOWFLAKE,
+            calls: Vec::new(),
+            violations: Vec::new(),
+            messages: BTreeMap::new(),
+            dm_channels: BTreeMap::new(),
+            interactions: BTreeMap::new(),
+            failures: Vec::new(),
+            buckets: BTreeMap::new(),
+            global_recent: std::collections::VecDeque::new(),
+            rate_limited: 0,
+            outage: None,
+            guild_commands: Vec::new(),
+            global_commands: Vec::new(),
+            gw,
+        }
+    }
+
     pub(super) fn new_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
