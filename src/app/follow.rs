@@ -8,8 +8,10 @@
 //!   whether this process, another one or a person at the database decided;
 //! - `PolicyChanged` refreshes the policy view (through a second task, so a
 //!   slow store never holds up waking waiters);
-//! - on `Lagged` (changes were missed) every waiter re-reads its request, the
-//!   pending counts are reloaded and the policy view is refreshed.
+//! - on `Lagged` (changes were missed) or `Resync` (another process's changes
+//!   may have been missed, or the periodic re-check of a shared store) every
+//!   waiter re-reads its request, the pending counts are reloaded and the
+//!   policy view is refreshed.
 //!
 //! The deadline scheduler ([`super::scheduler`]) and the Discord outbox
 //! follow the same feed on their own, because their lifetimes are `serve`'s.
@@ -50,6 +52,10 @@ async fn follow(gw: Weak<Gateway>, mut changes: broadcast::Receiver<Change>, pol
                     missed,
                     "change feed lagged; re-reading waiters, pending counts and the policy"
                 );
+                policy.notify_one();
+                gw.catch_up().await;
+            }
+            Ok(Change::Resync) => {
                 policy.notify_one();
                 gw.catch_up().await;
             }
@@ -100,13 +106,13 @@ impl Gateway {
     /// After missed changes: every waiter re-reads its request (and is woken
     /// if it is decided), and the pending counts are reloaded.
     async fn catch_up(&self) {
-        for id in self.waiters.ids() {
-            match self.store.get_request(id).await {
-                Ok(Some(r)) if r.state.is_terminal() => self.waiters.wake(&r),
-                Ok(_) => {}
-                // The waiter still wakes at its deadline (plus a grace).
+        let ids = self.waiters.ids();
+        for chunk in ids.chunks(1000) {
+            match self.store.decided_among(chunk).await {
+                Ok(decided) => decided.iter().for_each(|r| self.waiters.wake(r)),
+                // The waiters still wake at their deadline (plus a grace).
                 Err(e) => {
-                    tracing::error!(request.id = %id, error = %e, "cannot re-read a waited-on request")
+                    tracing::error!(waiters = chunk.len(), error = %e, "cannot re-read waited-on requests")
                 }
             }
         }

@@ -11,7 +11,7 @@ use crate::domain::Risk;
 use async_trait::async_trait;
 use serde::Serialize;
 use std::sync::Arc;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 /// A storage failure, by what the caller can do about it. Callers treat
 /// every one of these as *deny*; they retry only what
@@ -219,6 +219,19 @@ pub trait Requests: Send + Sync + 'static {
         now_ms: i64,
     ) -> StoreResult<Result<ApprovalRequest, TransitionError>>;
     async fn get_request(&self, id: RequestId) -> StoreResult<Option<ApprovalRequest>>;
+    /// Those of `ids` that are decided (terminal), in one read: what the
+    /// waiters re-check after missed changes.
+    async fn decided_among(&self, ids: &[RequestId]) -> StoreResult<Vec<ApprovalRequest>> {
+        let mut decided = Vec::new();
+        for id in ids {
+            if let Some(r) = self.get_request(*id).await? {
+                if r.state.is_terminal() {
+                    decided.push(r);
+                }
+            }
+        }
+        Ok(decided)
+    }
     /// The request `agent` submitted under `key`, if any, with its fingerprint.
     async fn find_by_idempotency_key(
         &self,
@@ -438,6 +451,11 @@ pub enum Change {
     PolicyChanged,
     /// Cards were marked due (a request changed, or a retry was brought forward).
     CardsDue,
+    /// Changes committed by another process may have been missed (the
+    /// connection that hears them dropped and came back), or it is time for
+    /// the periodic re-check of a shared store: every subscriber re-reads
+    /// what it follows from the store, as after `Lagged`.
+    Resync,
 }
 
 /// How many changes a slow subscriber may fall behind before it is told it
@@ -483,6 +501,14 @@ pub trait Store: Requests + PolicyData + Pairings + AuditLog + Cards + Changes {
     /// Costs nothing: it reads the writer's last finding, not the disk.
     fn write_failure(&self) -> Option<String> {
         None
+    }
+    /// Whether this process leads the processes sharing the store: the
+    /// leader alone runs the Discord connection, the card outbox and the
+    /// deadline sweep. The value flips to `false` the moment leadership is
+    /// lost (and back once it is won again). A store only one process can
+    /// use always leads.
+    fn leadership(&self) -> watch::Receiver<bool> {
+        watch::channel(true).1
     }
     /// Flushes and closes.
     async fn close(&self);

@@ -104,6 +104,7 @@ pub async fn run(gw: Arc<Gateway>, stop: CancellationToken) {
                 Ok(Change::Queued { deadline_ms, .. }) if sweep_at != AFTER_BATCH => {
                     sweep_at = sweep_at.min(deadline_ms);
                 }
+                Ok(Change::Resync) if sweep_at != AFTER_BATCH => sweep_at = super::now_ms(),
                 Ok(_) => {}
                 Err(RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "change feed lagged; sweeping due deadlines");

@@ -400,7 +400,8 @@ async fn wake_on_changes(
                 Change::Queued { .. }
                 | Change::Voted { .. }
                 | Change::Resolved(_)
-                | Change::CardsDue,
+                | Change::CardsDue
+                | Change::Resync,
             )
             | Err(broadcast::error::RecvError::Lagged(_)) => wake.notify_one(),
             Ok(Change::PolicyChanged) => {}
