@@ -16,6 +16,7 @@
 pub mod config;
 pub mod fixture;
 pub mod rpc;
+pub mod tcp_proxy;
 mod server;
 
 pub use server::{closed_pipe, serve_command, Launch, Server, StartFailure, Stderr, BIN};
