@@ -1,13 +1,15 @@
 //! The store contract: one story over the persistence ports
 //! (`keyturn::app::ports`), written against `Arc<dyn Store>` so every
-//! backend runs the same story. SQLite runs it now; a backend added later
-//! adds one `#[tokio::test]` that opens it and calls [`story`].
+//! backend runs the same story: SQLite, and PostgreSQL (each test in a
+//! schema of its own, see `harness::pg`; without a reachable server those
+//! tests print why and pass, except under `CI=true`).
 //!
 //! Time is a parameter everywhere here: every timestamp is a literal.
 
 mod harness;
 
 use harness::fixture;
+use harness::pg;
 use keyturn::app::ports::{Change, Inserted, PairedUser, PairingRefused, Store, StoreError};
 use keyturn::domain::audit::{events, AuditEvent};
 use keyturn::domain::pairing;
@@ -16,7 +18,7 @@ use keyturn::domain::request::{
     ApprovalRequest, DecidedBy, RequestId, State, TransitionError, Vote, VoterRights,
 };
 use keyturn::domain::Risk;
-use keyturn::store::{Options, SqliteStore};
+use keyturn::store::{Options, PgOptions, PgStore, SqliteStore};
 use serde_json::json;
 use std::future::Future;
 use std::sync::Arc;
@@ -51,6 +53,21 @@ async fn sqlite_keeps_the_contract() {
     store.close().await;
 }
 
+#[tokio::test]
+async fn postgres_keeps_the_contract() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let options = PgOptions {
+        max_batch: 64,
+        cards: Some(CARDS),
+    };
+    let store: Arc<dyn Store> = Arc::new(PgStore::open(&schema.url(), &options).await.unwrap());
+    let raw = |sql: &str| schema.exec(sql);
+    story(store.clone(), &raw).await;
+    store.close().await;
+}
+
 /// Writes are group-committed; one that fails (here: a request id stored
 /// twice, a unique violation) fails only its own caller, with a conflict,
 /// and its batch's other writes stand.
@@ -59,6 +76,25 @@ async fn sqlite_fails_only_the_bad_write_of_a_batch() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("k.db").display());
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&url, "normal", 64).await.unwrap());
+    only_the_bad_write_fails(store).await;
+}
+
+/// The same on PostgreSQL, where the failed write rolls back to its own
+/// savepoint inside the batch's transaction.
+#[tokio::test]
+async fn postgres_fails_only_the_bad_write_of_a_batch() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let options = PgOptions {
+        max_batch: 64,
+        cards: None,
+    };
+    let store: Arc<dyn Store> = Arc::new(PgStore::open(&schema.url(), &options).await.unwrap());
+    only_the_bad_write_fails(store).await;
+}
+
+async fn only_the_bad_write_fails(store: Arc<dyn Store>) {
     let mut requests: Vec<ApprovalRequest> =
         (0..32).map(|n| request(200 + n, 1, 100_000)).collect();
     let mut twin = requests[7].clone();
