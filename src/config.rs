@@ -329,7 +329,9 @@ pub struct AgentConfig {
     /// Nobody watches this agent: calls that need a human are denied at once.
     #[serde(default)]
     pub unattended: bool,
-    /// Most pending requests this agent may have at once.
+    /// Most pending requests this agent may have at once, counted in the
+    /// store in the transaction that queues a request (so one limit across
+    /// every process sharing the database).
     #[serde(default = "default_max_pending")]
     pub max_pending: usize,
 }
@@ -386,6 +388,9 @@ impl Default for RiskConfig {
     }
 }
 
+/// Rate limits and task budgets, counted in memory by each process (per
+/// replica when several share one database; `max_pending` is the limit
+/// counted in the database).
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {

@@ -19,6 +19,7 @@ use keyturn::domain::policy::{Effect, Grant};
 use keyturn::domain::request::{
     ApprovalRequest, DecidedBy, RequestId, State, TransitionError, Vote, VoterRights,
 };
+use keyturn::domain::trifecta::{Escalation, Guard, ToolTag};
 use keyturn::domain::Risk;
 use keyturn::store::{Options, PgOptions, PgStore, SqliteStore};
 use serde_json::json;
@@ -142,6 +143,7 @@ async fn story(store: Arc<dyn Store>, raw: Raw<'_>) {
     cards(&*store, &mut feed).await;
     deadlines(&*store).await;
     audit(&*store).await;
+    pending_limits(&*store, &mut feed).await;
     corrupt(&*store, raw).await;
 }
 
@@ -299,6 +301,130 @@ async fn inserts(store: &dyn Store, feed: &mut Feed) {
         .await;
     assert!(matches!(ins.unwrap(), Inserted::New(_)));
     assert!(store.card(allowed.id).await.unwrap().is_none(), "no card");
+}
+
+/// `max_pending` is counted in the insert's transaction: a request that
+/// would wait with every slot taken is not stored (or, escalated by the
+/// trifecta guard, is denied); deciding a request frees its slot.
+async fn pending_limits(store: &dyn Store, feed: &mut Feed) {
+    let agent = "agent-limit";
+    let limited = |n: u128| {
+        let mut r = request(n, 1, 100_000);
+        r.agent = agent.into();
+        r
+    };
+    let count = |counts: Vec<(String, u64)>| {
+        counts
+            .into_iter()
+            .find(|(a, _)| a == agent)
+            .map_or(0, |(_, n)| n)
+    };
+    let (a, b, c) = (limited(60), limited(61), limited(62));
+    for r in [&a, &b] {
+        let (ins, _) = feed
+            .write(store.insert_guarded(r.clone(), submitted(r), None, 2))
+            .await;
+        assert!(matches!(ins.unwrap(), Inserted::New(_)));
+    }
+    assert_eq!(count(store.pending_counts().await.unwrap()), 2);
+    // Full: nothing stored, nothing published, nothing audited.
+    let head = store.audit_head().await.unwrap();
+    match feed
+        .silent(store.insert_guarded(c.clone(), submitted(&c), None, 2))
+        .await
+    {
+        Ok(Inserted::TooManyPending { max: 2 }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(store.get_request(c.id).await.unwrap().is_none());
+    assert_eq!(store.audit_head().await.unwrap(), head);
+    // A call the policy decided needs no slot.
+    let mut allowed = limited(63);
+    allowed.state = State::Approved;
+    allowed.decided_by = Some(DecidedBy::Policy);
+    let ins = feed
+        .silent(store.insert_guarded(allowed.clone(), vec![], None, 2))
+        .await;
+    assert!(matches!(ins.unwrap(), Inserted::New(_)));
+    // Cancelling one frees its slot; the refused call now fits.
+    let _ = feed
+        .write(store.cancel(a.id, "admin".into(), None, 2_000))
+        .await;
+    assert_eq!(count(store.pending_counts().await.unwrap()), 1);
+    let (ins, _) = feed
+        .write(store.insert_guarded(c.clone(), submitted(&c), None, 2))
+        .await;
+    assert!(matches!(ins.unwrap(), Inserted::New(_)));
+    assert_eq!(count(store.pending_counts().await.unwrap()), 2);
+
+    // The trifecta guard escalates an allowed call that completes the
+    // trifecta; with no slot left, it denies it instead.
+    let guard = |tag: ToolTag| Guard {
+        tags: vec![tag],
+        since_ms: 0,
+        window: "24h".into(),
+        escalation: Escalation {
+            risk: Risk::High,
+            deadline_ms: 200_000,
+            approvals_required: 1,
+            admin_only: false,
+            deny: None,
+        },
+    };
+    for (n, tool, tag) in [
+        (64, "read_mail", ToolTag::ReadsPrivateData),
+        (65, "browse", ToolTag::SeesUntrustedInput),
+    ] {
+        let mut r = allowed.clone();
+        r.id = RequestId(Uuid::from_u128(n));
+        r.tool = tool.into();
+        let ins = feed
+            .silent(store.insert_guarded(r, vec![], Some(guard(tag)), 2))
+            .await;
+        assert!(matches!(ins.unwrap(), Inserted::New(r) if r.state == State::Approved));
+    }
+    let mut send = allowed.clone();
+    send.id = RequestId(Uuid::from_u128(66));
+    send.tool = "send_mail".into();
+    let ins = feed
+        .silent(store.insert_guarded(
+            send.clone(),
+            vec![],
+            Some(guard(ToolTag::CommunicatesExternally)),
+            2,
+        ))
+        .await;
+    match ins.unwrap() {
+        Inserted::New(r) => {
+            assert_eq!(
+                (r.state, r.rule.as_str()),
+                (State::Denied, "too_many_pending")
+            );
+            assert!(
+                r.rule_detail.contains("already has 2 pending"),
+                "{}",
+                r.rule_detail
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(count(store.pending_counts().await.unwrap()), 2);
+    // With a slot free, the same call waits for a human.
+    let _ = feed.write(store.time_out(b.id, 100_000)).await;
+    send.id = RequestId(Uuid::from_u128(67));
+    let (ins, change) = feed
+        .write(store.insert_guarded(
+            send.clone(),
+            vec![],
+            Some(guard(ToolTag::CommunicatesExternally)),
+            2,
+        ))
+        .await;
+    assert!(
+        matches!(ins.unwrap(), Inserted::New(r) if r.state == State::Pending && r.rule == "trifecta")
+    );
+    assert!(matches!(change, Change::Queued { id, .. } if id == send.id));
+    assert_eq!(count(store.pending_counts().await.unwrap()), 2);
 }
 
 async fn votes(store: &dyn Store, feed: &mut Feed) {

@@ -408,7 +408,7 @@ impl Requests for SqliteStore {
         req: ApprovalRequest,
         audit: Vec<AuditEvent>,
     ) -> StoreResult<Inserted> {
-        self.insert_guarded(req, audit, None).await
+        self.insert_guarded(req, audit, None, usize::MAX).await
     }
     async fn vote(
         &self,
@@ -533,12 +533,11 @@ impl Requests for SqliteStore {
         Ok(d)
     }
     async fn pending_counts(&self) -> StoreResult<Vec<(String, u64)>> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT agent, COUNT(*) FROM requests WHERE state = 'pending' GROUP BY agent",
-        )
-        .fetch_all(&self.reads)
-        .await
-        .map_err(db)?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT agent, pending FROM agent_pending WHERE pending > 0")
+                .fetch_all(&self.reads)
+                .await
+                .map_err(db)?;
         Ok(rows
             .into_iter()
             .map(|(a, n)| (a, n.max(0) as u64))
@@ -549,13 +548,14 @@ impl Requests for SqliteStore {
         req: ApprovalRequest,
         audit: Vec<AuditEvent>,
         guard: Option<Guard>,
+        max_pending: usize,
     ) -> StoreResult<Inserted> {
         let sealed: Vec<_> = audit.iter().map(AuditEvent::seal).collect();
         let req = Arc::new(req);
         let mine = req.clone();
         let cards = self.cards;
         let stored = self
-            .write(move |tx| write::insert(tx, &mine, &sealed, guard.as_ref(), cards))
+            .write(move |tx| write::insert(tx, &mine, &sealed, guard.as_ref(), max_pending, cards))
             .await?;
         Ok(match stored {
             // The writer has dropped its handle by now, so this rarely copies.
@@ -570,6 +570,7 @@ impl Requests for SqliteStore {
             }
             Stored::Existing(r) => Inserted::Existing(r),
             Stored::Conflict(r) => Inserted::Conflict(r),
+            Stored::TooManyPending => Inserted::TooManyPending { max: max_pending },
         })
     }
     async fn trifecta_history(
