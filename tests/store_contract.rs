@@ -1154,9 +1154,50 @@ async fn postgres_store_survives_killed_sessions() {
     }
     let r = request(99_999, 1, 100_000);
     assert!(matches!(
-        store.insert_request(r.clone(), submitted(&r)).await.unwrap(),
+        store
+            .insert_request(r.clone(), submitted(&r))
+            .await
+            .unwrap(),
         Inserted::New(_)
     ));
-    store.audit_verify().await.unwrap().expect("the chain verifies");
+    store
+        .audit_verify()
+        .await
+        .unwrap()
+        .expect("the chain verifies");
     store.close().await;
+}
+
+/// One agent's `max_pending` holds across stores queueing at once.
+#[tokio::test]
+async fn postgres_max_pending_holds_across_stores() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let (a, b) = (pg_store(&schema, None).await, pg_store(&schema, None).await);
+    let queue = |store: Arc<PgStore>, from: u128| async move {
+        let all = (from..from + 20).map(|n| {
+            let r = request(n, 1, 100_000);
+            let store = store.clone();
+            async move {
+                store
+                    .insert_guarded(r.clone(), submitted(&r), None, 10)
+                    .await
+            }
+        });
+        futures::future::join_all(all).await
+    };
+    let (x, y) = tokio::join!(queue(a.clone(), 90_000), queue(b.clone(), 91_000));
+    let mut stored = 0;
+    for answer in x.into_iter().chain(y) {
+        match answer.unwrap() {
+            Inserted::New(_) => stored += 1,
+            Inserted::TooManyPending { max: 10 } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(stored, 10);
+    assert_eq!(a.pending_counts().await.unwrap(), [("agent-a".into(), 10)]);
+    a.close().await;
+    b.close().await;
 }

@@ -305,7 +305,7 @@ impl Requests for PgStore {
         req: ApprovalRequest,
         audit: Vec<AuditEvent>,
     ) -> StoreResult<Inserted> {
-        self.insert_guarded(req, audit, None).await
+        self.insert_guarded(req, audit, None, usize::MAX).await
     }
     async fn vote(
         &self,
@@ -452,12 +452,11 @@ impl Requests for PgStore {
         Ok(d)
     }
     async fn pending_counts(&self) -> StoreResult<Vec<(String, u64)>> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT agent, COUNT(*) FROM requests WHERE state = 'pending' GROUP BY agent",
-        )
-        .fetch_all(&self.reads)
-        .await
-        .map_err(db)?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT agent, pending FROM agent_pending WHERE pending > 0")
+                .fetch_all(&self.reads)
+                .await
+                .map_err(db)?;
         Ok(rows
             .into_iter()
             .map(|(a, n)| (a, n.max(0) as u64))
@@ -468,6 +467,7 @@ impl Requests for PgStore {
         req: ApprovalRequest,
         audit: Vec<AuditEvent>,
         guard: Option<Guard>,
+        max_pending: usize,
     ) -> StoreResult<Inserted> {
         let sealed: Arc<[audit::SealedEvent]> = audit.iter().map(AuditEvent::seal).collect();
         let req = Arc::new(req);
@@ -477,9 +477,9 @@ impl Requests for PgStore {
         let stored = self
             .write(move |tx| {
                 let (req, sealed, guard) = (mine.clone(), sealed.clone(), guard.clone());
-                Box::pin(
-                    async move { write::insert(tx, &req, &sealed, guard.as_deref(), cards).await },
-                )
+                Box::pin(async move {
+                    write::insert(tx, &req, &sealed, guard.as_deref(), max_pending, cards).await
+                })
             })
             .await?;
         Ok(match stored {
@@ -494,6 +494,7 @@ impl Requests for PgStore {
             }
             Stored::Existing(r) => Inserted::Existing(r),
             Stored::Conflict(r) => Inserted::Conflict(r),
+            Stored::TooManyPending => Inserted::TooManyPending { max: max_pending },
         })
     }
     async fn trifecta_history(

@@ -15,7 +15,8 @@ use crate::domain::decision;
 use crate::domain::pairing;
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
 use crate::domain::request::{
-    ApprovalRequest, RequestId, State, TransitionError, Vote, VoterRights,
+    too_many_pending, ApprovalRequest, RequestId, State, TransitionError, Vote, VoterRights,
+    TOO_MANY_PENDING,
 };
 use crate::domain::trifecta::{self, Guard, ToolTag};
 use crate::domain::Risk;
@@ -29,18 +30,25 @@ pub(super) enum Stored {
     Guarded(ApprovalRequest),
     Existing(ApprovalRequest),
     Conflict(ApprovalRequest),
+    /// The request would wait for a human, but its agent already has
+    /// `max_pending` pending requests: nothing was stored.
+    TooManyPending,
 }
 
 /// Stores `req` with its sealed `audit` events, unless its idempotency key
 /// is taken (checked first, and again by the insert itself: `ON CONFLICT
 /// DO NOTHING` on the key, so a submit racing in from another process
 /// finds the holder instead of an error); applies the trifecta `guard`;
-/// creates its card row if it is pending.
+/// creates its card row if it is pending. A request that would wait for a
+/// human takes one of its agent's `max_pending` slots in this transaction,
+/// or is not stored ([`Stored::TooManyPending`]; a call the guard escalates
+/// is denied instead).
 pub(super) async fn insert(
     tx: &mut Tx,
     req: &ApprovalRequest,
     audit: &[SealedEvent],
     guard: Option<&Guard>,
+    max_pending: usize,
     cards: Option<u64>,
 ) -> StoreResult<Stored> {
     let fingerprint = req.idempotency_key.as_ref().map(|_| req.fingerprint());
@@ -50,17 +58,45 @@ pub(super) async fn insert(
     let caps = guard.map_or(0, |g| trifecta::bits(&g.tags));
     if let Some(g) = guard {
         let history = history(tx.conn(), &req.agent, req.user_id.as_deref(), g.since_ms).await?;
-        if let Some((changed, events)) = trifecta::guard(req, &history, g) {
+        if let Some((mut changed, mut events)) = trifecta::guard(req, &history, g) {
+            if changed.state == State::Pending
+                && !take_slot(tx.conn(), &req.agent, max_pending).await?
+            {
+                if req.state == State::Pending {
+                    return Ok(Stored::TooManyPending);
+                }
+                // No slot to wait in: the guard denies the call instead.
+                let full = trifecta::Guard {
+                    escalation: trifecta::Escalation {
+                        deny: Some((
+                            TOO_MANY_PENDING.to_string(),
+                            too_many_pending(&req.agent, max_pending),
+                        )),
+                        ..g.escalation.clone()
+                    },
+                    ..g.clone()
+                };
+                (changed, events) = trifecta::guard(req, &history, &full).ok_or_else(|| {
+                    StoreError::Failed(
+                        "the trifecta guard let a call through once it had no pending slot".into(),
+                    )
+                })?;
+            }
             if !insert_request(tx.conn(), &changed, caps, fingerprint.as_deref()).await? {
-                return taken(tx, req, fingerprint.as_deref()).await;
+                let slot = changed.state == State::Pending;
+                return taken(tx, req, fingerprint.as_deref(), slot).await;
             }
             tx.audit_events(&events).await?;
             new_card(tx, &changed, cards).await?;
             return Ok(Stored::Guarded(changed));
         }
     }
+    if req.state == State::Pending && !take_slot(tx.conn(), &req.agent, max_pending).await? {
+        return Ok(Stored::TooManyPending);
+    }
     if !insert_request(tx.conn(), req, caps, fingerprint.as_deref()).await? {
-        return taken(tx, req, fingerprint.as_deref()).await;
+        let slot = req.state == State::Pending;
+        return taken(tx, req, fingerprint.as_deref(), slot).await;
     }
     tx.audit(audit).await?;
     new_card(tx, req, cards).await?;
@@ -103,9 +139,47 @@ async fn key_holder(
     Ok(Some(Stored::Conflict(existing)))
 }
 
+/// Takes one of `agent`'s `max` pending slots in this transaction: `false`
+/// (nothing changed) when all are taken. The row is locked until the
+/// commit, so processes queueing for one agent at once count one by one.
+async fn take_slot(conn: &mut PgConnection, agent: &str, max: usize) -> StoreResult<bool> {
+    if max == 0 {
+        return Ok(false);
+    }
+    let taken: Option<(i64,)> = sqlx::query_as(
+        "INSERT INTO agent_pending (agent, pending) VALUES ($1, 1) \
+         ON CONFLICT (agent) DO UPDATE SET pending = agent_pending.pending + 1 \
+         WHERE agent_pending.pending < $2 RETURNING pending",
+    )
+    .bind(agent)
+    .bind(i64::try_from(max).unwrap_or(i64::MAX))
+    .fetch_optional(conn)
+    .await
+    .map_err(db)?;
+    Ok(taken.is_some())
+}
+
+/// Gives back a slot of `agent` (its request left `pending`, or was not stored).
+async fn free_slot(conn: &mut PgConnection, agent: &str) -> StoreResult<()> {
+    sqlx::query("UPDATE agent_pending SET pending = pending - 1 WHERE agent = $1 AND pending > 0")
+        .bind(agent)
+        .execute(conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
 /// The insert found the key taken after all (committed by another process
-/// meanwhile): answer with its holder.
-async fn taken(tx: &mut Tx, req: &ApprovalRequest, fp: Option<&str>) -> StoreResult<Stored> {
+/// meanwhile): the slot it took goes back, and the answer is the holder.
+async fn taken(
+    tx: &mut Tx,
+    req: &ApprovalRequest,
+    fp: Option<&str>,
+    slot: bool,
+) -> StoreResult<Stored> {
+    if slot {
+        free_slot(tx.conn(), &req.agent).await?;
+    }
     key_holder(tx, req, fp)
         .await?
         .ok_or_else(|| StoreError::Conflict {
@@ -732,7 +806,7 @@ async fn resolve(
     .bind(r.decided_ms)
     .bind(r.id.to_string())
     .bind(due_by)
-    .execute(conn)
+    .execute(&mut *conn)
     .await
     .map_err(db)?
     .rows_affected();
@@ -744,7 +818,8 @@ async fn resolve(
             retry: false,
         });
     }
-    Ok(())
+    // The request left `pending`: its agent's slot is free.
+    free_slot(conn, &r.agent).await
 }
 
 /// The request row, locked until the transaction ends.
