@@ -247,6 +247,11 @@ enum Command {
     },
     /// Measure throughput and latency against an in-process server.
     Bench {
+        /// The store to measure (default: a SQLite file in a temp
+        /// directory). A postgres:// URL runs in a schema of its own,
+        /// dropped at the end.
+        #[arg(long)]
+        store: Option<String>,
         /// Concurrent clients.
         #[arg(long, default_value_t = 16)]
         clients: usize,
@@ -948,12 +953,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Pairing { cmd, conn } => pairing_cmd(&conn, cmd).await,
         Command::Audit { cmd, conn } => audit_cmd(&conn, cmd).await,
         Command::Bench {
+            store,
             clients,
             seconds,
             wakeups,
             pending,
         } => {
             crate::bench::run(crate::bench::BenchOptions {
+                store,
                 clients,
                 seconds,
                 wakeups,

@@ -269,6 +269,14 @@ pub async fn init_store(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Drops the schema a PostgreSQL store URL's `search_path` names, with
+/// everything in it (`keyturn bench` cleaning up its own schema).
+pub async fn drop_store_schema(url: &str) -> anyhow::Result<()> {
+    crate::store::postgres::drop_schema(url)
+        .await
+        .with_context(|| format!("while dropping the schema of {}", crate::store::redact_url(url)))
+}
+
 /// `keyturn db check`: the full integrity check, however long it takes
 /// (PostgreSQL: migrations applied, every pending row readable).
 pub async fn check_store(cfg: &Config) -> check::Report {

@@ -963,6 +963,26 @@ impl Changes for PgStore {
     }
 }
 
+/// Drops the schema `url`'s `search_path` names, CASCADE (for `keyturn
+/// bench`, which works in a schema of its own). Refuses a URL that names none.
+pub async fn drop_schema(url: &str) -> StoreResult<()> {
+    let shown = redact_url(url);
+    let connect = PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Failed(format!("bad store URL {shown}: {e}")))?;
+    let schema = search_path_schema(&connect)
+        .ok_or_else(|| StoreError::Failed(format!("{shown} names no schema to drop")))?;
+    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, connect.connect())
+        .await
+        .map_err(|_| StoreError::unavailable(format!("no answer from {shown}")))?
+        .map_err(db)?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", ident(&schema)))
+        .execute(&mut conn)
+        .await
+        .map_err(db)?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
 /// `keyturn db check` on PostgreSQL: connects (within [`CONNECT_TIMEOUT`]),
 /// checks that every migration of this build is applied (and unchanged),
 /// and reads every pending request in full, as listing and expiring them
