@@ -257,7 +257,8 @@ pub const STORE_SCHEMES: &str = "the supported store URL schemes are sqlite:// (
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite://PATH` (created if missing).
+    /// `sqlite://PATH` (created if missing), or `postgres://…` (the
+    /// `search_path` schema the URL names is created if missing).
     pub url: String,
     /// SQLite `synchronous`: `normal` (durable across process crashes) or
     /// `full` (also across power loss, slower).
