@@ -250,18 +250,15 @@ impl Default for ServerConfig {
     }
 }
 
-/// What a `postgres://` store URL is answered with until PostgreSQL ships.
-pub const POSTGRES_UNAVAILABLE: &str =
-    "PostgreSQL is not available in this build (the next release adds it); use a sqlite:// URL";
-
 /// The store URL schemes this build supports.
-pub const STORE_SCHEMES: &str =
-    "the supported store URL scheme is sqlite:// (e.g. sqlite:///var/lib/keyturn/keyturn.db)";
+pub const STORE_SCHEMES: &str = "the supported store URL schemes are sqlite:// (e.g. \
+     sqlite:///var/lib/keyturn/keyturn.db) and postgres:// (e.g. postgres://keyturn@db/keyturn)";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite://PATH` (created if missing).
+    /// `sqlite://PATH` (created if missing), or `postgres://…` (the
+    /// `search_path` schema the URL names is created if missing).
     pub url: String,
     /// SQLite `synchronous`: `normal` (durable across process crashes) or
     /// `full` (also across power loss, slower).
@@ -935,10 +932,7 @@ impl Config {
             ));
         }
         match self.store.url.split_once("://").map(|(scheme, _)| scheme) {
-            Some("sqlite") => {}
-            Some("postgres" | "postgresql") => {
-                return Err(invalid("store.url", POSTGRES_UNAVAILABLE));
-            }
+            Some("sqlite" | "postgres" | "postgresql") => {}
             _ => {
                 return Err(invalid(
                     "store.url",
@@ -1425,7 +1419,6 @@ mod tests {
             err("[[agents]]\nname = \"a\"\n[[agents]]\nname = \"a\"").contains("agents[1].name")
         );
         assert!(err("[store]\nurl = \"mysql://x\"").contains("store.url"));
-        assert!(err("[store]\nurl = \"postgres://h/k\"").contains("PostgreSQL is not available"));
         assert!(err("[discord]\ntoken = \"t\"").contains("discord.guild_id"));
         assert!(err("[content]\ncolour = 1").contains("unknown field `colour`"));
         assert!(

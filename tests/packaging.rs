@@ -21,14 +21,22 @@ fn both_declared_licences_ship() {
 
 #[test]
 fn systemd_unit_verifies_clean() {
-    verify_unit("keyturn.service", "keyturn.service", "/etc/keyturn/keyturn.toml");
+    verify_unit(
+        "keyturn.service",
+        "keyturn.service",
+        "/etc/keyturn/keyturn.toml",
+    );
 }
 
 /// The template for several replicas on one PostgreSQL database, verified as
 /// an instance.
 #[test]
 fn systemd_replica_template_verifies_clean() {
-    verify_unit("keyturn@.service", "keyturn@a.service", "/etc/keyturn/%i.toml");
+    verify_unit(
+        "keyturn@.service",
+        "keyturn@a.service",
+        "/etc/keyturn/%i.toml",
+    );
 }
 
 /// Checks the unit's must-haves, then `systemd-analyze verify` on it saved

@@ -191,9 +191,9 @@ impl SqliteStore {
 }
 
 /// Rows per page when verifying the audit log.
-const VERIFY_PAGE: i64 = 5000;
+pub(super) const VERIFY_PAGE: i64 = 5000;
 
-type FactsRow = (String, String, String, String, String, Option<String>, i64);
+pub(super) type FactsRow = (String, String, String, String, String, Option<String>, i64);
 
 /// Rows per capability and scope the trifecta history reads (newest first):
 /// enough to name the tools, bounded however busy the agent is.
@@ -287,7 +287,7 @@ fn corrupt(what: String) -> StoreError {
 
 /// A grant's `effect` column: `allow` or `deny`, anything else corrupt
 /// (never read as allow).
-fn parse_effect(text: &str) -> StoreResult<Effect> {
+pub(super) fn parse_effect(text: &str) -> StoreResult<Effect> {
     match text {
         "allow" => Ok(Effect::Allow),
         "deny" => Ok(Effect::Deny),
@@ -342,7 +342,7 @@ impl RequestRow {
 }
 
 #[derive(FromRow)]
-struct CardDbRow {
+pub(super) struct CardDbRow {
     request_id: String,
     channel_id: i64,
     message_id: Option<i64>,
@@ -355,7 +355,7 @@ struct CardDbRow {
 }
 
 impl CardDbRow {
-    fn into_card(self) -> StoreResult<CardRow> {
+    pub(super) fn into_card(self) -> StoreResult<CardRow> {
         Ok(CardRow {
             request_id: self.request_id.parse().map_err(StoreError::Corrupt)?,
             channel_id: self.channel_id as u64,
@@ -371,8 +371,8 @@ impl CardDbRow {
 }
 
 #[derive(FromRow)]
-struct AuditRow {
-    seq: i64,
+pub(super) struct AuditRow {
+    pub(super) seq: i64,
     at_ms: i64,
     kind: String,
     actor: String,
@@ -383,7 +383,7 @@ struct AuditRow {
 }
 
 impl AuditRow {
-    fn into_entry(self) -> AuditEntry {
+    pub(super) fn into_entry(self) -> AuditEntry {
         AuditEntry {
             seq: self.seq,
             event: AuditEvent {
