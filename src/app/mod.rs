@@ -86,8 +86,21 @@ pub enum AppError {
     /// decided by a policy that may be stale (fail closed).
     #[error("the policy is unavailable (it could not be loaded from the store); refused until it is (see the server log)")]
     PolicyUnavailable,
-    #[error("internal error; the call was not carried out (see the server log)")]
+    /// A storage failure. The database being unreachable is said as such
+    /// (`store_unavailable`: retry later); anything else is `internal`.
+    /// Either way nothing was carried out, and nothing was allowed.
+    #[error("{}", store_message(.0))]
     Store(#[from] StoreError),
+}
+
+fn store_message(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Unavailable(_) => {
+            "the database is unavailable, so the call was not carried out (nothing was allowed); \
+             try again shortly (see the server log)"
+        }
+        _ => "internal error; the call was not carried out (see the server log)",
+    }
 }
 
 impl AppError {
@@ -107,6 +120,7 @@ impl AppError {
             AppError::Pairing(_) => "pairing_refused",
             AppError::IdempotencyConflict { .. } => "idempotency_conflict",
             AppError::PolicyUnavailable => "policy_unavailable",
+            AppError::Store(StoreError::Unavailable(_)) => "store_unavailable",
             AppError::Store(_) => "internal",
         }
     }

@@ -370,7 +370,7 @@ impl Handler {
             Method::Stats => {
                 let counts = gw.pending_counts().await?;
                 let total: usize = counts.values().sum();
-                Ok(json!({"pending": total, "pending_by_agent": counts}))
+                Ok(json!({"pending": total, "pending_by_agent": counts, "waiting": gw.waiting()}))
             }
             Method::Pending(q) => to_value(gw.pending(q.limit.unwrap_or(100).min(10_000)).await?),
             Method::Approve(q) | Method::Deny(q) => {

@@ -17,8 +17,8 @@ pub mod config;
 pub mod fixture;
 pub mod pg;
 pub mod rpc;
-pub mod tcp_proxy;
 mod server;
+pub mod tcp_proxy;
 
 pub use server::{closed_pipe, serve_command, Launch, Server, StartFailure, Stderr, BIN};
 

@@ -47,7 +47,10 @@ impl Proxy {
                     open.push(client.try_clone().expect("clone"));
                     open.push(server.try_clone().expect("clone"));
                 }
-                pump(client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+                pump(
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
                 pump(server, client);
             }
         });
