@@ -22,13 +22,22 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: a leaf named like its issuer reads as self-signed.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "keyturn test CA");
     let ca_key = KeyPair::generate().expect("ca key");
     let ca = ca_params.self_signed(&ca_key).expect("ca cert");
     let leaf_key = KeyPair::generate().expect("leaf key");
-    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .expect("leaf params")
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .expect("leaf cert");
+    let leaf = {
+        let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("leaf params");
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "localhost");
+        p
+    }
+    .signed_by(&leaf_key, &ca, &ca_key)
+    .expect("leaf cert");
     let paths = (
         dir.join("ca.pem"),
         dir.join("cert.pem"),

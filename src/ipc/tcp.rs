@@ -232,7 +232,7 @@ pub async fn serve(
             continue;
         };
         let Some(ip_slot) = Slots::take(&per_ip, addr.ip(), opts.max_connections_per_ip) else {
-            tracing::warn!(peer.addr = %addr, "tcp connection refused: too many connections from this address");
+            tracing::debug!(peer.addr = %addr, "tcp connection refused: too many connections from this address (tcp.max_connections_per_ip)");
             continue;
         };
         let (handler, stop, closed, inflight, live, tls) = (
