@@ -465,3 +465,36 @@ fn the_hook_asks_over_tls_with_a_token_from_the_environment() {
         "{out}"
     );
 }
+
+#[test]
+fn the_cli_asks_over_plaintext_loopback_with_a_token_from_a_named_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = config::claude_code(dir.path(), "[tcp]\nlisten = \"127.0.0.1:0\"\n");
+    let s = Launch::new(dir, text).start();
+    let url = tcp_url(&s);
+    assert!(url.starts_with("keyturn+tcp://127.0.0.1:"), "{url}");
+    let (_, token) = issue(&s, "cli");
+    let cli = |args: &[&str], var: &str| {
+        let mut c = harness::cli(&s.dir.path().join("config.toml"), args);
+        c.args(["--url", &url, "--token-env", "MY_KEYTURN_TOKEN"])
+            .env("MY_KEYTURN_TOKEN", var)
+            .env_remove("KEYTURN_TOKEN");
+        harness::output_within(c, Duration::from_secs(20))
+    };
+    let out = cli(&["request", "--agent", "cli", "--tool", "Read"], &token);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("approved by policy"), "{text}");
+    let out = cli(&["health"], &token);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A wrong token: refused, exit 2, the reason printed.
+    let out = cli(&["request", "--agent", "cli", "--tool", "Read"], "kt_nope");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("unauthorized"), "{err}");
+}

@@ -245,6 +245,8 @@ pub async fn serve(
         );
         tracker.spawn(async move {
             let open = crate::app::metrics::global().connection(false);
+            // The handshake and the auth line share one deadline.
+            let auth_by = tokio::time::Instant::now() + AUTH_TIMEOUT;
             let ends = Ends {
                 stop: &stop,
                 closed: &closed,
@@ -253,20 +255,24 @@ pub async fn serve(
             match tls {
                 Some(cfg) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-                    let handshake = tokio::time::timeout(AUTH_TIMEOUT, acceptor.accept(stream));
+                    let handshake = tokio::time::timeout_at(auth_by, acceptor.accept(stream));
                     let shake = tokio::select! {
                         r = handshake => r,
                         _ = closed.cancelled() => return,
                     };
                     match shake {
                         Ok(Ok(tls)) => {
-                            serve_one(tls, addr, handler, limits, ends, &inflight, &live).await
+                            let c = (addr, auth_by);
+                            serve_one(tls, c, handler, limits, ends, &inflight, &live).await
                         }
                         Ok(Err(e)) => tracing::debug!(peer.addr = %addr, error = %e, "TLS handshake failed; connection closed"),
                         Err(_) => tracing::debug!(peer.addr = %addr, "no TLS handshake within the auth timeout; connection closed"),
                     }
                 }
-                None => serve_one(stream, addr, handler, limits, ends, &inflight, &live).await,
+                None => {
+                    let c = (addr, auth_by);
+                    serve_one(stream, c, handler, limits, ends, &inflight, &live).await
+                }
             }
             drop(open);
             drop(ip_slot);
@@ -314,11 +320,12 @@ async fn watch_tokens(gw: Arc<Gateway>, live: Arc<Live>, done: CancellationToken
     }
 }
 
-/// Authenticates one connection (its first line, within the time left of
-/// [`AUTH_TIMEOUT`]), then serves it as its token's agent.
+/// Authenticates one connection (its first line, by `auth_by`: what is
+/// left of [`AUTH_TIMEOUT`] after the handshake), then serves it as its
+/// token's agent.
 async fn serve_one<S>(
     stream: S,
-    addr: SocketAddr,
+    (addr, auth_by): (SocketAddr, tokio::time::Instant),
     handler: Arc<Handler>,
     limits: Limits,
     ends: Ends<'_>,
@@ -330,7 +337,7 @@ async fn serve_one<S>(
     let (read, mut write) = tokio::io::split(stream);
     let mut lines = LineReader::new(read, limits.max_line);
     let first = tokio::select! {
-        r = tokio::time::timeout(AUTH_TIMEOUT, lines.next_line()) => r,
+        r = tokio::time::timeout_at(auth_by, lines.next_line()) => r,
         _ = ends.closed.cancelled() => return,
         _ = ends.stop.cancelled() => return,
     };
