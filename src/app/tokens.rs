@@ -130,6 +130,18 @@ impl Gateway {
         })
     }
 
+    /// Whether a connection authenticated as `agent` may still act: the
+    /// agent is still in the config as last reloaded (a reload that removes
+    /// it stops its TCP connections' calls, as it stops its socket calls).
+    pub fn bearer_agent_ok(&self, agent: &str) -> Result<(), AppError> {
+        if self.live().agent(agent).is_none() {
+            return Err(AppError::AgentRefused(format!(
+                "agent `{agent}` is no longer configured"
+            )));
+        }
+        Ok(())
+    }
+
     /// Every token (never a secret).
     pub async fn tokens(&self) -> Result<Vec<AgentToken>, AppError> {
         Ok(self.store.tokens().await?)
@@ -174,28 +186,23 @@ impl Gateway {
     }
 
     /// Of the tokens `ids`, those no longer live at `now_ms` (revoked,
-    /// expired, deleted), with why: the connections bound to them are closed.
+    /// expired, deleted), with why: the connections bound to them are
+    /// closed. One read per id: only tokens in use are read.
     pub async fn dead_tokens(
         &self,
         ids: &[String],
         now_ms: i64,
     ) -> Result<Vec<(String, &'static str)>, AppError> {
-        let all: HashMap<String, AgentToken> = self
-            .store
-            .tokens()
-            .await?
-            .into_iter()
-            .map(|t| (t.id.clone(), t))
-            .collect();
-        Ok(ids
-            .iter()
-            .filter_map(|id| {
-                let why = match all.get(id) {
-                    None => Some("deleted"),
-                    Some(t) => token::dead_reason(t.expires_ms, t.revoked_ms, now_ms),
-                };
-                why.map(|w| (id.clone(), w))
-            })
-            .collect())
+        let mut dead = Vec::new();
+        for id in ids {
+            let why = match self.store.token(id).await? {
+                None => Some("deleted"),
+                Some(t) => token::dead_reason(t.expires_ms, t.revoked_ms, now_ms),
+            };
+            if let Some(w) = why {
+                dead.push((id.clone(), w));
+            }
+        }
+        Ok(dead)
     }
 }

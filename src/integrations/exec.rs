@@ -238,6 +238,13 @@ pub fn main(a: ExecArgs) -> u8 {
     // sees which variables it gets (by name; values may be secrets).
     let keep = match config_keep_env(a.config.as_deref()).and_then(|mut k| {
         k.extend(a.keep_env.iter().cloned());
+        // The variable holding the bearer token for --url is a Keyturn
+        // secret whatever its name.
+        if let Some(t) = a.url.token_env.as_ref().filter(|t| k.contains(t)) {
+            return Err(format!(
+                "`{t}` holds the agent's bearer token (--token-env) and is never passed to the command"
+            ));
+        }
         passed_names(&k)
     }) {
         Ok(k) => k,

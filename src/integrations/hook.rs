@@ -200,9 +200,7 @@ pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
         Err(e) => {
             return (
                 false,
-                format!(
-                    "Keyturn could not read its config ({e}); failing closed, the call was not run"
-                ),
+                format!("Keyturn could not be reached ({e}); failing closed, the call was not run"),
             )
         }
     };

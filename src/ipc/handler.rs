@@ -529,7 +529,9 @@ impl Handler {
     fn authenticate(&self, peer: &Peer, agent: &str, token: Option<&str>) -> Result<(), RpcError> {
         match peer {
             Peer::Local { uid, .. } => Ok(self.gw.authenticate_agent(agent, token, *uid)?),
-            Peer::Remote { bearer, .. } if bearer.agent == agent => Ok(()),
+            Peer::Remote { bearer, .. } if bearer.agent == agent => {
+                Ok(self.gw.bearer_agent_ok(agent)?)
+            }
             Peer::Remote { bearer, .. } => {
                 let shown: String = agent.chars().take(64).collect();
                 Err(AppError::NotAuthorized(format!(
@@ -557,7 +559,10 @@ impl Handler {
                 self.authenticate(peer, a, token.as_deref())?;
                 Ok(Some(a.as_str()))
             }
-            (None, Peer::Remote { bearer, .. }) => Ok(Some(bearer.agent.as_str())),
+            (None, Peer::Remote { bearer, .. }) => {
+                self.gw.bearer_agent_ok(&bearer.agent)?;
+                Ok(Some(bearer.agent.as_str()))
+            }
             (None, _) if admin => Ok(None),
             (None, _) => Err(RpcError::new("invalid_params", "`agent` is required")),
         }
