@@ -469,8 +469,11 @@ fn the_hook_asks_over_tls_with_a_token_from_the_environment() {
 #[test]
 fn the_cli_asks_over_plaintext_loopback_with_a_token_from_a_named_variable() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let text = config::claude_code(dir.path(), "[tcp]\nlisten = \"127.0.0.1:0\"\n");
-    let s = Launch::new(dir, text).start();
+    let text = config::claude_code(
+        dir.path(),
+        "[tcp]\nlisten = \"127.0.0.1:0\"\nmax_connections_per_ip = 2\n",
+    );
+    let mut s = Launch::new(dir, text).start();
     let url = tcp_url(&s);
     assert!(url.starts_with("keyturn+tcp://127.0.0.1:"), "{url}");
     let (_, token) = issue(&s, "cli");
@@ -497,4 +500,34 @@ fn the_cli_asks_over_plaintext_loopback_with_a_token_from_a_named_variable() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("unauthorized"), "{err}");
+
+    // Two connections from one address at most: a third is closed unanswered.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let t = TcpTarget::new(&url, token.clone(), None).expect("target");
+        let mut a = Client::connect_tcp(&t).await.expect("first");
+        let b = Client::connect_tcp(&t).await.expect("second");
+        let third = Client::connect_tcp(&t).await;
+        assert!(
+            third.is_err(),
+            "a third connection from one address was served"
+        );
+        drop(b);
+        // Its place is given back once the server sees it closed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Client::connect_tcp(&t).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the closed connection's place never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Shutdown with a TCP connection open: drained, then a clean exit.
+        assert!(a.call("ping", json!({})).await.is_ok());
+        let status = s.stop_async().await;
+        assert!(status.success(), "{status:?}");
+    });
 }
