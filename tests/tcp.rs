@@ -531,3 +531,63 @@ fn the_cli_asks_over_plaintext_loopback_with_a_token_from_a_named_variable() {
         assert!(status.success(), "{status:?}");
     });
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_revoked_on_one_server_closes_its_connections_on_another_sharing_the_database() {
+    let Some(schema) = harness::pg::Schema::new().await else {
+        return;
+    };
+    let start = |init: bool| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sqlite = format!("sqlite://{}", dir.path().join("k.db").display());
+        let text = config::claude_code(dir.path(), "[tcp]\nlisten = \"127.0.0.1:0\"\n")
+            .replace(&sqlite, &schema.url());
+        assert!(text.contains("search_path"), "{text}");
+        if init {
+            let cfg = dir.path().join("init.toml");
+            config::write_config(&cfg, &text);
+            let out = harness::run(&["init"], &cfg);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let s = Launch::new(dir, text).start();
+        let url = tcp_url(&s);
+        (s, url)
+    };
+    let (a, _) = tokio::task::block_in_place(|| start(true));
+    let (b, url_b) = tokio::task::block_in_place(|| start(false));
+    let (id, token) = issue(&a, "cli");
+    // Issued on one server, admitted by the other.
+    let addr = url_b.trim_start_matches("keyturn+tcp://");
+    let sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut live = BufReader::new(sock);
+    live.get_mut()
+        .write_all(
+            format!("{{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"auth\",\"params\":{{\"token\":\"{token}\"}}}}\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("write auth");
+    let ok = next_line(&mut live, Duration::from_secs(10))
+        .await
+        .expect("auth answer");
+    assert!(ok.contains("\"agent\":\"cli\""), "{ok}");
+    // Revoked on the first: the second closes its connection.
+    let revoked_at = Instant::now();
+    token_cli(&a, &["revoke", &id]);
+    let line = next_line(&mut live, Duration::from_secs(10))
+        .await
+        .expect("a closing line");
+    println!(
+        "revoked on one server → closed on the other in {:?}",
+        revoked_at.elapsed()
+    );
+    assert!(line.contains("\"unauthorized\""), "{line}");
+    let t = TcpTarget::new(&url_b, token, None).expect("target");
+    let e = Client::connect_tcp(&t).await.err().expect("refused");
+    assert_eq!(code(&e), "unauthorized", "{e}");
+    drop(b);
+}
