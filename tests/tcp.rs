@@ -312,6 +312,22 @@ async fn a_revoked_token_is_refused_and_its_live_connection_closed() {
     assert_eq!(code(&e), "unauthorized", "{e}");
     let list = token_cli(&s, &["list"]);
     assert!(list[0]["revoked_ms"].is_i64(), "{list}");
+    // Tokens are for configured agents only; a revoke acts once.
+    for (args, says) in [
+        (
+            &["token", "issue", "--agent", "nobody"][..],
+            "not configured",
+        ),
+        (&["token", "revoke", id.as_str()][..], "already revoked"),
+        (&["token", "revoke", "not-an-id"][..], "not a token id"),
+    ] {
+        let out = s.cli(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{args:?}: {err}"
+        );
+    }
     assert!(list[0].get("secret_hash").is_none(), "{list}");
 }
 
