@@ -12,6 +12,7 @@ use crate::app::{retention, scheduler, Gateway};
 use crate::config::Config;
 use crate::ipc::handler::Handler;
 use crate::ipc::server::{self, SocketOptions};
+use crate::ipc::tcp;
 use crate::store::check;
 use crate::store::files::{self, Access, Create};
 use anyhow::Context;
@@ -68,6 +69,15 @@ async fn run_inner(
     // with nothing left behind.
     let monitor_listener = match cfg.metrics.listen_addr()? {
         Some(addr) => Some(crate::monitor::bind(addr).await?),
+        None => None,
+    };
+    // The TCP listener's certificate and key are read now: an unreadable
+    // or invalid one fails the start, naming the key.
+    let tcp_listener = match cfg.tcp.listener()? {
+        Some((addr, files)) => {
+            let tls = files.as_ref().map(tcp::load_tls).transpose()?;
+            Some((tcp::bind(addr).await?, tls))
+        }
         None => None,
     };
 
@@ -141,6 +151,18 @@ async fn run_inner(
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
+        if let Some((l, tls)) = &tcp_listener {
+            let addr = l
+                .local_addr()
+                .context("while reading the TCP listener's address")?;
+            let scheme = if tls.is_some() {
+                "keyturn+tls"
+            } else {
+                "keyturn+tcp"
+            };
+            tracing::info!(%addr, tls = tls.is_some(), "agents may connect over TCP");
+            let _ = writeln!(out, "keyturn: tcp on {scheme}://{addr}");
+        }
         let _ = writeln!(out, "keyturn: listening on {}", opts.path.display());
         let _ = out.flush();
     }
@@ -172,9 +194,21 @@ async fn run_inner(
     };
 
     let handler = Arc::new(Handler::new(gw.clone()).with_discord(discord_status));
+    let tcp_served = async {
+        let Some((l, tls)) = tcp_listener else { return };
+        let Ok(addr) = l.local_addr() else { return };
+        let t = tcp::TcpOptions {
+            addr,
+            tls,
+            max_connections_per_ip: cfg.tcp.max_connections_per_ip,
+            socket: opts.clone(),
+        };
+        tcp::serve(l, t, handler.clone(), stop.clone()).await
+    };
     tokio::join!(
-        server::serve(listener, opts, handler.clone(), stop.clone()),
-        server::serve(admin_listener, admin_opts, handler, stop.clone()),
+        server::serve(listener, opts.clone(), handler.clone(), stop.clone()),
+        server::serve(admin_listener, admin_opts, handler.clone(), stop.clone()),
+        tcp_served,
     );
     stop.cancel();
     background.cancel();
@@ -245,6 +279,15 @@ pub async fn open_store(cfg: &Config, create: Create) -> anyhow::Result<Arc<dyn 
         }
     }
     Ok(store)
+}
+
+/// `keyturn check-config`: the TCP listener's settings, and its certificate
+/// and key read as `serve` reads them.
+pub fn check_tcp(cfg: &Config) -> anyhow::Result<()> {
+    if let Some((_, Some(files))) = cfg.tcp.listener()? {
+        tcp::load_tls(&files)?;
+    }
+    Ok(())
 }
 
 /// The store's URL as errors and logs show it (without a password).

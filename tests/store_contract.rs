@@ -11,7 +11,8 @@ mod harness;
 use harness::fixture;
 use harness::pg;
 use keyturn::app::ports::{
-    AuditLog, Cards, Change, Inserted, PairedUser, PairingRefused, Requests, Store, StoreError,
+    AgentToken, AuditLog, Cards, Change, Inserted, PairedUser, PairingRefused, Requests, Store,
+    StoreError,
 };
 use keyturn::domain::audit::{events, AuditEvent};
 use keyturn::domain::pairing;
@@ -140,6 +141,7 @@ async fn story(store: Arc<dyn Store>, raw: Raw<'_>) {
     rights(&*store, &mut feed).await;
     policy(&*store, &mut feed).await;
     pairings(&*store, &mut feed).await;
+    tokens(&*store, &mut feed).await;
     cards(&*store, &mut feed).await;
     deadlines(&*store).await;
     audit(&*store).await;
@@ -776,6 +778,92 @@ async fn pairings(store: &dyn Store, feed: &mut Feed) {
     let again = feed.silent(store.pair_user(bob.clone(), audit())).await;
     assert!(!again.unwrap());
     assert_eq!(store.paired_users().await.unwrap(), [bob]);
+}
+
+/// Agents' bearer tokens: stored with the secret's hash only, a rotation
+/// shortens the agent's other live tokens (never lengthens one), a revoke
+/// acts once; every write audited and published as a policy change.
+async fn tokens(store: &dyn Store, feed: &mut Feed) {
+    let token = |id: &str, agent: &str, expires_ms: Option<i64>| AgentToken {
+        id: id.into(),
+        agent: agent.into(),
+        secret_hash: format!("hash-{id}"),
+        created_ms: 1_000,
+        created_by: "uid:0".into(),
+        expires_ms,
+        revoked_ms: None,
+    };
+    let issued = |id: &str, agent: &str, others: Option<i64>| {
+        events::token_issued(1_000, "uid:0", id, agent, None, others)
+    };
+    for (id, agent, expires) in [
+        ("a1", "bot", None),
+        ("a2", "bot", Some(5_000)),
+        ("b1", "other", None),
+    ] {
+        let (n, change) = feed
+            .write(store.issue_token(token(id, agent, expires), None, issued(id, agent, None)))
+            .await;
+        assert_eq!(n.unwrap(), 0);
+        assert!(matches!(change, Change::PolicyChanged));
+    }
+    assert_eq!(last_audit_kind(store).await, "token_issued");
+    // Rotation: bot's other tokens expire at 3_000 (a2's later expiry is
+    // brought forward); the other agent's token is untouched.
+    let (n, _) = feed
+        .write(store.issue_token(
+            token("a3", "bot", None),
+            Some(3_000),
+            issued("a3", "bot", Some(3_000)),
+        ))
+        .await;
+    assert_eq!(n.unwrap(), 2);
+    assert_eq!(last_audit_kind(store).await, "token_rotated");
+    let by_id = |list: &[AgentToken], id: &str| list.iter().find(|t| t.id == id).cloned().unwrap();
+    let list = store.tokens().await.unwrap();
+    assert_eq!(list.len(), 4);
+    assert_eq!(by_id(&list, "a1").expires_ms, Some(3_000));
+    assert_eq!(by_id(&list, "a2").expires_ms, Some(3_000));
+    assert_eq!(by_id(&list, "a3").expires_ms, None);
+    assert_eq!(by_id(&list, "b1").expires_ms, None);
+    assert_eq!(by_id(&list, "a3").secret_hash, "hash-a3");
+    // A shorter expiry is never lengthened by a later rotation.
+    let (n, _) = feed
+        .write(store.issue_token(
+            token("a4", "bot", None),
+            Some(9_000),
+            issued("a4", "bot", Some(9_000)),
+        ))
+        .await;
+    assert_eq!(n.unwrap(), 1, "only a3 outlived 9_000");
+    assert_eq!(
+        store.token("a1").await.unwrap().unwrap().expires_ms,
+        Some(3_000)
+    );
+    // Revoke: once.
+    let (done, change) = feed
+        .write(store.revoke_token(
+            "b1".into(),
+            2_000,
+            events::token_revoked(2_000, "uid:0", "b1", "other"),
+        ))
+        .await;
+    assert!(done.unwrap());
+    assert!(matches!(change, Change::PolicyChanged));
+    assert_eq!(last_audit_kind(store).await, "token_revoked");
+    let again = feed
+        .silent(store.revoke_token(
+            "b1".into(),
+            2_500,
+            events::token_revoked(2_500, "uid:0", "b1", "other"),
+        ))
+        .await;
+    assert!(!again.unwrap());
+    assert_eq!(
+        store.token("b1").await.unwrap().unwrap().revoked_ms,
+        Some(2_000)
+    );
+    assert!(store.token("nope").await.unwrap().is_none());
 }
 
 async fn cards(store: &dyn Store, feed: &mut Feed) {

@@ -18,6 +18,7 @@ pub mod ports;
 pub mod retention;
 pub mod scheduler;
 mod submit;
+pub mod tokens;
 mod waiters;
 
 use crate::config::Config;
@@ -86,6 +87,12 @@ pub enum AppError {
     /// decided by a policy that may be stale (fail closed).
     #[error("the policy is unavailable (it could not be loaded from the store); refused until it is (see the server log)")]
     PolicyUnavailable,
+    /// A bearer token was refused; never says which part was wrong.
+    #[error("the token was not accepted (unknown, wrong, expired or revoked): ask an admin for a valid one (`keyturn token issue`)")]
+    Unauthorized,
+    /// A connection bound to one agent named another.
+    #[error("{0}")]
+    NotAuthorized(String),
     /// A storage failure. The database being unreachable is said as such
     /// (`store_unavailable`: retry later); anything else is `internal`.
     /// Either way nothing was carried out, and nothing was allowed.
@@ -120,6 +127,8 @@ impl AppError {
             AppError::Pairing(_) => "pairing_refused",
             AppError::IdempotencyConflict { .. } => "idempotency_conflict",
             AppError::PolicyUnavailable => "policy_unavailable",
+            AppError::Unauthorized => "unauthorized",
+            AppError::NotAuthorized(_) => "not_authorized",
             AppError::Store(StoreError::Unavailable(_)) => "store_unavailable",
             AppError::Store(_) => "internal",
         }

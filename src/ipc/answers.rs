@@ -150,6 +150,29 @@ pub struct PairingCodeIssued {
     pub code: String,
 }
 
+/// `token.issue` and `token.rotate`: the token, shown once.
+#[derive(Debug, Deserialize)]
+pub struct TokenIssued {
+    pub id: String,
+    pub agent: String,
+    pub token: String,
+    pub expires_ms: Option<i64>,
+    pub others_expire_ms: Option<i64>,
+    #[serde(default)]
+    pub others: u64,
+}
+
+/// One token as `token.list` and `token.revoke` show it (never a secret).
+#[derive(Debug, Deserialize)]
+pub struct TokenAnswer {
+    pub id: String,
+    pub agent: String,
+    pub created_ms: i64,
+    pub created_by: String,
+    pub expires_ms: Option<i64>,
+    pub revoked_ms: Option<i64>,
+}
+
 /// One audit entry (`audit.tail`, `audit.export`).
 #[derive(Debug, Deserialize)]
 pub struct AuditAnswer {

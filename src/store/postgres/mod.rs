@@ -11,6 +11,7 @@
 //! `options=-c search_path=NAME` picks the schema (created if missing).
 
 pub mod notify;
+mod tokens;
 mod write;
 mod writer;
 
