@@ -6,6 +6,7 @@
 //! transaction, and writes are group-committed by one writer thread.
 
 mod error;
+pub mod postgres;
 pub mod files;
 mod sqlite;
 
