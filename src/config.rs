@@ -1417,7 +1417,10 @@ mod tests {
     #[test]
     fn the_store_recheck_is_positive() {
         assert!(err("[store]\nrecheck = \"0s\"").contains("store.recheck"));
-        assert_eq!(Config::parse("").unwrap().store.recheck.0, Duration::from_secs(1));
+        assert_eq!(
+            Config::parse("").unwrap().store.recheck.0,
+            Duration::from_secs(1)
+        );
         let c = Config::parse("[store]\nrecheck = \"250ms\"").unwrap();
         assert_eq!(c.store.recheck.0, Duration::from_millis(250));
     }

@@ -6,8 +6,8 @@
 //! transaction, and writes are group-committed by one writer thread.
 
 mod error;
-pub mod postgres;
 pub mod files;
+pub mod postgres;
 mod sqlite;
 
 pub use sqlite::check;

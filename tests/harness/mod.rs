@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod fixture;
+pub mod pg;
 pub mod rpc;
 mod server;
 

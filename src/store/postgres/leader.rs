@@ -80,7 +80,11 @@ impl Leadership {
 
     /// Whether this process leads; starts the election on first call.
     /// Must be called inside the tokio runtime.
-    pub fn get(&self, connect: &PgConnectOptions, stop: &CancellationToken) -> watch::Receiver<bool> {
+    pub fn get(
+        &self,
+        connect: &PgConnectOptions,
+        stop: &CancellationToken,
+    ) -> watch::Receiver<bool> {
         self.cell
             .get_or_init(|| spawn(connect.clone(), key_of(connect), stop.clone()))
             .clone()
@@ -90,7 +94,11 @@ impl Leadership {
 /// Starts taking part in the election on `key`. The value starts `false`
 /// and is sent once after the first try whatever it found (so a caller can
 /// wait for that first answer with `changed()`), then on every change.
-pub fn spawn(connect: PgConnectOptions, key: i64, stop: CancellationToken) -> watch::Receiver<bool> {
+pub fn spawn(
+    connect: PgConnectOptions,
+    key: i64,
+    stop: CancellationToken,
+) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(run(connect, key, tx, stop));
     rx
@@ -110,14 +118,21 @@ impl Flag {
             tracing::info!(key = self.key, leader = lead, "{why}");
             return;
         }
-        let changed = self.tx.send_if_modified(|v| std::mem::replace(v, lead) != lead);
+        let changed = self
+            .tx
+            .send_if_modified(|v| std::mem::replace(v, lead) != lead);
         if changed {
             tracing::info!(key = self.key, leader = lead, "{why}");
         }
     }
 }
 
-async fn run(connect: PgConnectOptions, key: i64, tx: watch::Sender<bool>, stop: CancellationToken) {
+async fn run(
+    connect: PgConnectOptions,
+    key: i64,
+    tx: watch::Sender<bool>,
+    stop: CancellationToken,
+) {
     let mut flag = Flag {
         tx,
         first: true,
@@ -181,7 +196,9 @@ async fn run(connect: PgConnectOptions, key: i64, tx: watch::Sender<bool>, stop:
                     continue 'connect;
                 }
                 Err(_) => {
-                    tracing::warn!("trying for leadership took over {CHECK_TIMEOUT:?}; reconnecting");
+                    tracing::warn!(
+                        "trying for leadership took over {CHECK_TIMEOUT:?}; reconnecting"
+                    );
                     flag.set(false, "not leading: the lock's connection does not answer");
                     drop(conn);
                     if sleep_or_stop(RETRY, &stop).await {
@@ -308,13 +325,21 @@ mod tests {
     #[tokio::test]
     async fn one_leader_per_schema_and_a_takeover_when_it_goes() {
         let Some(s) = Schema::new().await else { return };
-        let Some(other_schema) = Schema::new().await else { return };
+        let Some(other_schema) = Schema::new().await else {
+            return;
+        };
         let key = key_of(&s.options());
         let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
         let mut a = spawn(s.options(), key, stop_a.clone());
-        tokio::time::timeout(WITHIN, a.changed()).await.unwrap().unwrap();
+        tokio::time::timeout(WITHIN, a.changed())
+            .await
+            .unwrap()
+            .unwrap();
         let mut b = spawn(s.options(), key, stop_b.clone());
-        tokio::time::timeout(WITHIN, b.changed()).await.unwrap().unwrap();
+        tokio::time::timeout(WITHIN, b.changed())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(*a.borrow() ^ *b.borrow(), "exactly one leads");
         assert!(*a.borrow(), "the first to try leads");
         // Another schema has its own leader.

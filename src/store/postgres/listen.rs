@@ -26,8 +26,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Reads a request by id (from the store's pool), for `Resolved` notes.
-pub type Load =
-    Arc<dyn Fn(RequestId) -> BoxFuture<'static, StoreResult<Option<ApprovalRequest>>> + Send + Sync>;
+pub type Load = Arc<
+    dyn Fn(RequestId) -> BoxFuture<'static, StoreResult<Option<ApprovalRequest>>> + Send + Sync,
+>;
 
 /// First and longest pause between two failed attempts to listen again.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
@@ -93,7 +94,9 @@ async fn run(l: Listen, mut listener: PgListener, stop: CancellationToken) {
             // The connection dropped and the listener connected and
             // LISTENed again: whatever was sent meanwhile is lost.
             Ok(None) => {
-                tracing::warn!("the change listener's connection dropped and is back; everyone re-reads");
+                tracing::warn!(
+                    "the change listener's connection dropped and is back; everyone re-reads"
+                );
                 l.feed.publish(Change::Resync);
             }
             Err(e) => {
@@ -129,7 +132,9 @@ async fn reconnect(connect: &PgConnectOptions, stop: &CancellationToken) -> Opti
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, retry_in = ?pause, "cannot listen for other processes' changes")
             }
-            Err(_) => tracing::warn!(retry_in = ?pause, "cannot listen for other processes' changes: no answer"),
+            Err(_) => {
+                tracing::warn!(retry_in = ?pause, "cannot listen for other processes' changes: no answer")
+            }
         }
         pause = (pause * 2).min(RETRY_MAX);
     }
@@ -293,7 +298,14 @@ mod tests {
             }
             other => panic!("expected Queued, got {other:?} (our own note was not skipped?)"),
         }
-        send(&s, "other", Note::Resolved { id: rid.to_string() }).await;
+        send(
+            &s,
+            "other",
+            Note::Resolved {
+                id: rid.to_string(),
+            },
+        )
+        .await;
         match next(&mut rx).await {
             Change::Resolved(r) => assert_eq!((r.id, r.state), (rid, State::Approved)),
             other => panic!("expected Resolved, got {other:?}"),
@@ -322,7 +334,10 @@ mod tests {
         let _tasks = start(l, stop.clone()).await.unwrap();
         let id = RequestId(uuid::Uuid::now_v7());
         send(&s, "other", Note::Resolved { id: id.to_string() }).await;
-        let got = tokio::time::timeout(WITHIN, rx.recv()).await.unwrap().unwrap();
+        let got = tokio::time::timeout(WITHIN, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(matches!(got, Change::Resync), "{got:?}");
         stop.cancel();
     }
@@ -346,7 +361,10 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(killed, 1, "the listener's backend was found and terminated");
-        let got = tokio::time::timeout(WITHIN, rx.recv()).await.unwrap().unwrap();
+        let got = tokio::time::timeout(WITHIN, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(matches!(got, Change::Resync), "{got:?}");
         // Listening again: a note sent now arrives.
         send(&s, "other", Note::CardsDue).await;
@@ -362,7 +380,10 @@ mod tests {
         let stop = CancellationToken::new();
         let tasks = start(l, stop.clone()).await.unwrap();
         for _ in 0..3 {
-            let got = tokio::time::timeout(WITHIN, rx.recv()).await.unwrap().unwrap();
+            let got = tokio::time::timeout(WITHIN, rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
             assert!(matches!(got, Change::Resync), "{got:?}");
         }
         stop.cancel();
