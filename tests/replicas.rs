@@ -147,6 +147,13 @@ async fn until_count(
     }
 }
 
+/// A connection to the test's schema, to look at what the replicas wrote.
+async fn connect(schema: &Schema) -> sqlx::PgConnection {
+    use sqlx::ConnectOptions;
+    let opts: sqlx::postgres::PgConnectOptions = schema.url().parse().expect("url");
+    opts.connect().await.expect("connect to the test schema")
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -383,7 +390,7 @@ async fn the_leader_killed_with_100_pending_every_request_ends_once_and_every_ca
     // Every card posted and recorded as posted before the kill (a card
     // posted but not yet recorded when its process dies is the one case
     // that is posted again; it is not what this test is about).
-    let mut db = schema.connect().await;
+    let mut db = connect(&schema).await;
     until_count(
         &mut db,
         "SELECT count(*) FROM discord_cards WHERE message_id IS NOT NULL AND done >= want",
@@ -554,7 +561,7 @@ async fn a_click_while_leadership_moves_is_applied_once_or_refused_clearly() {
 
     // Leadership moves: the leader's lock connection is cut, so it stops
     // leading within a second and either replica wins it again.
-    let mut db = schema.connect().await;
+    let mut db = connect(&schema).await;
     let key = keyturn::store::postgres::leader::key_for_schema(schema.name());
     let cut: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_locks \

@@ -50,15 +50,6 @@ impl Schema {
         let sep = if self.base.contains('?') { '&' } else { '?' };
         format!("{}{sep}options=-c%20search_path%3D{}", self.base, self.name)
     }
-
-    /// A connection to the schema, for looking at what the processes wrote.
-    pub async fn connect(&self) -> PgConnection {
-        PgConnectOptions::from_str(&self.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect")
-    }
 }
 
 impl Drop for Schema {
