@@ -163,8 +163,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// times; the first approval goes through `via`'s CLI. Prints the wake-up
 /// latencies.
 async fn wake_ups(label: &str, on: &Server, via: &Server, n: usize) {
+    assert!(n >= 2);
     let mut from_commit = Vec::new();
     let mut from_call = Vec::new();
+    let mut through_cli = Duration::ZERO;
     for i in 0..n {
         let waiting = submit_waiting(on, delete_file(i));
         let id = queued(on).await;
@@ -199,19 +201,21 @@ async fn wake_ups(label: &str, on: &Server, via: &Server, n: usize) {
             .unwrap();
         assert_eq!(d["state"], "approved", "{d}");
         assert_eq!(d["request_id"].as_str(), Some(id.as_str()));
-        from_call.push(at.saturating_duration_since(started));
-        if i > 0 {
+        if i == 0 {
+            through_cli = at.saturating_duration_since(started);
+        } else {
+            from_call.push(at.saturating_duration_since(started));
             from_commit.push(at.saturating_duration_since(committed));
         }
     }
     from_call.sort();
     from_commit.sort();
     eprintln!(
-        "{label}: wake-up on another replica, approve call → answer over {n}: p50 {:?}, p99 {:?}, max {:?} (the first through the CLI: {:?}); approve committed → answer: p50 {:?}, p99 {:?}",
+        "{label}: wake-up on another replica over {} approvals on its admin socket, approve call → answer: p50 {:?}, p99 {:?}, max {:?}; approve returned → answer: p50 {:?}, p99 {:?} (one more through `keyturn approve`, process start included: {through_cli:?})",
+        from_call.len(),
         percentile(&from_call, 0.5),
         percentile(&from_call, 0.99),
         from_call.last().unwrap(),
-        from_call.first().unwrap(),
         percentile(&from_commit, 0.5),
         percentile(&from_commit, 0.99),
     );
@@ -331,6 +335,14 @@ fn discord_replica(url: &str, api_base: &str, timeout: &str) -> String {
 }
 
 /// Every card's request id, from its buttons (`keyturn:v1:ACTION:ID`).
+/// Accepted posts to the approvals channel.
+fn posts(fake: &FakeDiscord) -> usize {
+    fake.calls_matching("POST /channels/20/messages")
+        .iter()
+        .filter(|c| (200..300).contains(&c.status))
+        .count()
+}
+
 fn card_request(m: &StoredMessage) -> Option<String> {
     m.custom_ids()
         .first()
@@ -399,7 +411,7 @@ async fn the_leader_killed_with_100_pending_every_request_ends_once_and_every_ca
         "cards posted and recorded",
     )
     .await;
-    assert_eq!(fake.calls_matching("POST /channels/20/messages").len(), 100);
+    assert_eq!(posts(&fake), 100);
     // Which message is whose card (the buttons name the request).
     let card_of: HashMap<String, u64> = fake
         .messages_in(APPROVALS_CHANNEL_ID)
@@ -494,12 +506,13 @@ async fn the_leader_killed_with_100_pending_every_request_ends_once_and_every_ca
         "cards still due",
     )
     .await;
-    assert_eq!(
-        fake.calls_matching("POST /channels/20/messages").len(),
-        100,
-        "posted once each"
-    );
-    let edits = fake.calls_matching("PATCH /channels/20/messages/*");
+    assert_eq!(posts(&fake), 100, "posted once each");
+    // Accepted edits (a 429 from the rate limits is not an edit).
+    let edits: Vec<RecordedCall> = fake
+        .calls_matching("PATCH /channels/20/messages/*")
+        .into_iter()
+        .filter(|c| (200..300).contains(&c.status))
+        .collect();
     let mut per_message: HashMap<u64, usize> = HashMap::new();
     for e in &edits {
         let m: u64 = e.path.rsplit('/').next().unwrap().parse().unwrap();
