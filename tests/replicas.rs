@@ -234,6 +234,13 @@ async fn a_decision_through_one_replica_wakes_the_agent_on_another() {
         roles.contains(&"leader".to_string()) && roles.contains(&"follower".to_string()),
         "one leader, one follower: {roles:?}"
     );
+    // `keyturn health` names the role; a follower is healthy.
+    for (s, r) in [(&a, &roles[0]), (&b, &roles[1])] {
+        let out = s.cli(&["health"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains(&format!("role: {r}")), "{text}");
+    }
     wake_ups("two replicas", &a, &b, 20).await;
     wake_ups("two replicas, the other way", &b, &a, 20).await;
 
