@@ -506,8 +506,7 @@ pub trait Store: Requests + PolicyData + Pairings + AuditLog + Cards + Changes {
     /// leader alone runs the Discord connection, the card outbox, the
     /// deadline sweep and audit retention. The value flips to `false` the
     /// moment leadership is lost (and back once it is won again). A store
-    /// only one process can
-    /// use always leads.
+    /// only one process can use always leads.
     fn leadership(&self) -> watch::Receiver<bool> {
         watch::channel(true).1
     }
