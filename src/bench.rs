@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 pub struct BenchOptions {
+    /// The store to measure: `None` for a SQLite file in the bench's temp
+    /// directory; a `postgres://` URL runs in a schema of the bench's own
+    /// (`keyturn_bench_<pid>`), dropped at the end.
+    pub store: Option<String>,
     pub clients: usize,
     pub seconds: u64,
     pub wakeups: usize,
@@ -36,6 +40,29 @@ fn ms(d: Duration) -> String {
 
 pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
+    let (store, schema) = match o.store.as_deref() {
+        None => (format!("sqlite://{}", dir.join("bench.db").display()), None),
+        Some(url) if url.starts_with("sqlite:") => (url.to_string(), None),
+        Some(url) => {
+            let schema = format!("keyturn_bench_{}", std::process::id());
+            let sep = if url.contains('?') { '&' } else { '?' };
+            (
+                format!("{url}{sep}options=-c%20search_path%3D{schema}"),
+                Some(schema),
+            )
+        }
+    };
+    let ran = run_on(&o, &dir, &store).await;
+    if schema.is_some() {
+        if let Err(e) = crate::serve::drop_store_schema(&store).await {
+            eprintln!("keyturn bench: could not drop its schema: {e:#}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    ran
+}
+
+async fn run_on(o: &BenchOptions, dir: &std::path::Path, store: &str) -> anyhow::Result<()> {
     let text = format!(
         r#"
 [server]
@@ -43,7 +70,7 @@ socket_path = "{sock}"
 max_connections = 1024
 max_connections_per_uid = 1024
 [store]
-url = "sqlite://{db}"
+url = {store}
 [admin]
 socket_path = "{admin_sock}"
 # The bench's agents and its approver are this one process.
@@ -66,10 +93,11 @@ tool = "gated"
 "#,
         sock = dir.join("bench.sock").display(),
         admin_sock = dir.join("bench-admin.sock").display(),
-        db = dir.join("bench.db").display()
+        store = toml::Value::String(store.to_string()),
     );
     let cfg = Config::parse(&text).map_err(anyhow::Error::msg)?;
     cfg.validate()?;
+    println!("== store: {}", crate::serve::store_name(&cfg));
     let sock = cfg.server.socket_path.clone();
     let admin_sock = cfg.admin.socket_path.clone();
     let (stop, server) = start(&text).await?;
@@ -178,7 +206,6 @@ tool = "gated"
     if o.pending > 0 {
         pending_phase(&text, &sock, &admin_sock, o.pending, o.clients).await?;
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

@@ -247,6 +247,11 @@ enum Command {
     },
     /// Measure throughput and latency against an in-process server.
     Bench {
+        /// The store to measure (default: a SQLite file in a temp
+        /// directory). A postgres:// URL runs in a schema of its own,
+        /// dropped at the end.
+        #[arg(long)]
+        store: Option<String>,
         /// Concurrent clients.
         #[arg(long, default_value_t = 16)]
         clients: usize,
@@ -717,6 +722,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             if let Some(w) = cfg.check_file_permissions(&config)? {
                 crate::errln!("keyturn: WARNING: {w}");
             }
+            if crate::serve::is_postgres(&cfg) {
+                crate::serve::init_store(&cfg).await?;
+                crate::outln!("migrated the database {}", crate::serve::store_name(&cfg));
+                return Ok(0);
+            }
             let db = cfg
                 .store_path()
                 .context("store.url names no database file (in memory): nothing to create")?;
@@ -732,15 +742,20 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
             }
             let r = crate::serve::check_store(&cfg).await;
+            let name = crate::serve::store_name(&cfg);
+            let passed = if crate::serve::is_postgres(&cfg) {
+                "migrations applied"
+            } else {
+                "integrity_check passed"
+            };
             if r.ok() {
                 crate::outln!(
-                    "{}: ok (integrity_check passed, {} pending requests readable)",
-                    cfg.store.url,
+                    "{name}: ok ({passed}, {} pending requests readable)",
                     r.pending.unwrap_or(0)
                 );
                 Ok(0)
             } else {
-                crate::outln!("{}: DAMAGED", cfg.store.url);
+                crate::outln!("{name}: DAMAGED");
                 for p in &r.problems {
                     crate::outln!("  {}", printable(p));
                 }
@@ -941,12 +956,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Pairing { cmd, conn } => pairing_cmd(&conn, cmd).await,
         Command::Audit { cmd, conn } => audit_cmd(&conn, cmd).await,
         Command::Bench {
+            store,
             clients,
             seconds,
             wakeups,
             pending,
         } => {
             crate::bench::run(crate::bench::BenchOptions {
+                store,
                 clients,
                 seconds,
                 wakeups,

@@ -250,18 +250,15 @@ impl Default for ServerConfig {
     }
 }
 
-/// What a `postgres://` store URL is answered with until PostgreSQL ships.
-pub const POSTGRES_UNAVAILABLE: &str =
-    "PostgreSQL is not available in this build (the next release adds it); use a sqlite:// URL";
-
 /// The store URL schemes this build supports.
-pub const STORE_SCHEMES: &str =
-    "the supported store URL scheme is sqlite:// (e.g. sqlite:///var/lib/keyturn/keyturn.db)";
+pub const STORE_SCHEMES: &str = "the supported store URL schemes are sqlite:// (e.g. \
+     sqlite:///var/lib/keyturn/keyturn.db) and postgres:// (e.g. postgres://keyturn@db/keyturn)";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite://PATH` (created if missing).
+    /// `sqlite://PATH` (created if missing), or `postgres://…` (the
+    /// `search_path` schema the URL names is created if missing).
     pub url: String,
     /// SQLite `synchronous`: `normal` (durable across process crashes) or
     /// `full` (also across power loss, slower).
@@ -340,7 +337,9 @@ pub struct AgentConfig {
     /// Nobody watches this agent: calls that need a human are denied at once.
     #[serde(default)]
     pub unattended: bool,
-    /// Most pending requests this agent may have at once.
+    /// Most pending requests this agent may have at once, counted in the
+    /// store in the transaction that queues a request (so one limit across
+    /// every process sharing the database).
     #[serde(default = "default_max_pending")]
     pub max_pending: usize,
 }
@@ -397,6 +396,9 @@ impl Default for RiskConfig {
     }
 }
 
+/// Rate limits and task budgets, counted in memory by each process (per
+/// replica when several share one database; `max_pending` is the limit
+/// counted in the database).
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -937,10 +939,7 @@ impl Config {
             ));
         }
         match self.store.url.split_once("://").map(|(scheme, _)| scheme) {
-            Some("sqlite") => {}
-            Some("postgres" | "postgresql") => {
-                return Err(invalid("store.url", POSTGRES_UNAVAILABLE));
-            }
+            Some("sqlite" | "postgres" | "postgresql") => {}
             _ => {
                 return Err(invalid(
                     "store.url",
@@ -1441,7 +1440,6 @@ mod tests {
             err("[[agents]]\nname = \"a\"\n[[agents]]\nname = \"a\"").contains("agents[1].name")
         );
         assert!(err("[store]\nurl = \"mysql://x\"").contains("store.url"));
-        assert!(err("[store]\nurl = \"postgres://h/k\"").contains("PostgreSQL is not available"));
         assert!(err("[discord]\ntoken = \"t\"").contains("discord.guild_id"));
         assert!(err("[content]\ncolour = 1").contains("unknown field `colour`"));
         assert!(

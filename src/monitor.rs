@@ -96,7 +96,13 @@ async fn healthz(State(m): State<Arc<Monitor>>) -> Response {
 }
 
 async fn metrics_text(State(m): State<Arc<Monitor>>) -> Response {
-    let pending: usize = m.gw.pending_counts().values().sum();
+    let pending: Option<usize> = match m.gw.pending_counts().await {
+        Ok(counts) => Some(counts.values().sum()),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: cannot count the pending requests");
+            None
+        }
+    };
     let backlog = match &m.discord {
         Some(_) => match m.gw.cards_backlog().await {
             Ok(n) => Some(n),
@@ -108,7 +114,7 @@ async fn metrics_text(State(m): State<Arc<Monitor>>) -> Response {
         None => None,
     };
     let snapshot = Snapshot {
-        pending: pending as i64,
+        pending: pending.map(|n| n as i64),
         backlog,
         discord: m.discord.as_ref().map(ConnectionStatus::get),
         leading: m.probe.leading(),
@@ -128,7 +134,8 @@ async fn metrics_text(State(m): State<Arc<Monitor>>) -> Response {
 /// The values read at scrape time, plus the app's counters.
 #[derive(Debug)]
 struct Snapshot {
-    pending: i64,
+    /// Left out when the store cannot be read.
+    pending: Option<i64>,
     /// Only with Discord configured (and readable).
     backlog: Option<u64>,
     discord: Option<ConnectionState>,
@@ -152,13 +159,15 @@ impl Collector for Snapshot {
                 .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
         }
 
-        enc.encode_descriptor(
-            "keyturn_pending_requests",
-            "Requests waiting for a human (queue depth)",
-            None,
-            MetricType::Gauge,
-        )?
-        .encode_gauge(&self.pending)?;
+        if let Some(pending) = self.pending {
+            enc.encode_descriptor(
+                "keyturn_pending_requests",
+                "Requests waiting for a human (queue depth)",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&pending)?;
+        }
 
         for (name, help, h) in [
             (

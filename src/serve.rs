@@ -166,7 +166,7 @@ async fn run_inner(
     tracing::info!(
         socket = %opts.path.display(),
         admin_socket = %admin_opts.path.display(),
-        store = %cfg.store.url,
+        store = %store_name(&cfg),
         "keyturn is ready"
     );
     if let Some((path, hup)) = reload {
@@ -381,7 +381,7 @@ pub async fn open_store(cfg: &Config, create: Create) -> anyhow::Result<Arc<dyn 
     }
     let store = crate::store::open(cfg)
         .await
-        .with_context(|| format!("while opening the store {}", cfg.store.url))?;
+        .with_context(|| format!("while opening the store {}", store_name(cfg)))?;
     if let Some(db) = &db {
         // The -wal and -shm SQLite just created carry the database's mode,
         // but this process's group: give them the store's group.
@@ -392,16 +392,47 @@ pub async fn open_store(cfg: &Config, create: Create) -> anyhow::Result<Arc<dyn 
     Ok(store)
 }
 
-/// `keyturn init`: creates the database (refusing one that exists or
-/// existed), migrated and closed.
+/// The store's URL as errors and logs show it (without a password).
+pub fn store_name(cfg: &Config) -> String {
+    crate::store::redact_url(&cfg.store.url)
+}
+
+/// Whether the store is a PostgreSQL database (nothing on local disk).
+pub fn is_postgres(cfg: &Config) -> bool {
+    matches!(
+        cfg.store.url.split_once("://").map(|(s, _)| s),
+        Some("postgres" | "postgresql")
+    )
+}
+
+/// `keyturn init`: creates the database (a SQLite file: refusing one that
+/// exists or existed; PostgreSQL: the schema the URL names, if missing),
+/// migrated and closed.
 pub async fn init_store(cfg: &Config) -> anyhow::Result<()> {
     let store = open_store(cfg, Create::Fresh).await?;
     store.close().await;
     Ok(())
 }
 
-/// `keyturn db check`: the full integrity check, however long it takes.
+/// Drops the schema a PostgreSQL store URL's `search_path` names, with
+/// everything in it (`keyturn bench` cleaning up its own schema).
+pub async fn drop_store_schema(url: &str) -> anyhow::Result<()> {
+    crate::store::postgres::drop_schema(url)
+        .await
+        .with_context(|| {
+            format!(
+                "while dropping the schema of {}",
+                crate::store::redact_url(url)
+            )
+        })
+}
+
+/// `keyturn db check`: the full integrity check, however long it takes
+/// (PostgreSQL: migrations applied, every pending row readable).
 pub async fn check_store(cfg: &Config) -> check::Report {
+    if is_postgres(cfg) {
+        return crate::store::postgres::check(&cfg.store.url).await;
+    }
     check::check(
         &cfg.store.url,
         check::Depth::Full,

@@ -186,22 +186,47 @@ fn check_config_names_the_bad_key() {
 }
 
 #[test]
-fn a_postgres_store_url_is_refused_as_not_in_this_build() {
+fn an_unreachable_postgres_store_fails_the_start_naming_it_without_its_password() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.toml");
-    std::fs::write(&p, "[store]\nurl = \"postgres://db.example/keyturn\"\n").unwrap();
-    for cmd in ["check-config", "serve"] {
-        let out = Command::new(BIN)
-            .args([cmd, "--config"])
-            .arg(&p)
-            .output()
-            .unwrap();
+    // Nothing listens on port 1: refused at once.
+    std::fs::write(
+        &p,
+        format!(
+            "[server]\nsocket_path = \"{d}/k.sock\"\n[admin]\nsocket_path = \"{d}/a.sock\"\n\
+             [store]\nurl = \"postgres://keyturn:hunter2@127.0.0.1:1/keyturn\"\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "a postgres URL is valid: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for cmd in ["serve", "init"] {
+        let out = harness::output_within(
+            {
+                let mut c = Command::new(BIN);
+                c.args([cmd, "--config"]).arg(&p);
+                c
+            },
+            std::time::Duration::from_secs(20),
+        );
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(!out.status.success(), "{cmd}: {err}");
         assert!(
-            err.contains("store.url") && err.contains("PostgreSQL is not available in this build"),
+            err.contains(
+                "cannot connect to PostgreSQL at postgres://keyturn:***@127.0.0.1:1/keyturn"
+            ),
             "{cmd}: {err}"
         );
+        assert!(!err.contains("hunter2"), "{cmd} shows the password: {err}");
     }
     std::fs::write(&p, "[store]\nurl = \"mysql://db.example/keyturn\"\n").unwrap();
     let out = Command::new(BIN)
@@ -215,6 +240,67 @@ fn a_postgres_store_url_is_refused_as_not_in_this_build() {
         err.contains("sqlite://"),
         "names the supported scheme: {err}"
     );
+}
+
+/// On PostgreSQL: `init` migrates (creating the URL's schema), `serve`
+/// runs on it, `db check` reads it, and the exported audit chain verifies
+/// offline with the same `audit verify --file` as a SQLite export.
+#[test]
+fn a_postgres_store_serves_and_its_audit_export_verifies_offline() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(schema) = rt.block_on(harness::pg::Schema::new()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}", dir.path().join("k.db").display());
+    let text = config::files(dir.path(), "").replace(&sqlite, &schema.url());
+    assert!(text.contains("search_path"), "{text}");
+    let init = dir.path().join("init.toml");
+    std::fs::write(&init, &text).unwrap();
+    let out = harness::run(&["init"], &init);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("migrated the database postgres://"), "{said}");
+    let s = Server::start_in(dir, &text);
+    for (tool, user) in [("read_file", "42"), ("write_file", "42")] {
+        let out = s.cli(&["request", "--tool", tool, "--agent", "bot", "--user", user]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (mut waiting, _) = request_in_background(&s, "pg-pending");
+    let out = s.cli(&["db", "check"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("ok (migrations applied, 1 pending requests readable)"),
+        "{said}"
+    );
+    let out = s.cli(&["audit", "export"]);
+    assert!(out.status.success());
+    let export = String::from_utf8(out.stdout).unwrap();
+    // Two calls the policy decided, one submitted and queued.
+    assert_eq!(export.lines().count(), 4, "{export}");
+    let file = s.dir.path().join("audit.jsonl");
+    std::fs::write(&file, &export).unwrap();
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let _ = waiting.kill();
+    let _ = waiting.wait();
 }
 
 #[test]

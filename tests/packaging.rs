@@ -21,17 +21,38 @@ fn both_declared_licences_ship() {
 
 #[test]
 fn systemd_unit_verifies_clean() {
-    let unit = std::fs::read_to_string(root().join("examples/systemd/keyturn.service"))
-        .expect("examples/systemd/keyturn.service");
+    verify_unit(
+        "keyturn.service",
+        "keyturn.service",
+        "/etc/keyturn/keyturn.toml",
+    );
+}
+
+/// The template for several replicas on one PostgreSQL database, verified as
+/// an instance.
+#[test]
+fn systemd_replica_template_verifies_clean() {
+    verify_unit(
+        "keyturn@.service",
+        "keyturn@a.service",
+        "/etc/keyturn/%i.toml",
+    );
+}
+
+/// Checks the unit's must-haves, then `systemd-analyze verify` on it saved
+/// as `as_name` (an instance name for a template).
+fn verify_unit(file: &str, as_name: &str, config: &str) {
+    let unit = std::fs::read_to_string(root().join("examples/systemd").join(file))
+        .unwrap_or_else(|e| panic!("examples/systemd/{file}: {e}"));
     for must in [
         "User=keyturn",
         "Restart=on-failure",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
-        "ExecStart=/usr/local/bin/keyturn serve --config",
+        &format!("ExecStart=/usr/local/bin/keyturn serve --config {config}"),
         "ExecReload=/bin/kill -HUP $MAINPID",
     ] {
-        assert!(unit.contains(must), "the unit lacks `{must}`");
+        assert!(unit.contains(must), "{file} lacks `{must}`");
     }
     let has_analyze = Command::new("systemd-analyze")
         .arg("--version")
@@ -47,7 +68,7 @@ fn systemd_unit_verifies_clean() {
     }
     // `verify` checks that ExecStart exists: point it at the binary under test.
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("keyturn.service");
+    let path = dir.path().join(as_name);
     let text = unit.replace("/usr/local/bin/keyturn", env!("CARGO_BIN_EXE_keyturn"));
     std::fs::write(&path, text).expect("write unit");
     let out = Command::new("systemd-analyze")
@@ -59,7 +80,7 @@ fn systemd_unit_verifies_clean() {
     // Unknown keys and bad values are only warnings (exit 0): any output fails.
     assert!(
         out.status.success() && stderr.trim().is_empty(),
-        "systemd-analyze verify: {}\n{stderr}",
+        "systemd-analyze verify {as_name}: {}\n{stderr}",
         out.status
     );
 }

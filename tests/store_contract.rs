@@ -1,22 +1,27 @@
 //! The store contract: one story over the persistence ports
 //! (`keyturn::app::ports`), written against `Arc<dyn Store>` so every
-//! backend runs the same story. SQLite runs it now; a backend added later
-//! adds one `#[tokio::test]` that opens it and calls [`story`].
+//! backend runs the same story: SQLite, and PostgreSQL (each test in a
+//! schema of its own, see `harness::pg`; without a reachable server those
+//! tests print why and pass, except under `CI=true`).
 //!
 //! Time is a parameter everywhere here: every timestamp is a literal.
 
 mod harness;
 
 use harness::fixture;
-use keyturn::app::ports::{Change, Inserted, PairedUser, PairingRefused, Store, StoreError};
+use harness::pg;
+use keyturn::app::ports::{
+    AuditLog, Cards, Change, Inserted, PairedUser, PairingRefused, Requests, Store, StoreError,
+};
 use keyturn::domain::audit::{events, AuditEvent};
 use keyturn::domain::pairing;
 use keyturn::domain::policy::{Effect, Grant};
 use keyturn::domain::request::{
     ApprovalRequest, DecidedBy, RequestId, State, TransitionError, Vote, VoterRights,
 };
+use keyturn::domain::trifecta::{Escalation, Guard, ToolTag};
 use keyturn::domain::Risk;
-use keyturn::store::{Options, SqliteStore};
+use keyturn::store::{Options, PgOptions, PgStore, SqliteStore};
 use serde_json::json;
 use std::future::Future;
 use std::sync::Arc;
@@ -51,6 +56,22 @@ async fn sqlite_keeps_the_contract() {
     store.close().await;
 }
 
+#[tokio::test]
+async fn postgres_keeps_the_contract() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let options = PgOptions {
+        max_batch: 64,
+        cards: Some(CARDS),
+        ..PgOptions::default()
+    };
+    let store: Arc<dyn Store> = Arc::new(PgStore::open(&schema.url(), &options).await.unwrap());
+    let raw = |sql: &str| schema.exec(sql);
+    story(store.clone(), &raw).await;
+    store.close().await;
+}
+
 /// Writes are group-committed; one that fails (here: a request id stored
 /// twice, a unique violation) fails only its own caller, with a conflict,
 /// and its batch's other writes stand.
@@ -59,6 +80,26 @@ async fn sqlite_fails_only_the_bad_write_of_a_batch() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("k.db").display());
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&url, "normal", 64).await.unwrap());
+    only_the_bad_write_fails(store).await;
+}
+
+/// The same on PostgreSQL, where the failed write rolls back to its own
+/// savepoint inside the batch's transaction.
+#[tokio::test]
+async fn postgres_fails_only_the_bad_write_of_a_batch() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let options = PgOptions {
+        max_batch: 64,
+        cards: None,
+        ..PgOptions::default()
+    };
+    let store: Arc<dyn Store> = Arc::new(PgStore::open(&schema.url(), &options).await.unwrap());
+    only_the_bad_write_fails(store).await;
+}
+
+async fn only_the_bad_write_fails(store: Arc<dyn Store>) {
     let mut requests: Vec<ApprovalRequest> =
         (0..32).map(|n| request(200 + n, 1, 100_000)).collect();
     let mut twin = requests[7].clone();
@@ -104,6 +145,7 @@ async fn story(store: Arc<dyn Store>, raw: Raw<'_>) {
     cards(&*store, &mut feed).await;
     deadlines(&*store).await;
     audit(&*store).await;
+    pending_limits(&*store, &mut feed).await;
     corrupt(&*store, raw).await;
 }
 
@@ -261,6 +303,130 @@ async fn inserts(store: &dyn Store, feed: &mut Feed) {
         .await;
     assert!(matches!(ins.unwrap(), Inserted::New(_)));
     assert!(store.card(allowed.id).await.unwrap().is_none(), "no card");
+}
+
+/// `max_pending` is counted in the insert's transaction: a request that
+/// would wait with every slot taken is not stored (or, escalated by the
+/// trifecta guard, is denied); deciding a request frees its slot.
+async fn pending_limits(store: &dyn Store, feed: &mut Feed) {
+    let agent = "agent-limit";
+    let limited = |n: u128| {
+        let mut r = request(n, 1, 100_000);
+        r.agent = agent.into();
+        r
+    };
+    let count = |counts: Vec<(String, u64)>| {
+        counts
+            .into_iter()
+            .find(|(a, _)| a == agent)
+            .map_or(0, |(_, n)| n)
+    };
+    let (a, b, c) = (limited(60), limited(61), limited(62));
+    for r in [&a, &b] {
+        let (ins, _) = feed
+            .write(store.insert_guarded(r.clone(), submitted(r), None, 2))
+            .await;
+        assert!(matches!(ins.unwrap(), Inserted::New(_)));
+    }
+    assert_eq!(count(store.pending_counts().await.unwrap()), 2);
+    // Full: nothing stored, nothing published, nothing audited.
+    let head = store.audit_head().await.unwrap();
+    match feed
+        .silent(store.insert_guarded(c.clone(), submitted(&c), None, 2))
+        .await
+    {
+        Ok(Inserted::TooManyPending { max: 2 }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(store.get_request(c.id).await.unwrap().is_none());
+    assert_eq!(store.audit_head().await.unwrap(), head);
+    // A call the policy decided needs no slot.
+    let mut allowed = limited(63);
+    allowed.state = State::Approved;
+    allowed.decided_by = Some(DecidedBy::Policy);
+    let ins = feed
+        .silent(store.insert_guarded(allowed.clone(), vec![], None, 2))
+        .await;
+    assert!(matches!(ins.unwrap(), Inserted::New(_)));
+    // Cancelling one frees its slot; the refused call now fits.
+    let _ = feed
+        .write(store.cancel(a.id, "admin".into(), None, 2_000))
+        .await;
+    assert_eq!(count(store.pending_counts().await.unwrap()), 1);
+    let (ins, _) = feed
+        .write(store.insert_guarded(c.clone(), submitted(&c), None, 2))
+        .await;
+    assert!(matches!(ins.unwrap(), Inserted::New(_)));
+    assert_eq!(count(store.pending_counts().await.unwrap()), 2);
+
+    // The trifecta guard escalates an allowed call that completes the
+    // trifecta; with no slot left, it denies it instead.
+    let guard = |tag: ToolTag| Guard {
+        tags: vec![tag],
+        since_ms: 0,
+        window: "24h".into(),
+        escalation: Escalation {
+            risk: Risk::High,
+            deadline_ms: 200_000,
+            approvals_required: 1,
+            admin_only: false,
+            deny: None,
+        },
+    };
+    for (n, tool, tag) in [
+        (64, "read_mail", ToolTag::ReadsPrivateData),
+        (65, "browse", ToolTag::SeesUntrustedInput),
+    ] {
+        let mut r = allowed.clone();
+        r.id = RequestId(Uuid::from_u128(n));
+        r.tool = tool.into();
+        let ins = feed
+            .silent(store.insert_guarded(r, vec![], Some(guard(tag)), 2))
+            .await;
+        assert!(matches!(ins.unwrap(), Inserted::New(r) if r.state == State::Approved));
+    }
+    let mut send = allowed.clone();
+    send.id = RequestId(Uuid::from_u128(66));
+    send.tool = "send_mail".into();
+    let ins = feed
+        .silent(store.insert_guarded(
+            send.clone(),
+            vec![],
+            Some(guard(ToolTag::CommunicatesExternally)),
+            2,
+        ))
+        .await;
+    match ins.unwrap() {
+        Inserted::New(r) => {
+            assert_eq!(
+                (r.state, r.rule.as_str()),
+                (State::Denied, "too_many_pending")
+            );
+            assert!(
+                r.rule_detail.contains("already has 2 pending"),
+                "{}",
+                r.rule_detail
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(count(store.pending_counts().await.unwrap()), 2);
+    // With a slot free, the same call waits for a human.
+    let _ = feed.write(store.time_out(b.id, 100_000)).await;
+    send.id = RequestId(Uuid::from_u128(67));
+    let (ins, change) = feed
+        .write(store.insert_guarded(
+            send.clone(),
+            vec![],
+            Some(guard(ToolTag::CommunicatesExternally)),
+            2,
+        ))
+        .await;
+    assert!(
+        matches!(ins.unwrap(), Inserted::New(r) if r.state == State::Pending && r.rule == "trifecta")
+    );
+    assert!(matches!(change, Change::Queued { id, .. } if id == send.id));
+    assert_eq!(count(store.pending_counts().await.unwrap()), 2);
 }
 
 async fn votes(store: &dyn Store, feed: &mut Feed) {
@@ -732,4 +898,310 @@ async fn corrupt(store: &dyn Store, raw: Raw<'_>) {
         Err(StoreError::Corrupt(why)) => assert!(why.contains("Deny"), "{why}"),
         other => panic!("a corrupt effect must not read: {other:?}"),
     }
+}
+
+// Several processes on one PostgreSQL database: two stores on one schema
+// stand for two processes (each has its own pools, writer and origin).
+
+async fn pg_store(schema: &pg::Schema, cards: Option<u64>) -> Arc<PgStore> {
+    let options = PgOptions {
+        max_batch: 64,
+        cards,
+        ..PgOptions::default()
+    };
+    Arc::new(PgStore::open(&schema.url(), &options).await.unwrap())
+}
+
+/// Both appending at once: one chain, every entry in it, verified.
+#[tokio::test]
+async fn postgres_stores_sharing_a_schema_keep_one_audit_chain() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let (a, b) = (pg_store(&schema, None).await, pg_store(&schema, None).await);
+    assert_ne!(a.origin(), b.origin());
+    let insert = |store: Arc<PgStore>, from: u128| async move {
+        let all = (from..from + 500).map(|n| {
+            let r = request(n, 1, 100_000);
+            let store = store.clone();
+            async move { store.insert_request(r.clone(), submitted(&r)).await }
+        });
+        futures::future::join_all(all).await
+    };
+    let started = std::time::Instant::now();
+    let (x, y) = tokio::join!(insert(a.clone(), 10_000), insert(b.clone(), 20_000));
+    eprintln!("2 × 500 inserts from two stores: {:?}", started.elapsed());
+    for answer in x.iter().chain(&y) {
+        assert!(matches!(answer, Ok(Inserted::New(_))), "{answer:?}");
+    }
+    let (entries, requests) = a.audit_verify().await.unwrap().expect("one unbroken chain");
+    assert_eq!((entries, requests), (2_000, 1_000));
+    assert_eq!(b.audit_head().await.unwrap().0, 2_000);
+    a.close().await;
+    b.close().await;
+}
+
+/// One idempotency key submitted through two stores at once: one stores
+/// it, the other answers with the holder (the same call) or refuses it (a
+/// different call), never an error.
+#[tokio::test]
+async fn postgres_one_key_from_two_stores_is_stored_once() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let (a, b) = (pg_store(&schema, None).await, pg_store(&schema, None).await);
+    let mut races = Vec::new();
+    for n in 0..40u128 {
+        let mut first = request(30_000 + n, 1, 100_000);
+        first.idempotency_key = Some(format!("key-{n}"));
+        let mut second = first.clone();
+        second.id = RequestId(Uuid::from_u128(40_000 + n));
+        // Odd keys: a different call under the same key.
+        if n % 2 == 1 {
+            second.args_hash = "another call".into();
+        }
+        let (a, b) = (a.clone(), b.clone());
+        races.push(async move {
+            let (x, y) = tokio::join!(
+                a.insert_request(first.clone(), submitted(&first)),
+                b.insert_request(second.clone(), submitted(&second))
+            );
+            (n, x.unwrap(), y.unwrap())
+        });
+    }
+    for (n, x, y) in futures::future::join_all(races).await {
+        let (new, other) = match (&x, &y) {
+            (Inserted::New(r), other) | (other, Inserted::New(r)) => (r.clone(), other),
+            _ => panic!("key-{n}: nothing stored: {x:?} {y:?}"),
+        };
+        match other {
+            Inserted::Existing(e) if n % 2 == 0 => assert_eq!(e.id, new.id),
+            Inserted::Conflict(e) if n % 2 == 1 => assert_eq!(e.id, new.id),
+            other => panic!("key-{n}: {other:?}"),
+        }
+    }
+    a.audit_verify().await.unwrap().expect("the chain verifies");
+    a.close().await;
+    b.close().await;
+}
+
+/// Two votes through two stores at once on a request needing two
+/// approvals: the row is locked, so the second counts the first.
+/// Two timeouts at once: exactly one wins.
+#[tokio::test]
+async fn postgres_decisions_from_two_stores_are_taken_once() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let (a, b) = (pg_store(&schema, None).await, pg_store(&schema, None).await);
+    let mut races = Vec::new();
+    for n in 0..30u128 {
+        let r = request(50_000 + n, 2, 5_000);
+        a.insert_request(r.clone(), submitted(&r)).await.unwrap();
+        let (a, b) = (a.clone(), b.clone());
+        races.push(async move {
+            let (x, y) = tokio::join!(
+                a.vote(r.id, vote("uid:1", true, 2_000), ADMIN),
+                b.vote(r.id, vote("uid:2", true, 2_000), ADMIN)
+            );
+            let mut have: Vec<u32> = [x, y]
+                .into_iter()
+                .map(|v| v.unwrap().unwrap().have)
+                .collect();
+            have.sort();
+            assert_eq!(have, [1, 2], "the second vote counted the first");
+            assert_eq!(state(&*a, r.id).await, State::Approved);
+        });
+    }
+    futures::future::join_all(races).await;
+    let mut races = Vec::new();
+    for n in 0..30u128 {
+        let r = request(60_000 + n, 1, 5_000);
+        a.insert_request(r.clone(), submitted(&r)).await.unwrap();
+        let (a, b) = (a.clone(), b.clone());
+        races.push(async move {
+            let (x, y) = tokio::join!(a.time_out(r.id, 6_000), b.time_out(r.id, 6_000));
+            let (x, y) = (x.unwrap(), y.unwrap());
+            assert!(
+                x.is_ok() != y.is_ok(),
+                "exactly one timeout wins: {x:?} {y:?}"
+            );
+            let lost = if x.is_ok() { y } else { x };
+            assert!(matches!(
+                lost,
+                Err(TransitionError::AlreadyDecided {
+                    state: State::TimedOut
+                })
+            ));
+        });
+    }
+    futures::future::join_all(races).await;
+    let (entries, requests) = b.audit_verify().await.unwrap().expect("the chain verifies");
+    assert_eq!(requests, 60);
+    assert!(entries > 120, "{entries}");
+    a.close().await;
+    b.close().await;
+}
+
+/// Two stores draining the card outbox at once never get the same card; a
+/// claim lapses after 30 s (of the callers' clock), and posting clears it.
+#[tokio::test]
+async fn postgres_cards_are_claimed_by_one_store() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let (a, b) = (
+        pg_store(&schema, Some(CARDS)).await,
+        pg_store(&schema, Some(CARDS)).await,
+    );
+    for n in 0..40u128 {
+        let r = request(70_000 + n, 1, 100_000 + n as i64);
+        a.insert_request(r.clone(), submitted(&r)).await.unwrap();
+    }
+    let (x, y) = tokio::join!(a.cards_due(1_000, 25), b.cards_due(1_000, 25));
+    let (x, y) = (x.unwrap(), y.unwrap());
+    let mut seen: Vec<RequestId> = x.iter().chain(&y).map(|c| c.request_id).collect();
+    assert_eq!(seen.len(), 40, "{} + {}", x.len(), y.len());
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 40, "no card given to both");
+    assert!(x.windows(2).all(|w| w[0].deadline_ms <= w[1].deadline_ms));
+    // Claimed: the other store gets nothing now; its own store gets them again.
+    assert!(a.cards_due(2_000, 100).await.unwrap().len() == x.len());
+    // A's cards: one posted (claim cleared, done), the rest lapse for B.
+    let posted = x[0].request_id;
+    a.card_done(posted, 1, 1, "pending".into()).await.unwrap();
+    assert!(b.cards_due(2_000, 100).await.unwrap().len() == y.len());
+    let lapsed = b.cards_due(2_000 + 30_000, 100).await.unwrap();
+    assert_eq!(lapsed.len(), 39, "every card but the posted one");
+    assert!(lapsed.iter().all(|c| c.request_id != posted));
+    a.close().await;
+    b.close().await;
+}
+
+/// Sessions killed under a busy store (a database restart, a cut): every
+/// write answers, either committed or `Unavailable`/retryable; the pool
+/// reconnects by itself; nothing acknowledged is lost.
+#[tokio::test]
+async fn postgres_store_survives_killed_sessions() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let app = format!("kt-kill-{}", &schema.name()[3..11]);
+    let options = PgOptions {
+        max_batch: 64,
+        cards: None,
+        ..PgOptions::default()
+    };
+    let store = Arc::new(
+        PgStore::open(&schema.url_named(&app), &options)
+            .await
+            .unwrap(),
+    );
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for round in 0..20u128 {
+                let batch = (0..25u128).map(|i| {
+                    let r = request(80_000 + round * 100 + i, 1, 100_000);
+                    let store = store.clone();
+                    async move { (r.id, store.insert_request(r.clone(), submitted(&r)).await) }
+                });
+                outcomes.extend(futures::future::join_all(batch).await);
+            }
+            outcomes
+        })
+    };
+    let mut killed = 0;
+    while !writer.is_finished() {
+        killed += schema.terminate(&app);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outcomes = writer.await.unwrap();
+    let (mut stored, mut refused) = (Vec::new(), 0);
+    for (id, outcome) in outcomes {
+        match outcome {
+            Ok(Inserted::New(_)) => stored.push(id),
+            Err(e) if e.is_retryable() => refused += 1,
+            // Its commit went through but the answer was lost with the
+            // session, and running it again found the row: refused, and
+            // stored (the caller denies; nothing is lost).
+            Err(StoreError::Conflict { retry: false, .. }) => {
+                refused += 1;
+                stored.push(id);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    eprintln!(
+        "{killed} sessions killed; {} writes committed, {refused} refused",
+        stored.len()
+    );
+    // It serves again once the sessions are back, without a restart.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match store.get_request(stored[0]).await {
+            Ok(found) => {
+                assert!(found.is_some());
+                break;
+            }
+            Err(e) if e.is_retryable() && std::time::Instant::now() < deadline => {}
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    for id in &stored {
+        assert!(
+            store.get_request(*id).await.unwrap().is_some(),
+            "an acknowledged write is lost"
+        );
+    }
+    let r = request(99_999, 1, 100_000);
+    assert!(matches!(
+        store
+            .insert_request(r.clone(), submitted(&r))
+            .await
+            .unwrap(),
+        Inserted::New(_)
+    ));
+    store
+        .audit_verify()
+        .await
+        .unwrap()
+        .expect("the chain verifies");
+    store.close().await;
+}
+
+/// One agent's `max_pending` holds across stores queueing at once.
+#[tokio::test]
+async fn postgres_max_pending_holds_across_stores() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let (a, b) = (pg_store(&schema, None).await, pg_store(&schema, None).await);
+    let queue = |store: Arc<PgStore>, from: u128| async move {
+        let all = (from..from + 20).map(|n| {
+            let r = request(n, 1, 100_000);
+            let store = store.clone();
+            async move {
+                store
+                    .insert_guarded(r.clone(), submitted(&r), None, 10)
+                    .await
+            }
+        });
+        futures::future::join_all(all).await
+    };
+    let (x, y) = tokio::join!(queue(a.clone(), 90_000), queue(b.clone(), 91_000));
+    let mut stored = 0;
+    for answer in x.into_iter().chain(y) {
+        match answer.unwrap() {
+            Inserted::New(_) => stored += 1,
+            Inserted::TooManyPending { max: 10 } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(stored, 10);
+    assert_eq!(a.pending_counts().await.unwrap(), [("agent-a".into(), 10)]);
+    a.close().await;
+    b.close().await;
 }

@@ -143,52 +143,15 @@ impl Gateway {
         Ok(())
     }
 
-    /// Takes one of `agent`'s pending slots, or refuses when all are taken.
-    /// Counted in memory (loaded from the store at start), so the check
-    /// costs nothing with 100,000 pending requests.
-    pub(super) fn reserve_pending(
-        &self,
-        agent: &str,
-        max: usize,
-    ) -> Result<PendingSlot<'_>, AppError> {
-        let mut counts = self
-            .pending_by_agent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let n = counts.entry(agent.to_string()).or_default();
-        if *n >= max {
-            return Err(AppError::TooManyPending {
-                agent: agent.to_string(),
-                max,
-            });
-        }
-        *n += 1;
-        Ok(PendingSlot {
-            gw: self,
-            agent: agent.to_string(),
-            kept: false,
-        })
-    }
-
-    /// Pending requests per agent, as counted in memory.
-    pub fn pending_counts(&self) -> HashMap<String, usize> {
-        self.pending_by_agent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(a, n)| (a.clone(), *n))
-            .collect()
-    }
-
-    pub(super) fn release_pending(&self, agent: &str) {
-        let mut counts = self
-            .pending_by_agent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = counts.get_mut(agent) {
-            *n = n.saturating_sub(1);
-        }
+    /// Pending requests per agent, as the store counts them.
+    pub async fn pending_counts(&self) -> Result<HashMap<String, usize>, AppError> {
+        Ok(self
+            .store
+            .pending_counts()
+            .await?
+            .into_iter()
+            .map(|(a, n)| (a, n as usize))
+            .collect())
     }
 
     pub async fn pending(&self, limit: u32) -> Result<Vec<ApprovalRequest>, AppError> {

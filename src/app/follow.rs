@@ -3,15 +3,14 @@
 //!
 //! [`Gateway::new`] starts one task that follows
 //! [`super::ports::Changes::subscribe`]:
-//! - `Resolved` wakes the agents waiting on the request, counts the decision
-//!   in the metrics and frees the agent's pending slot: once per resolution,
+//! - `Resolved` wakes the agents waiting on the request and counts the
+//!   decision in the metrics: once per resolution,
 //!   whether this process, another one or a person at the database decided;
 //! - `PolicyChanged` refreshes the policy view (through a second task, so a
 //!   slow store never holds up waking waiters);
 //! - on `Lagged` (changes were missed) or `Resync` (another process's changes
 //!   may have been missed, or the periodic re-check of a shared store) every
-//!   waiter re-reads its request, the pending counts are reloaded and the
-//!   policy view is refreshed.
+//!   waiter re-reads its request and the policy view is refreshed.
 //!
 //! The deadline scheduler ([`super::scheduler`]) and the Discord outbox
 //! follow the same feed on their own, because their lifetimes are `serve`'s.
@@ -95,16 +94,15 @@ async fn refresh_policy(gw: Weak<Gateway>, due: Arc<Notify>) {
 }
 
 impl Gateway {
-    /// What follows a request's resolution, once per resolution: metrics,
-    /// the agent's pending slot, and the agents waiting on it.
+    /// What follows a request's resolution, once per resolution: metrics
+    /// and the agents waiting on it.
     fn resolved(&self, r: &ApprovalRequest) {
         super::metrics::global().decided(r);
-        self.release_pending(&r.agent);
         self.waiters.wake(r);
     }
 
     /// After missed changes: every waiter re-reads its request (and is woken
-    /// if it is decided), and the pending counts are reloaded.
+    /// if it is decided).
     async fn catch_up(&self) {
         let ids = self.waiters.ids();
         for chunk in ids.chunks(1000) {
@@ -115,9 +113,6 @@ impl Gateway {
                     tracing::error!(waiters = chunk.len(), error = %e, "cannot re-read waited-on requests")
                 }
             }
-        }
-        if let Err(e) = self.load_pending_counts().await {
-            tracing::error!(error = %e, "cannot reload the pending counts; keeping the old ones");
         }
     }
 }

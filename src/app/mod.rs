@@ -74,7 +74,7 @@ pub enum AppError {
     AgentRefused(String),
     #[error("request {0} belongs to another agent")]
     NotYourRequest(String),
-    #[error("agent `{agent}` already has {max} pending requests; wait for some to be decided")]
+    #[error("{}", crate::domain::request::too_many_pending(agent, *max))]
     TooManyPending { agent: String, max: usize },
     #[error("{0}")]
     Pairing(String),
@@ -163,27 +163,6 @@ struct PolicyView {
 /// The rule a call is denied by while the policy view is unavailable.
 pub const POLICY_UNAVAILABLE: &str = "policy_unavailable";
 
-/// A reserved pending slot, given back unless the request was stored.
-struct PendingSlot<'a> {
-    gw: &'a Gateway,
-    agent: String,
-    kept: bool,
-}
-
-impl PendingSlot<'_> {
-    fn keep(mut self) {
-        self.kept = true;
-    }
-}
-
-impl Drop for PendingSlot<'_> {
-    fn drop(&mut self) {
-        if !self.kept {
-            self.gw.release_pending(&self.agent);
-        }
-    }
-}
-
 /// Limits on submitted fields.
 const MAX_ID_LEN: usize = 100;
 const MAX_KEY_LEN: usize = 200;
@@ -206,8 +185,6 @@ pub struct Gateway {
     policy_due: Arc<Notify>,
     limits: Mutex<PolicyState>,
     waiters: Waiters,
-    /// Pending requests per agent, for `max_pending`.
-    pending_by_agent: Mutex<HashMap<String, usize>>,
     server_uid: u32,
 }
 
@@ -238,7 +215,6 @@ impl Gateway {
             policy_due: Arc::new(Notify::new()),
             limits: Mutex::default(),
             waiters: Waiters::default(),
-            pending_by_agent: Mutex::default(),
             server_uid,
         });
         // Subscribed before anything is loaded: no change is missed between.
@@ -248,19 +224,7 @@ impl Gateway {
             tracing::warn!("flagged calls may run without a human: {exemption}");
         }
         gw.refresh_policy().await?;
-        gw.load_pending_counts().await?;
         Ok(gw)
-    }
-
-    /// Loads the pending requests per agent from the store.
-    async fn load_pending_counts(&self) -> Result<(), AppError> {
-        let counts = self.store.pending_counts().await?;
-        *self
-            .pending_by_agent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) =
-            counts.into_iter().map(|(a, n)| (a, n as usize)).collect();
-        Ok(())
     }
 
     pub fn config(&self) -> &Config {

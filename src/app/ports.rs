@@ -84,6 +84,10 @@ pub enum Inserted {
     /// (or before fingerprints were stored): nothing was stored, and the
     /// conflict was audited in the same transaction. Here is the holder.
     Conflict(ApprovalRequest),
+    /// The request would wait for a human, but its agent already has `max`
+    /// pending requests (counted in the insert's transaction): nothing was
+    /// stored.
+    TooManyPending { max: usize },
 }
 
 /// The request holding an idempotency key, with the fingerprint stored
@@ -183,7 +187,8 @@ pub trait Requests: Send + Sync + 'static {
     /// written in the same transaction. The check and the insert are one
     /// transaction, so two racing submits with one key cannot both win. A
     /// new pending request gets its card row in that transaction too (see
-    /// [`Cards`]).
+    /// [`Cards`]), and counts against its agent's pending requests (with no
+    /// limit here; see [`Requests::insert_guarded`]).
     async fn insert_request(
         &self,
         req: ApprovalRequest,
@@ -241,8 +246,8 @@ pub trait Requests: Send + Sync + 'static {
     async fn votes(&self, id: RequestId) -> StoreResult<Vec<Vote>>;
     /// Pending requests, oldest deadline first.
     async fn pending(&self, limit: u32) -> StoreResult<Vec<ApprovalRequest>>;
-    /// Pending requests per agent (loaded once at start; the gateway keeps
-    /// the counts from then on).
+    /// Pending requests per agent, as counted by the transactions that queue
+    /// and decide them (agents with none are left out).
     async fn pending_counts(&self) -> StoreResult<Vec<(String, u64)>>;
     /// Up to `limit` pending requests whose deadline is at or before
     /// `now_ms`, earliest first (through the pending-deadline index): what
@@ -256,19 +261,22 @@ pub trait Requests: Send + Sync + 'static {
     /// calls, this call's own batch included), applies
     /// [`crate::domain::trifecta::guard`], stores what it returns instead if
     /// anything, and records the call's tags on its row. `Inserted::New`
-    /// carries the request as stored. The default refuses a guard, so a
-    /// store that cannot apply it fails closed.
+    /// carries the request as stored.
+    ///
+    /// A request that waits for a human (as submitted, or as the guard
+    /// escalated it) takes one of its agent's `max_pending` slots in the same
+    /// transaction, so the limit holds however many processes share the
+    /// store. With every slot taken, a pending request is not stored
+    /// ([`Inserted::TooManyPending`]) and a call the guard would escalate is
+    /// denied by it instead (rule `too_many_pending`). A slot is freed in the
+    /// transaction that decides the request.
     async fn insert_guarded(
         &self,
         req: ApprovalRequest,
         audit: Vec<AuditEvent>,
         guard: Option<Guard>,
-    ) -> StoreResult<Inserted> {
-        match guard {
-            None => self.insert_request(req, audit).await,
-            Some(_) => Err(StoreError::Unsupported("the lethal-trifecta guard".into())),
-        }
-    }
+        max_pending: usize,
+    ) -> StoreResult<Inserted>;
     /// The trifecta history of `agent` (and of `user`, any agent) since
     /// `since_ms`: tools of approved or pending calls with their tags, as
     /// [`Requests::insert_guarded`] reads it (for `check`, outside a write).

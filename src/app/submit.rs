@@ -1,6 +1,7 @@
 //! Submitting a call: validation, content scan, the policy verdict, and the
 //! guarded insert that queues it or records the policy's decision.
 
+use super::ports::Inserted;
 use super::*;
 
 impl Gateway {
@@ -253,7 +254,6 @@ impl Gateway {
             decided_ms: None,
             requester_uid: s.requester_uid,
         };
-        let mut reservation = None;
         let tags = self.cfg.tool_tags(&req.tool);
         match &verdict {
             Verdict::Allow { detail, log, .. } => {
@@ -274,8 +274,6 @@ impl Gateway {
                 detail,
                 ..
             } => {
-                let max = self.cfg.agent(agent).map(|a| a.max_pending).unwrap_or(0);
-                reservation = Some(self.reserve_pending(agent, max)?);
                 let default = self.cfg.timeout_for(*risk);
                 let wanted = s.timeout_secs.map(Duration::from_secs).unwrap_or(default);
                 let wait = wanted.min(self.cfg.risk.max_timeout.0);
@@ -298,23 +296,17 @@ impl Gateway {
         };
         // A tagged call is guarded by the store, in the transaction that
         // stores it: an allowed call that completes the trifecta waits for
-        // a human instead, so it needs a pending slot (or is denied).
+        // a human instead, so it needs a pending slot (the store takes it,
+        // or denies the call).
+        let max_pending = self.cfg.agent(agent).map(|a| a.max_pending).unwrap_or(0);
         let guard = (!tags.is_empty() && req.state != State::Denied).then(|| {
             let unattended = s.unattended || self.cfg.agent(agent).is_some_and(|a| a.unattended);
             let mut deny = None;
-            if req.state == State::Approved {
-                if unattended {
-                    deny = Some((
-                        "unattended".to_string(),
-                        "nobody is watching this agent, so it is denied at once".to_string(),
-                    ));
-                } else {
-                    let max = self.cfg.agent(agent).map(|a| a.max_pending).unwrap_or(0);
-                    match self.reserve_pending(agent, max) {
-                        Ok(slot) => reservation = Some(slot),
-                        Err(e) => deny = Some(("too_many_pending".to_string(), e.to_string())),
-                    }
-                }
+            if req.state == State::Approved && unattended {
+                deny = Some((
+                    "unattended".to_string(),
+                    "nobody is watching this agent, so it is denied at once".to_string(),
+                ));
             }
             let wanted = s
                 .timeout_secs
@@ -338,20 +330,23 @@ impl Gateway {
                 },
             }
         });
-        let req = match self.store.insert_guarded(req, audit, guard).await? {
-            super::ports::Inserted::Existing(r) => return Ok(r),
-            super::ports::Inserted::Conflict(r) => return Err(conflict(&r)),
-            super::ports::Inserted::New(r) => r,
+        let stored = self
+            .store
+            .insert_guarded(req, audit, guard, max_pending)
+            .await?;
+        let req = match stored {
+            Inserted::Existing(r) => return Ok(r),
+            Inserted::Conflict(r) => return Err(conflict(&r)),
+            Inserted::TooManyPending { max } => {
+                return Err(AppError::TooManyPending {
+                    agent: agent.to_string(),
+                    max,
+                })
+            }
+            Inserted::New(r) => r,
         };
         if req.state.is_terminal() {
             metrics::global().decided(&req);
-        }
-        // The slot now belongs to the stored request; its `Resolved` change
-        // frees it (see `follow`).
-        if let Some(r) = reservation {
-            if req.state == State::Pending {
-                r.keep();
-            }
         }
         if req.state == State::Pending {
             // The store published `Queued`: the scheduler and the outbox follow it.

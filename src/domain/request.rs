@@ -402,6 +402,16 @@ pub fn check_display_name(raw: &str) -> Result<Option<String>, String> {
 /// connection, was killed, or withdrew the call) before its answer.
 pub const CLIENT_GONE: &str = "client_gone";
 
+/// The rule (and error code) of a call refused because its agent already
+/// has `max_pending` requests waiting for a human.
+pub const TOO_MANY_PENDING: &str = "too_many_pending";
+
+/// Why a call of `agent` cannot wait for a human: all its `max` pending
+/// slots are taken.
+pub fn too_many_pending(agent: &str, max: usize) -> String {
+    format!("agent `{agent}` already has {max} pending requests; wait for some to be decided")
+}
+
 /// The idempotency fingerprint of a submission: SHA-256 over a canonical
 /// encoding of everything that makes two calls "the same call" (agent, tool,
 /// hash of the full arguments, user, channel, task). A key reused with a

@@ -368,7 +368,7 @@ impl Handler {
                 to_value(gw.verify_args(id, agent, &q.args).await?)
             }
             Method::Stats => {
-                let counts = gw.pending_counts();
+                let counts = gw.pending_counts().await?;
                 let total: usize = counts.values().sum();
                 Ok(json!({"pending": total, "pending_by_agent": counts}))
             }

@@ -57,6 +57,11 @@ pub(crate) fn sqlx(e: sqlx::Error) -> StoreError {
     match e {
         sqlx::Error::Database(d) => {
             let text = d.to_string();
+            // PostgreSQL: the SQLSTATE (five characters, often all digits,
+            // so it is told apart by the error's type, not its look).
+            if let Some(pg) = d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                return sqlstate(pg.code(), text);
+            }
             match d.code() {
                 // SQLite: the extended result code, in decimal.
                 Some(code) => match code.parse::<i32>() {

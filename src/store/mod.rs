@@ -1,5 +1,5 @@
 //! Persistence adapter: implements the app's ports ([`crate::app::ports`])
-//! on SQLite, and picks the backend for a config ([`open`]).
+//! on SQLite and on PostgreSQL, and picks the backend for a config ([`open`]).
 //!
 //! Every SQL statement lives under this module; nothing outside it imports
 //! sqlx or rusqlite. Every mutation writes its audit events in the same
@@ -10,17 +10,19 @@ pub mod files;
 pub mod postgres;
 mod sqlite;
 
+pub use postgres::{redact_url, PgOptions, PgStore};
 pub use sqlite::check;
 pub use sqlite::{Options, SqliteStore, WalTuning};
 
 use crate::app::ports::{Store, StoreError, StoreResult};
-use crate::config::{Config, POSTGRES_UNAVAILABLE, STORE_SCHEMES};
+use crate::config::{Config, STORE_SCHEMES};
 use std::sync::Arc;
 
 /// Opens the store `config.store.url` names, by its scheme: `sqlite:` opens
 /// a [`SqliteStore`] with the config's synchronous, batch and card-channel
-/// settings; `postgres:` / `postgresql:` are refused until a build has them;
-/// anything else is refused naming the supported schemes.
+/// settings; `postgres:` / `postgresql:` a [`PgStore`] with the batch and
+/// card-channel settings; anything else is refused naming the supported
+/// schemes.
 pub async fn open(config: &Config) -> StoreResult<Arc<dyn Store>> {
     let url = &config.store.url;
     match url.split_once(':').map(|(scheme, _)| scheme) {
@@ -34,9 +36,17 @@ pub async fn open(config: &Config) -> StoreResult<Arc<dyn Store>> {
             Ok(Arc::new(SqliteStore::open_with(url, &options).await?))
         }
         Some("postgres" | "postgresql") => {
-            Err(StoreError::Unsupported(POSTGRES_UNAVAILABLE.into()))
+            let options = PgOptions {
+                max_batch: config.store.max_batch,
+                cards: card_channel(config),
+                recheck: config.store.recheck.0,
+            };
+            Ok(Arc::new(PgStore::open(url, &options).await?))
         }
-        _ => Err(StoreError::Unsupported(format!("`{url}`: {STORE_SCHEMES}"))),
+        _ => Err(StoreError::Unsupported(format!(
+            "`{}`: {STORE_SCHEMES}",
+            redact_url(url)
+        ))),
     }
 }
 
@@ -64,10 +74,18 @@ mod tests {
 
     #[tokio::test]
     async fn the_scheme_picks_the_backend() {
-        for url in ["postgres://db/keyturn", "postgresql://db/keyturn"] {
-            assert!(refused(url)
-                .await
-                .contains("PostgreSQL is not available in this build"));
+        // Nothing listens on port 1: a PostgreSQL URL is tried, not refused,
+        // and the error names the URL without its password.
+        for url in [
+            "postgres://k:hunter2@127.0.0.1:1/keyturn",
+            "postgresql://k:hunter2@127.0.0.1:1/keyturn",
+        ] {
+            let e = refused(url).await;
+            assert!(e.contains("cannot connect to PostgreSQL at"), "{e}");
+            assert!(
+                e.contains("k:***@127.0.0.1:1") && !e.contains("hunter2"),
+                "{e}"
+            );
         }
         let other = refused("mysql://db/keyturn").await;
         assert!(other.contains("sqlite://"), "{other}");

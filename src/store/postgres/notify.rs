@@ -1,15 +1,15 @@
-//! What a PostgreSQL store tells the other processes sharing its database:
-//! one note per committed change, sent with `pg_notify` inside the write's
-//! transaction (so it is delivered on commit, never for a rolled-back
-//! write), on one channel, as JSON tagged with the writing store's origin.
+//! What crosses processes on PostgreSQL: each write that publishes a
+//! [`crate::app::ports::Change`] also sends a [`Note`] on [`CHANNEL`] with
+//! `pg_notify` inside its own transaction, so it is delivered exactly when
+//! (and only if) the write commits. A note carries ids only (a payload is
+//! at most 8000 bytes); the listener re-reads the rows it names.
 
 use crate::app::ports::StoreResult;
 use crate::store::error::sqlx as db;
 
-/// The channel every note is sent on.
 pub const CHANNEL: &str = "keyturn_changes";
 
-/// One committed change, as another process learns of it.
+/// What crosses processes: ids only (a payload is at most 8000 bytes); the listener re-reads rows.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "k", rename_all = "snake_case")]
 pub enum Note {
@@ -28,7 +28,8 @@ pub enum Note {
     CardsDue,
 }
 
-/// A note with the id of the store that wrote it.
+/// A note with the origin of the store that sent it (a process ignores its
+/// own notes: it published them on its feed already).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Envelope {
     pub origin: String,
@@ -36,24 +37,77 @@ pub struct Envelope {
     pub note: Note,
 }
 
-/// Sends `note` from `origin` on [`CHANNEL`] (inside the caller's
-/// transaction: delivered when it commits).
-pub async fn send(conn: &mut sqlx::PgConnection, origin: &str, note: Note) -> StoreResult<()> {
-    let payload = serde_json::to_string(&Envelope {
+/// The payload of `note` from `origin`.
+pub(super) fn payload(origin: &str, note: Note) -> String {
+    let envelope = Envelope {
         origin: origin.to_string(),
         note,
-    })
-    .map_err(|e| crate::app::ports::StoreError::Failed(e.to_string()))?;
+    };
+    // Strings, integers and a tag: serializing cannot fail.
+    serde_json::to_string(&envelope).unwrap_or_default()
+}
+
+/// Sends `note` in the transaction `conn` is in (delivered on its commit).
+pub async fn send(conn: &mut sqlx::PgConnection, origin: &str, note: Note) -> StoreResult<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(CHANNEL)
-        .bind(payload)
+        .bind(payload(origin, note))
         .execute(conn)
         .await
         .map_err(db)?;
     Ok(())
 }
 
-/// A payload as received, or `None` if it is not a note this build knows.
+/// Sends several payloads made by [`payload`] in one statement.
+pub(super) async fn send_all(
+    conn: &mut sqlx::PgConnection,
+    payloads: &[String],
+) -> StoreResult<()> {
+    if payloads.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+        .bind(CHANNEL)
+        .bind(payloads)
+        .execute(conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+/// A received payload, or `None` if it is not one of ours.
 pub fn parse(payload: &str) -> Option<Envelope> {
     serde_json::from_str(payload).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_note_round_trips_and_stays_small() {
+        let notes = [
+            Note::Queued {
+                id: "00000000-0000-0000-0000-000000000001".into(),
+                agent: "a".repeat(200),
+                deadline_ms: i64::MAX,
+            },
+            Note::Voted { id: "x".into() },
+            Note::Resolved { id: "y".into() },
+            Note::PolicyChanged,
+            Note::CardsDue,
+        ];
+        for note in notes {
+            let p = payload("origin-1", note.clone());
+            assert!(p.len() < 8000, "{p}");
+            let e = parse(&p).unwrap();
+            assert_eq!((e.origin.as_str(), e.note), ("origin-1", note));
+        }
+        assert_eq!(
+            payload("o", Note::Voted { id: "r".into() }),
+            r#"{"origin":"o","k":"voted","id":"r"}"#
+        );
+        assert!(parse("not json").is_none());
+        assert!(parse(r#"{"origin":"o","k":"unknown"}"#).is_none());
+    }
 }

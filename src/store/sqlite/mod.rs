@@ -191,9 +191,9 @@ impl SqliteStore {
 }
 
 /// Rows per page when verifying the audit log.
-const VERIFY_PAGE: i64 = 5000;
+pub(super) const VERIFY_PAGE: i64 = 5000;
 
-type FactsRow = (String, String, String, String, String, Option<String>, i64);
+pub(super) type FactsRow = (String, String, String, String, String, Option<String>, i64);
 
 /// Rows per capability and scope the trifecta history reads (newest first):
 /// enough to name the tools, bounded however busy the agent is.
@@ -287,7 +287,7 @@ fn corrupt(what: String) -> StoreError {
 
 /// A grant's `effect` column: `allow` or `deny`, anything else corrupt
 /// (never read as allow).
-fn parse_effect(text: &str) -> StoreResult<Effect> {
+pub(super) fn parse_effect(text: &str) -> StoreResult<Effect> {
     match text {
         "allow" => Ok(Effect::Allow),
         "deny" => Ok(Effect::Deny),
@@ -342,7 +342,7 @@ impl RequestRow {
 }
 
 #[derive(FromRow)]
-struct CardDbRow {
+pub(super) struct CardDbRow {
     request_id: String,
     channel_id: i64,
     message_id: Option<i64>,
@@ -355,7 +355,7 @@ struct CardDbRow {
 }
 
 impl CardDbRow {
-    fn into_card(self) -> StoreResult<CardRow> {
+    pub(super) fn into_card(self) -> StoreResult<CardRow> {
         Ok(CardRow {
             request_id: self.request_id.parse().map_err(StoreError::Corrupt)?,
             channel_id: self.channel_id as u64,
@@ -371,8 +371,8 @@ impl CardDbRow {
 }
 
 #[derive(FromRow)]
-struct AuditRow {
-    seq: i64,
+pub(super) struct AuditRow {
+    pub(super) seq: i64,
     at_ms: i64,
     kind: String,
     actor: String,
@@ -383,7 +383,7 @@ struct AuditRow {
 }
 
 impl AuditRow {
-    fn into_entry(self) -> AuditEntry {
+    pub(super) fn into_entry(self) -> AuditEntry {
         AuditEntry {
             seq: self.seq,
             event: AuditEvent {
@@ -408,7 +408,7 @@ impl Requests for SqliteStore {
         req: ApprovalRequest,
         audit: Vec<AuditEvent>,
     ) -> StoreResult<Inserted> {
-        self.insert_guarded(req, audit, None).await
+        self.insert_guarded(req, audit, None, usize::MAX).await
     }
     async fn vote(
         &self,
@@ -533,12 +533,11 @@ impl Requests for SqliteStore {
         Ok(d)
     }
     async fn pending_counts(&self) -> StoreResult<Vec<(String, u64)>> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT agent, COUNT(*) FROM requests WHERE state = 'pending' GROUP BY agent",
-        )
-        .fetch_all(&self.reads)
-        .await
-        .map_err(db)?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT agent, pending FROM agent_pending WHERE pending > 0")
+                .fetch_all(&self.reads)
+                .await
+                .map_err(db)?;
         Ok(rows
             .into_iter()
             .map(|(a, n)| (a, n.max(0) as u64))
@@ -549,13 +548,14 @@ impl Requests for SqliteStore {
         req: ApprovalRequest,
         audit: Vec<AuditEvent>,
         guard: Option<Guard>,
+        max_pending: usize,
     ) -> StoreResult<Inserted> {
         let sealed: Vec<_> = audit.iter().map(AuditEvent::seal).collect();
         let req = Arc::new(req);
         let mine = req.clone();
         let cards = self.cards;
         let stored = self
-            .write(move |tx| write::insert(tx, &mine, &sealed, guard.as_ref(), cards))
+            .write(move |tx| write::insert(tx, &mine, &sealed, guard.as_ref(), max_pending, cards))
             .await?;
         Ok(match stored {
             // The writer has dropped its handle by now, so this rarely copies.
@@ -570,6 +570,7 @@ impl Requests for SqliteStore {
             }
             Stored::Existing(r) => Inserted::Existing(r),
             Stored::Conflict(r) => Inserted::Conflict(r),
+            Stored::TooManyPending => Inserted::TooManyPending { max: max_pending },
         })
     }
     async fn trifecta_history(

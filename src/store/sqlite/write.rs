@@ -14,7 +14,8 @@ use crate::domain::decision;
 use crate::domain::pairing;
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
 use crate::domain::request::{
-    ApprovalRequest, RequestId, State, TransitionError, Vote, VoterRights,
+    too_many_pending, ApprovalRequest, RequestId, State, TransitionError, Vote, VoterRights,
+    TOO_MANY_PENDING,
 };
 use crate::domain::trifecta::{self, Guard, ToolTag};
 use crate::domain::Risk;
@@ -31,16 +32,23 @@ pub(super) enum Stored {
     Existing(ApprovalRequest),
     /// The key was used for a different call: refused and audited.
     Conflict(ApprovalRequest),
+    /// The request would wait for a human, but its agent already has
+    /// `max_pending` pending requests: nothing was stored.
+    TooManyPending,
 }
 
 /// Stores `req` with its sealed `audit` events, unless its idempotency key
 /// is taken; applies the trifecta `guard`; creates its card row in
-/// `cards` (the card channel, when the store has one) if it is pending.
+/// `cards` (the card channel, when the store has one) if it is pending. A
+/// request that would wait for a human takes one of its agent's
+/// `max_pending` slots in this transaction, or is not stored
+/// ([`Stored::TooManyPending`]; a call the guard escalates is denied instead).
 pub(super) fn insert(
     tx: &mut Tx<'_>,
     req: &ApprovalRequest,
     audit: &[SealedEvent],
     guard: Option<&Guard>,
+    max_pending: usize,
     cards: Option<u64>,
 ) -> StoreResult<Stored> {
     // Looked up and inserted in one write transaction by the one writer: a
@@ -71,17 +79,62 @@ pub(super) fn insert(
         // Read and decided in this transaction: a call stored earlier in
         // the same batch is already in the history.
         let history = trifecta_history(tx, req, g.since_ms)?;
-        if let Some((changed, events)) = trifecta::guard(req, &history, g) {
+        if let Some((mut changed, mut events)) = trifecta::guard(req, &history, g) {
+            if changed.state == State::Pending && !take_slot(tx, &req.agent, max_pending)? {
+                if req.state == State::Pending {
+                    return Ok(Stored::TooManyPending);
+                }
+                // No slot to wait in: the guard denies the call instead.
+                let full = trifecta::Guard {
+                    escalation: trifecta::Escalation {
+                        deny: Some((
+                            TOO_MANY_PENDING.to_string(),
+                            too_many_pending(&req.agent, max_pending),
+                        )),
+                        ..g.escalation.clone()
+                    },
+                    ..g.clone()
+                };
+                (changed, events) = trifecta::guard(req, &history, &full).ok_or_else(|| {
+                    StoreError::Failed(
+                        "the trifecta guard let a call through once it had no pending slot".into(),
+                    )
+                })?;
+            }
             insert_request(tx, &changed, caps, fingerprint.as_deref())?;
             tx.audit_events(&events)?;
             new_card(tx, &changed, cards)?;
             return Ok(Stored::Guarded(changed));
         }
     }
+    if req.state == State::Pending && !take_slot(tx, &req.agent, max_pending)? {
+        return Ok(Stored::TooManyPending);
+    }
     insert_request(tx, req, caps, fingerprint.as_deref())?;
     tx.audit(audit)?;
     new_card(tx, req, cards)?;
     Ok(Stored::New)
+}
+
+/// Takes one of `agent`'s `max` pending slots in this transaction: `false`
+/// (nothing changed) when all are taken. The count is a row per agent, so
+/// the check reads one row however many requests are pending.
+fn take_slot(tx: &Transaction<'_>, agent: &str, max: usize) -> StoreResult<bool> {
+    if max == 0 {
+        return Ok(false);
+    }
+    let taken = tx
+        .prepare_cached(
+            "INSERT INTO agent_pending (agent, pending) VALUES (?1, 1) \
+             ON CONFLICT (agent) DO UPDATE SET pending = pending + 1 WHERE pending < ?2 \
+             RETURNING pending",
+        )?
+        .query_row(
+            params![agent, i64::try_from(max).unwrap_or(i64::MAX)],
+            |_| Ok(()),
+        )
+        .optional()?;
+    Ok(taken.is_some())
 }
 
 /// A pending request's card row, due at once.
@@ -556,6 +609,11 @@ fn resolve(tx: &Transaction<'_>, r: &ApprovalRequest) -> StoreResult<()> {
             retry: false,
         });
     }
+    // The request left `pending`: its agent's slot is free.
+    tx.prepare_cached(
+        "UPDATE agent_pending SET pending = pending - 1 WHERE agent = ?1 AND pending > 0",
+    )?
+    .execute(params![r.agent])?;
     Ok(())
 }
 

@@ -1,0 +1,400 @@
+//! The PostgreSQL writer: one tokio task that group-commits.
+//!
+//! It takes every write waiting (up to `max_batch`), runs them in one
+//! transaction, each inside its own SAVEPOINT (a write that fails rolls
+//! back to it and fails only its own caller), commits once, and answers
+//! each only after the commit. If the commit itself fails, each write runs
+//! again alone, as the SQLite writer does. A write is a [`Job`]: one typed
+//! async function of [`super::write`] with the caller's arguments.
+//!
+//! Several processes may write one database: every transaction first locks
+//! the audit chain's head row (`SELECT … FOR UPDATE`), so their appends
+//! form one unbroken chain, and since every writer takes that lock before
+//! any other, writers of different processes never deadlock on each other.
+
+use super::notify::{self, Note};
+use crate::app::ports::{StoreError, StoreResult};
+use crate::domain::audit::{self, AuditEvent, SealedEvent};
+use crate::store::error::sqlx as db;
+use futures::future::BoxFuture;
+use sqlx::{Executor, PgConnection, PgPool, Postgres};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Writes waiting for the writer; beyond this, callers wait (backpressure).
+const WRITE_QUEUE: usize = 8192;
+/// Batches smaller than this wait a moment for more when callers have been
+/// writing concurrently (the group-commit delay of the SQLite writer). A
+/// tokio timer cannot wait less than a millisecond, so the writer yields to
+/// the runtime a few times instead: the callers already running get to queue.
+const LINGER_BELOW: usize = 8;
+const LINGER_YIELDS: usize = 4;
+
+pub(super) enum Msg {
+    Job(Box<dyn Job>),
+    /// Refuse new writes, commit everything already queued, then stop.
+    Stop,
+}
+
+/// The running writer, as the store holds it.
+pub(super) struct Started {
+    pub jobs: mpsc::Sender<Msg>,
+    /// Fires once the last queued write has been answered.
+    pub done: oneshot::Receiver<()>,
+}
+
+/// Starts the writer task on `pool` (already migrated).
+pub(super) fn start(pool: PgPool, origin: Arc<str>, max_batch: usize) -> Started {
+    let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
+    let (done_tx, done) = oneshot::channel();
+    tokio::spawn(async move {
+        run(&pool, rx, max_batch.max(1), &origin).await;
+        pool.close().await;
+        let _ = done_tx.send(());
+    });
+    Started { jobs, done }
+}
+
+fn take(msg: Msg, rx: &mut mpsc::Receiver<Msg>, jobs: &mut Vec<Box<dyn Job>>) {
+    match msg {
+        Msg::Job(job) => jobs.push(job),
+        Msg::Stop => rx.close(),
+    }
+}
+
+fn drain(rx: &mut mpsc::Receiver<Msg>, jobs: &mut Vec<Box<dyn Job>>, max_batch: usize) {
+    while jobs.len() < max_batch {
+        match rx.try_recv() {
+            Ok(msg) => take(msg, rx, jobs),
+            Err(_) => break,
+        }
+    }
+}
+
+async fn run(pool: &PgPool, mut rx: mpsc::Receiver<Msg>, max_batch: usize, origin: &Arc<str>) {
+    let mut jobs: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
+    let mut mean_batch = 1.0;
+    while let Some(first) = rx.recv().await {
+        take(first, &mut rx, &mut jobs);
+        drain(&mut rx, &mut jobs, max_batch);
+        if mean_batch >= 2.0 && jobs.len() < LINGER_BELOW && !rx.is_closed() {
+            for _ in 0..LINGER_YIELDS {
+                tokio::task::yield_now().await;
+            }
+            drain(&mut rx, &mut jobs, max_batch);
+        }
+        mean_batch = 0.9 * mean_batch + 0.1 * jobs.len() as f64;
+        if !jobs.is_empty() {
+            write_batch(pool, &mut jobs, origin).await;
+        }
+    }
+}
+
+async fn write_batch(pool: &PgPool, jobs: &mut Vec<Box<dyn Job>>, origin: &Arc<str>) {
+    let started = std::time::Instant::now();
+    match run_batch(pool, jobs, origin).await {
+        Ok(outcomes) => {
+            let micros = started.elapsed().as_micros() as u64;
+            crate::app::metrics::global()
+                .commit_latency
+                .observe_micros(micros);
+            tracing::trace!(batch = jobs.len(), micros, "committed");
+            for (job, outcome) in jobs.drain(..).zip(outcomes) {
+                if let Err(e) = &outcome {
+                    tracing::debug!(error = %e, "store write refused");
+                }
+                job.answer(outcome);
+            }
+        }
+        // Nothing ran (no connection): every write fails the same way,
+        // without waiting for a connection once per write.
+        Err(Failed::Begin(e)) => {
+            tracing::error!(error = %e, batch = jobs.len(), "store writes failed");
+            for job in jobs.drain(..) {
+                job.answer(Err(same(&e)));
+            }
+        }
+        Err(Failed::Batch(e)) if jobs.len() == 1 => {
+            tracing::error!(error = %e, "store write failed");
+            if let Some(job) = jobs.pop() {
+                job.answer(Err(e));
+            }
+        }
+        Err(Failed::Batch(e)) => {
+            tracing::warn!(error = %e, batch = jobs.len(), "batch failed; retrying writes one by one");
+            for mut job in jobs.drain(..) {
+                let outcome = match run_batch(pool, std::slice::from_mut(&mut job), origin).await {
+                    Ok(mut o) => o.pop().unwrap_or(Ok(())),
+                    Err(Failed::Begin(e) | Failed::Batch(e)) => Err(e),
+                };
+                if let Err(e) = &outcome {
+                    tracing::error!(error = %e, "store write failed");
+                }
+                job.answer(outcome);
+            }
+        }
+    }
+}
+
+/// The same failure again, for each write of a batch that could not start.
+fn same(e: &StoreError) -> StoreError {
+    let text = e.to_string();
+    match e {
+        StoreError::Unavailable(_) => StoreError::unavailable(text),
+        StoreError::Conflict { retry, .. } => StoreError::Conflict {
+            what: text,
+            retry: *retry,
+        },
+        StoreError::ReadOnly(_) => StoreError::ReadOnly(text),
+        StoreError::Closed => StoreError::Closed,
+        _ => StoreError::Failed(text),
+    }
+}
+
+enum Failed {
+    /// The transaction could not begin: nothing ran.
+    Begin(StoreError),
+    /// The batch as a whole failed (a savepoint, the head or the commit).
+    Batch(StoreError),
+}
+
+/// Runs `jobs` in one transaction and commits it: per job, its own outcome
+/// (a job that failed was rolled back to its savepoint).
+///
+/// Boxed, so the future is checked `Send` for the lifetimes it is called
+/// with (sqlx's executor bounds are higher-ranked otherwise).
+fn run_batch<'a>(
+    pool: &'a PgPool,
+    jobs: &'a mut [Box<dyn Job>],
+    origin: &'a Arc<str>,
+) -> BoxFuture<'a, Result<Vec<StoreResult<()>>, Failed>> {
+    Box::pin(run_batch_inner(pool, jobs, origin))
+}
+
+async fn run_batch_inner(
+    pool: &PgPool,
+    jobs: &mut [Box<dyn Job>],
+    origin: &Arc<str>,
+) -> Result<Vec<StoreResult<()>>, Failed> {
+    let mut tx = Tx::begin(pool, origin.clone())
+        .await
+        .map_err(Failed::Begin)?;
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    if let [job] = jobs {
+        // Alone: the transaction is the job's savepoint.
+        match job.run(&mut tx).await {
+            Ok(()) => outcomes.push(Ok(())),
+            Err(e) => {
+                drop(tx);
+                return Ok(vec![Err(e)]);
+            }
+        }
+    } else {
+        for (i, job) in jobs.iter_mut().enumerate() {
+            let mark = if i == 0 {
+                "SAVEPOINT job"
+            } else {
+                "RELEASE SAVEPOINT job; SAVEPOINT job"
+            };
+            tx.conn()
+                .execute(mark)
+                .await
+                .map_err(|e| Failed::Batch(db(e)))?;
+            let before = tx.mark();
+            match job.run(&mut tx).await {
+                Ok(()) => outcomes.push(Ok(())),
+                Err(e) => {
+                    tx.conn()
+                        .execute("ROLLBACK TO SAVEPOINT job")
+                        .await
+                        .map_err(|e| Failed::Batch(db(e)))?;
+                    tx.reset(before);
+                    outcomes.push(Err(e));
+                }
+            }
+        }
+    }
+    tx.commit().await.map_err(Failed::Batch)?;
+    Ok(outcomes)
+}
+
+/// A write waiting for the writer: runs inside a batch's transaction (again,
+/// alone, if its batch failed), and is answered once that has committed.
+pub(super) trait Job: Send {
+    /// Runs the write in `tx`, keeping its answer until [`Job::answer`].
+    fn run<'a>(&'a mut self, tx: &'a mut Tx) -> BoxFuture<'a, StoreResult<()>>;
+    /// Answers the caller: the kept answer if `outcome` (the commit) is `Ok`.
+    fn answer(self: Box<Self>, outcome: StoreResult<()>);
+}
+
+struct Call<A, F> {
+    write: F,
+    kept: Option<A>,
+    reply: oneshot::Sender<StoreResult<A>>,
+}
+
+impl<A, F> Job for Call<A, F>
+where
+    A: Send,
+    F: for<'t> FnMut(&'t mut Tx) -> BoxFuture<'t, StoreResult<A>> + Send,
+{
+    fn run<'a>(&'a mut self, tx: &'a mut Tx) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            self.kept = None;
+            self.kept = Some((self.write)(tx).await?);
+            Ok(())
+        })
+    }
+
+    fn answer(self: Box<Self>, outcome: StoreResult<()>) {
+        let Call {
+            write, kept, reply, ..
+        } = *self;
+        drop(write);
+        let answer = outcome.and_then(|()| {
+            kept.ok_or_else(|| StoreError::Failed("the writer lost an answer".into()))
+        });
+        let _ = reply.send(answer);
+    }
+}
+
+/// A job for `write`, and where its answer arrives after the commit.
+/// `write` may run more than once (its batch failed): it builds a fresh
+/// future from what it captured each time.
+pub(super) fn job<A, F>(write: F) -> (Box<dyn Job>, oneshot::Receiver<StoreResult<A>>)
+where
+    A: Send + 'static,
+    F: for<'t> FnMut(&'t mut Tx) -> BoxFuture<'t, StoreResult<A>> + Send + 'static,
+{
+    let (reply, rx) = oneshot::channel();
+    (
+        Box::new(Call {
+            write,
+            kept: None,
+            reply,
+        }),
+        rx,
+    )
+}
+
+/// A batch's write transaction: the audit chain's head, locked at its
+/// start, then moved by each append; the notes to send at commit.
+pub(super) struct Tx {
+    sql: sqlx::Transaction<'static, Postgres>,
+    head: (i64, String),
+    appended: bool,
+    origin: Arc<str>,
+    /// Payloads for `pg_notify`, sent just before the commit.
+    notes: Vec<String>,
+}
+
+/// Where a job started, to undo its effects on the [`Tx`] when it rolls back.
+pub(super) struct Mark {
+    head: (i64, String),
+    appended: bool,
+    notes: usize,
+}
+
+impl Tx {
+    async fn begin(pool: &PgPool, origin: Arc<str>) -> StoreResult<Tx> {
+        let mut sql = pool.begin().await.map_err(db)?;
+        let head: (i64, String) =
+            sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+                .fetch_one(&mut *sql)
+                .await
+                .map_err(db)?;
+        Ok(Tx {
+            sql,
+            head,
+            appended: false,
+            origin,
+            notes: Vec::new(),
+        })
+    }
+
+    /// The transaction's connection, for a write's statements.
+    pub(super) fn conn(&mut self) -> &mut PgConnection {
+        &mut self.sql
+    }
+
+    fn mark(&self) -> Mark {
+        Mark {
+            head: self.head.clone(),
+            appended: self.appended,
+            notes: self.notes.len(),
+        }
+    }
+
+    fn reset(&mut self, m: Mark) {
+        self.head = m.head;
+        self.appended = m.appended;
+        self.notes.truncate(m.notes);
+    }
+
+    /// Queues a note for the other processes, sent in this transaction.
+    pub(super) fn note(&mut self, note: Note) {
+        self.notes.push(notify::payload(&self.origin, note));
+    }
+
+    /// Appends sealed events to the audit chain, in this transaction (one
+    /// statement however many).
+    pub(super) async fn audit(&mut self, list: &[SealedEvent]) -> StoreResult<()> {
+        if list.is_empty() {
+            return Ok(());
+        }
+        let (seq, hash) = &self.head;
+        let links = audit::chain(*seq, hash, list, |seq, prev, e| {
+            audit::sealed_hash(seq, prev, e)
+        });
+        let seqs: Vec<i64> = links.iter().map(|l| l.seq).collect();
+        let at: Vec<i64> = list.iter().map(|e| e.at_ms).collect();
+        let kinds: Vec<&str> = list.iter().map(|e| e.kind.as_str()).collect();
+        let actors: Vec<&str> = list.iter().map(|e| e.actor.as_str()).collect();
+        let requests: Vec<Option<&str>> = list.iter().map(|e| e.request_id.as_deref()).collect();
+        let details: Vec<&str> = list.iter().map(|e| e.detail.as_str()).collect();
+        let prevs: Vec<&str> = links.iter().map(|l| l.prev_hash.as_str()).collect();
+        let hashes: Vec<&str> = links.iter().map(|l| l.hash.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO audit (seq, at_ms, kind, actor, request_id, detail, prev_hash, hash) \
+             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], \
+             $6::text[], $7::text[], $8::text[])",
+        )
+        .bind(seqs)
+        .bind(at)
+        .bind(kinds)
+        .bind(actors)
+        .bind(requests)
+        .bind(details)
+        .bind(prevs)
+        .bind(hashes)
+        .execute(&mut *self.sql)
+        .await
+        .map_err(db)?;
+        if let Some(l) = links.last() {
+            self.head = (l.seq, l.hash.clone());
+            self.appended = true;
+        }
+        Ok(())
+    }
+
+    /// Appends events made in the writer (sealed here).
+    pub(super) async fn audit_events(&mut self, list: &[AuditEvent]) -> StoreResult<()> {
+        let sealed: Vec<SealedEvent> = list.iter().map(AuditEvent::seal).collect();
+        self.audit(&sealed).await
+    }
+
+    /// Records the new chain head, sends the notes and commits.
+    async fn commit(mut self) -> StoreResult<()> {
+        if self.appended {
+            let (seq, hash) = &self.head;
+            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+                .bind(seq)
+                .bind(hash)
+                .execute(&mut *self.sql)
+                .await
+                .map_err(db)?;
+        }
+        notify::send_all(&mut self.sql, &self.notes).await?;
+        self.sql.commit().await.map_err(db)
+    }
+}
