@@ -660,6 +660,9 @@ fn health_text(h: &HealthAnswer) -> String {
             out.push_str(&format!(": {}", printable(d)));
         }
     }
+    if let Some(role) = &h.role {
+        out.push_str(&format!("\n  role: {}", printable(role)));
+    }
     out
 }
 

@@ -363,6 +363,12 @@ pub struct StoreConfig {
     /// Group (name or gid) that may read and write the database files
     /// (mode 0660). Unset: owner only (0600).
     pub group: Option<String>,
+    /// How often a store shared by several processes re-reads what others
+    /// may have changed (waiters, pending counts, the policy view, due
+    /// deadlines), whatever notifications said: the bound on how long a
+    /// lost notification can leave a waiter stranded or a revoked grant
+    /// in force here. Unused by SQLite.
+    pub recheck: Dur,
 }
 
 impl Default for StoreConfig {
@@ -372,6 +378,7 @@ impl Default for StoreConfig {
             sqlite_synchronous: "normal".into(),
             max_batch: 512,
             group: None,
+            recheck: Dur(Duration::from_secs(1)),
         }
     }
 }
@@ -1044,6 +1051,9 @@ impl Config {
                 ));
             }
         }
+        if self.store.recheck.0.is_zero() {
+            return Err(invalid("store.recheck", "must be greater than 0"));
+        }
         if !["normal", "full"].contains(&self.store.sqlite_synchronous.as_str()) {
             return Err(invalid(
                 "store.sqlite_synchronous",
@@ -1505,6 +1515,17 @@ mod tests {
         let c = Config::parse("").unwrap();
         assert_eq!(c.server.shutdown_drain.0, Duration::from_secs(5));
         assert_eq!(c.server.idle_timeout.0, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn the_store_recheck_is_positive() {
+        assert!(err("[store]\nrecheck = \"0s\"").contains("store.recheck"));
+        assert_eq!(
+            Config::parse("").unwrap().store.recheck.0,
+            Duration::from_secs(1)
+        );
+        let c = Config::parse("[store]\nrecheck = \"250ms\"").unwrap();
+        assert_eq!(c.store.recheck.0, Duration::from_millis(250));
     }
 
     #[test]

@@ -65,6 +65,7 @@ async fn postgres_keeps_the_contract() {
     let options = PgOptions {
         max_batch: 64,
         cards: Some(CARDS),
+        ..PgOptions::default()
     };
     let store: Arc<dyn Store> = Arc::new(PgStore::open(&schema.url(), &options).await.unwrap());
     let raw = |sql: &str| schema.exec(sql);
@@ -93,6 +94,7 @@ async fn postgres_fails_only_the_bad_write_of_a_batch() {
     let options = PgOptions {
         max_batch: 64,
         cards: None,
+        ..PgOptions::default()
     };
     let store: Arc<dyn Store> = Arc::new(PgStore::open(&schema.url(), &options).await.unwrap());
     only_the_bad_write_fails(store).await;
@@ -993,6 +995,7 @@ async fn pg_store(schema: &pg::Schema, cards: Option<u64>) -> Arc<PgStore> {
     let options = PgOptions {
         max_batch: 64,
         cards,
+        ..PgOptions::default()
     };
     Arc::new(PgStore::open(&schema.url(), &options).await.unwrap())
 }
@@ -1176,6 +1179,7 @@ async fn postgres_store_survives_killed_sessions() {
     let options = PgOptions {
         max_batch: 64,
         cards: None,
+        ..PgOptions::default()
     };
     let store = Arc::new(
         PgStore::open(&schema.url_named(&app), &options)

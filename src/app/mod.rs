@@ -260,6 +260,13 @@ impl Gateway {
         self.store.subscribe()
     }
 
+    /// Whether this process leads the processes sharing the store (see
+    /// [`ports::Store::leadership`]): only the leader runs the Discord bot,
+    /// the card outbox, the deadline sweep and retention.
+    pub fn leadership(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.store.leadership()
+    }
+
     /// The config as last reloaded (see [`Gateway::reload_config`]).
     fn live(&self) -> Arc<Config> {
         self.live.read().unwrap_or_else(|e| e.into_inner()).clone()

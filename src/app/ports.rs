@@ -567,10 +567,10 @@ pub trait Store:
         None
     }
     /// Whether this process leads the processes sharing the store: the
-    /// leader alone runs the Discord connection, the card outbox and the
-    /// deadline sweep. The value flips to `false` the moment leadership is
-    /// lost (and back once it is won again). A store only one process can
-    /// use always leads.
+    /// leader alone runs the Discord connection, the card outbox, the
+    /// deadline sweep and audit retention. The value flips to `false` the
+    /// moment leadership is lost (and back once it is won again). A store
+    /// only one process can use always leads.
     fn leadership(&self) -> watch::Receiver<bool> {
         watch::channel(true).1
     }

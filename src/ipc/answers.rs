@@ -19,13 +19,17 @@ pub struct HealthAnswer {
     pub policy: Option<ComponentAnswer>,
     /// `None` when Discord is not configured.
     pub discord: Option<ComponentAnswer>,
+    /// `leader` or `follower` (absent from older servers).
+    #[serde(default)]
+    pub role: Option<String>,
 }
 
 /// One component in [`HealthAnswer`].
 #[derive(Debug, Deserialize)]
 pub struct ComponentAnswer {
     pub up: bool,
-    /// `up`, `down`, `timeout`, or Discord's `connected`/`connecting`/`failed`.
+    /// `up`, `down`, `timeout`, or Discord's `connected`/`connecting`/
+    /// `failed`/`standby`.
     pub state: Option<String>,
     /// Why it is down (admins only).
     pub detail: Option<String>,
