@@ -284,6 +284,11 @@ enum Command {
         /// Then create this many pending requests, restart, and time their expiry.
         #[arg(long, default_value_t = 0)]
         pending: usize,
+        /// With a postgres:// store: also run this many replicas on it and
+        /// measure the load spread over them, an agent's wake-up by an
+        /// approval through another replica, and the leader's takeover.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
     },
     /// Check that arguments are exactly those a request was approved with
     /// (exit 0 when they match and it is approved, 1 otherwise).
@@ -1039,6 +1044,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             seconds,
             wakeups,
             pending,
+            replicas,
         } => {
             crate::bench::run(crate::bench::BenchOptions {
                 store,
@@ -1046,6 +1052,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 seconds,
                 wakeups,
                 pending,
+                replicas,
             })
             .await?;
             Ok(0)
