@@ -1,5 +1,5 @@
-//! Hearing what other processes commit: a task that LISTENs on
-//! [`notify::CHANNEL`] over a connection of its own and publishes each note
+//! Hearing what other processes commit: a task that LISTENs on its
+//! schema's channel ([`notify::channel`]) over a connection of its own and publishes each note
 //! from another store as a [`Change`] on this process's feed, so waiters,
 //! the policy view, the deadline sweep and the card outbox follow writes
 //! made by other replicas as they follow local ones.
@@ -76,10 +76,16 @@ async fn listen(connect: &PgConnectOptions) -> StoreResult<PgListener> {
         .connect_with(connect.clone())
         .await
         .map_err(db)?;
+    // Asked on the pool's one connection, which then goes back for the
+    // listener to take.
+    let channel = {
+        let mut c = pool.acquire().await.map_err(db)?;
+        notify::channel(&mut c).await?
+    };
     let mut l = PgListener::connect_with(&pool).await.map_err(db)?;
     // Closing the store stops this task through the token.
     l.ignore_pool_close_event(true);
-    l.listen(notify::CHANNEL).await.map_err(db)?;
+    l.listen(&channel).await.map_err(db)?;
     Ok(l)
 }
 
@@ -320,6 +326,26 @@ mod tests {
         stop.cancel();
         tasks.listener.await.unwrap();
         tasks.recheck.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn notes_of_another_schema_are_not_heard() {
+        let Some(s) = Schema::new().await else { return };
+        let Some(elsewhere) = Schema::new().await else {
+            return;
+        };
+        let (l, feed) = listening(&s, loader(None), Duration::from_secs(3600));
+        let mut rx = feed.subscribe();
+        let stop = CancellationToken::new();
+        let _tasks = start(l, stop.clone()).await.unwrap();
+        send(&elsewhere, "other", Note::PolicyChanged).await;
+        send(&s, "other", Note::CardsDue).await;
+        let got = next(&mut rx).await;
+        assert!(
+            matches!(got, Change::CardsDue),
+            "another schema's note was heard: {got:?}"
+        );
+        stop.cancel();
     }
 
     #[tokio::test]
