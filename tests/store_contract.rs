@@ -1181,6 +1181,14 @@ async fn postgres_cards_are_claimed_by_one_store() {
     let lapsed = b.cards_due(2_000 + 30_000, 100).await.unwrap();
     assert_eq!(lapsed.len(), 39, "every card but the posted one");
     assert!(lapsed.iter().all(|c| c.request_id != posted));
+    // An outbox that starts (its process now leads) releases every claim
+    // at once: a card claimed by a leader that died is not held until the
+    // claim lapses.
+    let again = a.cards_due(40_000, 100).await.unwrap();
+    assert!(again.is_empty(), "B's claims hold: {}", again.len());
+    a.card_reconcile(CARDS).await.unwrap();
+    let released = a.cards_due(40_000, 100).await.unwrap();
+    assert_eq!(released.len(), 39, "released by the reconcile");
     a.close().await;
     b.close().await;
 }

@@ -408,11 +408,15 @@ pub trait AuditLog: Send + Sync + 'static {
 /// again, each in the transaction of the request's change.
 #[async_trait]
 pub trait Cards: Send + Sync + 'static {
-    /// After a restart: adds a row for every pending request without one,
-    /// and marks due every card whose message shows a stale state.
-    /// Returns how many rows changed.
+    /// When an outbox starts (after a restart, or on winning leadership):
+    /// adds a row for every pending request without one, marks due every
+    /// card whose message shows a stale state, and releases the claims an
+    /// earlier outbox held (see [`Cards::cards_due`]). Returns how many rows
+    /// were added or marked due.
     async fn card_reconcile(&self, channel_id: u64) -> StoreResult<u64>;
-    /// Due cards (`want > done`, `next_attempt_ms <= now_ms`), oldest deadline first.
+    /// Due cards (`want > done`, `next_attempt_ms <= now_ms`), oldest
+    /// deadline first. A store several processes share claims the cards it
+    /// returns for a while, so no two outboxes get the same card.
     async fn cards_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<CardRow>>;
     /// How many cards wait to be posted or edited (`want > done`), due now
     /// or later: the outbox backlog, for metrics.

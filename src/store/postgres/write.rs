@@ -576,6 +576,16 @@ pub(super) async fn prune_audit(tx: &mut Tx, cutoff: i64, now: i64) -> StoreResu
 }
 
 pub(super) async fn card_reconcile(tx: &mut Tx, channel: u64) -> StoreResult<u64> {
+    // Run when an outbox starts (this process just began to lead): claims
+    // left by an earlier leader (killed, or stepped down mid-batch) are
+    // released, so its cards are due now rather than when the claims expire.
+    sqlx::query(
+        "UPDATE discord_cards SET claimed_by = NULL, claim_until_ms = NULL \
+         WHERE claimed_by IS NOT NULL",
+    )
+    .execute(tx.conn())
+    .await
+    .map_err(db)?;
     let added = sqlx::query(
         "INSERT INTO discord_cards (request_id, channel_id, deadline_ms) \
          SELECT id, $1, deadline_ms FROM requests r WHERE r.state = 'pending' \
