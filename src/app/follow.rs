@@ -4,8 +4,9 @@
 //! [`Gateway::new`] starts one task that follows
 //! [`super::ports::Changes::subscribe`]:
 //! - `Resolved` wakes the agents waiting on the request and counts the
-//!   decision in the metrics: once per resolution,
-//!   whether this process, another one or a person at the database decided;
+//!   decision in the metrics, once per resolution this process made;
+//!   `DecidedElsewhere` (another replica decided) only wakes them, so the
+//!   replicas' metrics add up;
 //! - `PolicyChanged` refreshes the policy view (through a second task, so a
 //!   slow store never holds up waking waiters);
 //! - on `Lagged` (changes were missed) or `Resync` (another process's changes
@@ -44,6 +45,7 @@ async fn follow(gw: Weak<Gateway>, mut changes: broadcast::Receiver<Change>, pol
         let Some(gw) = gw.upgrade() else { break };
         match change {
             Ok(Change::Resolved(r)) => gw.resolved(&r),
+            Ok(Change::DecidedElsewhere(r)) => gw.waiters.wake(&r),
             Ok(Change::PolicyChanged) => policy.notify_one(),
             Ok(Change::Queued { .. } | Change::Voted { .. } | Change::CardsDue) => {}
             Err(RecvError::Lagged(missed)) => {

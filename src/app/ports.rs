@@ -511,8 +511,13 @@ pub enum Change {
     },
     /// A vote was recorded and the request still waits.
     Voted { id: RequestId },
-    /// A request reached its terminal state (vote, cancel or timeout).
+    /// A request reached its terminal state (vote, cancel or timeout)
+    /// through this process.
     Resolved(Arc<ApprovalRequest>),
+    /// Another process sharing the store decided a request: this process
+    /// wakes its waiters and updates its card, but counts it in no metric
+    /// (the deciding process does, so replicas' figures add up).
+    DecidedElsewhere(Arc<ApprovalRequest>),
     /// Grants, tool risks or paired users changed.
     PolicyChanged,
     /// Cards were marked due (a request changed, or a retry was brought forward).

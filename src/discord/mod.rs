@@ -418,6 +418,7 @@ async fn wake_on_changes(
                 Change::Queued { .. }
                 | Change::Voted { .. }
                 | Change::Resolved(_)
+                | Change::DecidedElsewhere(_)
                 | Change::CardsDue
                 | Change::Resync,
             )

@@ -7,8 +7,9 @@
 //! Notes from this store's own origin are skipped (their changes were
 //! published locally at commit). A `Resolved` note carries only the id: the
 //! request is re-read through the loader the store passes in (so this file
-//! knows nothing of the store's tables), and a read that fails becomes a
-//! `Resync`. Notifications are not queued for a connection that is down,
+//! knows nothing of the store's tables) and published as `DecidedElsewhere`
+//! (the deciding process counts it in its metrics), and a read that fails
+//! becomes a `Resync`. Notifications are not queued for a connection that is down,
 //! so when the connection comes back the feed gets a `Resync` (everyone
 //! re-reads), and a second task publishes a `Resync` every `recheck`
 //! anyway: a lost notification can delay a waiter or a revoke by at most
@@ -191,7 +192,7 @@ async fn change_of(note: Note, load: &Load) -> Option<Change> {
                 return Some(Change::Resync);
             };
             match load(rid).await {
-                Ok(Some(r)) if r.state.is_terminal() => Change::Resolved(Arc::new(r)),
+                Ok(Some(r)) if r.state.is_terminal() => Change::DecidedElsewhere(Arc::new(r)),
                 Ok(Some(_)) | Ok(None) => {
                     tracing::warn!(request.id = %rid, "a request resolved elsewhere does not read as decided; everyone re-reads");
                     Change::Resync
@@ -313,7 +314,7 @@ mod tests {
         )
         .await;
         match next(&mut rx).await {
-            Change::Resolved(r) => assert_eq!((r.id, r.state), (rid, State::Approved)),
+            Change::DecidedElsewhere(r) => assert_eq!((r.id, r.state), (rid, State::Approved)),
             other => panic!("expected Resolved, got {other:?}"),
         }
         send(&s, "other", Note::Voted { id: id.to_string() }).await;
