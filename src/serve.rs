@@ -274,7 +274,12 @@ pub async fn init_store(cfg: &Config) -> anyhow::Result<()> {
 pub async fn drop_store_schema(url: &str) -> anyhow::Result<()> {
     crate::store::postgres::drop_schema(url)
         .await
-        .with_context(|| format!("while dropping the schema of {}", crate::store::redact_url(url)))
+        .with_context(|| {
+            format!(
+                "while dropping the schema of {}",
+                crate::store::redact_url(url)
+            )
+        })
 }
 
 /// `keyturn db check`: the full integrity check, however long it takes

@@ -11,7 +11,8 @@ mod harness;
 use harness::fixture;
 use harness::pg;
 use keyturn::app::ports::{
-    AuditLog, Cards, Change, Inserted, PairedUser, PairingRefused, Requests, Store, StoreError,
+    AuditLog, Cards, Change, Inserted, PairedUser, PairingRefused, PolicyData, Requests, Store,
+    StoreError,
 };
 use keyturn::domain::audit::{events, AuditEvent};
 use keyturn::domain::pairing;
@@ -1200,4 +1201,84 @@ async fn postgres_max_pending_holds_across_stores() {
     assert_eq!(a.pending_counts().await.unwrap(), [("agent-a".into(), 10)]);
     a.close().await;
     b.close().await;
+}
+
+/// Each committed change is noted for the other processes, in its own
+/// transaction, with this store's origin; a write that changed nothing
+/// anyone follows, or failed, sends nothing.
+#[tokio::test]
+async fn postgres_notes_each_committed_change() {
+    use keyturn::store::postgres::notify::{self, Note};
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let store = pg_store(&schema, Some(CARDS)).await;
+    let mut listener = sqlx::postgres::PgListener::connect(&schema.url())
+        .await
+        .unwrap();
+    listener.listen(notify::CHANNEL).await.unwrap();
+    let r = request(95_000, 2, 100_000);
+    store
+        .insert_request(r.clone(), submitted(&r))
+        .await
+        .unwrap();
+    let e = next_note(&mut listener).await;
+    assert_eq!(e.origin, store.origin());
+    assert_eq!(
+        e.note,
+        Note::Queued {
+            id: r.id.to_string(),
+            agent: "agent-a".into(),
+            deadline_ms: 100_000
+        }
+    );
+    // Nothing for a call the policy decided, nor for a failed write.
+    let mut allowed = request(95_001, 1, 100_000);
+    allowed.state = State::Approved;
+    allowed.decided_by = Some(DecidedBy::Policy);
+    store.insert_request(allowed.clone(), vec![]).await.unwrap();
+    assert!(store.insert_request(allowed, vec![]).await.is_err());
+    store
+        .vote(r.id, vote("uid:1", true, 2_000), ADMIN)
+        .await
+        .unwrap()
+        .unwrap();
+    let id = r.id.to_string();
+    assert_eq!(
+        next_note(&mut listener).await.note,
+        Note::Voted { id: id.clone() }
+    );
+    store
+        .vote(r.id, vote("uid:2", true, 2_001), ADMIN)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next_note(&mut listener).await.note, Note::Resolved { id });
+    let g = Grant {
+        scope: "global".parse().unwrap(),
+        tool: "x".parse().unwrap(),
+        effect: Effect::Allow,
+        source: "store".into(),
+    };
+    let audit = events::grant_added(3_000, "uid:0", &g);
+    assert!(store
+        .add_grant(g, "uid:0".into(), 3_000, audit)
+        .await
+        .unwrap());
+    assert_eq!(next_note(&mut listener).await.note, Note::PolicyChanged);
+    store.card_retry_later(r.id, 1, 50_000).await.unwrap();
+    assert!(store.cards_retry_now(4_000).await.unwrap() > 0);
+    assert_eq!(next_note(&mut listener).await.note, Note::CardsDue);
+    store.close().await;
+}
+
+/// The next note heard, within 10 s.
+async fn next_note(
+    listener: &mut sqlx::postgres::PgListener,
+) -> keyturn::store::postgres::notify::Envelope {
+    let n = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("a note within 10 s")
+        .unwrap();
+    keyturn::store::postgres::notify::parse(n.payload()).expect("a note")
 }
