@@ -1222,7 +1222,7 @@ async fn postgres_notes_each_committed_change() {
         .insert_request(r.clone(), submitted(&r))
         .await
         .unwrap();
-    let e = next_note(&mut listener).await;
+    let e = next_note(&mut listener, &store).await;
     assert_eq!(e.origin, store.origin());
     assert_eq!(
         e.note,
@@ -1245,7 +1245,7 @@ async fn postgres_notes_each_committed_change() {
         .unwrap();
     let id = r.id.to_string();
     assert_eq!(
-        next_note(&mut listener).await.note,
+        next_note(&mut listener, &store).await.note,
         Note::Voted { id: id.clone() }
     );
     store
@@ -1253,7 +1253,10 @@ async fn postgres_notes_each_committed_change() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(next_note(&mut listener).await.note, Note::Resolved { id });
+    assert_eq!(
+        next_note(&mut listener, &store).await.note,
+        Note::Resolved { id }
+    );
     let g = Grant {
         scope: "global".parse().unwrap(),
         tool: "x".parse().unwrap(),
@@ -1265,20 +1268,31 @@ async fn postgres_notes_each_committed_change() {
         .add_grant(g, "uid:0".into(), 3_000, audit)
         .await
         .unwrap());
-    assert_eq!(next_note(&mut listener).await.note, Note::PolicyChanged);
+    assert_eq!(
+        next_note(&mut listener, &store).await.note,
+        Note::PolicyChanged
+    );
     store.card_retry_later(r.id, 1, 50_000).await.unwrap();
     assert!(store.cards_retry_now(4_000).await.unwrap() > 0);
-    assert_eq!(next_note(&mut listener).await.note, Note::CardsDue);
+    assert_eq!(next_note(&mut listener, &store).await.note, Note::CardsDue);
     store.close().await;
 }
 
-/// The next note heard, within 10 s.
+/// The next note from `store` heard, within 10 s. Notifications are
+/// database-wide: stores of other tests (in other schemas) are heard too,
+/// and skipped by their origin.
 async fn next_note(
     listener: &mut sqlx::postgres::PgListener,
+    store: &PgStore,
 ) -> keyturn::store::postgres::notify::Envelope {
-    let n = tokio::time::timeout(Duration::from_secs(10), listener.recv())
-        .await
-        .expect("a note within 10 s")
-        .unwrap();
-    keyturn::store::postgres::notify::parse(n.payload()).expect("a note")
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+            .await
+            .expect("a note within 10 s")
+            .unwrap();
+        let e = keyturn::store::postgres::notify::parse(n.payload()).expect("a note");
+        if e.origin == store.origin() {
+            return e;
+        }
+    }
 }

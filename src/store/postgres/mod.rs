@@ -14,6 +14,8 @@ pub mod notify;
 mod write;
 mod writer;
 
+pub use writer::MAX_SAVEPOINTS;
+
 use crate::app::ports::{
     AuditLog, CardRow, Cards, Change, Changes, Feed, Inserted, KeyHolder, PairedAudit, PairedUser,
     PairingRefused, Pairings, PendingPairing, PolicyData, Pruned, Requests, Store, StoreError,
@@ -46,8 +48,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `cards_due` claims the cards it returns for this store.
 pub const CARD_CLAIM: Duration = Duration::from_secs(30);
-/// Read connections per store.
-const READ_CONNECTIONS: u32 = 8;
+/// Read connections per store (as the SQLite store's readers: the hot
+/// path's reads are served from memory).
+const READ_CONNECTIONS: u32 = 4;
 /// Write connections per store: the writer uses one at a time (a second
 /// lets a batch's writes rerun alone while the first is being replaced).
 const WRITE_CONNECTIONS: u32 = 2;
@@ -55,7 +58,7 @@ const WRITE_CONNECTIONS: u32 = 2;
 /// How to open a [`PgStore`].
 #[derive(Debug, Clone)]
 pub struct PgOptions {
-    /// Most writes committed together.
+    /// Most writes committed together (at most [`MAX_SAVEPOINTS`]).
     pub max_batch: usize,
     /// The channel of the Discord card outbox (see the SQLite store's `Options`).
     pub cards: Option<u64>,

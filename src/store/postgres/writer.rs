@@ -43,12 +43,20 @@ pub(super) struct Started {
     pub done: oneshot::Receiver<()>,
 }
 
+/// Writes per transaction at most, whatever `store.max_batch` says: each
+/// runs in a savepoint (a subtransaction), and PostgreSQL keeps at most 64
+/// of a transaction's subtransaction ids in shared memory; past that,
+/// every other session's snapshot must look them up on disk while the
+/// transaction runs.
+pub const MAX_SAVEPOINTS: usize = 64;
+
 /// Starts the writer task on `pool` (already migrated).
 pub(super) fn start(pool: PgPool, origin: Arc<str>, max_batch: usize) -> Started {
     let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
     let (done_tx, done) = oneshot::channel();
+    let max_batch = max_batch.clamp(1, MAX_SAVEPOINTS);
     tokio::spawn(async move {
-        run(&pool, rx, max_batch.max(1), &origin).await;
+        run(&pool, rx, max_batch, &origin).await;
         pool.close().await;
         let _ = done_tx.send(());
     });
