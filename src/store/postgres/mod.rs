@@ -51,9 +51,6 @@ pub const CARD_CLAIM: Duration = Duration::from_secs(30);
 /// Read connections per store (as the SQLite store's readers: the hot
 /// path's reads are served from memory).
 const READ_CONNECTIONS: u32 = 4;
-/// Write connections per store: the writer uses one at a time (a second
-/// lets a batch's writes rerun alone while the first is being replaced).
-const WRITE_CONNECTIONS: u32 = 2;
 
 /// How to open a [`PgStore`].
 #[derive(Debug, Clone)]
@@ -180,9 +177,12 @@ impl PgStore {
             PgPoolOptions::new()
                 .max_connections(n)
                 .acquire_timeout(CONNECT_TIMEOUT)
+                // A connection is pinged when it goes back to the pool
+                // (dropped there if dead): not again on the way out.
+                .test_before_acquire(false)
                 .connect_lazy_with(connect.clone())
         };
-        let writes = pool(WRITE_CONNECTIONS);
+        let writes = pool(writer::WRITE_CONNECTIONS);
         MIGRATOR
             .run(&writes)
             .await
