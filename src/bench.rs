@@ -7,6 +7,9 @@
 //! 2. Approval wake-up: an agent waits on a pending request, an admin
 //!    approves; reports the time from the approval's reply (its commit) to
 //!    the agent receiving the decision.
+//! 3. With `--replicas N` on PostgreSQL: N servers on the same schema; the
+//!    load spread over them, an agent on one woken by an approval through
+//!    another, and the time until another leads once the leader stops.
 
 use crate::config::Config;
 use crate::ipc::client::Client;
@@ -24,6 +27,11 @@ pub struct BenchOptions {
     pub wakeups: usize,
     /// Pending requests to create, then reload and expire after a restart.
     pub pending: usize,
+    /// With a PostgreSQL store: then run this many replicas on it (2 or
+    /// more) and measure the load spread over them, the wake-up of an
+    /// agent on one by an approval through another, and the leader's
+    /// takeover.
+    pub replicas: usize,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -62,8 +70,10 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
     ran
 }
 
-async fn run_on(o: &BenchOptions, dir: &std::path::Path, store: &str) -> anyhow::Result<()> {
-    let text = format!(
+/// The bench server's config on `store`, its sockets named after `name`
+/// in `dir` (each replica has its own).
+fn config_text(dir: &std::path::Path, store: &str, name: &str) -> String {
+    format!(
         r#"
 [server]
 socket_path = "{sock}"
@@ -91,10 +101,14 @@ tool = "fast_read"
 scope = "global"
 tool = "gated"
 "#,
-        sock = dir.join("bench.sock").display(),
-        admin_sock = dir.join("bench-admin.sock").display(),
+        sock = dir.join(format!("{name}.sock")).display(),
+        admin_sock = dir.join(format!("{name}-admin.sock")).display(),
         store = toml::Value::String(store.to_string()),
-    );
+    )
+}
+
+async fn run_on(o: &BenchOptions, dir: &std::path::Path, store: &str) -> anyhow::Result<()> {
+    let text = config_text(dir, store, "bench");
     let cfg = Config::parse(&text).map_err(anyhow::Error::msg)?;
     cfg.validate()?;
     println!("== store: {}", crate::serve::store_name(&cfg));
@@ -103,57 +117,7 @@ tool = "gated"
     let (stop, server) = start(&text).await?;
 
     println!("== policy-decided calls: {} clients for {} s (each committed to the audit log before its reply)", o.clients, o.seconds);
-    let until = Instant::now() + Duration::from_secs(o.seconds);
-    let mut tasks = Vec::new();
-    for c in 0..o.clients {
-        let sock = sock.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut client = Client::connect(&sock).await?;
-            let mut lat = Vec::with_capacity(100_000);
-            let mut i = 0u64;
-            while Instant::now() < until {
-                let tool = if i % 2 == 0 {
-                    "fast_read"
-                } else {
-                    "not_allowed"
-                };
-                let t = Instant::now();
-                let v = client
-                    .call(
-                        "submit",
-                        json!({"agent": "bench", "tool": tool, "args": {"client": c, "i": i}}),
-                    )
-                    .await?;
-                lat.push(t.elapsed());
-                anyhow::ensure!(
-                    v["state"] == if i % 2 == 0 { "approved" } else { "denied" },
-                    "unexpected {v}"
-                );
-                i += 1;
-            }
-            anyhow::Ok(lat)
-        }));
-    }
-    let started = Instant::now();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await??);
-    }
-    let elapsed = started.elapsed();
-    all.sort();
-    println!(
-        "calls: {}  throughput: {:.0}/s",
-        all.len(),
-        all.len() as f64 / elapsed.as_secs_f64()
-    );
-    println!(
-        "latency: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
-        ms(percentile(&all, 0.5)),
-        ms(percentile(&all, 0.9)),
-        ms(percentile(&all, 0.99)),
-        ms(percentile(&all, 0.999)),
-        ms(*all.last().unwrap_or(&Duration::ZERO))
-    );
+    policy_load(std::slice::from_ref(&sock), o.clients, o.seconds).await?;
 
     println!("== approval wake-up: {} rounds", o.wakeups);
     let mut admin = Client::connect(&admin_sock).await?;
@@ -203,10 +167,189 @@ tool = "gated"
     stop.cancel();
     server.await??;
 
+    if o.replicas >= 2 {
+        replicas_phase(o, dir, store).await?;
+    }
     if o.pending > 0 {
         pending_phase(&text, &sock, &admin_sock, o.pending, o.clients).await?;
     }
     Ok(())
+}
+
+/// `clients` concurrent clients (spread over `socks`, one replica each)
+/// submit calls the policy decides alone for `seconds`; prints throughput
+/// and latency.
+async fn policy_load(
+    socks: &[std::path::PathBuf],
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let sock = socks[c % socks.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect(&sock).await?;
+            let mut lat = Vec::with_capacity(100_000);
+            let mut i = 0u64;
+            while Instant::now() < until {
+                let tool = if i % 2 == 0 {
+                    "fast_read"
+                } else {
+                    "not_allowed"
+                };
+                let t = Instant::now();
+                let v = client
+                    .call(
+                        "submit",
+                        json!({"agent": "bench", "tool": tool, "args": {"client": c, "i": i}}),
+                    )
+                    .await?;
+                lat.push(t.elapsed());
+                anyhow::ensure!(
+                    v["state"] == if i % 2 == 0 { "approved" } else { "denied" },
+                    "unexpected {v}"
+                );
+                i += 1;
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let elapsed = started.elapsed();
+    all.sort();
+    println!(
+        "calls: {}  throughput: {:.0}/s",
+        all.len(),
+        all.len() as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "latency: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+        ms(percentile(&all, 0.5)),
+        ms(percentile(&all, 0.9)),
+        ms(percentile(&all, 0.99)),
+        ms(percentile(&all, 0.999)),
+        ms(*all.last().unwrap_or(&Duration::ZERO))
+    );
+    Ok(())
+}
+
+/// Several replicas on one PostgreSQL schema (in this process, each with
+/// its own store, sockets and leadership connection, as separate processes
+/// would have).
+async fn replicas_phase(
+    o: &BenchOptions,
+    dir: &std::path::Path,
+    store: &str,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        store.starts_with("postgres"),
+        "--replicas needs a postgres:// --store (a SQLite file has one process)"
+    );
+    let n = o.replicas;
+    println!("== {n} replicas on one database");
+    let mut replicas = Vec::new();
+    for r in 0..n {
+        let text = config_text(dir, store, &format!("replica{r}"));
+        let cfg = Config::parse(&text).map_err(anyhow::Error::msg)?;
+        let (stop, server) = start(&text).await?;
+        replicas.push((cfg.server.socket_path, cfg.admin.socket_path, stop, server));
+    }
+    let socks: Vec<_> = replicas.iter().map(|r| r.0.clone()).collect();
+    println!(
+        "policy-decided calls: {} clients spread over {n} replicas for {} s",
+        o.clients, o.seconds
+    );
+    policy_load(&socks, o.clients, o.seconds).await?;
+
+    println!("approval wake-up across replicas: {} rounds (agent on replica 0, approval through replica 1)", o.wakeups);
+    let mut admin = Client::connect(&replicas[1].1).await?;
+    let mut watch = Client::connect(&replicas[0].1).await?;
+    let mut after_commit = Vec::new();
+    for _ in 0..o.wakeups {
+        let r = watch
+            .call(
+                "submit",
+                json!({"agent": "bench", "tool": "gated", "args": {}, "wait": false}),
+            )
+            .await?;
+        let id = r["request_id"].as_str().unwrap_or_default().to_string();
+        let mut agent = Client::connect(&replicas[0].0).await?;
+        let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+        let wid = id.clone();
+        tokio::spawn(async move {
+            let v = agent
+                .call("wait", json!({"agent": "bench", "id": wid}))
+                .await;
+            let _ = got_tx.send((Instant::now(), v));
+        });
+        // Approve only once the agent waits on replica 0.
+        while watch.call("stats", json!({})).await?["waiting"] != 1 {
+            tokio::task::yield_now().await;
+        }
+        admin.call("approve", json!({"id": id})).await?;
+        let t1 = Instant::now();
+        let (t2, v) = got_rx.await?;
+        anyhow::ensure!(v?["state"] == "approved", "waiter did not see the approval");
+        after_commit.push(t2.saturating_duration_since(t1));
+    }
+    after_commit.sort();
+    println!(
+        "approve committed on replica 1 -> agent on replica 0 has decision: p50 {}  p90 {}  p99 {}  max {}",
+        ms(percentile(&after_commit, 0.5)),
+        ms(percentile(&after_commit, 0.9)),
+        ms(percentile(&after_commit, 0.99)),
+        ms(*after_commit.last().unwrap_or(&Duration::ZERO))
+    );
+
+    let leader = match leader_of(&replicas).await? {
+        Some(i) => i,
+        None => anyhow::bail!("no replica leads"),
+    };
+    let (_, _, stop, server) = replicas.remove(leader);
+    let t0 = Instant::now();
+    stop.cancel();
+    let deadline = t0 + Duration::from_secs(30);
+    let next = loop {
+        if let Some(i) = leader_of(&replicas).await? {
+            break i;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "nobody took over within 30 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    println!(
+        "leader (replica {leader}) told to stop -> replica {} leads: {}",
+        if next >= leader { next + 1 } else { next },
+        ms(t0.elapsed()),
+    );
+    server.await??;
+    for (_, _, stop, server) in replicas {
+        stop.cancel();
+        server.await??;
+    }
+    Ok(())
+}
+
+/// The index of the replica whose health says it leads, if one does.
+async fn leader_of(
+    replicas: &[(
+        std::path::PathBuf,
+        std::path::PathBuf,
+        CancellationToken,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )],
+) -> anyhow::Result<Option<usize>> {
+    for (i, r) in replicas.iter().enumerate() {
+        let mut c = Client::connect(&r.1).await?;
+        if c.call("health", json!({})).await?["role"] == "leader" {
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
 }
 
 /// Starts the server on `text`'s config; returns its stop token and task.

@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::ipc::answers::{
     AuditAnswer, ChainAnswer, ChangedAnswer, CheckAnswer, EffectiveAnswer, FlagAnswer,
     HealthAnswer, PairedAnswer, PairingCodeIssued, PairingsAnswer, PendingAnswer, PruneAnswer,
-    ToolRiskAnswer, ToolsAnswer, VerifyAnswer, VoteAnswer,
+    TokenAnswer, TokenIssued, ToolRiskAnswer, ToolsAnswer, VerifyAnswer, VoteAnswer,
 };
 use crate::ipc::client::Client;
 use crate::ipc::protocol::DecisionView;
@@ -46,6 +46,19 @@ struct Conn {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Agent subcommands: reach Keyturn over TCP instead of the agent
+    /// socket: keyturn+tls://HOST:PORT (or keyturn+tcp://127.0.0.1:PORT on
+    /// this host), authenticated with the bearer token in KEYTURN_TOKEN.
+    /// Admin subcommands always use the admin socket.
+    #[arg(long, global = true, env = "KEYTURN_URL")]
+    url: Option<String>,
+    /// The variable holding the bearer token for --url (default KEYTURN_TOKEN).
+    #[arg(long, global = true, value_name = "NAME")]
+    token_env: Option<String>,
+    /// CA certificate (PEM) to trust for keyturn+tls:// (self-signed
+    /// deployments); default: KEYTURN_CA, else the public web roots.
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -245,6 +258,13 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Agents' bearer tokens for connections over TCP (admin).
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Measure throughput and latency against an in-process server.
     Bench {
         /// The store to measure (default: a SQLite file in a temp
@@ -264,6 +284,11 @@ enum Command {
         /// Then create this many pending requests, restart, and time their expiry.
         #[arg(long, default_value_t = 0)]
         pending: usize,
+        /// With a postgres:// store: also run this many replicas on it and
+        /// measure the load spread over them, an agent's wake-up by an
+        /// approval through another replica, and the leader's takeover.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
     },
     /// Check that arguments are exactly those a request was approved with
     /// (exit 0 when they match and it is approved, 1 otherwise).
@@ -388,6 +413,41 @@ enum PairingCmd {
 }
 
 #[derive(Subcommand)]
+enum TokenCmd {
+    /// Issue a token for a configured agent; it is printed once, here, and
+    /// stored only hashed.
+    Issue {
+        /// The agent the token acts as.
+        #[arg(long)]
+        agent: String,
+        /// Stop working after this long (`30d`, `12h`); default: never.
+        #[arg(long, value_parser = crate::config::parse_duration)]
+        expires: Option<std::time::Duration>,
+    },
+    /// Issue a new token for an agent; its other live tokens keep working
+    /// for the overlap only.
+    Rotate {
+        /// The agent whose token is rotated.
+        #[arg(long)]
+        agent: String,
+        /// How long the agent's other tokens keep working.
+        #[arg(long, value_parser = crate::config::parse_duration, default_value = "1h")]
+        overlap: std::time::Duration,
+        /// The new token stops working after this long; default: never.
+        #[arg(long, value_parser = crate::config::parse_duration)]
+        expires: Option<std::time::Duration>,
+    },
+    /// Revoke a token at once: it is refused from now on, and connections
+    /// using it are closed.
+    Revoke {
+        /// The token's id (from `keyturn token list`).
+        id: String,
+    },
+    /// Every token: id, agent, created, expires, revoked (never a secret).
+    List,
+}
+
+#[derive(Subcommand)]
 enum AuditCmd {
     /// The newest entries.
     Tail {
@@ -500,8 +560,27 @@ impl Conn {
         Ok(PathBuf::from("keyturn.sock"))
     }
 
+    /// Where agent subcommands ask: `--url` when given, else the agent socket.
+    fn endpoint(&self) -> anyhow::Result<crate::integrations::Endpoint> {
+        use crate::integrations::Endpoint;
+        match self.url.as_deref().filter(|u| !u.is_empty()) {
+            Some(u) => Ok(Endpoint::Tcp(
+                crate::ipc::tcp_endpoint::TcpTarget::from_env(
+                    u,
+                    self.token_env.as_deref(),
+                    self.ca.as_deref(),
+                )
+                .map_err(anyhow::Error::msg)?,
+            )),
+            None => Ok(Endpoint::Socket(self.socket_path()?)),
+        }
+    }
+
     async fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::connect(&self.socket_path()?).await?)
+        match self.endpoint()? {
+            crate::integrations::Endpoint::Tcp(t) => Ok(Client::connect_tcp(&t).await?),
+            crate::integrations::Endpoint::Socket(p) => Ok(Client::connect(&p).await?),
+        }
     }
 
     fn admin_socket_path(&self) -> anyhow::Result<PathBuf> {
@@ -585,6 +664,9 @@ fn health_text(h: &HealthAnswer) -> String {
         if let Some(d) = &c.detail {
             out.push_str(&format!(": {}", printable(d)));
         }
+    }
+    if let Some(role) = &h.role {
+        out.push_str(&format!("\n  role: {}", printable(role)));
     }
     out
 }
@@ -765,6 +847,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             cfg.check_uids(nix::unistd::getuid().as_raw())?;
+            // The TCP listener's certificate and key, read as `serve` will.
+            crate::serve::check_tcp(&cfg)?;
             if let Some(w) = cfg.check_file_permissions(&config)? {
                 crate::errln!("keyturn: WARNING: {w}");
             }
@@ -813,7 +897,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let mut client = conn.client().await?;
             let _notice = (!no_wait).then(|| {
                 crate::integrations::PendingNotice::start(
-                    conn.socket_path().unwrap_or_default(),
+                    conn.endpoint()
+                        .unwrap_or_else(|_| crate::integrations::Endpoint::Socket(PathBuf::new())),
                     p.clone(),
                     crate::integrations::NOTICE_AFTER,
                 )
@@ -952,12 +1037,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Pairing { cmd, conn } => pairing_cmd(&conn, cmd).await,
         Command::Audit { cmd, conn } => audit_cmd(&conn, cmd).await,
+        Command::Token { cmd, conn } => token_cmd(&conn, cmd).await,
         Command::Bench {
             store,
             clients,
             seconds,
             wakeups,
             pending,
+            replicas,
         } => {
             crate::bench::run(crate::bench::BenchOptions {
                 store,
@@ -965,6 +1052,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 seconds,
                 wakeups,
                 pending,
+                replicas,
             })
             .await?;
             Ok(0)
@@ -1136,6 +1224,83 @@ async fn tools(conn: &Conn, cmd: ToolsCmd) -> anyhow::Result<u8> {
             });
         }
     }
+    Ok(0)
+}
+
+/// A time in epoch ms as UTC text, or `never`.
+fn when(ms: Option<i64>) -> String {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|| "never".into())
+}
+
+async fn token_cmd(conn: &Conn, cmd: TokenCmd) -> anyhow::Result<u8> {
+    let secs = |d: Option<std::time::Duration>| d.map(|d| d.as_secs().max(1));
+    let mut c = conn.admin_client().await?;
+    let (method, params) = match cmd {
+        TokenCmd::Issue { agent, expires } => (
+            "token.issue",
+            json!({"agent": agent, "expires_secs": secs(expires)}),
+        ),
+        TokenCmd::Rotate {
+            agent,
+            overlap,
+            expires,
+        } => (
+            "token.rotate",
+            json!({"agent": agent, "expires_secs": secs(expires), "overlap_secs": overlap.as_secs()}),
+        ),
+        TokenCmd::Revoke { id } => ("token.revoke", json!({"id": id})),
+        TokenCmd::List => ("token.list", json!({})),
+    };
+    let v = c.call(method, params).await?;
+    let text = match method {
+        "token.issue" | "token.rotate" => {
+            let t: TokenIssued = read(&v)?;
+            let mut out = format!(
+                "token {} for agent {} (expires {}); it is shown only now:\n{}",
+                t.id,
+                t.agent,
+                when(t.expires_ms),
+                t.token
+            );
+            if let Some(at) = t.others_expire_ms {
+                out.push_str(&format!(
+                    "\n{} other token(s) of agent {} stop working at {}",
+                    t.others,
+                    t.agent,
+                    when(Some(at))
+                ));
+            }
+            out
+        }
+        "token.revoke" => {
+            let t: TokenAnswer = read(&v)?;
+            format!("revoked token {} of agent {}", t.id, t.agent)
+        }
+        _ => {
+            let list: Vec<TokenAnswer> = read(&v)?;
+            if list.is_empty() {
+                "no tokens".into()
+            } else {
+                list.iter()
+                    .map(|t| {
+                        format!(
+                            "{}  agent={}  created={} by {}  expires={}  revoked={}",
+                            t.id,
+                            t.agent,
+                            when(Some(t.created_ms)),
+                            printable(&t.created_by),
+                            when(t.expires_ms),
+                            t.revoked_ms.map_or("no".into(), |r| when(Some(r)))
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+        }
+    };
+    show(conn.json, &v, &text, |t| t.clone());
     Ok(0)
 }
 

@@ -123,6 +123,8 @@ pub struct Config {
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
+    pub tcp: TcpConfig,
+    #[serde(default)]
     pub log: LogConfig,
     /// Keys whose secret is written in the file itself (not from the
     /// environment): such a file must not be readable by others.
@@ -197,6 +199,99 @@ impl MetricsConfig {
     }
 }
 
+/// The optional TCP listener for agents on other hosts (off by default):
+/// the agent socket's protocol, each connection authenticated by an agent's
+/// bearer token, over TLS unless bound to loopback.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    /// Address to listen on, e.g. `127.0.0.1:7443` or `0.0.0.0:7443`.
+    /// Unset: no TCP listener.
+    pub listen: Option<String>,
+    /// TLS certificate chain (PEM). Required, with `tls_key`, unless
+    /// `listen` is a loopback address.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Open connections from one IP address.
+    pub max_connections_per_ip: usize,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            max_connections_per_ip: 64,
+        }
+    }
+}
+
+/// Where the TCP listener's TLS certificate and key are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TcpConfig {
+    /// The listen address and the TLS files (`None`: plaintext, loopback
+    /// only), or `None` when there is no TCP listener. Refuses a
+    /// non-loopback address without TLS, and half a TLS setting.
+    pub fn listener(
+        &self,
+    ) -> Result<Option<(std::net::SocketAddr, Option<TlsFiles>)>, ConfigError> {
+        let Some(raw) = &self.listen else {
+            if self.tls_cert.is_some() || self.tls_key.is_some() {
+                return Err(invalid(
+                    "tcp.listen",
+                    "tcp.tls_cert or tcp.tls_key is set but tcp.listen is not: set the address to listen on, or remove the TLS keys",
+                ));
+            }
+            return Ok(None);
+        };
+        let addr: std::net::SocketAddr = raw.parse().map_err(|_| {
+            invalid(
+                "tcp.listen",
+                format!("`{raw}` is not an IP address and port, e.g. 0.0.0.0:7443"),
+            )
+        })?;
+        if self.max_connections_per_ip == 0 {
+            return Err(invalid("tcp.max_connections_per_ip", "must be at least 1"));
+        }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tcp.tls_key",
+                    "tcp.tls_cert is set but tcp.tls_key is not: TLS needs both (PEM files)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tcp.tls_cert",
+                    "tcp.tls_key is set but tcp.tls_cert is not: TLS needs both (PEM files)",
+                ))
+            }
+        };
+        if tls.is_none() && !addr.ip().is_loopback() {
+            return Err(invalid(
+                "tcp.listen",
+                format!(
+                    "`{raw}` is not a loopback address, so tcp.tls_cert and tcp.tls_key are required: \
+                     without TLS, agents' bearer tokens would cross the network in clear"
+                ),
+            ));
+        }
+        Ok(Some((addr, tls)))
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -268,6 +363,12 @@ pub struct StoreConfig {
     /// Group (name or gid) that may read and write the database files
     /// (mode 0660). Unset: owner only (0600).
     pub group: Option<String>,
+    /// How often a store shared by several processes re-reads what others
+    /// may have changed (waiters, pending counts, the policy view, due
+    /// deadlines), whatever notifications said: the bound on how long a
+    /// lost notification can leave a waiter stranded or a revoked grant
+    /// in force here. Unused by SQLite.
+    pub recheck: Dur,
 }
 
 impl Default for StoreConfig {
@@ -277,6 +378,7 @@ impl Default for StoreConfig {
             sqlite_synchronous: "normal".into(),
             max_batch: 512,
             group: None,
+            recheck: Dur(Duration::from_secs(1)),
         }
     }
 }
@@ -844,6 +946,14 @@ impl Config {
         if self.admin.socket_path.is_relative() {
             self.admin.socket_path = base.join(&self.admin.socket_path);
         }
+        for p in [&mut self.tcp.tls_cert, &mut self.tcp.tls_key]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
         if let Some(rest) = self.store.url.strip_prefix("sqlite://") {
             let p = Path::new(rest);
             if p.is_relative() && rest != ":memory:" {
@@ -877,6 +987,7 @@ impl Config {
             validate_socket(section, path, mode, group)?;
         }
         self.metrics.listen_addr()?;
+        self.tcp.listener()?;
         if s.socket_path == self.admin.socket_path {
             return Err(invalid(
                 "admin.socket_path",
@@ -939,6 +1050,9 @@ impl Config {
                     format!("`{}`: {STORE_SCHEMES}", self.store.url),
                 ));
             }
+        }
+        if self.store.recheck.0.is_zero() {
+            return Err(invalid("store.recheck", "must be greater than 0"));
         }
         if !["normal", "full"].contains(&self.store.sqlite_synchronous.as_str()) {
             return Err(invalid(
@@ -1401,6 +1515,17 @@ mod tests {
         let c = Config::parse("").unwrap();
         assert_eq!(c.server.shutdown_drain.0, Duration::from_secs(5));
         assert_eq!(c.server.idle_timeout.0, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn the_store_recheck_is_positive() {
+        assert!(err("[store]\nrecheck = \"0s\"").contains("store.recheck"));
+        assert_eq!(
+            Config::parse("").unwrap().store.recheck.0,
+            Duration::from_secs(1)
+        );
+        let c = Config::parse("[store]\nrecheck = \"250ms\"").unwrap();
+        assert_eq!(c.store.recheck.0, Duration::from_millis(250));
     }
 
     #[test]

@@ -117,6 +117,7 @@ async fn metrics_text(State(m): State<Arc<Monitor>>) -> Response {
         pending: pending.map(|n| n as i64),
         backlog,
         discord: m.discord.as_ref().map(ConnectionStatus::get),
+        leading: m.probe.leading(),
     };
     let mut registry = Registry::default();
     registry.register_collector(Box::new(snapshot));
@@ -138,6 +139,8 @@ struct Snapshot {
     /// Only with Discord configured (and readable).
     backlog: Option<u64>,
     discord: Option<ConnectionState>,
+    /// Whether this process leads the processes sharing the store.
+    leading: bool,
 }
 
 impl Collector for Snapshot {
@@ -195,6 +198,18 @@ impl Collector for Snapshot {
         e.encode_family(&[("socket", "admin")])?
             .encode_gauge(&admin)?;
 
+        let mut e = enc.encode_descriptor(
+            "keyturn_role",
+            "This process's role among those sharing the store: 1 for the current one",
+            None,
+            MetricType::Gauge,
+        )?;
+        for leading in [true, false] {
+            let v: i64 = (self.leading == leading).into();
+            e.encode_family(&[("role", crate::app::health::role(leading))])?
+                .encode_gauge(&v)?;
+        }
+
         if let Some(n) = self.backlog {
             enc.encode_descriptor(
                 "keyturn_discord_outbox_backlog",
@@ -211,7 +226,7 @@ impl Collector for Snapshot {
                 None,
                 MetricType::Gauge,
             )?;
-            for name in ["connected", "connecting", "failed"] {
+            for name in ConnectionState::NAMES {
                 let v: i64 = (state.as_str() == name).into();
                 e.encode_family(&[("state", name)])?.encode_gauge(&v)?;
             }

@@ -1,23 +1,32 @@
 //! `keyturn serve`: wire the store, the gateway, the scheduler and the two
 //! sockets (agent and admin) together, and shut them down in order.
 //!
+//! When several processes share the store, only the one that leads runs
+//! the Discord bot, the card outbox, the deadline sweep and retention
+//! (started when it wins leadership, cancelled the moment it loses it);
+//! every process serves both sockets in full.
+//!
 //! With `src/main.rs`, the composition root: the one place outside
 //! `src/store` that names the store adapter (opening it for `serve`,
 //! `init` and `db check`); everything else reaches persistence through the
 //! app's ports.
 
-use crate::app::health::HealthProbe;
+use crate::app::connection::ConnectionStatus;
+use crate::app::health::{role, HealthProbe};
+use crate::app::now_ms;
 use crate::app::ports::Store;
 use crate::app::{retention, scheduler, Gateway};
 use crate::config::Config;
 use crate::ipc::handler::Handler;
 use crate::ipc::server::{self, SocketOptions};
+use crate::ipc::tcp;
 use crate::store::check;
 use crate::store::files::{self, Access, Create};
 use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Runs until SIGINT or SIGTERM (a second signal exits at once); SIGHUP is
@@ -70,22 +79,51 @@ async fn run_inner(
         Some(addr) => Some(crate::monitor::bind(addr).await?),
         None => None,
     };
+    // The TCP listener's certificate and key are read now: an unreadable
+    // or invalid one fails the start, naming the key.
+    let tcp_listener = match cfg.tcp.listener()? {
+        Some((addr, files)) => {
+            let tls = files.as_ref().map(tcp::load_tls).transpose()?;
+            Some((tcp::bind(addr).await?, tls))
+        }
+        None => None,
+    };
 
-    // The bot starts before the socket is bound, so a bad token, an unknown
-    // channel or missing permissions fail `serve` at once, leaving nothing
-    // behind. An unreachable Discord does not: the bot keeps connecting in
-    // the background and `discord_status` shows where it stands.
-    let bot = if cfg.discord_enabled() {
-        Some(
-            crate::discord::start(gw.clone(), &stop)
+    // Only the process that leads those sharing the store runs the Discord
+    // bot (with the card outbox), the deadline sweep and retention; a store
+    // one process uses always leads. Its first answer is awaited briefly,
+    // so a leader starts the bot before the socket is bound, like a lone
+    // process: a bad token, an unknown channel or missing permissions then
+    // fail `serve` at once, leaving nothing behind. An unreachable Discord
+    // does not: the bot keeps connecting in the background and
+    // `discord_status` shows where it stands.
+    let mut lead = gw.leadership();
+    let leading = first_answer(&mut lead).await;
+    tracing::info!(
+        role = role(leading),
+        "{}",
+        if leading {
+            "this process leads"
+        } else {
+            "another process leads; this one follows"
+        }
+    );
+    // Read by health reports and metrics; kept across the bot's restarts.
+    let discord_status = cfg
+        .discord_enabled()
+        .then(|| ConnectionStatus::new(now_ms()));
+    let bot = match &discord_status {
+        Some(status) if leading => Some(
+            crate::discord::start(gw.clone(), &stop, status.clone())
                 .await
                 .context("while starting the Discord bot")?,
-        )
-    } else {
-        None
+        ),
+        Some(status) => {
+            status.standby(now_ms());
+            None
+        }
+        None => None,
     };
-    // Read by health reports and metrics.
-    let discord_status = bot.as_ref().map(crate::discord::Bot::status);
 
     let opts = SocketOptions {
         path: cfg.server.socket_path.clone(),
@@ -124,8 +162,16 @@ async fn run_inner(
     // The scheduler and retention outlive the sockets' drain: a request's
     // deadline still expires it while calls in flight finish.
     let background = CancellationToken::new();
-    let sched = tokio::spawn(scheduler::run(gw.clone(), background.clone()));
-    let retention = tokio::spawn(retention::run(gw.clone(), background.clone()));
+    let duties = tokio::spawn(follow_leadership(
+        Leading {
+            gw: gw.clone(),
+            status: discord_status.clone(),
+            stop: stop.clone(),
+            background: background.clone(),
+        },
+        lead,
+        leading.then(|| Duties::start(&gw, &background, bot)),
+    ));
 
     tracing::info!(
         socket = %opts.path.display(),
@@ -141,6 +187,18 @@ async fn run_inner(
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
+        if let Some((l, tls)) = &tcp_listener {
+            let addr = l
+                .local_addr()
+                .context("while reading the TCP listener's address")?;
+            let scheme = if tls.is_some() {
+                "keyturn+tls"
+            } else {
+                "keyturn+tcp"
+            };
+            tracing::info!(%addr, tls = tls.is_some(), "agents may connect over TCP");
+            let _ = writeln!(out, "keyturn: tcp on {scheme}://{addr}");
+        }
         let _ = writeln!(out, "keyturn: listening on {}", opts.path.display());
         let _ = out.flush();
     }
@@ -172,23 +230,144 @@ async fn run_inner(
     };
 
     let handler = Arc::new(Handler::new(gw.clone()).with_discord(discord_status));
+    let tcp_served = async {
+        let Some((l, tls)) = tcp_listener else { return };
+        let Ok(addr) = l.local_addr() else { return };
+        let t = tcp::TcpOptions {
+            addr,
+            tls,
+            max_connections_per_ip: cfg.tcp.max_connections_per_ip,
+            socket: opts.clone(),
+        };
+        tcp::serve(l, t, handler.clone(), stop.clone()).await
+    };
     tokio::join!(
-        server::serve(listener, opts, handler.clone(), stop.clone()),
-        server::serve(admin_listener, admin_opts, handler, stop.clone()),
+        server::serve(listener, opts.clone(), handler.clone(), stop.clone()),
+        server::serve(admin_listener, admin_opts, handler.clone(), stop.clone()),
+        tcp_served,
     );
     stop.cancel();
     background.cancel();
-    let _ = sched.await;
-    let _ = retention.await;
+    let _ = duties.await;
     if let Some(m) = monitor {
         let _ = m.await;
-    }
-    if let Some(bot) = bot {
-        bot.shutdown().await;
     }
     store.close().await;
     tracing::info!("stopped; pending requests stay pending in the store");
     Ok(())
+}
+
+/// How long `serve` waits at start for the store to say whether this
+/// process leads.
+const FIRST_ANSWER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether this process leads, once the store has first said so (or
+/// [`FIRST_ANSWER`] passed).
+async fn first_answer(lead: &mut watch::Receiver<bool>) -> bool {
+    if *lead.borrow_and_update() {
+        return true;
+    }
+    let _ = tokio::time::timeout(FIRST_ANSWER, lead.changed()).await;
+    *lead.borrow_and_update()
+}
+
+/// What only the leader runs, while it leads.
+struct Duties {
+    stop: CancellationToken,
+    sched: JoinHandle<()>,
+    retention: JoinHandle<()>,
+    bot: Option<crate::discord::Bot>,
+}
+
+impl Duties {
+    fn start(
+        gw: &Arc<Gateway>,
+        background: &CancellationToken,
+        bot: Option<crate::discord::Bot>,
+    ) -> Duties {
+        let stop = background.child_token();
+        Duties {
+            sched: tokio::spawn(scheduler::run(gw.clone(), stop.clone())),
+            retention: tokio::spawn(retention::run(gw.clone(), stop.clone())),
+            bot,
+            stop,
+        }
+    }
+
+    /// Cancels everything at once (nothing more is posted, timed out or
+    /// pruned from here on), then waits for the tasks to end.
+    async fn stop(self) {
+        self.stop.cancel();
+        if let Some(bot) = self.bot {
+            bot.shutdown().await;
+        }
+        let _ = self.sched.await;
+        let _ = self.retention.await;
+    }
+}
+
+/// What starting the leader's duties needs.
+struct Leading {
+    gw: Arc<Gateway>,
+    /// The Discord connection's state, when Discord is configured.
+    status: Option<ConnectionStatus>,
+    /// `serve`'s stop: the bot stops with the sockets.
+    stop: CancellationToken,
+    /// Cancelled after the sockets drained: the end of every duty.
+    background: CancellationToken,
+}
+
+/// Starts the leader's duties when leadership is won, cancels them the
+/// moment it is lost, and starts them again when it is won again, until
+/// `serve` stops.
+async fn follow_leadership(l: Leading, mut lead: watch::Receiver<bool>, first: Option<Duties>) {
+    let mut duties = first;
+    loop {
+        let changed = tokio::select! {
+            _ = l.background.cancelled() => break,
+            c = lead.changed() => c,
+        };
+        if changed.is_err() {
+            // Leadership never changes any more (a store one process uses).
+            l.background.cancelled().await;
+            break;
+        }
+        let leading = *lead.borrow_and_update();
+        if leading == duties.is_some() {
+            continue;
+        }
+        if leading {
+            tracing::info!(role = role(true), "leadership won: starting the deadline sweep, retention and (when configured) the Discord bot and card outbox");
+            let bot = match &l.status {
+                Some(status) => {
+                    match crate::discord::start(l.gw.clone(), &l.stop, status.clone()).await {
+                        Ok(bot) => Some(bot),
+                        Err(e) => {
+                            // The bot cannot start here (its checks refused
+                            // the config): the rest of the duties still run.
+                            tracing::error!(error = format!("{e:#}"), "THE DISCORD BOT CANNOT START on this leader; cards wait in the store");
+                            status.failed(now_ms(), format!("{e:#}"));
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            duties = Some(Duties::start(&l.gw, &l.background, bot));
+        } else {
+            tracing::info!(role = role(false), "leadership lost: the Discord bot, card outbox, deadline sweep and retention stop now");
+            if let Some(d) = duties.take() {
+                d.stop().await;
+            }
+            if let Some(status) = &l.status {
+                status.standby(now_ms());
+            }
+            tracing::info!("the leader's duties have stopped here");
+        }
+    }
+    if let Some(d) = duties.take() {
+        d.stop().await;
+    }
 }
 
 /// Opens the store with its files owner-only (or shared with `store.group`):
@@ -245,6 +424,15 @@ pub async fn open_store(cfg: &Config, create: Create) -> anyhow::Result<Arc<dyn 
         }
     }
     Ok(store)
+}
+
+/// `keyturn check-config`: the TCP listener's settings, and its certificate
+/// and key read as `serve` reads them.
+pub fn check_tcp(cfg: &Config) -> anyhow::Result<()> {
+    if let Some((_, Some(files))) = cfg.tcp.listener()? {
+        tcp::load_tls(&files)?;
+    }
+    Ok(())
 }
 
 /// The store's URL as errors and logs show it (without a password).

@@ -42,13 +42,17 @@ const ABOVE_DOMAIN: &[&str] = &[
 /// client (`ipc::client`) are what every
 /// client of the socket speaks: the CLI and the integrations are such
 /// clients, not callers of the server. The CLI's `hook`, `exec` and
-/// `mcp-proxy` subcommands are the integrations' entry points.
+/// `mcp-proxy` subcommands are the integrations' entry points. How a client
+/// reaches the TCP listener (`ipc::tcp_endpoint`: URL, token, CA, the
+/// `auth` line) is part of that contract.
 const ALLOWED_ACROSS: &[(&str, &str)] = &[
     ("cli", "ipc::protocol"),
     ("cli", "ipc::client"),
     ("cli", "ipc::answers"),
+    ("cli", "ipc::tcp_endpoint"),
     ("cli", "integrations"),
     ("integrations", "ipc::protocol"),
+    ("integrations", "ipc::tcp_endpoint"),
 ];
 
 /// External crates the domain must not use.

@@ -106,6 +106,8 @@ fn health_and_metrics_on_a_running_server() {
     assert!(stdout.starts_with("healthy"), "{stdout}");
     assert!(stdout.contains("store: up"), "{stdout}");
     assert!(stdout.contains("discord: not configured"), "{stdout}");
+    // A store one process uses: it always leads.
+    assert!(stdout.contains("role: leader"), "{stdout}");
     let out = Command::new(BIN)
         .args(["health", "--json", "--admin-socket"])
         .arg(s.admin_socket())
@@ -118,6 +120,7 @@ fn health_and_metrics_on_a_running_server() {
     assert!(v["store"]["millis"].is_u64(), "{v}");
     assert_eq!(v["discord"], Value::Null);
     assert_eq!(v["down"], json!([]));
+    assert_eq!(v["role"], "leader");
 
     // `/healthz`.
     let (code, body) = http_get(&addr, "/healthz");
@@ -150,6 +153,8 @@ fn health_and_metrics_on_a_running_server() {
             0.0,
         ),
         ("keyturn_time_to_decision_seconds_count", 0.0),
+        (r#"keyturn_role{role="leader"}"#, 1.0),
+        (r#"keyturn_role{role="follower"}"#, 0.0),
     ] {
         assert_eq!(sample(&text, series), Some(want), "{series}:\n{text}");
     }

@@ -14,6 +14,33 @@ fn have_pytest() -> bool {
         .unwrap_or(false)
 }
 
+/// A CA and a server certificate for `localhost` and 127.0.0.1 in `dir`
+/// (`ca.pem`, `cert.pem`, `key.pem`), for the suite's TLS round trip.
+fn certificates(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: a leaf named like its issuer reads as self-signed.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "keyturn test CA");
+    let ca_key = KeyPair::generate().expect("ca key");
+    let ca = ca_params.self_signed(&ca_key).expect("ca cert");
+    let key = KeyPair::generate().expect("key");
+    let cert = {
+        let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("params");
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "localhost");
+        p
+    }
+    .signed_by(&key, &ca, &ca_key)
+    .expect("cert");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write ca");
+    std::fs::write(dir.join("cert.pem"), cert.pem()).expect("write cert");
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).expect("write key");
+}
+
 #[test]
 fn python_client_pytest_suite() {
     if !have_pytest() {
@@ -24,6 +51,8 @@ fn python_client_pytest_suite() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tls = tempfile::tempdir().expect("tempdir");
+    certificates(tls.path());
     let out = Command::new("python3")
         .args([
             "-m",
@@ -35,6 +64,7 @@ fn python_client_pytest_suite() {
         ])
         .current_dir(root)
         .env("KEYTURN_BIN", env!("CARGO_BIN_EXE_keyturn"))
+        .env("KEYTURN_TEST_TLS_DIR", tls.path())
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
         .expect("run pytest");

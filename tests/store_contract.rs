@@ -11,8 +11,8 @@ mod harness;
 use harness::fixture;
 use harness::pg;
 use keyturn::app::ports::{
-    AuditLog, Cards, Change, Inserted, PairedUser, PairingRefused, PolicyData, Requests, Store,
-    StoreError,
+    AgentToken, AuditLog, Cards, Change, Inserted, PairedUser, PairingRefused, PolicyData,
+    Requests, Store, StoreError,
 };
 use keyturn::domain::audit::{events, AuditEvent};
 use keyturn::domain::pairing;
@@ -27,7 +27,10 @@ use serde_json::json;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::broadcast::{self, error::TryRecvError};
+use tokio::sync::broadcast::{
+    self,
+    error::{RecvError, TryRecvError},
+};
 use uuid::Uuid;
 
 /// The card channel the store under test keeps cards for.
@@ -65,6 +68,7 @@ async fn postgres_keeps_the_contract() {
     let options = PgOptions {
         max_batch: 64,
         cards: Some(CARDS),
+        ..PgOptions::default()
     };
     let store: Arc<dyn Store> = Arc::new(PgStore::open(&schema.url(), &options).await.unwrap());
     let raw = |sql: &str| schema.exec(sql);
@@ -93,6 +97,7 @@ async fn postgres_fails_only_the_bad_write_of_a_batch() {
     let options = PgOptions {
         max_batch: 64,
         cards: None,
+        ..PgOptions::default()
     };
     let store: Arc<dyn Store> = Arc::new(PgStore::open(&schema.url(), &options).await.unwrap());
     only_the_bad_write_fails(store).await;
@@ -141,6 +146,7 @@ async fn story(store: Arc<dyn Store>, raw: Raw<'_>) {
     rights(&*store, &mut feed).await;
     policy(&*store, &mut feed).await;
     pairings(&*store, &mut feed).await;
+    tokens(&*store, &mut feed).await;
     cards(&*store, &mut feed).await;
     deadlines(&*store).await;
     audit(&*store).await;
@@ -188,6 +194,18 @@ const ADMIN: VoterRights = VoterRights {
 /// The change feed as a subscriber sees it.
 struct Feed(broadcast::Receiver<Change>);
 
+/// The next change a write published: a `Resync` is skipped (a store
+/// shared by several processes publishes one at every periodic re-check
+/// and when its listener reconnects; no write of this story made it).
+async fn next_change(rx: &mut broadcast::Receiver<Change>) -> Result<Change, RecvError> {
+    loop {
+        match rx.recv().await {
+            Ok(Change::Resync) => continue,
+            other => return other,
+        }
+    }
+}
+
 impl Feed {
     /// Runs one write and returns its result with the change it published.
     /// The change must not arrive while the write is still running (it is
@@ -197,9 +215,9 @@ impl Feed {
         let out = tokio::select! {
             biased;
             out = write => out,
-            early = self.0.recv() => panic!("published before the write returned: {early:?}"),
+            early = next_change(&mut self.0) => panic!("published before the write returned: {early:?}"),
         };
-        let change = tokio::time::timeout(Duration::from_secs(10), self.0.recv())
+        let change = tokio::time::timeout(Duration::from_secs(10), next_change(&mut self.0))
             .await
             .expect("a change is published once the write returns")
             .expect("the feed is open");
@@ -215,9 +233,12 @@ impl Feed {
     }
 
     fn quiet(&mut self) {
-        match self.0.try_recv() {
-            Err(TryRecvError::Empty) => {}
-            other => panic!("unexpected change: {other:?}"),
+        loop {
+            match self.0.try_recv() {
+                Ok(Change::Resync) => continue,
+                Err(TryRecvError::Empty) => break,
+                other => panic!("unexpected change: {other:?}"),
+            }
         }
     }
 }
@@ -779,6 +800,92 @@ async fn pairings(store: &dyn Store, feed: &mut Feed) {
     assert_eq!(store.paired_users().await.unwrap(), [bob]);
 }
 
+/// Agents' bearer tokens: stored with the secret's hash only, a rotation
+/// shortens the agent's other live tokens (never lengthens one), a revoke
+/// acts once; every write audited and published as a policy change.
+async fn tokens(store: &dyn Store, feed: &mut Feed) {
+    let token = |id: &str, agent: &str, expires_ms: Option<i64>| AgentToken {
+        id: id.into(),
+        agent: agent.into(),
+        secret_hash: format!("hash-{id}"),
+        created_ms: 1_000,
+        created_by: "uid:0".into(),
+        expires_ms,
+        revoked_ms: None,
+    };
+    let issued = |id: &str, agent: &str, others: Option<i64>| {
+        events::token_issued(1_000, "uid:0", id, agent, None, others)
+    };
+    for (id, agent, expires) in [
+        ("a1", "bot", None),
+        ("a2", "bot", Some(5_000)),
+        ("b1", "other", None),
+    ] {
+        let (n, change) = feed
+            .write(store.issue_token(token(id, agent, expires), None, issued(id, agent, None)))
+            .await;
+        assert_eq!(n.unwrap(), 0);
+        assert!(matches!(change, Change::PolicyChanged));
+    }
+    assert_eq!(last_audit_kind(store).await, "token_issued");
+    // Rotation: bot's other tokens expire at 3_000 (a2's later expiry is
+    // brought forward); the other agent's token is untouched.
+    let (n, _) = feed
+        .write(store.issue_token(
+            token("a3", "bot", None),
+            Some(3_000),
+            issued("a3", "bot", Some(3_000)),
+        ))
+        .await;
+    assert_eq!(n.unwrap(), 2);
+    assert_eq!(last_audit_kind(store).await, "token_rotated");
+    let by_id = |list: &[AgentToken], id: &str| list.iter().find(|t| t.id == id).cloned().unwrap();
+    let list = store.tokens().await.unwrap();
+    assert_eq!(list.len(), 4);
+    assert_eq!(by_id(&list, "a1").expires_ms, Some(3_000));
+    assert_eq!(by_id(&list, "a2").expires_ms, Some(3_000));
+    assert_eq!(by_id(&list, "a3").expires_ms, None);
+    assert_eq!(by_id(&list, "b1").expires_ms, None);
+    assert_eq!(by_id(&list, "a3").secret_hash, "hash-a3");
+    // A shorter expiry is never lengthened by a later rotation.
+    let (n, _) = feed
+        .write(store.issue_token(
+            token("a4", "bot", None),
+            Some(9_000),
+            issued("a4", "bot", Some(9_000)),
+        ))
+        .await;
+    assert_eq!(n.unwrap(), 1, "only a3 outlived 9_000");
+    assert_eq!(
+        store.token("a1").await.unwrap().unwrap().expires_ms,
+        Some(3_000)
+    );
+    // Revoke: once.
+    let (done, change) = feed
+        .write(store.revoke_token(
+            "b1".into(),
+            2_000,
+            events::token_revoked(2_000, "uid:0", "b1", "other"),
+        ))
+        .await;
+    assert!(done.unwrap());
+    assert!(matches!(change, Change::PolicyChanged));
+    assert_eq!(last_audit_kind(store).await, "token_revoked");
+    let again = feed
+        .silent(store.revoke_token(
+            "b1".into(),
+            2_500,
+            events::token_revoked(2_500, "uid:0", "b1", "other"),
+        ))
+        .await;
+    assert!(!again.unwrap());
+    assert_eq!(
+        store.token("b1").await.unwrap().unwrap().revoked_ms,
+        Some(2_000)
+    );
+    assert!(store.token("nope").await.unwrap().is_none());
+}
+
 async fn cards(store: &dyn Store, feed: &mut Feed) {
     // A pending insert gets its card row, due at once, in the same write.
     let r = request(9, 2, 90_000);
@@ -906,6 +1013,7 @@ async fn pg_store(schema: &pg::Schema, cards: Option<u64>) -> Arc<PgStore> {
     let options = PgOptions {
         max_batch: 64,
         cards,
+        ..PgOptions::default()
     };
     Arc::new(PgStore::open(&schema.url(), &options).await.unwrap())
 }
@@ -1089,6 +1197,7 @@ async fn postgres_store_survives_killed_sessions() {
     let options = PgOptions {
         max_batch: 64,
         cards: None,
+        ..PgOptions::default()
     };
     let store = Arc::new(
         PgStore::open(&schema.url_named(&app), &options)
@@ -1216,7 +1325,13 @@ async fn postgres_notes_each_committed_change() {
     let mut listener = sqlx::postgres::PgListener::connect(&schema.url())
         .await
         .unwrap();
-    listener.listen(notify::CHANNEL).await.unwrap();
+    let channel = {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&schema.url()).await.unwrap();
+        notify::channel(&mut c).await.unwrap()
+    };
+    assert!(channel.starts_with(notify::CHANNEL), "{channel}");
+    listener.listen(&channel).await.unwrap();
     let r = request(95_000, 2, 100_000);
     store
         .insert_request(r.clone(), submitted(&r))

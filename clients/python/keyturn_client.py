@@ -1,7 +1,10 @@
 """Keyturn client: ask a human (or the policy) before a tool call runs.
 
 A single file, standard library only. It speaks Keyturn's agent socket:
-JSON-RPC 2.0 over a Unix socket, one JSON object per line.
+JSON-RPC 2.0 over a Unix socket, one JSON object per line; or, given a URL
+(``url="keyturn+tls://host:7443"`` or ``$KEYTURN_URL``), the same protocol
+over TCP with TLS, authenticated by the agent's bearer token (``token=`` or
+``$KEYTURN_TOKEN``; a self-signed server's CA with ``ca=`` or ``$KEYTURN_CA``).
 
     from keyturn_client import Client, require_approval
 
@@ -22,11 +25,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import ipaddress
 import itertools
 import json
 import math
 import os
 import socket
+import ssl
 import time
 import uuid
 from typing import Any, Callable, Dict, Optional
@@ -358,12 +363,46 @@ def _answering(d: Decision, tool: str, asked_hash: str, request_id: Optional[str
 # The client
 
 
+def parse_url(url: str):
+    """``keyturn+tls://host:port`` or ``keyturn+tcp://host:port`` as
+    ``(host, port, tls)``."""
+    for scheme, tls in (("keyturn+tls://", True), ("keyturn+tcp://", False)):
+        if url.startswith(scheme):
+            rest = url[len(scheme):].rstrip("/")
+            break
+    else:
+        raise ValueError(
+            f"{url!r} is not a Keyturn URL: use keyturn+tls://HOST:PORT "
+            "(or keyturn+tcp://127.0.0.1:PORT on this host)"
+        )
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not (0 < int(port) < 65536):
+        raise ValueError(f"{url!r} has no port number: use keyturn+tls://HOST:PORT")
+    host = host.strip("[]")
+    if not host or any(c in host for c in "/@?#"):
+        raise ValueError(f"{url!r}: no usable host name")
+    return host, int(port), tls
+
+
+def _is_loopback(host: str, port: int) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
 class Client:
     """One agent's view of Keyturn.
 
     ``socket_path`` defaults to ``$KEYTURN_SOCKET`` or ``./keyturn.sock``,
     ``agent`` to ``$KEYTURN_AGENT`` or ``"cli"``, ``token`` to
-    ``$KEYTURN_AGENT_TOKEN``. ``unattended=True`` says nobody is watching:
+    ``$KEYTURN_AGENT_TOKEN``. With ``url`` (default ``$KEYTURN_URL``) the
+    client reaches Keyturn over TCP instead: ``keyturn+tls://host:port``, or
+    ``keyturn+tcp://127.0.0.1:port`` (plaintext, refused for any host that is
+    not loopback); ``token`` is then the agent's bearer token (default
+    ``$KEYTURN_TOKEN``, from ``keyturn token issue``) and ``ca`` a CA file
+    to trust (default ``$KEYTURN_CA``, else the system's roots). ``unattended=True`` says nobody is watching:
     calls that need a human are denied at once (rule ``unattended``).
     ``max_wait`` bounds how long :meth:`submit` blocks (seconds, default: until
     Keyturn's own deadline); the request is cancelled when it passes.
@@ -378,9 +417,34 @@ class Client:
         unattended: bool = False,
         max_wait: Optional[float] = None,
         connect_timeout: float = 5.0,
+        url: Optional[str] = None,
+        ca: Optional[str] = None,
     ):
         self.socket_path = socket_path or os.environ.get("KEYTURN_SOCKET") or "keyturn.sock"
         self.agent = agent or os.environ.get("KEYTURN_AGENT") or "cli"
+        self.url = url or (None if socket_path else os.environ.get("KEYTURN_URL")) or None
+        self._ssl = None
+        if self.url:
+            host, port, tls = parse_url(self.url)
+            if not tls and not _is_loopback(host, port):
+                raise ValueError(
+                    f"{self.url!r}: plaintext keyturn+tcp:// is for loopback addresses only "
+                    "(the token would cross the network in clear); use keyturn+tls://"
+                )
+            self._addr = (host, port)
+            self.bearer = token if token is not None else os.environ.get("KEYTURN_TOKEN")
+            if not self.bearer:
+                raise ValueError(
+                    f"no token for {self.url}: pass token= or set KEYTURN_TOKEN to the "
+                    "agent's token from `keyturn token issue`"
+                )
+            if tls:
+                self._ssl = ssl.create_default_context(
+                    cafile=ca or os.environ.get("KEYTURN_CA") or None
+                )
+            # Over TCP the bearer token authenticates the connection; no
+            # agent token goes in the calls.
+            token = ""
         self.token = token if token is not None else os.environ.get("KEYTURN_AGENT_TOKEN")
         self.unattended = unattended
         self.max_wait = max_wait
@@ -398,19 +462,12 @@ class Client:
             ensure_ascii=False,
             allow_nan=False,
         )
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = None
         try:
-            s.settimeout(self.connect_timeout)
-            try:
-                s.connect(self.socket_path)
-            except OSError as e:
-                raise ConnectionFailed(
-                    f"cannot connect to Keyturn at {self.socket_path}: {e} (is `keyturn serve` running?)"
-                ) from e
+            s, f = self._connect()
             s.settimeout(timeout)
             try:
                 s.sendall(line.encode("utf-8") + b"\n")
-                f = s.makefile("rb")
                 while True:
                     raw = f.readline()
                     if not raw:
@@ -435,7 +492,54 @@ class Client:
             except OSError as e:
                 raise ConnectionFailed(f"connection to Keyturn failed: {e}") from e
         finally:
+            if s is not None:
+                s.close()
+
+    def _connect(self):
+        """A connected socket and a reader on it: the agent socket, or TCP
+        (TLS for keyturn+tls) authenticated with the bearer token."""
+        where = self.url or self.socket_path
+        try:
+            if not self.url:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(self.connect_timeout)
+                try:
+                    s.connect(self.socket_path)
+                except OSError:
+                    s.close()
+                    raise
+                return s, s.makefile("rb")
+            raw = socket.create_connection(self._addr, timeout=self.connect_timeout)
+            try:
+                s = self._ssl.wrap_socket(raw, server_hostname=self._addr[0]) if self._ssl else raw
+            except (OSError, ssl.SSLError):
+                raw.close()
+                raise
+        except (OSError, ssl.SSLError) as e:
+            raise ConnectionFailed(
+                f"cannot connect to Keyturn at {where}: {e} (is `keyturn serve` running?)"
+            ) from e
+        try:
+            auth = {"jsonrpc": "2.0", "id": 0, "method": "auth", "params": {"token": self.bearer}}
+            s.sendall(json.dumps(auth).encode("utf-8") + b"\n")
+            f = s.makefile("rb")
+            raw_line = f.readline()
+        except (OSError, ssl.SSLError) as e:
             s.close()
+            raise ConnectionFailed(f"authenticating to Keyturn at {where} failed: {e}") from e
+        try:
+            msg = json.loads(raw_line) if raw_line else None
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict) or msg.get("id") not in (0, None):
+            s.close()
+            raise ConnectionFailed(f"Keyturn at {where} did not answer auth")
+        if "error" in msg:
+            s.close()
+            err = msg["error"] or {}
+            code = (err.get("data") or {}).get("code", "error")
+            raise RpcError(code, err.get("message", "error"), err.get("code", 0))
+        return s, f
 
     def _auth(self, p: Dict[str, Any]) -> Dict[str, Any]:
         p["agent"] = self.agent

@@ -17,6 +17,9 @@ pub enum ConnectionState {
     },
     /// A permanent error (bad token, unknown channel…): not retried.
     Failed { since_ms: i64, error: String },
+    /// Not connected on purpose: another process sharing the store leads
+    /// and holds the connection. Not a fault.
+    Standby { since_ms: i64 },
 }
 
 impl ConnectionState {
@@ -26,8 +29,12 @@ impl ConnectionState {
             ConnectionState::Connected { .. } => "connected",
             ConnectionState::Connecting { .. } => "connecting",
             ConnectionState::Failed { .. } => "failed",
+            ConnectionState::Standby { .. } => "standby",
         }
     }
+
+    /// Every state's name, for metrics.
+    pub const NAMES: [&'static str; 4] = ["connected", "connecting", "failed", "standby"];
 }
 
 /// A shared, cheaply cloned status cell.
@@ -52,6 +59,26 @@ impl ConnectionStatus {
         let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if !matches!(*s, ConnectionState::Connected { .. }) {
             *s = ConnectionState::Connected { since_ms: now_ms };
+        }
+    }
+
+    /// Marks it connecting afresh (the connection is being started), unless
+    /// it already is.
+    pub fn connecting(&self, now_ms: i64) {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*s, ConnectionState::Connecting { .. }) {
+            *s = ConnectionState::Connecting {
+                since_ms: now_ms,
+                last_error: None,
+            };
+        }
+    }
+
+    /// Marks it deliberately not connected: another process leads.
+    pub fn standby(&self, now_ms: i64) {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*s, ConnectionState::Standby { .. }) {
+            *s = ConnectionState::Standby { since_ms: now_ms };
         }
     }
 
@@ -100,5 +127,16 @@ mod tests {
         assert_eq!(s.get().as_str(), "connecting");
         s.failed(30, "401");
         assert_eq!(s.get().as_str(), "failed");
+        s.standby(40);
+        s.standby(41);
+        assert_eq!(s.get(), ConnectionState::Standby { since_ms: 40 });
+        s.connecting(50);
+        assert_eq!(
+            s.get(),
+            ConnectionState::Connecting {
+                since_ms: 50,
+                last_error: None
+            }
+        );
     }
 }

@@ -4,6 +4,9 @@
 use super::*;
 use crate::domain::request::VoterRights;
 
+/// Pause between two reads of a waited-on request while the store cannot
+/// be read.
+const WAIT_READ_RETRY: Duration = Duration::from_secs(1);
 impl Gateway {
     /// The request as stored.
     pub async fn status(&self, id: RequestId) -> Result<ApprovalRequest, AppError> {
@@ -35,8 +38,31 @@ impl Gateway {
         agent: Option<&str>,
         max_wait: Option<Duration>,
     ) -> Result<ApprovalRequest, AppError> {
-        let woken = self.waiters.register(id);
-        let r = self.status_for(id, agent).await?;
+        let mut woken = self.waiters.register(id);
+        // While the store cannot be read (a database briefly away), the
+        // agent keeps waiting and the read is retried, for at most as long
+        // as any request may wait; a decision committed meanwhile wakes it.
+        let bound = max_wait.map_or(self.cfg.risk.max_timeout.0, |m| {
+            m.min(self.cfg.risk.max_timeout.0)
+        });
+        let started = tokio::time::Instant::now();
+        let r = loop {
+            match self.status_for(id, agent).await {
+                Err(AppError::Store(e)) if e.is_retryable() && started.elapsed() < bound => {
+                    tracing::debug!(request.id = %id, error = %e, "cannot read a waited-on request; retrying");
+                    tokio::select! {
+                        done = &mut woken => {
+                            return match done {
+                                Ok(done) if agent.is_none_or(|a| a == done.agent) => Ok(done),
+                                _ => self.status_for(id, agent).await,
+                            };
+                        }
+                        _ = tokio::time::sleep(WAIT_READ_RETRY) => {}
+                    }
+                }
+                other => break other?,
+            }
+        };
         if r.state.is_terminal() {
             return Ok(r);
         }

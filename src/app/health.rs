@@ -39,8 +39,12 @@ pub struct HealthReport {
     /// The policy view: down while it cannot be loaded from the store (every
     /// call is then denied, `policy_unavailable`).
     pub policy: Check,
-    /// `None` when Discord is not configured.
+    /// `None` when Discord is not configured. On a follower it is
+    /// `standby` (up): only the leader connects.
     pub discord: Option<Check>,
+    /// `leader` or `follower` among the processes sharing the store (a
+    /// store only one process uses always leads).
+    pub role: &'static str,
     /// Names of the components that are down.
     pub down: Vec<&'static str>,
 }
@@ -58,16 +62,31 @@ impl HealthReport {
     }
 }
 
+/// The role's name in reports and metrics.
+pub fn role(leading: bool) -> &'static str {
+    if leading {
+        "leader"
+    } else {
+        "follower"
+    }
+}
+
 /// Asks each component; cheap enough to run on every probe.
 #[derive(Clone)]
 pub struct HealthProbe {
     gw: Arc<Gateway>,
     discord: Option<ConnectionStatus>,
+    leader: tokio::sync::watch::Receiver<bool>,
 }
 
 impl HealthProbe {
     pub fn new(gw: Arc<Gateway>, discord: Option<ConnectionStatus>) -> HealthProbe {
-        HealthProbe { gw, discord }
+        let leader = gw.leadership();
+        HealthProbe {
+            gw,
+            discord,
+            leader,
+        }
     }
 
     pub async fn check(&self, socket_up: bool) -> HealthReport {
@@ -95,10 +114,13 @@ impl HealthProbe {
         let discord = self.discord.as_ref().map(|s| {
             let st = s.get();
             Check {
-                up: matches!(st, ConnectionState::Connected { .. }),
+                up: matches!(
+                    st,
+                    ConnectionState::Connected { .. } | ConnectionState::Standby { .. }
+                ),
                 state: st.as_str(),
                 detail: match st {
-                    ConnectionState::Connected { .. } => None,
+                    ConnectionState::Connected { .. } | ConnectionState::Standby { .. } => None,
                     ConnectionState::Connecting { last_error, .. } => last_error,
                     ConnectionState::Failed { error, .. } => Some(error),
                 },
@@ -122,8 +144,14 @@ impl HealthProbe {
             store,
             policy,
             discord,
+            role: role(*self.leader.borrow()),
             down,
         }
+    }
+
+    /// Whether this process leads now.
+    pub fn leading(&self) -> bool {
+        *self.leader.borrow()
     }
 
     /// A primary-key read of a request that cannot exist: touches the

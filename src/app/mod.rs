@@ -18,6 +18,7 @@ pub mod ports;
 pub mod retention;
 pub mod scheduler;
 mod submit;
+pub mod tokens;
 mod waiters;
 
 use crate::config::Config;
@@ -86,8 +87,27 @@ pub enum AppError {
     /// decided by a policy that may be stale (fail closed).
     #[error("the policy is unavailable (it could not be loaded from the store); refused until it is (see the server log)")]
     PolicyUnavailable,
-    #[error("internal error; the call was not carried out (see the server log)")]
+    /// A bearer token was refused; never says which part was wrong.
+    #[error("the token was not accepted (unknown, wrong, expired or revoked): ask an admin for a valid one (`keyturn token issue`)")]
+    Unauthorized,
+    /// A connection bound to one agent named another.
+    #[error("{0}")]
+    NotAuthorized(String),
+    /// A storage failure. The database being unreachable is said as such
+    /// (`store_unavailable`: retry later); anything else is `internal`.
+    /// Either way nothing was carried out, and nothing was allowed.
+    #[error("{}", store_message(.0))]
     Store(#[from] StoreError),
+}
+
+fn store_message(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Unavailable(_) => {
+            "the database is unavailable, so the call was not carried out (nothing was allowed); \
+             try again shortly (see the server log)"
+        }
+        _ => "internal error; the call was not carried out (see the server log)",
+    }
 }
 
 impl AppError {
@@ -107,6 +127,9 @@ impl AppError {
             AppError::Pairing(_) => "pairing_refused",
             AppError::IdempotencyConflict { .. } => "idempotency_conflict",
             AppError::PolicyUnavailable => "policy_unavailable",
+            AppError::Unauthorized => "unauthorized",
+            AppError::NotAuthorized(_) => "not_authorized",
+            AppError::Store(StoreError::Unavailable(_)) => "store_unavailable",
             AppError::Store(_) => "internal",
         }
     }
@@ -235,6 +258,13 @@ impl Gateway {
     /// for adapters that follow them (the Discord outbox).
     pub fn changes(&self) -> tokio::sync::broadcast::Receiver<ports::Change> {
         self.store.subscribe()
+    }
+
+    /// Whether this process leads the processes sharing the store (see
+    /// [`ports::Store::leadership`]): only the leader runs the Discord bot,
+    /// the card outbox, the deadline sweep and retention.
+    pub fn leadership(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.store.leadership()
     }
 
     /// The config as last reloaded (see [`Gateway::reload_config`]).

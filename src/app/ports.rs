@@ -1,5 +1,6 @@
 //! The persistence ports the use-cases need, owned by the app: split by
-//! capability (requests, policy data, pairings, audit log, cards, changes)
+//! capability (requests, policy data, pairings, audit log, cards, agent
+//! tokens, changes)
 //! and composed into [`Store`], which a backend in `src/store` implements.
 //! Value types that cross the port live here too. Nothing here does I/O.
 
@@ -440,6 +441,59 @@ pub trait Cards: Send + Sync + 'static {
     ) -> StoreResult<()>;
 }
 
+/// An agent's bearer token as stored: never its secret, only the secret's
+/// SHA-256 (see [`crate::domain::token`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentToken {
+    /// Public and random: listed, logged, named by `token revoke`.
+    pub id: String,
+    pub agent: String,
+    /// SHA-256 of the secret, hex. Not serialized: never listed.
+    #[serde(skip)]
+    pub secret_hash: String,
+    pub created_ms: i64,
+    pub created_by: String,
+    pub expires_ms: Option<i64>,
+    pub revoked_ms: Option<i64>,
+}
+
+/// Agents' bearer tokens (connections over TCP). Kept in the store so that
+/// processes sharing it see the same tokens and a revoke acts everywhere.
+/// Writes take their audit event, appended in the same transaction, and
+/// publish [`Change::PolicyChanged`] after commit (live connections re-check
+/// their token on it). The defaults refuse, so a store without tokens
+/// admits nobody over TCP (fail closed).
+#[async_trait]
+pub trait AgentTokens: Send + Sync + 'static {
+    /// Stores a new token. With `others_expire_ms` (a rotation), every other
+    /// live token of the same agent that would outlive it expires then, in
+    /// the same transaction. Returns how many other tokens were shortened.
+    async fn issue_token(
+        &self,
+        token: AgentToken,
+        others_expire_ms: Option<i64>,
+        audit: AuditEvent,
+    ) -> StoreResult<u64> {
+        let _ = (token, others_expire_ms, audit);
+        Err(StoreError::Unsupported("agent tokens".into()))
+    }
+    /// Revokes a token at `now_ms`; `false` if there is no such token or it
+    /// was already revoked. `audit` is appended only when it was revoked.
+    async fn revoke_token(&self, id: String, now_ms: i64, audit: AuditEvent) -> StoreResult<bool> {
+        let _ = (id, now_ms, audit);
+        Err(StoreError::Unsupported("agent tokens".into()))
+    }
+    /// The token with this id, live or not.
+    async fn token(&self, id: &str) -> StoreResult<Option<AgentToken>> {
+        let _ = id;
+        Err(StoreError::Unsupported("agent tokens".into()))
+    }
+    /// Every token, oldest first.
+    async fn tokens(&self) -> StoreResult<Vec<AgentToken>> {
+        Err(StoreError::Unsupported("agent tokens".into()))
+    }
+}
+
 /// A change committed to the store, published after its commit (never
 /// before), for whatever in this process follows the store: waiters, the
 /// deadline scheduler, the policy view and the card outbox.
@@ -503,7 +557,9 @@ impl Feed {
 
 /// Every persistence port, as one backend implements them.
 #[async_trait]
-pub trait Store: Requests + PolicyData + Pairings + AuditLog + Cards + Changes {
+pub trait Store:
+    Requests + PolicyData + Pairings + AuditLog + Cards + AgentTokens + Changes
+{
     /// Why writes are refused for good (the database file was deleted or
     /// replaced under the server), if they are; `None` while writable.
     /// Costs nothing: it reads the writer's last finding, not the disk.
@@ -511,10 +567,10 @@ pub trait Store: Requests + PolicyData + Pairings + AuditLog + Cards + Changes {
         None
     }
     /// Whether this process leads the processes sharing the store: the
-    /// leader alone runs the Discord connection, the card outbox and the
-    /// deadline sweep. The value flips to `false` the moment leadership is
-    /// lost (and back once it is won again). A store only one process can
-    /// use always leads.
+    /// leader alone runs the Discord connection, the card outbox, the
+    /// deadline sweep and audit retention. The value flips to `false` the
+    /// moment leadership is lost (and back once it is won again). A store
+    /// only one process can use always leads.
     fn leadership(&self) -> watch::Receiver<bool> {
         watch::channel(true).1
     }

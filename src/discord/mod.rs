@@ -33,7 +33,7 @@ use serenity::all::{
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{broadcast, Mutex, Notify};
+use tokio::sync::{broadcast, watch, Mutex, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -65,7 +65,15 @@ struct Shared {
     status: ConnectionStatus,
     /// Per-user limits on DM answers and pairing codes.
     dms: Mutex<commands::DmLimiter>,
+    /// Whether this process still leads, and the bot's own stop: a click
+    /// that reaches a bot which is handing over is refused, not half-done.
+    lead: watch::Receiver<bool>,
+    stopping: CancellationToken,
 }
+
+/// What a click that arrives while leadership moves to another process is
+/// answered with (nothing was recorded).
+pub const HANDING_OVER: &str = "Keyturn is handing over to another server right now, so your click was not recorded. Try again in a few seconds.";
 
 #[derive(Clone)]
 struct Handler(Arc<Shared>);
@@ -226,7 +234,15 @@ async fn check(http: &Http, cfg: &DiscordConfig, channel: u64) -> Result<String,
 /// transient one (unreachable, 5xx, no answer within the start timeout) is
 /// logged loudly and the bot keeps connecting in the background, so the
 /// sockets are served meanwhile; [`Bot::status`] shows where it stands.
-pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Result<Bot> {
+///
+/// `status` is the connection's state for health reports: `serve` keeps
+/// one across the bot's restarts (a process that stops leading stops its
+/// bot and shows `standby` there).
+pub async fn start(
+    gw: Arc<Gateway>,
+    parent: &CancellationToken,
+    status: ConnectionStatus,
+) -> anyhow::Result<Bot> {
     let cfg = gw.config().discord.clone();
     let channel = cfg
         .approvals_channel_id
@@ -235,7 +251,7 @@ pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Resu
         .api_base
         .clone()
         .unwrap_or_else(|| "https://discord.com".into());
-    let status = ConnectionStatus::new(now_ms());
+    status.connecting(now_ms());
     let http = build_http(&cfg);
     let start_timeout = cfg.start_timeout.map_or(START_TIMEOUT, |d| d.0);
     let first = match tokio::time::timeout(start_timeout, check(&http, &cfg, channel)).await {
@@ -265,6 +281,8 @@ pub async fn start(gw: Arc<Gateway>, parent: &CancellationToken) -> anyhow::Resu
         wake: wake.clone(),
         status: status.clone(),
         dms: Mutex::default(),
+        lead: gw.leadership(),
+        stopping: stop.clone(),
     });
     let tasks = vec![
         tokio::spawn(wake_on_changes(changes, wake, stop.clone())),
@@ -777,6 +795,15 @@ impl Handler {
         admin: bool,
     ) {
         let gw = &self.0.gw;
+        // A vote is one conditional transaction in the store, so a click is
+        // applied once wherever it lands; but a bot that no longer leads
+        // (or is stopping) refuses it with a reason, rather than record it
+        // while its card is someone else's to edit.
+        if self.0.stopping.is_cancelled() || !*self.0.lead.borrow() {
+            tracing::info!(request.id = %id, user.id = %user.id, "click refused: leadership is moving to another process");
+            reply.respond(&ctx.http, ephemeral(HANDING_OVER)).await;
+            return;
+        }
         let ack = reply.respond(&ctx.http, CreateInteractionResponse::Acknowledge);
         let voter = format!("discord:{}", user.id);
         let work = async {

@@ -926,6 +926,41 @@ pub mod events {
         admin(at_ms, "pairing_approved", by, json!({"user_id": user_id}))
     }
 
+    /// An agent's bearer token was issued (never its secret). With
+    /// `others_expire_ms`, a rotation: the agent's other live tokens expire
+    /// then (the overlap).
+    pub fn token_issued(
+        at_ms: i64,
+        by: &str,
+        id: &str,
+        agent: &str,
+        expires_ms: Option<i64>,
+        others_expire_ms: Option<i64>,
+    ) -> AuditEvent {
+        let kind = if others_expire_ms.is_some() {
+            "token_rotated"
+        } else {
+            "token_issued"
+        };
+        admin(
+            at_ms,
+            kind,
+            by,
+            json!({"token_id": id, "agent": agent, "expires_ms": expires_ms,
+                   "others_expire_ms": others_expire_ms}),
+        )
+    }
+
+    /// An agent's bearer token was revoked (written only when it was live).
+    pub fn token_revoked(at_ms: i64, by: &str, id: &str, agent: &str) -> AuditEvent {
+        admin(
+            at_ms,
+            "token_revoked",
+            by,
+            json!({"token_id": id, "agent": agent}),
+        )
+    }
+
     /// An administrative change (grant, revoke, pairing, risk).
     pub fn admin(at_ms: i64, kind: &str, actor: &str, detail: serde_json::Value) -> AuditEvent {
         AuditEvent {

@@ -14,6 +14,7 @@ pub mod redact;
 pub mod request;
 pub mod risk;
 pub mod secret_rules;
+pub mod token;
 pub mod trifecta;
 
 pub use request::RequestId;

@@ -12,7 +12,7 @@
 //! visible marker. Blocking `std` only, no runtime.
 
 use super::hook::parse_duration;
-use super::{ask_announcing, socket_path, Identity, Outcome};
+use super::{ask_announcing, Identity, Outcome};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -44,6 +44,8 @@ pub struct ExecArgs {
     /// Socket path (overrides the config).
     #[arg(long, env = "KEYTURN_SOCKET")]
     pub socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub url: super::UrlArgs,
     /// Config file (used to find the socket).
     #[arg(long, env = "KEYTURN_CONFIG")]
     pub config: Option<PathBuf>,
@@ -225,7 +227,7 @@ pub fn main(a: ExecArgs) -> u8 {
     let cwd = std::env::current_dir()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    let socket = match socket_path(a.socket.as_deref(), a.config.as_deref()) {
+    let socket = match a.url.endpoint(a.socket.as_deref(), a.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
             crate::errln!("keyturn exec: {e}; not running the command");
@@ -236,6 +238,13 @@ pub fn main(a: ExecArgs) -> u8 {
     // sees which variables it gets (by name; values may be secrets).
     let keep = match config_keep_env(a.config.as_deref()).and_then(|mut k| {
         k.extend(a.keep_env.iter().cloned());
+        // The variable holding the bearer token for --url is a Keyturn
+        // secret whatever its name.
+        if let Some(t) = a.url.token_env.as_ref().filter(|t| k.contains(t)) {
+            return Err(format!(
+                "`{t}` holds the agent's bearer token (--token-env) and is never passed to the command"
+            ));
+        }
         passed_names(&k)
     }) {
         Ok(k) => k,

@@ -12,7 +12,7 @@
 //! Keyturn, never Claude Code giving up on the hook. It uses blocking `std` I/O and no async runtime: it runs before
 //! every tool call, so its start-up time is the product.
 
-use super::{ask, policy_tool_name, socket_path, Identity, Outcome};
+use super::{ask, policy_tool_name, Identity, Outcome};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -41,6 +41,8 @@ pub struct ClaudeCodeArgs {
     /// Socket path (overrides the config).
     #[arg(long, env = "KEYTURN_SOCKET")]
     pub socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub url: super::UrlArgs,
     /// Config file (used to find the socket).
     #[arg(long, env = "KEYTURN_CONFIG")]
     pub config: Option<PathBuf>,
@@ -193,14 +195,12 @@ pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
             return (false, other_event_message(ev));
         }
     }
-    let socket = match socket_path(a.socket.as_deref(), a.config.as_deref()) {
+    let socket = match a.url.endpoint(a.socket.as_deref(), a.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
             return (
                 false,
-                format!(
-                    "Keyturn could not read its config ({e}); failing closed, the call was not run"
-                ),
+                format!("Keyturn could not be reached ({e}); failing closed, the call was not run"),
             )
         }
     };
@@ -295,6 +295,7 @@ mod tests {
             agent: "claude-code".into(),
             token: None,
             socket: Some("/nonexistent/keyturn.sock".into()),
+            url: Default::default(),
             config: None,
             timeout: Duration::from_secs(1),
             claude_timeout: Duration::from_secs(600),

@@ -24,9 +24,7 @@
 //! listed there is already `high`).
 
 use super::hook::parse_duration;
-use super::{
-    ask_abortable, policy_tool_name, socket_path, Identity, LineClient, Outcome, Withdraw,
-};
+use super::{ask_abortable, policy_tool_name, Identity, LineClient, Outcome, Withdraw};
 use crate::domain::canonical::parse_strict;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -52,6 +50,8 @@ pub struct ProxyArgs {
     /// Socket path (overrides the config).
     #[arg(long, env = "KEYTURN_SOCKET")]
     pub socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub url: super::UrlArgs,
     /// Config file (used to find the socket).
     #[arg(long, env = "KEYTURN_CONFIG")]
     pub config: Option<PathBuf>,
@@ -464,8 +464,10 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<u8> {
         !a.name.is_empty() && policy_tool_name(&a.name) == a.name,
         "--name may contain only ASCII letters, digits and `_.:-/`"
     );
-    let socket =
-        socket_path(a.socket.as_deref(), a.config.as_deref()).map_err(anyhow::Error::msg)?;
+    let socket = a
+        .url
+        .endpoint(a.socket.as_deref(), a.config.as_deref())
+        .map_err(anyhow::Error::msg)?;
     let mut child = tokio::process::Command::new(&a.command[0])
         .args(&a.command[1..])
         .stdin(Stdio::piped())

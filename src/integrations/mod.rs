@@ -7,13 +7,15 @@
 //! This module owns the blocking gate used by the hook and `exec` — plain
 //! `std` sockets, no async runtime, because the hook runs before every tool
 //! call and its start-up time is felt all day. It must not import `app`,
-//! `store` or `discord`: it speaks only the wire protocol of `ipc::protocol`.
+//! `store` or `discord`: it speaks only the wire protocol of `ipc::protocol`,
+//! over the agent socket or, given a URL, over TCP (`ipc::tcp_endpoint`).
 
 pub mod exec;
 pub mod hook;
 pub mod mcp_proxy;
 
 use crate::ipc::protocol::{read_response, request_line, DecisionView, ResponseError, RpcError};
+use crate::ipc::tcp_endpoint::{BlockingStream, DialError, TcpTarget};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -44,6 +46,73 @@ pub fn socket_path(socket: Option<&Path>, config: Option<&Path>) -> Result<PathB
     Ok(PathBuf::from("keyturn.sock"))
 }
 
+/// Where the gate asks: the agent socket, or a Keyturn over TCP.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    Socket(PathBuf),
+    Tcp(TcpTarget),
+}
+
+impl Endpoint {
+    /// `--url` (with the token from `token_env`, default `KEYTURN_TOKEN`,
+    /// and the CA `ca`, default `KEYTURN_CA`) when given, else the socket
+    /// as [`socket_path`] finds it.
+    pub fn find(
+        url: Option<&str>,
+        token_env: Option<&str>,
+        ca: Option<&Path>,
+        socket: Option<&Path>,
+        config: Option<&Path>,
+    ) -> Result<Endpoint, String> {
+        match url.filter(|u| !u.is_empty()) {
+            Some(u) => Ok(Endpoint::Tcp(TcpTarget::from_env(u, token_env, ca)?)),
+            None => Ok(Endpoint::Socket(socket_path(socket, config)?)),
+        }
+    }
+
+    /// For messages.
+    pub fn shown(&self) -> String {
+        match self {
+            Endpoint::Socket(p) => p.display().to_string(),
+            Endpoint::Tcp(t) => t.url.clone(),
+        }
+    }
+}
+
+/// The flags every agent-side gate takes to reach Keyturn over TCP.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct UrlArgs {
+    /// Reach Keyturn over TCP instead of the socket:
+    /// keyturn+tls://HOST:PORT (or keyturn+tcp://127.0.0.1:PORT on this
+    /// host). The agent's bearer token comes from KEYTURN_TOKEN.
+    #[arg(long, env = "KEYTURN_URL")]
+    pub url: Option<String>,
+    /// The variable holding the bearer token (default KEYTURN_TOKEN).
+    #[arg(long, value_name = "NAME")]
+    pub token_env: Option<String>,
+    /// CA certificate (PEM) to trust for keyturn+tls:// (self-signed
+    /// deployments); default: KEYTURN_CA, else the public web roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+}
+
+impl UrlArgs {
+    /// See [`Endpoint::find`].
+    pub fn endpoint(
+        &self,
+        socket: Option<&Path>,
+        config: Option<&Path>,
+    ) -> Result<Endpoint, String> {
+        Endpoint::find(
+            self.url.as_deref(),
+            self.token_env.as_deref(),
+            self.ca.as_deref(),
+            socket,
+            config,
+        )
+    }
+}
+
 /// Why the gate could not get a decision.
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
@@ -59,6 +128,9 @@ pub enum GateError {
     Protocol(String),
     #[error("Keyturn refused the call: {0}")]
     Rpc(RpcError),
+    /// Connecting over TCP failed (connect, TLS handshake).
+    #[error("{0}")]
+    Dial(String),
     /// The answer is about another call than the one asked about (another
     /// tool, other arguments, another request): never act on it.
     #[error("Keyturn's answer is about a different call ({0})")]
@@ -69,23 +141,96 @@ pub enum GateError {
     Withdrawn,
 }
 
-/// A blocking JSON-RPC client over the agent socket: one line out, one in.
+/// The gate's connection: the agent socket, or TCP (plain or TLS).
+enum GateStream {
+    Unix(UnixStream),
+    Tcp(BlockingStream),
+}
+
+impl std::io::Read for GateStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            GateStream::Unix(s) => s.read(buf),
+            GateStream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for GateStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            GateStream::Unix(s) => s.write(buf),
+            GateStream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            GateStream::Unix(s) => s.flush(),
+            GateStream::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+impl GateStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            GateStream::Unix(s) => s.set_read_timeout(t),
+            GateStream::Tcp(s) => s.socket().set_read_timeout(t),
+        }
+    }
+}
+
+/// A second handle on a gate's connection, to shut it down from another
+/// thread (see [`Withdraw`]).
+#[derive(Debug)]
+pub enum StreamHandle {
+    Unix(UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl StreamHandle {
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        match self {
+            StreamHandle::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            StreamHandle::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        }
+    }
+}
+
+/// A blocking JSON-RPC client over the agent socket or TCP: one line out,
+/// one in.
 pub struct LineClient {
-    reader: BufReader<UnixStream>,
+    reader: BufReader<GateStream>,
     next_id: u64,
 }
 
 impl LineClient {
     /// A second handle on the connection, to shut it down from elsewhere.
-    pub fn stream_handle(&self) -> std::io::Result<UnixStream> {
-        self.reader.get_ref().try_clone()
+    pub fn stream_handle(&self) -> std::io::Result<StreamHandle> {
+        match self.reader.get_ref() {
+            GateStream::Unix(s) => s.try_clone().map(StreamHandle::Unix),
+            GateStream::Tcp(s) => s.socket().try_clone().map(StreamHandle::Tcp),
+        }
     }
 
-    pub fn connect(path: &Path) -> Result<LineClient, GateError> {
-        let stream = UnixStream::connect(path).map_err(|source| GateError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
+    /// Connects to the socket, or over TCP (authenticated with the
+    /// target's token).
+    pub fn connect(at: &Endpoint) -> Result<LineClient, GateError> {
+        let stream = match at {
+            Endpoint::Socket(path) => {
+                GateStream::Unix(UnixStream::connect(path).map_err(|source| {
+                    GateError::Connect {
+                        path: path.display().to_string(),
+                        source,
+                    }
+                })?)
+            }
+            Endpoint::Tcp(t) => GateStream::Tcp(t.connect_blocking().map_err(|e| match e {
+                DialError::Refused(e) => GateError::Rpc(e),
+                DialError::Protocol(why) => GateError::Protocol(why),
+                other => GateError::Dial(other.to_string()),
+            })?),
+        };
         Ok(LineClient {
             reader: BufReader::new(stream),
             next_id: 1,
@@ -133,10 +278,10 @@ fn is_timeout(e: &GateError) -> bool {
     matches!(e, GateError::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
 }
 
-/// Who is asking, on which socket.
+/// Who is asking, and where.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    pub socket: PathBuf,
+    pub socket: Endpoint,
     pub agent: String,
     pub token: Option<String>,
 }
@@ -233,7 +378,7 @@ impl Asked {
 /// (`client_gone`), as it does for any waiting client that goes away.
 #[derive(Debug, Default)]
 pub struct Withdraw {
-    state: std::sync::Mutex<(bool, Option<UnixStream>)>,
+    state: std::sync::Mutex<(bool, Option<StreamHandle>)>,
 }
 
 impl Withdraw {
@@ -242,7 +387,7 @@ impl Withdraw {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.0 = true;
         if let Some(s) = st.1.take() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            let _ = s.shutdown();
         }
     }
 
@@ -251,7 +396,7 @@ impl Withdraw {
     }
 
     /// Records the connection; `false` if the call is already withdrawn.
-    fn attach(&self, s: UnixStream) -> bool {
+    fn attach(&self, s: StreamHandle) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.0 {
             return false;
@@ -322,7 +467,7 @@ pub struct PendingNotice {
 
 impl PendingNotice {
     /// `params`: the full `submit` params (agent, token, idempotency_key).
-    pub fn start(socket: PathBuf, params: Value, after: Duration) -> PendingNotice {
+    pub fn start(socket: Endpoint, params: Value, after: Duration) -> PendingNotice {
         let (done, rx) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
             if !matches!(

@@ -19,13 +19,17 @@ pub struct HealthAnswer {
     pub policy: Option<ComponentAnswer>,
     /// `None` when Discord is not configured.
     pub discord: Option<ComponentAnswer>,
+    /// `leader` or `follower` (absent from older servers).
+    #[serde(default)]
+    pub role: Option<String>,
 }
 
 /// One component in [`HealthAnswer`].
 #[derive(Debug, Deserialize)]
 pub struct ComponentAnswer {
     pub up: bool,
-    /// `up`, `down`, `timeout`, or Discord's `connected`/`connecting`/`failed`.
+    /// `up`, `down`, `timeout`, or Discord's `connected`/`connecting`/
+    /// `failed`/`standby`.
     pub state: Option<String>,
     /// Why it is down (admins only).
     pub detail: Option<String>,
@@ -148,6 +152,29 @@ pub struct PairingCodeAnswer {
 pub struct PairingCodeIssued {
     pub user_id: String,
     pub code: String,
+}
+
+/// `token.issue` and `token.rotate`: the token, shown once.
+#[derive(Debug, Deserialize)]
+pub struct TokenIssued {
+    pub id: String,
+    pub agent: String,
+    pub token: String,
+    pub expires_ms: Option<i64>,
+    pub others_expire_ms: Option<i64>,
+    #[serde(default)]
+    pub others: u64,
+}
+
+/// One token as `token.list` and `token.revoke` show it (never a secret).
+#[derive(Debug, Deserialize)]
+pub struct TokenAnswer {
+    pub id: String,
+    pub agent: String,
+    pub created_ms: i64,
+    pub created_by: String,
+    pub expires_ms: Option<i64>,
+    pub revoked_ms: Option<i64>,
 }
 
 /// One audit entry (`audit.tail`, `audit.export`).

@@ -1,6 +1,8 @@
-//! A small client for the socket, used by the CLI and the tests.
+//! A small client for the socket (or, given a URL, the TCP listener), used
+//! by the CLI and the tests.
 
 use super::protocol::{read_response, request_line, ResponseError, RpcError};
+use super::tcp_endpoint::{AsyncStream, DialError, TcpTarget};
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::path::Path;
@@ -22,6 +24,19 @@ pub enum ClientError {
     Protocol(String),
     #[error("{0}")]
     Rpc(RpcError),
+    /// Connecting over TCP failed (connect, TLS), before any call.
+    #[error("{0}")]
+    Dial(String),
+}
+
+impl From<DialError> for ClientError {
+    fn from(e: DialError) -> ClientError {
+        match e {
+            DialError::Refused(e) => ClientError::Rpc(e),
+            DialError::Protocol(why) => ClientError::Protocol(why),
+            other => ClientError::Dial(other.to_string()),
+        }
+    }
 }
 
 impl From<ResponseError> for ClientError {
@@ -34,7 +49,7 @@ impl From<ResponseError> for ClientError {
 }
 
 pub struct Client {
-    framed: Framed<UnixStream, LinesCodec>,
+    framed: Framed<Box<dyn AsyncStream>, LinesCodec>,
     next_id: u64,
 }
 
@@ -46,10 +61,20 @@ impl Client {
                 path: path.display().to_string(),
                 source,
             })?;
-        Ok(Client {
+        Ok(Client::over(Box::new(stream)))
+    }
+
+    /// Connects over TCP (TLS for `keyturn+tls://`) and authenticates with
+    /// the target's bearer token: every call then acts as its agent.
+    pub async fn connect_tcp(target: &TcpTarget) -> Result<Client, ClientError> {
+        Ok(Client::over(target.connect().await?))
+    }
+
+    fn over(stream: Box<dyn AsyncStream>) -> Client {
+        Client {
             framed: Framed::new(stream, LinesCodec::new_with_max_length(64 * 1024 * 1024)),
             next_id: 1,
-        })
+        }
     }
 
     /// Calls `method` and waits for its response.

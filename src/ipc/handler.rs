@@ -5,12 +5,15 @@
 //! Admin methods ([`MethodName::requires_admin`]) are served only on the
 //! admin socket, whatever the peer's uid: an agent connection can never
 //! approve, grant or read the audit log, even when it runs as an admin uid.
+//! A connection over TCP has no uid: its bearer token binds it to one agent,
+//! which every call on it acts as, and admin methods are never served there.
 
 use super::protocol::{
     reply, response, BadMethod, DecisionView, Method, MethodName, RpcError, SubmitParams,
 };
 use crate::app::connection::ConnectionStatus;
 use crate::app::health::HealthProbe;
+use crate::app::tokens::Bearer;
 use crate::app::{AppError, Gateway, Submission};
 use crate::domain::canonical::{parse_strict, strict_number, StrictError};
 use crate::domain::request::{ApprovalRequest, RequestId, CLIENT_GONE};
@@ -19,15 +22,23 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Who is on the other end of a connection (from SO_PEERCRED), and which
-/// socket it connected to.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer {
-    pub uid: u32,
-    pub pid: Option<i32>,
-    /// Connected to the admin socket (`[admin] socket_path`), which only
-    /// admin uids may reach; false for the agent socket.
-    pub admin_socket: bool,
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// On a Unix socket: the uid and pid from SO_PEERCRED, and which socket.
+    Local {
+        uid: u32,
+        pid: Option<i32>,
+        /// Connected to the admin socket (`[admin] socket_path`), which only
+        /// admin uids may reach; false for the agent socket.
+        admin_socket: bool,
+    },
+    /// Over TCP: no uid (uid checks do not apply), authenticated by a bearer
+    /// token that binds the connection to one agent.
+    Remote {
+        addr: std::net::SocketAddr,
+        bearer: Arc<Bearer>,
+    },
 }
 
 /// One call, parsed out of its line once: only the id and the method with
@@ -149,20 +160,55 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
 }
 
 impl Peer {
+    /// The peer's uid; `None` over TCP.
+    pub fn uid(&self) -> Option<u32> {
+        match self {
+            Peer::Local { uid, .. } => Some(*uid),
+            Peer::Remote { .. } => None,
+        }
+    }
+
+    fn admin_socket(&self) -> bool {
+        matches!(
+            self,
+            Peer::Local {
+                admin_socket: true,
+                ..
+            }
+        )
+    }
+
     /// Admin rights come with the admin socket (and its uid check), never
     /// with a uid alone: agent connections are never admins.
     fn is_admin(&self, admin_uid: bool) -> bool {
-        self.admin_socket && admin_uid
+        self.admin_socket() && admin_uid
+    }
+
+    /// How the audit log names this peer when no agent acts.
+    fn who(&self) -> String {
+        match self {
+            Peer::Local { uid, .. } => format!("uid:{uid}"),
+            Peer::Remote { bearer, .. } => format!("agent:{}", bearer.agent),
+        }
     }
 }
 
 /// Why `peer` (whose uid is an admin's when `admin_uid`) may not call
 /// `method`, if it may not.
-fn refusal(method: MethodName, peer: Peer, admin_uid: bool) -> Option<RpcError> {
+fn refusal(method: MethodName, peer: &Peer, admin_uid: bool) -> Option<RpcError> {
     if !method.requires_admin() || peer.is_admin(admin_uid) {
         return None;
     }
-    if !peer.admin_socket {
+    if let Peer::Remote { .. } = peer {
+        return Some(RpcError::new(
+            "not_admin",
+            format!(
+                "`{}` is an admin method and is never served over TCP: use the admin socket ([admin] socket_path) on the server's host",
+                method.as_str()
+            ),
+        ));
+    }
+    if !peer.admin_socket() {
         return Some(RpcError::new(
             "not_admin",
             format!(
@@ -268,13 +314,13 @@ impl Handler {
         method: Result<Method, BadMethod>,
         gone: &CancellationToken,
     ) -> Result<Out, RpcError> {
-        let admin_uid = self.gw.is_admin_uid(peer.uid);
+        let admin_uid = peer.uid().is_some_and(|u| self.gw.is_admin_uid(u));
         let admin = peer.is_admin(admin_uid);
         let name = match &method {
             Ok(m) => Some(m.name()),
             Err(bad) => bad.name,
         };
-        if let Some(no) = name.and_then(|n| refusal(n, peer, admin_uid)) {
+        if let Some(no) = name.and_then(|n| refusal(n, &peer, admin_uid)) {
             return Err(no);
         }
         let method = method.map_err(|bad| bad.error)?;
@@ -295,10 +341,11 @@ impl Handler {
                     .map_err(|m| RpcError::new("invalid_params", m))?,
                 None => None,
             };
-            Ok((format!("uid:{}", peer.uid), name))
+            Ok((peer.who(), name))
         };
-        let who = format!("uid:{}", peer.uid);
+        let who = peer.who();
         let approve = matches!(method, Method::Approve(_));
+        let rotate = matches!(method, Method::TokenRotate(_));
         let value = match method {
             Method::Ping => Ok(json!({"pong": true, "admin": admin})),
             // On both sockets: it says what is down, never why, except to
@@ -313,8 +360,8 @@ impl Handler {
             }
             Method::Submit(p) => {
                 let (agent, token, flow, mut sub) = split(p);
-                gw.authenticate_agent(&agent, token.as_deref(), peer.uid)?;
-                sub.requester_uid = Some(peer.uid);
+                self.authenticate(&peer, &agent, token.as_deref())?;
+                sub.requester_uid = peer.uid();
                 // The submit itself always completes (a half-stored request
                 // would have no deadline and no card); only then is the
                 // client's absence acted on.
@@ -336,12 +383,12 @@ impl Handler {
             }
             Method::Check(p) => {
                 let (agent, token, _, sub) = split(p);
-                gw.authenticate_agent(&agent, token.as_deref(), peer.uid)?;
+                self.authenticate(&peer, &agent, token.as_deref())?;
                 to_value(gw.check(&agent, &sub).await?)
             }
             Method::Wait(q) => {
                 let id = parse_id(&q.id)?;
-                let agent = self.acting_agent(peer, admin, &q.agent, &q.token)?;
+                let agent = self.acting_agent(&peer, admin, &q.agent, &q.token)?;
                 let waited = gw.wait(id, agent, q.timeout_secs.map(Duration::from_secs));
                 let r = tokio::select! {
                     w = waited => w?,
@@ -351,26 +398,26 @@ impl Handler {
             }
             Method::Status(q) => {
                 let id = parse_id(&q.id)?;
-                let agent = self.acting_agent(peer, admin, &q.agent, &q.token)?;
+                let agent = self.acting_agent(&peer, admin, &q.agent, &q.token)?;
                 let r = gw.status_for(id, agent).await?;
                 return Ok(Out::Decision(Box::new(DecisionView::from(&r))));
             }
             Method::Cancel(q) => {
                 let id = parse_id(&q.id)?;
-                let agent = self.acting_agent(peer, admin, &q.agent, &q.token)?;
+                let agent = self.acting_agent(&peer, admin, &q.agent, &q.token)?;
                 let by = agent.map(|a| format!("agent:{a}")).unwrap_or(who);
                 let r = gw.cancel(id, &by, agent, q.reason).await?;
                 return Ok(Out::Decision(Box::new(DecisionView::from(&r))));
             }
             Method::Verify(q) => {
                 let id = parse_id(&q.id)?;
-                let agent = self.acting_agent(peer, admin, &q.agent, &q.token)?;
+                let agent = self.acting_agent(&peer, admin, &q.agent, &q.token)?;
                 to_value(gw.verify_args(id, agent, &q.args).await?)
             }
             Method::Stats => {
                 let counts = gw.pending_counts().await?;
                 let total: usize = counts.values().sum();
-                Ok(json!({"pending": total, "pending_by_agent": counts}))
+                Ok(json!({"pending": total, "pending_by_agent": counts, "waiting": gw.waiting()}))
             }
             Method::Pending(q) => to_value(gw.pending(q.limit.unwrap_or(100).min(10_000)).await?),
             Method::Approve(q) | Method::Deny(q) => {
@@ -439,6 +486,19 @@ impl Handler {
                 Ok(n) => Ok(json!({"ok": true, "entries": n})),
                 Err(b) => Ok(json!({"ok": false, "broken_at": b.seq, "problem": b.problem})),
             },
+            Method::TokenIssue(q) | Method::TokenRotate(q) => {
+                let overlap = rotate.then(|| Duration::from_secs(q.overlap_secs.unwrap_or(3600)));
+                if !rotate && q.overlap_secs.is_some() {
+                    return Err(RpcError::new(
+                        "invalid_params",
+                        "`overlap_secs` is for token.rotate",
+                    ));
+                }
+                let ttl = q.expires_secs.map(Duration::from_secs);
+                to_value(gw.issue_token(&q.agent, ttl, overlap, &who).await?)
+            }
+            Method::TokenRevoke(q) => to_value(gw.revoke_token(&q.id, &who).await?),
+            Method::TokenList => to_value(gw.tokens().await?),
             Method::AuditPrune(q) => {
                 let days = match q.older_than_days {
                     Some(d) => d,
@@ -463,22 +523,48 @@ impl Handler {
         value.map(Out::Value)
     }
 
+    /// Checks that `peer` may act as `agent`: on a Unix socket by uid and
+    /// the agent's configured token; over TCP the connection's bearer token
+    /// already did, for its one agent, and no other.
+    fn authenticate(&self, peer: &Peer, agent: &str, token: Option<&str>) -> Result<(), RpcError> {
+        match peer {
+            Peer::Local { uid, .. } => Ok(self.gw.authenticate_agent(agent, token, *uid)?),
+            Peer::Remote { bearer, .. } if bearer.agent == agent => {
+                Ok(self.gw.bearer_agent_ok(agent)?)
+            }
+            Peer::Remote { bearer, .. } => {
+                let shown: String = agent.chars().take(64).collect();
+                Err(AppError::NotAuthorized(format!(
+                    "this connection's token is agent `{}`'s; it may not act as agent `{}`",
+                    bearer.agent,
+                    shown.escape_debug()
+                ))
+                .into())
+            }
+        }
+    }
+
     /// The agent a by-id call acts as (authenticated), or `None` for an
-    /// admin acting on any request.
+    /// admin acting on any request. Over TCP, the token's agent when the
+    /// call names none.
     fn acting_agent<'a>(
         &self,
-        peer: Peer,
+        peer: &'a Peer,
         admin: bool,
         agent: &'a Option<String>,
         token: &Option<String>,
     ) -> Result<Option<&'a str>, RpcError> {
-        match agent {
-            Some(a) => {
-                self.gw.authenticate_agent(a, token.as_deref(), peer.uid)?;
+        match (agent, peer) {
+            (Some(a), _) => {
+                self.authenticate(peer, a, token.as_deref())?;
                 Ok(Some(a.as_str()))
             }
-            None if admin => Ok(None),
-            None => Err(RpcError::new("invalid_params", "`agent` is required")),
+            (None, Peer::Remote { bearer, .. }) => {
+                self.gw.bearer_agent_ok(&bearer.agent)?;
+                Ok(Some(bearer.agent.as_str()))
+            }
+            (None, _) if admin => Ok(None),
+            (None, _) => Err(RpcError::new("invalid_params", "`agent` is required")),
         }
     }
 }
@@ -534,10 +620,33 @@ mod tests {
     use super::*;
 
     fn peer(admin_socket: bool) -> Peer {
-        Peer {
+        Peer::Local {
             uid: 1000,
             pid: None,
             admin_socket,
+        }
+    }
+
+    fn remote() -> Peer {
+        Peer::Remote {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            bearer: Arc::new(Bearer {
+                token_id: "t".into(),
+                agent: "bot".into(),
+                expires_ms: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn no_admin_method_is_served_over_tcp() {
+        for &m in MethodName::ALL {
+            let refused = refusal(m, &remote(), false);
+            assert_eq!(refused.is_some(), m.requires_admin(), "{}", m.as_str());
+            if let Some(e) = refused {
+                assert_eq!(e.data.code, "not_admin");
+                assert!(e.message.contains("TCP"), "{}", e.message);
+            }
         }
     }
 
@@ -545,7 +654,7 @@ mod tests {
     fn the_agent_socket_refuses_every_admin_method_even_to_an_admin_uid() {
         for &m in MethodName::ALL.iter().filter(|m| m.requires_admin()) {
             for admin_uid in [false, true] {
-                let Some(e) = refusal(m, peer(false), admin_uid) else {
+                let Some(e) = refusal(m, &peer(false), admin_uid) else {
                     panic!("{} served on the agent socket", m.as_str());
                 };
                 assert_eq!(e.data.code, "not_admin", "{}", m.as_str());
@@ -553,11 +662,11 @@ mod tests {
                 assert!(e.message.contains(m.as_str()), "{}", e.message);
             }
             // A uid that is not an admin on the admin socket.
-            let e = refusal(m, peer(true), false)
+            let e = refusal(m, &peer(true), false)
                 .unwrap_or_else(|| panic!("{} served to a non-admin uid", m.as_str()));
             assert_eq!(e.data.code, "not_admin", "{}", m.as_str());
             // An admin on the admin socket.
-            assert!(refusal(m, peer(true), true).is_none(), "{}", m.as_str());
+            assert!(refusal(m, &peer(true), true).is_none(), "{}", m.as_str());
         }
     }
 
@@ -567,7 +676,7 @@ mod tests {
             for socket in [false, true] {
                 for admin_uid in [false, true] {
                     assert!(
-                        refusal(m, peer(socket), admin_uid).is_none(),
+                        refusal(m, &peer(socket), admin_uid).is_none(),
                         "{}",
                         m.as_str()
                     );
@@ -587,6 +696,6 @@ mod tests {
             panic!("bad params accepted")
         };
         assert_eq!(bad.name, Some(MethodName::Approve));
-        assert!(refusal(MethodName::Approve, peer(false), false).is_some());
+        assert!(refusal(MethodName::Approve, &peer(false), false).is_some());
     }
 }

@@ -37,7 +37,7 @@ pub fn numeric_code(name: &str) -> i64 {
             codes::CONFLICT
         }
         "not_admin" | "admin_only" | "agent_refused" | "not_your_request" | "peer_refused"
-        | "self_approval" => codes::FORBIDDEN,
+        | "self_approval" | "unauthorized" | "not_authorized" => codes::FORBIDDEN,
         "too_many_pending" | "too_many_connections" | "too_many_inflight" | "idle_timeout" => {
             codes::LIMIT
         }
@@ -285,6 +285,10 @@ method_names! {
     AuditExport => "audit.export",
     AuditVerify => "audit.verify",
     AuditPrune => "audit.prune",
+    TokenIssue => "token.issue",
+    TokenRotate => "token.rotate",
+    TokenRevoke => "token.revoke",
+    TokenList => "token.list",
 }
 
 impl MethodName {
@@ -296,9 +300,8 @@ impl MethodName {
             Ping | Health | Submit | Check | Wait | Status | Cancel | Verify => false,
             Stats | Pending | Approve | Deny | Grant | Revoke | ToolsList | ToolsEffective
             | ToolsRisk | ToolsRisks | PairingList | PairingRequest | PairingApprove
-            | PairingAdd | PairingRevoke | AuditTail | AuditExport | AuditVerify | AuditPrune => {
-                true
-            }
+            | PairingAdd | PairingRevoke | AuditTail | AuditExport | AuditVerify | AuditPrune
+            | TokenIssue | TokenRotate | TokenRevoke | TokenList => true,
         }
     }
 }
@@ -371,6 +374,11 @@ pub enum Method {
     /// Params ignored.
     AuditVerify,
     AuditPrune(PruneParams),
+    TokenIssue(TokenParams),
+    TokenRotate(TokenParams),
+    TokenRevoke(TokenRevokeParams),
+    /// Params ignored.
+    TokenList,
 }
 
 /// Why a call's method or params could not be read.
@@ -436,6 +444,10 @@ impl Method {
             N::AuditExport => Method::AuditExport(params(p)?),
             N::AuditVerify => Method::AuditVerify,
             N::AuditPrune => Method::AuditPrune(params(p)?),
+            N::TokenIssue => Method::TokenIssue(params(p)?),
+            N::TokenRotate => Method::TokenRotate(params(p)?),
+            N::TokenRevoke => Method::TokenRevoke(params(p)?),
+            N::TokenList => Method::TokenList,
         })
     }
 
@@ -469,6 +481,10 @@ impl Method {
             Method::AuditExport(_) => N::AuditExport,
             Method::AuditVerify => N::AuditVerify,
             Method::AuditPrune(_) => N::AuditPrune,
+            Method::TokenIssue(_) => N::TokenIssue,
+            Method::TokenRotate(_) => N::TokenRotate,
+            Method::TokenRevoke(_) => N::TokenRevoke,
+            Method::TokenList => N::TokenList,
         }
     }
 
@@ -553,6 +569,27 @@ pub struct VerifyParams {
 pub struct PruneParams {
     /// Prune entries older than this many days (default: audit.retention_days).
     pub older_than_days: Option<u32>,
+}
+
+/// `token.issue` and `token.rotate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenParams {
+    /// A configured agent.
+    pub agent: String,
+    /// The new token stops working this long after it is issued (never,
+    /// when absent).
+    pub expires_secs: Option<u64>,
+    /// For `token.rotate`: the agent's other live tokens keep working this
+    /// long (default one hour).
+    pub overlap_secs: Option<u64>,
+}
+
+/// `token.revoke`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRevokeParams {
+    pub id: String,
 }
 
 /// `approve` and `deny`.
@@ -742,6 +779,8 @@ mod tests {
             N::Wait | N::Status | N::Cancel | N::Approve | N::Deny => json!({"id": id}),
             N::Verify => json!({"id": id, "args": {}}),
             N::Grant | N::Revoke => json!({"scope": "global", "tool": "t"}),
+            N::TokenIssue | N::TokenRotate => json!({"agent": "bot"}),
+            N::TokenRevoke => json!({"id": "x"}),
             N::ToolsRisk => json!({"tool": "t", "risk": null}),
             N::Ping
             | N::Health
@@ -758,7 +797,8 @@ mod tests {
             | N::AuditTail
             | N::AuditExport
             | N::AuditVerify
-            | N::AuditPrune => Value::Null,
+            | N::AuditPrune
+            | N::TokenList => Value::Null,
         }
     }
 
@@ -773,7 +813,7 @@ mod tests {
             assert_eq!(parsed.name(), m);
             assert_eq!(parsed.requires_admin(), m.requires_admin());
         }
-        assert_eq!(seen.len(), 27);
+        assert_eq!(seen.len(), 31);
     }
 
     #[test]
@@ -798,6 +838,10 @@ mod tests {
             "audit.export",
             "audit.verify",
             "audit.prune",
+            "token.issue",
+            "token.rotate",
+            "token.revoke",
+            "token.list",
         ];
         for name in admin {
             assert!(is_admin_method(name), "{name}");

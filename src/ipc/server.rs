@@ -6,6 +6,9 @@
 //! It notices a peer that went away (closed, killed: not a half-close) while
 //! its calls are in flight, and tells them, so a waiting client that leaves
 //! cancels its request instead of leaving it approvable by mistake.
+//!
+//! The per-connection loop ([`connection`]) is shared with the TCP listener
+//! (`super::tcp`), which authenticates a connection before handing it over.
 
 use super::handler::{parse_call, Handler, Peer};
 use super::protocol::{response, RpcError};
@@ -17,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -232,7 +235,7 @@ pub async fn serve(
             ));
             continue;
         };
-        let peer = Peer {
+        let peer = Peer::Local {
             uid: cred.uid(),
             pid: cred.pid(),
             admin_socket: opts.admin,
@@ -245,7 +248,27 @@ pub async fn serve(
         );
         let open = crate::app::metrics::global().connection(opts.admin);
         tracker.spawn(async move {
-            connection(stream, peer, handler, limits, &stop, &closed, &inflight).await;
+            if let Some(stream) = admit(stream, cred.uid(), &handler, limits.admin).await {
+                let (read, write) = stream.into_split();
+                let never = CancellationToken::new();
+                let ends = Ends {
+                    stop: &stop,
+                    closed: &closed,
+                    kicked: &never,
+                };
+                let lines = LineReader::new(read, limits.max_line);
+                connection(
+                    lines,
+                    write,
+                    peer_hung_up,
+                    peer,
+                    handler,
+                    limits,
+                    ends,
+                    &inflight,
+                )
+                .await;
+            }
             drop(open);
             drop(uid_slot);
             drop(permit);
@@ -270,32 +293,41 @@ pub async fn serve(
     }
 }
 
-/// The open connections of each uid on one socket.
-#[derive(Default)]
-struct UidSlots(Mutex<HashMap<u32, usize>>);
+/// The open connections of each uid (or, over TCP, each IP address) on
+/// one listener.
+pub(super) struct Slots<K>(Mutex<HashMap<K, usize>>);
 
-/// One connection's place in [`UidSlots`], given back on drop.
-struct UidSlot {
-    slots: Arc<UidSlots>,
-    uid: u32,
+/// The open connections of each uid on one socket.
+type UidSlots = Slots<u32>;
+
+impl<K> Default for Slots<K> {
+    fn default() -> Self {
+        Slots(Mutex::new(HashMap::new()))
+    }
 }
 
-impl UidSlots {
-    fn take(slots: &Arc<UidSlots>, uid: u32, max: usize) -> Option<UidSlot> {
+/// One connection's place in [`Slots`], given back on drop.
+pub(super) struct Slot<K: std::hash::Hash + Eq> {
+    slots: Arc<Slots<K>>,
+    uid: K,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Slots<K> {
+    pub(super) fn take(slots: &Arc<Slots<K>>, uid: K, max: usize) -> Option<Slot<K>> {
         let mut m = slots.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(uid).or_insert(0);
+        let n = m.entry(uid.clone()).or_insert(0);
         if *n >= max {
             return None;
         }
         *n += 1;
-        Some(UidSlot {
+        Some(Slot {
             slots: slots.clone(),
             uid,
         })
     }
 }
 
-impl Drop for UidSlot {
+impl<K: std::hash::Hash + Eq> Drop for Slot<K> {
     fn drop(&mut self) {
         let mut m = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = m.get_mut(&self.uid) {
@@ -330,16 +362,28 @@ impl Drop for Charge<'_> {
 
 /// What one connection may do.
 #[derive(Clone, Copy)]
-struct Limits {
-    admin: bool,
-    max_line: usize,
-    max_inflight: usize,
-    max_bytes: usize,
-    max_total_bytes: usize,
-    idle: Duration,
+pub(super) struct Limits {
+    pub(super) admin: bool,
+    pub(super) max_line: usize,
+    pub(super) max_inflight: usize,
+    pub(super) max_bytes: usize,
+    pub(super) max_total_bytes: usize,
+    pub(super) idle: Duration,
 }
 
-async fn refuse(stream: UnixStream, code: &str, message: String) {
+/// What ends a connection from outside: `stop` (read no more calls, let
+/// those in flight finish), `closed` (the drain is over: close now), and
+/// `kicked` (its credentials no longer hold: calls in flight end as for a
+/// peer that left, and the connection is closed with an `unauthorized` line).
+#[derive(Clone, Copy)]
+pub(super) struct Ends<'a> {
+    pub(super) stop: &'a CancellationToken,
+    pub(super) closed: &'a CancellationToken,
+    pub(super) kicked: &'a CancellationToken,
+}
+
+/// Writes one error line (with a null id) and closes the stream.
+pub(super) async fn refuse<S: AsyncWrite + Unpin>(stream: S, code: &str, message: String) {
     let mut w = FramedWrite::new(stream, LinesCodec::new());
     let _ = w
         .send(response(
@@ -358,51 +402,68 @@ fn too_many(id: &serde_json::Value, message: String) -> Option<String> {
     ))
 }
 
-async fn connection(
+/// The Unix socket's admission by uid: admins only on the admin socket,
+/// configured agents' and admins' uids on the agent socket. `None` when
+/// refused (the peer was told why).
+async fn admit(
     stream: UnixStream,
-    peer: Peer,
-    handler: Arc<Handler>,
-    limits: Limits,
-    stop: &CancellationToken,
-    closed: &CancellationToken,
-    inflight: &AtomicUsize,
-) {
-    let admin_socket = limits.admin;
-    if admin_socket && !handler.gateway().is_admin_uid(peer.uid) {
+    uid: u32,
+    handler: &Handler,
+    admin_socket: bool,
+) -> Option<UnixStream> {
+    if admin_socket && !handler.gateway().is_admin_uid(uid) {
         tracing::warn!(
-            peer.uid = peer.uid,
+            peer.uid = uid,
             "admin socket connection from a uid that is not an admin"
         );
         refuse(
             stream,
             "not_admin",
-            format!(
-                "uid {} may not use the admin socket (not in admin.uids)",
-                peer.uid
-            ),
+            format!("uid {uid} may not use the admin socket (not in admin.uids)"),
         )
         .await;
-        return;
+        return None;
     }
-    if !admin_socket && !handler.gateway().uid_may_connect(peer.uid) {
+    if !admin_socket && !handler.gateway().uid_may_connect(uid) {
         tracing::warn!(
-            peer.uid = peer.uid,
+            peer.uid = uid,
             "connection from a uid that is neither an agent nor an admin"
         );
         refuse(
             stream,
             "peer_refused",
-            format!(
-                "uid {} may not connect (not a configured agent or admin uid)",
-                peer.uid
-            ),
+            format!("uid {uid} may not connect (not a configured agent or admin uid)"),
         )
         .await;
-        return;
+        return None;
     }
+    Some(stream)
+}
+
+/// Serves one admitted connection: calls read from `read`, answers written
+/// to `write`; `hung_up` tells whether a peer that stopped sending has gone
+/// for good (not merely half-closed) while its calls are in flight.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn connection<R, W>(
+    mut lines: LineReader<R>,
+    mut write: W,
+    hung_up: fn(&W) -> bool,
+    peer: Peer,
+    handler: Arc<Handler>,
+    limits: Limits,
+    ends: Ends<'_>,
+    inflight: &AtomicUsize,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Ends {
+        stop,
+        closed,
+        kicked,
+    } = ends;
     let (max_line, max_inflight) = (limits.max_line, limits.max_inflight);
-    let (read, mut write) = stream.into_split();
-    let mut lines = LineReader::new(read, max_line);
+    let mut was_kicked = false;
     // Bytes of this connection's calls in flight.
     let mut held = 0usize;
     // Idle and stalled-reader detection with one timer: `last_active` moves
@@ -429,6 +490,15 @@ async fn connection(
     while reading || !calls.is_empty() {
         let reply = tokio::select! {
             _ = closed.cancelled() => return,
+            // Its credentials no longer hold: read nothing more; calls in
+            // flight end as for a peer that left (a waiting one cancels its
+            // request), and nothing more is answered.
+            _ = kicked.cancelled(), if !was_kicked => {
+                was_kicked = true;
+                reading = false;
+                gone.cancel();
+                None
+            }
             // Shutdown: read no more calls; those in flight may finish
             // until the drain is over.
             _ = stop.cancelled(), if !draining => {
@@ -446,7 +516,7 @@ async fn connection(
                     idle.as_mut().reset(last_active + limits.idle);
                     None
                 } else {
-                    tracing::debug!(peer.uid = peer.uid, "idle connection closed");
+                    tracing::debug!(peer = ?peer.uid(), "idle connection closed");
                     reading = false;
                     Some(response(
                         &serde_json::Value::Null,
@@ -461,7 +531,7 @@ async fn connection(
                 }
             }
             _ = recheck.tick(), if !reading && !gone.is_cancelled() => {
-                if peer_hung_up(&write) {
+                if hung_up(&write) {
                     gone.cancel();
                 }
                 None
@@ -469,7 +539,7 @@ async fn connection(
             next = lines.next_line(), if reading => match next {
                 Ok(None) => {
                     reading = false;
-                    if !calls.is_empty() && peer_hung_up(&write) {
+                    if !calls.is_empty() && hung_up(&write) {
                         gone.cancel();
                     }
                     None
@@ -503,7 +573,7 @@ async fn connection(
                                 Charge::take(inflight, n, limits.max_total_bytes)
                             {
                                 held += n;
-                                let (handler, gone) = (handler.clone(), gone.clone());
+                                let (handler, gone, peer) = (handler.clone(), gone.clone(), peer.clone());
                                 calls.push(async move {
                                     let reply = handler.handle_call(peer, call, &gone).await;
                                     drop(charge);
@@ -556,7 +626,7 @@ async fn connection(
                     _ = closed.cancelled() => return,
                     _ = &mut idle => {
                         if last_active.elapsed() >= limits.idle {
-                            tracing::debug!(peer.uid = peer.uid, "the peer reads no replies; giving up on it");
+                            tracing::debug!(peer = ?peer.uid(), "the peer reads no replies; giving up on it");
                             break false;
                         }
                         idle.as_mut().reset(last_active + limits.idle);
@@ -570,6 +640,21 @@ async fn connection(
                 gone.cancel();
             }
         }
+    }
+    if was_kicked {
+        let mut line = response(
+            &serde_json::Value::Null,
+            Err(RpcError::new(
+                "unauthorized",
+                "this connection's token was revoked or has expired; connection closed",
+            )),
+        );
+        line.push('\n');
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = write.write_all(line.as_bytes()).await;
+            let _ = write.shutdown().await;
+        })
+        .await;
     }
 }
 
@@ -596,7 +681,7 @@ fn peer_hung_up(write: &tokio::net::unix::OwnedWriteHalf) -> bool {
 }
 
 /// What [`LineReader::next_line`] found.
-enum Line {
+pub(super) enum Line {
     /// A whole line, read with [`LineReader::text`].
     Ready,
     /// Longer than the limit; its bytes were discarded up to the newline.
@@ -611,7 +696,7 @@ const KEEP_LINE_BUFFER: usize = 16 * 1024;
 /// an overlong line is skipped to its end and reported, and the next line
 /// is read normally (a codec would end the stream after the error). One
 /// buffer per connection, reused: no allocation per line.
-struct LineReader<R> {
+pub(super) struct LineReader<R> {
     inner: BufReader<R>,
     max: usize,
     /// The line read so far: kept across calls, so a `next_line` dropped
@@ -623,7 +708,7 @@ struct LineReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
-    fn new(r: R, max: usize) -> Self {
+    pub(super) fn new(r: R, max: usize) -> Self {
         LineReader {
             inner: BufReader::new(r),
             max,
@@ -635,7 +720,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 
     /// The line [`LineReader::next_line`] just reported as ready (without
     /// its `\r\n`), or why it is not text.
-    fn text(&self) -> Result<&str, &'static str> {
+    pub(super) fn text(&self) -> Result<&str, &'static str> {
         let line = match self.buf.last() {
             Some(b'\r') => &self.buf[..self.buf.len() - 1],
             _ => &self.buf[..],
@@ -645,7 +730,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 
     /// Cancel-safe: bytes move from the reader into `buf` with no await in
     /// between.
-    async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
+    pub(super) async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
         if std::mem::take(&mut self.ready) {
             self.buf.clear();
             self.buf.shrink_to(KEEP_LINE_BUFFER);

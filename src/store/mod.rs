@@ -39,6 +39,7 @@ pub async fn open(config: &Config) -> StoreResult<Arc<dyn Store>> {
             let options = PgOptions {
                 max_batch: config.store.max_batch,
                 cards: card_channel(config),
+                recheck: config.store.recheck.0,
             };
             Ok(Arc::new(PgStore::open(url, &options).await?))
         }

@@ -18,6 +18,7 @@ pub mod fixture;
 pub mod pg;
 pub mod rpc;
 mod server;
+pub mod tcp_proxy;
 
 pub use server::{closed_pipe, serve_command, Launch, Server, StartFailure, Stderr, BIN};
 

@@ -66,11 +66,11 @@ def keyturn_bin():
 
 
 class Server:
-    def __init__(self, tmp):
+    def __init__(self, tmp, extra=""):
         self.sock = str(tmp / "k.sock")
         self.admin_sock = str(tmp / "k-admin.sock")
         cfg = tmp / "config.toml"
-        cfg.write_text(CONFIG.format(sock=self.sock, admin_sock=self.admin_sock, db=tmp / "k.db"))
+        cfg.write_text(CONFIG.format(sock=self.sock, admin_sock=self.admin_sock, db=tmp / "k.db") + extra)
         env = dict(os.environ, KEYTURN_LOG="keyturn=info", NO_COLOR="1")
         self.proc = subprocess.Popen(
             [keyturn_bin(), "serve", "--config", str(cfg)],
@@ -83,7 +83,13 @@ class Server:
         self.lines = queue.Queue()
         for stream in (self.proc.stdout, self.proc.stderr):
             threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-        self.wait_log(lambda l: l.startswith("keyturn: listening on"))
+        self.url = None
+        ready = self.wait_log(
+            lambda l: l.startswith("keyturn: listening on") or l.startswith("keyturn: tcp on")
+        )
+        if ready.startswith("keyturn: tcp on"):
+            self.url = ready.split(" on ", 1)[1].strip()
+            self.wait_log(lambda l: l.startswith("keyturn: listening on"))
 
     def _pump(self, stream):
         for line in stream:
@@ -133,5 +139,44 @@ class Server:
 @pytest.fixture
 def server(tmp_path):
     s = Server(tmp_path)
+    yield s
+    s.stop()
+
+
+def tls_files(tmp):
+    """(ca.pem, cert.pem, key.pem): from $KEYTURN_TEST_TLS_DIR (which the
+    cargo test that runs this suite writes with rcgen), else made here with
+    the openssl command, else the test is skipped."""
+    d = os.environ.get("KEYTURN_TEST_TLS_DIR")
+    if d:
+        d = pathlib.Path(d)
+        return d / "ca.pem", d / "cert.pem", d / "key.pem"
+    import shutil
+
+    if not shutil.which("openssl"):
+        pytest.skip("no certificates: set KEYTURN_TEST_TLS_DIR or install openssl")
+    ca, ca_key = tmp / "ca.pem", tmp / "ca-key.pem"
+    cert, key, csr, ext = tmp / "cert.pem", tmp / "key.pem", tmp / "cert.csr", tmp / "ext.cnf"
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", str(ca_key), "-out", str(ca), "-days", "2", "-subj", "/CN=keyturn test CA")
+    run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", str(key), "-out", str(csr), "-subj", "/CN=localhost")
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+        "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    return ca, cert, key
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """A server with a TLS listener on a free loopback port: ``server.url``,
+    ``server.ca``."""
+    ca, cert, key = tls_files(tmp_path)
+    s = Server(
+        tmp_path,
+        f'\n[tcp]\nlisten = "127.0.0.1:0"\ntls_cert = "{cert}"\ntls_key = "{key}"\n',
+    )
+    s.ca = str(ca)
     yield s
     s.stop()

@@ -259,3 +259,23 @@ def test_a_killed_waiting_client_cancels_its_request(server):
     server.wait_log(lambda l: "the client went away; request cancelled" in l and rid in l)
     d = client(server).status(rid)
     assert d.state == "cancelled" and d.reason == "client_gone", d
+
+
+def test_a_round_trip_over_tls_with_a_bearer_token(tls_server):
+    issued = tls_server.admin("token.issue", {"agent": "py"})
+    assert tls_server.url.startswith("keyturn+tls://")
+    kt = kc.Client(url=tls_server.url, token=issued["token"], ca=tls_server.ca, agent="py")
+    assert kt.submit("read_file", {"path": "/srv/a"}).approved
+    t, box = in_thread(kt.submit, "delete_file", {"path": "/srv/b"})
+    rid = tls_server.wait_queued("delete_file")
+    tls_server.approve(rid)
+    t.join(10)
+    assert box["value"].approved, box
+    # A wrong token is refused without saying which part was wrong.
+    bad = kc.Client(url=tls_server.url, token="kt_" + "0" * 24 + "_" + "A" * 43, ca=tls_server.ca)
+    with pytest.raises(kc.RpcError) as e:
+        bad.submit("read_file", {})
+    assert e.value.code == "unauthorized"
+    # Plaintext is for loopback only, decided before anything is sent.
+    with pytest.raises(ValueError, match="loopback"):
+        kc.Client(url="keyturn+tcp://192.0.2.1:7443", token="kt_x")

@@ -10,7 +10,12 @@
 //! the commit, as the SQLite store does. Reads use a pool. The URL's
 //! `options=-c search_path=NAME` picks the schema (created if missing).
 
+pub mod leader;
+pub mod listen;
 pub mod notify;
+#[cfg(test)]
+mod testdb;
+mod tokens;
 mod write;
 mod writer;
 
@@ -59,6 +64,9 @@ pub struct PgOptions {
     pub max_batch: usize,
     /// The channel of the Discord card outbox (see the SQLite store's `Options`).
     pub cards: Option<u64>,
+    /// How often to re-read what other processes may have changed
+    /// (`store.recheck`, see [`listen`]).
+    pub recheck: Duration,
 }
 
 impl Default for PgOptions {
@@ -66,6 +74,7 @@ impl Default for PgOptions {
         PgOptions {
             max_batch: 512,
             cards: None,
+            recheck: Duration::from_secs(1),
         }
     }
 }
@@ -79,6 +88,9 @@ pub struct PgStore {
     cards: Option<u64>,
     origin: Arc<str>,
     connect: PgConnectOptions,
+    /// Ends the listener and the leadership task when the store closes.
+    stop: tokio_util::sync::CancellationToken,
+    leadership: leader::Leadership,
 }
 
 /// `url` with its password (in the authority or a `password=` parameter)
@@ -189,7 +201,7 @@ impl PgStore {
             .map_err(|e| StoreError::Migration(e.to_string()))?;
         let reads = pool(READ_CONNECTIONS);
         let writer = writer::start(writes, origin.clone(), options.max_batch);
-        Ok(PgStore {
+        let store = PgStore {
             reads,
             jobs: writer.jobs,
             shutdown: Mutex::new(Some(writer.done)),
@@ -197,7 +209,32 @@ impl PgStore {
             cards: options.cards,
             origin,
             connect,
-        })
+            stop: tokio_util::sync::CancellationToken::new(),
+            leadership: leader::Leadership::new(),
+        };
+        // Other processes' changes, heard from here on.
+        let reads = store.reads.clone();
+        let load: listen::Load = Arc::new(move |id| {
+            let reads = reads.clone();
+            Box::pin(async move {
+                sqlx::query_as::<_, RequestRow>("SELECT * FROM requests WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(&reads)
+                    .await
+                    .map_err(db)?
+                    .map(RequestRow::into_request)
+                    .transpose()
+            })
+        });
+        let listen = listen::Listen {
+            connect: store.connect.clone(),
+            origin: store.origin.to_string(),
+            feed: store.feed.clone(),
+            recheck: options.recheck,
+            load,
+        };
+        listen::start(listen, store.stop.clone()).await?;
+        Ok(store)
     }
 
     /// This store's origin: the id its notes carry, so the process that
@@ -951,7 +988,12 @@ impl Cards for PgStore {
 
 #[async_trait]
 impl Store for PgStore {
+    fn leadership(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.leadership.get(&self.connect, &self.stop)
+    }
+
     async fn close(&self) {
+        self.stop.cancel();
         self.reads.close().await;
         if let Some(written) = self.shutdown.lock().await.take() {
             let _ = self.jobs.send(Msg::Stop).await;

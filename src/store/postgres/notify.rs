@@ -9,6 +9,21 @@ use crate::store::error::sqlx as db;
 
 pub const CHANNEL: &str = "keyturn_changes";
 
+/// The channel a connection's notes go on: [`CHANNEL`] and a hash of the
+/// schema it writes to, since notifications are database-wide: stores in
+/// other schemas of the same database (another deployment, another test)
+/// are never heard. `$1` is [`CHANNEL`].
+const SCHEMA_CHANNEL: &str = "$1 || '_' || md5(coalesce(current_schema(), ''))";
+
+/// The channel notes are sent on from `conn`'s schema (for LISTEN).
+pub async fn channel(conn: &mut sqlx::PgConnection) -> StoreResult<String> {
+    sqlx::query_scalar(&format!("SELECT {SCHEMA_CHANNEL}"))
+        .bind(CHANNEL)
+        .fetch_one(conn)
+        .await
+        .map_err(db)
+}
+
 /// What crosses processes: ids only (a payload is at most 8000 bytes); the listener re-reads rows.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "k", rename_all = "snake_case")]
@@ -49,7 +64,7 @@ pub(super) fn payload(origin: &str, note: Note) -> String {
 
 /// Sends `note` in the transaction `conn` is in (delivered on its commit).
 pub async fn send(conn: &mut sqlx::PgConnection, origin: &str, note: Note) -> StoreResult<()> {
-    sqlx::query("SELECT pg_notify($1, $2)")
+    sqlx::query(&format!("SELECT pg_notify({SCHEMA_CHANNEL}, $2)"))
         .bind(CHANNEL)
         .bind(payload(origin, note))
         .execute(conn)
@@ -66,12 +81,14 @@ pub(super) async fn send_all(
     if payloads.is_empty() {
         return Ok(());
     }
-    sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
-        .bind(CHANNEL)
-        .bind(payloads)
-        .execute(conn)
-        .await
-        .map_err(db)?;
+    sqlx::query(&format!(
+        "SELECT pg_notify({SCHEMA_CHANNEL}, p) FROM unnest($2::text[]) AS p"
+    ))
+    .bind(CHANNEL)
+    .bind(payloads)
+    .execute(conn)
+    .await
+    .map_err(db)?;
     Ok(())
 }
 

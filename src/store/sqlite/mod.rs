@@ -2,6 +2,7 @@
 //! [`writer`]), a small pool of sqlx readers and a background checkpointer.
 
 pub mod check;
+mod tokens;
 mod write;
 mod writer;
 
