@@ -11,8 +11,8 @@ mod harness;
 use harness::fixture;
 use harness::pg;
 use keyturn::app::ports::{
-    AgentToken, AuditLog, Cards, Change, Inserted, PairedUser, PairingRefused, Requests, Store,
-    StoreError,
+    AgentToken, AuditLog, Cards, Change, Inserted, PairedUser, PairingRefused, PolicyData,
+    Requests, Store, StoreError,
 };
 use keyturn::domain::audit::{events, AuditEvent};
 use keyturn::domain::pairing;
@@ -1318,4 +1318,145 @@ async fn postgres_max_pending_holds_across_stores() {
     assert_eq!(a.pending_counts().await.unwrap(), [("agent-a".into(), 10)]);
     a.close().await;
     b.close().await;
+}
+
+/// Each committed change is noted for the other processes, in its own
+/// transaction, with this store's origin; a write that changed nothing
+/// anyone follows, or failed, sends nothing.
+#[tokio::test]
+async fn postgres_notes_each_committed_change() {
+    use keyturn::store::postgres::notify::{self, Note};
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let store = pg_store(&schema, Some(CARDS)).await;
+    let mut listener = sqlx::postgres::PgListener::connect(&schema.url())
+        .await
+        .unwrap();
+    let channel = {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&schema.url()).await.unwrap();
+        notify::channel(&mut c).await.unwrap()
+    };
+    assert!(channel.starts_with(notify::CHANNEL), "{channel}");
+    listener.listen(&channel).await.unwrap();
+    let r = request(95_000, 2, 100_000);
+    store
+        .insert_request(r.clone(), submitted(&r))
+        .await
+        .unwrap();
+    let e = next_note(&mut listener, &store).await;
+    assert_eq!(e.origin, store.origin());
+    assert_eq!(
+        e.note,
+        Note::Queued {
+            id: r.id.to_string(),
+            agent: "agent-a".into(),
+            deadline_ms: 100_000
+        }
+    );
+    // Nothing for a call the policy decided, nor for a failed write.
+    let mut allowed = request(95_001, 1, 100_000);
+    allowed.state = State::Approved;
+    allowed.decided_by = Some(DecidedBy::Policy);
+    store.insert_request(allowed.clone(), vec![]).await.unwrap();
+    assert!(store.insert_request(allowed, vec![]).await.is_err());
+    store
+        .vote(r.id, vote("uid:1", true, 2_000), ADMIN)
+        .await
+        .unwrap()
+        .unwrap();
+    let id = r.id.to_string();
+    assert_eq!(
+        next_note(&mut listener, &store).await.note,
+        Note::Voted { id: id.clone() }
+    );
+    store
+        .vote(r.id, vote("uid:2", true, 2_001), ADMIN)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        next_note(&mut listener, &store).await.note,
+        Note::Resolved { id }
+    );
+    let g = Grant {
+        scope: "global".parse().unwrap(),
+        tool: "x".parse().unwrap(),
+        effect: Effect::Allow,
+        source: "store".into(),
+    };
+    let audit = events::grant_added(3_000, "uid:0", &g);
+    assert!(store
+        .add_grant(g, "uid:0".into(), 3_000, audit)
+        .await
+        .unwrap());
+    assert_eq!(
+        next_note(&mut listener, &store).await.note,
+        Note::PolicyChanged
+    );
+    store.card_retry_later(r.id, 1, 50_000).await.unwrap();
+    assert!(store.cards_retry_now(4_000).await.unwrap() > 0);
+    assert_eq!(next_note(&mut listener, &store).await.note, Note::CardsDue);
+    store.close().await;
+}
+
+/// The next note from `store` heard, within 10 s. Notifications are
+/// database-wide: stores of other tests (in other schemas) are heard too,
+/// and skipped by their origin.
+async fn next_note(
+    listener: &mut sqlx::postgres::PgListener,
+    store: &PgStore,
+) -> keyturn::store::postgres::notify::Envelope {
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+            .await
+            .expect("a note within 10 s")
+            .unwrap();
+        let e = keyturn::store::postgres::notify::parse(n.payload()).expect("a note");
+        if e.origin == store.origin() {
+            return e;
+        }
+    }
+}
+
+/// Retention: the oldest prefix goes, a checkpoint accounts for it, and
+/// the log still verifies (the same on both backends).
+async fn prunes(store: Arc<dyn Store>) {
+    for (n, created) in (0..10)
+        .map(|n| (n, 1_000))
+        .chain((10..15).map(|n| (n, 5_000)))
+    {
+        let mut r = request(97_000 + n, 1, 100_000);
+        r.created_ms = created;
+        store
+            .insert_request(r.clone(), submitted(&r))
+            .await
+            .unwrap();
+    }
+    let pruned = store.prune_audit(3_000, 6_000).await.unwrap().unwrap();
+    assert_eq!((pruned.entries, pruned.through_seq), (20, 20));
+    let (entries, requests) = store.audit_verify().await.unwrap().expect("verifies");
+    assert_eq!((entries, requests), (11, 15));
+    assert_eq!(store.audit_after(0, 1).await.unwrap()[0].seq, 21);
+    assert!(store.prune_audit(3_000, 7_000).await.unwrap().is_none());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn sqlite_prunes_the_audit_log_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("k.db").display());
+    prunes(Arc::new(
+        SqliteStore::open(&url, "normal", 64).await.unwrap(),
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_prunes_the_audit_log_with_a_checkpoint() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    prunes(pg_store(&schema, None).await).await;
 }

@@ -101,10 +101,14 @@ fn sqlstate(code: &str, text: String) -> StoreError {
         "25006" => StoreError::ReadOnly(text),
         "53100" | "53000" => StoreError::ReadOnly(format!("the disk is full: {text}")),
         "XX001" | "XX002" => StoreError::Corrupt(text),
-        // connection exceptions, admin shutdown, cannot connect now,
-        // too many connections, lock not available
+        // connection exceptions, admin shutdown, crash shutdown, cannot
+        // connect now, too many connections, out of memory, lock not
+        // available, a statement cancelled (statement_timeout)
         c if c.starts_with("08")
-            || matches!(c, "57P01" | "57P02" | "57P03" | "53300" | "55P03") =>
+            || matches!(
+                c,
+                "57P01" | "57P02" | "57P03" | "53300" | "53200" | "55P03" | "57014"
+            ) =>
         {
             StoreError::unavailable(text)
         }
@@ -262,6 +266,9 @@ mod tests {
         assert!(matches!(c("25006"), StoreError::ReadOnly(_)));
         assert!(matches!(c("53100"), StoreError::ReadOnly(_)));
         assert!(c("08006").is_retryable());
+        for transient in ["57P01", "57P02", "57P03", "53300", "57014", "40P01"] {
+            assert!(c(transient).is_retryable(), "{transient}");
+        }
         assert!(matches!(c("42P01"), StoreError::Failed(_)));
     }
 }

@@ -109,6 +109,9 @@ impl Drop for Schema {
         blocking(async move {
             match connect(&url).await {
                 Ok(mut c) => {
+                    // A session of a failed test may still hold a lock
+                    // here: give up after a while rather than hang.
+                    let _ = c.execute("SET lock_timeout = '10s'").await;
                     let drop = format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE");
                     if let Err(e) = c.execute(drop.as_str()).await {
                         eprintln!("could not drop the test schema {name}: {e}");

@@ -19,6 +19,8 @@ mod tokens;
 mod write;
 mod writer;
 
+pub use writer::MAX_SAVEPOINTS;
+
 use crate::app::ports::{
     AuditLog, CardRow, Cards, Change, Changes, Feed, Inserted, KeyHolder, PairedAudit, PairedUser,
     PairingRefused, Pairings, PendingPairing, PolicyData, Pruned, Requests, Store, StoreError,
@@ -51,16 +53,14 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `cards_due` claims the cards it returns for this store.
 pub const CARD_CLAIM: Duration = Duration::from_secs(30);
-/// Read connections per store.
-const READ_CONNECTIONS: u32 = 8;
-/// Write connections per store: the writer uses one at a time (a second
-/// lets a batch's writes rerun alone while the first is being replaced).
-const WRITE_CONNECTIONS: u32 = 2;
+/// Read connections per store (as the SQLite store's readers: the hot
+/// path's reads are served from memory).
+const READ_CONNECTIONS: u32 = 4;
 
 /// How to open a [`PgStore`].
 #[derive(Debug, Clone)]
 pub struct PgOptions {
-    /// Most writes committed together.
+    /// Most writes committed together (at most [`MAX_SAVEPOINTS`]).
     pub max_batch: usize,
     /// The channel of the Discord card outbox (see the SQLite store's `Options`).
     pub cards: Option<u64>,
@@ -189,9 +189,12 @@ impl PgStore {
             PgPoolOptions::new()
                 .max_connections(n)
                 .acquire_timeout(CONNECT_TIMEOUT)
+                // A connection is pinged when it goes back to the pool
+                // (dropped there if dead): not again on the way out.
+                .test_before_acquire(false)
                 .connect_lazy_with(connect.clone())
         };
-        let writes = pool(WRITE_CONNECTIONS);
+        let writes = pool(writer::WRITE_CONNECTIONS);
         MIGRATOR
             .run(&writes)
             .await

@@ -1,9 +1,11 @@
 //! The PostgreSQL writer: one tokio task that group-commits.
 //!
 //! It takes every write waiting (up to `max_batch`), runs them in one
-//! transaction, each inside its own SAVEPOINT (a write that fails rolls
-//! back to it and fails only its own caller), commits once, and answers
-//! each only after the commit. If the commit itself fails, each write runs
+//! transaction, commits once, and answers each only after the commit. If a
+//! write fails, the batch runs again with each write inside its own
+//! SAVEPOINT (a write that fails rolls back to it and fails only its own
+//! caller); the first run goes without, since a savepoint costs a round
+//! trip per write and writes almost never fail. If the commit itself fails, each write runs
 //! again alone, as the SQLite writer does. A write is a [`Job`]: one typed
 //! async function of [`super::write`] with the caller's arguments.
 //!
@@ -21,6 +23,9 @@ use sqlx::{Executor, PgConnection, PgPool, Postgres};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
+/// Write connections per store: the writer uses one at a time (a second
+/// lets a batch begin while the last one's connection is being checked).
+pub(super) const WRITE_CONNECTIONS: u32 = 2;
 /// Writes waiting for the writer; beyond this, callers wait (backpressure).
 const WRITE_QUEUE: usize = 8192;
 /// Batches smaller than this wait a moment for more when callers have been
@@ -43,12 +48,20 @@ pub(super) struct Started {
     pub done: oneshot::Receiver<()>,
 }
 
+/// Writes per transaction at most, whatever `store.max_batch` says: each
+/// runs in a savepoint (a subtransaction), and PostgreSQL keeps at most 64
+/// of a transaction's subtransaction ids in shared memory; past that,
+/// every other session's snapshot must look them up on disk while the
+/// transaction runs.
+pub const MAX_SAVEPOINTS: usize = 64;
+
 /// Starts the writer task on `pool` (already migrated).
 pub(super) fn start(pool: PgPool, origin: Arc<str>, max_batch: usize) -> Started {
     let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
     let (done_tx, done) = oneshot::channel();
+    let max_batch = max_batch.clamp(1, MAX_SAVEPOINTS);
     tokio::spawn(async move {
-        run(&pool, rx, max_batch.max(1), &origin).await;
+        run(&pool, rx, max_batch, &origin).await;
         pool.close().await;
         let _ = done_tx.send(());
     });
@@ -176,6 +189,14 @@ async fn run_batch_inner(
     jobs: &mut [Box<dyn Job>],
     origin: &Arc<str>,
 ) -> Result<Vec<StoreResult<()>>, Failed> {
+    if jobs.len() > 1 {
+        // First without savepoints: a savepoint is a round trip per write,
+        // and writes almost never fail. If one does, the batch rolls back
+        // and runs again below, each write in its savepoint.
+        if let Some(done) = run_plain(pool, jobs, origin).await? {
+            return Ok(done);
+        }
+    }
     let mut tx = Tx::begin(pool, origin.clone())
         .await
         .map_err(Failed::Begin)?;
@@ -216,6 +237,26 @@ async fn run_batch_inner(
     }
     tx.commit().await.map_err(Failed::Batch)?;
     Ok(outcomes)
+}
+
+/// Runs `jobs` in one transaction without savepoints and commits it;
+/// `None` (rolled back) if any of them failed.
+async fn run_plain(
+    pool: &PgPool,
+    jobs: &mut [Box<dyn Job>],
+    origin: &Arc<str>,
+) -> Result<Option<Vec<StoreResult<()>>>, Failed> {
+    let mut tx = Tx::begin(pool, origin.clone())
+        .await
+        .map_err(Failed::Begin)?;
+    for job in jobs.iter_mut() {
+        if let Err(e) = job.run(&mut tx).await {
+            tracing::debug!(error = %e, "a write of the batch failed; the batch runs again with savepoints");
+            return Ok(None);
+        }
+    }
+    tx.commit().await.map_err(Failed::Batch)?;
+    Ok(Some(jobs.iter().map(|_| Ok(())).collect()))
 }
 
 /// A write waiting for the writer: runs inside a batch's transaction (again,
@@ -296,13 +337,21 @@ pub(super) struct Mark {
 }
 
 impl Tx {
+    /// Begins on a pooled connection and locks the chain head. Pooled
+    /// connections are not pinged on the way out, so one the database
+    /// dropped while it sat idle (a restart) fails here: it is let go and
+    /// the next one tried, before any write ran.
     async fn begin(pool: &PgPool, origin: Arc<str>) -> StoreResult<Tx> {
-        let mut sql = pool.begin().await.map_err(db)?;
-        let head: (i64, String) =
-            sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
-                .fetch_one(&mut *sql)
-                .await
-                .map_err(db)?;
+        let mut attempt = 0;
+        let (sql, head) = loop {
+            attempt += 1;
+            match Self::lock_head(pool).await {
+                Err(e) if e.is_retryable() && attempt <= WRITE_CONNECTIONS => {
+                    tracing::debug!(error = %e, "a pooled connection failed; trying another");
+                }
+                other => break other?,
+            }
+        };
         Ok(Tx {
             sql,
             head,
@@ -310,6 +359,17 @@ impl Tx {
             origin,
             notes: Vec::new(),
         })
+    }
+
+    async fn lock_head(
+        pool: &PgPool,
+    ) -> StoreResult<(sqlx::Transaction<'static, Postgres>, (i64, String))> {
+        let mut sql = pool.begin().await.map_err(db)?;
+        let head = sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut *sql)
+            .await
+            .map_err(db)?;
+        Ok((sql, head))
     }
 
     /// The transaction's connection, for a write's statements.
