@@ -473,8 +473,30 @@ impl Inner {
             return self.reject_message(st, req, problems);
         }
         self.require_allowed_mentions(st, req, &req.body, true);
+        // `enforce_nonce`: the same nonce again (a retry, or another process
+        // posting the same card) gets the message already created.
+        let nonce = (req.body["enforce_nonce"] == true)
+            .then(|| match &req.body["nonce"] {
+                Value::String(n) => Some(n.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .flatten();
+        if let Some(n) = &nonce {
+            let key = (channel, n.clone());
+            if let Some((id, at)) = st.nonces.get(&key).copied() {
+                if at.elapsed() < super::state::NONCE_WINDOW {
+                    if let Some(msg) = st.messages.get(&id) {
+                        return Reply::json(message_json(cfg, &self.api_base(), msg));
+                    }
+                }
+            }
+        }
         let msg =
             self.store_new_message(st, channel, guild_id, &req.body, attachments, None, None, 0);
+        if let Some(n) = nonce {
+            st.nonces.insert((channel, n), (msg.id, Instant::now()));
+        }
         self.echo_bot_message(st, "MESSAGE_CREATE", &msg);
         Reply::json(message_json(cfg, &self.api_base(), &msg))
     }

@@ -67,8 +67,15 @@ pub(super) struct FakeState {
     pub(super) outage: Option<(Instant, OutageMode)>,
     pub(super) guild_commands: Vec<Value>,
     pub(super) global_commands: Vec<Value>,
+    /// Messages created with `enforce_nonce`, by (channel, nonce): a second
+    /// create with the same nonce within [`NONCE_WINDOW`] returns the first
+    /// message instead of posting another, as Discord does.
+    pub(super) nonces: BTreeMap<(u64, String), (u64, Instant)>,
     pub(super) gw: GatewayState,
 }
+
+/// How long Discord remembers an enforced nonce ("a few minutes").
+pub(super) const NONCE_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl FakeState {
     /// Nothing recorded yet, with this gateway state.
@@ -87,6 +94,7 @@ impl FakeState {
             outage: None,
             guild_commands: Vec::new(),
             global_commands: Vec::new(),
+            nonces: BTreeMap::new(),
             gw,
         }
     }
