@@ -9,14 +9,22 @@
 //! again alone, as the SQLite writer does. A write is a [`Job`]: one typed
 //! async function of [`super::write`] with the caller's arguments.
 //!
+//! Rows that nothing reads back within the batch (audit entries, requests
+//! without an idempotency key) are kept and sent together, in one
+//! statement with the chain head's update and the notes
+//! ([`super::deferred`]): a batch of policy-decided calls is BEGIN, the
+//! head's lock, that statement and COMMIT, however many calls it holds.
+//!
 //! Several processes may write one database: every transaction first locks
 //! the audit chain's head row (`SELECT … FOR UPDATE`), so their appends
 //! form one unbroken chain, and since every writer takes that lock before
 //! any other, writers of different processes never deadlock on each other.
 
+use super::deferred::{self, AuditRow, Deferred};
 use super::notify::{self, Note};
 use crate::app::ports::{StoreError, StoreResult};
 use crate::domain::audit::{self, AuditEvent, SealedEvent};
+use crate::domain::request::ApprovalRequest;
 use crate::store::error::sqlx as db;
 use futures::future::BoxFuture;
 use sqlx::{Executor, PgConnection, PgPool, Postgres};
@@ -202,14 +210,13 @@ async fn run_batch_inner(
         .map_err(Failed::Begin)?;
     let mut outcomes = Vec::with_capacity(jobs.len());
     if let [job] = jobs {
-        // Alone: the transaction is the job's savepoint.
-        match job.run(&mut tx).await {
-            Ok(()) => outcomes.push(Ok(())),
-            Err(e) => {
-                drop(tx);
-                return Ok(vec![Err(e)]);
-            }
+        // Alone: the transaction is the job's savepoint; its rows go with
+        // the head's update (a failure there is the batch's, and so its).
+        if let Err(e) = job.run(&mut tx).await {
+            drop(tx);
+            return Ok(vec![Err(e)]);
         }
+        outcomes.push(Ok(()));
     } else {
         for (i, job) in jobs.iter_mut().enumerate() {
             let mark = if i == 0 {
@@ -218,23 +225,34 @@ async fn run_batch_inner(
                 "RELEASE SAVEPOINT job; SAVEPOINT job"
             };
             tx.conn()
+                .await
+                .map_err(Failed::Batch)?
                 .execute(mark)
                 .await
                 .map_err(|e| Failed::Batch(db(e)))?;
             let before = tx.mark();
-            match job.run(&mut tx).await {
+            // The job's rows are sent inside its savepoint, so a row that
+            // fails fails its own write only.
+            let outcome = match job.run(&mut tx).await {
+                Ok(()) => tx.flush().await,
+                Err(e) => Err(e),
+            };
+            match outcome {
                 Ok(()) => outcomes.push(Ok(())),
                 Err(e) => {
+                    tx.reset(before);
                     tx.conn()
+                        .await
+                        .map_err(Failed::Batch)?
                         .execute("ROLLBACK TO SAVEPOINT job")
                         .await
                         .map_err(|e| Failed::Batch(db(e)))?;
-                    tx.reset(before);
                     outcomes.push(Err(e));
                 }
             }
         }
     }
+    tx.finish().await.map_err(Failed::Batch)?;
     tx.commit().await.map_err(Failed::Batch)?;
     Ok(outcomes)
 }
@@ -254,6 +272,12 @@ async fn run_plain(
             tracing::debug!(error = %e, "a write of the batch failed; the batch runs again with savepoints");
             return Ok(None);
         }
+    }
+    // The batch's rows (one statement for all its writes): if one fails,
+    // which is not known here, so the batch runs again with savepoints.
+    if let Err(e) = tx.finish().await {
+        tracing::debug!(error = %e, "the batch's rows failed; the batch runs again with savepoints");
+        return Ok(None);
     }
     tx.commit().await.map_err(Failed::Batch)?;
     Ok(Some(jobs.iter().map(|_| Ok(())).collect()))
@@ -319,7 +343,8 @@ where
 }
 
 /// A batch's write transaction: the audit chain's head, locked at its
-/// start, then moved by each append; the notes to send at commit.
+/// start, then moved by each append; the rows appended and not sent yet
+/// ([`Deferred`]); the notes to send at commit.
 pub(super) struct Tx {
     sql: sqlx::Transaction<'static, Postgres>,
     head: (i64, String),
@@ -327,6 +352,7 @@ pub(super) struct Tx {
     origin: Arc<str>,
     /// Payloads for `pg_notify`, sent just before the commit.
     notes: Vec<String>,
+    rows: Deferred,
 }
 
 /// Where a job started, to undo its effects on the [`Tx`] when it rolls back.
@@ -334,6 +360,7 @@ pub(super) struct Mark {
     head: (i64, String),
     appended: bool,
     notes: usize,
+    rows: deferred::Len,
 }
 
 impl Tx {
@@ -358,6 +385,7 @@ impl Tx {
             appended: false,
             origin,
             notes: Vec::new(),
+            rows: Deferred::default(),
         })
     }
 
@@ -372,9 +400,16 @@ impl Tx {
         Ok((sql, head))
     }
 
-    /// The transaction's connection, for a write's statements.
-    pub(super) fn conn(&mut self) -> &mut PgConnection {
-        &mut self.sql
+    /// The transaction's connection, for a write's statements: the rows
+    /// appended so far are sent first, so every statement sees them.
+    pub(super) async fn conn(&mut self) -> StoreResult<&mut PgConnection> {
+        self.flush().await?;
+        Ok(&mut *self.sql)
+    }
+
+    /// Sends the rows appended so far (one statement, if there are any).
+    async fn flush(&mut self) -> StoreResult<()> {
+        deferred::send(&mut self.sql, &mut self.rows, None, &[]).await
     }
 
     fn mark(&self) -> Mark {
@@ -382,6 +417,7 @@ impl Tx {
             head: self.head.clone(),
             appended: self.appended,
             notes: self.notes.len(),
+            rows: self.rows.len(),
         }
     }
 
@@ -389,6 +425,7 @@ impl Tx {
         self.head = m.head;
         self.appended = m.appended;
         self.notes.truncate(m.notes);
+        self.rows.truncate(m.rows);
     }
 
     /// Queues a note for the other processes, sent in this transaction.
@@ -396,8 +433,14 @@ impl Tx {
         self.notes.push(notify::payload(&self.origin, note));
     }
 
-    /// Appends sealed events to the audit chain, in this transaction (one
-    /// statement however many).
+    /// Stores a new request that has no idempotency key (nothing can
+    /// conflict with it but its id), with the batch's other rows.
+    pub(super) fn insert_request(&mut self, r: &ApprovalRequest, caps: i64) {
+        self.rows.request(r, caps);
+    }
+
+    /// Appends sealed events to the audit chain, in this transaction: they
+    /// are chained here and sent with the batch's other rows.
     pub(super) async fn audit(&mut self, list: &[SealedEvent]) -> StoreResult<()> {
         if list.is_empty() {
             return Ok(());
@@ -406,34 +449,21 @@ impl Tx {
         let links = audit::chain(*seq, hash, list, |seq, prev, e| {
             audit::sealed_hash(seq, prev, e)
         });
-        let seqs: Vec<i64> = links.iter().map(|l| l.seq).collect();
-        let at: Vec<i64> = list.iter().map(|e| e.at_ms).collect();
-        let kinds: Vec<&str> = list.iter().map(|e| e.kind.as_str()).collect();
-        let actors: Vec<&str> = list.iter().map(|e| e.actor.as_str()).collect();
-        let requests: Vec<Option<&str>> = list.iter().map(|e| e.request_id.as_deref()).collect();
-        let details: Vec<&str> = list.iter().map(|e| e.detail.as_str()).collect();
-        let prevs: Vec<&str> = links.iter().map(|l| l.prev_hash.as_str()).collect();
-        let hashes: Vec<&str> = links.iter().map(|l| l.hash.as_str()).collect();
-        sqlx::query(
-            "INSERT INTO audit (seq, at_ms, kind, actor, request_id, detail, prev_hash, hash) \
-             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], \
-             $6::text[], $7::text[], $8::text[])",
-        )
-        .bind(seqs)
-        .bind(at)
-        .bind(kinds)
-        .bind(actors)
-        .bind(requests)
-        .bind(details)
-        .bind(prevs)
-        .bind(hashes)
-        .execute(&mut *self.sql)
-        .await
-        .map_err(db)?;
         if let Some(l) = links.last() {
             self.head = (l.seq, l.hash.clone());
             self.appended = true;
         }
+        self.rows
+            .audit(links.into_iter().zip(list).map(|(l, e)| AuditRow {
+                seq: l.seq,
+                at_ms: e.at_ms,
+                kind: e.kind.clone(),
+                actor: e.actor.clone(),
+                request_id: e.request_id.clone(),
+                detail: e.detail.clone(),
+                prev_hash: l.prev_hash,
+                hash: l.hash,
+            }));
         Ok(())
     }
 
@@ -443,18 +473,17 @@ impl Tx {
         self.audit(&sealed).await
     }
 
-    /// Records the new chain head, sends the notes and commits.
-    async fn commit(mut self) -> StoreResult<()> {
-        if self.appended {
-            let (seq, hash) = &self.head;
-            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
-                .bind(seq)
-                .bind(hash)
-                .execute(&mut *self.sql)
-                .await
-                .map_err(db)?;
-        }
-        notify::send_all(&mut self.sql, &self.notes).await?;
+    /// Sends the rows not sent yet, records the new chain head and sends
+    /// the notes, in one statement: all that is left before the commit.
+    async fn finish(&mut self) -> StoreResult<()> {
+        let head = self.appended.then_some(&self.head);
+        deferred::send(&mut self.sql, &mut self.rows, head, &self.notes).await?;
+        self.appended = false;
+        self.notes.clear();
+        Ok(())
+    }
+
+    async fn commit(self) -> StoreResult<()> {
         self.sql.commit().await.map_err(db)
     }
 }
