@@ -1,35 +1,28 @@
 //! Rows a batch's writes append and nothing in the batch reads back before
 //! the next statement: new request rows without an idempotency key and
-//! audit entries (chained in Rust). The writer's [`super::writer::Tx`]
-//! keeps them and sends them in one statement (multi-row `INSERT … SELECT
-//! FROM UNNEST`), before any other statement of the transaction runs, and
-//! at the end of the batch together with the chain head's update and the
-//! notes. So a batch of policy-decided calls costs the same few round trips
-//! however many calls it holds, instead of two per call.
+//! audit entries (chained in Rust when sent, after the head known then).
+//! The writer's [`super::writer::Tx`] keeps them and sends them in one
+//! statement (multi-row `INSERT … SELECT FROM UNNEST`) before any other
+//! statement of the transaction runs, and at the end of the batch together
+//! with the chain head's update and the notes; or, for a batch that only
+//! appended, as one statement alone, guarded by the head it expects
+//! ([`Head::RecordIf`]). So a batch of policy-decided calls costs one
+//! round trip however many calls it holds, instead of two per call and
+//! four per batch.
 
 use crate::app::ports::StoreResult;
+use crate::domain::audit::{self, SealedEvent};
 use crate::domain::request::ApprovalRequest;
 use crate::store::error::sqlx as db;
 use sqlx::PgConnection;
-
-/// An audit entry, chained, waiting to be sent.
-pub(super) struct AuditRow {
-    pub seq: i64,
-    pub at_ms: i64,
-    pub kind: String,
-    pub actor: String,
-    pub request_id: Option<String>,
-    pub detail: String,
-    pub prev_hash: String,
-    pub hash: String,
-}
 
 /// What a batch has appended and not sent yet.
 #[derive(Default)]
 pub(super) struct Deferred {
     /// New requests (no idempotency key) with their trifecta capabilities.
     requests: Vec<(ApprovalRequest, i64)>,
-    audit: Vec<AuditRow>,
+    /// Sealed, chained only when sent (after the head they follow).
+    audit: Vec<SealedEvent>,
 }
 
 /// How many rows were deferred, to undo a write that rolls back.
@@ -44,8 +37,12 @@ impl Deferred {
         self.requests.push((r.clone(), caps));
     }
 
-    pub fn audit(&mut self, rows: impl IntoIterator<Item = AuditRow>) {
-        self.audit.extend(rows);
+    pub fn audit(&mut self, events: &[SealedEvent]) {
+        self.audit.extend_from_slice(events);
+    }
+
+    pub fn has_audit(&self) -> bool {
+        !self.audit.is_empty()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -93,55 +90,105 @@ fn unnest(types: &[&str], next: &mut usize) -> String {
     format!("UNNEST({})", args.join(", "))
 }
 
-/// Sends `rows` (emptied), and with them, in the same statement, the chain
-/// `head` to record and the `notes` (payloads) to send on the schema's
-/// channel: one round trip. Nothing to send, no round trip.
+/// What a statement does with the chain head `audit_head`.
+pub(super) enum Head<'a> {
+    /// Leaves it (the transaction records it at its end).
+    Keep,
+    /// Records the head after the entries sent.
+    Record,
+    /// Records it only if `audit_head` still holds this (locking its row
+    /// first, waiting for a transaction that holds it): otherwise the
+    /// statement does nothing at all. Lets a statement that runs alone, in
+    /// its own transaction, append to the chain from a head read earlier.
+    RecordIf(&'a (i64, String)),
+}
+
+/// Sends `rows` (emptied once sent) with their audit entries chained after
+/// `head`, and in the same statement what [`Head`] says and the `notes`
+/// (payloads) on the schema's channel: one round trip. Returns the head
+/// after the entries, or `None` if a [`Head::RecordIf`] found another head
+/// (nothing was written). Nothing to send, no round trip.
 pub(super) async fn send(
     conn: &mut PgConnection,
     rows: &mut Deferred,
-    head: Option<&(i64, String)>,
+    head: &(i64, String),
+    record: Head<'_>,
     notes: &[String],
-) -> StoreResult<()> {
-    if rows.is_empty() && head.is_none() && notes.is_empty() {
-        return Ok(());
+) -> StoreResult<Option<(i64, String)>> {
+    let Deferred { requests, audit } = &*rows;
+    if requests.is_empty() && audit.is_empty() && matches!(record, Head::Keep) && notes.is_empty() {
+        return Ok(Some(head.clone()));
     }
-    let Deferred { requests, audit } = std::mem::take(rows);
+    let links = audit::chain(head.0, &head.1, audit, |seq, prev, e| {
+        audit::sealed_hash(seq, prev, e)
+    });
+    let after = links
+        .last()
+        .map_or_else(|| head.clone(), |l| (l.seq, l.hash.clone()));
     let mut next = 0;
     let mut parts = Vec::new();
+    // With RecordIf, every part runs only if the head's update did.
+    let mut gate = "";
+    match record {
+        Head::Keep => {}
+        Head::Record => {
+            parts.push("h AS (UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1)".to_string());
+            next = 2;
+        }
+        Head::RecordIf(_) => {
+            parts.push(
+                "h AS (UPDATE audit_head SET seq = $1, hash = $2 \
+                 WHERE id = 1 AND seq = $3 AND hash = $4 RETURNING 1)"
+                    .to_string(),
+            );
+            next = 4;
+            gate = " WHERE EXISTS (SELECT 1 FROM h)";
+        }
+    }
     if !requests.is_empty() {
         parts.push(format!(
-            "r AS (INSERT INTO requests ({REQUEST_COLUMNS}) SELECT * FROM {})",
+            "r AS (INSERT INTO requests ({REQUEST_COLUMNS}) SELECT * FROM {} AS u{gate})",
             unnest(&REQUEST_TYPES, &mut next)
         ));
     }
     if !audit.is_empty() {
         parts.push(format!(
-            "a AS (INSERT INTO audit ({AUDIT_COLUMNS}) SELECT * FROM {})",
+            "a AS (INSERT INTO audit ({AUDIT_COLUMNS}) SELECT * FROM {} AS u{gate})",
             unnest(&AUDIT_TYPES, &mut next)
         ));
     }
-    if head.is_some() {
-        parts.push(format!(
-            "h AS (UPDATE audit_head SET seq = ${}, hash = ${} WHERE id = 1)",
-            next + 1,
-            next + 2
-        ));
-        next += 2;
-    }
     // A data-modifying part runs whether or not the query reads it; the
     // notes are a plain SELECT, so the query counts them to run them.
-    let main = if notes.is_empty() {
-        "SELECT 0::bigint".to_string()
-    } else {
+    if !notes.is_empty() {
         parts.push(format!(
-            "n AS (SELECT pg_notify({}, p) FROM unnest(${}::text[]) AS p)",
+            "n AS (SELECT pg_notify({}, p) FROM unnest(${}::text[]) AS p{gate})",
             super::notify::schema_channel(&format!("${}", next + 1)),
             next + 2
         ));
-        "SELECT count(*) FROM n".to_string()
+    }
+    let notes_run = if notes.is_empty() {
+        "0::bigint"
+    } else {
+        "(SELECT count(*) FROM n)"
     };
-    let sql = format!("WITH {} {main}", parts.join(", "));
-    let mut q = sqlx::query(&sql);
+    let updated = if gate.is_empty() {
+        "1::bigint"
+    } else {
+        "(SELECT count(*) FROM h)"
+    };
+    let sql = format!("WITH {} SELECT {updated}, {notes_run}", parts.join(", "));
+    let mut q = sqlx::query_as::<_, (i64, i64)>(&sql);
+    match record {
+        Head::Keep => {}
+        Head::Record => q = q.bind(after.0).bind(after.1.as_str()),
+        Head::RecordIf((seq, hash)) => {
+            q = q
+                .bind(after.0)
+                .bind(after.1.as_str())
+                .bind(*seq)
+                .bind(hash.as_str())
+        }
+    }
     if !requests.is_empty() {
         let col = |f: &dyn Fn(&(ApprovalRequest, i64)) -> String| -> Vec<String> {
             requests.iter().map(f).collect()
@@ -187,7 +234,7 @@ pub(super) async fn send(
     }
     if !audit.is_empty() {
         q = q
-            .bind(audit.iter().map(|a| a.seq).collect::<Vec<i64>>())
+            .bind(links.iter().map(|l| l.seq).collect::<Vec<i64>>())
             .bind(audit.iter().map(|a| a.at_ms).collect::<Vec<i64>>())
             .bind(audit.iter().map(|a| a.kind.as_str()).collect::<Vec<&str>>())
             .bind(
@@ -209,19 +256,20 @@ pub(super) async fn send(
                     .collect::<Vec<&str>>(),
             )
             .bind(
-                audit
+                links
                     .iter()
-                    .map(|a| a.prev_hash.as_str())
+                    .map(|l| l.prev_hash.as_str())
                     .collect::<Vec<&str>>(),
             )
-            .bind(audit.iter().map(|a| a.hash.as_str()).collect::<Vec<&str>>());
-    }
-    if let Some((seq, hash)) = head {
-        q = q.bind(*seq).bind(hash.as_str());
+            .bind(links.iter().map(|l| l.hash.as_str()).collect::<Vec<&str>>());
     }
     if !notes.is_empty() {
         q = q.bind(super::notify::CHANNEL).bind(notes);
     }
-    q.execute(conn).await.map_err(db)?;
-    Ok(())
+    let (updated, _notes) = q.fetch_one(conn).await.map_err(db)?;
+    if updated != 1 {
+        return Ok(None);
+    }
+    *rows = Deferred::default();
+    Ok(Some(after))
 }
