@@ -1047,6 +1047,52 @@ async fn postgres_stores_sharing_a_schema_keep_one_audit_chain() {
     b.close().await;
 }
 
+/// Calls the policy decided, through two stores on one schema: each
+/// store's batch goes in one statement from the chain head it last saw,
+/// which the other store has often moved meanwhile (the batch then takes
+/// the head's lock and appends after it). Taking turns, then both at once,
+/// the chain stays one and every call is stored.
+#[tokio::test]
+async fn postgres_decided_calls_from_two_stores_keep_one_chain() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let (a, b) = (pg_store(&schema, None).await, pg_store(&schema, None).await);
+    let decided = |n: u128| {
+        let mut r = request(n, 1, 100_000);
+        r.state = State::Approved;
+        r.decided_by = Some(DecidedBy::Policy);
+        r.decided_ms = Some(r.created_ms);
+        r
+    };
+    let insert = |store: Arc<PgStore>, r: ApprovalRequest| async move {
+        let events = vec![events::submitted(&r), events::decided_by_policy(&r)];
+        store.insert_request(r, events).await
+    };
+    for n in 0..20u128 {
+        let store = if n % 2 == 0 { &a } else { &b };
+        let answer = insert(store.clone(), decided(40_000 + n)).await;
+        assert!(matches!(answer, Ok(Inserted::New(_))), "{answer:?}");
+    }
+    let burst = |store: Arc<PgStore>, from: u128| {
+        futures::future::join_all((from..from + 300).map(|n| insert(store.clone(), decided(n))))
+    };
+    let (x, y) = tokio::join!(burst(a.clone(), 41_000), burst(b.clone(), 42_000));
+    for answer in x.iter().chain(&y) {
+        assert!(matches!(answer, Ok(Inserted::New(_))), "{answer:?}");
+    }
+    let (entries, requests) = a.audit_verify().await.unwrap().expect("one unbroken chain");
+    assert_eq!((entries, requests), (2 * 620, 620));
+    assert_eq!(b.audit_head().await.unwrap().0, 2 * 620);
+    let stored = b
+        .get_request(RequestId(Uuid::from_u128(42_299)))
+        .await
+        .unwrap();
+    assert_eq!(stored.map(|r| r.state), Some(State::Approved));
+    a.close().await;
+    b.close().await;
+}
+
 /// One idempotency key submitted through two stores at once: one stores
 /// it, the other answers with the holder (the same call) or refuses it (a
 /// different call), never an error.

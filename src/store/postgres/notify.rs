@@ -12,12 +12,14 @@ pub const CHANNEL: &str = "keyturn_changes";
 /// The channel a connection's notes go on: [`CHANNEL`] and a hash of the
 /// schema it writes to, since notifications are database-wide: stores in
 /// other schemas of the same database (another deployment, another test)
-/// are never heard. `$1` is [`CHANNEL`].
-const SCHEMA_CHANNEL: &str = "$1 || '_' || md5(coalesce(current_schema(), ''))";
+/// are never heard. `param` is the placeholder bound to [`CHANNEL`].
+pub(super) fn schema_channel(param: &str) -> String {
+    format!("{param} || '_' || md5(coalesce(current_schema(), ''))")
+}
 
 /// The channel notes are sent on from `conn`'s schema (for LISTEN).
 pub async fn channel(conn: &mut sqlx::PgConnection) -> StoreResult<String> {
-    sqlx::query_scalar(&format!("SELECT {SCHEMA_CHANNEL}"))
+    sqlx::query_scalar(&format!("SELECT {}", schema_channel("$1")))
         .bind(CHANNEL)
         .fetch_one(conn)
         .await
@@ -64,31 +66,12 @@ pub(super) fn payload(origin: &str, note: Note) -> String {
 
 /// Sends `note` in the transaction `conn` is in (delivered on its commit).
 pub async fn send(conn: &mut sqlx::PgConnection, origin: &str, note: Note) -> StoreResult<()> {
-    sqlx::query(&format!("SELECT pg_notify({SCHEMA_CHANNEL}, $2)"))
+    sqlx::query(&format!("SELECT pg_notify({}, $2)", schema_channel("$1")))
         .bind(CHANNEL)
         .bind(payload(origin, note))
         .execute(conn)
         .await
         .map_err(db)?;
-    Ok(())
-}
-
-/// Sends several payloads made by [`payload`] in one statement.
-pub(super) async fn send_all(
-    conn: &mut sqlx::PgConnection,
-    payloads: &[String],
-) -> StoreResult<()> {
-    if payloads.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(&format!(
-        "SELECT pg_notify({SCHEMA_CHANNEL}, p) FROM unnest($2::text[]) AS p"
-    ))
-    .bind(CHANNEL)
-    .bind(payloads)
-    .execute(conn)
-    .await
-    .map_err(db)?;
     Ok(())
 }
 

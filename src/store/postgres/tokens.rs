@@ -30,7 +30,7 @@ async fn issue(
     .bind(t.created_ms)
     .bind(&t.created_by)
     .bind(t.expires_ms)
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?;
     let mut shortened = 0;
@@ -42,7 +42,7 @@ async fn issue(
         .bind(at)
         .bind(&t.agent)
         .bind(&t.id)
-        .execute(tx.conn())
+        .execute(tx.conn().await?)
         .await
         .map_err(db)?
         .rows_affected();
@@ -57,7 +57,7 @@ async fn revoke(tx: &mut Tx, id: &str, now_ms: i64, audit: &SealedEvent) -> Stor
         sqlx::query("UPDATE agent_tokens SET revoked_ms = $1 WHERE id = $2 AND revoked_ms IS NULL")
             .bind(now_ms)
             .bind(id)
-            .execute(tx.conn())
+            .execute(tx.conn().await?)
             .await
             .map_err(db)?
             .rows_affected()

@@ -57,10 +57,16 @@ pub(super) async fn insert(
     }
     let caps = guard.map_or(0, |g| trifecta::bits(&g.tags));
     if let Some(g) = guard {
-        let history = history(tx.conn(), &req.agent, req.user_id.as_deref(), g.since_ms).await?;
+        let history = history(
+            tx.conn().await?,
+            &req.agent,
+            req.user_id.as_deref(),
+            g.since_ms,
+        )
+        .await?;
         if let Some((mut changed, mut events)) = trifecta::guard(req, &history, g) {
             if changed.state == State::Pending
-                && !take_slot(tx.conn(), &req.agent, max_pending).await?
+                && !take_slot(tx.conn().await?, &req.agent, max_pending).await?
             {
                 if req.state == State::Pending {
                     return Ok(Stored::TooManyPending);
@@ -82,7 +88,7 @@ pub(super) async fn insert(
                     )
                 })?;
             }
-            if !insert_request(tx.conn(), &changed, caps, fingerprint.as_deref()).await? {
+            if !insert_request(tx, &changed, caps, fingerprint.as_deref()).await? {
                 let slot = changed.state == State::Pending;
                 return taken(tx, req, fingerprint.as_deref(), slot).await;
             }
@@ -91,10 +97,10 @@ pub(super) async fn insert(
             return Ok(Stored::Guarded(changed));
         }
     }
-    if req.state == State::Pending && !take_slot(tx.conn(), &req.agent, max_pending).await? {
+    if req.state == State::Pending && !take_slot(tx.conn().await?, &req.agent, max_pending).await? {
         return Ok(Stored::TooManyPending);
     }
-    if !insert_request(tx.conn(), req, caps, fingerprint.as_deref()).await? {
+    if !insert_request(tx, req, caps, fingerprint.as_deref()).await? {
         let slot = req.state == State::Pending;
         return taken(tx, req, fingerprint.as_deref(), slot).await;
     }
@@ -123,7 +129,7 @@ async fn key_holder(
     )
     .bind(&req.agent)
     .bind(key)
-    .fetch_optional(tx.conn())
+    .fetch_optional(tx.conn().await?)
     .await
     .map_err(db)?
     else {
@@ -178,7 +184,7 @@ async fn taken(
     slot: bool,
 ) -> StoreResult<Stored> {
     if slot {
-        free_slot(tx.conn(), &req.agent).await?;
+        free_slot(tx.conn().await?, &req.agent).await?;
     }
     key_holder(tx, req, fp)
         .await?
@@ -209,7 +215,7 @@ async fn new_card(tx: &mut Tx, req: &ApprovalRequest, cards: Option<u64>) -> Sto
     .bind(req.id.to_string())
     .bind(channel as i64)
     .bind(req.deadline_ms)
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?;
     Ok(())
@@ -225,7 +231,7 @@ async fn bump_card(tx: &mut Tx, id: RequestId, cards: Option<u64>) -> StoreResul
          WHERE request_id = $1",
     )
     .bind(id.to_string())
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?;
     Ok(())
@@ -239,10 +245,10 @@ pub(super) async fn vote(
     rights: VoterRights,
     cards: Option<u64>,
 ) -> StoreResult<Result<Voted, TransitionError>> {
-    let Some(req) = load_locked(tx.conn(), id).await? else {
+    let Some(req) = load_locked(tx.conn().await?, id).await? else {
         return Ok(Err(TransitionError::NotFound));
     };
-    let earlier = super::load_votes(tx.conn(), id).await.map_err(db)?;
+    let earlier = super::load_votes(tx.conn().await?, id).await.map_err(db)?;
     let w = match decision::vote(req, &earlier, vote, rights) {
         Ok(w) => w,
         Err(e) => return Ok(Err(e)),
@@ -257,11 +263,11 @@ pub(super) async fn vote(
     .bind(vote.approve)
     .bind(&vote.reason)
     .bind(vote.at_ms)
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?;
     if w.request.state.is_terminal() {
-        resolve(tx.conn(), &w.request, None).await?;
+        resolve(tx.conn().await?, &w.request, None).await?;
         tx.note(Note::Resolved { id: id.to_string() });
     } else {
         tx.note(Note::Voted { id: id.to_string() });
@@ -314,14 +320,14 @@ async fn finish(
     due_by: Option<i64>,
     transition: impl FnOnce(ApprovalRequest) -> Finished,
 ) -> StoreResult<Result<ApprovalRequest, TransitionError>> {
-    let Some(req) = load_locked(tx.conn(), id).await? else {
+    let Some(req) = load_locked(tx.conn().await?, id).await? else {
         return Ok(Err(TransitionError::NotFound));
     };
     let (req, event) = match transition(req) {
         Ok(done) => done,
         Err(e) => return Ok(Err(e)),
     };
-    resolve(tx.conn(), &req, due_by).await?;
+    resolve(tx.conn().await?, &req, due_by).await?;
     tx.note(Note::Resolved { id: id.to_string() });
     tx.audit_events(&[event]).await?;
     bump_card(tx, id, cards).await?;
@@ -344,7 +350,7 @@ pub(super) async fn add_grant(
     .bind(effect_str(g.effect))
     .bind(by)
     .bind(now_ms)
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?
     .rows_affected()
@@ -364,7 +370,7 @@ pub(super) async fn remove_grant(
         .bind(scope.to_string())
         .bind(tool.as_str())
         .bind(effect_str(effect))
-        .execute(tx.conn())
+        .execute(tx.conn().await?)
         .await
         .map_err(db)?
         .rows_affected()
@@ -393,7 +399,7 @@ pub(super) async fn set_tool_risk(
         .bind(now_ms),
         None => sqlx::query("DELETE FROM tool_risks WHERE tool = $1").bind(tool),
     }
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?;
     policy_changed(tx, true, audit).await
@@ -413,7 +419,7 @@ pub(super) async fn pair_user(
     u: &PairedUser,
     audit: &SealedEvent,
 ) -> StoreResult<bool> {
-    let done = insert_paired(tx.conn(), u).await?;
+    let done = insert_paired(tx.conn().await?, u).await?;
     policy_changed(tx, done, audit).await?;
     Ok(done)
 }
@@ -425,14 +431,14 @@ pub(super) async fn unpair_user(
 ) -> StoreResult<bool> {
     let done = sqlx::query("DELETE FROM paired_users WHERE user_id = $1")
         .bind(user_id)
-        .execute(tx.conn())
+        .execute(tx.conn().await?)
         .await
         .map_err(db)?
         .rows_affected()
         == 1;
     sqlx::query("DELETE FROM pairing_codes WHERE user_id = $1")
         .bind(user_id)
-        .execute(tx.conn())
+        .execute(tx.conn().await?)
         .await
         .map_err(db)?;
     policy_changed(tx, done, audit).await?;
@@ -456,7 +462,7 @@ pub(super) async fn create_pairing_code(
 ) -> StoreResult<Result<(), PairingRefused>> {
     let paired: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM paired_users WHERE user_id = $1")
         .bind(&c.user_id)
-        .fetch_optional(tx.conn())
+        .fetch_optional(tx.conn().await?)
         .await
         .map_err(db)?;
     if paired.is_some() {
@@ -465,11 +471,11 @@ pub(super) async fn create_pairing_code(
     sqlx::query("DELETE FROM pairing_codes WHERE expires_ms <= $1 OR user_id = $2")
         .bind(c.now_ms)
         .bind(&c.user_id)
-        .execute(tx.conn())
+        .execute(tx.conn().await?)
         .await
         .map_err(db)?;
     let (live,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM pairing_codes")
-        .fetch_one(tx.conn())
+        .fetch_one(tx.conn().await?)
         .await
         .map_err(db)?;
     if live as usize >= c.max_live {
@@ -484,7 +490,7 @@ pub(super) async fn create_pairing_code(
     .bind(&c.display_name)
     .bind(c.now_ms)
     .bind(c.expires_ms)
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?;
     tx.audit(std::slice::from_ref(audit)).await?;
@@ -503,7 +509,7 @@ pub(super) async fn redeem_pairing_code(
          FOR UPDATE",
     )
     .bind(now_ms)
-    .fetch_all(tx.conn())
+    .fetch_all(tx.conn().await?)
     .await
     .map_err(db)?;
     // Compare against every live hash in constant time; no early exit.
@@ -518,7 +524,7 @@ pub(super) async fn redeem_pairing_code(
     };
     sqlx::query("DELETE FROM pairing_codes WHERE code_hash = $1")
         .bind(&hash)
-        .execute(tx.conn())
+        .execute(tx.conn().await?)
         .await
         .map_err(db)?;
     let user = PairedUser {
@@ -528,7 +534,7 @@ pub(super) async fn redeem_pairing_code(
         paired_by: by.to_string(),
         paired_ms: now_ms,
     };
-    insert_paired(tx.conn(), &user).await?;
+    insert_paired(tx.conn().await?, &user).await?;
     tx.audit_events(&[audit(&user)]).await?;
     tx.note(Note::PolicyChanged);
     Ok(Some(user))
@@ -543,13 +549,13 @@ pub(super) async fn append_audit(tx: &mut Tx, events: &[SealedEvent]) -> StoreRe
 pub(super) async fn prune_audit(tx: &mut Tx, cutoff: i64, now: i64) -> StoreResult<Option<Pruned>> {
     let (young,): (Option<i64>,) = sqlx::query_as("SELECT MIN(seq) FROM audit WHERE at_ms >= $1")
         .bind(cutoff)
-        .fetch_one(tx.conn())
+        .fetch_one(tx.conn().await?)
         .await
         .map_err(db)?;
     let last: Option<(i64, String)> =
         sqlx::query_as("SELECT seq, hash FROM audit WHERE seq < $1 ORDER BY seq DESC LIMIT 1")
             .bind(young.unwrap_or(i64::MAX))
-            .fetch_optional(tx.conn())
+            .fetch_optional(tx.conn().await?)
             .await
             .map_err(db)?;
     let Some((through_seq, through_hash)) = last else {
@@ -557,7 +563,7 @@ pub(super) async fn prune_audit(tx: &mut Tx, cutoff: i64, now: i64) -> StoreResu
     };
     let entries = sqlx::query("DELETE FROM audit WHERE seq <= $1")
         .bind(through_seq)
-        .execute(tx.conn())
+        .execute(tx.conn().await?)
         .await
         .map_err(db)?
         .rows_affected();
@@ -583,7 +589,7 @@ pub(super) async fn card_reconcile(tx: &mut Tx, channel: u64) -> StoreResult<u64
         "UPDATE discord_cards SET claimed_by = NULL, claim_until_ms = NULL \
          WHERE claimed_by IS NOT NULL",
     )
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?;
     let added = sqlx::query(
@@ -593,7 +599,7 @@ pub(super) async fn card_reconcile(tx: &mut Tx, channel: u64) -> StoreResult<u64
          ON CONFLICT (request_id) DO NOTHING",
     )
     .bind(channel as i64)
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?
     .rows_affected();
@@ -602,7 +608,7 @@ pub(super) async fn card_reconcile(tx: &mut Tx, channel: u64) -> StoreResult<u64
          WHERE want <= done AND rendered_state IS DISTINCT FROM \
          (SELECT state FROM requests r WHERE r.id = discord_cards.request_id)",
     )
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?
     .rows_affected();
@@ -629,7 +635,7 @@ pub(super) async fn card_done(
     .bind(version)
     .bind(state)
     .bind(id.to_string())
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?;
     Ok(())
@@ -641,7 +647,7 @@ pub(super) async fn cards_retry_now(tx: &mut Tx, now: i64) -> StoreResult<u64> {
         "UPDATE discord_cards SET next_attempt_ms = 0 WHERE want > done AND next_attempt_ms > $1",
     )
     .bind(now)
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?
     .rows_affected();
@@ -664,7 +670,7 @@ pub(super) async fn card_retry_later(
     .bind(attempts)
     .bind(next)
     .bind(id.to_string())
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?;
     Ok(())
@@ -748,12 +754,18 @@ pub(super) async fn history(
 
 /// Inserts the request row; `false` when its idempotency key was taken
 /// (nothing stored). A request id stored twice is a unique violation.
+/// Without a key nothing else can conflict: the row goes with the batch's
+/// other rows (see [`super::deferred`]), and a violation fails the write then.
 async fn insert_request(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     r: &ApprovalRequest,
     caps: i64,
     idempotency_fp: Option<&str>,
 ) -> StoreResult<bool> {
+    if r.idempotency_key.is_none() {
+        tx.insert_request(r, caps);
+        return Ok(true);
+    }
     let flags = serde_json::Value::Array(r.flags.clone()).to_string();
     let n = sqlx::query(
         "INSERT INTO requests (id, agent, tool, args, args_hash, user_id, channel_id, justification, \
@@ -790,7 +802,7 @@ async fn insert_request(
     .bind(r.requester_uid.map(i64::from))
     .bind(caps)
     .bind(idempotency_fp)
-    .execute(conn)
+    .execute(tx.conn().await?)
     .await
     .map_err(db)?
     .rows_affected();

@@ -9,14 +9,29 @@
 //! again alone, as the SQLite writer does. A write is a [`Job`]: one typed
 //! async function of [`super::write`] with the caller's arguments.
 //!
+//! Rows that nothing reads back within the batch (audit entries, requests
+//! without an idempotency key) are kept and sent together, in one
+//! statement, before any other statement of the batch and at its end with
+//! the chain head's update and the notes ([`super::deferred`]). A batch
+//! whose writes only append (policy-decided calls) begins no transaction
+//! at all: that one statement is its own transaction, from the chain head
+//! the writer last saw, and writes nothing if the head has moved since
+//! (another process appended); the batch then begins a transaction, locks
+//! and reads the head, and sends the same rows chained after it. So such a
+//! batch is one round trip and one commit's WAL flush, however many calls
+//! it holds, and is committed before any of them is answered.
+//!
 //! Several processes may write one database: every transaction first locks
-//! the audit chain's head row (`SELECT … FOR UPDATE`), so their appends
-//! form one unbroken chain, and since every writer takes that lock before
-//! any other, writers of different processes never deadlock on each other.
+//! the audit chain's head row (`SELECT … FOR UPDATE`, or the update of the
+//! statement that runs alone), so their appends form one unbroken chain,
+//! and since every writer takes that lock before any other, writers of
+//! different processes never deadlock on each other.
 
+use super::deferred::{self, Deferred, Head};
 use super::notify::{self, Note};
 use crate::app::ports::{StoreError, StoreResult};
-use crate::domain::audit::{self, AuditEvent, SealedEvent};
+use crate::domain::audit::{AuditEvent, SealedEvent};
+use crate::domain::request::ApprovalRequest;
 use crate::store::error::sqlx as db;
 use futures::future::BoxFuture;
 use sqlx::{Executor, PgConnection, PgPool, Postgres};
@@ -87,6 +102,7 @@ fn drain(rx: &mut mpsc::Receiver<Msg>, jobs: &mut Vec<Box<dyn Job>>, max_batch: 
 async fn run(pool: &PgPool, mut rx: mpsc::Receiver<Msg>, max_batch: usize, origin: &Arc<str>) {
     let mut jobs: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
     let mut mean_batch = 1.0;
+    let mut chain = Chain::default();
     while let Some(first) = rx.recv().await {
         take(first, &mut rx, &mut jobs);
         drain(&mut rx, &mut jobs, max_batch);
@@ -98,15 +114,53 @@ async fn run(pool: &PgPool, mut rx: mpsc::Receiver<Msg>, max_batch: usize, origi
         }
         mean_batch = 0.9 * mean_batch + 0.1 * jobs.len() as f64;
         if !jobs.is_empty() {
-            write_batch(pool, &mut jobs, origin).await;
+            write_batch(pool, &mut jobs, origin, &mut chain).await;
         }
     }
 }
 
-async fn write_batch(pool: &PgPool, jobs: &mut Vec<Box<dyn Job>>, origin: &Arc<str>) {
+/// What the writer knows of the audit chain between batches.
+#[derive(Default)]
+struct Chain {
+    /// The head the last batch left (`None` after a failure).
+    seen: Option<(i64, String)>,
+    /// Batches left before a batch runs alone again: after one found the
+    /// head moved (another process writes too), the next few begin a
+    /// transaction at once rather than pay for a statement that did nothing.
+    cold: u32,
+}
+
+/// Batches that begin a transaction at once after one found the head moved.
+const COLD_BATCHES: u32 = 8;
+
+impl Chain {
+    fn seen(&self) -> Option<(i64, String)> {
+        if self.cold > 0 {
+            None
+        } else {
+            self.seen.clone()
+        }
+    }
+
+    fn after(&mut self, left: Left) {
+        self.cold = self.cold.saturating_sub(1);
+        if left.moved {
+            self.cold = COLD_BATCHES;
+        }
+        self.seen = left.head;
+    }
+}
+
+async fn write_batch(
+    pool: &PgPool,
+    jobs: &mut Vec<Box<dyn Job>>,
+    origin: &Arc<str>,
+    chain: &mut Chain,
+) {
     let started = std::time::Instant::now();
-    match run_batch(pool, jobs, origin).await {
-        Ok(outcomes) => {
+    match run_batch(pool, jobs, origin, chain.seen()).await {
+        Ok((outcomes, left)) => {
+            chain.after(left);
             let micros = started.elapsed().as_micros() as u64;
             crate::app::metrics::global()
                 .commit_latency
@@ -122,24 +176,28 @@ async fn write_batch(pool: &PgPool, jobs: &mut Vec<Box<dyn Job>>, origin: &Arc<s
         // Nothing ran (no connection): every write fails the same way,
         // without waiting for a connection once per write.
         Err(Failed::Begin(e)) => {
+            chain.after(Left::default());
             tracing::error!(error = %e, batch = jobs.len(), "store writes failed");
             for job in jobs.drain(..) {
                 job.answer(Err(same(&e)));
             }
         }
         Err(Failed::Batch(e)) if jobs.len() == 1 => {
+            chain.after(Left::default());
             tracing::error!(error = %e, "store write failed");
             if let Some(job) = jobs.pop() {
                 job.answer(Err(e));
             }
         }
         Err(Failed::Batch(e)) => {
+            chain.after(Left::default());
             tracing::warn!(error = %e, batch = jobs.len(), "batch failed; retrying writes one by one");
             for mut job in jobs.drain(..) {
-                let outcome = match run_batch(pool, std::slice::from_mut(&mut job), origin).await {
-                    Ok(mut o) => o.pop().unwrap_or(Ok(())),
-                    Err(Failed::Begin(e) | Failed::Batch(e)) => Err(e),
-                };
+                let outcome =
+                    match run_batch(pool, std::slice::from_mut(&mut job), origin, None).await {
+                        Ok((mut o, _)) => o.pop().unwrap_or(Ok(())),
+                        Err(Failed::Begin(e) | Failed::Batch(e)) => Err(e),
+                    };
                 if let Err(e) = &outcome {
                     tracing::error!(error = %e, "store write failed");
                 }
@@ -171,8 +229,21 @@ enum Failed {
     Batch(StoreError),
 }
 
+/// Per job, its own outcome, and what the batch left of the chain.
+type Ran = (Vec<StoreResult<()>>, Left);
+
+/// What a batch left of the audit chain.
+#[derive(Default)]
+struct Left {
+    /// The head after it, if known.
+    head: Option<(i64, String)>,
+    /// Its statement alone found the head moved (another process wrote).
+    moved: bool,
+}
+
 /// Runs `jobs` in one transaction and commits it: per job, its own outcome
-/// (a job that failed was rolled back to its savepoint).
+/// (a job that failed was rolled back to its savepoint). `seen` is the
+/// chain head the writer last saw (see [`Tx::end`]).
 ///
 /// Boxed, so the future is checked `Send` for the lifetimes it is called
 /// with (sqlx's executor bounds are higher-ranked otherwise).
@@ -180,63 +251,72 @@ fn run_batch<'a>(
     pool: &'a PgPool,
     jobs: &'a mut [Box<dyn Job>],
     origin: &'a Arc<str>,
-) -> BoxFuture<'a, Result<Vec<StoreResult<()>>, Failed>> {
-    Box::pin(run_batch_inner(pool, jobs, origin))
+    seen: Option<(i64, String)>,
+) -> BoxFuture<'a, Result<Ran, Failed>> {
+    Box::pin(run_batch_inner(pool, jobs, origin, seen))
 }
 
 async fn run_batch_inner(
     pool: &PgPool,
     jobs: &mut [Box<dyn Job>],
     origin: &Arc<str>,
-) -> Result<Vec<StoreResult<()>>, Failed> {
-    if jobs.len() > 1 {
-        // First without savepoints: a savepoint is a round trip per write,
-        // and writes almost never fail. If one does, the batch rolls back
-        // and runs again below, each write in its savepoint.
-        if let Some(done) = run_plain(pool, jobs, origin).await? {
-            return Ok(done);
-        }
-    }
-    let mut tx = Tx::begin(pool, origin.clone())
-        .await
-        .map_err(Failed::Begin)?;
-    let mut outcomes = Vec::with_capacity(jobs.len());
+    seen: Option<(i64, String)>,
+) -> Result<Ran, Failed> {
     if let [job] = jobs {
         // Alone: the transaction is the job's savepoint.
-        match job.run(&mut tx).await {
+        let mut tx = Tx::new(pool, origin.clone(), seen);
+        if let Err(e) = job.run(&mut tx).await {
+            return Ok((vec![Err(e)], Left::default()));
+        }
+        return Ok(match tx.end(true).await? {
+            Ok(left) => (vec![Ok(())], left),
+            Err(e) => (vec![Err(e)], Left::default()),
+        });
+    }
+    // First without savepoints: a savepoint is a round trip per write,
+    // and writes almost never fail. If one does, the batch rolls back
+    // and runs again below, each write in its savepoint.
+    if let Some(done) = run_plain(pool, jobs, origin, seen).await? {
+        return Ok(done);
+    }
+    let mut tx = Tx::new(pool, origin.clone(), None);
+    tx.begin().await.map_err(Failed::Begin)?;
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for (i, job) in jobs.iter_mut().enumerate() {
+        let mark = if i == 0 {
+            "SAVEPOINT job"
+        } else {
+            "RELEASE SAVEPOINT job; SAVEPOINT job"
+        };
+        tx.conn()
+            .await
+            .map_err(Failed::Batch)?
+            .execute(mark)
+            .await
+            .map_err(|e| Failed::Batch(db(e)))?;
+        let before = tx.mark();
+        // The job's rows are sent inside its savepoint, so a row that
+        // fails fails its own write only.
+        let outcome = match job.run(&mut tx).await {
+            Ok(()) => tx.flush().await,
+            Err(e) => Err(e),
+        };
+        match outcome {
             Ok(()) => outcomes.push(Ok(())),
             Err(e) => {
-                drop(tx);
-                return Ok(vec![Err(e)]);
-            }
-        }
-    } else {
-        for (i, job) in jobs.iter_mut().enumerate() {
-            let mark = if i == 0 {
-                "SAVEPOINT job"
-            } else {
-                "RELEASE SAVEPOINT job; SAVEPOINT job"
-            };
-            tx.conn()
-                .execute(mark)
-                .await
-                .map_err(|e| Failed::Batch(db(e)))?;
-            let before = tx.mark();
-            match job.run(&mut tx).await {
-                Ok(()) => outcomes.push(Ok(())),
-                Err(e) => {
-                    tx.conn()
-                        .execute("ROLLBACK TO SAVEPOINT job")
-                        .await
-                        .map_err(|e| Failed::Batch(db(e)))?;
-                    tx.reset(before);
-                    outcomes.push(Err(e));
-                }
+                tx.reset(before);
+                tx.conn()
+                    .await
+                    .map_err(Failed::Batch)?
+                    .execute("ROLLBACK TO SAVEPOINT job")
+                    .await
+                    .map_err(|e| Failed::Batch(db(e)))?;
+                outcomes.push(Err(e));
             }
         }
     }
-    tx.commit().await.map_err(Failed::Batch)?;
-    Ok(outcomes)
+    let left = tx.end(false).await?.map_err(Failed::Batch)?;
+    Ok((outcomes, left))
 }
 
 /// Runs `jobs` in one transaction without savepoints and commits it;
@@ -245,18 +325,25 @@ async fn run_plain(
     pool: &PgPool,
     jobs: &mut [Box<dyn Job>],
     origin: &Arc<str>,
-) -> Result<Option<Vec<StoreResult<()>>>, Failed> {
-    let mut tx = Tx::begin(pool, origin.clone())
-        .await
-        .map_err(Failed::Begin)?;
+    seen: Option<(i64, String)>,
+) -> Result<Option<Ran>, Failed> {
+    let mut tx = Tx::new(pool, origin.clone(), seen);
     for job in jobs.iter_mut() {
         if let Err(e) = job.run(&mut tx).await {
             tracing::debug!(error = %e, "a write of the batch failed; the batch runs again with savepoints");
             return Ok(None);
         }
     }
-    tx.commit().await.map_err(Failed::Batch)?;
-    Ok(Some(jobs.iter().map(|_| Ok(())).collect()))
+    // The batch's rows go in one statement for all its writes: if it
+    // fails, which write's row failed is not known here, so the batch runs
+    // again with savepoints.
+    match tx.end(true).await? {
+        Ok(left) => Ok(Some((jobs.iter().map(|_| Ok(())).collect(), left))),
+        Err(e) => {
+            tracing::debug!(error = %e, "the batch's rows failed; the batch runs again with savepoints");
+            Ok(None)
+        }
+    }
 }
 
 /// A write waiting for the writer: runs inside a batch's transaction (again,
@@ -318,47 +405,72 @@ where
     )
 }
 
-/// A batch's write transaction: the audit chain's head, locked at its
-/// start, then moved by each append; the notes to send at commit.
+/// A batch's write transaction. It begins (on a pooled connection, the
+/// audit chain's head locked and read first) at the first statement a
+/// write sends; rows that are only appended wait in [`Deferred`] and go
+/// with the next statement. A batch whose writes only appended never
+/// begins one: [`Tx::end`] sends its rows in one statement that runs
+/// alone, from the head the writer last saw, and only if the head is
+/// still that one.
 pub(super) struct Tx {
-    sql: sqlx::Transaction<'static, Postgres>,
-    head: (i64, String),
+    pool: PgPool,
+    sql: Option<sqlx::Transaction<'static, Postgres>>,
+    /// The chain's head: once begun, the one locked, moved by the entries
+    /// sent; before, the one the writer last saw, if any.
+    head: Option<(i64, String)>,
+    /// Entries were sent in this transaction: the head is recorded at its end.
     appended: bool,
     origin: Arc<str>,
     /// Payloads for `pg_notify`, sent just before the commit.
     notes: Vec<String>,
+    rows: Deferred,
 }
 
 /// Where a job started, to undo its effects on the [`Tx`] when it rolls back.
 pub(super) struct Mark {
-    head: (i64, String),
+    head: Option<(i64, String)>,
     appended: bool,
     notes: usize,
+    rows: deferred::Len,
 }
 
 impl Tx {
-    /// Begins on a pooled connection and locks the chain head. Pooled
-    /// connections are not pinged on the way out, so one the database
-    /// dropped while it sat idle (a restart) fails here: it is let go and
-    /// the next one tried, before any write ran.
-    async fn begin(pool: &PgPool, origin: Arc<str>) -> StoreResult<Tx> {
+    /// A batch's transaction, not begun; `seen` is the chain head the
+    /// writer last saw.
+    fn new(pool: &PgPool, origin: Arc<str>, seen: Option<(i64, String)>) -> Tx {
+        Tx {
+            pool: pool.clone(),
+            sql: None,
+            head: seen,
+            appended: false,
+            origin,
+            notes: Vec::new(),
+            rows: Deferred::default(),
+        }
+    }
+
+    /// Begins on a pooled connection and locks the chain head (once).
+    /// Pooled connections are not pinged on the way out, so one the
+    /// database dropped while it sat idle (a restart) fails here: it is let
+    /// go and the next one tried, before any write ran.
+    async fn begin(&mut self) -> StoreResult<()> {
+        if self.sql.is_some() {
+            return Ok(());
+        }
         let mut attempt = 0;
         let (sql, head) = loop {
             attempt += 1;
-            match Self::lock_head(pool).await {
+            match Self::lock_head(&self.pool).await {
                 Err(e) if e.is_retryable() && attempt <= WRITE_CONNECTIONS => {
                     tracing::debug!(error = %e, "a pooled connection failed; trying another");
                 }
                 other => break other?,
             }
         };
-        Ok(Tx {
-            sql,
-            head,
-            appended: false,
-            origin,
-            notes: Vec::new(),
-        })
+        self.sql = Some(sql);
+        self.head = Some(head);
+        self.appended = false;
+        Ok(())
     }
 
     async fn lock_head(
@@ -372,9 +484,42 @@ impl Tx {
         Ok((sql, head))
     }
 
-    /// The transaction's connection, for a write's statements.
-    pub(super) fn conn(&mut self) -> &mut PgConnection {
-        &mut self.sql
+    /// The transaction's connection, for a write's statements: begun if it
+    /// was not, and the rows appended so far sent first, so every
+    /// statement sees them.
+    pub(super) async fn conn(&mut self) -> StoreResult<&mut PgConnection> {
+        self.flush().await?;
+        match &mut self.sql {
+            Some(sql) => Ok(&mut **sql),
+            None => Err(StoreError::Failed(
+                "the writer's transaction did not begin".into(),
+            )),
+        }
+    }
+
+    /// Begins if need be and sends the rows appended so far (one
+    /// statement, if there are any).
+    async fn flush(&mut self) -> StoreResult<()> {
+        self.send(Head::Keep, false).await
+    }
+
+    /// Begins if need be and sends the rows appended so far, with `record`
+    /// and (if `notes`) the notes, in one statement.
+    async fn send(&mut self, record: Head<'_>, notes: bool) -> StoreResult<()> {
+        self.begin().await?;
+        let appends = self.rows.has_audit();
+        let (Some(sql), Some(head)) = (&mut self.sql, &self.head) else {
+            return Err(StoreError::Failed(
+                "the writer's transaction did not begin".into(),
+            ));
+        };
+        let notes: &[String] = if notes { &self.notes } else { &[] };
+        let after = deferred::send(sql, &mut self.rows, head, record, notes)
+            .await?
+            .ok_or_else(|| StoreError::Failed("the chain head was not recorded".into()))?;
+        self.head = Some(after);
+        self.appended |= appends;
+        Ok(())
     }
 
     fn mark(&self) -> Mark {
@@ -382,6 +527,7 @@ impl Tx {
             head: self.head.clone(),
             appended: self.appended,
             notes: self.notes.len(),
+            rows: self.rows.len(),
         }
     }
 
@@ -389,6 +535,7 @@ impl Tx {
         self.head = m.head;
         self.appended = m.appended;
         self.notes.truncate(m.notes);
+        self.rows.truncate(m.rows);
     }
 
     /// Queues a note for the other processes, sent in this transaction.
@@ -396,44 +543,17 @@ impl Tx {
         self.notes.push(notify::payload(&self.origin, note));
     }
 
-    /// Appends sealed events to the audit chain, in this transaction (one
-    /// statement however many).
+    /// Stores a new request that has no idempotency key (nothing can
+    /// conflict with it but its id), with the batch's other rows.
+    pub(super) fn insert_request(&mut self, r: &ApprovalRequest, caps: i64) {
+        self.rows.request(r, caps);
+    }
+
+    /// Appends sealed events to the audit chain, in this transaction: they
+    /// are sent with the batch's other rows, chained then (after the head
+    /// locked by then).
     pub(super) async fn audit(&mut self, list: &[SealedEvent]) -> StoreResult<()> {
-        if list.is_empty() {
-            return Ok(());
-        }
-        let (seq, hash) = &self.head;
-        let links = audit::chain(*seq, hash, list, |seq, prev, e| {
-            audit::sealed_hash(seq, prev, e)
-        });
-        let seqs: Vec<i64> = links.iter().map(|l| l.seq).collect();
-        let at: Vec<i64> = list.iter().map(|e| e.at_ms).collect();
-        let kinds: Vec<&str> = list.iter().map(|e| e.kind.as_str()).collect();
-        let actors: Vec<&str> = list.iter().map(|e| e.actor.as_str()).collect();
-        let requests: Vec<Option<&str>> = list.iter().map(|e| e.request_id.as_deref()).collect();
-        let details: Vec<&str> = list.iter().map(|e| e.detail.as_str()).collect();
-        let prevs: Vec<&str> = links.iter().map(|l| l.prev_hash.as_str()).collect();
-        let hashes: Vec<&str> = links.iter().map(|l| l.hash.as_str()).collect();
-        sqlx::query(
-            "INSERT INTO audit (seq, at_ms, kind, actor, request_id, detail, prev_hash, hash) \
-             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], \
-             $6::text[], $7::text[], $8::text[])",
-        )
-        .bind(seqs)
-        .bind(at)
-        .bind(kinds)
-        .bind(actors)
-        .bind(requests)
-        .bind(details)
-        .bind(prevs)
-        .bind(hashes)
-        .execute(&mut *self.sql)
-        .await
-        .map_err(db)?;
-        if let Some(l) = links.last() {
-            self.head = (l.seq, l.hash.clone());
-            self.appended = true;
-        }
+        self.rows.audit(list);
         Ok(())
     }
 
@@ -443,18 +563,79 @@ impl Tx {
         self.audit(&sealed).await
     }
 
-    /// Records the new chain head, sends the notes and commits.
-    async fn commit(mut self) -> StoreResult<()> {
-        if self.appended {
-            let (seq, hash) = &self.head;
-            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
-                .bind(seq)
-                .bind(hash)
-                .execute(&mut *self.sql)
-                .await
-                .map_err(db)?;
+    /// Sends the rows not sent yet, records the new chain head and sends
+    /// the notes, in one statement: all that is left before the commit.
+    async fn finish(&mut self) -> StoreResult<()> {
+        let record = if self.appended || self.rows.has_audit() {
+            Head::Record
+        } else {
+            Head::Keep
+        };
+        self.send(record, true).await?;
+        self.notes.clear();
+        Ok(())
+    }
+
+    /// Ends the batch: its rows, head and notes sent and committed. The
+    /// answer is the head it left, or `Ok(Err(_))` if the last statement
+    /// failed (nothing committed): a batch without savepoints runs again
+    /// with them. A batch that never began tries its one statement alone
+    /// first, from the head the writer last saw (`optimistic`).
+    async fn end(mut self, optimistic: bool) -> Result<StoreResult<Left>, Failed> {
+        let mut moved = false;
+        if self.sql.is_none() {
+            if self.rows.is_empty() && self.notes.is_empty() {
+                return Ok(Ok(Left {
+                    head: self.head,
+                    moved,
+                }));
+            }
+            if let (true, Some(seen)) = (optimistic, self.head.clone()) {
+                match self.alone(&seen).await {
+                    Ok(Some(head)) => {
+                        return Ok(Ok(Left {
+                            head: Some(head),
+                            moved,
+                        }))
+                    }
+                    Ok(None) => {
+                        moved = true;
+                        tracing::trace!("the chain head moved; the batch begins a transaction")
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the batch's statement failed; it begins a transaction")
+                    }
+                }
+            }
         }
-        notify::send_all(&mut self.sql, &self.notes).await?;
-        self.sql.commit().await.map_err(db)
+        self.begin().await.map_err(Failed::Begin)?;
+        if let Err(e) = self.finish().await {
+            return Ok(Err(e));
+        }
+        let head = self.head.take();
+        match self.sql.take() {
+            Some(sql) => sql.commit().await.map_err(|e| Failed::Batch(db(e)))?,
+            None => {
+                return Err(Failed::Batch(StoreError::Failed(
+                    "no transaction to commit".into(),
+                )))
+            }
+        }
+        Ok(Ok(Left { head, moved }))
+    }
+
+    /// The batch's rows, the head's update (only if the head is still
+    /// `seen`, its row locked first) and notes, in one statement that is
+    /// its own transaction: `None` if the head had moved (nothing written).
+    async fn alone(&mut self, seen: &(i64, String)) -> StoreResult<Option<(i64, String)>> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        deferred::send(
+            &mut conn,
+            &mut self.rows,
+            seen,
+            Head::RecordIf(seen),
+            &self.notes,
+        )
+        .await
     }
 }
