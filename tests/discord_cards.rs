@@ -1078,11 +1078,39 @@ async fn pair_pending_audit_and_list_commands_answer() {
     server.stop_async().await;
 }
 
-/// Click-to-agent latency. Run with `cargo test --release --test discord_cards -- --ignored --nocapture`.
+/// Click-to-agent latency. Run with `cargo test --release --test discord_cards -- --ignored --nocapture`;
+/// with `KEYTURN_BENCH_STORE=postgres` the server runs on the test
+/// PostgreSQL (a schema of its own) instead of SQLite.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn bench_click_to_agent_latency() {
-    let (fake, mut server) = setup().await;
+    let schema = match std::env::var("KEYTURN_BENCH_STORE").as_deref() {
+        Ok("postgres") => Some(harness::pg::Schema::new().await.expect("PostgreSQL")),
+        _ => None,
+    };
+    let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
+    let mut text = config::discord(&fake.api_base());
+    if let Some(schema) = &schema {
+        text = text.replace(
+            "url = \"sqlite://k.db\"",
+            &format!("url = \"{}\"", schema.url()),
+        );
+        assert!(text.contains("search_path"), "{text}");
+    }
+    println!(
+        "store: {}",
+        if schema.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        }
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Launch::new(dir, text)
+        .try_start_async()
+        .await
+        .unwrap_or_else(|f| panic!("serve did not start: {:?}\n{}", f.status, f.log));
+    fake.wait_ready(WAIT).await.expect("bot ready");
     let n = 200;
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
