@@ -833,6 +833,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     r.pending.unwrap_or(0)
                 );
                 Ok(0)
+            } else if r.unreachable {
+                crate::outln!("{name}: UNREACHABLE (nothing was checked)");
+                for p in &r.problems {
+                    crate::outln!("  {}", printable(p));
+                }
+                Ok(EXIT_DENIED)
             } else {
                 crate::outln!("{name}: DAMAGED");
                 for p in &r.problems {

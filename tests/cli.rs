@@ -228,6 +228,15 @@ fn an_unreachable_postgres_store_fails_the_start_naming_it_without_its_password(
         );
         assert!(!err.contains("hunter2"), "{cmd} shows the password: {err}");
     }
+    // `db check` says it could not reach the database, not that it is damaged.
+    let out = harness::run(&["db", "check"], &p);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("UNREACHABLE (nothing was checked)"), "{said}");
+    assert!(
+        !said.contains("DAMAGED") && !said.contains("hunter2"),
+        "{said}"
+    );
     std::fs::write(&p, "[store]\nurl = \"mysql://db.example/keyturn\"\n").unwrap();
     let out = Command::new(BIN)
         .args(["check-config", "--config"])

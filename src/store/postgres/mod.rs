@@ -1049,12 +1049,14 @@ pub async fn check(url: &str) -> crate::store::check::Report {
             report
                 .problems
                 .push(format!("cannot connect to PostgreSQL at {shown}: {e}"));
+            report.unreachable = true;
             return report;
         }
         Err(_) => {
             report.problems.push(format!(
                 "cannot connect to PostgreSQL at {shown}: no answer within {CONNECT_TIMEOUT:?}"
             ));
+            report.unreachable = true;
             return report;
         }
     };

@@ -33,6 +33,9 @@ pub struct Report {
     /// The check did not finish within its time limit (nothing was found
     /// wrong in what it read).
     pub timed_out: bool,
+    /// The database could not be reached, so nothing was checked (a server
+    /// that is down is not a damaged database).
+    pub unreachable: bool,
 }
 
 impl Report {
