@@ -346,6 +346,39 @@ impl Default for ServerConfig {
 }
 
 /// The store URL schemes this build supports.
+/// `url` with its password (in the authority or a `password=` parameter)
+/// replaced by `***`: what errors and logs may show.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(start) = url.find("://").map(|i| i + 3) {
+        let rest = &url[start..];
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let authority = &rest[..end];
+        if let Some(at) = authority.rfind('@') {
+            if let Some(colon) = authority[..at].find(':') {
+                out = format!(
+                    "{}{}:***{}",
+                    &url[..start],
+                    &authority[..colon],
+                    &url[start + at..]
+                );
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
+}
+
 pub const STORE_SCHEMES: &str = "the supported store URL schemes are sqlite:// (e.g. \
      sqlite:///var/lib/keyturn/keyturn.db) and postgres:// (e.g. postgres://keyturn@db/keyturn)";
 
@@ -1047,7 +1080,7 @@ impl Config {
             _ => {
                 return Err(invalid(
                     "store.url",
-                    format!("`{}`: {STORE_SCHEMES}", self.store.url),
+                    format!("`{}`: {STORE_SCHEMES}", redact_url(&self.store.url)),
                 ));
             }
         }

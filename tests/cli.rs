@@ -237,7 +237,11 @@ fn an_unreachable_postgres_store_fails_the_start_naming_it_without_its_password(
         !said.contains("DAMAGED") && !said.contains("hunter2"),
         "{said}"
     );
-    std::fs::write(&p, "[store]\nurl = \"mysql://db.example/keyturn\"\n").unwrap();
+    std::fs::write(
+        &p,
+        "[store]\nurl = \"mysql://k:hunter2@db.example/keyturn\"\n",
+    )
+    .unwrap();
     let out = Command::new(BIN)
         .args(["check-config", "--config"])
         .arg(&p)
@@ -248,6 +252,10 @@ fn an_unreachable_postgres_store_fails_the_start_naming_it_without_its_password(
     assert!(
         err.contains("sqlite://"),
         "names the supported scheme: {err}"
+    );
+    assert!(
+        err.contains("mysql://k:***@db.example") && !err.contains("hunter2"),
+        "{err}"
     );
 }
 
