@@ -14,7 +14,7 @@
 //! and applies [`guard`], so two calls at once cannot both slip through.
 
 use super::audit::{events, AuditEvent};
-use super::request::{ApprovalRequest, DecidedBy, State};
+use super::request::{too_many_pending, ApprovalRequest, DecidedBy, State, TOO_MANY_PENDING};
 use super::Risk;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -158,6 +158,33 @@ pub fn who(agent: &str, user: Option<&str>, window: &str) -> String {
         Some(u) => format!("agent `{agent}` (and calls for user {u}) in the last {window}"),
         None => format!("agent `{agent}` in the last {window}"),
     }
+}
+
+/// What [`guard`] decides for a call that would wait for a human when its
+/// agent has no pending slot left (all `max_pending` taken): a call the
+/// policy allowed and the guard escalated is denied instead (rule
+/// `too_many_pending`); a call that was already going to wait cannot be
+/// stored at all (`None`).
+pub fn guard_without_slot(
+    req: &ApprovalRequest,
+    history: &[(String, Vec<ToolTag>)],
+    g: &Guard,
+    max_pending: usize,
+) -> Option<(ApprovalRequest, Vec<AuditEvent>)> {
+    if req.state != State::Approved {
+        return None;
+    }
+    let full = Guard {
+        escalation: Escalation {
+            deny: Some((
+                TOO_MANY_PENDING.to_string(),
+                too_many_pending(&req.agent, max_pending),
+            )),
+            ..g.escalation.clone()
+        },
+        ..g.clone()
+    };
+    guard(req, history, &full)
 }
 
 /// Applies the guard to a call about to be stored, given the history of its

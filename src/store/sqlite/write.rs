@@ -14,8 +14,7 @@ use crate::domain::decision;
 use crate::domain::pairing;
 use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
 use crate::domain::request::{
-    too_many_pending, ApprovalRequest, RequestId, State, TransitionError, Vote, VoterRights,
-    TOO_MANY_PENDING,
+    ApprovalRequest, RequestId, State, TransitionError, Vote, VoterRights,
 };
 use crate::domain::trifecta::{self, Guard, ToolTag};
 use crate::domain::Risk;
@@ -81,25 +80,11 @@ pub(super) fn insert(
         let history = trifecta_history(tx, req, g.since_ms)?;
         if let Some((mut changed, mut events)) = trifecta::guard(req, &history, g) {
             if changed.state == State::Pending && !take_slot(tx, &req.agent, max_pending)? {
-                if req.state == State::Pending {
-                    return Ok(Stored::TooManyPending);
+                // No slot to wait in: an escalated call is denied instead.
+                match trifecta::guard_without_slot(req, &history, g, max_pending) {
+                    Some(denied) => (changed, events) = denied,
+                    None => return Ok(Stored::TooManyPending),
                 }
-                // No slot to wait in: the guard denies the call instead.
-                let full = trifecta::Guard {
-                    escalation: trifecta::Escalation {
-                        deny: Some((
-                            TOO_MANY_PENDING.to_string(),
-                            too_many_pending(&req.agent, max_pending),
-                        )),
-                        ..g.escalation.clone()
-                    },
-                    ..g.clone()
-                };
-                (changed, events) = trifecta::guard(req, &history, &full).ok_or_else(|| {
-                    StoreError::Failed(
-                        "the trifecta guard let a call through once it had no pending slot".into(),
-                    )
-                })?;
             }
             insert_request(tx, &changed, caps, fingerprint.as_deref())?;
             tx.audit_events(&events)?;
