@@ -126,6 +126,12 @@ pub struct Config {
     pub tcp: TcpConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub run: RunConfig,
+    /// `[credentials.NAME]`: secrets Keyturn injects into runs of the tools
+    /// that declare them; never sent to an agent.
+    #[serde(default)]
+    pub credentials: std::collections::BTreeMap<String, CredentialConfig>,
     /// Keys whose secret is written in the file itself (not from the
     /// environment): such a file must not be readable by others.
     #[serde(skip)]
@@ -161,6 +167,96 @@ pub struct ExecConfig {
     /// `LANG` and `TERM` (CA-bundle variables such as `SSL_CERT_FILE` only
     /// when listed; Keyturn's own tokens and loader/proxy variables never).
     pub keep_env: Vec<String>,
+}
+
+/// `[run]`: how Keyturn runs the tools that have a `run` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// The bubblewrap binary (a name on `PATH` or a path).
+    pub bwrap: String,
+    /// Most bytes of stdout, and of stderr, kept and returned per run; the
+    /// rest is counted (the answer says the full size) and hashed.
+    pub max_output_bytes: usize,
+    /// Between the SIGTERM and the SIGKILL sent to a run's process group.
+    pub kill_grace: Dur,
+    /// The uid and gid runs use when Keyturn runs as root (default 65534,
+    /// `nobody`): the process limit does not bind root. Ignored otherwise
+    /// (runs use Keyturn's own uid).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Where credential files are staged (mode 0700, removed after each
+    /// run) before they are bound into a sandbox. Default: `/dev/shm`
+    /// when present (memory, never disk), else the database's directory.
+    pub scratch_dir: Option<String>,
+    /// Most runs at once in this process; more are refused (`too_many_runs`).
+    pub max_concurrent: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            bwrap: "bwrap".into(),
+            max_output_bytes: 200 * 1024,
+            kill_grace: Dur(Duration::from_secs(2)),
+            uid: None,
+            gid: None,
+            scratch_dir: None,
+            max_concurrent: 16,
+        }
+    }
+}
+
+/// Where one credential (or one of its auth profiles) is read from: exactly
+/// one of `env`, `file`, `command`.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSource {
+    /// Profile name (shown by `keyturn credentials status`); default `default`,
+    /// or `profile1`, `profile2`… in a list.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// An environment variable of Keyturn's.
+    #[serde(default)]
+    pub env: Option<String>,
+    /// A file (re-read when it changes).
+    #[serde(default)]
+    pub file: Option<String>,
+    /// A command whose stdout (trailing newline removed) is the value:
+    /// `["pass", "show", "kube/prod"]`. No shell.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+}
+
+/// `[credentials.NAME]`: one source inline, or `profiles` tried in order.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    #[serde(flatten)]
+    pub source: CredentialSource,
+    /// Auth profiles in order of preference (failover).
+    #[serde(default)]
+    pub profiles: Vec<CredentialSource>,
+    /// Consecutive failures after which a profile is set aside and the
+    /// next one used (default 3). A success resets the count.
+    #[serde(default = "default_fail_after")]
+    pub fail_after: u32,
+    /// Exit codes of a run that count as this credential failing.
+    #[serde(default)]
+    pub fail_exit_codes: Vec<i32>,
+    /// A regex over the run's stdout and stderr that counts as failing
+    /// (`Unauthorized|401`).
+    #[serde(default)]
+    pub fail_pattern: Option<String>,
+    /// A set-aside profile is tried again after this long (default: only
+    /// after `keyturn credentials reset`, a reload, or when every profile
+    /// is set aside).
+    #[serde(default)]
+    pub retry_after: Option<Dur>,
+}
+
+fn default_fail_after() -> u32 {
+    3
 }
 
 /// The optional HTTP listener for `/healthz` and `/metrics` (Prometheus).
@@ -553,6 +649,10 @@ pub struct ToolConfig {
     /// tool's calls never ask a human by themselves; logged at start).
     #[serde(default)]
     pub ask_on_flags: Option<FlagSelection>,
+    /// Keyturn runs this tool itself (the `run` method): an argv template
+    /// with typed slots, the sandbox profile, credentials. See docs/execution.md.
+    #[serde(default)]
+    pub run: Option<crate::domain::run::RunSpec>,
 }
 
 /// A set of flag kinds: `"all"` (every kind, including kinds added in later

@@ -501,6 +501,96 @@ pub trait AgentTokens: Send + Sync + 'static {
 /// A change committed to the store, published after its commit (never
 /// before), for whatever in this process follows the store: waiters, the
 /// deadline scheduler, the policy view and the card outbox.
+/// A run as the process registry records it (see [`Runs`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunRecord {
+    /// A UUID (v7), also the id `keyturn kill` takes.
+    pub id: String,
+    pub request_id: RequestId,
+    pub agent: String,
+    pub tool: String,
+    /// The argv as shown (secrets masked).
+    pub argv: Vec<String>,
+    pub profile: crate::domain::run::Profile,
+    /// The process (group leader) id; `None` until started or if it never did.
+    pub pid: Option<i64>,
+    /// The host and the Keyturn process that started it: after a restart,
+    /// runs left `running` by a dead Keyturn on this host are `interrupted`.
+    pub host: String,
+    pub server_pid: i64,
+    /// Who approved the request (or `policy`).
+    pub approved_by: String,
+    pub started_ms: i64,
+    pub deadline_ms: i64,
+    pub state: crate::domain::run::RunState,
+    pub ended_ms: Option<i64>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// SHA-256 (hex) of everything the process wrote to each stream.
+    pub stdout_sha256: Option<String>,
+    pub stderr_sha256: Option<String>,
+    /// Who asked for a kill (`keyturn kill`, the card's Kill button).
+    pub kill_requested_by: Option<String>,
+}
+
+/// Why a run could not be registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunRefused {
+    /// A request runs at most once.
+    #[error("request {request_id} has already been run (run {run_id})")]
+    AlreadyRun { request_id: String, run_id: String },
+}
+
+/// The process registry: every run Keyturn starts, with its outcome. Each
+/// write appends its audit event in the same transaction and marks the
+/// request's card due (the card shows the run).
+#[async_trait]
+pub trait Runs: Send + Sync + 'static {
+    /// Registers a run about to start (state `running`). A request runs at
+    /// most once: a second run of the same request is refused, in the same
+    /// transaction.
+    async fn run_started(
+        &self,
+        run: RunRecord,
+        audit: AuditEvent,
+    ) -> StoreResult<Result<(), RunRefused>> {
+        let _ = (run, audit);
+        Err(StoreError::Unsupported("runs".into()))
+    }
+    /// Records how a run ended (`state`, `ended_ms`, exit code, signal,
+    /// hashes, `pid` taken from `run`) and audits it.
+    async fn run_ended(&self, run: RunRecord, audit: AuditEvent) -> StoreResult<()> {
+        let _ = (run, audit);
+        Err(StoreError::Unsupported("runs".into()))
+    }
+    /// Records the pid once the process started (no audit: `run_started`
+    /// carries it when known).
+    async fn run_pid(&self, id: &str, pid: i64) -> StoreResult<()> {
+        let _ = (id, pid);
+        Err(StoreError::Unsupported("runs".into()))
+    }
+    /// Marks a kill as asked for (and audits it), so the process running it,
+    /// on whichever replica, kills it: published as [`Change::KillRun`].
+    /// `false` if no such run is running.
+    async fn request_kill(&self, id: &str, by: String, audit: AuditEvent) -> StoreResult<bool> {
+        let _ = (id, by, audit);
+        Err(StoreError::Unsupported("runs".into()))
+    }
+    async fn run(&self, id: &str) -> StoreResult<Option<RunRecord>> {
+        let _ = id;
+        Err(StoreError::Unsupported("runs".into()))
+    }
+    async fn run_of_request(&self, request_id: RequestId) -> StoreResult<Option<RunRecord>> {
+        let _ = request_id;
+        Err(StoreError::Unsupported("runs".into()))
+    }
+    /// Newest first; only `running` ones with `running_only`.
+    async fn runs(&self, running_only: bool, limit: u32) -> StoreResult<Vec<RunRecord>> {
+        let _ = (running_only, limit);
+        Err(StoreError::Unsupported("runs".into()))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Change {
     /// A request now waits for a human, until `deadline_ms`.
@@ -567,7 +657,7 @@ impl Feed {
 /// Every persistence port, as one backend implements them.
 #[async_trait]
 pub trait Store:
-    Requests + PolicyData + Pairings + AuditLog + Cards + AgentTokens + Changes
+    Requests + PolicyData + Pairings + AuditLog + Cards + AgentTokens + Runs + Changes
 {
     /// Why writes are refused for good (the database file was deleted or
     /// replaced under the server), if they are; `None` while writable.
@@ -585,4 +675,152 @@ pub trait Store:
     }
     /// Flushes and closes.
     async fn close(&self);
+}
+
+/// A run ready to start: the exact argv, and everything the sandbox needs.
+/// Credential values are in `env` and `files` and nowhere else.
+#[derive(Clone)]
+pub struct Job {
+    pub run_id: String,
+    pub argv: Vec<String>,
+    pub spec: crate::domain::run::RunSpec,
+    /// The full environment inside (already scrubbed and declared).
+    pub env: Vec<(String, String)>,
+    /// Files to place inside the sandbox (path inside, content), mode 0400.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Paths hidden inside besides the spec's (Keyturn's database, config,
+    /// sockets).
+    pub hidden: Vec<String>,
+    pub max_output_bytes: usize,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("run_id", &self.run_id)
+            .field("argv", &self.argv)
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a run's process ended, as the executor saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    /// `Exited`, `Killed`, `TimedOut` (never `Running`/`Interrupted`).
+    pub state: crate::domain::run::RunState,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub duration_ms: u64,
+    /// The first `max_output_bytes` of each stream, the total written, and
+    /// the SHA-256 (hex) of all of it.
+    pub stdout: Vec<u8>,
+    pub stdout_size: u64,
+    pub stdout_sha256: String,
+    pub stderr: Vec<u8>,
+    pub stderr_size: u64,
+    pub stderr_sha256: String,
+}
+
+/// A started run: its pid, a way to kill it, and its end.
+pub struct Started {
+    pub pid: u32,
+    pub kill: KillSwitch,
+    pub finished: tokio::sync::oneshot::Receiver<Finished>,
+}
+
+/// Kills a run's whole process group (SIGTERM, then SIGKILL after the
+/// grace); the run then ends as `Killed`. Cloneable, idempotent.
+#[derive(Clone)]
+pub struct KillSwitch(pub Arc<dyn Fn() + Send + Sync>);
+
+impl KillSwitch {
+    pub fn kill(&self) {
+        (self.0)()
+    }
+}
+
+/// Why a run did not start. The text is safe to show (no credential).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ExecError(pub String);
+
+/// Runs jobs in the sandbox their spec names (`src/sandbox`).
+#[async_trait]
+pub trait Executor: Send + Sync + 'static {
+    /// Resolves a path slot's (lexically checked, absolute) value through
+    /// the file system: symlinks followed; the result must be under one of
+    /// `roots` (themselves resolved), and exist unless `!must_exist` (then
+    /// its parent must). Returns the resolved path, or the rule broken.
+    fn resolve_path(
+        &self,
+        path: &str,
+        roots: &[String],
+        must_exist: bool,
+    ) -> Result<String, String>;
+    /// Starts a job; returns once the process runs (or could not start).
+    /// The timeout (the spec's) is the executor's: on it the process
+    /// group gets SIGTERM, then SIGKILL, and the run ends `TimedOut`.
+    async fn start(&self, job: Job) -> Result<Started, ExecError>;
+    /// Kills what is left of a run a previous Keyturn process on this host
+    /// started (found `running` at start-up), if `pid` is still that run's
+    /// process group. Best effort.
+    fn kill_leftover(&self, pid: i64, started_ms: i64);
+}
+
+/// A credential's value as fetched, with the auth profile it came from.
+#[derive(Clone)]
+pub struct Fetched {
+    pub profile: String,
+    pub value: Vec<u8>,
+}
+
+impl std::fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fetched({}, [hidden])", self.profile)
+    }
+}
+
+/// One credential as `keyturn credentials status` shows it: names only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CredentialStatus {
+    pub name: String,
+    /// The profile in use.
+    pub active: String,
+    pub profiles: Vec<ProfileStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProfileStatus {
+    pub name: String,
+    /// Consecutive failures.
+    pub failures: u32,
+    /// Set aside after `fail_after` failures.
+    pub set_aside: bool,
+    /// The last read failed (the error is in the server log).
+    pub unreadable: bool,
+}
+
+/// The credential broker (`src/sandbox/credentials.rs`): reads credentials
+/// from their sources, fails over between auth profiles, and tells the
+/// masker every value it holds.
+#[async_trait]
+pub trait Credentials: Send + Sync + 'static {
+    /// The active profile's value.
+    async fn fetch(&self, name: &str) -> Result<Fetched, ExecError>;
+    /// What a run that used `profile` of `name` did: a failure (declared
+    /// exit code or output pattern) counts toward failover, a success
+    /// resets the count.
+    fn report(&self, name: &str, profile: &str, exit_code: Option<i32>, output: &[u8]);
+    /// Every value currently held (all profiles), for the masker.
+    fn values(&self) -> Vec<Vec<u8>>;
+    fn status(&self) -> Vec<CredentialStatus>;
+    /// Puts every set-aside profile of `name` back (`false`: unknown name).
+    fn reset(&self, name: &str) -> bool;
+    /// Re-reads every source (SIGHUP, or a file that changed).
+    async fn reload(&self);
 }

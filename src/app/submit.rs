@@ -253,6 +253,7 @@ impl Gateway {
             decided_reason: None,
             decided_ms: None,
             requester_uid: s.requester_uid,
+            run: None,
         };
         let tags = self.cfg.tool_tags(&req.tool);
         match &verdict {

@@ -422,6 +422,7 @@ mod tests {
             decided_reason: None,
             decided_ms: None,
             requester_uid: None,
+            run: None,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod ratelimit;
 pub mod redact;
 pub mod request;
 pub mod risk;
+pub mod run;
 pub mod secret_rules;
 pub mod token;
 pub mod trifecta;

@@ -154,6 +154,10 @@ pub struct ApprovalRequest {
     /// vote on it. `None` for requests stored before this was recorded.
     #[serde(default)]
     pub requester_uid: Option<u32>,
+    /// For a tool Keyturn runs itself: the argv (secrets masked) and the
+    /// sandbox it will run in, as the approver is shown it.
+    #[serde(default)]
+    pub run: Option<crate::domain::run::RunPlan>,
 }
 
 /// One person's vote on a pending request.
@@ -487,6 +491,7 @@ pub(crate) mod tests {
             decided_reason: None,
             decided_ms: None,
             requester_uid: None,
+            run: None,
         }
     }
 

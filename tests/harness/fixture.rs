@@ -37,6 +37,7 @@ pub fn request() -> RequestBuilder {
         decided_reason: None,
         decided_ms: None,
         requester_uid: None,
+        run: None,
     })
 }
 

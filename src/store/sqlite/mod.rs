@@ -2,6 +2,7 @@
 //! [`writer`]), a small pool of sqlx readers and a background checkpointer.
 
 pub mod check;
+mod runs;
 mod tokens;
 mod write;
 mod writer;
@@ -338,6 +339,7 @@ impl RequestRow {
                         .map_err(|_| corrupt(format!("request {}: bad requester_uid {u}", self.id)))
                 })
                 .transpose()?,
+            run: None,
         })
     }
 }
