@@ -20,5 +20,6 @@ pub mod integrations;
 pub mod ipc;
 pub mod logging;
 pub mod monitor;
+pub mod sandbox;
 pub mod serve;
 pub mod store;

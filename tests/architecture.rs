@@ -8,7 +8,7 @@
 //!   `src/discord`;
 //! - nothing but `src/store` and the composition root (`src/serve.rs`,
 //!   `src/main.rs`) names the store adapter;
-//! - no adapter (store, ipc, discord, integrations, cli, monitor) names
+//! - no adapter (store, ipc, discord, integrations, cli, monitor, sandbox) names
 //!   another, except the documented client-side exceptions in
 //!   [`ALLOWED_ACROSS`].
 //!
@@ -20,7 +20,15 @@
 use std::path::{Path, PathBuf};
 
 /// The adapters: each may use `app`, `domain` and `config`, never another.
-const ADAPTERS: &[&str] = &["store", "ipc", "discord", "integrations", "cli", "monitor"];
+const ADAPTERS: &[&str] = &[
+    "store",
+    "ipc",
+    "discord",
+    "integrations",
+    "cli",
+    "monitor",
+    "sandbox",
+];
 
 /// Modules of the crate the domain sits under (everything but itself).
 const ABOVE_DOMAIN: &[&str] = &[
@@ -31,6 +39,7 @@ const ABOVE_DOMAIN: &[&str] = &[
     "integrations",
     "cli",
     "monitor",
+    "sandbox",
     "serve",
     "bench",
     "config",
