@@ -47,6 +47,7 @@ async fn follow(gw: Weak<Gateway>, mut changes: broadcast::Receiver<Change>, pol
             Ok(Change::Resolved(r)) => gw.resolved(&r),
             Ok(Change::DecidedElsewhere(r)) => gw.waiters.wake(&r),
             Ok(Change::PolicyChanged) => policy.notify_one(),
+            Ok(Change::KillRun { run_id }) => gw.kill_local(&run_id),
             Ok(Change::Queued { .. } | Change::Voted { .. } | Change::CardsDue) => {}
             Err(RecvError::Lagged(missed)) => {
                 tracing::warn!(
@@ -55,10 +56,12 @@ async fn follow(gw: Weak<Gateway>, mut changes: broadcast::Receiver<Change>, pol
                 );
                 policy.notify_one();
                 gw.catch_up().await;
+                gw.recheck_kills().await;
             }
             Ok(Change::Resync) => {
                 policy.notify_one();
                 gw.catch_up().await;
+                gw.recheck_kills().await;
             }
             Err(RecvError::Closed) => break,
         }

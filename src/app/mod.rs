@@ -16,6 +16,7 @@ pub mod metrics;
 mod pairing;
 pub mod ports;
 pub mod retention;
+pub mod run;
 pub mod scheduler;
 mod submit;
 pub mod tokens;
@@ -98,6 +99,10 @@ pub enum AppError {
     /// Either way nothing was carried out, and nothing was allowed.
     #[error("{}", store_message(.0))]
     Store(#[from] StoreError),
+    /// A run-tool call that was not run (`already_run`, `too_many_runs`,
+    /// `run_mismatch`, `not_running`, `credential_unavailable`…).
+    #[error("{message}")]
+    Run { code: &'static str, message: String },
 }
 
 fn store_message(e: &StoreError) -> &'static str {
@@ -131,6 +136,7 @@ impl AppError {
             AppError::NotAuthorized(_) => "not_authorized",
             AppError::Store(StoreError::Unavailable(_)) => "store_unavailable",
             AppError::Store(_) => "internal",
+            AppError::Run { code, .. } => code,
         }
     }
 }
@@ -209,6 +215,8 @@ pub struct Gateway {
     limits: Mutex<PolicyState>,
     waiters: Waiters,
     server_uid: u32,
+    /// What runs tools, when this process does (`serve` sets it).
+    runner: std::sync::OnceLock<run::Runner>,
 }
 
 impl Gateway {
@@ -239,6 +247,7 @@ impl Gateway {
             limits: Mutex::default(),
             waiters: Waiters::default(),
             server_uid,
+            runner: std::sync::OnceLock::new(),
         });
         // Subscribed before anything is loaded: no change is missed between.
         follow::start(&gw);

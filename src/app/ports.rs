@@ -617,6 +617,9 @@ pub enum Change {
     /// the periodic re-check of a shared store: every subscriber re-reads
     /// what it follows from the store, as after `Lagged`.
     Resync,
+    /// A kill was asked for this run (see [`Runs::request_kill`]): the
+    /// process running it kills it. Crosses processes.
+    KillRun { run_id: String },
 }
 
 /// How many changes a slow subscriber may fall behind before it is told it
@@ -770,6 +773,9 @@ pub trait Executor: Send + Sync + 'static {
     /// started (found `running` at start-up), if `pid` is still that run's
     /// process group. Best effort.
     fn kill_leftover(&self, pid: i64, started_ms: i64);
+    /// Whether a process with this pid exists on this host (a Keyturn
+    /// process that left runs behind is gone when it does not).
+    fn process_exists(&self, pid: i64) -> bool;
 }
 
 /// A credential's value as fetched, with the auth profile it came from.

@@ -172,6 +172,7 @@ impl Gateway {
     /// What the policy would do with `s`, without queueing or using a token.
     pub async fn check(&self, agent: &str, s: &Submission) -> Result<CheckAnswer, AppError> {
         self.validate(s)?;
+        self.prepare_run(s)?;
         let content = self.content(agent, s, true).await?;
         let (verdict, risk, allowlist) = self.evaluate(agent, s, &content, now_ms(), true);
         Ok(CheckAnswer {
@@ -186,6 +187,19 @@ impl Gateway {
     /// decided it, or pending (persisted, with its deadline scheduled).
     pub async fn submit(&self, agent: &str, s: Submission) -> Result<ApprovalRequest, AppError> {
         self.validate(&s)?;
+        // A tool Keyturn runs is checked against its slots here too, and
+        // its request carries the argv the approver is shown.
+        let plan = self.prepare_run(&s)?.map(|p| p.plan);
+        self.submit_planned(agent, s, plan).await
+    }
+
+    /// [`Gateway::submit`] once validated, with a run-tool's plan.
+    pub(super) async fn submit_planned(
+        &self,
+        agent: &str,
+        s: Submission,
+        plan: Option<crate::domain::run::RunPlan>,
+    ) -> Result<ApprovalRequest, AppError> {
         if let Some(key) = &s.idempotency_key {
             // A fast answer for a retry, before the policy spends anything.
             // The writer checks again in the insert's transaction (races).
@@ -253,7 +267,7 @@ impl Gateway {
             decided_reason: None,
             decided_ms: None,
             requester_uid: s.requester_uid,
-            run: None,
+            run: plan,
         };
         let tags = self.cfg.tool_tags(&req.tool);
         match &verdict {

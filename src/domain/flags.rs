@@ -561,6 +561,16 @@ impl FlagScanner {
         out.finish()
     }
 
+    /// Flags in a tool's output (`stream`: `stdout` or `stderr`): text that
+    /// tries to steer the model (indirect prompt injection) and invisible
+    /// characters. Hosts in output are not flagged: output goes back to the
+    /// agent, not out of it.
+    pub fn scan_output(&self, stream: &str, text: &str) -> Vec<Flag> {
+        let mut out = Collector::default();
+        self.scan_text(text, stream, Checks::NONE, &mut out);
+        out.finish()
+    }
+
     fn scan_value(&self, v: &serde_json::Value, path: &str, out: &mut Collector) {
         use serde_json::Value;
         match v {
