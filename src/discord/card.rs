@@ -7,13 +7,21 @@
 //! links, mention anyone, fake a line of Discord UI, hide characters, or
 //! overflow Discord's limits. When something had to be cut, the full
 //! (already redacted) request is attached as `request-<id>.json`.
+//!
+//! A request of a run-tool also shows the exact argv Keyturn will run (a
+//! JSON array, so every element's spaces, quotes and backticks are
+//! unambiguous), where it runs (a host-profile run says loudly that it is
+//! not sandboxed), and once it started, the run: running since when with
+//! which pid and a Kill button, or how it ended and how long it took.
 
 // `fit` and `plain` are also what the rest of the Discord adapter reaches
 // for through this module.
-use super::escape::{code_block, inline_code, length, tidy, trusted, SHORT_BUDGET};
+use super::escape::{code_block, inline_code, is_hidden, length, tidy, trusted, SHORT_BUDGET};
 pub use super::escape::{fit, plain};
 use super::routing::Route;
+use crate::app::ports::RunRecord;
 use crate::domain::request::{ApprovalRequest, State, CLIENT_GONE};
+use crate::domain::run::{Profile, RunState};
 use crate::domain::Risk;
 use serde_json::{json, Value};
 
@@ -36,6 +44,15 @@ const ARGS_BUDGET: usize = limits::EMBED_FIELD_VALUE;
 const RULE_BUDGET: usize = 600;
 const FLAGS_BUDGET: usize = 400;
 const REASON_BUDGET: usize = 700;
+/// A run-tool card carries three fields more (the argv, the sandbox, the
+/// run), so its justification and arguments (which the argv repeats) get
+/// less room, keeping the worst case under [`limits::EMBED_TOTAL`].
+const RUN_JUSTIFICATION_BUDGET: usize = 900;
+const RUN_ARGS_BUDGET: usize = 400;
+/// The argv as a JSON array in a code block.
+pub const ARGV_BUDGET: usize = limits::EMBED_FIELD_VALUE;
+const SANDBOX_BUDGET: usize = 400;
+const RUN_STATE_BUDGET: usize = 400;
 
 /// Embed colours: pending by risk, then by final state.
 pub mod colour {
@@ -143,6 +160,25 @@ pub fn render_with_votes(
     creating: bool,
     approvers: &[String],
 ) -> RenderedCard {
+    render_card(req, s, creating, approvers, None)
+}
+
+/// [`render_with_votes`], and for a run-tool request (`req.run` set) the
+/// argv and sandbox it runs with, and `run`: its registry row once it was
+/// started (`None`: not run yet, or the row could not be loaded).
+pub fn render_card(
+    req: &ApprovalRequest,
+    s: &CardSettings,
+    creating: bool,
+    approvers: &[String],
+    run: Option<&RunRecord>,
+) -> RenderedCard {
+    let is_run_tool = req.run.is_some();
+    let (justification_budget, args_budget) = if is_run_tool {
+        (RUN_JUSTIFICATION_BUDGET, RUN_ARGS_BUDGET)
+    } else {
+        (JUSTIFICATION_BUDGET, ARGS_BUDGET)
+    };
     // What the request held at creation was cut: the file attached to the
     // first post has it all. A decision reason is not in that file.
     let mut truncated = false;
@@ -168,13 +204,13 @@ pub fn render_with_votes(
         cut(code_block(
             &tidy_justification,
             "text",
-            JUSTIFICATION_BUDGET,
+            justification_budget,
         ))
     };
     let description = format!("**Justification**\n{justification}");
     let args_pretty =
         serde_json::to_string_pretty(&req.args).unwrap_or_else(|_| req.args.to_string());
-    let args = cut(code_block(&args_pretty, "json", ARGS_BUDGET));
+    let args = cut(code_block(&args_pretty, "json", args_budget));
     let risk = match (req.risk, req.admin_only) {
         (r, true) => format!("{} (admins only)", r.as_str().to_uppercase()),
         (r, false) => r.as_str().to_uppercase(),
@@ -213,6 +249,17 @@ pub fn render_with_votes(
         field("Why policy asked", why, false),
         field("Arguments", args, false),
     ];
+    if let Some(plan) = &req.run {
+        fields.push(field(
+            "Will run",
+            cut(code_block(&argv_json(&plan.argv), "json", ARGV_BUDGET)),
+            false,
+        ));
+        fields.push(field("Sandbox", sandbox_line(plan), false));
+    }
+    if let Some(r) = run {
+        fields.push(field("Run", run_status(r), false));
+    }
     if let Some(t) = &req.task_id {
         fields.push(field("Task", inline_code(t, SHORT_BUDGET), true));
     }
@@ -302,18 +349,26 @@ pub fn render_with_votes(
     if let Some(role) = ping {
         allowed["roles"] = json!([role.to_string()]);
     }
-    let components = if req.state == State::Pending {
-        json!([{
+    let mut rows = Vec::new();
+    if req.state == State::Pending {
+        rows.push(json!({
             "type": 1,
             "components": [
                 {"type": 2, "style": 3, "label": "Approve", "custom_id": Route::Approve(req.id).custom_id()},
                 {"type": 2, "style": 4, "label": "Deny", "custom_id": Route::Deny(req.id).custom_id()},
                 {"type": 2, "style": 2, "label": "Deny with reason…", "custom_id": Route::DenyWithReason(req.id).custom_id()},
             ]
-        }])
-    } else {
-        json!([])
-    };
+        }));
+    }
+    if let Some(kill) = run.and_then(kill_route) {
+        rows.push(json!({
+            "type": 1,
+            "components": [
+                {"type": 2, "style": 4, "label": "Kill", "custom_id": kill.custom_id()},
+            ]
+        }));
+    }
+    let components = Value::Array(rows);
     let mut payload = json!({
         "content": content,
         "embeds": [embed],
@@ -362,8 +417,129 @@ pub fn full_payload(req: &ApprovalRequest) -> Vec<u8> {
         "flags": req.flags,
         "created_ms": req.created_ms,
         "deadline_ms": req.deadline_ms,
+        "run": req.run,
     });
     serde_json::to_vec_pretty(&v).unwrap_or_default()
+}
+
+/// The argv as a pretty JSON array, one element a line: spaces, quotes and
+/// empty elements are plain to see. Backticks and hidden characters are
+/// written as `\uXXXX` escapes, so the code block cannot be closed early,
+/// nothing is hidden, and parsing the text as JSON gives the argv exactly.
+pub fn argv_json(argv: &[String]) -> String {
+    let pretty = serde_json::to_string_pretty(argv).unwrap_or_else(|_| "[]".into());
+    let mut out = String::with_capacity(pretty.len());
+    let mut units = [0u16; 2];
+    for c in pretty.chars() {
+        if c == '`' || is_hidden(c) {
+            for u in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{u:04x}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Where a run happens, as one line; a host-profile run first says, in
+/// bold, that it is not sandboxed.
+fn sandbox_line(plan: &crate::domain::run::RunPlan) -> String {
+    let warning = match plan.profile {
+        Profile::Host => "⚠️ **NOT SANDBOXED**: runs on the host itself.\n",
+        Profile::Bwrap => "",
+    };
+    let line = fit(
+        &plain(&plan.describe()),
+        SANDBOX_BUDGET.saturating_sub(length(warning)),
+    )
+    .0;
+    format!("{warning}{line}")
+}
+
+/// The Kill button's route, for a run that is still running.
+pub fn kill_route(run: &RunRecord) -> Option<Route> {
+    if run.state != RunState::Running {
+        return None;
+    }
+    uuid::Uuid::parse_str(&run.id).ok().map(Route::Kill)
+}
+
+/// How a run stands, on one line: running since when (and its pid), or
+/// how it ended, when, and after how long. Names come from users and the
+/// store, and are escaped.
+pub fn run_summary(run: &RunRecord) -> String {
+    let started = run.started_ms.div_euclid(1000);
+    match run.state {
+        RunState::Running => {
+            let pid = run.pid.map(|p| format!(", pid {p}")).unwrap_or_default();
+            let kill = run
+                .kill_requested_by
+                .as_deref()
+                .map(|by| format!(" · kill asked for by {}", who(by)))
+                .unwrap_or_default();
+            format!("**running** since <t:{started}:R> (<t:{started}:T>){pid}{kill}")
+        }
+        ended => {
+            let how = match ended {
+                RunState::Exited => match (run.exit_code, run.signal) {
+                    (Some(code), _) => format!("**exited** with code {code}"),
+                    (None, Some(sig)) => format!("**exited**: killed by signal {sig}"),
+                    (None, None) => "**exited**".to_string(),
+                },
+                RunState::Killed => format!(
+                    "**killed** by {}",
+                    run.kill_requested_by
+                        .as_deref()
+                        .map_or("Keyturn".into(), who)
+                ),
+                RunState::TimedOut => format!(
+                    "**timed out** (limit {})",
+                    duration(run.deadline_ms - run.started_ms)
+                ),
+                RunState::FailedToStart => "**failed to start**".to_string(),
+                RunState::Interrupted => {
+                    "**interrupted**: Keyturn stopped while it ran".to_string()
+                }
+                RunState::Running => String::new(),
+            };
+            let took = match run.ended_ms {
+                Some(end) => format!(
+                    " after {} (<t:{}:f>)",
+                    duration(end - run.started_ms),
+                    end.div_euclid(1000)
+                ),
+                None => String::new(),
+            };
+            format!("{how}{took}")
+        }
+    }
+}
+
+/// The card's Run field: [`run_summary`] and the run's id (what
+/// `keyturn kill` takes).
+pub fn run_status(run: &RunRecord) -> String {
+    let id = inline_code(&run.id, SHORT_BUDGET);
+    fit(&format!("{}\nrun {id}", run_summary(run)), RUN_STATE_BUDGET).0
+}
+
+/// A user or process name from the store, escaped and kept short.
+fn who(name: &str) -> String {
+    fit(&plain(name), SHORT_BUDGET).0
+}
+
+/// A duration for people: `850 ms`, `12.3 s`, `4 min 05 s`, `2 h 03 min`.
+pub fn duration(ms: i64) -> String {
+    let ms = ms.max(0);
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms < 60_000 {
+        format!("{}.{} s", ms / 1000, (ms % 1000) / 100)
+    } else if ms < 3_600_000 {
+        format!("{} min {:02} s", ms / 60_000, (ms % 60_000) / 1000)
+    } else {
+        format!("{} h {:02} min", ms / 3_600_000, (ms % 3_600_000) / 60_000)
+    }
 }
 
 fn field(name: &str, value: String, inline: bool) -> Value {
@@ -727,5 +903,309 @@ mod tests {
         assert!(footer.contains("reason truncated"), "{footer}");
         // Posted fresh, the file is not attached for a reason either.
         assert!(render(&r, &settings(), true).file.is_none());
+    }
+
+    fn plan(argv: &[&str], profile: Profile) -> crate::domain::run::RunPlan {
+        crate::domain::run::RunPlan {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            profile,
+            network: crate::domain::run::Network::None,
+            writable: vec!["/srv/out".into()],
+            credentials: vec!["kube".into()],
+            timeout_ms: 60_000,
+        }
+    }
+
+    fn run_tool_request(argv: &[&str], profile: Profile) -> ApprovalRequest {
+        let mut r = request();
+        r.tool = "kubectl_get".into();
+        r.run = Some(plan(argv, profile));
+        r
+    }
+
+    const RUN_ID: &str = "01937a4e-8c2b-7f3d-9a1e-0123456789ab";
+
+    fn record(state: RunState) -> RunRecord {
+        RunRecord {
+            id: RUN_ID.into(),
+            request_id: request().id,
+            agent: "ci-bot".into(),
+            tool: "kubectl_get".into(),
+            argv: vec!["kubectl".into()],
+            profile: Profile::Bwrap,
+            pid: Some(4242),
+            host: "h".into(),
+            server_pid: 1,
+            approved_by: "alice (discord:100)".into(),
+            started_ms: 1_700_000_010_000,
+            deadline_ms: 1_700_000_070_000,
+            state,
+            ended_ms: (state != RunState::Running).then_some(1_700_000_022_345),
+            exit_code: None,
+            signal: None,
+            stdout_sha256: None,
+            stderr_sha256: None,
+            kill_requested_by: None,
+        }
+    }
+
+    fn field_value(payload: &Value, name: &str) -> Option<String> {
+        payload["embeds"][0]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .map(|f| f["value"].as_str().unwrap().to_string())
+    }
+
+    /// The argv as the card shows it, parsed back from its code block.
+    fn shown_argv(payload: &Value) -> Vec<String> {
+        let v = field_value(payload, "Will run").expect("Will run field");
+        let body = v
+            .strip_prefix("```json\n")
+            .and_then(|b| b.strip_suffix("\n```"))
+            .unwrap_or_else(|| panic!("not one json block: {v}"));
+        assert!(!body.contains('`'), "{body}");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    fn custom_ids(payload: &Value) -> Vec<String> {
+        payload["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row["components"].as_array().unwrap().iter())
+            .map(|b| b["custom_id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_run_tool_card_shows_the_argv_exactly() {
+        let argv = [
+            "kubectl",
+            "--namespace",
+            "prod east",
+            "a `tick` and ```fence```",
+            "it's \"quoted\" \\ back",
+            "",
+            " lead and trail ",
+            "zero\u{200B}width \u{202E}rtl",
+            "new\nline\ttab",
+            "--all",
+        ];
+        let r = run_tool_request(&argv, Profile::Bwrap);
+        for creating in [true, false] {
+            let c = render_card(&r, &settings(), creating, &[], None);
+            check_limits(&c.payload);
+            assert!(!c.truncated);
+            let text = all_text(&c.payload);
+            fences_intact(&text);
+            assert!(!text.chars().any(is_hidden), "{text:?}");
+            assert_eq!(shown_argv(&c.payload), argv, "every element exactly");
+            // One element a line: the one with spaces reads as one.
+            let v = field_value(&c.payload, "Will run").unwrap();
+            assert!(v.contains("\n  \"prod east\",\n"), "{v}");
+            assert!(v.contains("\\u0060tick\\u0060"), "{v}");
+            let sandbox = field_value(&c.payload, "Sandbox").unwrap();
+            assert!(sandbox.contains("bubblewrap"), "{sandbox}");
+            assert!(!sandbox.contains("NOT SANDBOXED"), "{sandbox}");
+            assert!(sandbox.contains("kube") && sandbox.contains("/srv/out"));
+            // Pending: the decision buttons, no Kill and no run yet.
+            assert!(field_value(&c.payload, "Run").is_none());
+            assert_eq!(custom_ids(&c.payload).len(), 3);
+        }
+        // A request that is not a run-tool shows none of it.
+        let p = render(&request(), &settings(), true).payload;
+        assert!(field_value(&p, "Will run").is_none());
+        assert!(field_value(&p, "Sandbox").is_none());
+    }
+
+    #[test]
+    fn a_host_profile_card_says_it_is_not_sandboxed() {
+        let r = run_tool_request(&["make", "deploy"], Profile::Host);
+        let p = render_card(&r, &settings(), true, &[], None).payload;
+        check_limits(&p);
+        let sandbox = field_value(&p, "Sandbox").unwrap();
+        assert!(sandbox.starts_with("⚠️ **NOT SANDBOXED**"), "{sandbox}");
+        assert!(sandbox.contains("NOT sandboxed"), "{sandbox}");
+    }
+
+    #[test]
+    fn a_running_run_shows_since_when_its_pid_and_a_kill_button() {
+        let mut r = run_tool_request(&["sleep", "100"], Profile::Bwrap);
+        r.state = State::Approved;
+        r.decided_who = Some("alice (discord:100)".into());
+        let run = record(RunState::Running);
+        let p = render_card(&r, &settings(), false, &[], Some(&run)).payload;
+        check_limits(&p);
+        let v = field_value(&p, "Run").unwrap();
+        assert!(v.contains("**running** since <t:1700000010:R>"), "{v}");
+        assert!(v.contains("pid 4242"), "{v}");
+        assert!(v.contains(RUN_ID), "{v}");
+        let ids = custom_ids(&p);
+        assert_eq!(ids, vec![format!("keyturn:v1:kill:{RUN_ID}")]);
+        assert_eq!(p["components"][0]["components"][0]["label"], "Kill");
+        assert_eq!(p["components"][0]["components"][0]["style"], 4);
+        // A kill asked for shows who asked, escaped.
+        let mut asked = run.clone();
+        asked.kill_requested_by = Some("discord:100 @everyone".into());
+        let v = field_value(
+            &render_card(&r, &settings(), false, &[], Some(&asked)).payload,
+            "Run",
+        )
+        .unwrap();
+        assert!(
+            v.contains("kill asked for by discord:100 \\@everyone"),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn an_ended_run_shows_how_and_how_long_and_has_no_kill_button() {
+        let mut r = run_tool_request(&["make"], Profile::Bwrap);
+        r.state = State::Approved;
+        let cases: Vec<(RunRecord, &str)> = vec![
+            (
+                RunRecord {
+                    exit_code: Some(3),
+                    ..record(RunState::Exited)
+                },
+                "**exited** with code 3 after 12.3 s (<t:1700000022:f>)",
+            ),
+            (
+                RunRecord {
+                    signal: Some(9),
+                    ..record(RunState::Exited)
+                },
+                "**exited**: killed by signal 9 after 12.3 s",
+            ),
+            (
+                RunRecord {
+                    kill_requested_by: Some("discord:100".into()),
+                    ..record(RunState::Killed)
+                },
+                "**killed** by discord:100 after 12.3 s",
+            ),
+            (
+                record(RunState::TimedOut),
+                "**timed out** (limit 1 min 00 s) after 12.3 s",
+            ),
+            (record(RunState::FailedToStart), "**failed to start**"),
+            (
+                record(RunState::Interrupted),
+                "**interrupted**: Keyturn stopped while it ran",
+            ),
+        ];
+        for (run, want) in cases {
+            let p = render_card(&r, &settings(), false, &[], Some(&run)).payload;
+            check_limits(&p);
+            let v = field_value(&p, "Run").unwrap();
+            assert!(v.contains(want), "{want} in {v}");
+            assert!(v.contains(RUN_ID), "{v}");
+            assert_eq!(p["components"], json!([]), "no Kill once ended");
+        }
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(duration(-5), "0 ms");
+        assert_eq!(duration(850), "850 ms");
+        assert_eq!(duration(12_345), "12.3 s");
+        assert_eq!(duration(245_000), "4 min 05 s");
+        assert_eq!(duration(7_380_000), "2 h 03 min");
+    }
+
+    #[test]
+    fn a_long_argv_is_cut_at_the_field_limit_and_attached() {
+        // The block's fences and the array around one element.
+        let overhead =
+            length(&code_block(&argv_json(&["a".into(), String::new()]), "json", 5000).0);
+        let at = "x".repeat(ARGV_BUDGET - overhead);
+        let c = render_card(
+            &run_tool_request(&["a", &at], Profile::Bwrap),
+            &settings(),
+            true,
+            &[],
+            None,
+        );
+        check_limits(&c.payload);
+        let v = field_value(&c.payload, "Will run").unwrap();
+        assert_eq!(length(&v), ARGV_BUDGET);
+        assert!(!c.truncated && c.file.is_none());
+        assert_eq!(shown_argv(&c.payload), vec!["a".to_string(), at.clone()]);
+        // One character more: cut, marked, and the full argv attached.
+        let past = format!("{at}x");
+        let r = run_tool_request(&["a", &past], Profile::Bwrap);
+        let c = render_card(&r, &settings(), true, &[], None);
+        check_limits(&c.payload);
+        let v = field_value(&c.payload, "Will run").unwrap();
+        assert!(length(&v) <= ARGV_BUDGET);
+        assert!(v.contains(TRUNCATED), "{v}");
+        assert!(c.truncated);
+        let f = c.file.expect("file");
+        let full: Value = serde_json::from_slice(&f.data).unwrap();
+        assert_eq!(full["run"]["argv"], json!(["a", past]));
+        // Thousands of elements, each with markup, stay within limits.
+        let many: Vec<String> = (0..5000).map(|i| format!("`@everyone {i}`")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let c = render_card(
+            &run_tool_request(&many, Profile::Host),
+            &settings(),
+            true,
+            &[],
+            None,
+        );
+        check_limits(&c.payload);
+        fences_intact(&all_text(&c.payload));
+        assert!(c.truncated);
+    }
+
+    #[test]
+    fn a_run_tool_card_with_everything_at_its_longest_fits() {
+        for bad in spoofing_corpus() {
+            let long: Vec<String> = (0..50).map(|_| bad.clone()).collect();
+            let long: Vec<&str> = long.iter().map(String::as_str).collect();
+            let mut r = run_tool_request(&long, Profile::Host);
+            if let Some(p) = r.run.as_mut() {
+                p.writable = vec![bad.clone(); 20];
+                p.credentials = vec![bad.clone(); 20];
+            }
+            r.args = json!({"cmd": bad});
+            r.justification = bad.clone();
+            r.agent = bad.chars().take(64).collect();
+            r.tool = bad.chars().take(128).collect();
+            r.task_id = Some(bad.chars().take(200).collect());
+            r.rule_detail = bad.clone();
+            r.flags = vec![json!(bad.chars().take(300).collect::<String>())];
+            let mut run = record(RunState::Running);
+            run.id = bad.chars().take(200).collect();
+            run.kill_requested_by = Some(bad.clone());
+            // Pending with a vote count, then decided with a reason and a run.
+            r.approvals_required = 2;
+            let names = vec![bad.chars().take(200).collect::<String>(); 3];
+            let c = render_card(&r, &settings(), true, &names, None);
+            check_limits(&c.payload);
+            fences_intact(&all_text(&c.payload));
+            r.state = State::Approved;
+            r.decided_who = Some(bad.chars().take(200).collect());
+            r.decided_reason = Some(bad.clone());
+            for state in [RunState::Running, RunState::Killed] {
+                run.state = state;
+                let c = render_card(&r, &settings(), false, &names, Some(&run));
+                check_limits(&c.payload);
+                let text = all_text(&c.payload);
+                fences_intact(&text);
+                assert!(!text.chars().any(is_hidden), "hidden char in {text:?}");
+                let outside = outside_code(&text);
+                for needle in ["@everyone", "@here", "<@", "<#", "](", "https://", "<t:0"] {
+                    for (i, _) in outside.match_indices(needle) {
+                        assert!(
+                            outside[..i].ends_with('\\') || ours(&outside, i),
+                            "live `{needle}` outside code in {outside:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

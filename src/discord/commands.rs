@@ -2,11 +2,16 @@
 //! start) and what each does. Admin commands are hidden from members
 //! without Manage Server, and checked again here against the configured
 //! admin role, because Discord's default permissions can be changed by any
-//! server admin.
+//! server admin. `/runs` is for approvers and admins alike (approvers may
+//! kill runs), so it is visible to every member and checked here against
+//! the configured roles.
 
-use super::escape::{code_block, inline_code, plain, trusted};
+use super::card::run_summary;
+use super::escape::{code_block, fit, inline_code, length, plain, trusted};
+use crate::app::ports::RunRecord;
 use crate::app::{AppError, Gateway};
 use crate::domain::policy::Effect;
+use crate::domain::run::RunState;
 use serenity::all::{
     CommandDataOption, CommandDataOptionValue, CommandOptionType, CreateCommand,
     CreateCommandOption, Permissions,
@@ -15,6 +20,10 @@ use std::sync::Arc;
 
 /// Longest reply we send (Discord's content limit is 2000).
 const REPLY_BUDGET: usize = 1900;
+/// Running runs `/runs` lists at most.
+pub const RUNS_RUNNING_SHOWN: u32 = 20;
+/// Ended runs `/runs` lists after the running ones.
+pub const RUNS_ENDED_SHOWN: usize = 5;
 
 /// Every command Keyturn registers.
 pub fn definitions() -> Vec<CreateCommand> {
@@ -146,12 +155,19 @@ pub fn definitions() -> Vec<CreateCommand> {
                     ),
             ),
         CreateCommand::new("pair").description("Ask Keyturn for a pairing code"),
+        CreateCommand::new("runs")
+            .description("Runs Keyturn started: those running, then the last ended (approvers)"),
     ]
 }
 
 /// Whether a command needs the admin role.
 pub fn is_admin_command(name: &str) -> bool {
     matches!(name, "tools" | "pending" | "audit" | "pairing")
+}
+
+/// Whether a command needs the approver role (admins have it too).
+pub fn is_approver_command(name: &str) -> bool {
+    matches!(name, "runs")
 }
 
 /// Flattened options: the subcommand name and its (name, value) pairs as text.
@@ -462,6 +478,19 @@ pub async fn run(
                 format!("User {} was not paired.", inline_code(user, 30))
             }))
         }
+        ("runs", _) => {
+            let running = gw.runs(true, RUNS_RUNNING_SHOWN).await.map_err(shown)?;
+            let recent = gw
+                .runs(false, RUNS_RUNNING_SHOWN + RUNS_ENDED_SHOWN as u32)
+                .await
+                .map_err(shown)?;
+            let ended: Vec<RunRecord> = recent
+                .into_iter()
+                .filter(|r| r.state != RunState::Running)
+                .take(RUNS_ENDED_SHOWN)
+                .collect();
+            Ok(reply(runs_text(&running, &ended)))
+        }
         ("pair", _) => {
             let (code, expires) = gw
                 .request_pairing(&actor_id.to_string(), Some(actor_name.to_string()))
@@ -477,6 +506,76 @@ pub async fn run(
                 inv.sub.as_deref().unwrap_or("")
             ))
         )),
+    }
+}
+
+/// One run as a `/runs` line: id, tool, agent, how it stands, pid.
+pub fn run_line(r: &RunRecord) -> String {
+    format!(
+        "• {} {} from {} — {}",
+        inline_code(&r.id, 40),
+        inline_code(&r.tool, 60),
+        inline_code(&r.agent, 40),
+        run_summary(r)
+    )
+}
+
+/// The `/runs` reply: the running runs, then the last ended ones, as many
+/// whole lines as fit in a message (then how many were left out).
+pub fn runs_text(running: &[RunRecord], ended: &[RunRecord]) -> String {
+    let mut out = String::new();
+    let mut left_out = 0usize;
+    let mut push = |out: &mut String, line: String| {
+        // Room is kept for the "left out" line.
+        if left_out == 0 && length(out) + length(&line) + 1 <= REPLY_BUDGET - 60 {
+            out.push_str(&line);
+            out.push('\n');
+        } else {
+            left_out += 1;
+        }
+    };
+    if running.is_empty() {
+        push(&mut out, "No runs are running.".into());
+    } else {
+        push(&mut out, format!("**Running** ({}):", running.len()));
+        for r in running {
+            push(&mut out, run_line(r));
+        }
+    }
+    if !ended.is_empty() {
+        push(&mut out, "**Recently ended:**".into());
+        for r in ended {
+            push(&mut out, run_line(r));
+        }
+    }
+    if left_out > 0 {
+        out.push_str(&format!("… {left_out} more lines left out."));
+    }
+    fit(out.trim_end(), REPLY_BUDGET).0
+}
+
+/// What the clicker of a Kill button is told (ephemerally). `run_id` is
+/// the canonical UUID from the button.
+pub fn kill_answer(run_id: &str, outcome: &Result<RunRecord, AppError>) -> String {
+    let id = inline_code(run_id, 40);
+    match outcome {
+        Ok(r) if r.state == RunState::Running => format!(
+            "Kill sent to run {id} ({} from {}): it is being stopped; its card shows when it has ended.",
+            inline_code(&r.tool, 60),
+            inline_code(&r.agent, 40)
+        ),
+        Ok(r) => format!("Run {id} has ended: {}.", run_summary(r)),
+        Err(AppError::NotFound(_)) => {
+            format!("Keyturn has no run {id}, so nothing was killed.")
+        }
+        Err(AppError::Run {
+            code: "not_running",
+            ..
+        }) => format!("Run {id} is not running any more, so nothing was killed."),
+        Err(AppError::Store(_)) => format!(
+            "Something went wrong: the kill of run {id} was not recorded, so it may still be running (see the server log)."
+        ),
+        Err(e) => format!("Nothing was killed: {}", plain(&e.to_string())),
     }
 }
 
@@ -662,5 +761,89 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    fn run(id: &str, state: RunState) -> RunRecord {
+        RunRecord {
+            id: id.into(),
+            request_id: crate::domain::request::RequestId(uuid::Uuid::from_u128(7)),
+            agent: "ci-bot".into(),
+            tool: "kubectl_get".into(),
+            argv: vec!["kubectl".into()],
+            profile: crate::domain::run::Profile::Bwrap,
+            pid: Some(4242),
+            host: "h".into(),
+            server_pid: 1,
+            approved_by: "alice".into(),
+            started_ms: 1_700_000_010_000,
+            deadline_ms: 1_700_000_070_000,
+            state,
+            ended_ms: (state != RunState::Running).then_some(1_700_000_011_500),
+            exit_code: (state == RunState::Exited).then_some(0),
+            signal: None,
+            stdout_sha256: None,
+            stderr_sha256: None,
+            kill_requested_by: None,
+        }
+    }
+
+    const ID: &str = "01937a4e-8c2b-7f3d-9a1e-0123456789ab";
+
+    #[test]
+    fn kill_answers_say_what_happened() {
+        let t = kill_answer(ID, &Ok(run(ID, RunState::Running)));
+        assert!(t.starts_with("Kill sent to run `01937a4e"), "{t}");
+        assert!(t.contains("`kubectl_get`") && t.contains("`ci-bot`"), "{t}");
+        let t = kill_answer(ID, &Ok(run(ID, RunState::Exited)));
+        assert!(
+            t.contains("has ended") && t.contains("exited** with code 0"),
+            "{t}"
+        );
+        let t = kill_answer(ID, &Err(AppError::NotFound(format!("run {ID}"))));
+        assert_eq!(
+            t,
+            format!("Keyturn has no run `{ID}`, so nothing was killed.")
+        );
+        let t = kill_answer(
+            ID,
+            &Err(AppError::Run {
+                code: "not_running",
+                message: "x".into(),
+            }),
+        );
+        assert!(t.contains("not running any more"), "{t}");
+        let t = kill_answer(
+            ID,
+            &Err(AppError::Store(crate::app::ports::StoreError::Unavailable(
+                "secret detail".into(),
+            ))),
+        );
+        assert!(
+            t.contains("was not recorded") && !t.contains("secret"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn runs_lists_running_then_ended_within_the_reply_limit() {
+        assert_eq!(runs_text(&[], &[]), "No runs are running.");
+        let mut evil = run(ID, RunState::Running);
+        evil.tool = "`@everyone` [x](https://e)".into();
+        evil.agent = "<@100>".into();
+        let t = runs_text(&[evil], &[run("r2", RunState::Exited)]);
+        assert!(t.starts_with("**Running** (1):"), "{t}");
+        assert!(
+            t.contains("pid 4242") && t.contains("<t:1700000010:R>"),
+            "{t}"
+        );
+        assert!(t.contains("`ˋ@everyoneˋ [x](https://e)`"), "{t}");
+        assert!(t.contains("**Recently ended:**\n• `r2`"), "{t}");
+        assert!(t.contains("exited** with code 0 after 1.5 s"), "{t}");
+        let many: Vec<RunRecord> = (0..200)
+            .map(|i| run(&format!("run-{i}"), RunState::Running))
+            .collect();
+        let t = runs_text(&many, &[]);
+        assert!(length(&t) <= REPLY_BUDGET, "{}", length(&t));
+        assert!(t.ends_with("more lines left out."), "{t}");
     }
 }

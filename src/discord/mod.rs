@@ -703,7 +703,7 @@ impl Handler {
             }
         };
         let Some(admin) = self.may_decide(ctx, &reply, c.member.as_ref()).await else {
-            tracing::info!(request.id = %route.request_id(), user.id = %c.user.id, "click refused: not an approver");
+            tracing::info!(target.id = %route.target(), user.id = %c.user.id, "click refused: not an approver");
             return;
         };
         match route {
@@ -748,7 +748,55 @@ impl Handler {
                     )
                     .await;
             }
+            Route::Kill(run) => self.kill(ctx, &reply, &c.user, run).await,
         }
+    }
+
+    /// The Kill button (approvers and admins, checked by the caller):
+    /// acknowledges at once, asks the app to kill the run wherever it runs,
+    /// and tells the clicker the outcome ephemerally. The card shows the
+    /// run's end when the outbox re-renders it from the store.
+    async fn kill(
+        &self,
+        ctx: &Context,
+        reply: &Reply<'_>,
+        user: &serenity::all::User,
+        run: uuid::Uuid,
+    ) {
+        let id = run.hyphenated().to_string();
+        let by = format!("discord:{}", user.id);
+        let ack = reply.respond(&ctx.http, CreateInteractionResponse::Acknowledge);
+        let work = async {
+            match self.0.gw.kill_run(&id, &by).await {
+                // Say how it ended, when the registry can tell.
+                Err(
+                    e @ AppError::Run {
+                        code: "not_running",
+                        ..
+                    },
+                ) => match self.0.gw.run_record(&id).await {
+                    Ok(Some(r)) if r.state != crate::domain::run::RunState::Running => Ok(r),
+                    _ => Err(e),
+                },
+                other => other,
+            }
+        };
+        let ((), outcome) = tokio::join!(ack, work);
+        match &outcome {
+            Ok(r) if r.state == crate::domain::run::RunState::Running => {
+                tracing::warn!(run.id = %id, by = %by, "kill asked for on Discord")
+            }
+            Ok(_) => tracing::info!(run.id = %id, by = %by, "kill refused: the run has ended"),
+            Err(AppError::Store(e)) => {
+                tracing::error!(run.id = %id, by = %by, error = %e, "kill from Discord failed")
+            }
+            Err(e) => {
+                tracing::info!(run.id = %id, by = %by, code = e.code(), "kill from Discord refused")
+            }
+        }
+        reply
+            .follow(&ctx.http, commands::kill_answer(&id, &outcome))
+            .await;
     }
 
     async fn modal(&self, ctx: &Context, m: ModalInteraction) {
@@ -868,6 +916,24 @@ impl Handler {
                         &ctx.http,
                         ephemeral(
                             "This command is for Keyturn admins (the configured admin role).",
+                        ),
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %describe(&e), "cannot answer a command");
+                }
+                return;
+            }
+        }
+        if commands::is_approver_command(&name) {
+            let approver = roles_of(&self.0.cfg, c.member.as_deref()).is_some_and(|(a, _)| a);
+            if !approver {
+                tracing::info!(user.id = %c.user.id, command = %name, "command refused: not an approver");
+                if let Err(e) = c
+                    .create_response(
+                        &ctx.http,
+                        ephemeral(
+                            "This command is for Keyturn approvers and admins (the configured roles).",
                         ),
                     )
                     .await

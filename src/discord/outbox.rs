@@ -2,7 +2,7 @@
 //! `discord_cards` table, one at a time, oldest deadline first.
 //!
 //! A card is rendered from the request as stored (never from what a click
-//! assumed). A post's message id is recorded before the next card is
+//! assumed), with, for a run-tool request, its run as the registry has it. A post's message id is recorded before the next card is
 //! touched, so a card is never posted twice; a restart resumes where the
 //! table says. Pacing within Discord's rate limits is done by [`super::rest`].
 //!
@@ -161,14 +161,28 @@ impl Outbox {
         } else {
             vec![]
         };
+        // A run-tool request's run, once started: a failure to load it
+        // shows the card without it rather than hold the card back.
+        let run = if req.run.is_some() {
+            match gw.run_of_request(req.id).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(request.id = %req.id, error = %e, "cannot load the run of a card; rendering without it");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         loop {
             let result = match c.message_id {
                 None => {
-                    let r = card::render_with_votes(&req, &self.settings, true, &approvers);
+                    let r = card::render_card(&req, &self.settings, true, &approvers, run.as_ref());
                     self.rest.post_message(c.channel_id, &r).await
                 }
                 Some(m) => {
-                    let r = card::render_with_votes(&req, &self.settings, false, &approvers);
+                    let r =
+                        card::render_card(&req, &self.settings, false, &approvers, run.as_ref());
                     self.rest
                         .edit_message(c.channel_id, m, &r.payload)
                         .await

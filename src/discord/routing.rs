@@ -1,8 +1,9 @@
-//! Stateless routing of buttons and modals: the request id lives in the
-//! `custom_id` (`keyturn:v1:<action>:<uuid>`), so a card keeps working after
-//! a restart. Pure: no serenity, no I/O.
+//! Stateless routing of buttons and modals: the request id (or, for Kill,
+//! the run id) lives in the `custom_id` (`keyturn:v1:<action>:<uuid>`), so a
+//! card keeps working after a restart. Pure: no serenity, no I/O.
 
 use crate::domain::request::RequestId;
+use uuid::Uuid;
 
 /// Every custom id we write starts with this.
 pub const PREFIX: &str = "keyturn:v1:";
@@ -20,6 +21,8 @@ pub enum Route {
     DenyWithReason(RequestId),
     /// The reason modal was submitted.
     ReasonSubmit(RequestId),
+    /// Kill a running run (the id of its [`crate::app::ports::RunRecord`]).
+    Kill(Uuid),
 }
 
 /// A custom id we do not understand (old version, forged, other bot).
@@ -28,16 +31,26 @@ pub enum Route {
 pub struct UnknownRoute(pub String);
 
 impl Route {
-    fn parts(&self) -> (&'static str, RequestId) {
+    fn parts(&self) -> (&'static str, Uuid) {
         match *self {
-            Route::Approve(id) => ("approve", id),
-            Route::Deny(id) => ("deny", id),
-            Route::DenyWithReason(id) => ("deny_reason", id),
-            Route::ReasonSubmit(id) => ("reason", id),
+            Route::Approve(id) => ("approve", id.0),
+            Route::Deny(id) => ("deny", id.0),
+            Route::DenyWithReason(id) => ("deny_reason", id.0),
+            Route::ReasonSubmit(id) => ("reason", id.0),
+            Route::Kill(run) => ("kill", run),
         }
     }
 
-    pub fn request_id(&self) -> RequestId {
+    /// The request a route acts on; `None` for [`Route::Kill`] (a run).
+    pub fn request_id(&self) -> Option<RequestId> {
+        match *self {
+            Route::Kill(_) => None,
+            _ => Some(RequestId(self.parts().1)),
+        }
+    }
+
+    /// The id in the custom id, whatever it names (request or run), for logs.
+    pub fn target(&self) -> Uuid {
         self.parts().1
     }
 
@@ -53,16 +66,18 @@ impl Route {
         }
         let rest = custom_id.strip_prefix(PREFIX).ok_or_else(unknown)?;
         let (action, id) = rest.split_once(':').ok_or_else(unknown)?;
-        let id: RequestId = id.parse().map_err(|_| unknown())?;
+        let uuid = Uuid::parse_str(id).map_err(|_| unknown())?;
         // Only the canonical spelling, so one id means one thing.
-        if id.to_string() != rest[action.len() + 1..] {
+        if uuid.hyphenated().to_string() != id {
             return Err(unknown());
         }
+        let req = RequestId(uuid);
         Ok(match action {
-            "approve" => Route::Approve(id),
-            "deny" => Route::Deny(id),
-            "deny_reason" => Route::DenyWithReason(id),
-            "reason" => Route::ReasonSubmit(id),
+            "approve" => Route::Approve(req),
+            "deny" => Route::Deny(req),
+            "deny_reason" => Route::DenyWithReason(req),
+            "reason" => Route::ReasonSubmit(req),
+            "kill" => Route::Kill(uuid),
             _ => return Err(unknown()),
         })
     }
@@ -84,6 +99,7 @@ mod tests {
             Route::Deny(id()),
             Route::DenyWithReason(id()),
             Route::ReasonSubmit(id()),
+            Route::Kill(Uuid::from_u128(u128::MAX)),
         ] {
             let s = r.custom_id();
             assert!(s.len() <= MAX_CUSTOM_ID, "{s}");
@@ -93,6 +109,29 @@ mod tests {
             Route::Approve(id()).custom_id(),
             "keyturn:v1:approve:ffffffff-ffff-ffff-ffff-ffffffffffff"
         );
+    }
+
+    #[test]
+    fn kill_names_the_run_and_round_trips() {
+        // A run id is a UUID v7, written lowercase and hyphenated.
+        let run = Uuid::parse_str("01937a4e-8c2b-7f3d-9a1e-0123456789ab").unwrap();
+        let r = Route::Kill(run);
+        let s = r.custom_id();
+        assert_eq!(s, "keyturn:v1:kill:01937a4e-8c2b-7f3d-9a1e-0123456789ab");
+        assert!(s.len() <= MAX_CUSTOM_ID, "{s}");
+        assert_eq!(Route::parse(&s), Ok(r));
+        assert_eq!(r.request_id(), None);
+        assert_eq!(r.target(), run);
+        assert_eq!(Route::Approve(id()).request_id(), Some(id()));
+        for bad in [
+            "keyturn:v1:kill:01937A4E-8C2B-7F3D-9A1E-0123456789AB",
+            "keyturn:v1:kill:01937a4e8c2b7f3d9a1e0123456789ab",
+            "keyturn:v1:kill:",
+            "keyturn:v1:kill:1",
+            "keyturn:v1:kill:01937a4e-8c2b-7f3d-9a1e-0123456789ab:x",
+        ] {
+            assert!(Route::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
