@@ -251,7 +251,11 @@ pub async fn run(
 ) -> Result<Outcome, String> {
     let by = format!("discord:{actor_id}");
     let shown = |e: AppError| match e {
-        AppError::Store(_) => "something went wrong (see the server log)".to_string(),
+        AppError::Store(e) => {
+            // The reply sends the user to the log: put the cause there.
+            tracing::error!(command = %inv.command, error = %e, "a slash command failed in the store");
+            "something went wrong (see the server log)".to_string()
+        }
         other => other.to_string(),
     };
     match (inv.command.as_str(), inv.sub.as_deref()) {

@@ -1,0 +1,196 @@
+//! Runs on Discord, end to end: the real `keyturn serve` binary with its bot
+//! pointed at the fake Discord in `fake_discord/`. `/runs` and the Kill
+//! button are for approvers and admins, answer ephemerally, and say plainly
+//! what happened, including for a run Keyturn does not know. Every wait has
+//! a deadline; nothing sleeps to hope.
+
+mod fake_discord;
+mod harness;
+
+use fake_discord::*;
+use harness::config;
+use harness::{Launch, Server};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(8);
+
+/// A run id no run has (a well-formed UUID v7).
+const UNKNOWN_RUN: &str = "01937a4e-8c2b-7f3d-9a1e-0123456789ab";
+
+/// What the store says when it does not keep the process registry (a
+/// backend without it): the answers must then still be clear, and the log
+/// must say why. With the registry, the exact answers are checked.
+/// (Once every store keeps runs, that allowance can go.)
+const NO_REGISTRY: &str = "not supported by this store: runs";
+
+async fn setup() -> (FakeDiscord, Server) {
+    let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Launch::new(dir, config::discord(&fake.api_base()))
+        .try_start_async()
+        .await
+        .unwrap_or_else(|f| panic!("serve did not start: {:?}\n{}", f.status, f.log));
+    fake.wait_ready(WAIT).await.expect("bot ready");
+    fake.wait_for_route("PUT /applications/*/guilds/*/commands", WAIT)
+        .await
+        .expect("commands registered");
+    (fake, server)
+}
+
+/// A button click as Discord delivers it, on a message of the bot's (the
+/// button need not be on it any more: a client may show a stale card).
+async fn click(fake: &FakeDiscord, custom_id: &str, user: u64, roles: &[u64]) -> InteractionHandle {
+    let roles: Vec<String> = roles.iter().map(u64::to_string).collect();
+    fake.inject_interaction(json!({
+        "type": 3,
+        "data": {"custom_id": custom_id, "component_type": 2},
+        "channel_id": APPROVALS_CHANNEL_ID.to_string(),
+        "guild_id": GUILD_ID.to_string(),
+        "member": {"user": {"id": user.to_string(), "username": format!("user{user}")},
+                   "roles": roles, "deaf": false, "mute": false, "flags": 0},
+        "message": {"id": "500", "channel_id": APPROVALS_CHANNEL_ID.to_string(),
+                    "author": {"id": BOT_USER_ID.to_string(), "username": "keyturn"},
+                    "content": "", "timestamp": "2024-01-01T00:00:00Z", "tts": false,
+                    "mention_everyone": false, "mentions": [], "mention_roles": [],
+                    "attachments": [], "embeds": [], "pinned": false, "type": 0},
+    }))
+    .await
+}
+
+/// The ephemeral text a user got for an interaction: the initial type-4
+/// response, or the follow-up after a type-6 acknowledgement.
+async fn ephemeral_reply(fake: &FakeDiscord, h: &InteractionHandle) -> String {
+    let resp = fake
+        .wait_interaction_response(h, WAIT)
+        .await
+        .expect("interaction answered");
+    if resp["type"] == 4 {
+        assert_eq!(resp["data"]["flags"].as_u64().unwrap_or(0) & 64, 64);
+        return resp["data"]["content"].as_str().unwrap_or("").to_string();
+    }
+    assert_eq!(resp["type"], 6, "{resp}");
+    let path = format!("/webhooks/{APPLICATION_ID}/{}", h.token);
+    let call = fake
+        .wait_for_call(|c| c.method == "POST" && c.path == path, WAIT)
+        .await
+        .expect("follow-up");
+    assert_eq!(
+        call.body["flags"].as_u64().unwrap_or(0) & 64,
+        64,
+        "ephemeral"
+    );
+    assert!(call.body["allowed_mentions"].is_object());
+    call.body["content"].as_str().unwrap_or("").to_string()
+}
+
+/// The answer to a deferred (ephemeral) slash command: the edit of the
+/// original response.
+async fn command_reply(fake: &FakeDiscord, h: &InteractionHandle) -> String {
+    let resp = fake
+        .wait_interaction_response(h, WAIT)
+        .await
+        .expect("command answered");
+    if resp["type"] == 4 {
+        assert_eq!(resp["data"]["flags"].as_u64().unwrap_or(0) & 64, 64);
+        return resp["data"]["content"].as_str().unwrap_or("").to_string();
+    }
+    assert_eq!(resp["type"], 5, "deferred: {resp}");
+    assert_eq!(
+        resp["data"]["flags"].as_u64().unwrap_or(0) & 64,
+        64,
+        "ephemeral"
+    );
+    let call = fake
+        .wait_for_call(|c| c.method == "PATCH" && c.path.contains(&h.token), WAIT)
+        .await
+        .expect("answered");
+    assert!(call.body["allowed_mentions"].is_object());
+    call.body["content"].as_str().unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_is_registered_for_approvers_and_answers_them() {
+    let (fake, mut server) = setup().await;
+    let runs = fake
+        .guild_commands()
+        .into_iter()
+        .find(|c| c["name"] == "runs")
+        .expect("/runs registered");
+    // Approvers need not have Manage Server: the role is checked by Keyturn.
+    assert!(
+        runs.get("default_member_permissions")
+            .is_none_or(Value::is_null),
+        "{runs}"
+    );
+
+    // Someone without a role is refused, ephemerally, and told why.
+    let text = command_reply(&fake, &fake.slash_command("runs", json!([]), BOB).await).await;
+    assert!(text.contains("approvers and admins"), "{text}");
+
+    // An approver and an admin get the list.
+    for user in [ALICE, CAROL] {
+        let text = command_reply(&fake, &fake.slash_command("runs", json!([]), user).await).await;
+        if text.contains("something went wrong") {
+            // Only for a store without the registry, and the log says so.
+            server
+                .wait_log_text_async(|l| l.contains(NO_REGISTRY), WAIT)
+                .await;
+        } else {
+            assert_eq!(text, "No runs are running.");
+        }
+    }
+    fake.assert_no_violations();
+    server.stop_async().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_click_on_an_unknown_run_gets_a_clear_answer() {
+    let (fake, mut server) = setup().await;
+    let kill = format!("keyturn:v1:kill:{UNKNOWN_RUN}");
+
+    // Not an approver: refused before anything is looked up.
+    let text = ephemeral_reply(&fake, &click(&fake, &kill, BOB, &[]).await).await;
+    assert!(text.contains("approver role"), "{text}");
+
+    // An approver: told there is no such run, and that nothing was killed.
+    let text = ephemeral_reply(
+        &fake,
+        &click(&fake, &kill, ALICE, &[APPROVER_ROLE_ID]).await,
+    )
+    .await;
+    if text.contains("was not recorded") {
+        // Only for a store without the registry, and the log says so.
+        assert!(text.contains(UNKNOWN_RUN), "{text}");
+        server
+            .wait_log_text_async(|l| l.contains(NO_REGISTRY), WAIT)
+            .await;
+    } else {
+        assert_eq!(
+            text,
+            format!("Keyturn has no run `{UNKNOWN_RUN}`, so nothing was killed.")
+        );
+    }
+
+    // A forged or mangled kill id is not one Keyturn knows.
+    let text = ephemeral_reply(
+        &fake,
+        &click(
+            &fake,
+            "keyturn:v1:kill:not-a-run",
+            ALICE,
+            &[APPROVER_ROLE_ID],
+        )
+        .await,
+    )
+    .await;
+    assert!(text.contains("not one Keyturn knows"), "{text}");
+
+    // Clicks are answered, never left to time out, and no card was touched.
+    assert!(fake
+        .calls()
+        .iter()
+        .all(|c| !(c.method == "PATCH" && c.path.contains("/channels/"))));
+    fake.assert_no_violations();
+    server.stop_async().await;
+}
