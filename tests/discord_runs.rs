@@ -151,7 +151,7 @@ async fn a_kill_click_on_an_unknown_run_gets_a_clear_answer() {
 
     // Not an approver: refused before anything is looked up.
     let text = ephemeral_reply(&fake, &click(&fake, &kill, BOB, &[]).await).await;
-    assert!(text.contains("approver role"), "{text}");
+    assert_eq!(text, "You need the approver role to kill Keyturn runs.");
 
     // An approver: told there is no such run, and that nothing was killed.
     let text = ephemeral_reply(

@@ -513,10 +513,18 @@ pub async fn run(
     }
 }
 
-/// One run as a `/runs` line: id, tool, agent, how it stands, pid.
+/// One run as a `/runs` line: id, tool, agent, how it stands, when it
+/// started and its pid.
 pub fn run_line(r: &RunRecord) -> String {
+    // A running run's summary already says since when and its pid.
+    let started = if r.state == RunState::Running {
+        String::new()
+    } else {
+        let pid = r.pid.map(|p| format!(", pid {p}")).unwrap_or_default();
+        format!(" · started <t:{}:f>{pid}", r.started_ms.div_euclid(1000))
+    };
     format!(
-        "• {} {} from {} — {}",
+        "• {} {} from {} — {}{started}",
         inline_code(&r.id, 40),
         inline_code(&r.tool, 60),
         inline_code(&r.agent, 40),
@@ -843,6 +851,7 @@ mod tests {
         assert!(t.contains("`ˋ@everyoneˋ [x](https://e)`"), "{t}");
         assert!(t.contains("**Recently ended:**\n• `r2`"), "{t}");
         assert!(t.contains("exited** with code 0 after 1.5 s"), "{t}");
+        assert!(t.contains("started <t:1700000010:f>, pid 4242"), "{t}");
         let many: Vec<RunRecord> = (0..200)
             .map(|i| run(&format!("run-{i}"), RunState::Running))
             .collect();

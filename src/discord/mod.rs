@@ -663,25 +663,30 @@ impl Reply<'_> {
 impl Handler {
     /// Whether the member may decide requests at all (approver role). On
     /// `None` the refusal has been answered; `Some(is_admin)` otherwise.
+    /// `kill`: the click is a Kill button (same roles, its own wording).
     async fn may_decide(
         &self,
         ctx: &Context,
         reply: &Reply<'_>,
         member: Option<&Member>,
+        kill: bool,
     ) -> Option<bool> {
         let Some((approver, admin)) = roles_of(&self.0.cfg, member) else {
-            reply
-                .respond(&ctx.http, ephemeral("Requests are decided in the server."))
-                .await;
+            let text = if kill {
+                "Runs are killed in the server."
+            } else {
+                "Requests are decided in the server."
+            };
+            reply.respond(&ctx.http, ephemeral(text)).await;
             return None;
         };
         if !approver {
-            reply
-                .respond(
-                    &ctx.http,
-                    ephemeral("You need the approver role to decide Keyturn requests."),
-                )
-                .await;
+            let text = if kill {
+                "You need the approver role to kill Keyturn runs."
+            } else {
+                "You need the approver role to decide Keyturn requests."
+            };
+            reply.respond(&ctx.http, ephemeral(text)).await;
             return None;
         }
         Some(admin)
@@ -702,7 +707,8 @@ impl Handler {
                 return;
             }
         };
-        let Some(admin) = self.may_decide(ctx, &reply, c.member.as_ref()).await else {
+        let kill = matches!(route, Route::Kill(_));
+        let Some(admin) = self.may_decide(ctx, &reply, c.member.as_ref(), kill).await else {
             tracing::info!(target.id = %route.target(), user.id = %c.user.id, "click refused: not an approver");
             return;
         };
@@ -811,7 +817,7 @@ impl Handler {
                 return;
             }
         };
-        let Some(admin) = self.may_decide(ctx, &reply, m.member.as_ref()).await else {
+        let Some(admin) = self.may_decide(ctx, &reply, m.member.as_ref(), false).await else {
             return;
         };
         let reason = m
