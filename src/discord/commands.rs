@@ -539,7 +539,7 @@ pub fn runs_text(running: &[RunRecord], ended: &[RunRecord]) -> String {
     let mut left_out = 0usize;
     let mut push = |out: &mut String, line: String| {
         // Room is kept for the "left out" line.
-        if left_out == 0 && length(out) + length(&line) + 1 <= REPLY_BUDGET - 60 {
+        if left_out == 0 && length(out) + length(&line) < REPLY_BUDGET - 60 {
             out.push_str(&line);
             out.push('\n');
         } else {
