@@ -792,7 +792,7 @@ impl Handler {
             Ok(r) if r.state == crate::domain::run::RunState::Running => {
                 tracing::warn!(run.id = %id, by = %by, "kill asked for on Discord")
             }
-            Ok(_) => tracing::info!(run.id = %id, by = %by, "kill refused: the run has ended"),
+            Ok(_) => tracing::info!(run.id = %id, by = %by, "kill from Discord: the run has ended"),
             Err(AppError::Store(e)) => {
                 tracing::error!(run.id = %id, by = %by, error = %e, "kill from Discord failed")
             }

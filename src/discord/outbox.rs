@@ -2,9 +2,9 @@
 //! `discord_cards` table, one at a time, oldest deadline first.
 //!
 //! A card is rendered from the request as stored (never from what a click
-//! assumed), with, for a run-tool request, its run as the registry has it. A post's message id is recorded before the next card is
-//! touched, so a card is never posted twice; a restart resumes where the
-//! table says. Pacing within Discord's rate limits is done by [`super::rest`].
+//! assumed), with, for a run-tool request, its run as the registry has it.
+//! A post's message id is recorded before the next card is touched, so a
+//! card is never posted twice; a restart resumes where the table says. Pacing within Discord's rate limits is done by [`super::rest`].
 //!
 //! When Discord fails (network error, 5xx) the whole outbox pauses, not the
 //! one card: the pause grows per failed pass (not per card try), is bounded
