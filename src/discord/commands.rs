@@ -567,16 +567,27 @@ pub fn runs_text(running: &[RunRecord], ended: &[RunRecord]) -> String {
 }
 
 /// What the clicker of a Kill button is told (ephemerally). `run_id` is
-/// the canonical UUID from the button.
-pub fn kill_answer(run_id: &str, outcome: &Result<RunRecord, AppError>) -> String {
+/// the canonical UUID from the button; `outcome` holds the run as the
+/// registry had it after the click, and whether this click asked for the
+/// kill (`false`: the run had already ended).
+pub fn kill_answer(run_id: &str, outcome: &Result<(RunRecord, bool), AppError>) -> String {
     let id = inline_code(run_id, 40);
     match outcome {
-        Ok(r) if r.state == RunState::Running => format!(
+        Ok((r, true)) if r.state == RunState::Running => format!(
             "Kill sent to run {id} ({} from {}): it is being stopped; its card shows when it has ended.",
             inline_code(&r.tool, 60),
             inline_code(&r.agent, 40)
         ),
-        Ok(r) => format!("Run {id} has ended: {}.", run_summary(r)),
+        Ok((r, true)) => format!(
+            "Run {id} ({} from {}) has stopped: {}.",
+            inline_code(&r.tool, 60),
+            inline_code(&r.agent, 40),
+            run_summary(r)
+        ),
+        Ok((r, false)) => format!(
+            "Run {id} had already ended, so nothing was killed: {}.",
+            run_summary(r)
+        ),
         Err(AppError::NotFound(_)) => {
             format!("Keyturn has no run {id}, so nothing was killed.")
         }
@@ -803,12 +814,17 @@ mod tests {
 
     #[test]
     fn kill_answers_say_what_happened() {
-        let t = kill_answer(ID, &Ok(run(ID, RunState::Running)));
+        let t = kill_answer(ID, &Ok((run(ID, RunState::Running), true)));
         assert!(t.starts_with("Kill sent to run `01937a4e"), "{t}");
         assert!(t.contains("`kubectl_get`") && t.contains("`ci-bot`"), "{t}");
-        let t = kill_answer(ID, &Ok(run(ID, RunState::Exited)));
+        // Killed so fast that the click's answer already sees the end.
+        let mut killed = run(ID, RunState::Killed);
+        killed.kill_requested_by = Some("discord:100".into());
+        let t = kill_answer(ID, &Ok((killed, true)));
+        assert!(t.contains("has stopped: **killed** by discord:100"), "{t}");
+        let t = kill_answer(ID, &Ok((run(ID, RunState::Exited), false)));
         assert!(
-            t.contains("has ended") && t.contains("exited** with code 0"),
+            t.contains("had already ended, so nothing was killed: **exited** with code 0"),
             "{t}"
         );
         let t = kill_answer(ID, &Err(AppError::NotFound(format!("run {ID}"))));

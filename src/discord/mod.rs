@@ -774,6 +774,7 @@ impl Handler {
         let ack = reply.respond(&ctx.http, CreateInteractionResponse::Acknowledge);
         let work = async {
             match self.0.gw.kill_run(&id, &by).await {
+                Ok(r) => Ok((r, true)),
                 // Say how it ended, when the registry can tell.
                 Err(
                     e @ AppError::Run {
@@ -781,18 +782,20 @@ impl Handler {
                         ..
                     },
                 ) => match self.0.gw.run_record(&id).await {
-                    Ok(Some(r)) if r.state != crate::domain::run::RunState::Running => Ok(r),
+                    Ok(Some(r)) if r.state != crate::domain::run::RunState::Running => {
+                        Ok((r, false))
+                    }
                     _ => Err(e),
                 },
-                other => other,
+                Err(e) => Err(e),
             }
         };
         let ((), outcome) = tokio::join!(ack, work);
         match &outcome {
-            Ok(r) if r.state == crate::domain::run::RunState::Running => {
-                tracing::warn!(run.id = %id, by = %by, "kill asked for on Discord")
+            Ok((_, true)) => tracing::warn!(run.id = %id, by = %by, "kill asked for on Discord"),
+            Ok((_, false)) => {
+                tracing::info!(run.id = %id, by = %by, "kill from Discord: the run had ended")
             }
-            Ok(_) => tracing::info!(run.id = %id, by = %by, "kill from Discord: the run has ended"),
             Err(AppError::Store(e)) => {
                 tracing::error!(run.id = %id, by = %by, error = %e, "kill from Discord failed")
             }
