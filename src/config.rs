@@ -136,6 +136,9 @@ pub struct Config {
     /// environment): such a file must not be readable by others.
     #[serde(skip)]
     pub secrets_in_file: Vec<String>,
+    /// The file this config was loaded from (hidden inside every sandbox).
+    #[serde(skip)]
+    pub loaded_from: Option<PathBuf>,
 }
 
 /// `[log]`: what `serve` logs to stderr, and how.
@@ -957,6 +960,7 @@ impl Config {
         cfg.resolve_paths(base);
         cfg.validate()?;
         cfg.check_socket_paths(path)?;
+        cfg.loaded_from = Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
         Ok(cfg)
     }
 
@@ -1093,6 +1097,38 @@ impl Config {
                 self.store.url = format!("sqlite://{}", base.join(p).display());
             }
         }
+    }
+
+    /// Paths no run may see: Keyturn's database (and its WAL, its
+    /// directory's marker), its config file, its sockets and its TLS key.
+    pub fn paths_hidden_from_runs(&self) -> Vec<String> {
+        let mut out: Vec<PathBuf> = vec![
+            self.server.socket_path.clone(),
+            self.admin.socket_path.clone(),
+        ];
+        out.extend(self.loaded_from.clone());
+        out.extend(self.tcp.tls_key.clone());
+        if let Some(rest) = self.store.url.strip_prefix("sqlite://") {
+            let db = PathBuf::from(rest.split('?').next().unwrap_or(rest));
+            if db.is_absolute() {
+                for suffix in ["", "-wal", "-shm", "-journal"] {
+                    out.push(PathBuf::from(format!("{}{suffix}", db.display())));
+                }
+            }
+        }
+        out.into_iter()
+            .filter(|p| p.is_absolute())
+            .map(|p| p.display().to_string())
+            .collect()
+    }
+
+    /// Whether any tool is run by Keyturn in the bubblewrap sandbox.
+    pub fn uses_bwrap(&self) -> bool {
+        self.tools.iter().any(|t| {
+            t.run
+                .as_ref()
+                .is_some_and(|r| r.profile == crate::domain::run::Profile::Bwrap)
+        })
     }
 
     /// Rejects bad values and impossible combinations, naming the key.
