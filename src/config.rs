@@ -249,8 +249,9 @@ pub struct CredentialConfig {
     #[serde(default)]
     pub fail_pattern: Option<String>,
     /// A set-aside profile is tried again after this long (default: only
-    /// after `keyturn credentials reset`, a reload, or when every profile
-    /// is set aside).
+    /// after `keyturn credentials reset`, when a re-read finds its value
+    /// changed, or when every profile is set aside: then the one set aside
+    /// longest ago is tried).
     #[serde(default)]
     pub retry_after: Option<Dur>,
 }
@@ -279,7 +280,10 @@ impl CredentialConfig {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let name = p.name.clone().unwrap_or_else(|| format!("profile{}", i + 1));
+                let name = p
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("profile{}", i + 1));
                 (name, p.clone())
             })
             .collect()
@@ -2072,6 +2076,22 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_credentials_example_parses_and_validates() {
+        let text = include_str!("../config.example.toml");
+        let block: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [credentials."))
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+            .collect();
+        let c = parse_ok(&block);
+        assert_eq!(c.credentials.len(), 2, "{block}");
+        assert_eq!(c.credentials["kube"].sources().len(), 2);
+        let run = c.tools[0].run.as_ref().unwrap();
+        assert_eq!(run.credentials[0].name, "kube");
+    }
+
+    #[test]
     fn credentials_inline_and_profiles_parse_with_their_names() {
         let c = parse_ok(
             r#"
@@ -2095,15 +2115,24 @@ mod tests {
         let kube = &c.credentials["kube"];
         let names: Vec<String> = kube.sources().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["primary", "profile2"]);
-        assert_eq!(kube.retry_after.as_ref().map(|d| d.0), Some(Duration::from_secs(600)));
+        assert_eq!(
+            kube.retry_after.as_ref().map(|d| d.0),
+            Some(Duration::from_secs(600))
+        );
     }
 
     #[test]
     fn credential_sources_name_the_key() {
         let e = err("[credentials.gh]\nenv = \"A\"\nfile = \"/x\"");
-        assert!(e.contains("`credentials.gh`") && e.contains("exactly one"), "{e}");
+        assert!(
+            e.contains("`credentials.gh`") && e.contains("exactly one"),
+            "{e}"
+        );
         let e = err("[credentials.gh]\nfail_after = 2");
-        assert!(e.contains("`credentials.gh`") && e.contains("no source"), "{e}");
+        assert!(
+            e.contains("`credentials.gh`") && e.contains("no source"),
+            "{e}"
+        );
         let e = err("[credentials.gh]\nenv = \"A\"\nprofiles = [{ env = \"B\" }]");
         assert!(e.contains("both an inline source"), "{e}");
         let e = err("[credentials.gh]\nprofiles = [{ env = \"B\" }, { name = \"x\" }]");
@@ -2111,8 +2140,13 @@ mod tests {
         let e = err(
             "[credentials.gh]\nprofiles = [{ name = \"a\", env = \"A\" }, { name = \"a\", env = \"B\" }]",
         );
-        assert!(e.contains("credentials.gh.profiles[1].name") && e.contains("twice"), "{e}");
-        let e = err("[credentials.gh]\nprofiles = [{ env = \"A\" }, { name = \"profile1\", env = \"B\" }]");
+        assert!(
+            e.contains("credentials.gh.profiles[1].name") && e.contains("twice"),
+            "{e}"
+        );
+        let e = err(
+            "[credentials.gh]\nprofiles = [{ env = \"A\" }, { name = \"profile1\", env = \"B\" }]",
+        );
         assert!(e.contains("twice"), "{e}");
         let e = err("[credentials.gh]\nenv = \"A\"\nfail_after = 0");
         assert!(e.contains("credentials.gh.fail_after"), "{e}");
@@ -2125,7 +2159,10 @@ mod tests {
         let e = err("[credentials.gh]\ncommand = [\"\"]");
         assert!(e.contains("credentials.gh.command"), "{e}");
         let e = err("[credentials.gh]\nfile = \"relative/token\"");
-        assert!(e.contains("credentials.gh.file") && e.contains("absolute"), "{e}");
+        assert!(
+            e.contains("credentials.gh.file") && e.contains("absolute"),
+            "{e}"
+        );
         let e = err("[credentials.gh]\nenv = \"A\"\nretry_after = \"0s\"");
         assert!(e.contains("credentials.gh.retry_after"), "{e}");
         let e = err("[credentials.\"a b\"]\nenv = \"A\"");
@@ -2154,6 +2191,9 @@ mod tests {
             "{e}"
         );
         let e = err(&tool("[]", "[]"));
-        assert!(e.contains("`tools.kubectl_get.run`") && e.contains("argv"), "{e}");
+        assert!(
+            e.contains("`tools.kubectl_get.run`") && e.contains("argv"),
+            "{e}"
+        );
     }
 }

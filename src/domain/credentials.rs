@@ -34,6 +34,9 @@ pub struct ProfileState {
     failures: u32,
     /// When it was set aside (or last failed while set aside).
     set_aside_ms: Option<i64>,
+    /// Orders set-asides (and failed retries) as they happened, so the
+    /// longest ago wins even when two happen in the same millisecond.
+    aside_order: u64,
     readable: bool,
 }
 
@@ -75,6 +78,8 @@ pub struct Failover {
     fail_after: u32,
     retry_after_ms: Option<i64>,
     profiles: Vec<ProfileState>,
+    /// The next [`ProfileState::aside_order`].
+    next_order: u64,
 }
 
 impl Failover {
@@ -90,9 +95,11 @@ impl Failover {
                     name: n.clone(),
                     failures: 0,
                     set_aside_ms: None,
+                    aside_order: 0,
                     readable: true,
                 })
                 .collect(),
+            next_order: 0,
         }
     }
 
@@ -127,8 +134,9 @@ impl Failover {
     }
 
     /// The profile to use: the first readable one not set aside; if every
-    /// readable one is set aside, the one set aside longest ago (ties: the
-    /// first in order); `None` only when none is readable.
+    /// readable one is set aside, the one set aside (or failed again)
+    /// longest ago, by the order of events rather than the clock;
+    /// `None` only when none is readable.
     pub fn active(&self) -> Option<&str> {
         if let Some(p) = self
             .profiles
@@ -140,7 +148,7 @@ impl Failover {
         let mut best: Option<&ProfileState> = None;
         for p in self.profiles.iter().filter(|p| p.readable) {
             match best {
-                Some(b) if b.set_aside_ms <= p.set_aside_ms => {}
+                Some(b) if b.aside_order <= p.aside_order => {}
                 _ => best = Some(p),
             }
         }
@@ -153,14 +161,19 @@ impl Failover {
     /// next try goes to another. Unknown names are ignored.
     pub fn failure(&mut self, profile: &str, now_ms: i64) -> Option<Change> {
         let fail_after = self.fail_after;
-        let p = self.find(profile)?;
+        let order = self.next_order;
+        let p = self.profiles.iter_mut().find(|p| p.name == profile)?;
         p.failures = p.failures.saturating_add(1);
         if p.set_aside_ms.is_some() {
             p.set_aside_ms = Some(now_ms);
+            p.aside_order = order;
+            self.next_order += 1;
             return None;
         }
         if p.failures >= fail_after {
             p.set_aside_ms = Some(now_ms);
+            p.aside_order = order;
+            self.next_order += 1;
             return Some(Change::SetAside {
                 profile: p.name.clone(),
             });
@@ -283,6 +296,17 @@ mod tests {
         // A success brings it back, and it stays active.
         assert_eq!(f.success("c"), Some(back("c")));
         assert_eq!(f.active(), Some("c"));
+    }
+
+    #[test]
+    fn set_asides_in_the_same_millisecond_keep_their_order() {
+        let mut f = three(1, None);
+        f.failure("b", 5);
+        f.failure("a", 5);
+        f.failure("c", 5);
+        assert_eq!(f.active(), Some("b"));
+        f.failure("b", 5);
+        assert_eq!(f.active(), Some("a"));
     }
 
     #[test]

@@ -125,6 +125,10 @@ struct Entry {
     reads_applied: u64,
 }
 
+/// One credential's sources to re-read: its name, the read's sequence
+/// number, and each profile's name and source.
+type Snapshot = (String, u64, Vec<(String, CredentialSource)>);
+
 /// A profile's read: its value or why not, and the file's stamp.
 struct SourceRead {
     value: Result<Value, ReadError>,
@@ -265,7 +269,7 @@ impl Broker {
     /// Re-reads the named credentials (all with `None`) on the blocking
     /// pool, then applies what was read.
     async fn reread(&self, names: Option<&[String]>) {
-        let snapshot: Vec<(String, u64, Vec<(String, CredentialSource)>)> = {
+        let snapshot: Vec<Snapshot> = {
             let mut entries = self.lock();
             entries
                 .iter_mut()
@@ -568,9 +572,7 @@ fn run_command(argv: &[String], timeout: Duration, cap: usize) -> Result<Vec<u8>
         }
     };
     if !status.success() {
-        let stderr_bytes = err_rx
-            .recv_timeout(Duration::from_millis(500))
-            .unwrap_or(0);
+        let stderr_bytes = err_rx.recv_timeout(Duration::from_millis(500)).unwrap_or(0);
         return Err(ReadError::Exit {
             program,
             status: status.to_string(),
@@ -612,7 +614,10 @@ impl Credentials for Broker {
         let now = self.now();
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(name) else {
-            tracing::debug!(credential = name, "report for an unknown credential ignored");
+            tracing::debug!(
+                credential = name,
+                "report for an unknown credential ignored"
+            );
             return;
         };
         let failed = exit_code.is_some_and(|c| entry.fail_exit_codes.contains(&c))
@@ -621,7 +626,12 @@ impl Credentials for Broker {
                 .as_ref()
                 .is_some_and(|re| re.is_match(output));
         let change = if failed {
-            tracing::info!(credential = name, profile, exit_code, "run counted as a credential failure");
+            tracing::info!(
+                credential = name,
+                profile,
+                exit_code,
+                "run counted as a credential failure"
+            );
             entry.failover.failure(profile, now)
         } else {
             entry.failover.success(profile)
@@ -652,6 +662,7 @@ impl Credentials for Broker {
             .map(|(name, e)| {
                 let changes = e.failover.expire(now);
                 log_changes(name, &changes, e.failover.active());
+                // `active` is empty when no profile is readable.
                 CredentialStatus {
                     name: name.clone(),
                     active: e.failover.active().unwrap_or_default().to_string(),
@@ -696,7 +707,12 @@ mod tests {
 
     #[test]
     fn a_command_prints_the_value() {
-        let out = run_command(&argv(&["sh", "-c", "printf 's3cr3t\\n'"]), COMMAND_TIMEOUT, 64).unwrap();
+        let out = run_command(
+            &argv(&["sh", "-c", "printf 's3cr3t\\n'"]),
+            COMMAND_TIMEOUT,
+            64,
+        )
+        .unwrap();
         assert_eq!(trim_newlines(out), b"s3cr3t");
     }
 
@@ -708,7 +724,16 @@ mod tests {
             64,
         )
         .unwrap_err();
-        assert!(matches!(e, ReadError::Exit { stderr_bytes: 10, .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                ReadError::Exit {
+                    stderr_bytes: 10,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
         assert!(!e.to_string().contains("topsecret"));
     }
 
@@ -736,9 +761,16 @@ mod tests {
 
     #[test]
     fn too_much_output_is_a_failed_read() {
-        let e = run_command(&argv(&["sh", "-c", "head -c 100 /dev/zero"]), COMMAND_TIMEOUT, 64)
-            .unwrap_err();
-        assert!(matches!(e, ReadError::OutputTooLarge { max: 64, .. }), "{e:?}");
+        let e = run_command(
+            &argv(&["sh", "-c", "head -c 100 /dev/zero"]),
+            COMMAND_TIMEOUT,
+            64,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ReadError::OutputTooLarge { max: 64, .. }),
+            "{e:?}"
+        );
         let e = run_command(&argv(&["/nonexistent/prog"]), COMMAND_TIMEOUT, 64).unwrap_err();
         assert!(matches!(e, ReadError::Spawn { .. }), "{e:?}");
     }
