@@ -276,3 +276,34 @@ async fn a_rotated_value_brings_its_set_aside_profile_back() {
         ("profile1".into(), b"new-a".to_vec())
     );
 }
+
+#[tokio::test]
+async fn a_file_removed_then_rewritten_with_a_new_value_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, "old-token").unwrap();
+    set_env("KT_CRED_TEST_RM_B", "backup-token");
+    let b = broker(&format!(
+        r#"
+        [credentials.api]
+        fail_after = 1
+        fail_exit_codes = [1]
+        profiles = [{{ file = "{}" }}, {{ env = "KT_CRED_TEST_RM_B" }}]
+        "#,
+        path.display()
+    ));
+    b.report("api", "profile1", Some(1), b"");
+    assert_eq!(value(&b, "api").await.0, "profile2");
+    std::fs::remove_file(&path).unwrap();
+    b.reload().await;
+    let st = &b.status()[0];
+    assert!(st.profiles[0].unreadable && st.profiles[0].set_aside);
+    // Still masked: a run started before may print it.
+    assert!(b.values().contains(&b"old-token".to_vec()));
+    std::fs::write(&path, "new-token").unwrap();
+    b.reload().await;
+    assert_eq!(
+        value(&b, "api").await,
+        ("profile1".into(), b"new-token".to_vec())
+    );
+}

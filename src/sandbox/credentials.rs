@@ -8,8 +8,9 @@
 //! 64 KiB, a non-zero exit is a failed read, stderr counted but never
 //! logged). Environment and command values lose their trailing newlines;
 //! an empty value is a failed read. A profile whose source cannot be read
-//! is marked unreadable and skipped; a credential with no readable profile
-//! refuses every fetch (fail closed). Which profile is active is the pure
+//! is marked unreadable and skipped (a value it had is kept for the masker
+//! only, as are values replaced by a rotation); a credential with no
+//! readable profile refuses every fetch (fail closed). Which profile is active is the pure
 //! machine in [`crate::domain::credentials`].
 //!
 //! An adapter: uses `app`, `domain` and `config`, names no other adapter.
@@ -388,7 +389,11 @@ fn apply(name: &str, entry: &mut Entry, reads: Vec<(String, SourceRead)>) {
         p.stamp = read.stamp;
         match read.value {
             Ok(v) => {
-                let was_unreadable = p.value.is_none();
+                let was_unreadable = entry
+                    .failover
+                    .profiles()
+                    .iter()
+                    .any(|f| f.name() == profile && !f.is_readable());
                 if let Some(old) = p.value.replace(v.clone()) {
                     if old != v {
                         tracing::info!(credential = name, profile = %profile, "credential value rotated");
@@ -408,9 +413,8 @@ fn apply(name: &str, entry: &mut Entry, reads: Vec<(String, SourceRead)>) {
                     error = %e,
                     "cannot re-read credential source; profile skipped"
                 );
-                if let Some(old) = p.value.take() {
-                    entry.retired.push(old);
-                }
+                // The last value is kept, unused, so the masker still hides
+                // it and a value that comes back changed counts as rotated.
                 entry.failover.set_readable(&profile, false);
             }
         }
