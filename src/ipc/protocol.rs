@@ -833,7 +833,9 @@ mod tests {
         use MethodName as N;
         let id = "00000000-0000-0000-0000-000000000000";
         match m {
-            N::Submit | N::Check => json!({"agent": "bot", "tool": "t"}),
+            N::Submit | N::Check | N::Run => json!({"agent": "bot", "tool": "t"}),
+            N::RunsKill => json!({"id": "x"}),
+            N::CredentialsReset => json!({"name": "x"}),
             N::Wait | N::Status | N::Cancel | N::Approve | N::Deny => json!({"id": id}),
             N::Verify => json!({"id": id, "args": {}}),
             N::Grant | N::Revoke => json!({"scope": "global", "tool": "t"}),
@@ -856,7 +858,9 @@ mod tests {
             | N::AuditExport
             | N::AuditVerify
             | N::AuditPrune
-            | N::TokenList => Value::Null,
+            | N::TokenList
+            | N::RunsList
+            | N::CredentialsStatus => Value::Null,
         }
     }
 
@@ -871,7 +875,7 @@ mod tests {
             assert_eq!(parsed.name(), m);
             assert_eq!(parsed.requires_admin(), m.requires_admin());
         }
-        assert_eq!(seen.len(), 31);
+        assert_eq!(seen.len(), 36);
     }
 
     #[test]
@@ -898,6 +902,10 @@ mod tests {
             "audit.prune",
             "token.issue",
             "token.rotate",
+            "runs.list",
+            "runs.kill",
+            "credentials.status",
+            "credentials.reset",
             "token.revoke",
             "token.list",
         ];
