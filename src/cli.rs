@@ -334,6 +334,10 @@ enum Command {
         /// approval through another replica, and the leader's takeover.
         #[arg(long, default_value_t = 1)]
         replicas: usize,
+        /// Then time this many runs of `/bin/true` each way: `run` in
+        /// bubblewrap, `run` with the host profile, and `keyturn exec`.
+        #[arg(long, default_value_t = 0)]
+        runs: usize,
     },
     /// Check that arguments are exactly those a request was approved with
     /// (exit 0 when they match and it is approved, 1 otherwise).
@@ -914,6 +918,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             cfg.check_uids(nix::unistd::getuid().as_raw())?;
             // The TCP listener's certificate and key, read as `serve` will.
             crate::serve::check_tcp(&cfg)?;
+            // A tool that runs in bubblewrap needs a working bubblewrap.
+            crate::serve::check_run(&cfg)?;
             if let Some(w) = cfg.check_file_permissions(&config)? {
                 crate::errln!("keyturn: WARNING: {w}");
             }
@@ -1221,6 +1227,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             wakeups,
             pending,
             replicas,
+            runs,
         } => {
             crate::bench::run(crate::bench::BenchOptions {
                 store,
@@ -1229,6 +1236,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 wakeups,
                 pending,
                 replicas,
+                runs,
             })
             .await?;
             Ok(0)
