@@ -47,7 +47,12 @@ async fn follow(gw: Weak<Gateway>, mut changes: broadcast::Receiver<Change>, pol
             Ok(Change::Resolved(r)) => gw.resolved(&r),
             Ok(Change::DecidedElsewhere(r)) => gw.waiters.wake(&r),
             Ok(Change::PolicyChanged) => policy.notify_one(),
-            Ok(Change::Queued { .. } | Change::Voted { .. } | Change::CardsDue) => {}
+            Ok(
+                Change::Queued { .. }
+                | Change::Voted { .. }
+                | Change::CardsDue
+                | Change::KillRun { .. },
+            ) => {}
             Err(RecvError::Lagged(missed)) => {
                 tracing::warn!(
                     missed,

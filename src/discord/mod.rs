@@ -423,7 +423,7 @@ async fn wake_on_changes(
                 | Change::Resync,
             )
             | Err(broadcast::error::RecvError::Lagged(_)) => wake.notify_one(),
-            Ok(Change::PolicyChanged) => {}
+            Ok(Change::PolicyChanged | Change::KillRun { .. }) => {}
             Err(broadcast::error::RecvError::Closed) => break,
         }
     }

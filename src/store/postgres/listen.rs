@@ -205,6 +205,7 @@ async fn change_of(note: Note, load: &Load) -> Option<Change> {
         }
         Note::PolicyChanged => Change::PolicyChanged,
         Note::CardsDue => Change::CardsDue,
+        Note::KillRun { run_id } => Change::KillRun { run_id },
     })
 }
 
@@ -323,6 +324,15 @@ mod tests {
         assert!(matches!(next(&mut rx).await, Change::PolicyChanged));
         send(&s, "other", Note::CardsDue).await;
         assert!(matches!(next(&mut rx).await, Change::CardsDue));
+        send(
+            &s,
+            "other",
+            Note::KillRun {
+                run_id: "r1".into(),
+            },
+        )
+        .await;
+        assert!(matches!(next(&mut rx).await, Change::KillRun { run_id } if run_id == "r1"));
 
         stop.cancel();
         tasks.listener.await.unwrap();
