@@ -12,7 +12,7 @@ use harness::fixture;
 use harness::pg;
 use keyturn::app::ports::{
     AgentToken, AuditLog, Cards, Change, Inserted, PairedUser, PairingRefused, PolicyData,
-    Requests, RunRecord, RunRefused, Runs, Store, StoreError,
+    Requests, RunRecord, RunRefused, Store, StoreError,
 };
 use keyturn::domain::audit::{events, AuditEvent};
 use keyturn::domain::pairing;
@@ -1871,4 +1871,116 @@ async fn runs_story(store: Arc<dyn Store>, peer: Option<Arc<dyn Store>>, raw: Ra
         store.run("run-3").await,
         Err(StoreError::Corrupt(_))
     ));
+}
+
+/// A migrator holding `backend`'s migrations up to `last` (a database as an
+/// older Keyturn left it).
+async fn migrations_up_to(
+    backend: &str,
+    last: i64,
+) -> (tempfile::TempDir, sqlx::migrate::Migrator) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(backend);
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let version: i64 = name.split('_').next().unwrap().parse().unwrap();
+        if version <= last {
+            std::fs::copy(&path, dir.path().join(&name)).unwrap();
+        }
+    }
+    let migrator = sqlx::migrate::Migrator::new(dir.path()).await.unwrap();
+    (dir, migrator)
+}
+
+/// A pending request row as migrations before the runs (SQLite 0009,
+/// PostgreSQL 0002) store it: no `run_plan` column yet.
+const OLD_PENDING_ROW: &str = "INSERT INTO requests (id, agent, tool, args, args_hash, justification, \
+     risk, approvals_required, admin_only, rule, rule_detail, flags, created_ms, deadline_ms, state) \
+     VALUES ('00000000-0000-0000-0000-000000000abc', 'agent-a', 'delete_file', '{}', 'h', 'old', \
+     'high', 1, false, 'r', '', '[]', 1000, 100000, 'pending')";
+
+/// After the upgrade the old row reads without a run plan, and new rows
+/// keep theirs and can run.
+async fn upgraded(store: &dyn Store) {
+    let old: RequestId = "00000000-0000-0000-0000-000000000abc".parse().unwrap();
+    let pending = store.pending(10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!((pending[0].id, pending[0].run.clone()), (old, None));
+    let mut r = request(80_001, 1, 100_000);
+    r.run = Some(plan("cat"));
+    store
+        .insert_request(r.clone(), submitted(&r))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_request(r.id).await.unwrap().unwrap().run,
+        Some(plan("cat"))
+    );
+    let run = run_record("run-upgraded", &r, 2_000);
+    store
+        .run_started(run.clone(), run_event("run_started", 2_000, &run))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.run_of_request(r.id).await.unwrap(), Some(run));
+}
+
+/// A database made by 0001..0009 migrates to 0010 when the store opens,
+/// and `db check` (the full integrity check) passes on it before and after.
+#[tokio::test]
+async fn sqlite_database_from_before_runs_migrates_and_checks() {
+    use keyturn::store::check::{check, Depth};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.db");
+    let url = format!("sqlite://{}", path.display());
+    {
+        let (_held, old) = migrations_up_to("sqlite", 9).await;
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        old.run(&pool).await.unwrap();
+        sqlx::query(OLD_PENDING_ROW).execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+    let before = check(&url, Depth::Full, Duration::from_secs(60)).await;
+    assert!(before.ok(), "{:?}", before.problems);
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&url, "normal", 64).await.unwrap());
+    upgraded(&*store).await;
+    store.close().await;
+    let after = check(&url, Depth::Full, Duration::from_secs(60)).await;
+    assert!(after.ok(), "{:?}", after.problems);
+    assert_eq!(after.pending, Some(2));
+}
+
+/// The same on PostgreSQL: a schema made by 0001..0002 fails `db check`
+/// (a migration is missing) until the store opens and applies 0003.
+#[tokio::test]
+async fn postgres_schema_from_before_runs_migrates_and_checks() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    {
+        let (_held, old) = migrations_up_to("postgres", 2).await;
+        let pool = sqlx::PgPool::connect(&schema.url()).await.unwrap();
+        old.run(&pool).await.unwrap();
+        sqlx::query(OLD_PENDING_ROW).execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+    let before = keyturn::store::postgres::check(&schema.url()).await;
+    assert!(
+        before.problems.iter().any(|p| p.contains("not applied")),
+        "{:?}",
+        before.problems
+    );
+    let store: Arc<dyn Store> = pg_store(&schema, None).await;
+    upgraded(&*store).await;
+    store.close().await;
+    let after = keyturn::store::postgres::check(&schema.url()).await;
+    assert!(after.ok(), "{:?}", after.problems);
+    assert_eq!(after.pending, Some(2));
 }
