@@ -99,6 +99,20 @@ fn count_sleeping(marker: &str) -> usize {
         .count()
 }
 
+/// How many processes on the host run as `uid`.
+fn processes_of(uid: u32) -> usize {
+    let want = format!("Uid:\t{uid}\t");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("status"))
+                .map(|s| s.lines().any(|l| l.starts_with(&want)))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
 /// Waits (polling, up to a generous deadline) until `cond` holds.
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -114,8 +128,10 @@ fn probe_finds_a_working_bwrap_and_names_a_missing_one() {
         return;
     }
     probe(&RunConfig::default()).unwrap();
-    let mut c = RunConfig::default();
-    c.bwrap = "/nonexistent/bwrap".into();
+    let c = RunConfig {
+        bwrap: "/nonexistent/bwrap".into(),
+        ..RunConfig::default()
+    };
     let e = probe(&c).unwrap_err();
     assert!(e.contains("bubblewrap"), "{e}");
 }
@@ -247,22 +263,134 @@ async fn a_fork_bomb_is_bounded_by_processes_and_ended_by_the_timeout() {
     if !have_bwrap() {
         return;
     }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: the process limit is only per-run when Keyturn runs as root");
+        return;
+    }
+    // RLIMIT_NPROC counts every process of the uid on the host: the bomb
+    // gets a uid of its own, so other tests' runs do not count against it.
+    const BOMB_UID: u32 = 64_999;
+    let c = RunConfig {
+        uid: Some(BOMB_UID),
+        gid: Some(BOMB_UID),
+        ..cfg()
+    };
+    let sb = sandbox(&c);
+    let w = open_dir();
+    for profile in [Profile::Bwrap, Profile::Host] {
+        until("no process of the bomb's uid is left", || {
+            processes_of(BOMB_UID) == 0
+        })
+        .await;
+        let m = marker();
+        let mut s = spec(profile);
+        s.limits.processes = 20;
+        s.timeout_ms = 1500;
+        s.writable = vec![w.path().to_string_lossy().into_owned()];
+        // The forking loop runs in a subshell; the top shell blocks (without
+        // a process) on a FIFO nobody writes, so only the timeout ends it.
+        let fifo = w.path().join(format!("fifo-{m}"));
+        let script = format!(
+            "mkfifo {f}; (while :; do sleep {m} & done) & read x < {f}",
+            f = fifo.display()
+        );
+        let f = run(&sb, sh(s, &script)).await;
+        assert_eq!(
+            f.state,
+            RunState::TimedOut,
+            "{profile:?} {}",
+            text(&f.stderr)
+        );
+        assert!(
+            text(&f.stderr).contains("Cannot fork"),
+            "{profile:?} {}",
+            text(&f.stderr)
+        );
+        until("the bomb's processes are gone", || count_sleeping(&m) == 0).await;
+    }
+}
+
+#[tokio::test]
+async fn killing_bwrap_itself_takes_the_whole_sandbox_down() {
+    if !have_bwrap() {
+        return;
+    }
     let m = marker();
-    let mut s = spec(Profile::Bwrap);
-    s.limits.processes = 20;
-    s.timeout_ms = 1500;
     let sb = sandbox(&cfg());
-    // The forking loop runs in a subshell; the top shell blocks (without a
-    // process) on a FIFO nobody writes, so only the timeout ends the run.
-    let script = format!("mkfifo /tmp/f; (while :; do sleep {m} & done) & read x < /tmp/f");
-    let f = run(&sb, sh(s, &script)).await;
-    assert_eq!(f.state, RunState::TimedOut, "{}", text(&f.stderr));
-    assert!(
-        text(&f.stderr).contains("Cannot fork"),
-        "{}",
-        text(&f.stderr)
-    );
-    until("the bomb's processes are gone", || count_sleeping(&m) == 0).await;
+    let script = format!("sh -c 'trap \"\" TERM; exec sleep {m}' & wait");
+    let started = sb.start(sh(spec(Profile::Bwrap), &script)).await.unwrap();
+    until("the grandchild runs", || count_sleeping(&m) == 1).await;
+    // Not through the kill switch: as if bwrap died on its own.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(started.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let f = started.finished.await.unwrap();
+    assert_eq!(f.state, RunState::Exited);
+    assert_eq!(f.signal, Some(9));
+    until("the sandbox is gone", || count_sleeping(&m) == 0).await;
+}
+
+#[tokio::test]
+async fn runs_beyond_max_concurrent_are_refused() {
+    if !have_bwrap() {
+        return;
+    }
+    let c = RunConfig {
+        max_concurrent: 1,
+        ..cfg()
+    };
+    let sb = sandbox(&c);
+    let m = marker();
+    let first = sb
+        .start(sh(spec(Profile::Bwrap), &format!("exec sleep {m}")))
+        .await
+        .unwrap();
+    let e = sb
+        .start(sh(spec(Profile::Bwrap), "true"))
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.0.contains("too_many_runs"), "{e}");
+    first.kill.kill();
+    assert_eq!(first.finished.await.unwrap().state, RunState::Killed);
+    // The slot is free again once the run has ended.
+    let f = run(&sb, sh(spec(Profile::Bwrap), "true")).await;
+    assert_eq!(f.exit_code, Some(0));
+}
+
+#[test]
+fn kill_leftover_checks_the_start_time_before_killing_the_group() {
+    use nix::sys::signal::Signal;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let spawn = || {
+        std::process::Command::new("sleep")
+            .arg("1000")
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    // A start time an hour off: another process now owns the pid, so no
+    // SIGKILL; the SIGTERM sent after it is what ends the process.
+    let mut other = spawn();
+    keyturn::sandbox::executor::kill_leftover(other.id() as i64, now_ms() - 3_600_000);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(other.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(other.wait().unwrap().signal(), Some(Signal::SIGTERM as i32));
+    // The recorded start time matches: the group is killed.
+    let mut ours = spawn();
+    keyturn::sandbox::executor::kill_leftover(ours.id() as i64, now_ms());
+    assert_eq!(ours.wait().unwrap().signal(), Some(Signal::SIGKILL as i32));
 }
 
 #[tokio::test]

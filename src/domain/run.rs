@@ -376,7 +376,7 @@ pub fn check_spec(spec: &RunSpec) -> Result<(), String> {
             return Err(format!("`{d}` must be an absolute path"));
         }
     }
-    for (k, _) in &spec.env {
+    for k in spec.env.keys() {
         check_env_name(k)?;
     }
     for k in &spec.pass_env {

@@ -551,11 +551,8 @@ impl Supervisor {
         let reason = self.ctl.exited();
         // Reap (the zombie kept the pid, so the SIGKILL above hit our group).
         let pid = self.pid;
-        let _ = tokio::task::spawn_blocking(move || loop {
-            match waitpid(pid, None) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                _ => break,
-            }
+        let _ = tokio::task::spawn_blocking(move || {
+            while let Err(nix::errno::Errno::EINTR) = waitpid(pid, None) {}
         })
         .await;
         let duration_ms = self.began.elapsed().as_millis() as u64;
