@@ -394,6 +394,27 @@ fn kill_leftover_checks_the_start_time_before_killing_the_group() {
 }
 
 #[tokio::test]
+async fn kill_leftover_reaches_a_group_whose_leader_is_gone() {
+    use std::os::unix::process::CommandExt;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let m = marker();
+    // The leader starts a member and exits (as a host-profile program
+    // does when Keyturn dies and takes it along, leaving its children).
+    let mut leader = std::process::Command::new("sh")
+        .args(["-c", &format!("sleep {m} >/dev/null 2>&1 &")])
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    assert!(leader.wait().unwrap().success());
+    until("the member runs", || count_sleeping(&m) == 1).await;
+    keyturn::sandbox::executor::kill_leftover(leader.id() as i64, now_ms);
+    until("the member is gone", || count_sleeping(&m) == 0).await;
+}
+
+#[tokio::test]
 async fn a_grandchild_ignoring_sigterm_dies_with_the_kill_in_both_profiles() {
     if !have_bwrap() {
         return;

@@ -435,8 +435,7 @@ impl Executor for Sandbox {
         // The pid is reaped by the supervisor (waitpid), not through `child`.
         drop(child);
         let (Some(out), Some(err)) = streams else {
-            ctl.terminate(RunState::Killed);
-            ctl.signal(Signal::SIGKILL);
+            abandon(&ctl);
             return Err(ExecError("the run's output pipes are missing".into()));
         };
         let cap = job.max_output_bytes;
@@ -449,8 +448,7 @@ impl Executor for Sandbox {
                 "stdout",
             )),
             Err(e) => {
-                ctl.terminate(RunState::Killed);
-                ctl.signal(Signal::SIGKILL);
+                abandon(&ctl);
                 return Err(ExecError(format!("cannot read the run's output: {e}")));
             }
         };
@@ -462,8 +460,7 @@ impl Executor for Sandbox {
                 "stderr",
             )),
             Err(e) => {
-                ctl.terminate(RunState::Killed);
-                ctl.signal(Signal::SIGKILL);
+                abandon(&ctl);
                 return Err(ExecError(format!("cannot read the run's output: {e}")));
             }
         };
@@ -504,7 +501,11 @@ impl Executor for Sandbox {
     }
 
     fn kill_leftover(&self, pid: i64, started_ms: i64) {
-        kill_leftover(pid, started_ms)
+        let uid = self
+            .ids
+            .0
+            .unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+        leftover::kill_leftover_as(pid, started_ms, Some(uid))
     }
 }
 
@@ -598,6 +599,17 @@ impl Supervisor {
             stderr_sha256,
         }
     }
+}
+
+/// Kills a run that started but cannot be watched, and reaps it.
+fn abandon(ctl: &Arc<Control>) {
+    ctl.signal(Signal::SIGKILL);
+    let pid = ctl.pgid;
+    tokio::task::spawn_blocking(
+        move || {
+            while let Err(nix::errno::Errno::EINTR) = waitpid(pid, None) {}
+        },
+    );
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
