@@ -280,7 +280,12 @@ impl Spawner {
             .name("keyturn-run-spawner".into())
             .spawn(move || {
                 while let Ok((mut cmd, reply)) = rx.recv() {
-                    let _ = reply.send(cmd.spawn());
+                    // The starter went away (its future was dropped): nobody
+                    // would watch this run, so it must not run.
+                    if let Err(Ok(mut child)) = reply.send(cmd.spawn()) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
                 }
             });
         if let Err(e) = spawned {
@@ -526,7 +531,13 @@ impl Supervisor {
     async fn run(self) -> Finished {
         let pid = self.pid;
         let mut exit = tokio::task::spawn_blocking(move || wait_exit(pid));
-        let deadline = tokio::time::Instant::from_std(self.began + self.timeout);
+        // A timeout too large for the clock is as good as none.
+        let deadline = tokio::time::Instant::from_std(
+            self.began
+                .checked_add(self.timeout)
+                .unwrap_or(self.began + Duration::from_secs(100 * 365 * 86_400)),
+        );
+        let grace = self.grace.min(Duration::from_secs(365 * 86_400));
         let mut escalate: Option<tokio::time::Instant> = None;
         let mut timed_out = false;
         let mut hard_sent = false;
@@ -538,10 +549,10 @@ impl Supervisor {
                     if self.ctl.terminate(RunState::TimedOut) {
                         tracing::info!(run.id = %self.ctl.run_id, "run timed out");
                     }
-                    escalate.get_or_insert(tokio::time::Instant::now() + self.grace);
+                    escalate.get_or_insert(tokio::time::Instant::now() + grace);
                 }
                 _ = self.ctl.wake.notified() => {
-                    escalate.get_or_insert(tokio::time::Instant::now() + self.grace);
+                    escalate.get_or_insert(tokio::time::Instant::now() + grace);
                 }
                 _ = sleep_until_opt(escalate), if escalate.is_some() && !hard_sent => {
                     hard_sent = true;
@@ -565,7 +576,7 @@ impl Supervisor {
         // Output ends when the last holder of the pipes is gone; a process
         // that left the group may keep them open: stop reading after a while.
         let [(mut out_task, out_cap), (mut err_task, err_cap)] = self.streams;
-        let drained = tokio::time::timeout(self.grace.max(Duration::from_millis(500)), async {
+        let drained = tokio::time::timeout(grace.max(Duration::from_millis(500)), async {
             let _ = (&mut out_task).await;
             let _ = (&mut err_task).await;
         })

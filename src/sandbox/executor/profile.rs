@@ -203,3 +203,87 @@ pub(super) fn plan(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::run::RunSpec;
+
+    fn job(spec_toml: &str) -> Job {
+        let spec: RunSpec = toml::from_str(spec_toml).unwrap();
+        Job {
+            run_id: "r".into(),
+            argv: vec!["prog".into(), "--flag".into()],
+            spec,
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            files: vec![],
+            hidden: vec![],
+            max_output_bytes: 10,
+        }
+    }
+
+    fn args(j: &Job, hidden: &[String], staged: &[Staged]) -> Vec<String> {
+        plan(j, Path::new("/usr/bin/bwrap"), hidden, staged)
+            .unwrap()
+            .command
+    }
+
+    /// Position of the `n`-element window `w` in `a`.
+    fn at(a: &[String], w: &[&str]) -> usize {
+        a.windows(w.len())
+            .position(|x| x.iter().zip(w).all(|(a, b)| a == b))
+            .unwrap_or_else(|| panic!("{w:?} not in {a:?}"))
+    }
+
+    #[test]
+    fn bwrap_profile_order_and_network() {
+        let d = tempfile::tempdir().unwrap();
+        let w = d.path().join("w");
+        let hid = w.join("secret");
+        std::fs::create_dir_all(&hid).unwrap();
+        let w = w.to_string_lossy().into_owned();
+        let hid = hid.to_string_lossy().into_owned();
+        let j = job(&format!("argv = [\"prog\"]\nwritable = [\"{w}\"]"));
+        let staged = [Staged {
+            source: PathBuf::from("/dev/shm/k/f0"),
+            dest: "/tmp/cred".into(),
+        }];
+        let a = args(&j, std::slice::from_ref(&hid), &staged);
+        assert_eq!(a[0], "/usr/bin/bwrap");
+        assert!(!a.contains(&"--share-net".to_string()));
+        let tmp = at(&a, &["--tmpfs", "/tmp"]);
+        let bind = at(&a, &["--bind", &w, &w]);
+        let hide = at(&a, &["--tmpfs", &hid]);
+        let cred = at(&a, &["--ro-bind", "/dev/shm/k/f0", "/tmp/cred"]);
+        assert!(tmp < bind && bind < hide && hide < cred, "{a:?}");
+        let dd = at(&a, &["--chdir", "/tmp", "--"]);
+        assert_eq!(&a[dd + 3..], ["prog", "--flag"]);
+
+        let j = job("argv = [\"prog\"]\nnetwork = \"host\"");
+        assert!(args(&j, &[], &[]).contains(&"--share-net".to_string()));
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let j = job("argv = [\"prog\"]\nwritable = [\"/nonexistent/keyturn\"]");
+        let e = plan(&j, Path::new("/b"), &[], &[]).unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
+
+        let j = job("argv = [\"prog\"]\ncwd = \"/etc\"");
+        let e = plan(&j, Path::new("/b"), &[], &[]).unwrap_err();
+        assert!(e.contains("working directory"), "{e}");
+
+        let j = job("argv = [\"prog\"]\nprofile = \"host\"");
+        let e = plan(&j, Path::new("/b"), &[], &[]).unwrap_err();
+        assert!(e.contains("host profile needs"), "{e}");
+
+        let mut j = job("argv = [\"prog\"]");
+        j.env.push(("MIMALLOC_VERBOSE".into(), "1".into()));
+        assert!(plan(&j, Path::new("/b"), &[], &[])
+            .unwrap_err()
+            .contains("MIMALLOC_VERBOSE"));
+
+        let j = job("argv = [\"prog\"]\nhidden = [\"/\"]");
+        assert!(plan(&j, Path::new("/b"), &[], &[]).is_err());
+    }
+}
