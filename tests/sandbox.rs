@@ -498,11 +498,21 @@ async fn credential_files_are_0400_inside_and_removed_after() {
     let sb = sandbox(&c);
     let mut j = sh(
         spec(Profile::Bwrap),
-        "stat -c %a /tmp/cred/kubeconfig; cat /tmp/cred/kubeconfig",
+        "stat -c '%a %u' /tmp/cred/kubeconfig; cat /tmp/cred/kubeconfig",
     );
     j.files = vec![("/tmp/cred/kubeconfig".into(), b"s3cret".to_vec())];
     let f = run(&sb, j).await;
-    assert_eq!(text(&f.stdout), "400\ns3cret", "{}", text(&f.stderr));
+    let uid = if nix::unistd::geteuid().is_root() {
+        65534
+    } else {
+        nix::unistd::geteuid().as_raw()
+    };
+    assert_eq!(
+        text(&f.stdout),
+        format!("400 {uid}\ns3cret"),
+        "{}",
+        text(&f.stderr)
+    );
     assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
 
     // The host profile cannot place files: refused, and nothing is left.
@@ -541,4 +551,47 @@ async fn a_missing_program_exits_127() {
     let f = run(&sb, job(s, &["keyturn-no-such-program"])).await;
     assert_eq!(f.exit_code, Some(127));
     assert!(text(&f.stderr).contains("program not found"));
+}
+
+#[tokio::test]
+async fn limits_and_the_run_uid_apply_in_both_profiles() {
+    if !have_bwrap() {
+        return;
+    }
+    let sb = sandbox(&cfg());
+    let cwd = open_dir();
+    let want_uid = if nix::unistd::geteuid().is_root() {
+        "65534".to_string()
+    } else {
+        nix::unistd::geteuid().to_string()
+    };
+    for profile in [Profile::Bwrap, Profile::Host] {
+        let mut s = spec(profile);
+        s.writable = vec![cwd.path().to_string_lossy().into_owned()];
+        s.limits.open_files = 77;
+        s.limits.processes = 33;
+        s.limits.cpu_secs = 9;
+        s.limits.memory_mb = 1500;
+        let f = run(
+            &sb,
+            job(
+                s,
+                &[
+                    "bash",
+                    "-c",
+                    "id -u; id -G; ulimit -n; ulimit -u; ulimit -t; ulimit -v",
+                ],
+            ),
+        )
+        .await;
+        let out = text(&f.stdout);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 6, "{profile:?} {out} {}", text(&f.stderr));
+        assert_eq!(lines[0], want_uid, "{profile:?}");
+        if want_uid == "65534" {
+            // setgroups([]) left only the run gid.
+            assert_eq!(lines[1], "65534", "{profile:?}");
+        }
+        assert_eq!(&lines[2..], ["77", "33", "9", "1536000"], "{profile:?}");
+    }
 }
