@@ -227,11 +227,7 @@ tool = "true_*"
                 .call("run", json!({"agent": "bench", "tool": tool, "args": {}}))
                 .await?;
             socket_lat[i].push(t0.elapsed());
-            anyhow::ensure!(
-                v["run"]["exit_code"] == 0,
-                "{tool} did not run: {}",
-                v
-            );
+            anyhow::ensure!(v["run"]["exit_code"] == 0, "{tool} did not run: {}", v);
         }
         for (i, args) in [
             vec!["run", "--tool", "true_bwrap"],
@@ -267,7 +263,10 @@ tool = "true_*"
     line("run over the socket, host profile:", &mut socket_lat[1]);
     line("keyturn run (a command), bubblewrap:", &mut cli_lat[0]);
     line("keyturn run (a command), host profile:", &mut cli_lat[1]);
-    line("keyturn exec -- /bin/true (agent runs it):", &mut cli_lat[2]);
+    line(
+        "keyturn exec -- /bin/true (agent runs it):",
+        &mut cli_lat[2],
+    );
     stop.cancel();
     server.await??;
     Ok(())

@@ -2215,7 +2215,7 @@ mod tests {
             )
         };
         parse_ok(&tool(
-            r#"[{ name = "kube", file = "/run/kube/config", path_env = "KUBECONFIG" }]"#,
+            r#"[{ name = "kube", file = "/tmp/kube/config", path_env = "KUBECONFIG" }]"#,
             r#"["kubectl", "get", "pods"]"#,
         ));
         let e = err(&tool(

@@ -498,7 +498,7 @@ fn has_content(db: &std::path::Path) -> bool {
 /// back to running such a tool unsandboxed (`serve` and `check-config`).
 pub fn check_run(cfg: &Config) -> anyhow::Result<()> {
     if cfg.uses_bwrap() {
-        crate::sandbox::executor::Sandbox::probe(&cfg.run).map_err(|e| {
+        crate::sandbox::executor::probe(&cfg.run).map_err(|e| {
             anyhow::anyhow!(
                 "a tool runs in the bubblewrap sandbox ([tools.run] profile \"bwrap\"), but {e}; \
                  Keyturn never runs it unsandboxed instead"

@@ -437,13 +437,13 @@ fn sigkill_of_keyturn_leaves_no_process_and_the_run_is_interrupted() {
         return;
     }
     let (mut s, _) = start(|b| sleeper(b).replace("{timeout}", "5m"));
-    let marker = "4171"; // an unusual number of seconds, to find the process
+    let marker = "587"; // an unusual number of seconds, to find the process
     let sock = s.socket().to_path_buf();
     let _t = std::thread::spawn(move || {
         harness::rpc::call(
             &sock,
             "run",
-            json!({"agent": "bot", "tool": "sleep", "args": {"secs": 4171}}),
+            json!({"agent": "bot", "tool": "sleep", "args": {"secs": 587}}),
         )
     });
     wait_runs(
@@ -507,14 +507,14 @@ name = "with_cred"
 risk = "low"
 [tools.run]
 argv = ["/usr/bin/env"]
-credentials = [{{ name = "api", env = "API_TOKEN" }}, {{ name = "kube", file = "/run/kubeconfig", path_env = "KUBECONFIG" }}]
+credentials = [{{ name = "api", env = "API_TOKEN" }}, {{ name = "kube", file = "/tmp/kubeconfig", path_env = "KUBECONFIG" }}]
 
 [[tools]]
 name = "cat_cred"
 risk = "low"
 [tools.run]
-argv = ["/bin/cat", "/run/kubeconfig"]
-credentials = [{{ name = "kube", file = "/run/kubeconfig" }}]
+argv = ["/bin/cat", "/tmp/kubeconfig"]
+credentials = [{{ name = "kube", file = "/tmp/kubeconfig" }}]
 
 [[tools]]
 name = "without"
@@ -536,7 +536,7 @@ argv = ["/usr/bin/env"]
     assert!(!text.contains(secret), "secret in the answer: {text}");
     let out = v["run"]["stdout"]["text"].as_str().unwrap();
     assert!(out.contains("API_TOKEN=[credential]"), "{out}");
-    assert!(out.contains("KUBECONFIG=/run/kubeconfig"), "{out}");
+    assert!(out.contains("KUBECONFIG=/tmp/kubeconfig"), "{out}");
     let v = run(&s, "cat_cred", json!({})).expect("run");
     let text = serde_json::to_string(&v).unwrap();
     assert!(!text.contains("kube-secret-55aa77bb99cc"), "{text}");
@@ -570,8 +570,8 @@ fail_exit_codes = [1]
 name = "check_token"
 risk = "low"
 [tools.run]
-argv = ["/bin/grep", "-q", "good", "/run/token"]
-credentials = [{{ name = "token", file = "/run/token" }}]
+argv = ["/bin/grep", "-q", "good", "/tmp/token"]
+credentials = [{{ name = "token", file = "/tmp/token" }}]
 "#,
             a = b.join("token-a").display(),
             b = b.join("token-b").display()

@@ -505,6 +505,11 @@ impl Executor for Sandbox {
         })
     }
 
+    fn process_exists(&self, pid: i64) -> bool {
+        i32::try_from(pid)
+            .is_ok_and(|p| p > 0 && std::path::Path::new(&format!("/proc/{p}")).exists())
+    }
+
     fn kill_leftover(&self, pid: i64, started_ms: i64) {
         let uid = self
             .ids
