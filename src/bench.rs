@@ -32,6 +32,10 @@ pub struct BenchOptions {
     /// agent on one by an approval through another, and the leader's
     /// takeover.
     pub replicas: usize,
+    /// Then time this many runs of an allowed `/bin/true` each way: `run`
+    /// through bubblewrap, `run` with the `host` profile, and `keyturn
+    /// exec` (the agent runs it itself), interleaved.
+    pub runs: usize,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -173,6 +177,98 @@ async fn run_on(o: &BenchOptions, dir: &std::path::Path, store: &str) -> anyhow:
     if o.pending > 0 {
         pending_phase(&text, &sock, &admin_sock, o.pending, o.clients).await?;
     }
+    if o.runs > 0 {
+        runs_phase(dir, store, o.runs).await?;
+    }
+    Ok(())
+}
+
+/// The sandbox's cost: `/bin/true`, allowed by the policy, run `n` times
+/// each way, interleaved so the machine's noise falls on all alike. First
+/// over one socket connection (the gateway's own cost), then as whole
+/// `keyturn run` / `keyturn exec` commands (what an agent sees).
+async fn runs_phase(dir: &std::path::Path, store: &str, n: usize) -> anyhow::Result<()> {
+    let text = format!(
+        "{}\n{}",
+        config_text(dir, store, "runs"),
+        r#"
+[[tools]]
+name = "true_bwrap"
+risk = "low"
+[tools.run]
+argv = ["/bin/true"]
+[[tools]]
+name = "true_host"
+risk = "low"
+[tools.run]
+argv = ["/bin/true"]
+profile = "host"
+[[tools]]
+name = "true_exec"
+risk = "low"
+[[grants]]
+scope = "global"
+tool = "true_*"
+"#
+    );
+    let cfg = Config::parse(&text).map_err(anyhow::Error::msg)?;
+    cfg.validate()?;
+    let sock = cfg.server.socket_path.clone();
+    let (stop, server) = start(&text).await?;
+    println!("== runs of an allowed /bin/true: {n} each way, interleaved");
+    let mut client = Client::connect(&sock).await?;
+    let mut socket_lat: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    let mut cli_lat: [Vec<Duration>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let exe = std::env::current_exe()?;
+    for _ in 0..n {
+        for (i, tool) in ["true_bwrap", "true_host"].into_iter().enumerate() {
+            let t0 = Instant::now();
+            let v = client
+                .call("run", json!({"agent": "bench", "tool": tool, "args": {}}))
+                .await?;
+            socket_lat[i].push(t0.elapsed());
+            anyhow::ensure!(v["run"]["exit_code"] == 0, "{tool} did not run: {}", v);
+        }
+        for (i, args) in [
+            vec!["run", "--tool", "true_bwrap"],
+            vec!["run", "--tool", "true_host"],
+            vec!["exec", "--tool", "true_exec", "--", "/bin/true"],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let t0 = Instant::now();
+            let st = tokio::process::Command::new(&exe)
+                .args(&args)
+                .arg("--socket")
+                .arg(&sock)
+                .args(["--agent", "bench"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .status()
+                .await?;
+            cli_lat[i].push(t0.elapsed());
+            anyhow::ensure!(st.success(), "keyturn {} failed: {st}", args.join(" "));
+        }
+    }
+    let line = |what: &str, v: &mut Vec<Duration>| {
+        v.sort();
+        println!(
+            "{what:<44} median {}  p99 {}",
+            ms(percentile(v, 0.5)),
+            ms(percentile(v, 0.99))
+        );
+    };
+    line("run over the socket, bubblewrap:", &mut socket_lat[0]);
+    line("run over the socket, host profile:", &mut socket_lat[1]);
+    line("keyturn run (a command), bubblewrap:", &mut cli_lat[0]);
+    line("keyturn run (a command), host profile:", &mut cli_lat[1]);
+    line(
+        "keyturn exec -- /bin/true (agent runs it):",
+        &mut cli_lat[2],
+    );
+    stop.cancel();
+    server.await??;
     Ok(())
 }
 

@@ -134,6 +134,51 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Have Keyturn run a tool it runs itself (a tool with a `run` section):
+    /// submit, wait for the decision, then Keyturn runs exactly the approved
+    /// argv in its sandbox. Prints the run's stdout and stderr; exits with
+    /// its exit code (1 denied, 2 error, 124 timed out, 137 killed, 126 not
+    /// started).
+    Run {
+        #[command(flatten)]
+        call: CallArgs,
+        /// Retrying with the same key returns the same request (which runs once).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Ask for another deadline than the risk level's (`90s`, `5m`).
+        #[arg(long, value_parser = crate::config::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The process registry: runs going now, and recent ones (admin).
+    Ps {
+        /// Also list runs that ended.
+        #[arg(long, short)]
+        all: bool,
+        /// Most runs to list.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Kill a run: SIGTERM to its whole process group, then SIGKILL (admin).
+    Kill {
+        /// Run id (from `keyturn ps`).
+        id: String,
+        /// Your name, for the audit log. Default: $USER.
+        #[arg(long = "as")]
+        operator: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Brokered credentials: which auth profile is active (names only) (admin).
+    Credentials {
+        #[command(subcommand)]
+        cmd: CredentialsCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// What the policy would do with a call, without queueing it.
     Check {
         #[command(flatten)]
@@ -289,6 +334,10 @@ enum Command {
         /// approval through another replica, and the leader's takeover.
         #[arg(long, default_value_t = 1)]
         replicas: usize,
+        /// Then time this many runs of `/bin/true` each way: `run` in
+        /// bubblewrap, `run` with the host profile, and `keyturn exec`.
+        #[arg(long, default_value_t = 0)]
+        runs: usize,
     },
     /// Check that arguments are exactly those a request was approved with
     /// (exit 0 when they match and it is approved, 1 otherwise).
@@ -409,6 +458,20 @@ enum PairingCmd {
     Revoke {
         /// User id to unpair.
         user: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CredentialsCmd {
+    /// Each credential, its active profile and the failures counted.
+    Status,
+    /// Put a credential's set-aside profiles back in use.
+    Reset {
+        /// The credential (`[credentials.NAME]`).
+        name: String,
+        /// Your name, for the audit log. Default: $USER.
+        #[arg(long = "as")]
+        operator: Option<String>,
     },
 }
 
@@ -855,6 +918,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             cfg.check_uids(nix::unistd::getuid().as_raw())?;
             // The TCP listener's certificate and key, read as `serve` will.
             crate::serve::check_tcp(&cfg)?;
+            // A tool that runs in bubblewrap needs a working bubblewrap.
+            crate::serve::check_run(&cfg)?;
             if let Some(w) = cfg.check_file_permissions(&config)? {
                 crate::errln!("keyturn: WARNING: {w}");
             }
@@ -1044,6 +1109,117 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Pairing { cmd, conn } => pairing_cmd(&conn, cmd).await,
         Command::Audit { cmd, conn } => audit_cmd(&conn, cmd).await,
         Command::Token { cmd, conn } => token_cmd(&conn, cmd).await,
+        Command::Run {
+            call,
+            idempotency_key,
+            timeout,
+            conn,
+        } => run_cmd(call, idempotency_key, timeout, conn).await,
+        Command::Ps { all, limit, conn } => {
+            let v = conn
+                .admin_client()
+                .await?
+                .call("runs.list", json!({"running": !all, "limit": limit}))
+                .await?;
+            let runs: Vec<RunRow> = read(&v)?;
+            show(conn.json, &v, &runs, |runs| {
+                if runs.is_empty() {
+                    return if all {
+                        "no runs".into()
+                    } else {
+                        "no runs going".into()
+                    };
+                }
+                runs.iter()
+                    .map(|r| {
+                        format!(
+                            "{}  {}  {}  agent {}  tool {}  pid {}  started {}  approved by {}\n    {}",
+                            r.id,
+                            r.state,
+                            r.exit_code.map(|c| format!("exit {c}")).or(r.signal.map(|s| format!("signal {s}"))).unwrap_or_default(),
+                            printable(&r.agent),
+                            printable(&r.tool),
+                            r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                            when(Some(r.started_ms)),
+                            printable(&r.approved_by),
+                            printable(&serde_json::to_string(&r.argv).unwrap_or_default()),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+            Ok(0)
+        }
+        Command::Kill {
+            id,
+            operator: op,
+            conn,
+        } => {
+            let v = conn
+                .admin_client()
+                .await?
+                .call("runs.kill", json!({"id": id, "operator": operator(op)}))
+                .await?;
+            let r: RunRow = read(&v)?;
+            show(conn.json, &v, &r, |r| {
+                format!(
+                    "run {}: kill sent (SIGTERM, then SIGKILL to its process group)",
+                    r.id
+                )
+            });
+            Ok(0)
+        }
+        Command::Credentials { cmd, conn } => {
+            let mut c = conn.admin_client().await?;
+            match cmd {
+                CredentialsCmd::Status => {
+                    let v = c.call("credentials.status", json!({})).await?;
+                    let list: Vec<crate::app::ports::CredentialStatus> = read_status(&v)?;
+                    show(conn.json, &v, &list, |list| {
+                        if list.is_empty() {
+                            return "no credentials configured".into();
+                        }
+                        list.iter()
+                            .map(|c| {
+                                let profiles: Vec<String> = c
+                                    .profiles
+                                    .iter()
+                                    .map(|p| {
+                                        let mut s = format!("{} ({} failures", p.name, p.failures);
+                                        if p.set_aside {
+                                            s.push_str(", set aside");
+                                        }
+                                        if p.unreadable {
+                                            s.push_str(", unreadable");
+                                        }
+                                        s + ")"
+                                    })
+                                    .collect();
+                                format!(
+                                    "{}: active {}; profiles: {}",
+                                    c.name,
+                                    c.active,
+                                    profiles.join(", ")
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                }
+                CredentialsCmd::Reset { name, operator: op } => {
+                    let v = c
+                        .call(
+                            "credentials.reset",
+                            json!({"name": name, "operator": operator(op)}),
+                        )
+                        .await?;
+                    show(conn.json, &v, &name, |n| {
+                        format!("{n}: every profile back in use")
+                    });
+                }
+            }
+            Ok(0)
+        }
         Command::Bench {
             store,
             clients,
@@ -1051,6 +1227,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             wakeups,
             pending,
             replicas,
+            runs,
         } => {
             crate::bench::run(crate::bench::BenchOptions {
                 store,
@@ -1059,6 +1236,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 wakeups,
                 pending,
                 replicas,
+                runs,
             })
             .await?;
             Ok(0)
@@ -1238,6 +1416,132 @@ fn when(ms: Option<i64>) -> String {
     ms.and_then(chrono::DateTime::from_timestamp_millis)
         .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
         .unwrap_or_else(|| "never".into())
+}
+
+/// A run as `runs.list` and `runs.kill` answer it.
+#[derive(Debug, serde::Deserialize)]
+struct RunRow {
+    id: String,
+    agent: String,
+    tool: String,
+    argv: Vec<String>,
+    pid: Option<i64>,
+    approved_by: String,
+    started_ms: i64,
+    state: String,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+}
+
+fn read_status(v: &Value) -> anyhow::Result<Vec<crate::app::ports::CredentialStatus>> {
+    #[derive(serde::Deserialize)]
+    struct P {
+        name: String,
+        failures: u32,
+        set_aside: bool,
+        unreadable: bool,
+    }
+    #[derive(serde::Deserialize)]
+    struct C {
+        name: String,
+        active: String,
+        profiles: Vec<P>,
+    }
+    let list: Vec<C> = read(v)?;
+    Ok(list
+        .into_iter()
+        .map(|c| crate::app::ports::CredentialStatus {
+            name: c.name,
+            active: c.active,
+            profiles: c
+                .profiles
+                .into_iter()
+                .map(|p| crate::app::ports::ProfileStatus {
+                    name: p.name,
+                    failures: p.failures,
+                    set_aside: p.set_aside,
+                    unreadable: p.unreadable,
+                })
+                .collect(),
+        })
+        .collect())
+}
+
+/// `keyturn run`: the decision, then the run's output on this process's
+/// stdout and stderr, and its exit code as ours.
+async fn run_cmd(
+    call: CallArgs,
+    idempotency_key: Option<String>,
+    timeout: Option<std::time::Duration>,
+    conn: Conn,
+) -> anyhow::Result<u8> {
+    let mut p = call_params(&call)?;
+    let asked_tool = call.tool.clone();
+    let asked_hash = crate::domain::canonical::args_hash(&p["args"]);
+    p["idempotency_key"] =
+        json!(idempotency_key.unwrap_or_else(|| format!("keyturn-cli:{}", uuid::Uuid::new_v4())));
+    if let Some(t) = timeout {
+        p["timeout_secs"] = json!(t.as_secs() + u64::from(t.subsec_nanos() > 0));
+    }
+    let mut client = conn.client().await?;
+    let _notice = crate::integrations::PendingNotice::start(
+        conn.endpoint()
+            .unwrap_or_else(|_| crate::integrations::Endpoint::Socket(PathBuf::new())),
+        p.clone(),
+        crate::integrations::NOTICE_AFTER,
+    );
+    let v = client.call("run", p).await?;
+    let d: DecisionView = read(&v["decision"])?;
+    if let Some(why) = d.mismatch(&asked_tool, &asked_hash) {
+        anyhow::bail!("Keyturn's answer is about a different call ({why}); not run");
+    }
+    if conn.json {
+        crate::outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    if !d.approved || v["run"].is_null() {
+        if !conn.json {
+            crate::errln!("keyturn: not run: {}", decision_text(&d));
+        }
+        return Ok(EXIT_DENIED);
+    }
+    let run = &v["run"];
+    let text = |k: &str| run[k]["text"].as_str().unwrap_or_default().to_string();
+    if !conn.json {
+        use std::io::Write;
+        let _ = std::io::stdout().write_all(text("stdout").as_bytes());
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().write_all(text("stderr").as_bytes());
+        for f in run["flags"].as_array().into_iter().flatten() {
+            crate::errln!(
+                "keyturn: flagged in the output: {} {}",
+                printable(f["kind"].as_str().unwrap_or("?")),
+                printable(f["detail"].as_str().unwrap_or_default())
+            );
+        }
+    }
+    let state = run["state"].as_str().unwrap_or_default();
+    let code = match state {
+        "exited" => match (run["exit_code"].as_i64(), run["signal"].as_i64()) {
+            (Some(c), _) => u8::try_from(c).unwrap_or(1),
+            (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(1),
+            _ => 1,
+        },
+        "timed_out" => 124,
+        "killed" => 137,
+        _ => 126,
+    };
+    if !conn.json && state != "exited" {
+        crate::errln!(
+            "keyturn: run {} {}{}",
+            printable(run["run_id"].as_str().unwrap_or_default()),
+            state.replace('_', " "),
+            run["error"]
+                .as_str()
+                .map(|e| format!(": {}", printable(e)))
+                .unwrap_or_default()
+        );
+    }
+    Ok(code)
 }
 
 async fn token_cmd(conn: &Conn, cmd: TokenCmd) -> anyhow::Result<u8> {

@@ -136,6 +136,9 @@ pub struct Config {
     /// environment): such a file must not be readable by others.
     #[serde(skip)]
     pub secrets_in_file: Vec<String>,
+    /// The file this config was loaded from (hidden inside every sandbox).
+    #[serde(skip)]
+    pub loaded_from: Option<PathBuf>,
 }
 
 /// `[log]`: what `serve` logs to stderr, and how.
@@ -249,14 +252,45 @@ pub struct CredentialConfig {
     #[serde(default)]
     pub fail_pattern: Option<String>,
     /// A set-aside profile is tried again after this long (default: only
-    /// after `keyturn credentials reset`, a reload, or when every profile
-    /// is set aside).
+    /// after `keyturn credentials reset`, when a re-read finds its value
+    /// changed, or when every profile is set aside: then the one set aside
+    /// longest ago is tried).
     #[serde(default)]
     pub retry_after: Option<Dur>,
 }
 
 fn default_fail_after() -> u32 {
     3
+}
+
+impl CredentialConfig {
+    /// Whether a source is written inline (`env`, `file`, `command` or
+    /// `name` beside the credential's other keys).
+    fn has_inline(&self) -> bool {
+        let s = &self.source;
+        s.name.is_some() || s.env.is_some() || s.file.is_some() || s.command.is_some()
+    }
+
+    /// The profiles in order of preference with their names: the inline
+    /// source (named `default` unless it says), or `profiles` (named
+    /// `profile1`, `profile2`… unless they say).
+    pub fn sources(&self) -> Vec<(String, CredentialSource)> {
+        if self.profiles.is_empty() {
+            let name = self.source.name.clone().unwrap_or_else(|| "default".into());
+            return vec![(name, self.source.clone())];
+        }
+        self.profiles
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let name = p
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("profile{}", i + 1));
+                (name, p.clone())
+            })
+            .collect()
+    }
 }
 
 /// The optional HTTP listener for `/healthz` and `/metrics` (Prometheus).
@@ -887,6 +921,46 @@ fn parse_mode(key: &str, m: &str) -> Result<u32, ConfigError> {
 
 /// Path length, and a mode that gives nobody but the owner (and the named
 /// group) access.
+/// One credential source: exactly one of `env`, `file`, `command`, each
+/// usable (a variable name, an absolute path, a non-empty argv).
+fn validate_credential_source(key: &str, s: &CredentialSource) -> Result<(), ConfigError> {
+    let set = [s.env.is_some(), s.file.is_some(), s.command.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if set != 1 {
+        return Err(invalid(
+            key,
+            format!("set exactly one of `env`, `file`, `command` (found {set})"),
+        ));
+    }
+    if let Some(e) = &s.env {
+        if e.is_empty() || e.contains('=') || e.contains('\0') {
+            return Err(invalid(
+                format!("{key}.env"),
+                "must be an environment variable name",
+            ));
+        }
+    }
+    if let Some(f) = &s.file {
+        if !f.starts_with('/') {
+            return Err(invalid(
+                format!("{key}.file"),
+                format!("`{f}` must be an absolute path"),
+            ));
+        }
+    }
+    if let Some(argv) = &s.command {
+        if argv.first().is_none_or(|p| p.is_empty()) {
+            return Err(invalid(
+                format!("{key}.command"),
+                "must name a program: [\"program\", \"arg\", …] (no shell)",
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate_socket(
     section: &str,
     path: &Path,
@@ -957,6 +1031,7 @@ impl Config {
         cfg.resolve_paths(base);
         cfg.validate()?;
         cfg.check_socket_paths(path)?;
+        cfg.loaded_from = Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
         Ok(cfg)
     }
 
@@ -1093,6 +1168,38 @@ impl Config {
                 self.store.url = format!("sqlite://{}", base.join(p).display());
             }
         }
+    }
+
+    /// Paths no run may see: Keyturn's database (and its WAL, its
+    /// directory's marker), its config file, its sockets and its TLS key.
+    pub fn paths_hidden_from_runs(&self) -> Vec<String> {
+        let mut out: Vec<PathBuf> = vec![
+            self.server.socket_path.clone(),
+            self.admin.socket_path.clone(),
+        ];
+        out.extend(self.loaded_from.clone());
+        out.extend(self.tcp.tls_key.clone());
+        if let Some(rest) = self.store.url.strip_prefix("sqlite://") {
+            let db = PathBuf::from(rest.split('?').next().unwrap_or(rest));
+            if db.is_absolute() {
+                for suffix in ["", "-wal", "-shm", "-journal"] {
+                    out.push(PathBuf::from(format!("{}{suffix}", db.display())));
+                }
+            }
+        }
+        out.into_iter()
+            .filter(|p| p.is_absolute())
+            .map(|p| p.display().to_string())
+            .collect()
+    }
+
+    /// Whether any tool is run by Keyturn in the bubblewrap sandbox.
+    pub fn uses_bwrap(&self) -> bool {
+        self.tools.iter().any(|t| {
+            t.run
+                .as_ref()
+                .is_some_and(|r| r.profile == crate::domain::run::Profile::Bwrap)
+        })
     }
 
     /// Rejects bad values and impossible combinations, naming the key.
@@ -1272,7 +1379,106 @@ impl Config {
             Scope::new("channel", ch)
                 .map_err(|m| invalid(format!("policy.channel_autonomy.{ch}"), m))?;
         }
+        self.validate_credentials()?;
         self.validate_discord()
+    }
+
+    /// `[credentials.NAME]` entries, and the tools' `run` sections (their
+    /// spec, and that every credential they use is defined).
+    fn validate_credentials(&self) -> Result<(), ConfigError> {
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 64
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        };
+        for (name, c) in &self.credentials {
+            let key = format!("credentials.{name}");
+            if !name_ok(name) {
+                return Err(invalid(
+                    key,
+                    "the name must be 1-64 characters of letters, digits, `_-.`",
+                ));
+            }
+            match (c.has_inline(), c.profiles.is_empty()) {
+                (true, false) => {
+                    return Err(invalid(
+                        key,
+                        "has both an inline source and `profiles`: use one",
+                    ))
+                }
+                (false, true) => {
+                    return Err(invalid(
+                        key,
+                        "has no source: set one of `env`, `file`, `command`, or `profiles`",
+                    ))
+                }
+                _ => {}
+            }
+            let keyed: Vec<(String, &CredentialSource)> = if c.profiles.is_empty() {
+                vec![(key.clone(), &c.source)]
+            } else {
+                c.profiles
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (format!("{key}.profiles[{i}]"), p))
+                    .collect()
+            };
+            for (k, src) in &keyed {
+                validate_credential_source(k, src)?;
+            }
+            let mut seen = std::collections::HashSet::new();
+            for ((k, _), (profile, _)) in keyed.iter().zip(c.sources()) {
+                if !name_ok(&profile) {
+                    return Err(invalid(
+                        format!("{k}.name"),
+                        "must be 1-64 characters of letters, digits, `_-.`",
+                    ));
+                }
+                if !seen.insert(profile.clone()) {
+                    return Err(invalid(
+                        format!("{k}.name"),
+                        format!("profile `{profile}` is listed twice"),
+                    ));
+                }
+            }
+            if c.fail_after < 1 {
+                return Err(invalid(format!("{key}.fail_after"), "must be at least 1"));
+            }
+            if let Some(pattern) = &c.fail_pattern {
+                let re = regex::bytes::Regex::new(pattern)
+                    .map_err(|e| invalid(format!("{key}.fail_pattern"), e.to_string()))?;
+                if re.is_match(b"") {
+                    return Err(invalid(
+                        format!("{key}.fail_pattern"),
+                        "matches the empty string, so every run would count as a failure",
+                    ));
+                }
+            }
+            if c.retry_after.as_ref().is_some_and(|d| d.0.is_zero()) {
+                return Err(invalid(
+                    format!("{key}.retry_after"),
+                    "must be greater than 0",
+                ));
+            }
+        }
+        for t in &self.tools {
+            let Some(run) = &t.run else { continue };
+            let key = format!("tools.{}.run", t.name);
+            crate::domain::run::check_spec(run).map_err(|m| invalid(key.clone(), m))?;
+            for (i, u) in run.credentials.iter().enumerate() {
+                if !self.credentials.contains_key(&u.name) {
+                    return Err(invalid(
+                        format!("{key}.credentials[{i}].name"),
+                        format!(
+                            "tool `{}` uses credential `{}`, which no [credentials.{}] section defines",
+                            t.name, u.name, u.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The secret masker built from `[content]`; a bad rule names its key.
@@ -1903,5 +2109,127 @@ mod tests {
             PathBuf::from("/etc/keyturn/keyturn-admin.sock")
         );
         assert_eq!(c.server.socket_path, PathBuf::from("/etc/keyturn/k.sock"));
+    }
+
+    #[test]
+    fn the_commented_credentials_example_parses_and_validates() {
+        let text = include_str!("../config.example.toml");
+        let block: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [credentials."))
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+            .collect();
+        let c = parse_ok(&block);
+        assert_eq!(c.credentials.len(), 2, "{block}");
+        assert_eq!(c.credentials["kube"].sources().len(), 2);
+        let run = c.tools[0].run.as_ref().unwrap();
+        assert_eq!(run.credentials[0].name, "kube");
+    }
+
+    #[test]
+    fn credentials_inline_and_profiles_parse_with_their_names() {
+        let c = parse_ok(
+            r#"
+            [credentials.gh]
+            env = "GH_TOKEN"
+
+            [credentials.kube]
+            fail_after = 2
+            fail_exit_codes = [1]
+            fail_pattern = "Unauthorized|401"
+            retry_after = "10m"
+            profiles = [
+              { name = "primary", file = "/etc/keyturn/kube-a" },
+              { command = ["pass", "show", "kube/b"] },
+            ]
+            "#,
+        );
+        let gh = &c.credentials["gh"];
+        assert_eq!(gh.fail_after, 3);
+        assert_eq!(gh.sources()[0].0, "default");
+        let kube = &c.credentials["kube"];
+        let names: Vec<String> = kube.sources().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["primary", "profile2"]);
+        assert_eq!(
+            kube.retry_after.as_ref().map(|d| d.0),
+            Some(Duration::from_secs(600))
+        );
+    }
+
+    #[test]
+    fn credential_sources_name_the_key() {
+        let e = err("[credentials.gh]\nenv = \"A\"\nfile = \"/x\"");
+        assert!(
+            e.contains("`credentials.gh`") && e.contains("exactly one"),
+            "{e}"
+        );
+        let e = err("[credentials.gh]\nfail_after = 2");
+        assert!(
+            e.contains("`credentials.gh`") && e.contains("no source"),
+            "{e}"
+        );
+        let e = err("[credentials.gh]\nenv = \"A\"\nprofiles = [{ env = \"B\" }]");
+        assert!(e.contains("both an inline source"), "{e}");
+        let e = err("[credentials.gh]\nprofiles = [{ env = \"B\" }, { name = \"x\" }]");
+        assert!(e.contains("credentials.gh.profiles[1]"), "{e}");
+        let e = err(
+            "[credentials.gh]\nprofiles = [{ name = \"a\", env = \"A\" }, { name = \"a\", env = \"B\" }]",
+        );
+        assert!(
+            e.contains("credentials.gh.profiles[1].name") && e.contains("twice"),
+            "{e}"
+        );
+        let e = err(
+            "[credentials.gh]\nprofiles = [{ env = \"A\" }, { name = \"profile1\", env = \"B\" }]",
+        );
+        assert!(e.contains("twice"), "{e}");
+        let e = err("[credentials.gh]\nenv = \"A\"\nfail_after = 0");
+        assert!(e.contains("credentials.gh.fail_after"), "{e}");
+        let e = err("[credentials.gh]\nenv = \"A\"\nfail_pattern = \"(\"");
+        assert!(e.contains("credentials.gh.fail_pattern"), "{e}");
+        let e = err("[credentials.gh]\nenv = \"A\"\nfail_pattern = \"x*\"");
+        assert!(e.contains("empty string"), "{e}");
+        let e = err("[credentials.gh]\ncommand = []");
+        assert!(e.contains("credentials.gh.command"), "{e}");
+        let e = err("[credentials.gh]\ncommand = [\"\"]");
+        assert!(e.contains("credentials.gh.command"), "{e}");
+        let e = err("[credentials.gh]\nfile = \"relative/token\"");
+        assert!(
+            e.contains("credentials.gh.file") && e.contains("absolute"),
+            "{e}"
+        );
+        let e = err("[credentials.gh]\nenv = \"A\"\nretry_after = \"0s\"");
+        assert!(e.contains("credentials.gh.retry_after"), "{e}");
+        let e = err("[credentials.\"a b\"]\nenv = \"A\"");
+        assert!(e.contains("credentials.a b"), "{e}");
+        let e = err("[credentials.gh]\nenv = \"A\"\ncolour = 1");
+        assert!(e.contains("unknown field") || e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn tools_must_name_defined_credentials_and_valid_run_specs() {
+        let tool = |creds: &str, argv: &str| {
+            format!(
+                "[credentials.kube]\nfile = \"/etc/kube\"\n\n[[tools]]\nname = \"kubectl_get\"\nrisk = \"low\"\n[tools.run]\nargv = {argv}\ncredentials = {creds}\n"
+            )
+        };
+        parse_ok(&tool(
+            r#"[{ name = "kube", file = "/tmp/kube/config", path_env = "KUBECONFIG" }]"#,
+            r#"["kubectl", "get", "pods"]"#,
+        ));
+        let e = err(&tool(
+            r#"[{ name = "gh", env = "GH_TOKEN" }]"#,
+            r#"["gh", "api"]"#,
+        ));
+        assert!(
+            e.contains("tools.kubectl_get.run.credentials[0].name") && e.contains("`gh`"),
+            "{e}"
+        );
+        let e = err(&tool("[]", "[]"));
+        assert!(
+            e.contains("`tools.kubectl_get.run`") && e.contains("argv"),
+            "{e}"
+        );
     }
 }

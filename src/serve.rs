@@ -73,6 +73,7 @@ async fn run_inner(
     let gw = Gateway::new(cfg.clone(), store.clone(), uid)
         .await
         .context("while loading the policy")?;
+    start_runner(&cfg, &gw, &stop).await?;
     // Bound before anything else listens, so a taken port fails the start
     // with nothing left behind.
     let monitor_listener = match cfg.metrics.listen_addr()? {
@@ -492,10 +493,69 @@ fn has_content(db: &std::path::Path) -> bool {
     std::fs::metadata(db).map(|m| m.len() > 0).unwrap_or(false)
 }
 
+/// Fails when a tool runs in the bubblewrap sandbox and bubblewrap is
+/// missing or cannot create the namespaces runs use: Keyturn never falls
+/// back to running such a tool unsandboxed (`serve` and `check-config`).
+pub fn check_run(cfg: &Config) -> anyhow::Result<()> {
+    if cfg.uses_bwrap() {
+        crate::sandbox::executor::probe(&cfg.run).map_err(|e| {
+            anyhow::anyhow!(
+                "a tool runs in the bubblewrap sandbox ([tools.run] profile \"bwrap\"), but {e}; \
+                 Keyturn never runs it unsandboxed instead"
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Gives the gateway what runs tools: the sandbox (probed first, see
+/// [`check_run`]) and the credential broker (which follows its files), then
+/// records runs a Keyturn process on this host left behind (a crash, a
+/// SIGKILL) as interrupted, killing what is left of them.
+async fn start_runner(
+    cfg: &Arc<Config>,
+    gw: &Arc<Gateway>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    check_run(cfg)?;
+    let broker = Arc::new(crate::sandbox::credentials::Broker::load(&cfg.credentials));
+    broker.spawn_watch(stop.clone());
+    let hidden = cfg.paths_hidden_from_runs();
+    let exe = std::env::current_exe()
+        .context("while finding the keyturn binary (runs start through it)")?;
+    let sandbox = crate::sandbox::executor::Sandbox::new(&cfg.run, exe, hidden.clone());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    gw.set_runner(crate::app::run::Runner::new(
+        Arc::new(sandbox),
+        broker,
+        hidden,
+        host,
+        i64::from(std::process::id()),
+        cfg.run.max_concurrent,
+    ));
+    match gw.recover_runs().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            runs = n,
+            "runs interrupted by a previous keyturn process were recorded as interrupted"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "could not check for runs a previous keyturn process left")
+        }
+    }
+    Ok(())
+}
+
 /// Applies what SIGHUP may change, once per signal (signals that arrive
 /// during a reload are folded into the next one).
 async fn reload_on_hup(gw: Arc<Gateway>, path: Option<PathBuf>, mut hup: mpsc::Receiver<()>) {
     while hup.recv().await.is_some() {
+        // Credentials are re-read on every SIGHUP (rotation), whatever
+        // becomes of the config file.
+        gw.reload_credentials().await;
+        tracing::info!("SIGHUP: credentials re-read from their sources");
         let Some(path) = &path else {
             tracing::info!("SIGHUP: nothing to reload (no config file); ignored");
             continue;

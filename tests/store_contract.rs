@@ -12,7 +12,7 @@ use harness::fixture;
 use harness::pg;
 use keyturn::app::ports::{
     AgentToken, AuditLog, Cards, Change, Inserted, PairedUser, PairingRefused, PolicyData,
-    Requests, Store, StoreError,
+    Requests, RunRecord, RunRefused, Store, StoreError,
 };
 use keyturn::domain::audit::{events, AuditEvent};
 use keyturn::domain::pairing;
@@ -20,6 +20,7 @@ use keyturn::domain::policy::{Effect, Grant};
 use keyturn::domain::request::{
     ApprovalRequest, DecidedBy, RequestId, State, TransitionError, Vote, VoterRights,
 };
+use keyturn::domain::run::{Network, Profile, RunPlan, RunState};
 use keyturn::domain::trifecta::{Escalation, Guard, ToolTag};
 use keyturn::domain::Risk;
 use keyturn::store::{Options, PgOptions, PgStore, SqliteStore};
@@ -1508,4 +1509,478 @@ async fn postgres_prunes_the_audit_log_with_a_checkpoint() {
         return;
     };
     prunes(pg_store(&schema, None).await).await;
+}
+
+// The process registry (runs of tools Keyturn runs itself), on both
+// backends: the run plan a request carries, one run per request, how a run
+// ended, kills (heard by every process sharing a PostgreSQL schema), the
+// card re-rendered with the run, and the audit chain.
+
+#[tokio::test]
+async fn sqlite_keeps_the_runs_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.db");
+    let url = format!("sqlite://{}", path.display());
+    let options = Options {
+        max_batch: 64,
+        cards: Some(CARDS),
+        ..Options::default()
+    };
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(&url, &options).await.unwrap());
+    let raw = move |sql: &str| {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c.execute_batch(sql).unwrap();
+    };
+    runs_story(store.clone(), None, &raw).await;
+    store.close().await;
+}
+
+#[tokio::test]
+async fn postgres_keeps_the_runs_contract() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let store: Arc<dyn Store> = pg_store(&schema, Some(CARDS)).await;
+    // Another process on the same schema: it hears kills asked for here.
+    let peer: Arc<dyn Store> = pg_store(&schema, Some(CARDS)).await;
+    let raw = |sql: &str| schema.exec(sql);
+    runs_story(store.clone(), Some(peer.clone()), &raw).await;
+    store.close().await;
+    peer.close().await;
+}
+
+fn plan(program: &str) -> RunPlan {
+    RunPlan {
+        argv: vec![program.into(), "--".into(), "/srv/data/x.txt".into()],
+        profile: Profile::Bwrap,
+        network: Network::None,
+        writable: vec!["/srv/out".into()],
+        credentials: vec!["kubeconfig".into()],
+        timeout_ms: 60_000,
+    }
+}
+
+fn run_record(id: &str, r: &ApprovalRequest, started_ms: i64) -> RunRecord {
+    RunRecord {
+        id: id.into(),
+        request_id: r.id,
+        agent: r.agent.clone(),
+        tool: r.tool.clone(),
+        argv: r.run.as_ref().map(|p| p.argv.clone()).unwrap_or_default(),
+        profile: Profile::Bwrap,
+        pid: None,
+        host: "host-1".into(),
+        server_pid: 4_000,
+        approved_by: "uid:1".into(),
+        started_ms,
+        deadline_ms: started_ms + 60_000,
+        state: RunState::Running,
+        ended_ms: None,
+        exit_code: None,
+        signal: None,
+        stdout_sha256: None,
+        stderr_sha256: None,
+        kill_requested_by: None,
+    }
+}
+
+fn run_event(kind: &str, at_ms: i64, run: &RunRecord) -> AuditEvent {
+    AuditEvent {
+        at_ms,
+        kind: kind.into(),
+        actor: "system".into(),
+        request_id: Some(run.request_id.to_string()),
+        detail: json!({ "run_id": run.id }),
+    }
+}
+
+/// The next change that `pred` accepts, within 10 s (others are skipped).
+async fn wait_for(
+    rx: &mut broadcast::Receiver<Change>,
+    what: &str,
+    pred: impl Fn(&Change) -> bool,
+) -> Change {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await {
+                Ok(c) if pred(&c) => return c,
+                Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => panic!("the feed closed"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {what} within 10 s"))
+}
+
+/// The changes published so far (a write publishes before it returns),
+/// without the periodic re-checks.
+fn published(rx: &mut broadcast::Receiver<Change>) -> Vec<Change> {
+    let mut out = Vec::new();
+    loop {
+        match rx.try_recv() {
+            Ok(Change::Resync) | Err(TryRecvError::Lagged(_)) => continue,
+            Ok(c) => out.push(c),
+            Err(_) => return out,
+        }
+    }
+}
+
+async fn want(store: &dyn Store, id: RequestId) -> i64 {
+    store.card(id).await.unwrap().expect("a card row").want
+}
+
+async fn runs_story(store: Arc<dyn Store>, peer: Option<Arc<dyn Store>>, raw: Raw<'_>) {
+    let mut rx = store.subscribe();
+    let mut peer_rx = peer.as_ref().map(|p| p.subscribe());
+
+    // A run plan round-trips, with and without an idempotency key (on
+    // PostgreSQL a request without one is inserted in the batch's rows).
+    let mut keyed = request(70_001, 1, 100_000);
+    keyed.idempotency_key = Some("run-key".into());
+    keyed.run = Some(plan("cat"));
+    let mut plain = request(70_002, 1, 100_000);
+    plain.run = Some(plan("ls"));
+    let other = request(70_003, 1, 100_000);
+    for r in [&keyed, &plain, &other] {
+        let ins = store
+            .insert_guarded(r.clone(), submitted(r), None, 100)
+            .await
+            .unwrap();
+        assert!(matches!(ins, Inserted::New(_)), "{ins:?}");
+        let stored = store.get_request(r.id).await.unwrap().unwrap();
+        assert_eq!(stored.run, r.run, "request {}", r.id);
+    }
+    let pending = store.pending(100).await.unwrap();
+    let read = |id: RequestId| pending.iter().find(|p| p.id == id).unwrap().run.clone();
+    assert_eq!(read(keyed.id), Some(plan("cat")));
+    assert_eq!(read(plain.id), Some(plan("ls")));
+    assert_eq!(read(other.id), None);
+    // A policy-decided call with a plan (it gets no card row).
+    let mut allowed = request(70_004, 1, 100_000);
+    allowed.state = State::Approved;
+    allowed.decided_by = Some(DecidedBy::Policy);
+    allowed.decided_ms = Some(1_000);
+    allowed.run = Some(plan("echo"));
+    store
+        .insert_guarded(
+            allowed.clone(),
+            vec![events::decided_by_policy(&allowed)],
+            None,
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_request(allowed.id).await.unwrap().unwrap().run,
+        Some(plan("echo"))
+    );
+    for r in [&keyed, &plain] {
+        store
+            .vote(r.id, vote("uid:1", true, 1_500), ADMIN)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    published(&mut rx);
+
+    // Registered: audited, the card marked due and published.
+    let first = run_record("run-1", &keyed, 2_000);
+    let before = want(&*store, keyed.id).await;
+    let head = store.audit_head().await.unwrap();
+    store
+        .run_started(first.clone(), run_event("run_started", 2_000, &first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(last_audit_kind(&*store).await, "run_started");
+    assert_eq!(store.audit_head().await.unwrap().0, head.0 + 1);
+    assert_eq!(want(&*store, keyed.id).await, before + 1, "card bumped");
+    assert!(
+        published(&mut rx)
+            .iter()
+            .any(|c| matches!(c, Change::CardsDue)),
+        "cards due after the commit"
+    );
+    assert_eq!(store.run("run-1").await.unwrap().as_ref(), Some(&first));
+    assert_eq!(
+        store.run_of_request(keyed.id).await.unwrap().as_ref(),
+        Some(&first)
+    );
+
+    // A request runs at most once: refused, nothing written or audited.
+    let head = store.audit_head().await.unwrap();
+    let again = run_record("run-1b", &keyed, 2_100);
+    let refused = store
+        .run_started(again.clone(), run_event("run_started", 2_100, &again))
+        .await
+        .unwrap();
+    assert_eq!(
+        refused,
+        Err(RunRefused::AlreadyRun {
+            request_id: keyed.id.to_string(),
+            run_id: "run-1".into()
+        })
+    );
+    assert_eq!(store.audit_head().await.unwrap(), head, "no audit");
+    assert!(store.run("run-1b").await.unwrap().is_none());
+    assert_eq!(want(&*store, keyed.id).await, before + 1);
+
+    // The pid, once the process started.
+    store.run_pid("run-1", 4242).await.unwrap();
+    assert_eq!(store.run("run-1").await.unwrap().unwrap().pid, Some(4242));
+    assert!(store.run_pid("no-such-run", 1).await.is_err());
+
+    // Two more runs: newest first (by start), running only, limits. A
+    // request without a card row has no card to mark due.
+    let third = run_record("run-3", &allowed, 4_000);
+    store
+        .run_started(third.clone(), run_event("run_started", 4_000, &third))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.card(allowed.id).await.unwrap().is_none());
+    assert!(published(&mut rx).is_empty(), "no card, nothing due");
+    let second = run_record("run-2", &plain, 3_000);
+    store
+        .run_started(second.clone(), run_event("run_started", 3_000, &second))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(published(&mut rx)
+        .iter()
+        .any(|c| matches!(c, Change::CardsDue)));
+    let ids = |list: Vec<RunRecord>| list.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.runs(false, 10).await.unwrap()),
+        ["run-3", "run-2", "run-1"]
+    );
+    assert_eq!(ids(store.runs(false, 1).await.unwrap()), ["run-3"]);
+
+    // Ended: every field round-trips; it no longer counts as running.
+    let mut done = store.run("run-1").await.unwrap().unwrap();
+    done.state = RunState::Exited;
+    done.ended_ms = Some(5_000);
+    done.exit_code = Some(3);
+    done.signal = None;
+    done.stdout_sha256 = Some("a".repeat(64));
+    done.stderr_sha256 = Some("b".repeat(64));
+    let before = want(&*store, keyed.id).await;
+    store
+        .run_ended(done.clone(), run_event("run_exited", 5_000, &done))
+        .await
+        .unwrap();
+    assert_eq!(last_audit_kind(&*store).await, "run_exited");
+    assert_eq!(store.run("run-1").await.unwrap().as_ref(), Some(&done));
+    assert_eq!(want(&*store, keyed.id).await, before + 1, "card bumped");
+    assert!(published(&mut rx)
+        .iter()
+        .any(|c| matches!(c, Change::CardsDue)));
+    assert_eq!(ids(store.runs(true, 10).await.unwrap()), ["run-3", "run-2"]);
+    let mut missing = done.clone();
+    missing.id = "no-such-run".into();
+    assert!(store
+        .run_ended(missing.clone(), run_event("run_exited", 5_000, &missing))
+        .await
+        .is_err());
+
+    // A kill of a running run: recorded, audited, the card due, and heard
+    // here and by every other process on the store.
+    let before = want(&*store, plain.id).await;
+    assert!(store
+        .request_kill(
+            "run-2",
+            "uid:1".into(),
+            run_event("run_kill_requested", 6_000, &second)
+        )
+        .await
+        .unwrap());
+    assert_eq!(last_audit_kind(&*store).await, "run_kill_requested");
+    let changes = published(&mut rx);
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, Change::KillRun { run_id } if run_id == "run-2")),
+        "{changes:?}"
+    );
+    assert!(changes.iter().any(|c| matches!(c, Change::CardsDue)));
+    assert_eq!(want(&*store, plain.id).await, before + 1, "card bumped");
+    assert_eq!(
+        store
+            .run("run-2")
+            .await
+            .unwrap()
+            .unwrap()
+            .kill_requested_by
+            .as_deref(),
+        Some("uid:1")
+    );
+    if let Some(peer_rx) = &mut peer_rx {
+        wait_for(
+            peer_rx,
+            "KillRun on the other store",
+            |c| matches!(c, Change::KillRun { run_id } if run_id == "run-2"),
+        )
+        .await;
+    }
+    let mut killed = store.run("run-2").await.unwrap().unwrap();
+    killed.state = RunState::Killed;
+    killed.ended_ms = Some(6_100);
+    killed.signal = Some(15);
+    store
+        .run_ended(killed.clone(), run_event("run_killed", 6_100, &killed))
+        .await
+        .unwrap();
+    assert_eq!(store.run("run-2").await.unwrap().as_ref(), Some(&killed));
+
+    // Not running (ended, or no such run): false, nothing audited.
+    let head = store.audit_head().await.unwrap();
+    published(&mut rx);
+    for id in ["run-1", "run-2", "no-such-run"] {
+        assert!(!store
+            .request_kill(
+                id,
+                "uid:1".into(),
+                run_event("run_kill_requested", 7_000, &first)
+            )
+            .await
+            .unwrap());
+    }
+    assert_eq!(store.audit_head().await.unwrap(), head);
+    assert!(published(&mut rx).is_empty());
+
+    // The chain verifies with the run entries in it.
+    store
+        .audit_verify()
+        .await
+        .unwrap()
+        .expect("the chain verifies");
+
+    // A stored plan that does not parse is corrupt, never "no plan".
+    raw(&format!(
+        "UPDATE requests SET run_plan = '{{\"argv\": 1}}' WHERE id = '{}'",
+        plain.id
+    ));
+    match store.get_request(plain.id).await {
+        Err(StoreError::Corrupt(why)) => assert!(why.contains("run plan"), "{why}"),
+        other => panic!("a corrupt run plan must not read: {other:?}"),
+    }
+    raw("UPDATE runs SET state = 'finished' WHERE id = 'run-3'");
+    assert!(matches!(
+        store.run("run-3").await,
+        Err(StoreError::Corrupt(_))
+    ));
+}
+
+/// A migrator holding `backend`'s migrations up to `last` (a database as an
+/// older Keyturn left it).
+async fn migrations_up_to(
+    backend: &str,
+    last: i64,
+) -> (tempfile::TempDir, sqlx::migrate::Migrator) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(backend);
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let version: i64 = name.split('_').next().unwrap().parse().unwrap();
+        if version <= last {
+            std::fs::copy(&path, dir.path().join(&name)).unwrap();
+        }
+    }
+    let migrator = sqlx::migrate::Migrator::new(dir.path()).await.unwrap();
+    (dir, migrator)
+}
+
+/// A pending request row as migrations before the runs (SQLite 0009,
+/// PostgreSQL 0002) store it: no `run_plan` column yet.
+const OLD_PENDING_ROW: &str = "INSERT INTO requests (id, agent, tool, args, args_hash, justification, \
+     risk, approvals_required, admin_only, rule, rule_detail, flags, created_ms, deadline_ms, state) \
+     VALUES ('00000000-0000-0000-0000-000000000abc', 'agent-a', 'delete_file', '{}', 'h', 'old', \
+     'high', 1, false, 'r', '', '[]', 1000, 100000, 'pending')";
+
+/// After the upgrade the old row reads without a run plan, and new rows
+/// keep theirs and can run.
+async fn upgraded(store: &dyn Store) {
+    let old: RequestId = "00000000-0000-0000-0000-000000000abc".parse().unwrap();
+    let pending = store.pending(10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!((pending[0].id, pending[0].run.clone()), (old, None));
+    let mut r = request(80_001, 1, 100_000);
+    r.run = Some(plan("cat"));
+    store
+        .insert_request(r.clone(), submitted(&r))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_request(r.id).await.unwrap().unwrap().run,
+        Some(plan("cat"))
+    );
+    let run = run_record("run-upgraded", &r, 2_000);
+    store
+        .run_started(run.clone(), run_event("run_started", 2_000, &run))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.run_of_request(r.id).await.unwrap(), Some(run));
+}
+
+/// A database made by 0001..0009 migrates to 0010 when the store opens,
+/// and `db check` (the full integrity check) passes on it before and after.
+#[tokio::test]
+async fn sqlite_database_from_before_runs_migrates_and_checks() {
+    use keyturn::store::check::{check, Depth};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.db");
+    let url = format!("sqlite://{}", path.display());
+    {
+        let (_held, old) = migrations_up_to("sqlite", 9).await;
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        old.run(&pool).await.unwrap();
+        sqlx::query(OLD_PENDING_ROW).execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+    let before = check(&url, Depth::Full, Duration::from_secs(60)).await;
+    assert!(before.ok(), "{:?}", before.problems);
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&url, "normal", 64).await.unwrap());
+    upgraded(&*store).await;
+    store.close().await;
+    let after = check(&url, Depth::Full, Duration::from_secs(60)).await;
+    assert!(after.ok(), "{:?}", after.problems);
+    assert_eq!(after.pending, Some(2));
+}
+
+/// The same on PostgreSQL: a schema made by 0001..0002 fails `db check`
+/// (a migration is missing) until the store opens and applies 0003.
+#[tokio::test]
+async fn postgres_schema_from_before_runs_migrates_and_checks() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    {
+        let (_held, old) = migrations_up_to("postgres", 2).await;
+        let pool = sqlx::PgPool::connect(&schema.url()).await.unwrap();
+        old.run(&pool).await.unwrap();
+        sqlx::query(OLD_PENDING_ROW).execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+    let before = keyturn::store::postgres::check(&schema.url()).await;
+    assert!(
+        before.problems.iter().any(|p| p.contains("not applied")),
+        "{:?}",
+        before.problems
+    );
+    let store: Arc<dyn Store> = pg_store(&schema, None).await;
+    upgraded(&*store).await;
+    store.close().await;
+    let after = keyturn::store::postgres::check(&schema.url()).await;
+    assert!(after.ok(), "{:?}", after.problems);
+    assert_eq!(after.pending, Some(2));
 }

@@ -612,14 +612,14 @@ pub enum Change {
     PolicyChanged,
     /// Cards were marked due (a request changed, or a retry was brought forward).
     CardsDue,
+    /// A kill of this run was asked for (`Runs::request_kill`), here or by
+    /// another process sharing the store: whichever process runs it kills it.
+    KillRun { run_id: String },
     /// Changes committed by another process may have been missed (the
     /// connection that hears them dropped and came back), or it is time for
     /// the periodic re-check of a shared store: every subscriber re-reads
     /// what it follows from the store, as after `Lagged`.
     Resync,
-    /// A kill was asked for this run (see [`Runs::request_kill`]): the
-    /// process running it kills it. Crosses processes.
-    KillRun { run_id: String },
 }
 
 /// How many changes a slow subscriber may fall behind before it is told it

@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod canonical;
+pub mod credentials;
 pub mod decision;
 pub mod flags;
 pub mod pairing;

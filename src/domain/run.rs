@@ -386,9 +386,19 @@ pub fn check_spec(spec: &RunSpec) -> Result<(), String> {
         match (&c.env, &c.file) {
             (Some(e), None) => check_env_name(e)?,
             (None, Some(f)) => {
-                if !f.starts_with('/') {
+                // The sandbox's root is read-only: a file can only be placed
+                // in its private /tmp (a tmpfs), where nothing else lives.
+                if !under(f, "/tmp") || f.trim_end_matches('/') == "/tmp" || f.contains("/..") {
                     return Err(format!(
-                        "credential `{}`: file `{f}` must be absolute",
+                        "credential `{}`: file `{f}` must be a path under /tmp (the sandbox's \
+                         private /tmp; the rest of its root is read-only)",
+                        c.name
+                    ));
+                }
+                if spec.profile == Profile::Host {
+                    return Err(format!(
+                        "credential `{}`: a file credential needs the bwrap profile (the host \
+                         profile has no private /tmp to put it in); use `env`",
                         c.name
                     ));
                 }

@@ -9,7 +9,7 @@
 //! which every call on it acts as, and admin methods are never served there.
 
 use super::protocol::{
-    reply, response, BadMethod, DecisionView, Method, MethodName, RpcError, SubmitParams,
+    reply, response, BadMethod, DecisionView, Method, MethodName, RpcError, RunAnswer, SubmitParams,
 };
 use crate::app::connection::ConnectionStatus;
 use crate::app::health::HealthProbe;
@@ -380,6 +380,52 @@ impl Handler {
                     r
                 };
                 return Ok(Out::Decision(Box::new(DecisionView::from(&r))));
+            }
+            Method::Run(p) => {
+                let (agent, token, flow, mut sub) = split(p);
+                self.authenticate(&peer, &agent, token.as_deref())?;
+                sub.requester_uid = peer.uid();
+                let args = sub.args.clone();
+                let (r, prepared) = gw.submit_run(&agent, sub).await?;
+                let r = if r.state.is_terminal() {
+                    r
+                } else {
+                    tokio::select! {
+                        w = gw.wait(r.id, Some(&agent), None) => w?,
+                        _ = gone.cancelled() => self.client_left(r.id, Some(&agent), flow.detach).await?,
+                    }
+                };
+                let decision = DecisionView::from(&r);
+                if r.state != crate::domain::request::State::Approved {
+                    return Ok(Out::Value(to_value(RunAnswer {
+                        decision,
+                        run: None,
+                    })?));
+                }
+                // The run is its own task: a client that leaves (or a
+                // dropped connection) never leaves it half-recorded; it
+                // ends by itself, by its timeout or by a kill.
+                let gw2 = gw.clone();
+                let ran = tokio::spawn(async move { gw2.execute(&r, prepared, &args).await })
+                    .await
+                    .map_err(|e| RpcError::new("internal", format!("the run failed: {e}")))??;
+                return Ok(Out::Value(to_value(RunAnswer {
+                    decision,
+                    run: Some(to_value(ran)?),
+                })?));
+            }
+            Method::RunsList(q) => to_value(gw.runs(q.running, q.limit.unwrap_or(50)).await?),
+            Method::RunsKill(q) => {
+                let (who, name) = actor(&q.operator)?;
+                let by = name.map(|n| format!("cli:{n}")).unwrap_or(who);
+                to_value(gw.kill_run(&q.id, &by).await?)
+            }
+            Method::CredentialsStatus => to_value(gw.credentials_status()?),
+            Method::CredentialsReset(q) => {
+                let (who, name) = actor(&q.operator)?;
+                let by = name.map(|n| format!("cli:{n}")).unwrap_or(who);
+                gw.credentials_reset(&q.name, &by).await?;
+                Ok(json!({"reset": q.name}))
             }
             Method::Check(p) => {
                 let (agent, token, _, sub) = split(p);

@@ -289,6 +289,11 @@ method_names! {
     TokenRotate => "token.rotate",
     TokenRevoke => "token.revoke",
     TokenList => "token.list",
+    Run => "run",
+    RunsList => "runs.list",
+    RunsKill => "runs.kill",
+    CredentialsStatus => "credentials.status",
+    CredentialsReset => "credentials.reset",
 }
 
 impl MethodName {
@@ -297,11 +302,12 @@ impl MethodName {
     pub const fn requires_admin(self) -> bool {
         use MethodName::*;
         match self {
-            Ping | Health | Submit | Check | Wait | Status | Cancel | Verify => false,
+            Ping | Health | Submit | Check | Wait | Status | Cancel | Verify | Run => false,
             Stats | Pending | Approve | Deny | Grant | Revoke | ToolsList | ToolsEffective
             | ToolsRisk | ToolsRisks | PairingList | PairingRequest | PairingApprove
             | PairingAdd | PairingRevoke | AuditTail | AuditExport | AuditVerify | AuditPrune
-            | TokenIssue | TokenRotate | TokenRevoke | TokenList => true,
+            | TokenIssue | TokenRotate | TokenRevoke | TokenList | RunsList | RunsKill
+            | CredentialsStatus | CredentialsReset => true,
         }
     }
 }
@@ -379,6 +385,13 @@ pub enum Method {
     TokenRevoke(TokenRevokeParams),
     /// Params ignored.
     TokenList,
+    /// Submit a run-tool call, wait for the decision, and (approved) run it.
+    Run(SubmitParams),
+    RunsList(RunsListParams),
+    RunsKill(RunsKillParams),
+    /// Params ignored.
+    CredentialsStatus,
+    CredentialsReset(CredentialsResetParams),
 }
 
 /// Why a call's method or params could not be read.
@@ -448,6 +461,11 @@ impl Method {
             N::TokenRotate => Method::TokenRotate(params(p)?),
             N::TokenRevoke => Method::TokenRevoke(params(p)?),
             N::TokenList => Method::TokenList,
+            N::Run => Method::Run(params(p)?),
+            N::RunsList => Method::RunsList(params(p)?),
+            N::RunsKill => Method::RunsKill(params(p)?),
+            N::CredentialsStatus => Method::CredentialsStatus,
+            N::CredentialsReset => Method::CredentialsReset(params(p)?),
         })
     }
 
@@ -485,6 +503,11 @@ impl Method {
             Method::TokenRotate(_) => N::TokenRotate,
             Method::TokenRevoke(_) => N::TokenRevoke,
             Method::TokenList => N::TokenList,
+            Method::Run(_) => N::Run,
+            Method::RunsList(_) => N::RunsList,
+            Method::RunsKill(_) => N::RunsKill,
+            Method::CredentialsStatus => N::CredentialsStatus,
+            Method::CredentialsReset(_) => N::CredentialsReset,
         }
     }
 
@@ -528,6 +551,41 @@ pub struct SubmitParams {
     /// answer (by default a client that leaves cancels it: `client_gone`).
     #[serde(default)]
     pub detach: bool,
+}
+
+/// `runs.list` (`keyturn ps`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunsListParams {
+    /// Only runs still running.
+    #[serde(default)]
+    pub running: bool,
+    pub limit: Option<u32>,
+}
+
+/// `runs.kill` (`keyturn kill`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunsKillParams {
+    pub id: String,
+    /// Who asks, for the audit log (shown as `cli:NAME`).
+    pub operator: Option<String>,
+}
+
+/// `credentials.reset`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsResetParams {
+    pub name: String,
+    pub operator: Option<String>,
+}
+
+/// What `run` answers: the decision, and the run when there was one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunAnswer {
+    pub decision: DecisionView,
+    /// Absent when the call was not approved.
+    pub run: Option<serde_json::Value>,
 }
 
 fn empty_object() -> Value {
@@ -775,7 +833,9 @@ mod tests {
         use MethodName as N;
         let id = "00000000-0000-0000-0000-000000000000";
         match m {
-            N::Submit | N::Check => json!({"agent": "bot", "tool": "t"}),
+            N::Submit | N::Check | N::Run => json!({"agent": "bot", "tool": "t"}),
+            N::RunsKill => json!({"id": "x"}),
+            N::CredentialsReset => json!({"name": "x"}),
             N::Wait | N::Status | N::Cancel | N::Approve | N::Deny => json!({"id": id}),
             N::Verify => json!({"id": id, "args": {}}),
             N::Grant | N::Revoke => json!({"scope": "global", "tool": "t"}),
@@ -798,7 +858,9 @@ mod tests {
             | N::AuditExport
             | N::AuditVerify
             | N::AuditPrune
-            | N::TokenList => Value::Null,
+            | N::TokenList
+            | N::RunsList
+            | N::CredentialsStatus => Value::Null,
         }
     }
 
@@ -813,7 +875,7 @@ mod tests {
             assert_eq!(parsed.name(), m);
             assert_eq!(parsed.requires_admin(), m.requires_admin());
         }
-        assert_eq!(seen.len(), 31);
+        assert_eq!(seen.len(), 36);
     }
 
     #[test]
@@ -840,6 +902,10 @@ mod tests {
             "audit.prune",
             "token.issue",
             "token.rotate",
+            "runs.list",
+            "runs.kill",
+            "credentials.status",
+            "credentials.reset",
             "token.revoke",
             "token.list",
         ];

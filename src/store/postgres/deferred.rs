@@ -67,11 +67,11 @@ impl Deferred {
 const REQUEST_COLUMNS: &str = "id, agent, tool, args, args_hash, user_id, channel_id, \
      justification, task_id, risk, approvals_required, admin_only, rule, rule_detail, flags, \
      created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms, \
-     requester_uid, caps";
-const REQUEST_TYPES: [&str; 24] = [
+     requester_uid, caps, run_plan";
+const REQUEST_TYPES: [&str; 25] = [
     "text", "text", "text", "text", "text", "text", "text", "text", "text", "text", "bigint",
     "boolean", "text", "text", "text", "bigint", "bigint", "text", "text", "text", "text",
-    "bigint", "bigint", "bigint",
+    "bigint", "bigint", "bigint", "text",
 ];
 const AUDIT_COLUMNS: &str = "seq, at_ms, kind, actor, request_id, detail, prev_hash, hash";
 const AUDIT_TYPES: [&str; 8] = [
@@ -230,7 +230,13 @@ pub(super) async fn send(
             .bind(opt(&|r| r.decided_reason.clone()))
             .bind(int(&|(r, _)| r.decided_ms))
             .bind(int(&|(r, _)| r.requester_uid.map(i64::from)))
-            .bind(int(&|(_, caps)| Some(*caps)));
+            .bind(int(&|(_, caps)| Some(*caps)))
+            .bind(
+                requests
+                    .iter()
+                    .map(|(r, _)| crate::store::sqlite::run_plan_json(r))
+                    .collect::<StoreResult<Vec<Option<String>>>>()?,
+            );
     }
     if !audit.is_empty() {
         q = q

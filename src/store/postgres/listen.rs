@@ -1,8 +1,9 @@
 //! Hearing what other processes commit: a task that LISTENs on its
 //! schema's channel ([`notify::channel`]) over a connection of its own and publishes each note
 //! from another store as a [`Change`] on this process's feed, so waiters,
-//! the policy view, the deadline sweep and the card outbox follow writes
-//! made by other replicas as they follow local ones.
+//! the policy view, the deadline sweep, the card outbox and the runs this
+//! process started (a kill asked for elsewhere) follow writes made by
+//! other replicas as they follow local ones.
 //!
 //! Notes from this store's own origin are skipped (their changes were
 //! published locally at commit). A `Resolved` note carries only the id: the
@@ -205,6 +206,7 @@ async fn change_of(note: Note, load: &Load) -> Option<Change> {
         }
         Note::PolicyChanged => Change::PolicyChanged,
         Note::CardsDue => Change::CardsDue,
+        Note::KillRun { run_id } => Change::KillRun { run_id },
     })
 }
 
@@ -323,6 +325,15 @@ mod tests {
         assert!(matches!(next(&mut rx).await, Change::PolicyChanged));
         send(&s, "other", Note::CardsDue).await;
         assert!(matches!(next(&mut rx).await, Change::CardsDue));
+        send(
+            &s,
+            "other",
+            Note::KillRun {
+                run_id: "r1".into(),
+            },
+        )
+        .await;
+        assert!(matches!(next(&mut rx).await, Change::KillRun { run_id } if run_id == "r1"));
 
         stop.cancel();
         tasks.listener.await.unwrap();

@@ -43,6 +43,10 @@ pub enum Note {
     },
     PolicyChanged,
     CardsDue,
+    /// A kill of this run was asked for: the process running it kills it.
+    KillRun {
+        run_id: String,
+    },
 }
 
 /// A note with the origin of the store that sent it (a process ignores its
@@ -96,6 +100,9 @@ mod tests {
             Note::Resolved { id: "y".into() },
             Note::PolicyChanged,
             Note::CardsDue,
+            Note::KillRun {
+                run_id: "0190d5a4-7b3c-7def-8123-456789abcdef".into(),
+            },
         ];
         for note in notes {
             let p = payload("origin-1", note.clone());
@@ -106,6 +113,10 @@ mod tests {
         assert_eq!(
             payload("o", Note::Voted { id: "r".into() }),
             r#"{"origin":"o","k":"voted","id":"r"}"#
+        );
+        assert_eq!(
+            payload("o", Note::KillRun { run_id: "r".into() }),
+            r#"{"origin":"o","k":"kill_run","run_id":"r"}"#
         );
         assert!(parse("not json").is_none());
         assert!(parse(r#"{"origin":"o","k":"unknown"}"#).is_none());

@@ -752,13 +752,14 @@ async fn insert_request(
         return Ok(true);
     }
     let flags = serde_json::Value::Array(r.flags.clone()).to_string();
+    let run_plan = crate::store::sqlite::run_plan_json(r)?;
     let n = sqlx::query(
         "INSERT INTO requests (id, agent, tool, args, args_hash, user_id, channel_id, justification, \
          task_id, idempotency_key, risk, approvals_required, admin_only, rule, rule_detail, flags, \
          created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms, \
-         requester_uid, caps, idempotency_fp) \
+         requester_uid, caps, idempotency_fp, run_plan) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-         $19, $20, $21, $22, $23, $24, $25, $26) \
+         $19, $20, $21, $22, $23, $24, $25, $26, $27) \
          ON CONFLICT (agent, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
     )
     .bind(r.id.to_string())
@@ -787,6 +788,7 @@ async fn insert_request(
     .bind(r.requester_uid.map(i64::from))
     .bind(caps)
     .bind(idempotency_fp)
+    .bind(run_plan)
     .execute(tx.conn().await?)
     .await
     .map_err(db)?

@@ -3,6 +3,7 @@
 
 pub mod check;
 mod runs;
+pub(super) use runs::{argv_json, not_registered, runs_sql, RunRow, RUN_COLUMNS};
 mod tokens;
 mod write;
 mod writer;
@@ -281,6 +282,21 @@ pub(super) struct RequestRow {
     pub(super) decided_reason: Option<String>,
     pub(super) decided_ms: Option<i64>,
     pub(super) requester_uid: Option<i64>,
+    /// The run plan of a run-tool's request, as JSON (migration 0010).
+    pub(super) run_plan: Option<String>,
+}
+
+/// A request's run plan as stored in its `run_plan` column (JSON), `None`
+/// for a request of a tool Keyturn does not run.
+pub(super) fn run_plan_json(r: &ApprovalRequest) -> StoreResult<Option<String>> {
+    r.run
+        .as_ref()
+        .map(|plan| {
+            serde_json::to_string(plan).map_err(|e| {
+                StoreError::Failed(format!("request {}: cannot store its run plan: {e}", r.id))
+            })
+        })
+        .transpose()
 }
 
 fn corrupt(what: String) -> StoreError {
@@ -339,7 +355,14 @@ impl RequestRow {
                         .map_err(|_| corrupt(format!("request {}: bad requester_uid {u}", self.id)))
                 })
                 .transpose()?,
-            run: None,
+            run: self
+                .run_plan
+                .as_deref()
+                .map(|text| {
+                    serde_json::from_str(text)
+                        .map_err(|e| corrupt(format!("request {}: bad run plan: {e}", self.id)))
+                })
+                .transpose()?,
         })
     }
 }
@@ -1017,6 +1040,7 @@ mod tests {
             decided_reason: None,
             decided_ms: None,
             requester_uid: None,
+            run_plan: None,
         }
     }
 
@@ -1036,13 +1060,15 @@ mod tests {
     fn every_enum_column_of_a_request_parses_fail_closed() {
         assert!(row().into_request().is_ok());
         type Spoil = fn(&mut RequestRow);
-        let spoiled: [(&str, Spoil); 6] = [
+        let spoiled: [(&str, Spoil); 8] = [
             ("state", |r| r.state = "approved ".into()),
             ("state", |r| r.state = "allowed".into()),
             ("risk", |r| r.risk = "none".into()),
             ("decided_by", |r| r.decided_by = Some("admin".into())),
             ("flags", |r| r.flags = "{}".into()),
             ("requester_uid", |r| r.requester_uid = Some(-1)),
+            ("run_plan", |r| r.run_plan = Some("{}".into())),
+            ("run_plan", |r| r.run_plan = Some("null".into())),
         ];
         for (what, spoil) in spoiled {
             let mut r = row();

@@ -534,12 +534,13 @@ fn insert_request(
     idempotency_fp: Option<&str>,
 ) -> StoreResult<()> {
     let flags = serde_json::Value::Array(r.flags.clone()).to_string();
+    let run_plan = super::run_plan_json(r)?;
     tx.prepare_cached(
         "INSERT INTO requests (id, agent, tool, args, args_hash, user_id, channel_id, justification, \
          task_id, idempotency_key, risk, approvals_required, admin_only, rule, rule_detail, flags, \
          created_ms, deadline_ms, state, decided_by, decided_who, decided_reason, decided_ms, \
-         requester_uid, caps, idempotency_fp) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
+         requester_uid, caps, idempotency_fp, run_plan) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)",
     )?
     .execute(params![
         r.id.to_string(),
@@ -568,6 +569,7 @@ fn insert_request(
         r.requester_uid,
         caps,
         idempotency_fp,
+        run_plan,
     ])?;
     Ok(())
 }
@@ -652,5 +654,6 @@ fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
         decided_reason: r.get("decided_reason")?,
         decided_ms: r.get("decided_ms")?,
         requester_uid: r.get("requester_uid")?,
+        run_plan: r.get("run_plan")?,
     })
 }
