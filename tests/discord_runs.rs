@@ -18,12 +18,6 @@ const WAIT: Duration = Duration::from_secs(8);
 /// A run id no run has (a well-formed UUID v7).
 const UNKNOWN_RUN: &str = "01937a4e-8c2b-7f3d-9a1e-0123456789ab";
 
-/// What the store says when it does not keep the process registry (a
-/// backend without it): the answers must then still be clear, and the log
-/// must say why. With the registry, the exact answers are checked.
-/// (Once every store keeps runs, that allowance can go.)
-const NO_REGISTRY: &str = "not supported by this store: runs";
-
 async fn setup() -> (FakeDiscord, Server) {
     let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -131,14 +125,7 @@ async fn runs_is_registered_for_approvers_and_answers_them() {
     // An approver and an admin get the list.
     for user in [ALICE, CAROL] {
         let text = command_reply(&fake, &fake.slash_command("runs", json!([]), user).await).await;
-        if text.contains("something went wrong") {
-            // Only for a store without the registry, and the log says so.
-            server
-                .wait_log_text_async(|l| l.contains(NO_REGISTRY), WAIT)
-                .await;
-        } else {
-            assert_eq!(text, "No runs are running.");
-        }
+        assert_eq!(text, "No runs are running.");
     }
     fake.assert_no_violations();
     server.stop_async().await;
@@ -159,18 +146,10 @@ async fn a_kill_click_on_an_unknown_run_gets_a_clear_answer() {
         &click(&fake, &kill, ALICE, &[APPROVER_ROLE_ID]).await,
     )
     .await;
-    if text.contains("was not recorded") {
-        // Only for a store without the registry, and the log says so.
-        assert!(text.contains(UNKNOWN_RUN), "{text}");
-        server
-            .wait_log_text_async(|l| l.contains(NO_REGISTRY), WAIT)
-            .await;
-    } else {
-        assert_eq!(
-            text,
-            format!("Keyturn has no run `{UNKNOWN_RUN}`, so nothing was killed.")
-        );
-    }
+    assert_eq!(
+        text,
+        format!("Keyturn has no run `{UNKNOWN_RUN}`, so nothing was killed.")
+    );
 
     // A forged or mangled kill id is not one Keyturn knows.
     let text = ephemeral_reply(
@@ -191,6 +170,185 @@ async fn a_kill_click_on_an_unknown_run_gets_a_clear_answer() {
         .calls()
         .iter()
         .all(|c| !(c.method == "PATCH" && c.path.contains("/channels/"))));
+    fake.assert_no_violations();
+    server.stop_async().await;
+}
+
+/// The Discord test config with a run-tool `sleep` (high risk: a card)
+/// that sleeps in bubblewrap until killed.
+fn with_sleeper(api_base: &str) -> String {
+    format!(
+        "{}{}",
+        config::discord(api_base),
+        r#"
+[[tools]]
+name = "sleep"
+risk = "high"
+[tools.run]
+argv = ["/bin/sleep", "{secs}"]
+timeout = "300s"
+[tools.run.slots.secs]
+type = "int"
+min = 1
+max = 600
+
+[[grants]]
+scope = "global"
+tool = "sleep"
+"#
+    )
+}
+
+fn field(m: &StoredMessage, name: &str) -> String {
+    m.embeds[0]["fields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|f| f["name"] == name)
+        .and_then(|f| f["value"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_shown_on_its_card_and_killed_from_it() {
+    if !std::path::Path::new("/usr/bin/bwrap").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "bubblewrap is required under CI"
+        );
+        eprintln!("skipped: bwrap is not installed");
+        return;
+    }
+    let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The run uid must be able to enter the server's directory.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let mut server = Launch::new(dir, with_sleeper(&fake.api_base()))
+        .try_start_async()
+        .await
+        .unwrap_or_else(|f| panic!("serve did not start: {:?}\n{}", f.status, f.log));
+    fake.wait_ready(WAIT).await.expect("bot ready");
+
+    let socket = server.socket().to_path_buf();
+    let agent = tokio::spawn(async move {
+        let mut c = keyturn::ipc::client::Client::connect(&socket)
+            .await
+            .expect("connect");
+        c.call(
+            "run",
+            json!({"agent": config::DISCORD_AGENT, "tool": "sleep", "args": {"secs": 300},
+                   "justification": "wait a while"}),
+        )
+        .await
+    });
+
+    // The card shows exactly what will run, and where.
+    let card = fake
+        .wait_for_messages(
+            APPROVALS_CHANNEL_ID,
+            |ms| ms.iter().find(|m| !m.custom_ids().is_empty()).cloned(),
+            WAIT,
+        )
+        .await
+        .expect("card");
+    let argv = field(&card, "Will run");
+    assert_eq!(argv, "```json\n[\n  \"/bin/sleep\",\n  \"300\"\n]\n```");
+    let sandbox = field(&card, "Sandbox");
+    assert!(sandbox.contains("bubblewrap"), "{sandbox}");
+    assert!(!sandbox.contains("NOT SANDBOXED"), "{sandbox}");
+
+    // Approved, it runs: the card says so, with a Kill button. (The pid is
+    // recorded just after the start, which marks the card due, so the card
+    // may show it only on a later edit.)
+    let approve = card.custom_ids()[0].clone();
+    assert!(approve.starts_with("keyturn:v1:approve:"), "{approve}");
+    let h = fake.click_button(card.id, &approve, ALICE).await;
+    fake.wait_interaction_response(&h, WAIT)
+        .await
+        .expect("click answered");
+    let running = fake
+        .wait_for_messages(
+            APPROVALS_CHANNEL_ID,
+            |ms| {
+                ms.iter()
+                    .find(|m| m.id == card.id && field(m, "Run").contains("**running**"))
+                    .cloned()
+            },
+            WAIT,
+        )
+        .await
+        .expect("the card shows the run");
+    let run = field(&running, "Run");
+    assert!(run.contains("**running** since <t:"), "{run}");
+    let kill = running.custom_ids();
+    assert_eq!(kill.len(), 1, "{kill:?}");
+    assert!(kill[0].starts_with("keyturn:v1:kill:"), "{kill:?}");
+    let run_id = kill[0].rsplit(':').next().unwrap_or_default().to_string();
+    assert!(run.contains(&run_id), "{run}");
+
+    // /runs lists it, with its pid.
+    let text = command_reply(&fake, &fake.slash_command("runs", json!([]), DAVE).await).await;
+    assert!(text.starts_with("**Running** (1):"), "{text}");
+    assert!(text.contains(&run_id) && text.contains("`sleep`"), "{text}");
+    assert!(text.contains("pid "), "{text}");
+
+    // A member without the role cannot kill it; an approver can.
+    let h = fake.click_button(running.id, &kill[0], BOB).await;
+    assert_eq!(
+        ephemeral_reply(&fake, &h).await,
+        "You need the approver role to kill Keyturn runs."
+    );
+    let h = fake.click_button(running.id, &kill[0], DAVE).await;
+    let text = ephemeral_reply(&fake, &h).await;
+    // The answer may already see the end (a sleep dies at once).
+    assert!(
+        text.starts_with(&format!("Kill sent to run `{run_id}`"))
+            || text.starts_with(&format!(
+                "Run `{run_id}` (`sleep` from `agent`) has stopped: **killed** by discord:{DAVE}"
+            )),
+        "{text}"
+    );
+
+    // The agent learns it was killed, and the card shows by whom, without a button.
+    let answer = tokio::time::timeout(WAIT, agent)
+        .await
+        .expect("the run ended")
+        .expect("task")
+        .expect("run answered");
+    assert_eq!(answer["run"]["state"], "killed", "{answer:#}");
+    let ended = fake
+        .wait_for_messages(
+            APPROVALS_CHANNEL_ID,
+            |ms| {
+                ms.iter()
+                    .find(|m| m.id == card.id && field(m, "Run").contains("**killed**"))
+                    .cloned()
+            },
+            WAIT,
+        )
+        .await
+        .expect("the card shows the kill");
+    let run = field(&ended, "Run");
+    assert!(
+        run.contains(&format!("**killed** by discord:{DAVE} after ")),
+        "{run}"
+    );
+    assert!(ended.custom_ids().is_empty(), "{:?}", ended.custom_ids());
+
+    // A second click (a stale card) is told the run has ended.
+    let h = click(&fake, &kill[0], DAVE, &[APPROVER_ROLE_ID]).await;
+    let text = ephemeral_reply(&fake, &h).await;
+    assert!(
+        text.starts_with(&format!(
+            "Run `{run_id}` had already ended, so nothing was killed: **killed** by discord:{DAVE}"
+        )),
+        "{text}"
+    );
     fake.assert_no_violations();
     server.stop_async().await;
 }
