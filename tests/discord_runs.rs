@@ -262,9 +262,7 @@ async fn a_run_is_shown_on_its_card_and_killed_from_it() {
     assert!(sandbox.contains("bubblewrap"), "{sandbox}");
     assert!(!sandbox.contains("NOT SANDBOXED"), "{sandbox}");
 
-    // Approved, it runs: the card says so, with a Kill button. (The pid is
-    // recorded just after the start, which marks the card due, so the card
-    // may show it only on a later edit.)
+    // Approved, it runs: the card says since when, its pid, and a Kill button.
     let approve = card.custom_ids()[0].clone();
     assert!(approve.starts_with("keyturn:v1:approve:"), "{approve}");
     let h = fake.click_button(card.id, &approve, ALICE).await;
@@ -276,7 +274,7 @@ async fn a_run_is_shown_on_its_card_and_killed_from_it() {
             APPROVALS_CHANNEL_ID,
             |ms| {
                 ms.iter()
-                    .find(|m| m.id == card.id && field(m, "Run").contains("**running**"))
+                    .find(|m| m.id == card.id && field(m, "Run").contains("pid "))
                     .cloned()
             },
             WAIT,

@@ -1727,9 +1727,13 @@ async fn runs_story(store: Arc<dyn Store>, peer: Option<Arc<dyn Store>>, raw: Ra
     assert!(store.run("run-1b").await.unwrap().is_none());
     assert_eq!(want(&*store, keyed.id).await, before + 1);
 
-    // The pid, once the process started.
+    // The pid, once the process started: the card is due again to show it.
     store.run_pid("run-1", 4242).await.unwrap();
     assert_eq!(store.run("run-1").await.unwrap().unwrap().pid, Some(4242));
+    assert_eq!(want(&*store, keyed.id).await, before + 2, "card bumped");
+    assert!(published(&mut rx)
+        .iter()
+        .any(|c| matches!(c, Change::CardsDue)));
     assert!(store.run_pid("no-such-run", 1).await.is_err());
 
     // Two more runs: newest first (by start), running only, limits. A

@@ -564,7 +564,8 @@ pub trait Runs: Send + Sync + 'static {
         Err(StoreError::Unsupported("runs".into()))
     }
     /// Records the pid once the process started (no audit: `run_started`
-    /// carries it when known).
+    /// carries it when known), and marks the request's card due so it
+    /// shows the pid.
     async fn run_pid(&self, id: &str, pid: i64) -> StoreResult<()> {
         let _ = (id, pid);
         Err(StoreError::Unsupported("runs".into()))

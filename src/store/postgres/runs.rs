@@ -105,18 +105,20 @@ async fn ended(tx: &mut Tx, run: &RunRecord, audit: &SealedEvent) -> StoreResult
     bump_card(tx, &request_id).await
 }
 
-async fn set_pid(tx: &mut Tx, id: &str, pid: i64) -> StoreResult<()> {
-    let n = sqlx::query("UPDATE runs SET pid = $1 WHERE id = $2")
-        .bind(pid)
-        .bind(id)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(db)?
-        .rows_affected();
-    if n == 0 {
+/// Records the pid, and marks the card due so it shows it: `true` if the
+/// request has a card.
+async fn set_pid(tx: &mut Tx, id: &str, pid: i64) -> StoreResult<bool> {
+    let request_id: Option<String> =
+        sqlx::query_scalar("UPDATE runs SET pid = $1 WHERE id = $2 RETURNING request_id")
+            .bind(pid)
+            .bind(id)
+            .fetch_optional(tx.conn().await?)
+            .await
+            .map_err(db)?;
+    let Some(request_id) = request_id else {
         return Err(not_registered(id));
-    }
-    Ok(())
+    };
+    bump_card(tx, &request_id).await
 }
 
 /// Marks a kill of a running run as asked for, and notes it for every
@@ -220,11 +222,14 @@ impl Runs for PgStore {
     }
     async fn run_pid(&self, id: &str, pid: i64) -> StoreResult<()> {
         let id: Arc<str> = id.into();
-        self.write(move |tx| {
-            let id = id.clone();
-            Box::pin(async move { set_pid(tx, &id, pid).await })
-        })
-        .await
+        let bumped = self
+            .write(move |tx| {
+                let id = id.clone();
+                Box::pin(async move { set_pid(tx, &id, pid).await })
+            })
+            .await?;
+        self.cards_due_if(bumped);
+        Ok(())
     }
     async fn request_kill(&self, id: &str, by: String, audit: AuditEvent) -> StoreResult<bool> {
         let audit = Arc::new(audit.seal());

@@ -178,14 +178,17 @@ fn ended(tx: &mut Tx<'_>, run: &RunRecord, audit: &SealedEvent) -> StoreResult<b
     bump_card(tx, &request_id)
 }
 
-fn set_pid(tx: &mut Tx<'_>, id: &str, pid: i64) -> StoreResult<()> {
-    let n = tx
-        .prepare_cached("UPDATE runs SET pid = ?1 WHERE id = ?2")?
-        .execute(params![pid, id])?;
-    if n == 0 {
+/// Records the pid, and marks the card due so it shows it: `true` if the
+/// request has a card.
+fn set_pid(tx: &mut Tx<'_>, id: &str, pid: i64) -> StoreResult<bool> {
+    let request_id: Option<String> = tx
+        .prepare_cached("UPDATE runs SET pid = ?1 WHERE id = ?2 RETURNING request_id")?
+        .query_row(params![pid, id], |r| r.get(0))
+        .optional()?;
+    let Some(request_id) = request_id else {
         return Err(not_registered(id));
-    }
-    Ok(())
+    };
+    bump_card(tx, &request_id)
 }
 
 /// Marks a kill of a running run as asked for. Returns whether it was
@@ -272,7 +275,9 @@ impl Runs for SqliteStore {
     }
     async fn run_pid(&self, id: &str, pid: i64) -> StoreResult<()> {
         let id = id.to_string();
-        self.write(move |tx| set_pid(tx, &id, pid)).await
+        let bumped = self.write(move |tx| set_pid(tx, &id, pid)).await?;
+        self.cards_due_if(bumped);
+        Ok(())
     }
     async fn request_kill(&self, id: &str, by: String, audit: AuditEvent) -> StoreResult<bool> {
         let audit = audit.seal();
