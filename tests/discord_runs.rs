@@ -350,3 +350,112 @@ async fn a_run_is_shown_on_its_card_and_killed_from_it() {
     fake.assert_no_violations();
     server.stop_async().await;
 }
+
+/// A run-tool that prints its credential, approved on Discord: the card,
+/// its edits and every other call the bot made never carry the value, nor
+/// does the agent's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_printed_by_a_run_never_reaches_discord() {
+    if !std::path::Path::new("/usr/bin/bwrap").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "bubblewrap is required under CI"
+        );
+        eprintln!("skipped: bwrap is not installed");
+        return;
+    }
+    const SECRET: &str = "kt-discord-cred-0f9e8d7c6b5a4938";
+    let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let text = format!(
+        "{}{}",
+        config::discord(&fake.api_base()),
+        r#"
+[[tools]]
+name = "print_env"
+risk = "high"
+[tools.run]
+argv = ["/usr/bin/env"]
+credentials = [{ name = "api", env = "API_TOKEN" }]
+
+[[grants]]
+scope = "global"
+tool = "print_env"
+
+[credentials.api]
+env = "KEYTURN_TEST_DISCORD_CRED"
+"#
+    );
+    let server = Launch::new(dir, text)
+        .env("KEYTURN_TEST_DISCORD_CRED", SECRET)
+        .try_start_async()
+        .await
+        .unwrap_or_else(|f| panic!("serve did not start: {:?}\n{}", f.status, f.log));
+    fake.wait_ready(WAIT).await.expect("bot ready");
+    let socket = server.socket().to_path_buf();
+    let agent = tokio::spawn(async move {
+        let mut c = keyturn::ipc::client::Client::connect(&socket)
+            .await
+            .expect("connect");
+        c.call(
+            "run",
+            json!({"agent": config::DISCORD_AGENT, "tool": "print_env", "args": {}}),
+        )
+        .await
+    });
+    let card = fake
+        .wait_for_messages(
+            APPROVALS_CHANNEL_ID,
+            |ms| ms.iter().find(|m| !m.custom_ids().is_empty()).cloned(),
+            WAIT,
+        )
+        .await
+        .expect("card");
+    let approve = card.custom_ids()[0].clone();
+    let h = fake.click_button(card.id, &approve, ALICE).await;
+    fake.wait_interaction_response(&h, WAIT)
+        .await
+        .expect("click answered");
+    let answer = tokio::time::timeout(WAIT, agent)
+        .await
+        .expect("the run ended")
+        .expect("task")
+        .expect("run answered");
+    assert_eq!(answer["run"]["exit_code"], 0, "{answer:#}");
+    let out = answer["run"]["stdout"]["text"].as_str().unwrap_or_default();
+    assert!(out.contains("API_TOKEN=[credential]"), "{out}");
+    assert!(!answer.to_string().contains(SECRET));
+    // The card is edited with the run's end; then nothing the bot sent holds it.
+    fake.wait_for_messages(
+        APPROVALS_CHANNEL_ID,
+        |ms| {
+            ms.iter()
+                .find(|m| m.id == card.id && field(m, "Run").contains("exited"))
+                .cloned()
+        },
+        WAIT,
+    )
+    .await
+    .expect("the card shows the run's end");
+    let calls = fake.calls();
+    assert!(!calls.is_empty());
+    for c in &calls {
+        let files: Vec<String> = c
+            .files
+            .iter()
+            .map(|f| String::from_utf8_lossy(&f.data).into_owned())
+            .collect();
+        assert!(
+            !format!("{} {} {} {}", c.method, c.path, c.body, files.join(" ")).contains(SECRET),
+            "the credential reached Discord: {} {}",
+            c.method,
+            c.path
+        );
+    }
+    assert!(!server.log().contains(SECRET));
+}

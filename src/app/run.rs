@@ -269,9 +269,23 @@ impl Gateway {
         let mut used = Vec::new();
         let mut secrets: Vec<Vec<u8>> = runner.credentials.values();
         for c in &spec.credentials {
-            let fetched = runner.credentials.fetch(&c.name).await.map_err(|e| {
-                run_error("credential_unavailable", format!("{e}: nothing was run"))
-            })?;
+            let fetched = match runner.credentials.fetch(&c.name).await {
+                Ok(f) => f,
+                Err(e) => {
+                    // Approved, but not run: said to the agent and audited.
+                    let why = format!("{e}: nothing was run");
+                    self.store
+                        .append_audit(vec![AuditEvent {
+                            at_ms: now_ms(),
+                            kind: "run_failed".into(),
+                            actor: format!("agent:{}", r.agent),
+                            request_id: Some(r.id.to_string()),
+                            detail: json!({"tool": r.tool, "error": why, "credential": c.name}),
+                        }])
+                        .await?;
+                    return Err(run_error("credential_unavailable", why));
+                }
+            };
             secrets.push(fetched.value.clone());
             if let Some(var) = &c.env {
                 set(

@@ -902,12 +902,12 @@ mod tests {
             "audit.prune",
             "token.issue",
             "token.rotate",
+            "token.revoke",
+            "token.list",
             "runs.list",
             "runs.kill",
             "credentials.status",
             "credentials.reset",
-            "token.revoke",
-            "token.list",
         ];
         for name in admin {
             assert!(is_admin_method(name), "{name}");
