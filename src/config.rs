@@ -190,7 +190,8 @@ pub struct RunConfig {
     pub gid: Option<u32>,
     /// Where credential files are staged (mode 0700, removed after each
     /// run) before they are bound into a sandbox. Default: `/dev/shm`
-    /// when present (memory, never disk), else the database's directory.
+    /// (memory, never disk); without it and without this setting, a tool
+    /// with a file credential is refused at its run.
     pub scratch_dir: Option<String>,
     /// Most runs at once in this process; more are refused (`too_many_runs`).
     pub max_concurrent: usize,
