@@ -890,7 +890,9 @@ mod tests {
             | N::AuditPrune
             | N::TokenList
             | N::RunsList
+            | N::AgentList
             | N::CredentialsStatus => Value::Null,
+            N::AgentPause | N::AgentResume => json!({"name": "bot"}),
         }
     }
 
@@ -905,7 +907,7 @@ mod tests {
             assert_eq!(parsed.name(), m);
             assert_eq!(parsed.requires_admin(), m.requires_admin());
         }
-        assert_eq!(seen.len(), 36);
+        assert_eq!(seen.len(), 39);
     }
 
     #[test]
@@ -932,12 +934,15 @@ mod tests {
             "audit.prune",
             "token.issue",
             "token.rotate",
+            "token.revoke",
+            "token.list",
             "runs.list",
             "runs.kill",
             "credentials.status",
             "credentials.reset",
-            "token.revoke",
-            "token.list",
+            "agent.pause",
+            "agent.resume",
+            "agent.list",
         ];
         for name in admin {
             assert!(is_admin_method(name), "{name}");
