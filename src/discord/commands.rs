@@ -532,20 +532,22 @@ pub async fn run(
                 .as_deref()
                 .map(|r| format!(" Reason: {}", plain(r)))
                 .unwrap_or_default();
-            Ok(reply(super::escape::fit(
-                &format!(
-                    "{who} {} (by {}).{why}\n{} pending request(s) cancelled.",
-                    if a.paused {
-                        "is now paused"
-                    } else {
-                        "was already paused"
-                    },
-                    plain(&a.pause.paused_by),
-                    a.cancelled
-                ),
-                REPLY_BUDGET,
-            )
-            .0))
+            Ok(reply(
+                super::escape::fit(
+                    &format!(
+                        "{who} {} (by {}).{why}\n{} pending request(s) cancelled.",
+                        if a.paused {
+                            "is now paused"
+                        } else {
+                            "was already paused"
+                        },
+                        plain(&a.pause.paused_by),
+                        a.cancelled
+                    ),
+                    REPLY_BUDGET,
+                )
+                .0,
+            ))
         }
         ("agent", Some(sub @ ("resume" | "resume-all"))) => {
             let name = if sub == "resume" {

@@ -459,9 +459,7 @@ pub fn validate_confidence(c: f64) -> Result<(), String> {
 /// nothing about its confidence is not held back by it.
 pub fn low_confidence(confidence: Option<f64>, min: Option<f64>) -> Option<String> {
     match (confidence, min) {
-        (Some(c), Some(m)) if c < m => {
-            Some(format!("the agent's confidence {c} is below {m}"))
-        }
+        (Some(c), Some(m)) if c < m => Some(format!("the agent's confidence {c} is below {m}")),
         _ => None,
     }
 }
@@ -681,10 +679,14 @@ pub fn evaluate(
     };
     // An uncertain agent asks a human even where the policy would allow;
     // a deny or an ask stays as it is.
-    match (&verdict, low_confidence(facts.confidence, facts.min_confidence)) {
-        (Verdict::Allow { detail, .. }, Some(low)) => {
-            ask(LOW_CONFIDENCE, format!("{low}, so a human decides; {detail}"))
-        }
+    match (
+        &verdict,
+        low_confidence(facts.confidence, facts.min_confidence),
+    ) {
+        (Verdict::Allow { detail, .. }, Some(low)) => ask(
+            LOW_CONFIDENCE,
+            format!("{low}, so a human decides; {detail}"),
+        ),
         _ => verdict,
     }
 }
@@ -1139,7 +1141,10 @@ mod tests {
         let pauses = vec![own.clone()];
         assert_eq!(pause_for(&pauses, "bot"), Some(&own));
         assert_eq!(pause_for(&pauses, "other"), None);
-        assert_eq!(all.detail(), "every agent is paused (pause-all) by uid:1000");
+        assert_eq!(
+            all.detail(),
+            "every agent is paused (pause-all) by uid:1000"
+        );
     }
 
     #[test]
@@ -1172,7 +1177,11 @@ mod tests {
         // At or above the threshold, or without a confidence: allowed.
         for c in [Some(0.7), Some(0.9), None] {
             f.confidence = c;
-            assert_eq!(eval(&grants, &call("x", &[]), &f).rule(), "risk_low", "{c:?}");
+            assert_eq!(
+                eval(&grants, &call("x", &[]), &f).rule(),
+                "risk_low",
+                "{c:?}"
+            );
         }
         // No threshold: off.
         f.min_confidence = None;

@@ -438,7 +438,10 @@ impl Handler {
                 if pause {
                     to_value(gw.pause_agent(agent, q.reason, &by).await?)
                 } else if q.reason.is_some() {
-                    Err(RpcError::new("invalid_params", "`reason` is for agent.pause"))
+                    Err(RpcError::new(
+                        "invalid_params",
+                        "`reason` is for agent.pause",
+                    ))
                 } else {
                     to_value(gw.resume_agent(agent, &by).await?)
                 }
