@@ -32,7 +32,7 @@ pub fn numeric_code(name: &str) -> i64 {
         "method_not_found" => codes::METHOD_NOT_FOUND,
         "invalid_params" => codes::INVALID_PARAMS,
         "line_too_long" => codes::LINE_TOO_LONG,
-        "not_found" => codes::NOT_FOUND,
+        "not_found" | "unknown_agent" => codes::NOT_FOUND,
         "already_decided" | "already_voted" | "pairing_refused" | "idempotency_conflict" => {
             codes::CONFLICT
         }
