@@ -267,6 +267,8 @@ impl Gateway {
             tracing::warn!("flagged calls may run without a human: {exemption}");
         }
         gw.refresh_policy().await?;
+        // Pauses in force: nothing of theirs stays pending.
+        gw.sweep_new_pauses(&[]).await;
         Ok(gw)
     }
 

@@ -54,6 +54,30 @@ impl Gateway {
         policy::pause_for(&view.pauses, agent).cloned()
     }
 
+    /// The pauses this process's policy view holds.
+    pub(super) fn pauses_in_view(&self) -> Vec<Pause> {
+        self.view
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .pauses
+            .clone()
+    }
+
+    /// Sweeps the pending requests of every pause in the view that is not
+    /// in `before` (after a refresh, and at start with none before: a pause
+    /// whose sweep was cut short by a crash is finished then). Failures are
+    /// logged: the pause itself already denies every new call.
+    pub(super) async fn sweep_new_pauses(&self, before: &[Pause]) {
+        for p in self.pauses_in_view() {
+            if before.iter().any(|b| b.agent == p.agent) {
+                continue;
+            }
+            if let Err(e) = self.sweep_paused(&p.agent, &p).await {
+                tracing::error!(agent = %p.agent, error = %e, "cannot cancel a paused agent's pending requests (retried at the next policy change)");
+            }
+        }
+    }
+
     /// The agent a pause or resume names: a configured agent, or
     /// [`ALL_AGENTS`] for `None`.
     fn pause_target(&self, agent: Option<&str>) -> Result<String, AppError> {
