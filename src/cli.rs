@@ -1,7 +1,8 @@
 //! The command line: `serve` runs the daemon; every other subcommand is a
 //! client of one of its sockets: agent subcommands (request, check, exec,
 //! hook, mcp-proxy, verify, health) use the agent socket, admin subcommands
-//! (approve, deny, pending, grant, tools, pairing, audit, status, cancel)
+//! (approve, deny, pending, grant, tools, pairing, audit, status, cancel,
+//! agent)
 //! the admin socket. Human-readable output by default, `--json` everywhere.
 
 use crate::config::Config;
@@ -84,6 +85,10 @@ struct CallArgs {
     /// Cost of the call, counted against the task budget.
     #[arg(long, default_value_t = 0.0)]
     cost: f64,
+    /// How sure the agent is of this call, 0 to 1: below the configured
+    /// min_confidence an allowed call asks a human.
+    #[arg(long)]
+    confidence: Option<f64>,
     /// Agent name.
     #[arg(long, env = "KEYTURN_AGENT", default_value = "cli")]
     agent: String,
@@ -303,6 +308,14 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The kill switch: pause an agent (its calls are denied and its
+    /// pending requests cancelled) or every agent, resume, list (admin).
+    Agent {
+        #[command(subcommand)]
+        cmd: AgentCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Agents' bearer tokens for connections over TCP (admin).
     Token {
         #[command(subcommand)]
@@ -473,6 +486,47 @@ enum CredentialsCmd {
         #[arg(long = "as")]
         operator: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Pause an agent: from its next call every call is denied
+    /// (`agent_paused`), and its pending requests are cancelled.
+    Pause {
+        /// A configured agent.
+        name: String,
+        /// Why, shown with every denial and recorded in the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Your name, for the audit log. Default: $USER.
+        #[arg(long = "as")]
+        operator: Option<String>,
+    },
+    /// Lift an agent's pause.
+    Resume {
+        /// A configured agent.
+        name: String,
+        /// Your name, for the audit log. Default: $USER.
+        #[arg(long = "as")]
+        operator: Option<String>,
+    },
+    /// Pause every agent (the global switch).
+    PauseAll {
+        /// Why, shown with every denial and recorded in the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Your name, for the audit log. Default: $USER.
+        #[arg(long = "as")]
+        operator: Option<String>,
+    },
+    /// Lift the global pause (agents paused one by one stay paused).
+    ResumeAll {
+        /// Your name, for the audit log. Default: $USER.
+        #[arg(long = "as")]
+        operator: Option<String>,
+    },
+    /// Configured agents, and who paused which, since when and why.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -763,6 +817,9 @@ fn call_params(c: &CallArgs) -> anyhow::Result<Value> {
         if let Some(v) = v {
             p[k] = json!(v);
         }
+    }
+    if let Some(c) = c.confidence {
+        p["confidence"] = json!(c);
     }
     Ok(p)
 }
@@ -1109,6 +1166,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Pairing { cmd, conn } => pairing_cmd(&conn, cmd).await,
         Command::Audit { cmd, conn } => audit_cmd(&conn, cmd).await,
         Command::Token { cmd, conn } => token_cmd(&conn, cmd).await,
+        Command::Agent { cmd, conn } => agent_cmd(&conn, cmd).await,
         Command::Run {
             call,
             idempotency_key,
@@ -1542,6 +1600,113 @@ async fn run_cmd(
         );
     }
     Ok(code)
+}
+
+fn pause_text(p: &crate::domain::policy::Pause) -> String {
+    let who = if p.is_global() {
+        "every agent".to_string()
+    } else {
+        format!("agent {}", printable(&p.agent))
+    };
+    format!(
+        "{who} paused by {} since {}{}",
+        printable(&p.paused_by),
+        when(Some(p.since_ms)),
+        p.reason
+            .as_deref()
+            .map(|r| format!(": {}", printable(r)))
+            .unwrap_or_default()
+    )
+}
+
+async fn agent_cmd(conn: &Conn, cmd: AgentCmd) -> anyhow::Result<u8> {
+    use crate::app::{AgentStatus, PauseAnswer, ResumeAnswer};
+    let mut c = conn.admin_client().await?;
+    let (method, params) = match cmd {
+        AgentCmd::Pause {
+            name,
+            reason,
+            operator: op,
+        } => (
+            "agent.pause",
+            json!({"name": name, "reason": reason, "operator": operator(op)}),
+        ),
+        AgentCmd::PauseAll {
+            reason,
+            operator: op,
+        } => (
+            "agent.pause",
+            json!({"all": true, "reason": reason, "operator": operator(op)}),
+        ),
+        AgentCmd::Resume { name, operator: op } => (
+            "agent.resume",
+            json!({"name": name, "operator": operator(op)}),
+        ),
+        AgentCmd::ResumeAll { operator: op } => (
+            "agent.resume",
+            json!({"all": true, "operator": operator(op)}),
+        ),
+        AgentCmd::List => ("agent.list", json!({})),
+    };
+    let v = c.call(method, params).await?;
+    match method {
+        "agent.pause" => {
+            let a: PauseAnswer = read(&v)?;
+            show(conn.json, &v, &a, |a| {
+                format!(
+                    "{}{}; {} pending request(s) cancelled",
+                    if a.paused { "" } else { "already paused: " },
+                    pause_text(&a.pause),
+                    a.cancelled
+                )
+            });
+        }
+        "agent.resume" => {
+            let a: ResumeAnswer = read(&v)?;
+            show(conn.json, &v, &a, |a| {
+                let who = if a.agent == crate::domain::policy::ALL_AGENTS {
+                    "the global pause".to_string()
+                } else {
+                    format!("agent {}", printable(&a.agent))
+                };
+                let mut out = if a.resumed {
+                    format!("{who} lifted")
+                } else {
+                    format!("{who} was not paused")
+                };
+                if let Some(p) = &a.still_paused_by {
+                    out.push_str(&format!("; still stopped: {}", pause_text(p)));
+                }
+                out
+            });
+        }
+        _ => {
+            #[derive(Deserialize, serde::Serialize)]
+            struct List {
+                agents: Vec<AgentStatus>,
+                all_paused: Option<crate::domain::policy::Pause>,
+            }
+            let l: List = read(&v)?;
+            show(conn.json, &v, &l, |l| {
+                let mut lines = Vec::new();
+                if let Some(p) = &l.all_paused {
+                    lines.push(format!("GLOBAL PAUSE: {}", pause_text(p)));
+                }
+                for a in &l.agents {
+                    lines.push(match &a.paused {
+                        Some(p) => format!("{}  paused ({})", printable(&a.name), pause_text(p)),
+                        None => format!("{}  running", printable(&a.name)),
+                    });
+                }
+                if lines.is_empty() {
+                    "no agents configured".into()
+                } else {
+                    lines.join("\n")
+                }
+            });
+        }
+    }
+    Ok(0)
 }
 
 async fn token_cmd(conn: &Conn, cmd: TokenCmd) -> anyhow::Result<u8> {

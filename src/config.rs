@@ -601,6 +601,9 @@ pub struct AgentConfig {
     /// every process sharing the database).
     #[serde(default = "default_max_pending")]
     pub max_pending: usize,
+    /// Overrides `[policy] min_confidence` for this agent.
+    #[serde(default)]
+    pub min_confidence: Option<f64>,
 }
 
 fn default_max_pending() -> usize {
@@ -613,6 +616,10 @@ pub struct PolicyConfig {
     pub autonomy: Autonomy,
     /// Per-channel autonomy, e.g. `{ "7" = "approval_required" }`.
     pub channel_autonomy: HashMap<String, Autonomy>,
+    /// Calls whose agent states a confidence below this (0..=1) ask a
+    /// human even where the policy would allow them (`low_confidence`).
+    /// Unset: off. `[[agents]] min_confidence` overrides it per agent.
+    pub min_confidence: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1325,6 +1332,22 @@ impl Config {
                     "must be at least 1",
                 ));
             }
+            if let Some(c) = a.min_confidence {
+                crate::domain::policy::validate_confidence(c).map_err(|_| {
+                    invalid(
+                        format!("agents[{i}].min_confidence"),
+                        format!("must be a number from 0 to 1 (got {c})"),
+                    )
+                })?;
+            }
+        }
+        if let Some(c) = self.policy.min_confidence {
+            crate::domain::policy::validate_confidence(c).map_err(|_| {
+                invalid(
+                    "policy.min_confidence",
+                    format!("must be a number from 0 to 1 (got {c})"),
+                )
+            })?;
         }
         for (level, r) in [("high", &self.risk.high), ("critical", &self.risk.critical)] {
             if r.approvals == 0 || r.approvals > 10 {

@@ -1330,3 +1330,109 @@ async fn a_repeated_dm_keeps_the_live_pairing_code() {
     fake.assert_no_violations();
     server.stop_async().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_pause_from_discord_cancels_the_card_and_refuses_a_non_admin() {
+    let (fake, mut server) = setup().await;
+    let cmds = fake.guild_commands();
+    let agent_cmd = cmds.iter().find(|c| c["name"] == "agent").expect("/agent");
+    assert_eq!(
+        agent_cmd["default_member_permissions"],
+        json!((1u64 << 5).to_string())
+    );
+    let r = server.submit_as(AGENT, delete_file()).await;
+    let id = r["request_id"].as_str().unwrap().to_string();
+    let card = card_where(&fake, |m| m.custom_ids().iter().any(|c| c.ends_with(&id))).await;
+    let pause = |reason: &str| {
+        json!([{"name": "pause", "type": 1, "options": [
+            {"name": "name", "type": 3, "value": AGENT},
+            {"name": "reason", "type": 3, "value": reason},
+        ]}])
+    };
+
+    // Bob is no admin: refused, ephemeral, and nothing is paused.
+    let h = fake
+        .slash_command("agent", pause("@everyone stop"), BOB)
+        .await;
+    let call = fake
+        .wait_for_call(
+            |c| c.method == "POST" && c.path.contains(&h.token) && c.path.ends_with("/callback"),
+            WAIT,
+        )
+        .await
+        .expect("refusal");
+    assert_eq!(call.body["data"]["flags"], 64, "{}", call.body);
+    assert!(
+        call.body["data"]["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("for Keyturn admins"),
+        "{}",
+        call.body
+    );
+    let st = server
+        .admin_call("status", json!({"id": id}))
+        .await
+        .expect("status");
+    assert_eq!(st["state"], "pending", "{st}");
+
+    // Carol is: the agent is paused, its pending card cancelled.
+    let h = fake
+        .slash_command("agent", pause("@everyone runaway <@100>"), CAROL)
+        .await;
+    let call = fake
+        .wait_for_call(|c| c.method == "PATCH" && c.path.contains(&h.token), WAIT)
+        .await
+        .expect("answered");
+    let text = call.body["content"].as_str().unwrap_or("").to_string();
+    assert!(
+        text.contains("is now paused") && text.contains("1 pending request(s) cancelled"),
+        "{text}"
+    );
+    // The untrusted reason is escaped: it cannot ping anyone.
+    assert!(
+        text.contains(r"\@everyone runaway") && !text.contains(" @everyone"),
+        "{text}"
+    );
+    let edited = card_until(&fake, card.id, |m| m.components.is_empty()).await;
+    assert!(
+        edited.all_text().contains("agent_paused"),
+        "{}",
+        edited.all_text()
+    );
+    let d = server.submit_as(AGENT, delete_file()).await;
+    assert_eq!(d["rule"], "agent_paused", "{d}");
+    assert!(
+        d["rule_detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("discord:{CAROL}")),
+        "{d}"
+    );
+
+    // Resume from Discord restores.
+    let h = fake
+        .slash_command(
+            "agent",
+            json!([{"name": "resume", "type": 1, "options": [
+                {"name": "name", "type": 3, "value": AGENT}]}]),
+            CAROL,
+        )
+        .await;
+    let call = fake
+        .wait_for_call(|c| c.method == "PATCH" && c.path.contains(&h.token), WAIT)
+        .await
+        .expect("answered");
+    assert!(
+        call.body["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("is resumed"),
+        "{}",
+        call.body
+    );
+    let r = server.submit_as(AGENT, delete_file()).await;
+    assert_eq!(r["state"], "pending", "{r}");
+    fake.assert_no_violations();
+    server.stop_async().await;
+}

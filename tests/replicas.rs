@@ -353,6 +353,51 @@ async fn a_revoke_through_one_replica_holds_on_the_others_within_the_recheck() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_through_one_replica_answers_the_waiters_and_denies_on_the_others() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let url = schema.url();
+    let a = start(replica_config(&url, "")).await;
+    let b = start(replica_config(&url, "")).await;
+    // An agent waits on A.
+    let waiting = submit_waiting(&a, delete_file(1));
+    queued(&a).await;
+    let out = b.cli(&["agent", "pause", "bot", "--reason", "incident"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (v, _) = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the waiter on A is answered")
+        .expect("waiter");
+    assert_eq!(v["state"], "cancelled", "{v}");
+    until(WAIT, "the pause is in force on A", || {
+        let a = &a;
+        async move {
+            let d = a.agent_call("submit", delete_file(2)).await.unwrap();
+            d["rule"] == "agent_paused"
+        }
+    })
+    .await;
+    // Nothing of the paused agent stays pending anywhere.
+    let pending = b.admin_call("pending", json!({})).await.expect("pending");
+    assert_eq!(pending.as_array().map(Vec::len), Some(0), "{pending}");
+    let out = a.cli(&["agent", "resume", "bot"]);
+    assert!(out.status.success());
+    until(WAIT, "the resume is in force on B", || {
+        let b = &b;
+        async move {
+            let d = b.agent_call("submit", delete_file(3)).await.unwrap();
+            d["state"] == "pending"
+        }
+    })
+    .await;
+}
+
 /// The Discord config of a replica pointed at `fake`, on the shared store.
 fn discord_replica(url: &str, api_base: &str, timeout: &str) -> String {
     harness::config::discord(api_base)

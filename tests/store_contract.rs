@@ -11,12 +11,12 @@ mod harness;
 use harness::fixture;
 use harness::pg;
 use keyturn::app::ports::{
-    AgentToken, AuditLog, Cards, Change, Inserted, PairedUser, PairingRefused, PolicyData,
-    Requests, RunRecord, RunRefused, Store, StoreError,
+    AgentPauses, AgentToken, AuditLog, Cards, Change, Changes, Inserted, PairedUser,
+    PairingRefused, PolicyData, Requests, RunRecord, RunRefused, Store, StoreError,
 };
 use keyturn::domain::audit::{events, AuditEvent};
 use keyturn::domain::pairing;
-use keyturn::domain::policy::{Effect, Grant};
+use keyturn::domain::policy::{Effect, Grant, Pause, ALL_AGENTS};
 use keyturn::domain::request::{
     ApprovalRequest, DecidedBy, RequestId, State, TransitionError, Vote, VoterRights,
 };
@@ -148,6 +148,7 @@ async fn story(store: Arc<dyn Store>, raw: Raw<'_>) {
     policy(&*store, &mut feed).await;
     pairings(&*store, &mut feed).await;
     tokens(&*store, &mut feed).await;
+    pauses(&*store, &mut feed).await;
     cards(&*store, &mut feed).await;
     deadlines(&*store).await;
     audit(&*store).await;
@@ -885,6 +886,128 @@ async fn tokens(store: &dyn Store, feed: &mut Feed) {
         Some(2_000)
     );
     assert!(store.token("nope").await.unwrap().is_none());
+}
+
+fn pause(agent: &str, by: &str, since_ms: i64, reason: Option<&str>) -> Pause {
+    Pause {
+        agent: agent.into(),
+        paused_by: by.into(),
+        since_ms,
+        reason: reason.map(Into::into),
+    }
+}
+
+/// The kill switch: a pause is written once (audited, `PolicyChanged`), a
+/// second pause keeps the first's author, resume lifts it once.
+async fn pauses(store: &dyn Store, feed: &mut Feed) {
+    assert!(store.pauses().await.unwrap().is_empty());
+    let bot = pause("bot", "uid:0", 1_000, Some("runaway"));
+    let (done, change) = feed
+        .write(store.pause_agent(
+            bot.clone(),
+            events::agent_paused(1_000, "uid:0", "bot", Some("runaway")),
+        ))
+        .await;
+    assert!(done.unwrap());
+    assert!(matches!(change, Change::PolicyChanged));
+    assert_eq!(last_audit_kind(store).await, "agent_paused");
+    // Twice: nothing written, nothing audited, nothing published.
+    let again = feed
+        .silent(store.pause_agent(
+            pause("bot", "uid:1", 2_000, None),
+            events::agent_paused(2_000, "uid:1", "bot", None),
+        ))
+        .await;
+    assert!(!again.unwrap());
+    let all = pause(ALL_AGENTS, "discord:7", 3_000, None);
+    let (done, _) = feed
+        .write(store.pause_agent(
+            all.clone(),
+            events::agent_paused(3_000, "discord:7", ALL_AGENTS, None),
+        ))
+        .await;
+    assert!(done.unwrap());
+    assert_eq!(store.pauses().await.unwrap(), vec![bot.clone(), all]);
+    // Resume the global pause: once.
+    let (done, change) = feed
+        .write(store.resume_agent(
+            ALL_AGENTS.into(),
+            events::agent_resumed(4_000, "uid:0", ALL_AGENTS),
+        ))
+        .await;
+    assert!(done.unwrap());
+    assert!(matches!(change, Change::PolicyChanged));
+    assert_eq!(last_audit_kind(store).await, "agent_resumed");
+    let again = feed
+        .silent(store.resume_agent(
+            ALL_AGENTS.into(),
+            events::agent_resumed(4_500, "uid:0", ALL_AGENTS),
+        ))
+        .await;
+    assert!(!again.unwrap());
+    assert_eq!(last_audit_kind(store).await, "agent_resumed");
+    // `bot` stays paused for the restart checks below (see
+    // `*_pause_survives_reopening`); the story goes on without it.
+    assert_eq!(store.pauses().await.unwrap(), vec![bot]);
+}
+
+#[tokio::test]
+async fn sqlite_pause_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("k.db").display());
+    let p = pause("bot", "cli:alice", 1_000, Some("loop"));
+    let store = SqliteStore::open_with(&url, &Options::default())
+        .await
+        .unwrap();
+    assert!(store
+        .pause_agent(
+            p.clone(),
+            events::agent_paused(1_000, "cli:alice", "bot", Some("loop"))
+        )
+        .await
+        .unwrap());
+    store.close().await;
+    let store = SqliteStore::open_with(&url, &Options::default())
+        .await
+        .unwrap();
+    assert_eq!(store.pauses().await.unwrap(), vec![p]);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn postgres_pause_survives_reopening_and_is_shared() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let p = pause("bot", "cli:alice", 1_000, None);
+    let a = PgStore::open(&schema.url(), &PgOptions::default())
+        .await
+        .unwrap();
+    let b = PgStore::open(&schema.url(), &PgOptions::default())
+        .await
+        .unwrap();
+    let mut heard = b.subscribe();
+    assert!(a
+        .pause_agent(
+            p.clone(),
+            events::agent_paused(1_000, "cli:alice", "bot", None)
+        )
+        .await
+        .unwrap());
+    // The other process hears of it, and reads it.
+    let change = tokio::time::timeout(Duration::from_secs(10), next_change(&mut heard))
+        .await
+        .expect("the other store hears the pause")
+        .unwrap();
+    assert!(matches!(change, Change::PolicyChanged), "{change:?}");
+    assert_eq!(b.pauses().await.unwrap(), vec![p.clone()]);
+    a.close().await;
+    b.close().await;
+    let c = PgStore::open(&schema.url(), &PgOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(c.pauses().await.unwrap(), vec![p]);
+    c.close().await;
 }
 
 async fn cards(store: &dyn Store, feed: &mut Feed) {

@@ -562,6 +562,7 @@ class Client:
         cost: Optional[float] = None,
         timeout_secs: Optional[int] = None,
         unattended: Optional[bool] = None,
+        confidence: Optional[float] = None,
     ) -> Dict[str, Any]:
         args = {} if args is None else args
         if isinstance(args, (str, bytes, bytearray)):
@@ -578,6 +579,7 @@ class Client:
             ("channel_id", channel_id),
             ("cost", cost),
             ("timeout_secs", timeout_secs),
+            ("confidence", confidence),
         ):
             if v is not None:
                 p[k] = v
@@ -593,7 +595,8 @@ class Client:
         While it waits, this process dying or being interrupted closes the
         connection, and Keyturn cancels the request (``client_gone``).
         Keyword arguments: task_id, idempotency_key, user_id, channel_id,
-        cost, timeout_secs, unattended.
+        cost, timeout_secs, unattended, confidence (0 to 1: below the
+        server's ``min_confidence`` an allowed call waits for a human).
 
         The answer must be about this call (same tool and ``args_hash``), else
         :class:`AnswerMismatch` is raised."""

@@ -8,7 +8,8 @@
 //!   `DecidedElsewhere` (another replica decided) only wakes them, so the
 //!   replicas' metrics add up;
 //! - `PolicyChanged` refreshes the policy view (through a second task, so a
-//!   slow store never holds up waking waiters);
+//!   slow store never holds up waking waiters), and a pause new to this
+//!   process cancels the pending requests it covers;
 //! - on `Lagged` (changes were missed) or `Resync` (another process's changes
 //!   may have been missed, or the periodic re-check of a shared store) every
 //!   waiter re-reads its request and the policy view is refreshed.
@@ -94,7 +95,13 @@ async fn refresh_policy(gw: Weak<Gateway>, due: Arc<Notify>) {
         }
         let Some(gw) = gw.upgrade() else { break };
         // A failure is logged and marks the view unavailable.
-        let _ = gw.refresh_policy().await;
+        let before = gw.pauses_in_view();
+        if gw.refresh_policy().await.is_ok() {
+            // A pause made elsewhere (another process sharing the store):
+            // its sweep there may have missed a request this process was
+            // storing meanwhile, so this process sweeps too.
+            gw.sweep_new_pauses(&before).await;
+        }
     }
 }
 

@@ -14,6 +14,7 @@ mod follow;
 pub mod health;
 pub mod metrics;
 mod pairing;
+mod pauses;
 pub mod ports;
 pub mod retention;
 pub mod run;
@@ -35,6 +36,7 @@ use crate::domain::trifecta;
 use crate::domain::Risk;
 use content::Content;
 pub use content::VerifyAnswer;
+pub use pauses::{AgentStatus, PauseAnswer, ResumeAnswer};
 #[allow(unused_imports)]
 use ports::{
     AuditLog, Cards, PairedUser, PairingRefused, Pairings, PendingPairing, PolicyData, Requests,
@@ -74,6 +76,9 @@ pub enum AppError {
     /// (unknown name, wrong uid, missing or wrong token) and never a token.
     #[error("{0}")]
     AgentRefused(String),
+    /// An admin named an agent that is not configured (pause, resume).
+    #[error("agent `{0}` is not configured (see `keyturn agent list`)")]
+    UnknownAgent(String),
     #[error("request {0} belongs to another agent")]
     NotYourRequest(String),
     #[error("{}", crate::domain::request::too_many_pending(agent, *max))]
@@ -127,6 +132,7 @@ impl AppError {
             AppError::SelfApproval(_) => "self_approval",
             AppError::AdminOnly => "admin_only",
             AppError::AgentRefused(..) => "agent_refused",
+            AppError::UnknownAgent(_) => "unknown_agent",
             AppError::NotYourRequest(_) => "not_your_request",
             AppError::TooManyPending { .. } => "too_many_pending",
             AppError::Pairing(_) => "pairing_refused",
@@ -161,6 +167,9 @@ pub struct Submission {
     pub timeout_secs: Option<u64>,
     /// Nobody is watching: deny at once instead of asking a human.
     pub unattended: bool,
+    /// How sure the agent is of this call (0..=1): below the threshold
+    /// (`min_confidence`) an allowed call asks a human instead.
+    pub confidence: Option<f64>,
     /// The Unix uid the call came from (set by the socket from SO_PEERCRED,
     /// never from what the agent sends): that uid may not vote on it.
     #[serde(skip)]
@@ -184,6 +193,8 @@ struct PolicyView {
     risks: HashMap<String, Risk>,
     /// Paired user id → roles.
     users: HashMap<String, Vec<String>>,
+    /// The kill switches in force (agents paused, and the global pause).
+    pauses: Vec<policy::Pause>,
     /// Why the last refresh failed, while it does: the view may be stale,
     /// so every call is denied (`policy_unavailable`) until a refresh works.
     unavailable: Option<String>,
@@ -256,6 +267,8 @@ impl Gateway {
             tracing::warn!("flagged calls may run without a human: {exemption}");
         }
         gw.refresh_policy().await?;
+        // Pauses in force: nothing of theirs stays pending.
+        gw.sweep_new_pauses(&[]).await;
         Ok(gw)
     }
 
@@ -366,10 +379,14 @@ impl Gateway {
         for u in self.store.paired_users().await? {
             users.entry(u.user_id).or_default().extend(u.roles);
         }
+        // The kill switch is part of the view: if it cannot be read, the
+        // view is unavailable and every call is denied (fail closed).
+        let pauses = self.store.pauses().await?;
         Ok(PolicyView {
             grants,
             risks,
             users,
+            pauses,
             unavailable: None,
         })
     }

@@ -5,7 +5,7 @@
 //! Value types that cross the port live here too. Nothing here does I/O.
 
 use crate::domain::audit::{AuditEntry, AuditEvent};
-use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
+use crate::domain::policy::{Effect, Grant, Pause, Scope, ToolPattern};
 use crate::domain::request::{ApprovalRequest, RequestId, TransitionError, Vote, VoterRights};
 use crate::domain::trifecta::{Guard, ToolTag};
 use crate::domain::Risk;
@@ -498,6 +498,23 @@ pub trait AgentTokens: Send + Sync + 'static {
     }
 }
 
+/// The kill switch: agents paused (and the global pause, under
+/// [`crate::domain::policy::ALL_AGENTS`]). Kept in the store so that it
+/// survives a restart and every process sharing the store denies alike:
+/// writes append their audit event in the same transaction and publish
+/// [`Change::PolicyChanged`] after commit (the policy view holds the set).
+#[async_trait]
+pub trait AgentPauses: Send + Sync + 'static {
+    /// Pauses `pause.agent`; `false` (nothing written, nothing audited) if
+    /// it was already paused: the pause in force keeps its author and time.
+    async fn pause_agent(&self, pause: Pause, audit: AuditEvent) -> StoreResult<bool>;
+    /// Lifts the pause of `agent`; `false` if it was not paused. `audit` is
+    /// appended only when a pause was lifted.
+    async fn resume_agent(&self, agent: String, audit: AuditEvent) -> StoreResult<bool>;
+    /// Every pause in force, oldest first.
+    async fn pauses(&self) -> StoreResult<Vec<Pause>>;
+}
+
 /// A change committed to the store, published after its commit (never
 /// before), for whatever in this process follows the store: waiters, the
 /// deadline scheduler, the policy view and the card outbox.
@@ -661,7 +678,7 @@ impl Feed {
 /// Every persistence port, as one backend implements them.
 #[async_trait]
 pub trait Store:
-    Requests + PolicyData + Pairings + AuditLog + Cards + AgentTokens + Runs + Changes
+    Requests + PolicyData + Pairings + AuditLog + Cards + AgentTokens + AgentPauses + Runs + Changes
 {
     /// Why writes are refused for good (the database file was deleted or
     /// replaced under the server), if they are; `None` while writable.

@@ -51,6 +51,9 @@ impl Gateway {
         if !(s.cost.is_finite() && s.cost >= 0.0) {
             return Err(bad("`cost` must be a finite number >= 0"));
         }
+        if let Some(c) = s.confidence {
+            policy::validate_confidence(c).map_err(bad)?;
+        }
         if s.timeout_secs == Some(0) {
             return Err(bad("`timeout_secs` must be at least 1"));
         }
@@ -154,6 +157,11 @@ impl Gateway {
             raise_risk: content.raise_risk.clone(),
             force_deny: content.force_deny.clone(),
             force_ask: content.force_ask.clone(),
+            paused: policy::pause_for(&view.pauses, agent).cloned(),
+            confidence: s.confidence,
+            min_confidence: agent_cfg
+                .and_then(|a| a.min_confidence)
+                .or(self.cfg.policy.min_confidence),
         };
         let allowlist = policy::resolve_allowlist(&view.grants, &call);
         let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
@@ -229,6 +237,7 @@ impl Gateway {
         }
         let content = self.content(agent, &s, false).await?;
         let now = now_ms();
+        let confidence = s.confidence;
         let (verdict, tool_risk, _) = self.evaluate(agent, &s, &content, now, false);
         let Content {
             args,
@@ -304,11 +313,15 @@ impl Gateway {
             req.decided_reason = Some(req.rule_detail.clone());
             req.decided_ms = Some(now);
         }
-        let audit = if req.state.is_terminal() {
+        let mut audit = if req.state.is_terminal() {
             vec![events::decided_by_policy(&req)]
         } else {
             vec![events::submitted(&req), events::policy(&req)]
         };
+        if let Some(c) = confidence {
+            // Recorded with the submission (the first entry either way).
+            events::add_confidence(&mut audit[0], c);
+        }
         // A tagged call is guarded by the store, in the transaction that
         // stores it: an allowed call that completes the trifecta waits for
         // a human instead, so it needs a pending slot (the store takes it,
@@ -364,6 +377,11 @@ impl Gateway {
             metrics::global().decided(&req);
         }
         if req.state == State::Pending {
+            if let Some(p) = self.pause_of(agent) {
+                // Paused between this call's verdict and its insert: the
+                // pause's sweep may have missed it, so it is cancelled here.
+                return self.cancel_paused(req.id, &p).await;
+            }
             // The store published `Queued`: the scheduler and the outbox follow it.
             tracing::info!(request.id = %req.id, agent = %req.agent, tool = %req.tool, risk = %req.risk, "queued for approval");
         }

@@ -739,6 +739,25 @@ mod tests {
     }
 
     #[test]
+    fn a_card_says_when_the_agent_was_not_confident_enough() {
+        let mut r = request();
+        r.risk = Risk::Low;
+        r.rule = "low_confidence".into();
+        r.rule_detail = format!(
+            "the agent's confidence 0.42 is below 0.7, so a human decides; {}",
+            "x".repeat(3000)
+        );
+        let c = render(&r, &settings(), true);
+        check_limits(&c.payload);
+        let text = all_text(&c.payload);
+        assert!(text.contains("low_confidence"), "{text}");
+        assert!(
+            text.contains("the agent's confidence 0.42 is below 0.7"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn pings_follow_risk_and_config() {
         let mut r = request();
         r.risk = Risk::Critical;

@@ -73,6 +73,19 @@ pub fn definitions() -> Vec<CreateCommand> {
             .add_sub_option(target())
             .add_sub_option(effect())
     };
+    let agent_name = || {
+        CreateCommandOption::new(CommandOptionType::String, "name", "The agent's name")
+            .required(true)
+            .max_length(64)
+    };
+    let reason = || {
+        CreateCommandOption::new(
+            CommandOptionType::String,
+            "reason",
+            "Why (shown with every denial, recorded in the audit log)",
+        )
+        .max_length(500)
+    };
     vec![
         CreateCommand::new("tools")
             .description("Keyturn tool allowlist")
@@ -154,6 +167,39 @@ pub fn definitions() -> Vec<CreateCommand> {
                             .required(true),
                     ),
             ),
+        CreateCommand::new("agent")
+            .description("Keyturn kill switch: pause or resume agents")
+            .default_member_permissions(admin)
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::SubCommand,
+                    "pause",
+                    "Deny every call of an agent and cancel its pending requests",
+                )
+                .add_sub_option(agent_name())
+                .add_sub_option(reason()),
+            )
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::SubCommand,
+                    "resume",
+                    "Lift an agent's pause",
+                )
+                .add_sub_option(agent_name()),
+            )
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::SubCommand,
+                    "pause-all",
+                    "Pause every agent",
+                )
+                .add_sub_option(reason()),
+            )
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::SubCommand,
+                "resume-all",
+                "Lift the global pause (agents paused one by one stay paused)",
+            )),
         CreateCommand::new("pair").description("Ask Keyturn for a pairing code"),
         CreateCommand::new("runs")
             .description("Runs Keyturn started: those running, then the last ended (approvers)"),
@@ -162,7 +208,7 @@ pub fn definitions() -> Vec<CreateCommand> {
 
 /// Whether a command needs the admin role.
 pub fn is_admin_command(name: &str) -> bool {
-    matches!(name, "tools" | "pending" | "audit" | "pairing")
+    matches!(name, "tools" | "pending" | "audit" | "pairing" | "agent")
 }
 
 /// Whether a command needs the approver role (admins have it too).
@@ -494,6 +540,73 @@ pub async fn run(
                 .take(RUNS_ENDED_SHOWN)
                 .collect();
             Ok(reply(runs_text(&running, &ended)))
+        ("agent", Some(sub @ ("pause" | "pause-all"))) => {
+            let name = if sub == "pause" {
+                Some(inv.need("name")?.trim())
+            } else {
+                None
+            };
+            let reason = inv
+                .get("reason")
+                .map(str::to_string)
+                .filter(|r| !r.trim().is_empty());
+            let a = gw
+                .pause_agent(name, reason, &by)
+                .await
+                .map_err(|e| format!("cannot pause: {}", shown(e)))?;
+            let who = match name {
+                Some(n) => format!("Agent {}", inline_code(n, 70)),
+                None => "Every agent".to_string(),
+            };
+            let why = a
+                .pause
+                .reason
+                .as_deref()
+                .map(|r| format!(" Reason: {}", plain(r)))
+                .unwrap_or_default();
+            Ok(reply(
+                super::escape::fit(
+                    &format!(
+                        "{who} {} (by {}).{why}\n{} pending request(s) cancelled.",
+                        if a.paused {
+                            "is now paused"
+                        } else {
+                            "was already paused"
+                        },
+                        plain(&a.pause.paused_by),
+                        a.cancelled
+                    ),
+                    REPLY_BUDGET,
+                )
+                .0,
+            ))
+        }
+        ("agent", Some(sub @ ("resume" | "resume-all"))) => {
+            let name = if sub == "resume" {
+                Some(inv.need("name")?.trim())
+            } else {
+                None
+            };
+            let a = gw
+                .resume_agent(name, &by)
+                .await
+                .map_err(|e| format!("cannot resume: {}", shown(e)))?;
+            let who = match name {
+                Some(n) => format!("Agent {}", inline_code(n, 70)),
+                None => "The global pause".to_string(),
+            };
+            let mut text = if a.resumed {
+                format!("{who} is resumed.")
+            } else {
+                format!("{who} was not paused.")
+            };
+            if let Some(p) = &a.still_paused_by {
+                text.push_str(&format!(
+                    " It is still stopped by the global pause (by {}).",
+                    plain(&p.paused_by)
+                ));
+            }
+            Ok(reply(text))
         }
         ("pair", _) => {
             let (code, expires) = gw

@@ -764,6 +764,29 @@ pub mod events {
     use crate::domain::Risk;
     use serde_json::json;
 
+    /// Adds the agent's confidence (0..=1) to a submission entry.
+    pub fn add_confidence(e: &mut AuditEvent, confidence: f64) {
+        if let serde_json::Value::Object(m) = &mut e.detail {
+            m.insert("confidence".into(), json!(confidence));
+        }
+    }
+
+    /// An agent (or, as `*`, every agent) was paused: the kill switch
+    /// (written only when it was not paused yet).
+    pub fn agent_paused(at_ms: i64, by: &str, agent: &str, reason: Option<&str>) -> AuditEvent {
+        admin(
+            at_ms,
+            "agent_paused",
+            by,
+            json!({"agent": agent, "reason": reason}),
+        )
+    }
+
+    /// A pause was lifted (written only when there was one).
+    pub fn agent_resumed(at_ms: i64, by: &str, agent: &str) -> AuditEvent {
+        admin(at_ms, "agent_resumed", by, json!({"agent": agent}))
+    }
+
     /// A request entered the system (before any decision).
     pub fn submitted(r: &ApprovalRequest) -> AuditEvent {
         AuditEvent {

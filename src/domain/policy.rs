@@ -1,8 +1,10 @@
 //! The policy: decides instantly where it can, and says which rule decided.
 //!
-//! Order (first failure denies): agent known → user paired → rate limits and
-//! task budget → tool allowlist (fail closed, most specific scope wins) →
-//! risk level → autonomy mode. Pure: rate-limit state and time are parameters.
+//! Order (first failure denies): agent known → agent not paused (the kill
+//! switch) → user paired → rate limits and task budget → tool allowlist
+//! (fail closed, most specific scope wins) → risk level → autonomy mode; an
+//! allowed call whose agent is less confident than its threshold asks a
+//! human instead. Pure: rate-limit state and time are parameters.
 
 use super::ratelimit::{check_budget, Buckets, BudgetExceeded, Rate, TaskUsage};
 use super::risk::Risk;
@@ -377,6 +379,89 @@ pub struct Facts {
     /// An escalation that forces a human whatever the risk: (rule, detail),
     /// e.g. `flag_homoglyph` for a flagged call, `trifecta`.
     pub force_ask: Option<(String, String)>,
+    /// The kill switch in force for this agent (its own or the global one),
+    /// if any: every call is denied (`agent_paused`).
+    pub paused: Option<Pause>,
+    /// How sure the agent says it is of this call (0..=1), if it said.
+    pub confidence: Option<f64>,
+    /// The threshold below which an allowed call asks a human
+    /// (`low_confidence`); `None` turns the check off.
+    pub min_confidence: Option<f64>,
+}
+
+/// The rule a paused agent's calls are denied by, and the reason its
+/// pending requests are cancelled with.
+pub const AGENT_PAUSED: &str = "agent_paused";
+
+/// The rule an allowed call asks a human by when its agent's confidence is
+/// below the threshold.
+pub const LOW_CONFIDENCE: &str = "low_confidence";
+
+/// The agent name a global pause (`pause-all`) is stored under; no
+/// configured agent can have it (names are letters, digits and `_-.`).
+pub const ALL_AGENTS: &str = "*";
+
+/// A kill switch in force: one agent's (or, under [`ALL_AGENTS`], every
+/// agent's), who pulled it, when and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pause {
+    /// The agent, or [`ALL_AGENTS`].
+    pub agent: String,
+    /// Who paused it (`uid:1000`, `cli:alice`, `discord:42`).
+    pub paused_by: String,
+    pub since_ms: i64,
+    pub reason: Option<String>,
+}
+
+impl Pause {
+    /// Whether this pause stops every agent.
+    pub fn is_global(&self) -> bool {
+        self.agent == ALL_AGENTS
+    }
+
+    /// Why a call is denied (and a pending request cancelled) under this
+    /// pause: who paused, and why if they said.
+    pub fn detail(&self) -> String {
+        let what = if self.is_global() {
+            "every agent is paused (pause-all)".to_string()
+        } else {
+            format!("agent `{}` is paused", self.agent)
+        };
+        match self.reason.as_deref().filter(|r| !r.is_empty()) {
+            Some(r) => format!("{what} by {}: {r}", self.paused_by),
+            None => format!("{what} by {}", self.paused_by),
+        }
+    }
+}
+
+/// The pause in force for `agent` among `pauses`: the global one first
+/// (it stops everyone), else the agent's own.
+pub fn pause_for<'a>(pauses: &'a [Pause], agent: &str) -> Option<&'a Pause> {
+    pauses
+        .iter()
+        .find(|p| p.is_global())
+        .or_else(|| pauses.iter().find(|p| p.agent == agent))
+}
+
+/// Checks a submitted confidence: a finite number in 0..=1.
+pub fn validate_confidence(c: f64) -> Result<(), String> {
+    if c.is_finite() && (0.0..=1.0).contains(&c) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`confidence` must be a number from 0 to 1 (got {c})"
+        ))
+    }
+}
+
+/// Whether a call with `confidence` falls below `min` (both set), and if
+/// so why: `the agent's confidence 0.42 is below 0.7`. A call that says
+/// nothing about its confidence is not held back by it.
+pub fn low_confidence(confidence: Option<f64>, min: Option<f64>) -> Option<String> {
+    match (confidence, min) {
+        (Some(c), Some(m)) if c < m => Some(format!("the agent's confidence {c} is below {m}")),
+        _ => None,
+    }
 }
 
 /// Mutable rate-limit and budget state, owned by the caller.
@@ -458,6 +543,9 @@ pub fn evaluate(
             "unknown_agent",
             format!("agent `{}` is not configured", call.agent),
         );
+    }
+    if let Some(p) = &facts.paused {
+        return deny(AGENT_PAUSED, p.detail());
     }
     if let Some(user) = call.user {
         if !facts.user_paired {
@@ -561,7 +649,7 @@ pub fn evaluate(
     if let Some((rule, reason)) = &facts.force_ask {
         return ask(rule, format!("{reason}; {why}"));
     }
-    match (risk, autonomy) {
+    let verdict = match (risk, autonomy) {
         (Risk::Critical, _) => ask("risk_critical", format!("{why}: an admin must approve")),
         (_, Autonomy::ApprovalRequired) => ask(
             "approval_required",
@@ -588,6 +676,18 @@ pub fn evaluate(
             detail: why,
             log: false,
         },
+    };
+    // An uncertain agent asks a human even where the policy would allow;
+    // a deny or an ask stays as it is.
+    match (
+        &verdict,
+        low_confidence(facts.confidence, facts.min_confidence),
+    ) {
+        (Verdict::Allow { detail, .. }, Some(low)) => ask(
+            LOW_CONFIDENCE,
+            format!("{low}, so a human decides; {detail}"),
+        ),
+        _ => verdict,
     }
 }
 
@@ -996,5 +1096,114 @@ mod tests {
         );
         // The allowlist still comes first.
         assert_eq!(eval(&[], &call("x", &[]), &f).rule(), "no_grant");
+    }
+
+    fn pause(agent: &str, reason: Option<&str>) -> Pause {
+        Pause {
+            agent: agent.into(),
+            paused_by: "uid:1000".into(),
+            since_ms: 5,
+            reason: reason.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn a_paused_agent_is_denied_before_anything_else_is_spent() {
+        let grants = vec![g("global", "*")];
+        let mut f = facts(Risk::Low);
+        f.paused = Some(pause("bot", Some("runaway loop")));
+        let mut state = PolicyState::default();
+        let s = PolicySettings {
+            agent_rate: Some("1/m".parse().unwrap()),
+            ..settings()
+        };
+        let v = evaluate(&s, &grants, &call("x", &[]), &f, &mut state, 0, false);
+        assert_eq!(
+            v,
+            Verdict::Deny {
+                rule: AGENT_PAUSED.into(),
+                detail: "agent `bot` is paused by uid:1000: runaway loop".into()
+            }
+        );
+        // No rate-limit token was used by the denied call.
+        f.paused = None;
+        let v = evaluate(&s, &grants, &call("x", &[]), &f, &mut state, 0, false);
+        assert_eq!(v.rule(), "risk_low");
+    }
+
+    #[test]
+    fn the_global_pause_wins_over_an_agents_own() {
+        let all = pause(ALL_AGENTS, None);
+        let own = pause("bot", Some("mine"));
+        let pauses = vec![own.clone(), all.clone()];
+        assert_eq!(pause_for(&pauses, "bot"), Some(&all));
+        assert_eq!(pause_for(&pauses, "other"), Some(&all));
+        let pauses = vec![own.clone()];
+        assert_eq!(pause_for(&pauses, "bot"), Some(&own));
+        assert_eq!(pause_for(&pauses, "other"), None);
+        assert_eq!(
+            all.detail(),
+            "every agent is paused (pause-all) by uid:1000"
+        );
+    }
+
+    #[test]
+    fn confidence_must_be_a_number_from_0_to_1() {
+        for ok in [0.0, 0.5, 1.0] {
+            assert!(validate_confidence(ok).is_ok(), "{ok}");
+        }
+        for bad in [-0.01, 1.5, f64::NAN, f64::INFINITY] {
+            assert!(validate_confidence(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn low_confidence_asks_a_human_where_the_policy_would_allow() {
+        let grants = vec![g("global", "*")];
+        let mut f = facts(Risk::Low);
+        f.min_confidence = Some(0.7);
+        f.confidence = Some(0.42);
+        let v = eval(&grants, &call("x", &[]), &f);
+        match &v {
+            Verdict::Ask { rule, detail, .. } => {
+                assert_eq!(rule, LOW_CONFIDENCE);
+                assert!(
+                    detail.starts_with("the agent's confidence 0.42 is below 0.7"),
+                    "{detail}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // At or above the threshold, or without a confidence: allowed.
+        for c in [Some(0.7), Some(0.9), None] {
+            f.confidence = c;
+            assert_eq!(
+                eval(&grants, &call("x", &[]), &f).rule(),
+                "risk_low",
+                "{c:?}"
+            );
+        }
+        // No threshold: off.
+        f.min_confidence = None;
+        f.confidence = Some(0.1);
+        assert_eq!(eval(&grants, &call("x", &[]), &f).rule(), "risk_low");
+    }
+
+    #[test]
+    fn low_confidence_never_turns_a_deny_into_an_ask() {
+        let mut f = facts(Risk::Low);
+        f.min_confidence = Some(0.7);
+        f.confidence = Some(0.1);
+        // Not granted: still denied.
+        assert_eq!(eval(&[], &call("x", &[]), &f).rule(), "no_grant");
+        // Unattended: the human it would ask is not there, so denied.
+        f.unattended = true;
+        let grants = vec![g("global", "*")];
+        assert_eq!(eval(&grants, &call("x", &[]), &f).rule(), "unattended");
+        // Already asking (high risk): the policy's own rule stays.
+        let mut f = facts(Risk::High);
+        f.min_confidence = Some(0.7);
+        f.confidence = Some(0.1);
+        assert_eq!(eval(&grants, &call("x", &[]), &f).rule(), "risk_high");
     }
 }

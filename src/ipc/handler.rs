@@ -138,6 +138,7 @@ fn split(p: SubmitParams) -> (String, Option<String>, Flow, Submission) {
             cost: p.cost,
             timeout_secs: p.timeout_secs,
             unattended: p.unattended,
+            confidence: p.confidence,
             // Set by the socket from SO_PEERCRED, never from the params.
             requester_uid: None,
         },
@@ -346,6 +347,7 @@ impl Handler {
         let who = peer.who();
         let approve = matches!(method, Method::Approve(_));
         let rotate = matches!(method, Method::TokenRotate(_));
+        let pause = matches!(method, Method::AgentPause(_));
         let value = match method {
             Method::Ping => Ok(json!({"pong": true, "admin": admin})),
             // On both sockets: it says what is down, never why, except to
@@ -419,6 +421,34 @@ impl Handler {
                 let (who, name) = actor(&q.operator)?;
                 let by = name.map(|n| format!("cli:{n}")).unwrap_or(who);
                 to_value(gw.kill_run(&q.id, &by).await?)
+            }
+            Method::AgentPause(q) | Method::AgentResume(q) => {
+                let (who, name) = actor(&q.operator)?;
+                let by = name.map(|n| format!("cli:{n}")).unwrap_or(who);
+                let agent = match (q.name.as_deref(), q.all) {
+                    (Some(n), false) => Some(n),
+                    (None, true) => None,
+                    _ => {
+                        return Err(RpcError::new(
+                            "invalid_params",
+                            "give either `name` (one agent) or `all: true` (every agent)",
+                        ))
+                    }
+                };
+                if pause {
+                    to_value(gw.pause_agent(agent, q.reason, &by).await?)
+                } else if q.reason.is_some() {
+                    Err(RpcError::new(
+                        "invalid_params",
+                        "`reason` is for agent.pause",
+                    ))
+                } else {
+                    to_value(gw.resume_agent(agent, &by).await?)
+                }
+            }
+            Method::AgentList => {
+                let (agents, all) = gw.agent_statuses().await?;
+                Ok(json!({"agents": agents, "all_paused": all}))
             }
             Method::CredentialsStatus => to_value(gw.credentials_status()?),
             Method::CredentialsReset(q) => {

@@ -32,7 +32,7 @@ pub fn numeric_code(name: &str) -> i64 {
         "method_not_found" => codes::METHOD_NOT_FOUND,
         "invalid_params" => codes::INVALID_PARAMS,
         "line_too_long" => codes::LINE_TOO_LONG,
-        "not_found" => codes::NOT_FOUND,
+        "not_found" | "unknown_agent" => codes::NOT_FOUND,
         "already_decided" | "already_voted" | "pairing_refused" | "idempotency_conflict" => {
             codes::CONFLICT
         }
@@ -294,6 +294,9 @@ method_names! {
     RunsKill => "runs.kill",
     CredentialsStatus => "credentials.status",
     CredentialsReset => "credentials.reset",
+    AgentPause => "agent.pause",
+    AgentResume => "agent.resume",
+    AgentList => "agent.list",
 }
 
 impl MethodName {
@@ -307,7 +310,7 @@ impl MethodName {
             | ToolsRisk | ToolsRisks | PairingList | PairingRequest | PairingApprove
             | PairingAdd | PairingRevoke | AuditTail | AuditExport | AuditVerify | AuditPrune
             | TokenIssue | TokenRotate | TokenRevoke | TokenList | RunsList | RunsKill
-            | CredentialsStatus | CredentialsReset => true,
+            | CredentialsStatus | CredentialsReset | AgentPause | AgentResume | AgentList => true,
         }
     }
 }
@@ -392,6 +395,11 @@ pub enum Method {
     /// Params ignored.
     CredentialsStatus,
     CredentialsReset(CredentialsResetParams),
+    /// The kill switch: pause one agent, or every agent with `all`.
+    AgentPause(AgentPauseParams),
+    AgentResume(AgentPauseParams),
+    /// Params ignored.
+    AgentList,
 }
 
 /// Why a call's method or params could not be read.
@@ -466,6 +474,9 @@ impl Method {
             N::RunsKill => Method::RunsKill(params(p)?),
             N::CredentialsStatus => Method::CredentialsStatus,
             N::CredentialsReset => Method::CredentialsReset(params(p)?),
+            N::AgentPause => Method::AgentPause(params(p)?),
+            N::AgentResume => Method::AgentResume(params(p)?),
+            N::AgentList => Method::AgentList,
         })
     }
 
@@ -508,6 +519,9 @@ impl Method {
             Method::RunsKill(_) => N::RunsKill,
             Method::CredentialsStatus => N::CredentialsStatus,
             Method::CredentialsReset(_) => N::CredentialsReset,
+            Method::AgentPause(_) => N::AgentPause,
+            Method::AgentResume(_) => N::AgentResume,
+            Method::AgentList => N::AgentList,
         }
     }
 
@@ -544,6 +558,8 @@ pub struct SubmitParams {
     pub timeout_secs: Option<u64>,
     #[serde(default)]
     pub unattended: bool,
+    /// How sure the agent is of this call, 0..=1 (see `min_confidence`).
+    pub confidence: Option<f64>,
     /// Block until the decision instead of returning at once.
     #[serde(default)]
     pub wait: bool,
@@ -568,6 +584,20 @@ pub struct RunsListParams {
 #[serde(deny_unknown_fields)]
 pub struct RunsKillParams {
     pub id: String,
+    /// Who asks, for the audit log (shown as `cli:NAME`).
+    pub operator: Option<String>,
+}
+
+/// `agent.pause` and `agent.resume`: one agent by `name`, or every agent
+/// (the global switch) with `all`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentPauseParams {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub all: bool,
+    /// For `agent.pause`: why, recorded and shown with every denial.
+    pub reason: Option<String>,
     /// Who asks, for the audit log (shown as `cli:NAME`).
     pub operator: Option<String>,
 }
@@ -860,7 +890,9 @@ mod tests {
             | N::AuditPrune
             | N::TokenList
             | N::RunsList
+            | N::AgentList
             | N::CredentialsStatus => Value::Null,
+            N::AgentPause | N::AgentResume => json!({"name": "bot"}),
         }
     }
 
@@ -875,7 +907,7 @@ mod tests {
             assert_eq!(parsed.name(), m);
             assert_eq!(parsed.requires_admin(), m.requires_admin());
         }
-        assert_eq!(seen.len(), 36);
+        assert_eq!(seen.len(), 39);
     }
 
     #[test]
@@ -908,6 +940,9 @@ mod tests {
             "runs.kill",
             "credentials.status",
             "credentials.reset",
+            "agent.pause",
+            "agent.resume",
+            "agent.list",
         ];
         for name in admin {
             assert!(is_admin_method(name), "{name}");

@@ -34,6 +34,8 @@ single_user_demo = true
 
 [[agents]]
 name = "py"
+# Only calls that state a lower confidence are held back by it.
+min_confidence = 0.7
 
 [[agents]]
 name = "robot"

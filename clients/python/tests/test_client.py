@@ -128,6 +128,18 @@ def test_unattended_denies_at_once(server):
     assert client(server, agent="robot").submit("read_file", {"path": "/x"}).approved
 
 
+def test_low_confidence_waits_for_a_human(server):
+    kt = client(server)
+    d = kt.submit("read_file", {"path": "/x"}, confidence=0.3, wait=False)
+    assert d.pending and d.rule == "low_confidence"
+    assert d.rule_detail.startswith("the agent's confidence 0.3 is below 0.7")
+    kt.cancel(d.request_id)
+    assert kt.submit("read_file", {"path": "/x"}, confidence=0.9).approved
+    with pytest.raises(kc.RpcError) as ei:
+        kt.submit("read_file", {"path": "/x"}, confidence=1.5)
+    assert ei.value.code == "invalid_params"
+
+
 def test_check_and_wait_after_reconnect(server):
     kt = client(server)
     assert kt.check("read_file", {"path": "/x"})["verdict"]["action"] == "allow"

@@ -14,6 +14,7 @@ mod deferred;
 pub mod leader;
 pub mod listen;
 pub mod notify;
+mod pauses;
 mod runs;
 #[cfg(test)]
 mod testdb;

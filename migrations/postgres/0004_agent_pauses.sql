@@ -1,0 +1,10 @@
+-- The kill switch (as migrations/sqlite 0011): agents paused by an admin.
+-- A paused agent's every call is denied (`agent_paused`) until it is
+-- resumed. The row with agent `*` is the global pause (`pause-all`): it
+-- stops every agent. Times are epoch milliseconds.
+CREATE TABLE agent_pauses (
+    agent     TEXT COLLATE "C" PRIMARY KEY,
+    paused_by TEXT NOT NULL,
+    since_ms  BIGINT NOT NULL,
+    reason    TEXT
+);
