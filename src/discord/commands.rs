@@ -540,6 +540,7 @@ pub async fn run(
                 .take(RUNS_ENDED_SHOWN)
                 .collect();
             Ok(reply(runs_text(&running, &ended)))
+        }
         ("agent", Some(sub @ ("pause" | "pause-all"))) => {
             let name = if sub == "pause" {
                 Some(inv.need("name")?.trim())
