@@ -9,6 +9,7 @@
 //! [`routing`] (pure), and posted/edited by [`outbox`] through [`rest`].
 
 pub mod card;
+pub mod chart;
 pub mod commands;
 mod escape;
 pub mod outbox;
@@ -25,11 +26,11 @@ use card::CardSettings;
 use routing::Route;
 use serenity::all::{
     ActionRowComponent, Channel, ChannelId, ClientBuilder, CommandInteraction,
-    ComponentInteraction, Context, CreateActionRow, CreateAllowedMentions, CreateInputText,
-    CreateInteractionResponse, CreateInteractionResponseFollowup, CreateInteractionResponseMessage,
-    CreateMessage, CreateModal, EditInteractionResponse, Event, EventHandler, GatewayIntents,
-    GuildId, Http, HttpBuilder, InputTextStyle, Interaction, Member, Message, ModalInteraction,
-    Permissions, RawEventHandler, Ready, ShardManager, UserId,
+    ComponentInteraction, Context, CreateActionRow, CreateAllowedMentions, CreateAttachment,
+    CreateInputText, CreateInteractionResponse, CreateInteractionResponseFollowup,
+    CreateInteractionResponseMessage, CreateMessage, CreateModal, EditInteractionResponse, Event,
+    EventHandler, GatewayIntents, GuildId, Http, HttpBuilder, InputTextStyle, Interaction, Member,
+    Message, ModalInteraction, Permissions, RawEventHandler, Ready, ShardManager, UserId,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -877,6 +878,24 @@ impl Handler {
                 return;
             }
         }
+        if commands::is_approver_command(&name) {
+            let approver = roles_of(&self.0.cfg, c.member.as_deref()).is_some_and(|(a, _)| a);
+            if !approver {
+                tracing::info!(user.id = %c.user.id, command = %name, "command refused: not an approver");
+                if let Err(e) = c
+                    .create_response(
+                        &ctx.http,
+                        ephemeral("This command is for Keyturn approvers and admins."),
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %describe(&e), "cannot answer a command");
+                }
+                return;
+            }
+            self.stats(ctx, &c).await;
+            return;
+        }
         if name == "pair" {
             // An explicit request, but limited per user like DMs.
             let uid = c.user.id.get().to_string();
@@ -933,6 +952,36 @@ impl Handler {
                     tracing::warn!(user.id = uid, error = %describe(&e), "cannot DM a paired user");
                 }
             }
+        }
+    }
+}
+
+impl Handler {
+    /// `/stats`: deferred (the report reads the store), then answered with
+    /// the embed and the chart attached.
+    async fn stats(&self, ctx: &Context, c: &CommandInteraction) {
+        if let Err(e) = c.defer_ephemeral(&ctx.http).await {
+            tracing::warn!(error = %describe(&e), "cannot defer a command");
+            return;
+        }
+        let inv = commands::Invocation::from_options(&c.data.name, &c.data.options);
+        let edit = match commands::stats_command(&self.0.gw, &inv).await {
+            Ok(answer) => {
+                let mut edit = EditInteractionResponse::new()
+                    .content("")
+                    .embed(answer.embed)
+                    .allowed_mentions(no_mentions());
+                if let Some(png) = answer.chart {
+                    edit = edit.new_attachment(CreateAttachment::bytes(png, commands::CHART_FILE));
+                }
+                edit
+            }
+            Err(e) => EditInteractionResponse::new()
+                .content(card::fit(&format!("⚠️ {e}"), 1900).0)
+                .allowed_mentions(no_mentions()),
+        };
+        if let Err(e) = c.edit_response(&ctx.http, edit).await {
+            tracing::warn!(error = %describe(&e), "cannot answer a command");
         }
     }
 }
