@@ -567,6 +567,17 @@ async fn cancels_and_timeouts(store: &dyn Store, feed: &mut Feed) {
     );
 }
 
+/// What the stats chapter checks of a row: tool, state, decider, who,
+/// created and decided times.
+type StatsSeen<'a> = (
+    &'a str,
+    State,
+    Option<DecidedBy>,
+    Option<&'a str>,
+    i64,
+    Option<i64>,
+);
+
 /// The usage report's read: requests created since a time, newest first,
 /// bounded, with their outcome as stored.
 async fn stats_rows(store: &dyn Store, feed: &mut Feed) {
@@ -598,14 +609,7 @@ async fn stats_rows(store: &dyn Store, feed: &mut Feed) {
         .unwrap()
         .unwrap();
     let rows = store.requests_since(T, 10).await.unwrap();
-    let seen: Vec<(
-        &str,
-        State,
-        Option<DecidedBy>,
-        Option<&str>,
-        i64,
-        Option<i64>,
-    )> = rows
+    let seen: Vec<StatsSeen<'_>> = rows
         .iter()
         .map(|r| {
             (
