@@ -1,7 +1,7 @@
 //! The command line: `serve` runs the daemon; every other subcommand is a
 //! client of one of its sockets: agent subcommands (request, check, exec,
 //! hook, mcp-proxy, verify, health) use the agent socket, admin subcommands
-//! (approve, deny, pending, grant, tools, pairing, audit, status, cancel)
+//! (approve, deny, pending, stats, grant, tools, pairing, audit, status, cancel)
 //! the admin socket. Human-readable output by default, `--json` everywhere.
 
 use crate::config::Config;

@@ -816,6 +816,51 @@ mod tests {
     }
 
     #[test]
+    fn the_stats_embed_fits_discord_limits_and_shows_names_as_code() {
+        use crate::domain::request::{DecidedBy, State};
+        use crate::domain::stats::{compute, CallRecord};
+        let mut recs = Vec::new();
+        for i in 0..150 {
+            let long = format!("{i:03}{}", "@everyone `x` **y** ".repeat(20));
+            recs.push(CallRecord {
+                state: if i % 2 == 0 {
+                    State::Denied
+                } else {
+                    State::Approved
+                },
+                decided_by: Some(if i % 3 == 0 {
+                    DecidedBy::Policy
+                } else {
+                    DecidedBy::Human
+                }),
+                decided_who: Some(format!("{long} (uid:{i}), other{i} (uid:1)")),
+                tool: long.clone(),
+                agent: long.clone(),
+                rule: long,
+                created_ms: 1_000,
+                decided_ms: Some(2_000 + i),
+            });
+        }
+        let r = compute(&recs, 0, 10_000, true);
+        let v = serde_json::to_value(stats_embed(&r, "7d", true)).unwrap();
+        let len = |v: &serde_json::Value| super::super::escape::length(v.as_str().unwrap_or(""));
+        let mut total = len(&v["title"]) + len(&v["description"]);
+        assert!(len(&v["title"]) <= 256 && len(&v["description"]) <= 4096);
+        let fields = v["fields"].as_array().unwrap();
+        assert!(fields.len() <= 25);
+        for f in fields {
+            assert!(len(&f["name"]) <= 256);
+            assert!((1..=1024).contains(&len(&f["value"])), "{f}");
+            total += len(&f["name"]) + len(&f["value"]);
+        }
+        assert!(total <= 6000, "{total}");
+        let text = v.to_string();
+        assert!(!text.contains("@everyone `x`"), "names are escaped");
+        assert!(text.contains("Only the newest"));
+        assert_eq!(v["image"]["url"], "attachment://stats.png");
+    }
+
+    #[test]
     fn definitions_fit_discord_limits() {
         let defs: Vec<CreateCommand> = definitions();
         let v = serde_json::to_value(&defs).unwrap();
