@@ -1,7 +1,7 @@
 //! The command line: `serve` runs the daemon; every other subcommand is a
 //! client of one of its sockets: agent subcommands (request, check, exec,
 //! hook, mcp-proxy, verify, health) use the agent socket, admin subcommands
-//! (approve, deny, pending, grant, tools, pairing, audit, status, cancel,
+//! (approve, deny, pending, stats, grant, tools, pairing, audit, status, cancel,
 //! agent)
 //! the admin socket. Human-readable output by default, `--json` everywhere.
 
@@ -228,6 +228,17 @@ enum Command {
         /// Why, recorded with the cancellation.
         #[arg(long)]
         reason: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Usage over a window (admin): calls by outcome, tool and agent, time
+    /// to decision (p50/p90, nearest rank) overall and per approver,
+    /// timeouts, calls approved per policy rule, the most denied tools.
+    /// `--json` prints the whole report.
+    Stats {
+        /// How far back: a number and a unit (s, m, h, d, w), e.g. 24h or 7d.
+        #[arg(long, default_value = "24h")]
+        since: String,
         #[command(flatten)]
         conn: Conn,
     },
@@ -832,6 +843,93 @@ fn read<T: DeserializeOwned>(v: &Value) -> anyhow::Result<T> {
 
 /// Prints an answer: with `--json` as the server sent it, else as text
 /// made from its typed form.
+/// `keyturn stats` as text.
+fn stats_text(r: &crate::domain::stats::StatsReport, since: &str) -> String {
+    use crate::domain::stats::Outcome;
+    use std::fmt::Write as _;
+    let mut out = format!("calls in the last {}: {}", printable(since), r.total);
+    if r.truncated {
+        out.push_str(" (cut to the newest requests)");
+    }
+    for o in Outcome::ALL {
+        let _ = write!(out, "\n  {:<20} {}", o.label(), r.outcomes.get(o));
+    }
+    let ms = |ms: i64| format!("{:.1}s", ms as f64 / 1000.0);
+    match &r.time_to_decision {
+        Some(l) => {
+            let _ = write!(
+                out,
+                "\ntime to a human decision: p50 {} p90 {} ({} decisions)",
+                ms(l.p50_ms),
+                ms(l.p90_ms),
+                l.count
+            );
+        }
+        None => out.push_str("\ntime to a human decision: no human decisions"),
+    }
+    for a in &r.by_approver {
+        let _ = write!(
+            out,
+            "\n  {}: {} approved, {} denied, p50 {} p90 {}",
+            printable(&a.approver),
+            a.approved,
+            a.denied,
+            ms(a.time_to_decision.p50_ms),
+            ms(a.time_to_decision.p90_ms)
+        );
+    }
+    let _ = write!(out, "\ntimeouts: {}", r.timeouts);
+    let list = |title: &str, items: Vec<String>, omitted: u64| {
+        let mut s = format!("\n{title}:");
+        if items.is_empty() {
+            s.push_str(" none");
+        }
+        for i in items {
+            s.push_str("\n  ");
+            s.push_str(&i);
+        }
+        if omitted > 0 {
+            let _ = write!(s, "\n  … and {omitted} more");
+        }
+        s
+    };
+    let named = |n: &crate::domain::stats::NamedOutcomes| {
+        format!(
+            "{}: {} ({} approved, {} denied, {} timed out, {} cancelled, {} pending)",
+            printable(&n.name),
+            n.total,
+            n.outcomes.approved_by_policy + n.outcomes.approved_by_human,
+            n.outcomes.denied_by_policy + n.outcomes.denied_by_human,
+            n.outcomes.timed_out,
+            n.outcomes.cancelled,
+            n.outcomes.pending
+        )
+    };
+    out.push_str(&list(
+        "by tool",
+        r.by_tool.iter().map(named).collect(),
+        r.by_tool_omitted,
+    ));
+    out.push_str(&list(
+        "by agent",
+        r.by_agent.iter().map(named).collect(),
+        r.by_agent_omitted,
+    ));
+    let counted =
+        |c: &crate::domain::stats::NamedCount| format!("{}: {}", printable(&c.name), c.calls);
+    out.push_str(&list(
+        "approved by policy, per rule",
+        r.grants_used.iter().map(counted).collect(),
+        r.grants_used_omitted,
+    ));
+    out.push_str(&list(
+        "most denied tools",
+        r.top_denied_tools.iter().map(counted).collect(),
+        0,
+    ));
+    out
+}
+
 fn show<T>(json_out: bool, raw: &Value, answer: &T, text: impl FnOnce(&T) -> String) {
     if json_out {
         crate::outln!("{}", serde_json::to_string_pretty(raw).unwrap_or_default());
@@ -1100,6 +1198,18 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .call("cancel", json!({"id": id, "reason": reason}))
                 .await?;
             show(conn.json, &v, &read(&v)?, decision_text);
+            Ok(0)
+        }
+        Command::Stats { since, conn } => {
+            let window = crate::domain::stats::parse_window(&since)
+                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            let v = conn
+                .admin_client()
+                .await?
+                .call("stats.report", json!({"window_secs": window}))
+                .await?;
+            let report: crate::domain::stats::StatsReport = read(&v)?;
+            show(conn.json, &v, &report, |r| stats_text(r, &since));
             Ok(0)
         }
         Command::Pending { limit, conn } => {

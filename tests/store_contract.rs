@@ -153,6 +153,7 @@ async fn story(store: Arc<dyn Store>, raw: Raw<'_>) {
     deadlines(&*store).await;
     audit(&*store).await;
     pending_limits(&*store, &mut feed).await;
+    stats_rows(&*store, &mut feed).await;
     corrupt(&*store, raw).await;
 }
 
@@ -565,6 +566,101 @@ async fn cancels_and_timeouts(store: &dyn Store, feed: &mut Feed) {
             state: State::TimedOut
         }
     );
+}
+
+/// What the stats chapter checks of a row: tool, state, decider, who,
+/// created and decided times.
+type StatsSeen<'a> = (
+    &'a str,
+    State,
+    Option<DecidedBy>,
+    Option<&'a str>,
+    i64,
+    Option<i64>,
+);
+
+/// The usage report's read: requests created since a time, newest first,
+/// bounded, with their outcome as stored.
+async fn stats_rows(store: &dyn Store, feed: &mut Feed) {
+    // Created after everything else in the story.
+    const T: i64 = 1_000_000_000_000;
+    let mk = |n: u128, created: i64, tool: &str| {
+        let mut r = request(n, 1, T + 100_000);
+        r.created_ms = created;
+        r.tool = tool.into();
+        r.rule = "risk_high".into();
+        r
+    };
+    let (a, b, c) = (
+        mk(900, T, "shell"),
+        mk(901, T + 10, "deploy"),
+        mk(902, T + 20, "shell"),
+    );
+    for r in [&a, &b, &c] {
+        queue(store, feed, r).await;
+    }
+    feed.write(store.vote(a.id, vote("uid:7", true, T + 1_500), ADMIN))
+        .await
+        .0
+        .unwrap()
+        .unwrap();
+    feed.write(store.cancel(b.id, "agent:agent-a".into(), None, T + 30))
+        .await
+        .0
+        .unwrap()
+        .unwrap();
+    let rows = store.requests_since(T, 10).await.unwrap();
+    let seen: Vec<StatsSeen<'_>> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.tool.as_str(),
+                r.state,
+                r.decided_by,
+                r.decided_who.as_deref(),
+                r.created_ms,
+                r.decided_ms,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("shell", State::Pending, None, None, T + 20, None),
+            (
+                "deploy",
+                State::Cancelled,
+                Some(DecidedBy::Cancel),
+                Some("agent:agent-a"),
+                T + 10,
+                Some(T + 30)
+            ),
+            (
+                "shell",
+                State::Approved,
+                Some(DecidedBy::Human),
+                Some("uid:7"),
+                T,
+                Some(T + 1_500)
+            ),
+        ]
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r.agent == "agent-a" && r.rule == "risk_high"));
+    // Bounded: the newest first.
+    let two = store.requests_since(T, 2).await.unwrap();
+    assert_eq!(
+        two.iter().map(|r| r.created_ms).collect::<Vec<_>>(),
+        [T + 20, T + 10]
+    );
+    assert_eq!(store.requests_since(T + 11, 10).await.unwrap().len(), 1);
+    // Close the last one so later chapters see no extra pending request.
+    feed.write(store.cancel(c.id, "agent:agent-a".into(), None, T + 40))
+        .await
+        .0
+        .unwrap()
+        .unwrap();
 }
 
 async fn rights(store: &dyn Store, feed: &mut Feed) {

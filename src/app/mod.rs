@@ -19,6 +19,7 @@ pub mod ports;
 pub mod retention;
 pub mod run;
 pub mod scheduler;
+mod stats;
 mod submit;
 pub mod tokens;
 mod waiters;

@@ -7,6 +7,7 @@
 use crate::domain::audit::{AuditEntry, AuditEvent};
 use crate::domain::policy::{Effect, Grant, Pause, Scope, ToolPattern};
 use crate::domain::request::{ApprovalRequest, RequestId, TransitionError, Vote, VoterRights};
+use crate::domain::stats::CallRecord;
 use crate::domain::trifecta::{Guard, ToolTag};
 use crate::domain::Risk;
 use async_trait::async_trait;
@@ -290,6 +291,14 @@ pub trait Requests: Send + Sync + 'static {
     ) -> StoreResult<Vec<(String, Vec<ToolTag>)>> {
         let _ = (agent, user, since_ms);
         Err(StoreError::Unsupported("the trifecta history".into()))
+    }
+    /// Up to `limit` requests created at or after `since_ms`, newest first,
+    /// with what a usage report needs of each ([`CallRecord`]). The
+    /// default refuses (a store without it reports nothing rather than a
+    /// wrong figure).
+    async fn requests_since(&self, since_ms: i64, limit: u32) -> StoreResult<Vec<CallRecord>> {
+        let _ = (since_ms, limit);
+        Err(StoreError::Unsupported("usage statistics".into()))
     }
 }
 

@@ -12,9 +12,10 @@ use crate::app::ports::RunRecord;
 use crate::app::{AppError, Gateway};
 use crate::domain::policy::Effect;
 use crate::domain::run::RunState;
+use crate::domain::stats::{self, Outcome as CallOutcome, StatsReport};
 use serenity::all::{
     CommandDataOption, CommandDataOptionValue, CommandOptionType, CreateCommand,
-    CreateCommandOption, Permissions,
+    CreateCommandOption, CreateEmbed, Permissions,
 };
 use std::sync::Arc;
 
@@ -203,6 +204,16 @@ pub fn definitions() -> Vec<CreateCommand> {
         CreateCommand::new("pair").description("Ask Keyturn for a pairing code"),
         CreateCommand::new("runs")
             .description("Runs Keyturn started: those running, then the last ended (approvers)"),
+        CreateCommand::new("stats")
+            .description("Keyturn usage: calls by outcome, tool and agent; decision times")
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::String,
+                    "since",
+                    "How far back, e.g. 24h or 7d (default 24h)",
+                )
+                .max_length(16),
+            ),
     ]
 }
 
@@ -213,7 +224,7 @@ pub fn is_admin_command(name: &str) -> bool {
 
 /// Whether a command needs the approver role (admins have it too).
 pub fn is_approver_command(name: &str) -> bool {
-    matches!(name, "runs")
+    matches!(name, "runs" | "stats")
 }
 
 /// Flattened options: the subcommand name and its (name, value) pairs as text.
@@ -716,6 +727,164 @@ pub fn kill_answer(run_id: &str, outcome: &Result<(RunRecord, bool), AppError>) 
     }
 }
 
+/// The chart's file name, as the embed refers to it.
+pub const CHART_FILE: &str = "stats.png";
+/// Longest value of one `/stats` embed field (Discord allows 1024; seven
+/// of these, the title and the description stay under the 6000 total).
+const STATS_FIELD_BUDGET: usize = 700;
+/// Lines per `/stats` list.
+const STATS_LINES: usize = 10;
+
+/// What `/stats` answers: an embed and, unless it could not be drawn, the
+/// chart to attach as [`CHART_FILE`].
+pub struct StatsAnswer {
+    pub embed: CreateEmbed,
+    pub chart: Option<Vec<u8>>,
+}
+
+/// Runs `/stats [since]` (the role check has been done by the caller).
+/// Errors are safe to show.
+pub async fn stats_command(gw: &Arc<Gateway>, inv: &Invocation) -> Result<StatsAnswer, String> {
+    let since = inv.get("since").map(str::trim).filter(|s| !s.is_empty());
+    let window = match since {
+        Some(s) => stats::parse_window(s).map_err(|e| format!("option `since`: {}", plain(&e)))?,
+        None => stats::DEFAULT_WINDOW_SECS,
+    };
+    let report = gw.stats_report(window).await.map_err(|e| match e {
+        AppError::Store(_) => "something went wrong (see the server log)".to_string(),
+        other => other.to_string(),
+    })?;
+    let chart = match super::chart::outcome_chart(&report.outcomes) {
+        Ok(png) => Some(png),
+        Err(e) => {
+            tracing::warn!(error = %e, "stats chart not drawn");
+            None
+        }
+    };
+    Ok(StatsAnswer {
+        embed: stats_embed(&report, since.unwrap_or("24h"), chart.is_some()),
+        chart,
+    })
+}
+
+/// Seconds with one decimal, e.g. `12.5s`.
+fn secs(ms: i64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
+}
+
+/// A `/stats` field value: the lines, or `none`, within the budget.
+fn field_lines(lines: Vec<String>, omitted: u64) -> String {
+    if lines.is_empty() {
+        return "none".into();
+    }
+    let mut text = lines.join("\n");
+    if omitted > 0 {
+        text.push_str(&format!("\n… and {omitted} more"));
+    }
+    super::escape::fit(&text, STATS_FIELD_BUDGET).0
+}
+
+/// The `/stats` embed (pure): every name from the store is shown as
+/// inline code, every list cut to fit Discord's limits.
+pub fn stats_embed(r: &StatsReport, since: &str, with_chart: bool) -> CreateEmbed {
+    let mut description = format!(
+        "**{}** calls since <t:{}:f>; **{}** timed out.",
+        r.total,
+        r.since_ms.div_euclid(1000),
+        r.timeouts
+    );
+    if r.truncated {
+        description.push_str(&format!(
+            "\nOnly the newest {} requests were counted.",
+            stats::MAX_ROWS
+        ));
+    }
+    if with_chart {
+        description.push_str("\nThe chart's bars follow the outcomes, in order.");
+    }
+    let outcomes: Vec<String> = CallOutcome::ALL
+        .iter()
+        .map(|o| {
+            format!(
+                "{} {}: **{}**",
+                super::chart::swatch(*o),
+                o.label(),
+                r.outcomes.get(*o)
+            )
+        })
+        .collect();
+    let decision = match &r.time_to_decision {
+        Some(l) => format!(
+            "p50 **{}** · p90 **{}** ({} decisions)",
+            secs(l.p50_ms),
+            secs(l.p90_ms),
+            l.count
+        ),
+        None => "no human decisions".into(),
+    };
+    let approvers: Vec<String> = r
+        .by_approver
+        .iter()
+        .take(STATS_LINES)
+        .map(|a| {
+            format!(
+                "{}: {} approved, {} denied · p50 {} · p90 {}",
+                inline_code(&a.approver, 60),
+                a.approved,
+                a.denied,
+                secs(a.time_to_decision.p50_ms),
+                secs(a.time_to_decision.p90_ms)
+            )
+        })
+        .collect();
+    let named = |list: &[stats::NamedOutcomes], omitted: u64| {
+        let lines = list
+            .iter()
+            .take(STATS_LINES)
+            .map(|n| {
+                format!(
+                    "{}: {} ({} approved, {} denied)",
+                    inline_code(&n.name, 60),
+                    n.total,
+                    n.outcomes.approved_by_policy + n.outcomes.approved_by_human,
+                    n.outcomes.denied_by_policy + n.outcomes.denied_by_human
+                )
+            })
+            .collect();
+        let more = omitted + list.len().saturating_sub(STATS_LINES) as u64;
+        field_lines(lines, more)
+    };
+    let counted = |list: &[stats::NamedCount], omitted: u64| {
+        let lines = list
+            .iter()
+            .take(STATS_LINES)
+            .map(|c| format!("{}: {}", inline_code(&c.name, 60), c.calls))
+            .collect();
+        let more = omitted + list.len().saturating_sub(STATS_LINES) as u64;
+        field_lines(lines, more)
+    };
+    let more_approvers =
+        r.by_approver_omitted + r.by_approver.len().saturating_sub(STATS_LINES) as u64;
+    let mut embed = CreateEmbed::new()
+        .title(super::escape::fit(&format!("Keyturn usage, last {}", plain(since)), 200).0)
+        .description(description)
+        .field("Outcomes", field_lines(outcomes, 0), false)
+        .field("Time to a human decision", decision, false)
+        .field("By approver", field_lines(approvers, more_approvers), false)
+        .field("By tool", named(&r.by_tool, r.by_tool_omitted), true)
+        .field("By agent", named(&r.by_agent, r.by_agent_omitted), true)
+        .field(
+            "Approved by policy, per rule",
+            counted(&r.grants_used, r.grants_used_omitted),
+            false,
+        )
+        .field("Most denied tools", counted(&r.top_denied_tools, 0), false);
+    if with_chart {
+        embed = embed.image(format!("attachment://{CHART_FILE}"));
+    }
+    embed
+}
+
 /// The text a user gets with their pairing code.
 pub fn pairing_text(code: &str, expires_ms: i64) -> String {
     format!(
@@ -875,6 +1044,51 @@ mod tests {
         l.refund("a");
         assert_eq!(l.new_code("a", t0), Ok(()), "a refunded try counts no more");
         assert_eq!(l.new_code("a", t0 + CODE_WINDOW), Ok(()));
+    }
+
+    #[test]
+    fn the_stats_embed_fits_discord_limits_and_shows_names_as_code() {
+        use crate::domain::request::{DecidedBy, State};
+        use crate::domain::stats::{compute, CallRecord};
+        let mut recs = Vec::new();
+        for i in 0..150 {
+            let long = format!("{i:03}{}", "@everyone `x` **y** ".repeat(20));
+            recs.push(CallRecord {
+                state: if i % 2 == 0 {
+                    State::Denied
+                } else {
+                    State::Approved
+                },
+                decided_by: Some(if i % 3 == 0 {
+                    DecidedBy::Policy
+                } else {
+                    DecidedBy::Human
+                }),
+                decided_who: Some(format!("{long} (uid:{i}), other{i} (uid:1)")),
+                tool: long.clone(),
+                agent: long.clone(),
+                rule: long,
+                created_ms: 1_000,
+                decided_ms: Some(2_000 + i),
+            });
+        }
+        let r = compute(&recs, 0, 10_000, true);
+        let v = serde_json::to_value(stats_embed(&r, "7d", true)).unwrap();
+        let len = |v: &serde_json::Value| super::super::escape::length(v.as_str().unwrap_or(""));
+        let mut total = len(&v["title"]) + len(&v["description"]);
+        assert!(len(&v["title"]) <= 256 && len(&v["description"]) <= 4096);
+        let fields = v["fields"].as_array().unwrap();
+        assert!(fields.len() <= 25);
+        for f in fields {
+            assert!(len(&f["name"]) <= 256);
+            assert!((1..=1024).contains(&len(&f["value"])), "{f}");
+            total += len(&f["name"]) + len(&f["value"]);
+        }
+        assert!(total <= 6000, "{total}");
+        let text = v.to_string();
+        assert!(!text.contains("@everyone `x`"), "names are escaped");
+        assert!(text.contains("Only the newest"));
+        assert_eq!(v["image"]["url"], "attachment://stats.png");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! [`routing`] (pure), and posted/edited by [`outbox`] through [`rest`].
 
 pub mod card;
+pub mod chart;
 pub mod commands;
 mod escape;
 pub mod outbox;
@@ -25,11 +26,11 @@ use card::CardSettings;
 use routing::Route;
 use serenity::all::{
     ActionRowComponent, Channel, ChannelId, ClientBuilder, CommandInteraction,
-    ComponentInteraction, Context, CreateActionRow, CreateAllowedMentions, CreateInputText,
-    CreateInteractionResponse, CreateInteractionResponseFollowup, CreateInteractionResponseMessage,
-    CreateMessage, CreateModal, EditInteractionResponse, Event, EventHandler, GatewayIntents,
-    GuildId, Http, HttpBuilder, InputTextStyle, Interaction, Member, Message, ModalInteraction,
-    Permissions, RawEventHandler, Ready, ShardManager, UserId,
+    ComponentInteraction, Context, CreateActionRow, CreateAllowedMentions, CreateAttachment,
+    CreateInputText, CreateInteractionResponse, CreateInteractionResponseFollowup,
+    CreateInteractionResponseMessage, CreateMessage, CreateModal, EditInteractionResponse, Event,
+    EventHandler, GatewayIntents, GuildId, Http, HttpBuilder, InputTextStyle, Interaction, Member,
+    Message, ModalInteraction, Permissions, RawEventHandler, Ready, ShardManager, UserId,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -951,6 +952,10 @@ impl Handler {
                 }
                 return;
             }
+            if name == "stats" {
+                self.stats(ctx, &c).await;
+                return;
+            }
         }
         if name == "pair" {
             // An explicit request, but limited per user like DMs.
@@ -1008,6 +1013,36 @@ impl Handler {
                     tracing::warn!(user.id = uid, error = %describe(&e), "cannot DM a paired user");
                 }
             }
+        }
+    }
+}
+
+impl Handler {
+    /// `/stats`: deferred (the report reads the store), then answered with
+    /// the embed and the chart attached.
+    async fn stats(&self, ctx: &Context, c: &CommandInteraction) {
+        if let Err(e) = c.defer_ephemeral(&ctx.http).await {
+            tracing::warn!(error = %describe(&e), "cannot defer a command");
+            return;
+        }
+        let inv = commands::Invocation::from_options(&c.data.name, &c.data.options);
+        let edit = match commands::stats_command(&self.0.gw, &inv).await {
+            Ok(answer) => {
+                let mut edit = EditInteractionResponse::new()
+                    .content("")
+                    .embed(answer.embed)
+                    .allowed_mentions(no_mentions());
+                if let Some(png) = answer.chart {
+                    edit = edit.new_attachment(CreateAttachment::bytes(png, commands::CHART_FILE));
+                }
+                edit
+            }
+            Err(e) => EditInteractionResponse::new()
+                .content(card::fit(&format!("⚠️ {e}"), 1900).0)
+                .allowed_mentions(no_mentions()),
+        };
+        if let Err(e) = c.edit_response(&ctx.http, edit).await {
+            tracing::warn!(error = %describe(&e), "cannot answer a command");
         }
     }
 }

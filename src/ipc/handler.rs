@@ -495,6 +495,13 @@ impl Handler {
                 let total: usize = counts.values().sum();
                 Ok(json!({"pending": total, "pending_by_agent": counts, "waiting": gw.waiting()}))
             }
+            Method::StatsReport(q) => to_value(
+                gw.stats_report(
+                    q.window_secs
+                        .unwrap_or(crate::domain::stats::DEFAULT_WINDOW_SECS),
+                )
+                .await?,
+            ),
             Method::Pending(q) => to_value(gw.pending(q.limit.unwrap_or(100).min(10_000)).await?),
             Method::Approve(q) | Method::Deny(q) => {
                 let id = parse_id(&q.id)?;

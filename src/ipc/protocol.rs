@@ -267,6 +267,7 @@ method_names! {
     Cancel => "cancel",
     Verify => "verify",
     Stats => "stats",
+    StatsReport => "stats.report",
     Pending => "pending",
     Approve => "approve",
     Deny => "deny",
@@ -306,11 +307,12 @@ impl MethodName {
         use MethodName::*;
         match self {
             Ping | Health | Submit | Check | Wait | Status | Cancel | Verify | Run => false,
-            Stats | Pending | Approve | Deny | Grant | Revoke | ToolsList | ToolsEffective
-            | ToolsRisk | ToolsRisks | PairingList | PairingRequest | PairingApprove
-            | PairingAdd | PairingRevoke | AuditTail | AuditExport | AuditVerify | AuditPrune
-            | TokenIssue | TokenRotate | TokenRevoke | TokenList | RunsList | RunsKill
-            | CredentialsStatus | CredentialsReset | AgentPause | AgentResume | AgentList => true,
+            Stats | StatsReport | Pending | Approve | Deny | Grant | Revoke | ToolsList
+            | ToolsEffective | ToolsRisk | ToolsRisks | PairingList | PairingRequest
+            | PairingApprove | PairingAdd | PairingRevoke | AuditTail | AuditExport
+            | AuditVerify | AuditPrune | TokenIssue | TokenRotate | TokenRevoke | TokenList
+            | RunsList | RunsKill | CredentialsStatus | CredentialsReset | AgentPause
+            | AgentResume | AgentList => true,
         }
     }
 }
@@ -362,6 +364,7 @@ pub enum Method {
     Verify(VerifyParams),
     /// Params ignored.
     Stats,
+    StatsReport(StatsReportParams),
     Pending(ListParams),
     Approve(DecideParams),
     Deny(DecideParams),
@@ -447,6 +450,7 @@ impl Method {
             N::Cancel => Method::Cancel(params(p)?),
             N::Verify => Method::Verify(params(p)?),
             N::Stats => Method::Stats,
+            N::StatsReport => Method::StatsReport(params(p)?),
             N::Pending => Method::Pending(params(p)?),
             N::Approve => Method::Approve(params(p)?),
             N::Deny => Method::Deny(params(p)?),
@@ -492,6 +496,7 @@ impl Method {
             Method::Cancel(_) => N::Cancel,
             Method::Verify(_) => N::Verify,
             Method::Stats => N::Stats,
+            Method::StatsReport(_) => N::StatsReport,
             Method::Pending(_) => N::Pending,
             Method::Approve(_) => N::Approve,
             Method::Deny(_) => N::Deny,
@@ -577,6 +582,15 @@ pub struct RunsListParams {
     #[serde(default)]
     pub running: bool,
     pub limit: Option<u32>,
+}
+
+/// `stats.report` (`keyturn stats`, `/stats`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsReportParams {
+    /// The window, in seconds back from now (default one day, at most
+    /// [`crate::domain::stats::MAX_WINDOW_SECS`]).
+    pub window_secs: Option<u64>,
 }
 
 /// `runs.kill` (`keyturn kill`).
@@ -875,6 +889,7 @@ mod tests {
             N::Ping
             | N::Health
             | N::Stats
+            | N::StatsReport
             | N::Pending
             | N::ToolsList
             | N::ToolsEffective
@@ -907,13 +922,14 @@ mod tests {
             assert_eq!(parsed.name(), m);
             assert_eq!(parsed.requires_admin(), m.requires_admin());
         }
-        assert_eq!(seen.len(), 39);
+        assert_eq!(seen.len(), 40);
     }
 
     #[test]
     fn the_admin_methods_are_exactly_these() {
         let admin = [
             "stats",
+            "stats.report",
             "pending",
             "approve",
             "deny",

@@ -34,10 +34,13 @@ use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
 use crate::domain::request::{
     ApprovalRequest, RequestId, State, TransitionError, Vote, VoterRights,
 };
+use crate::domain::stats::CallRecord;
 use crate::domain::trifecta::{Guard, ToolTag};
 use crate::domain::Risk;
 use crate::store::error::sqlx as db;
-use crate::store::sqlite::{parse_effect, AuditRow, CardDbRow, FactsRow, RequestRow, VERIFY_PAGE};
+use crate::store::sqlite::{
+    parse_effect, AuditRow, CardDbRow, FactsRow, RequestRow, StatsRow, STATS_SQL, VERIFY_PAGE,
+};
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -517,6 +520,17 @@ impl Requests for PgStore {
     ) -> StoreResult<Vec<(String, Vec<ToolTag>)>> {
         let mut conn = self.reads.acquire().await.map_err(db)?;
         write::history(&mut conn, agent, user, since_ms).await
+    }
+    async fn requests_since(&self, since_ms: i64, limit: u32) -> StoreResult<Vec<CallRecord>> {
+        sqlx::query_as::<_, StatsRow>(STATS_SQL)
+            .bind(since_ms)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads)
+            .await
+            .map_err(db)?
+            .into_iter()
+            .map(StatsRow::into_record)
+            .collect()
     }
 }
 

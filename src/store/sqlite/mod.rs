@@ -21,6 +21,7 @@ use crate::domain::policy::{Effect, Grant, Scope, ToolPattern};
 use crate::domain::request::{
     ApprovalRequest, RequestId, State, TransitionError, Vote, VoterRights,
 };
+use crate::domain::stats::CallRecord;
 use crate::domain::trifecta::{self, Guard, ToolTag};
 use crate::domain::Risk;
 use async_trait::async_trait;
@@ -231,6 +232,45 @@ pub(super) fn history_entry(
         label.push_str(" (pending)");
     }
     (label, vec![tag])
+}
+
+/// What a usage report reads of a request; the same SQL on both backends
+/// (through `requests_created` in SQLite, a bounded scan in PostgreSQL).
+pub(super) const STATS_SQL: &str = "SELECT state, decided_by, decided_who, tool, agent, rule, \
+     created_ms, decided_ms FROM requests WHERE created_ms >= $1 \
+     ORDER BY created_ms DESC LIMIT $2";
+
+/// One row of [`STATS_SQL`].
+#[derive(FromRow)]
+pub(super) struct StatsRow {
+    state: String,
+    decided_by: Option<String>,
+    decided_who: Option<String>,
+    tool: String,
+    agent: String,
+    rule: String,
+    created_ms: i64,
+    decided_ms: Option<i64>,
+}
+
+impl StatsRow {
+    /// The record, or [`StoreError::Corrupt`] for an unknown state or decider.
+    pub(super) fn into_record(self) -> StoreResult<CallRecord> {
+        Ok(CallRecord {
+            state: self.state.parse().map_err(StoreError::Corrupt)?,
+            decided_by: self
+                .decided_by
+                .map(|d| d.parse())
+                .transpose()
+                .map_err(StoreError::Corrupt)?,
+            decided_who: self.decided_who,
+            tool: self.tool,
+            agent: self.agent,
+            rule: self.rule,
+            created_ms: self.created_ms,
+            decided_ms: self.decided_ms,
+        })
+    }
 }
 
 type VoteRow = (String, Option<String>, bool, Option<String>, i64);
@@ -621,6 +661,17 @@ impl Requests for SqliteStore {
             }
         }
         Ok(out)
+    }
+    async fn requests_since(&self, since_ms: i64, limit: u32) -> StoreResult<Vec<CallRecord>> {
+        sqlx::query_as::<_, StatsRow>(STATS_SQL)
+            .bind(since_ms)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads)
+            .await
+            .map_err(db)?
+            .into_iter()
+            .map(StatsRow::into_record)
+            .collect()
     }
 }
 
