@@ -16,6 +16,7 @@ pub mod request;
 pub mod risk;
 pub mod run;
 pub mod secret_rules;
+pub mod timed;
 pub mod token;
 pub mod trifecta;
 
