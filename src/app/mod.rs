@@ -5,6 +5,7 @@
 //! surface gets the same rules, the same audit and the same answers.
 
 mod admin;
+pub use admin::ApprovedFor;
 mod audit;
 mod cards;
 pub mod connection;
@@ -181,6 +182,9 @@ pub struct CheckAnswer {
 #[derive(Default)]
 struct PolicyView {
     grants: Vec<Grant>,
+    /// Time-boxed grants, expired ones included: evaluation ignores those
+    /// past their instant, so none needs a sweep to stop applying.
+    timed: Vec<crate::domain::timed::TimedGrant>,
     risks: HashMap<String, Risk>,
     /// Paired user id → roles.
     users: HashMap<String, Vec<String>>,
@@ -366,8 +370,10 @@ impl Gateway {
         for u in self.store.paired_users().await? {
             users.entry(u.user_id).or_default().extend(u.roles);
         }
+        let timed = self.store.timed_grants().await?;
         Ok(PolicyView {
             grants,
+            timed,
             risks,
             users,
             unavailable: None,
