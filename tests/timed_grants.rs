@@ -156,21 +156,36 @@ fn agent_tool_scope_covers_other_args_for_that_agent_only_survives_restart_and_r
 }
 
 #[test]
-fn approve_for_refuses_what_it_cannot_grant() {
+fn an_admins_grant_on_a_critical_tool_stands_in_for_the_admin() {
     let s = Server::start(config::files, "");
-    // Critical needs two approvals in this config? Either way a request that
-    // needs more than one approval is refused with a clear error.
     let crit = call(&s, "bot", "drop_database", json!({}));
-    let need = crit["approvals_required"].as_u64().unwrap();
+    assert_eq!(crit["admin_only"], true, "{crit}");
+    // The CLI is an admin: its grant may stand in for an admin's approval.
+    let a = cli_json(
+        &s,
+        &["approve", &id(&crit), "--for", "15m", "--scope", "agent-tool", "--json"],
+    );
+    assert_eq!(a["decision"]["state"], "approved", "{a}");
+    let next = call(&s, "bot", "drop_database", json!({"db": "other"}));
+    assert_eq!(next["rule"], "timed_grant", "{next}");
+}
+
+#[test]
+fn approve_for_refuses_what_it_cannot_grant() {
+    // The two-person rule for critical tools.
+    let s = Server::start(config::files, "\n[risk.critical]\napprovals = 2\n");
+    // A request that needs more than one approval is refused with a clear
+    // error: a grant would let later calls through on one person's word.
+    let crit = call(&s, "bot", "drop_database", json!({}));
+    assert_eq!(crit["approvals_required"], 2, "{crit}");
     let out = s.cli(&["approve", &id(&crit), "--for", "1h"]);
-    if need > 1 {
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("approvals"), "{err}");
-        // Nothing was approved.
-        let st = s.rpc("status", json!({"id": id(&crit)})).expect("status");
-        assert_eq!(st["state"], "pending", "{st}");
-    }
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs 2 approvals"), "{err}");
+    // Nothing was approved, and no vote was recorded.
+    let st = s.rpc("status", json!({"id": id(&crit)})).expect("status");
+    assert_eq!(st["state"], "pending", "{st}");
+    assert_eq!(st["who"], Value::Null, "{st}");
     // Bad durations and scopes are refused before anything is decided.
     let p = call(&s, "bot", "delete_file", json!({"path": "/srv/q"}));
     for args in [
