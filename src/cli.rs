@@ -1112,9 +1112,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             conn,
         } => grant(&conn, "grant", scope, tool, deny).await,
         Command::Revoke {
-            id: Some(id),
-            conn,
-            ..
+            id: Some(id), conn, ..
         } => revoke_timed(&conn, id).await,
         Command::Revoke {
             scope,
@@ -1403,7 +1401,9 @@ async fn tools(conn: &Conn, cmd: ToolsCmd) -> anyhow::Result<u8> {
                         g.created_by.as_deref().unwrap_or("?")
                     ));
                 }
-                out.push("time-boxed grants (stand in for an approval; expired ones left out):".into());
+                out.push(
+                    "time-boxed grants (stand in for an approval; expired ones left out):".into(),
+                );
                 if a.timed_grants.is_empty() {
                     out.push("  (none)".into());
                 }

@@ -15,10 +15,7 @@ use std::time::{Duration, Instant};
 fn call(s: &Server, agent: &str, tool: &str, args: Value) -> Value {
     s.rpc(
         "submit",
-        submit(
-            tool,
-            json!({"agent": agent, "args": args, "detach": true}),
-        ),
+        submit(tool, json!({"agent": agent, "args": args, "detach": true})),
     )
     .expect("submit")
 }
@@ -53,7 +50,15 @@ fn approve_for_a_call_allows_the_identical_call_until_its_instant() {
 
     let a = cli_json(
         &s,
-        &["approve", &id(&first), "--for", "2s", "--scope", "call", "--json"],
+        &[
+            "approve",
+            &id(&first),
+            "--for",
+            "2s",
+            "--scope",
+            "call",
+            "--json",
+        ],
     );
     assert_eq!(a["decision"]["state"], "approved", "{a}");
     let grant = a["grant"]["id"].as_str().expect("grant id").to_string();
@@ -113,11 +118,22 @@ fn agent_tool_scope_covers_other_args_for_that_agent_only_survives_restart_and_r
     let first = call(&s, "bot", "delete_file", json!({"path": "/srv/x"}));
     let a = cli_json(
         &s,
-        &["approve", &id(&first), "--for", "1h", "--scope", "agent-tool", "--json"],
+        &[
+            "approve",
+            &id(&first),
+            "--for",
+            "1h",
+            "--scope",
+            "agent-tool",
+            "--json",
+        ],
     );
     assert_eq!(a["decision"]["state"], "approved", "{a}");
     let grant = a["grant"]["id"].as_str().unwrap().to_string();
-    assert!(a["grant"]["until"].as_str().unwrap().starts_with("until 2"), "{a}");
+    assert!(
+        a["grant"]["until"].as_str().unwrap().starts_with("until 2"),
+        "{a}"
+    );
 
     let y = call(&s, "bot", "delete_file", json!({"path": "/srv/y"}));
     assert_eq!(y["rule"], "timed_grant", "{y}");
@@ -133,11 +149,17 @@ fn agent_tool_scope_covers_other_args_for_that_agent_only_survives_restart_and_r
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&grant) && text.contains("until 2"), "{text}");
     let eff = s
-        .rpc("tools.effective", json!({"agent": "bot", "tool": "delete_file"}))
+        .rpc(
+            "tools.effective",
+            json!({"agent": "bot", "tool": "delete_file"}),
+        )
         .expect("effective");
     assert_eq!(eff["timed_grants"][0]["id"], grant.as_str(), "{eff}");
     let eff = s
-        .rpc("tools.effective", json!({"agent": "cli", "tool": "delete_file"}))
+        .rpc(
+            "tools.effective",
+            json!({"agent": "cli", "tool": "delete_file"}),
+        )
         .expect("effective");
     assert_eq!(eff["timed_grants"], json!([]), "{eff}");
 
@@ -163,7 +185,15 @@ fn an_admins_grant_on_a_critical_tool_stands_in_for_the_admin() {
     // The CLI is an admin: its grant may stand in for an admin's approval.
     let a = cli_json(
         &s,
-        &["approve", &id(&crit), "--for", "15m", "--scope", "agent-tool", "--json"],
+        &[
+            "approve",
+            &id(&crit),
+            "--for",
+            "15m",
+            "--scope",
+            "agent-tool",
+            "--json",
+        ],
     );
     assert_eq!(a["decision"]["state"], "approved", "{a}");
     let next = call(&s, "bot", "drop_database", json!({"db": "other"}));
@@ -190,7 +220,14 @@ fn approve_for_refuses_what_it_cannot_grant() {
     let p = call(&s, "bot", "delete_file", json!({"path": "/srv/q"}));
     for args in [
         vec!["approve", p["request_id"].as_str().unwrap(), "--for", "0s"],
-        vec!["approve", p["request_id"].as_str().unwrap(), "--for", "1h", "--scope", "everything"],
+        vec![
+            "approve",
+            p["request_id"].as_str().unwrap(),
+            "--for",
+            "1h",
+            "--scope",
+            "everything",
+        ],
     ] {
         let out = s.cli(&args);
         assert!(!out.status.success(), "{args:?}");

@@ -180,6 +180,18 @@ impl Gateway {
                  use `call` or `agent-tool`",
             ));
         }
+        // The id is drawn first so the approval's reason can name the grant
+        // (cards and `status` show it beside the approver).
+        let grant_id = format!("tg-{}", &Uuid::new_v4().simple().to_string()[..16]);
+        let allowed = format!(
+            "allowed for {}: {} (grant {grant_id})",
+            timed::duration_label(duration),
+            kind.describe()
+        );
+        let reason = Some(match reason.filter(|r| !r.trim().is_empty()) {
+            Some(r) => format!("{r}; {allowed}"),
+            None => allowed,
+        });
         let voted = self.vote(id, voter, name, true, reason, is_admin).await?;
         if voted.request.state != State::Approved {
             // Not reachable with one approval needed; never grant without it.
@@ -189,7 +201,7 @@ impl Gateway {
         }
         let now = now_ms();
         let grant = TimedGrant {
-            id: format!("tg-{}", &Uuid::new_v4().simple().to_string()[..16]),
+            id: grant_id,
             agent: r.agent.clone(),
             tool: r.tool.clone(),
             kind,

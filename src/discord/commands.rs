@@ -327,10 +327,36 @@ pub async fn run(
                 (Some(k), _) => return Err(format!("option `target` is required for scope `{k}`")),
             };
             let grants = gw.grants(scope.as_deref()).await.map_err(shown)?;
-            if grants.is_empty() {
+            // Time-boxed grants are listed with the full list only (they
+            // have no allowlist scope), each with its expiry.
+            let timed = if scope.is_none() {
+                gw.timed_grants(None, None)
+            } else {
+                Vec::new()
+            };
+            if grants.is_empty() && timed.is_empty() {
                 return Ok(reply("No grants."));
             }
-            let lines: Vec<String> = grants
+            let timed_lines: Vec<String> = timed
+                .iter()
+                .map(|g| {
+                    format!(
+                        "allow  {} for agent {}{} ({}) {} [{}] by {}, from request {}",
+                        g.tool,
+                        g.agent,
+                        g.user_id
+                            .as_deref()
+                            .map(|u| format!(" and user {u}"))
+                            .unwrap_or_default(),
+                        g.kind.describe(),
+                        g.until(),
+                        g.id,
+                        g.created_by,
+                        g.origin_request
+                    )
+                })
+                .collect();
+            let mut lines: Vec<String> = grants
                 .iter()
                 .map(|g| {
                     format!(
@@ -345,6 +371,10 @@ pub async fn run(
                     )
                 })
                 .collect();
+            if !timed_lines.is_empty() {
+                lines.push("time-boxed:".into());
+                lines.extend(timed_lines);
+            }
             Ok(reply(format!(
                 "Grants:\n{}",
                 code_block(&lines.join("\n"), "text", REPLY_BUDGET - 20).0
