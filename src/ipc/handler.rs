@@ -705,6 +705,24 @@ fn refused_line(line: &str, e: &StrictError) -> String {
     response(&id, Err(RpcError::new(code, e.to_string())))
 }
 
+/// A time-boxed grant as the socket shows it (with its `until` label).
+fn timed_view(g: &crate::domain::timed::TimedGrant) -> Value {
+    json!({
+        "id": g.id,
+        "agent": g.agent,
+        "tool": g.tool,
+        "scope": g.kind,
+        "scope_label": g.kind.describe(),
+        "user_id": g.user_id,
+        "args_hash": g.args_hash,
+        "expires_ms": g.expires_ms,
+        "until": g.until(),
+        "created_by": g.created_by,
+        "created_ms": g.created_ms,
+        "origin_request": g.origin_request,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -788,22 +806,4 @@ mod tests {
         assert_eq!(bad.name, Some(MethodName::Approve));
         assert!(refusal(MethodName::Approve, &peer(false), false).is_some());
     }
-}
-
-/// A time-boxed grant as the socket shows it (with its `until` label).
-fn timed_view(g: &crate::domain::timed::TimedGrant) -> Value {
-    json!({
-        "id": g.id,
-        "agent": g.agent,
-        "tool": g.tool,
-        "scope": g.kind,
-        "scope_label": g.kind.describe(),
-        "user_id": g.user_id,
-        "args_hash": g.args_hash,
-        "expires_ms": g.expires_ms,
-        "until": g.until(),
-        "created_by": g.created_by,
-        "created_ms": g.created_ms,
-        "origin_request": g.origin_request,
-    })
 }
