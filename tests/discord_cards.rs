@@ -907,6 +907,29 @@ async fn allow_for_approves_and_adds_a_time_boxed_grant() {
         listed.contains(&grant) && listed.contains("until 2"),
         "{listed}"
     );
+    // Revoked by its id, the next call asks again.
+    let h = fake
+        .slash_command(
+            "tools",
+            json!([{"name": "revoke_grant", "type": 1, "options": [
+                {"name": "grant", "type": 3, "value": grant}]}]),
+            CAROL,
+        )
+        .await;
+    let call = fake
+        .wait_for_call(|c| c.method == "PATCH" && c.path.contains(&h.token), WAIT)
+        .await
+        .expect("/tools revoke_grant answered");
+    let answer = call.body["content"].as_str().unwrap_or("").to_string();
+    assert!(answer.contains("Revoked grant"), "{answer}");
+    let asked = server
+        .submit_as(
+            AGENT,
+            json!({"tool": "delete_file", "args": {"path": "/srv/third"}, "user_id": "42",
+                   "justification": "more cleanup"}),
+        )
+        .await;
+    assert_eq!(asked["state"], "pending", "{asked}");
     fake.assert_no_violations();
     server.stop_async().await;
 }

@@ -80,6 +80,22 @@ pub fn definitions() -> Vec<CreateCommand> {
             .add_option(grant_like("grant", "Allow (or deny) a tool in a scope"))
             .add_option(grant_like("revoke", "Remove a grant"))
             .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::SubCommand,
+                    "revoke_grant",
+                    "Remove a time-boxed grant (from Allow for…) by its id",
+                )
+                .add_sub_option(
+                    CreateCommandOption::new(
+                        CommandOptionType::String,
+                        "grant",
+                        "The grant's id (tg-…), as /tools list shows it",
+                    )
+                    .required(true)
+                    .max_length(64),
+                ),
+            )
+            .add_option(
                 CreateCommandOption::new(CommandOptionType::SubCommand, "list", "List grants")
                     .add_sub_option(scope(false))
                     .add_sub_option(target()),
@@ -319,6 +335,18 @@ pub async fn run(
                 ),
             }))
         }
+        ("tools", Some("revoke_grant")) => {
+            let id = inv.need("grant")?.trim();
+            let changed = gw
+                .revoke_timed(id, &by)
+                .await
+                .map_err(|e| format!("cannot revoke: {}", shown(e)))?;
+            Ok(reply(if changed {
+                format!("Revoked grant {}.", inline_code(id, 70))
+            } else {
+                format!("No such grant: {}.", inline_code(id, 70))
+            }))
+        }
         ("tools", Some("list")) => {
             let scope = match (inv.get("scope"), inv.get("target").map(str::trim)) {
                 (None, _) => None,
@@ -406,6 +434,18 @@ pub async fn run(
                     .collect();
                 text.push('\n');
                 text.push_str(&code_block(&lines.join("\n"), "text", 1000).0);
+            }
+            // Time-boxed grants for this agent and user: they stand in for
+            // an approval (never for the allowlist above), until expiry.
+            let timed: Vec<String> = gw
+                .timed_grants(Some(agent), Some(tool))
+                .iter()
+                .filter(|g| g.user_id.is_none() || g.user_id.as_deref() == Some(user))
+                .map(|g| format!("{} {} ({}) {}", g.id, g.tool, g.kind.describe(), g.until()))
+                .collect();
+            if !timed.is_empty() {
+                text.push_str("\nTime-boxed grants (in place of an approval):\n");
+                text.push_str(&code_block(&timed.join("\n"), "text", 600).0);
             }
             Ok(reply(text))
         }
