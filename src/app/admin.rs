@@ -174,6 +174,13 @@ impl Gateway {
                 r.approvals_required
             )));
         }
+        if self.timed_grants(None, None).len() >= timed::MAX_LIVE {
+            return Err(bad(format!(
+                "{} time-boxed grants are in force, the most there may be; revoke some \
+                 (`keyturn tools list`, `keyturn revoke --id`) or approve with a plain vote",
+                timed::MAX_LIVE
+            )));
+        }
         if kind == TimedScopeKind::AgentToolUser && r.user_id.is_none() {
             return Err(bad(
                 "this request acts for no user, so scope `agent-tool-user` does not apply; \

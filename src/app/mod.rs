@@ -182,8 +182,8 @@ pub struct CheckAnswer {
 #[derive(Default)]
 struct PolicyView {
     grants: Vec<Grant>,
-    /// Time-boxed grants, expired ones included: evaluation ignores those
-    /// past their instant, so none needs a sweep to stop applying.
+    /// Time-boxed grants in force when the view was loaded: evaluation
+    /// ignores each past its instant, so none needs a sweep to stop applying.
     timed: Vec<crate::domain::timed::TimedGrant>,
     risks: HashMap<String, Risk>,
     /// Paired user id → roles.
@@ -370,7 +370,16 @@ impl Gateway {
         for u in self.store.paired_users().await? {
             users.entry(u.user_id).or_default().extend(u.roles);
         }
-        let timed = self.store.timed_grants().await?;
+        // Expired grants never apply again, so the view keeps only those in
+        // force (the store keeps every one, for the record).
+        let now = now_ms();
+        let timed = self
+            .store
+            .timed_grants()
+            .await?
+            .into_iter()
+            .filter(|g| g.live_at(now))
+            .collect();
         Ok(PolicyView {
             grants,
             timed,

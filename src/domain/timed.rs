@@ -22,6 +22,10 @@ pub const MIN_DURATION: Duration = Duration::from_secs(1);
 /// Longest time box accepted (longer needs "until revoked", which is explicit).
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// Most time-boxed grants in force at once: beyond it "Allow for…" is
+/// refused (with the way out: revoke some, or let them expire).
+pub const MAX_LIVE: usize = 1000;
+
 /// How far a time-boxed grant reaches, as the approver picked it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
