@@ -261,6 +261,15 @@ enum Command {
         /// digits, spaces and `_-.'`). Default: $USER.
         #[arg(long = "as")]
         operator: Option<String>,
+        /// Also allow matching calls without asking for this long: `15m`,
+        /// `1h`, `8h`, `2s`, … or `until_revoked` (adds a time-boxed grant).
+        #[arg(long = "for")]
+        for_: Option<String>,
+        /// With `--for`: how far the grant reaches: `call` (this exact call,
+        /// the default), `agent-tool` (this tool for this agent) or
+        /// `agent-tool-user` (… acting for this user).
+        #[arg(long, requires = "for_")]
+        scope: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -291,14 +300,17 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Remove a grant (admin).
+    /// Remove a grant (admin): by scope and tool, or a time-boxed one by `--id`.
     Revoke {
+        /// A time-boxed grant's id (`tg-…`, from `keyturn tools list`).
+        #[arg(long, conflicts_with_all = ["scope", "tool", "deny"], required_unless_present_all = ["scope", "tool"])]
+        id: Option<String>,
         /// The grant's scope, as given to `grant`.
         #[arg(long)]
-        scope: String,
+        scope: Option<String>,
         /// The grant's tool or glob, as given to `grant`.
         #[arg(long)]
-        tool: String,
+        tool: Option<String>,
         /// Remove a deny entry instead of an allow entry.
         #[arg(long)]
         deny: bool,
@@ -1250,14 +1262,16 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             id,
             reason,
             operator: op,
+            for_,
+            scope,
             conn,
-        } => decide(&conn, "approve", id, reason, op).await,
+        } => decide(&conn, "approve", id, reason, op, for_.map(|f| (f, scope))).await,
         Command::Deny {
             id,
             reason,
             operator: op,
             conn,
-        } => decide(&conn, "deny", id, reason, op).await,
+        } => decide(&conn, "deny", id, reason, op, None).await,
         Command::Grant {
             scope,
             tool,
@@ -1265,11 +1279,24 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             conn,
         } => grant(&conn, "grant", scope, tool, deny).await,
         Command::Revoke {
+            id: Some(id), conn, ..
+        } => revoke_timed(&conn, id).await,
+        Command::Revoke {
             scope,
             tool,
             deny,
             conn,
-        } => grant(&conn, "revoke", scope, tool, deny).await,
+            ..
+        } => {
+            grant(
+                &conn,
+                "revoke",
+                scope.unwrap_or_default(),
+                tool.unwrap_or_default(),
+                deny,
+            )
+            .await
+        }
         Command::Tools { cmd, conn } => {
             tools(&conn, cmd.unwrap_or(ToolsCmd::List { scope: None })).await
         }
@@ -1455,25 +1482,45 @@ async fn decide(
     id: String,
     reason: Option<String>,
     op: Option<String>,
+    for_: Option<(String, Option<String>)>,
 ) -> anyhow::Result<u8> {
-    let v = conn
-        .admin_client()
-        .await?
-        .call(
-            method,
-            json!({"id": id, "reason": reason, "operator": operator(op)}),
-        )
-        .await?;
+    let mut params = json!({"id": id, "reason": reason, "operator": operator(op)});
+    if let Some((duration, scope)) = for_ {
+        params["for"] = json!(duration);
+        params["scope"] = json!(scope.unwrap_or_else(|| "call".into()));
+    }
+    let v = conn.admin_client().await?.call(method, params).await?;
     let a: VoteAnswer = read(&v)?;
     show(conn.json, &v, &a, |a| {
         let d = &a.decision;
-        if d.state == crate::domain::request::State::Pending {
+        let mut text = if d.state == crate::domain::request::State::Pending {
             format!(
                 "{}: vote recorded ({} of {} approvals)",
                 d.request_id, a.approvals, a.approvals_required
             )
         } else {
             decision_text(d)
+        };
+        if let Some(g) = &a.grant {
+            text.push_str(&format!("\nallowed {}: grant {}", g.until, g.line()));
+        }
+        text
+    });
+    Ok(0)
+}
+
+async fn revoke_timed(conn: &Conn, id: String) -> anyhow::Result<u8> {
+    let v = conn
+        .admin_client()
+        .await?
+        .call("revoke", json!({"id": id}))
+        .await?;
+    let a: ChangedAnswer = read(&v)?;
+    show(conn.json, &v, &a, |a| {
+        if a.changed {
+            format!("grant {id}: removed")
+        } else {
+            format!("grant {id}: there was no such grant")
         }
     });
     Ok(0)
@@ -1522,6 +1569,15 @@ async fn tools(conn: &Conn, cmd: ToolsCmd) -> anyhow::Result<u8> {
                         g.created_by.as_deref().unwrap_or("?")
                     ));
                 }
+                out.push(
+                    "time-boxed grants (stand in for an approval; expired ones left out):".into(),
+                );
+                if a.timed_grants.is_empty() {
+                    out.push("  (none)".into());
+                }
+                for g in &a.timed_grants {
+                    out.push(format!("  {}", g.line()));
+                }
                 out.push("risks (unlisted tools are high):".into());
                 for r in &a.risks {
                     out.push(format!(
@@ -1553,6 +1609,12 @@ async fn tools(conn: &Conn, cmd: ToolsCmd) -> anyhow::Result<u8> {
                 )];
                 for g in &a.entries {
                     out.push(format!("  {} {} {}", g.scope, g.effect, g.tool));
+                }
+                if !a.timed_grants.is_empty() {
+                    out.push("time-boxed grants (in place of an approval):".into());
+                    for g in &a.timed_grants {
+                        out.push(format!("  {}", g.line()));
+                    }
                 }
                 out.join("\n")
             });

@@ -194,10 +194,11 @@ async fn card_is_posted_and_an_approver_click_unblocks_the_agent() {
     assert!(text.contains(&request_id(&card)));
     assert_eq!(e["color"], 0xE6_7E_22, "high risk colour");
     let ids = card.custom_ids();
-    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(ids.len(), 4, "{ids:?}");
     assert!(ids[0].starts_with("keyturn:v1:approve:"));
     assert!(ids[1].starts_with("keyturn:v1:deny:"));
     assert!(ids[2].starts_with("keyturn:v1:deny_reason:"));
+    assert!(ids[3].starts_with("keyturn:v1:allow_for:"));
     let am = card.allowed_mentions.clone().expect("allowed_mentions");
     assert_eq!(am["parse"], json!([]));
     assert_eq!(am["users"], json!([]));
@@ -459,7 +460,7 @@ async fn restart_keeps_the_card_and_its_deadline_and_catches_up() {
     quiet.stop_async().await;
     assert_eq!(
         fake.message(card2.id).unwrap().custom_ids().len(),
-        3,
+        4,
         "not yet edited"
     );
 
@@ -842,6 +843,131 @@ async fn a_backlog_is_posted_oldest_deadline_first() {
         .collect();
     ids.reverse();
     assert_eq!(posted, ids, "oldest deadline first");
+    fake.assert_no_violations();
+    server.stop_async().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_for_approves_and_adds_a_time_boxed_grant() {
+    let (fake, mut server) = setup().await;
+    let agent = server.submit_waiting_as(AGENT, delete_file());
+    let card = first_card(&fake).await;
+    let h = fake
+        .select_option(
+            card.id,
+            &button(&card, "allow_for"),
+            ALICE,
+            &["1h:agent-tool"],
+        )
+        .await;
+    let text = ephemeral_reply(&fake, &h).await;
+    assert!(text.contains("Approved, and allowed until"), "{text}");
+    assert!(text.contains("this tool for this agent"), "{text}");
+    let grant = text
+        .split('`')
+        .find(|w| w.starts_with("tg-"))
+        .expect("grant id in the reply")
+        .to_string();
+    let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
+    assert_eq!(decision["state"], "approved", "{decision}");
+    assert!(decision["who"].as_str().unwrap().contains("discord:100"));
+    // The card says who approved and what was allowed, naming the grant.
+    let edited = card_until(&fake, card.id, |m| m.components.is_empty()).await;
+    let shown = edited.all_text();
+    assert!(
+        shown.contains("allowed for 1 h: this tool for this agent") && shown.contains(&grant),
+        "{shown}"
+    );
+    // The next call of the tool by this agent, other arguments, is allowed
+    // by policy and names the grant.
+    let next = server
+        .submit_as(
+            AGENT,
+            json!({"tool": "delete_file", "args": {"path": "/srv/other"}, "user_id": "42",
+                   "justification": "more cleanup"}),
+        )
+        .await;
+    assert_eq!(next["state"], "approved", "{next}");
+    assert_eq!(next["rule"], "timed_grant");
+    assert!(next["rule_detail"].as_str().unwrap().contains(&grant));
+    // /tools list shows it with its expiry.
+    let h = fake
+        .slash_command(
+            "tools",
+            json!([{"name": "list", "type": 1, "options": []}]),
+            CAROL,
+        )
+        .await;
+    let call = fake
+        .wait_for_call(|c| c.method == "PATCH" && c.path.contains(&h.token), WAIT)
+        .await
+        .expect("/tools list answered");
+    let listed = call.body["content"].as_str().unwrap_or("").to_string();
+    assert!(
+        listed.contains(&grant) && listed.contains("until 2"),
+        "{listed}"
+    );
+    // Revoked by its id, the next call asks again.
+    let h = fake
+        .slash_command(
+            "tools",
+            json!([{"name": "revoke_grant", "type": 1, "options": [
+                {"name": "grant", "type": 3, "value": grant}]}]),
+            CAROL,
+        )
+        .await;
+    let call = fake
+        .wait_for_call(|c| c.method == "PATCH" && c.path.contains(&h.token), WAIT)
+        .await
+        .expect("/tools revoke_grant answered");
+    let answer = call.body["content"].as_str().unwrap_or("").to_string();
+    assert!(answer.contains("Revoked grant"), "{answer}");
+    let asked = server
+        .submit_as(
+            AGENT,
+            json!({"tool": "delete_file", "args": {"path": "/srv/third"}, "user_id": "42",
+                   "justification": "more cleanup"}),
+        )
+        .await;
+    assert_eq!(asked["state"], "pending", "{asked}");
+    fake.assert_no_violations();
+    server.stop_async().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_for_on_a_critical_tool_is_for_admins_only() {
+    let (fake, mut server) = setup().await;
+    let agent = server.submit_waiting_as(
+        AGENT,
+        json!({"tool": "drop_db", "args": {"db": "prod"}, "user_id": "42", "justification": "reset"}),
+    );
+    let card = first_card(&fake).await;
+    // Alice is an approver but not an admin: refused, nothing decided.
+    let h = fake
+        .select_option(card.id, &button(&card, "allow_for"), ALICE, &["15m:call"])
+        .await;
+    let text = ephemeral_reply(&fake, &h).await;
+    assert!(text.contains("Only an admin"), "{text}");
+    let st = server
+        .admin_call("status", json!({"id": request_id(&card)}))
+        .await
+        .expect("status");
+    assert_eq!(st["state"], "pending", "{st}");
+    // Carol is an admin: approved, and the exact call is allowed for 15 min.
+    let h = fake
+        .select_option(card.id, &button(&card, "allow_for"), CAROL, &["15m:call"])
+        .await;
+    let text = ephemeral_reply(&fake, &h).await;
+    assert!(text.contains("this exact call"), "{text}");
+    let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
+    assert_eq!(decision["state"], "approved");
+    let again = server
+        .submit_as(
+            AGENT,
+            json!({"tool": "drop_db", "args": {"db": "prod"}, "user_id": "42", "justification": "reset"}),
+        )
+        .await;
+    assert_eq!(again["rule"], "timed_grant", "{again}");
     fake.assert_no_violations();
     server.stop_async().await;
 }

@@ -146,6 +146,7 @@ async fn story(store: Arc<dyn Store>, raw: Raw<'_>) {
     cancels_and_timeouts(&*store, &mut feed).await;
     rights(&*store, &mut feed).await;
     policy(&*store, &mut feed).await;
+    timed_grants(&*store, &mut feed).await;
     pairings(&*store, &mut feed).await;
     tokens(&*store, &mut feed).await;
     pauses(&*store, &mut feed).await;
@@ -784,6 +785,89 @@ async fn policy(store: &dyn Store, feed: &mut Feed) {
     .0
     .unwrap();
     assert!(store.tool_risks().await.unwrap().is_empty());
+}
+
+/// Time-boxed grants: stored with every field, audited, announced as a
+/// policy change, expired ones still listed (evaluation ignores them),
+/// removed by id once.
+async fn timed_grants(store: &dyn Store, feed: &mut Feed) {
+    use keyturn::domain::timed::{TimedGrant, TimedScopeKind};
+    assert!(store.timed_grants().await.unwrap().is_empty());
+    let call = TimedGrant {
+        id: "tg-0000000000000001".into(),
+        agent: "agent-a".into(),
+        tool: "delete_file".into(),
+        kind: TimedScopeKind::Call,
+        user_id: None,
+        args_hash: Some("hash-1".into()),
+        expires_ms: Some(4_600),
+        created_by: "discord:100".into(),
+        created_ms: 4_500,
+        origin_request: RequestId(Uuid::from_u128(1)).to_string(),
+        by_admin: false,
+    };
+    let user = TimedGrant {
+        id: "tg-0000000000000002".into(),
+        kind: TimedScopeKind::AgentToolUser,
+        user_id: Some("42".into()),
+        args_hash: None,
+        expires_ms: None,
+        created_ms: 4_501,
+        by_admin: true,
+        ..call.clone()
+    };
+    for g in [&call, &user] {
+        let (done, change) = feed
+            .write(store.add_timed_grant(
+                g.clone(),
+                events::timed_grant_added(g.created_ms, &g.created_by, g),
+            ))
+            .await;
+        done.unwrap();
+        assert!(matches!(change, Change::PolicyChanged));
+        assert_eq!(last_audit_kind(store).await, "grant_added");
+    }
+    assert_eq!(
+        store.timed_grants().await.unwrap(),
+        vec![call.clone(), user.clone()]
+    );
+    let tail = store.audit_tail(1).await.unwrap();
+    assert_eq!(tail[0].event.detail["grant_id"], user.id.as_str());
+    assert_eq!(tail[0].event.detail["expires_ms"], serde_json::Value::Null);
+
+    // The same id twice is an error, not a second grant.
+    assert!(store
+        .add_timed_grant(call.clone(), events::timed_grant_added(4_502, "x", &call))
+        .await
+        .is_err());
+    assert_eq!(store.timed_grants().await.unwrap().len(), 2);
+
+    let removed = || events::timed_grant_removed(4_700, "uid:0", &call.id);
+    let (gone, change) = feed
+        .write(store.remove_timed_grant(call.id.clone(), removed()))
+        .await;
+    assert!(gone.unwrap());
+    assert!(matches!(change, Change::PolicyChanged));
+    assert_eq!(last_audit_kind(store).await, "grant_removed");
+    let head = store.audit_head().await.unwrap();
+    let again = feed
+        .silent(store.remove_timed_grant(call.id.clone(), removed()))
+        .await;
+    assert!(!again.unwrap());
+    assert_eq!(
+        store.audit_head().await.unwrap(),
+        head,
+        "no effect, no entry"
+    );
+    assert_eq!(store.timed_grants().await.unwrap(), vec![user.clone()]);
+    feed.write(store.remove_timed_grant(
+        user.id.clone(),
+        events::timed_grant_removed(4_701, "uid:0", &user.id),
+    ))
+    .await
+    .0
+    .unwrap();
+    assert!(store.timed_grants().await.unwrap().is_empty());
 }
 
 async fn pairings(store: &dyn Store, feed: &mut Feed) {

@@ -5,6 +5,7 @@
 //! surface gets the same rules, the same audit and the same answers.
 
 mod admin;
+pub use admin::ApprovedFor;
 mod audit;
 mod cards;
 pub mod connection;
@@ -191,6 +192,9 @@ pub struct CheckAnswer {
 #[derive(Default)]
 struct PolicyView {
     grants: Vec<Grant>,
+    /// Time-boxed grants in force when the view was loaded: evaluation
+    /// ignores each past its instant, so none needs a sweep to stop applying.
+    timed: Vec<crate::domain::timed::TimedGrant>,
     risks: HashMap<String, Risk>,
     /// Paired user id → roles.
     users: HashMap<String, Vec<String>>,
@@ -383,8 +387,19 @@ impl Gateway {
         // The kill switch is part of the view: if it cannot be read, the
         // view is unavailable and every call is denied (fail closed).
         let pauses = self.store.pauses().await?;
+        // Expired grants never apply again, so the view keeps only those in
+        // force (the store keeps every one, for the record).
+        let now = now_ms();
+        let timed = self
+            .store
+            .timed_grants()
+            .await?
+            .into_iter()
+            .filter(|g| g.live_at(now))
+            .collect();
         Ok(PolicyView {
             grants,
+            timed,
             risks,
             users,
             pauses,

@@ -328,6 +328,18 @@ pub trait PolicyData: Send + Sync + 'static {
         audit: AuditEvent,
     ) -> StoreResult<bool>;
     async fn grants(&self) -> StoreResult<Vec<StoredGrant>>;
+    /// Stores a time-boxed grant with its `grant_added` audit entry.
+    async fn add_timed_grant(
+        &self,
+        grant: crate::domain::timed::TimedGrant,
+        audit: AuditEvent,
+    ) -> StoreResult<()>;
+    /// Removes a time-boxed grant by id; `false` if there was none. `audit`
+    /// is appended only when one was removed.
+    async fn remove_timed_grant(&self, id: String, audit: AuditEvent) -> StoreResult<bool>;
+    /// Every time-boxed grant, expired ones included (evaluation ignores
+    /// them at their instant), oldest first.
+    async fn timed_grants(&self) -> StoreResult<Vec<crate::domain::timed::TimedGrant>>;
     /// Sets (or with `None` clears) a tool's risk override. `audit` is
     /// always appended (setting the same risk again is still recorded).
     async fn set_tool_risk(

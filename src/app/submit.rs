@@ -165,9 +165,12 @@ impl Gateway {
         };
         let allowlist = policy::resolve_allowlist(&view.grants, &call);
         let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
-        let verdict = policy::evaluate(
+        let args_hash = redact::args_hash(&s.args);
+        let verdict = policy::evaluate_with_timed(
             &self.settings,
             &view.grants,
+            &view.timed,
+            Some(&args_hash),
             &call,
             &facts,
             &mut limits,

@@ -18,7 +18,7 @@
 // for through this module.
 use super::escape::{code_block, inline_code, is_hidden, length, tidy, trusted, SHORT_BUDGET};
 pub use super::escape::{fit, plain};
-use super::routing::Route;
+use super::routing::{AllowForOption, Route};
 use crate::app::ports::RunRecord;
 use crate::domain::request::{ApprovalRequest, State, CLIENT_GONE};
 use crate::domain::run::{Profile, RunState};
@@ -359,6 +359,31 @@ pub fn render_card(
                 {"type": 2, "style": 2, "label": "Deny with reason…", "custom_id": Route::DenyWithReason(req.id).custom_id()},
             ]
         }));
+        // "Allow for…": only where one approval decides (a grant never
+        // stands in for a second person), and not for a tool Keyturn runs
+        // itself (each run is approved on its exact argv).
+        if req.approvals_required <= 1 && req.run.is_none() {
+            let options: Vec<Value> = AllowForOption::offered(req.user_id.is_some())
+                .iter()
+                .map(|o| json!({"label": o.label(), "value": o.value()}))
+                .collect();
+            let placeholder = if req.admin_only {
+                "Allow for… (admins only: critical tool)"
+            } else {
+                "Allow for…"
+            };
+            rows.push(json!({
+                "type": 1,
+                "components": [{
+                    "type": 3,
+                    "custom_id": Route::AllowFor(req.id).custom_id(),
+                    "placeholder": placeholder,
+                    "min_values": 1,
+                    "max_values": 1,
+                    "options": options,
+                }]
+            }));
+        }
     }
     if let Some(kill) = run.and_then(kill_route) {
         rows.push(json!({

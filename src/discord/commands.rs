@@ -94,6 +94,22 @@ pub fn definitions() -> Vec<CreateCommand> {
             .add_option(grant_like("grant", "Allow (or deny) a tool in a scope"))
             .add_option(grant_like("revoke", "Remove a grant"))
             .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::SubCommand,
+                    "revoke_grant",
+                    "Remove a time-boxed grant (from Allow for…) by its id",
+                )
+                .add_sub_option(
+                    CreateCommandOption::new(
+                        CommandOptionType::String,
+                        "grant",
+                        "The grant's id (tg-…), as /tools list shows it",
+                    )
+                    .required(true)
+                    .max_length(64),
+                ),
+            )
+            .add_option(
                 CreateCommandOption::new(CommandOptionType::SubCommand, "list", "List grants")
                     .add_sub_option(scope(false))
                     .add_sub_option(target()),
@@ -376,6 +392,18 @@ pub async fn run(
                 ),
             }))
         }
+        ("tools", Some("revoke_grant")) => {
+            let id = inv.need("grant")?.trim();
+            let changed = gw
+                .revoke_timed(id, &by)
+                .await
+                .map_err(|e| format!("cannot revoke: {}", shown(e)))?;
+            Ok(reply(if changed {
+                format!("Revoked grant {}.", inline_code(id, 70))
+            } else {
+                format!("No such grant: {}.", inline_code(id, 70))
+            }))
+        }
         ("tools", Some("list")) => {
             let scope = match (inv.get("scope"), inv.get("target").map(str::trim)) {
                 (None, _) => None,
@@ -384,10 +412,36 @@ pub async fn run(
                 (Some(k), _) => return Err(format!("option `target` is required for scope `{k}`")),
             };
             let grants = gw.grants(scope.as_deref()).await.map_err(shown)?;
-            if grants.is_empty() {
+            // Time-boxed grants are listed with the full list only (they
+            // have no allowlist scope), each with its expiry.
+            let timed = if scope.is_none() {
+                gw.timed_grants(None, None)
+            } else {
+                Vec::new()
+            };
+            if grants.is_empty() && timed.is_empty() {
                 return Ok(reply("No grants."));
             }
-            let lines: Vec<String> = grants
+            let timed_lines: Vec<String> = timed
+                .iter()
+                .map(|g| {
+                    format!(
+                        "allow  {} for agent {}{} ({}) {} [{}] by {}, from request {}",
+                        g.tool,
+                        g.agent,
+                        g.user_id
+                            .as_deref()
+                            .map(|u| format!(" and user {u}"))
+                            .unwrap_or_default(),
+                        g.kind.describe(),
+                        g.until(),
+                        g.id,
+                        g.created_by,
+                        g.origin_request
+                    )
+                })
+                .collect();
+            let mut lines: Vec<String> = grants
                 .iter()
                 .map(|g| {
                     format!(
@@ -402,6 +456,10 @@ pub async fn run(
                     )
                 })
                 .collect();
+            if !timed_lines.is_empty() {
+                lines.push("time-boxed:".into());
+                lines.extend(timed_lines);
+            }
             Ok(reply(format!(
                 "Grants:\n{}",
                 code_block(&lines.join("\n"), "text", REPLY_BUDGET - 20).0
@@ -433,6 +491,18 @@ pub async fn run(
                     .collect();
                 text.push('\n');
                 text.push_str(&code_block(&lines.join("\n"), "text", 1000).0);
+            }
+            // Time-boxed grants for this agent and user: they stand in for
+            // an approval (never for the allowlist above), until expiry.
+            let timed: Vec<String> = gw
+                .timed_grants(Some(agent), Some(tool))
+                .iter()
+                .filter(|g| g.user_id.is_none() || g.user_id.as_deref() == Some(user))
+                .map(|g| format!("{} {} ({}) {}", g.id, g.tool, g.kind.describe(), g.until()))
+                .collect();
+            if !timed.is_empty() {
+                text.push_str("\nTime-boxed grants (in place of an approval):\n");
+                text.push_str(&code_block(&timed.join("\n"), "text", 600).0);
             }
             Ok(reply(text))
         }

@@ -26,11 +26,12 @@ use card::CardSettings;
 use routing::Route;
 use serenity::all::{
     ActionRowComponent, Channel, ChannelId, ClientBuilder, CommandInteraction,
-    ComponentInteraction, Context, CreateActionRow, CreateAllowedMentions, CreateAttachment,
-    CreateInputText, CreateInteractionResponse, CreateInteractionResponseFollowup,
-    CreateInteractionResponseMessage, CreateMessage, CreateModal, EditInteractionResponse, Event,
-    EventHandler, GatewayIntents, GuildId, Http, HttpBuilder, InputTextStyle, Interaction, Member,
-    Message, ModalInteraction, Permissions, RawEventHandler, Ready, ShardManager, UserId,
+    ComponentInteraction, ComponentInteractionDataKind, Context, CreateActionRow,
+    CreateAllowedMentions, CreateAttachment, CreateInputText, CreateInteractionResponse,
+    CreateInteractionResponseFollowup, CreateInteractionResponseMessage, CreateMessage,
+    CreateModal, EditInteractionResponse, Event, EventHandler, GatewayIntents, GuildId, Http,
+    HttpBuilder, InputTextStyle, Interaction, Member, Message, ModalInteraction, Permissions,
+    RawEventHandler, Ready, ShardManager, UserId,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -756,7 +757,114 @@ impl Handler {
                     .await;
             }
             Route::Kill(run) => self.kill(ctx, &reply, &c.user, run).await,
+            Route::AllowFor(id) => self.allow_for(ctx, &reply, &c, id, admin).await,
         }
+    }
+
+    /// The "Allow for…" select (approvers; admins only on a critical
+    /// request): approves the request and adds the time-boxed grant the
+    /// picked option names. Refusals are ephemeral; the card is edited by
+    /// the outbox from the stored state, and its approval reason names the
+    /// grant.
+    async fn allow_for(
+        &self,
+        ctx: &Context,
+        reply: &Reply<'_>,
+        c: &ComponentInteraction,
+        id: RequestId,
+        admin: bool,
+    ) {
+        let picked = match &c.data.kind {
+            ComponentInteractionDataKind::StringSelect { values } if values.len() == 1 => {
+                routing::AllowForOption::parse(&values[0])
+            }
+            _ => None,
+        };
+        let Some(picked) = picked else {
+            tracing::warn!(request.id = %id, user.id = %c.user.id, "allow-for select with an unknown value");
+            reply
+                .respond(
+                    &ctx.http,
+                    ephemeral("That choice is not one Keyturn offers."),
+                )
+                .await;
+            return;
+        };
+        if self.0.stopping.is_cancelled() || !*self.0.lead.borrow() {
+            reply.respond(&ctx.http, ephemeral(HANDING_OVER)).await;
+            return;
+        }
+        let gw = &self.0.gw;
+        // Checked before the acknowledgement so the refusal is ephemeral
+        // at once; the store checks admin-only again in the vote.
+        match tokio::time::timeout(MODAL_CHECK, gw.status(id)).await {
+            Ok(Ok(r)) if r.state.is_terminal() => {
+                reply.respond(&ctx.http, ephemeral(already(&r))).await;
+                return;
+            }
+            Ok(Ok(r)) if r.admin_only && !admin => {
+                tracing::info!(request.id = %id, user.id = %c.user.id, "allow-for refused: critical tool, not an admin");
+                reply
+                    .respond(
+                        &ctx.http,
+                        ephemeral("Only an admin may allow a critical tool for a time."),
+                    )
+                    .await;
+                return;
+            }
+            Ok(Ok(r))
+                if !self.0.cfg.allow_self_approval
+                    && r.user_id.as_deref() == Some(c.user.id.to_string().as_str()) =>
+            {
+                reply
+                    .respond(
+                        &ctx.http,
+                        ephemeral("You cannot approve a request made on your own behalf."),
+                    )
+                    .await;
+                return;
+            }
+            _ => {}
+        }
+        let ack = reply.respond(&ctx.http, CreateInteractionResponse::Acknowledge);
+        let voter = format!("discord:{}", c.user.id);
+        let work = gw.approve_for(
+            id,
+            &voter,
+            Some(c.user.name.clone()),
+            None,
+            admin,
+            picked.duration,
+            picked.scope,
+        );
+        let ((), outcome) = tokio::join!(ack, work);
+        let text = match outcome {
+            Ok(a) => {
+                tracing::info!(request.id = %id, voter = %voter, grant.id = %a.grant.id, "approved and allowed for a time on Discord");
+                format!(
+                    "Approved, and allowed {}: {} (grant `{}`).",
+                    a.grant.until(),
+                    picked.scope.describe(),
+                    a.grant.id
+                )
+            }
+            Err(AppError::AlreadyDecided(_)) => match gw.status(id).await {
+                Ok(r) => already(&r),
+                Err(_) => "This request is already decided.".into(),
+            },
+            Err(AppError::AdminOnly) => {
+                "Only an admin may allow a critical tool for a time.".into()
+            }
+            Err(AppError::SelfApproval(_)) => {
+                "You cannot approve a request made on your own behalf.".into()
+            }
+            Err(AppError::InvalidParams(m)) => m,
+            Err(e) => {
+                tracing::error!(request.id = %id, voter = %voter, error = %e, "allow-for on Discord failed");
+                "Something went wrong; nothing was allowed beyond what the card shows.".into()
+            }
+        };
+        reply.follow(&ctx.http, text).await;
     }
 
     /// The Kill button (approvers and admins, checked by the caller):

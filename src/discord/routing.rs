@@ -3,6 +3,7 @@
 //! card keeps working after a restart. Pure: no serenity, no I/O.
 
 use crate::domain::request::RequestId;
+use crate::domain::timed::TimedScopeKind;
 use uuid::Uuid;
 
 /// Every custom id we write starts with this.
@@ -23,6 +24,76 @@ pub enum Route {
     ReasonSubmit(RequestId),
     /// Kill a running run (the id of its [`crate::app::ports::RunRecord`]).
     Kill(Uuid),
+    /// The "Allow for…" select: approve and add a time-boxed grant; the
+    /// picked option ([`AllowForOption`]) says how long and how far.
+    AllowFor(RequestId),
+}
+
+/// One option of the "Allow for…" select: its value is
+/// `<duration>:<scope>` (`1h:agent-tool`), one select for both choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowForOption {
+    /// `None`: until revoked.
+    pub duration: Option<std::time::Duration>,
+    pub scope: TimedScopeKind,
+}
+
+/// The durations the card offers (value text, length).
+pub const ALLOW_FOR_DURATIONS: [(&str, Option<std::time::Duration>); 4] = [
+    ("15m", Some(std::time::Duration::from_secs(900))),
+    ("1h", Some(std::time::Duration::from_secs(3600))),
+    ("8h", Some(std::time::Duration::from_secs(8 * 3600))),
+    ("until_revoked", None),
+];
+
+/// Discord's limit on a string select's options.
+pub const MAX_SELECT_OPTIONS: usize = 25;
+/// Discord's limit on a select option's value.
+pub const MAX_OPTION_VALUE: usize = 100;
+
+impl AllowForOption {
+    /// Every option the card offers for a request; the user scope only
+    /// when the request acts for a user. At most 12, within Discord's 25.
+    pub fn offered(has_user: bool) -> Vec<AllowForOption> {
+        let mut out = Vec::new();
+        for scope in TimedScopeKind::ALL {
+            if scope == TimedScopeKind::AgentToolUser && !has_user {
+                continue;
+            }
+            for (_, duration) in ALLOW_FOR_DURATIONS {
+                out.push(AllowForOption { duration, scope });
+            }
+        }
+        out
+    }
+
+    /// The option's value (`1h:agent-tool`).
+    pub fn value(&self) -> String {
+        let d = ALLOW_FOR_DURATIONS
+            .iter()
+            .find(|(_, d)| *d == self.duration)
+            .map(|(t, _)| *t)
+            .unwrap_or("until_revoked");
+        format!("{d}:{}", self.scope)
+    }
+
+    /// Parses a value the card wrote; anything else is refused (a forged
+    /// value never picks a duration or scope the card does not offer).
+    pub fn parse(value: &str) -> Option<AllowForOption> {
+        let (d, scope) = value.split_once(':')?;
+        let duration = ALLOW_FOR_DURATIONS.iter().find(|(t, _)| *t == d)?.1;
+        let scope = scope.parse().ok()?;
+        Some(AllowForOption { duration, scope })
+    }
+
+    /// `1 h: this tool for this agent`.
+    pub fn label(&self) -> String {
+        format!(
+            "{}: {}",
+            crate::domain::timed::duration_label(self.duration),
+            self.scope.describe()
+        )
+    }
 }
 
 /// A custom id we do not understand (old version, forged, other bot).
@@ -38,6 +109,7 @@ impl Route {
             Route::DenyWithReason(id) => ("deny_reason", id.0),
             Route::ReasonSubmit(id) => ("reason", id.0),
             Route::Kill(run) => ("kill", run),
+            Route::AllowFor(id) => ("allow_for", id.0),
         }
     }
 
@@ -78,6 +150,7 @@ impl Route {
             "deny_reason" => Route::DenyWithReason(req),
             "reason" => Route::ReasonSubmit(req),
             "kill" => Route::Kill(uuid),
+            "allow_for" => Route::AllowFor(req),
             _ => return Err(unknown()),
         })
     }
@@ -100,6 +173,7 @@ mod tests {
             Route::DenyWithReason(id()),
             Route::ReasonSubmit(id()),
             Route::Kill(Uuid::from_u128(u128::MAX)),
+            Route::AllowFor(id()),
         ] {
             let s = r.custom_id();
             assert!(s.len() <= MAX_CUSTOM_ID, "{s}");
@@ -109,6 +183,33 @@ mod tests {
             Route::Approve(id()).custom_id(),
             "keyturn:v1:approve:ffffffff-ffff-ffff-ffff-ffffffffffff"
         );
+    }
+
+    #[test]
+    fn allow_for_options_fit_discord_and_round_trip() {
+        let all = AllowForOption::offered(true);
+        assert_eq!(all.len(), 12);
+        assert!(all.len() <= MAX_SELECT_OPTIONS);
+        assert_eq!(AllowForOption::offered(false).len(), 8);
+        for o in &all {
+            let v = o.value();
+            assert!(v.len() <= MAX_OPTION_VALUE, "{v}");
+            assert_eq!(AllowForOption::parse(&v), Some(*o));
+        }
+        assert_eq!(
+            AllowForOption::parse("1h:agent-tool").unwrap().label(),
+            "1 h: this tool for this agent"
+        );
+        for bad in [
+            "",
+            "1h",
+            "2s:call",
+            "1h:everything",
+            "1h:call:x",
+            "forever:call",
+        ] {
+            assert_eq!(AllowForOption::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -898,6 +898,39 @@ pub mod events {
         )
     }
 
+    /// A time-boxed grant was added while approving a request: its id,
+    /// scope, expiry, approver and the originating request.
+    pub fn timed_grant_added(
+        at_ms: i64,
+        by: &str,
+        g: &crate::domain::timed::TimedGrant,
+    ) -> AuditEvent {
+        AuditEvent {
+            at_ms,
+            kind: "grant_added".into(),
+            actor: by.into(),
+            request_id: Some(g.origin_request.clone()),
+            detail: json!({
+                "grant_id": g.id,
+                "scope": g.kind,
+                "agent": g.agent,
+                "tool": g.tool,
+                "user_id": g.user_id,
+                "args_hash": g.args_hash,
+                "effect": "allow",
+                "expires_ms": g.expires_ms,
+                "until": g.until(),
+                "origin_request": g.origin_request,
+                "by_admin": g.by_admin,
+            }),
+        }
+    }
+
+    /// A time-boxed grant was revoked (written only when there was one).
+    pub fn timed_grant_removed(at_ms: i64, by: &str, id: &str) -> AuditEvent {
+        admin(at_ms, "grant_removed", by, json!({"grant_id": id}))
+    }
+
     /// A grant was removed (written only when there was one).
     pub fn grant_removed(
         at_ms: i64,

@@ -17,6 +17,7 @@ pub mod risk;
 pub mod run;
 pub mod secret_rules;
 pub mod stats;
+pub mod timed;
 pub mod token;
 pub mod trifecta;
 

@@ -5,9 +5,20 @@
 //! (fail closed, most specific scope wins) → risk level → autonomy mode; an
 //! allowed call whose agent is less confident than its threshold asks a
 //! human instead. Pure: rate-limit state and time are parameters.
+//!
+//! Time-boxed grants ([`super::timed`]) come last, and only in place of the
+//! "ask a human" step for the risk level or autonomy mode: every deny above
+//! (unknown agent, paused agent, unpaired user, rate limits, task budget, the
+//! allowlist, content flags that deny) still denies, an escalation forced by
+//! content (`force_ask`: flags, the trifecta) still asks, an unattended agent
+//! is still denied, an agent below its confidence threshold still asks, and
+//! an ask that needs more than one approval, or an admin's when the grant's
+//! approver was not one, still asks. The trifecta guard in the store runs
+//! after the policy and escalates a granted call like any other allowed one.
 
 use super::ratelimit::{check_budget, Buckets, BudgetExceeded, Rate, TaskUsage};
 use super::risk::Risk;
+use super::timed::{TimedCall, TimedGrant};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
@@ -538,6 +549,25 @@ pub fn evaluate(
     now_ms: i64,
     dry_run: bool,
 ) -> Verdict {
+    evaluate_with_timed(s, grants, &[], None, call, facts, state, now_ms, dry_run)
+}
+
+/// [`evaluate`] with time-boxed grants: one live at `now_ms` that covers the
+/// call (`args_hash` is the call's) allows, with rule `timed_grant` and a
+/// detail naming it, what would otherwise ask a human for its risk level or
+/// the autonomy mode. Nothing else changes (see the module header).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_with_timed(
+    s: &PolicySettings,
+    grants: &[Grant],
+    timed: &[TimedGrant],
+    args_hash: Option<&str>,
+    call: &Call<'_>,
+    facts: &Facts,
+    state: &mut PolicyState,
+    now_ms: i64,
+    dry_run: bool,
+) -> Verdict {
     if !facts.agent_known {
         return deny(
             "unknown_agent",
@@ -625,7 +655,14 @@ pub fn evaluate(
         .copied()
         .unwrap_or(s.autonomy);
 
-    let ask = |rule: &str, detail: String| {
+    let timed_call = TimedCall {
+        agent: call.agent,
+        tool: call.tool,
+        user: call.user,
+        args_hash,
+    };
+    // `grantable`: whether a time-boxed grant may stand in for the human.
+    let ask = |rule: &str, detail: String, grantable: bool| {
         if facts.unattended {
             return deny(
                 "unattended",
@@ -633,31 +670,52 @@ pub fn evaluate(
             );
         }
         let admin_only = risk == Risk::Critical;
+        let approvals = if admin_only {
+            s.approvals_critical.max(1)
+        } else {
+            s.approvals_high.max(1)
+        };
+        if grantable && approvals == 1 {
+            if let Some(g) = timed
+                .iter()
+                .find(|g| (g.by_admin || !admin_only) && g.covers(&timed_call, now_ms))
+            {
+                return Verdict::Allow {
+                    risk,
+                    rule: "timed_grant".into(),
+                    detail: format!("{}; {detail}", g.allow_detail()),
+                    log: true,
+                };
+            }
+        }
         Verdict::Ask {
             risk,
             admin_only,
-            approvals: if admin_only {
-                s.approvals_critical.max(1)
-            } else {
-                s.approvals_high.max(1)
-            },
+            approvals,
             rule: rule.into(),
             detail,
         }
     };
 
     if let Some((rule, reason)) = &facts.force_ask {
-        return ask(rule, format!("{reason}; {why}"));
+        return ask(rule, format!("{reason}; {why}"), false);
     }
     let verdict = match (risk, autonomy) {
-        (Risk::Critical, _) => ask("risk_critical", format!("{why}: an admin must approve")),
+        (Risk::Critical, _) => ask(
+            "risk_critical",
+            format!("{why}: an admin must approve"),
+            true,
+        ),
         (_, Autonomy::ApprovalRequired) => ask(
             "approval_required",
             format!("{why}; autonomy is approval_required, so every call asks"),
+            true,
         ),
-        (Risk::High, Autonomy::Supervised) => {
-            ask("risk_high", format!("{why}: an approver must approve"))
-        }
+        (Risk::High, Autonomy::Supervised) => ask(
+            "risk_high",
+            format!("{why}: an approver must approve"),
+            true,
+        ),
         (Risk::High, Autonomy::Autonomous) => Verdict::Allow {
             risk,
             rule: "autonomous".into(),
@@ -686,6 +744,7 @@ pub fn evaluate(
         (Verdict::Allow { detail, .. }, Some(low)) => ask(
             LOW_CONFIDENCE,
             format!("{low}, so a human decides; {detail}"),
+            false,
         ),
         _ => verdict,
     }
@@ -750,6 +809,153 @@ mod tests {
             0,
             false,
         )
+    }
+
+    fn timed(kind: crate::domain::timed::TimedScopeKind, expires: Option<i64>) -> TimedGrant {
+        TimedGrant {
+            id: "tg-7".into(),
+            agent: "bot".into(),
+            tool: "x".into(),
+            kind,
+            user_id: Some("42".into()),
+            args_hash: Some("h1".into()),
+            expires_ms: expires,
+            created_by: "uid:1".into(),
+            created_ms: 0,
+            origin_request: "r1".into(),
+            by_admin: false,
+        }
+    }
+
+    fn eval_timed(
+        s: &PolicySettings,
+        grants: &[Grant],
+        t: &[TimedGrant],
+        hash: &str,
+        c: &Call<'_>,
+        f: &Facts,
+        now: i64,
+    ) -> Verdict {
+        evaluate_with_timed(
+            s,
+            grants,
+            t,
+            Some(hash),
+            c,
+            f,
+            &mut PolicyState::default(),
+            now,
+            false,
+        )
+    }
+
+    #[test]
+    fn a_timed_grant_replaces_the_ask_until_its_instant() {
+        use crate::domain::timed::TimedScopeKind as K;
+        let grants = vec![g("global", "*")];
+        let t = [timed(K::Call, Some(1000))];
+        let c = call("x", &[]);
+        let f = facts(Risk::High);
+        let v = eval_timed(&settings(), &grants, &t, "h1", &c, &f, 999);
+        assert_eq!(v.rule(), "timed_grant");
+        let Verdict::Allow { detail, .. } = &v else {
+            panic!("{v:?}")
+        };
+        assert!(detail.contains("grant tg-7"), "{detail}");
+        assert!(detail.contains("request r1"), "{detail}");
+        // At the instant of expiry it asks again, with no sweep.
+        let v = eval_timed(&settings(), &grants, &t, "h1", &c, &f, 1000);
+        assert_eq!(v.rule(), "risk_high");
+        // Other arguments still ask.
+        let v = eval_timed(&settings(), &grants, &t, "h2", &c, &f, 0);
+        assert_eq!(v.rule(), "risk_high");
+        // The agent-tool scope covers other arguments, for this agent only.
+        let t = [timed(K::AgentTool, None)];
+        let v = eval_timed(&settings(), &grants, &t, "h2", &c, &f, 0);
+        assert_eq!(v.rule(), "timed_grant");
+        let other = Call {
+            agent: "bot2",
+            ..call("x", &[])
+        };
+        let v = eval_timed(&settings(), &grants, &t, "h2", &other, &f, 0);
+        assert_eq!(v.rule(), "risk_high");
+    }
+
+    #[test]
+    fn a_timed_grant_never_turns_a_deny_into_an_allow() {
+        use crate::domain::timed::TimedScopeKind as K;
+        let t = [timed(K::AgentTool, None)];
+        let c = call("x", &[]);
+        let f = facts(Risk::High);
+        // The allowlist denies.
+        assert_eq!(
+            eval_timed(&settings(), &[], &t, "h1", &c, &f, 0).rule(),
+            "no_grant"
+        );
+        let grants = vec![g("global", "*"), deny_g("user:42", "x")];
+        assert_eq!(
+            eval_timed(&settings(), &grants, &t, "h1", &c, &f, 0).rule(),
+            "tool_denied"
+        );
+        let grants = vec![g("global", "*")];
+        // A content flag that denies.
+        let mut fd = facts(Risk::High);
+        fd.force_deny = Some(("flag_prompt_injection".into(), "d".into()));
+        assert_eq!(
+            eval_timed(&settings(), &grants, &t, "h1", &c, &fd, 0).rule(),
+            "flag_prompt_injection"
+        );
+        // A forced escalation (the trifecta, a flag) still asks.
+        let mut fa = facts(Risk::High);
+        fa.force_ask = Some(("trifecta".into(), "lethal trifecta".into()));
+        assert_eq!(
+            eval_timed(&settings(), &grants, &t, "h1", &c, &fa, 0).rule(),
+            "trifecta"
+        );
+        // Unattended is still denied.
+        let mut fu = facts(Risk::High);
+        fu.unattended = true;
+        assert_eq!(
+            eval_timed(&settings(), &grants, &t, "h1", &c, &fu, 0).rule(),
+            "unattended"
+        );
+        // Rate limits still deny.
+        let mut s = settings();
+        s.agent_rate = Some("1/min".parse().unwrap());
+        let mut st = PolicyState::default();
+        let run = |st: &mut PolicyState| {
+            evaluate_with_timed(&s, &grants, &t, Some("h1"), &c, &f, st, 0, false)
+        };
+        assert_eq!(run(&mut st).rule(), "timed_grant");
+        assert_eq!(run(&mut st).rule(), "rate_limit_agent");
+    }
+
+    #[test]
+    fn critical_needs_an_admins_grant_and_a_single_approval() {
+        use crate::domain::timed::TimedScopeKind as K;
+        let grants = vec![g("global", "*")];
+        let c = call("x", &[]);
+        let f = facts(Risk::Critical);
+        let mut s = settings();
+        s.approvals_critical = 1;
+        let t = [timed(K::AgentTool, None)];
+        assert_eq!(
+            eval_timed(&s, &grants, &t, "h1", &c, &f, 0).rule(),
+            "risk_critical"
+        );
+        let mut admin = timed(K::AgentTool, None);
+        admin.by_admin = true;
+        let t = [admin];
+        assert_eq!(
+            eval_timed(&s, &grants, &t, "h1", &c, &f, 0).rule(),
+            "timed_grant"
+        );
+        // Two approvals needed: a grant never bypasses the second person.
+        s.approvals_critical = 2;
+        assert_eq!(
+            eval_timed(&s, &grants, &t, "h1", &c, &f, 0).rule(),
+            "risk_critical"
+        );
     }
 
     #[test]

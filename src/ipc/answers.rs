@@ -66,6 +66,44 @@ pub struct VoteAnswer {
     pub decision: DecisionView,
     pub approvals: u32,
     pub approvals_required: u32,
+    /// The time-boxed grant an `approve --for` added.
+    pub grant: Option<TimedGrantAnswer>,
+}
+
+/// A time-boxed grant (`approve --for`, `tools.list`, `tools.effective`).
+#[derive(Debug, Deserialize)]
+pub struct TimedGrantAnswer {
+    pub id: String,
+    pub agent: String,
+    pub tool: String,
+    pub scope: String,
+    pub scope_label: String,
+    pub user_id: Option<String>,
+    pub until: String,
+    pub created_by: String,
+    pub origin_request: String,
+}
+
+impl TimedGrantAnswer {
+    /// One line: `tg-… shell for agent bot (this exact call) until … by uid:0, from request …`.
+    pub fn line(&self) -> String {
+        let user = self
+            .user_id
+            .as_deref()
+            .map(|u| format!(" and user {u}"))
+            .unwrap_or_default();
+        format!(
+            "{} `{}` for agent {}{} ({}) {} — by {}, from request {}",
+            self.id,
+            self.tool,
+            self.agent,
+            user,
+            self.scope_label,
+            self.until,
+            self.created_by,
+            self.origin_request
+        )
+    }
 }
 
 /// One request in the `pending` list.
@@ -95,6 +133,8 @@ pub struct ChangedAnswer {
 #[derive(Debug, Deserialize)]
 pub struct ToolsAnswer {
     pub grants: Vec<GrantAnswer>,
+    #[serde(default)]
+    pub timed_grants: Vec<TimedGrantAnswer>,
     pub risks: Vec<ToolRiskAnswer>,
 }
 
@@ -121,6 +161,8 @@ pub struct EffectiveAnswer {
     pub detail: String,
     pub deciding_scope: Option<String>,
     pub entries: Vec<GrantAnswer>,
+    #[serde(default)]
+    pub timed_grants: Vec<TimedGrantAnswer>,
 }
 
 /// `pairing.list`.

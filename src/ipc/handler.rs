@@ -503,7 +503,35 @@ impl Handler {
                 .await?,
             ),
             Method::Pending(q) => to_value(gw.pending(q.limit.unwrap_or(100).min(10_000)).await?),
+            Method::Approve(q) if q.for_.is_some() => {
+                let id = parse_id(&q.id)?;
+                let (voter, name) = actor(&q.operator)?;
+                let duration =
+                    crate::domain::timed::parse_duration(q.for_.as_deref().unwrap_or(""))
+                        .map_err(AppError::InvalidParams)?;
+                let kind: crate::domain::timed::TimedScopeKind = q
+                    .scope
+                    .as_deref()
+                    .unwrap_or("call")
+                    .parse()
+                    .map_err(AppError::InvalidParams)?;
+                let a = gw
+                    .approve_for(id, &voter, name, q.reason, true, duration, kind)
+                    .await?;
+                Ok(json!({
+                    "decision": DecisionView::from(&a.voted.request),
+                    "approvals": a.voted.have,
+                    "approvals_required": a.voted.need,
+                    "grant": timed_view(&a.grant),
+                }))
+            }
             Method::Approve(q) | Method::Deny(q) => {
+                if q.for_.is_some() || q.scope.is_some() {
+                    return Err(AppError::InvalidParams(
+                        "`for` and `scope` go with `approve` only (and `scope` needs `for`)".into(),
+                    )
+                    .into());
+                }
                 let id = parse_id(&q.id)?;
                 let (voter, name) = actor(&q.operator)?;
                 let v = gw.vote(id, &voter, name, approve, q.reason, true).await?;
@@ -516,20 +544,36 @@ impl Handler {
             Method::Grant(q) => {
                 Ok(json!({"changed": gw.grant(&q.scope, &q.tool, q.effect, &who).await?}))
             }
-            Method::Revoke(q) => {
-                Ok(json!({"changed": gw.revoke(&q.scope, &q.tool, q.effect, &who).await?}))
-            }
+            Method::Revoke(q) => match &q.id {
+                Some(id) => Ok(json!({"changed": gw.revoke_timed(id, &who).await?})),
+                None => Ok(json!({"changed": gw.revoke(&q.scope, &q.tool, q.effect, &who).await?})),
+            },
             Method::ToolsList(q) => Ok(json!({
                 "grants": to_value(gw.grants(q.scope.as_deref()).await?)?,
+                "timed_grants": gw.timed_grants(None, None).iter().map(timed_view).collect::<Vec<_>>(),
                 "risks": gw.tool_risks().into_iter().map(|(t, r)| json!({"tool": t, "risk": r})).collect::<Vec<_>>(),
             })),
-            Method::ToolsEffective(q) => to_value(gw.effective(
-                &q.agent,
-                q.user_id.as_deref(),
-                q.channel_id.as_deref(),
-                q.roles,
-                &q.tool,
-            )?),
+            Method::ToolsEffective(q) => {
+                let mut v = to_value(gw.effective(
+                    &q.agent,
+                    q.user_id.as_deref(),
+                    q.channel_id.as_deref(),
+                    q.roles,
+                    &q.tool,
+                )?)?;
+                // Time-boxed grants for this agent (and tool), with expiries:
+                // they stand in for a human's approval, not for the allowlist.
+                let timed: Vec<Value> = gw
+                    .timed_grants(Some(&q.agent), Some(&q.tool))
+                    .iter()
+                    .filter(|g| g.user_id.is_none() || g.user_id.as_deref() == q.user_id.as_deref())
+                    .map(timed_view)
+                    .collect();
+                if let Value::Object(m) = &mut v {
+                    m.insert("timed_grants".into(), Value::Array(timed));
+                }
+                Ok(v)
+            }
             Method::ToolsRisk(q) => {
                 gw.set_risk(&q.tool, q.risk, &who).await?;
                 Ok(json!({"tool": q.tool, "risk": q.risk}))
@@ -696,6 +740,24 @@ fn refused_line(line: &str, e: &StrictError) -> String {
         })
         .unwrap_or(Value::Null);
     response(&id, Err(RpcError::new(code, e.to_string())))
+}
+
+/// A time-boxed grant as the socket shows it (with its `until` label).
+fn timed_view(g: &crate::domain::timed::TimedGrant) -> Value {
+    json!({
+        "id": g.id,
+        "agent": g.agent,
+        "tool": g.tool,
+        "scope": g.kind,
+        "scope_label": g.kind.describe(),
+        "user_id": g.user_id,
+        "args_hash": g.args_hash,
+        "expires_ms": g.expires_ms,
+        "until": g.until(),
+        "created_by": g.created_by,
+        "created_ms": g.created_ms,
+        "origin_request": g.origin_request,
+    })
 }
 
 #[cfg(test)]

@@ -703,13 +703,23 @@ pub struct DecideParams {
     /// The operator's name, shown beside their uid (letters, digits,
     /// spaces and `_-.'` only, so it cannot imitate a uid).
     pub operator: Option<String>,
+    /// `approve` only: also allow matching calls for this long (`15m`,
+    /// `1h`, `8h`, `2s`, … or `until_revoked`), adding a time-boxed grant.
+    #[serde(rename = "for")]
+    pub for_: Option<String>,
+    /// With `for`: `call` (default), `agent-tool` or `agent-tool-user`.
+    pub scope: Option<String>,
 }
 
 /// `grant` and `revoke`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrantParams {
+    /// `revoke` only: a time-boxed grant's id (`tg-…`), instead of scope and tool.
+    pub id: Option<String>,
+    #[serde(default)]
     pub scope: String,
+    #[serde(default)]
     pub tool: String,
     #[serde(default)]
     pub effect: Effect,

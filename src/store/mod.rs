@@ -9,6 +9,7 @@ mod error;
 pub mod files;
 pub mod postgres;
 mod sqlite;
+mod timed;
 
 pub use postgres::{redact_url, PgOptions, PgStore};
 pub use sqlite::check;

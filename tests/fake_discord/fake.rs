@@ -197,6 +197,24 @@ impl FakeDiscord {
         res.unwrap_or_else(|e| panic!("fake discord click_button: {e}"))
     }
 
+    /// Injects a string-select pick on a stored message: like [`FakeDiscord::click_button`],
+    /// with `values` picked (each must be one of the select's options). Panics otherwise.
+    pub async fn select_option(
+        &self,
+        message_id: u64,
+        custom_id: &str,
+        user_id: u64,
+        values: &[&str],
+    ) -> InteractionHandle {
+        let res = {
+            let mut st = self.inner.lock();
+            self.inner
+                .select_locked(&mut st, message_id, custom_id, user_id, values)
+        };
+        self.inner.bump();
+        res.unwrap_or_else(|e| panic!("fake discord select_option: {e}"))
+    }
+
     /// Injects a MODAL_SUBMIT (type 5) for a modal the bot opened (type-9 response) from a
     /// component on `message_id`. `fields` are (text input custom_id, value); inputs not
     /// given are submitted empty. Panics if no such modal was opened for this user.

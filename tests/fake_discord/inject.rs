@@ -120,6 +120,19 @@ impl Inner {
         custom_id: &str,
         user_id: u64,
     ) -> Result<InteractionHandle, String> {
+        self.select_locked(st, message_id, custom_id, user_id, &[])
+    }
+
+    /// A component interaction; for a select, `values` are the picked
+    /// options' values, each checked against the options the message offers.
+    pub(super) fn select_locked(
+        &self,
+        st: &mut FakeState,
+        message_id: u64,
+        custom_id: &str,
+        user_id: u64,
+        values: &[&str],
+    ) -> Result<InteractionHandle, String> {
         let msg = st
             .messages
             .get(&message_id)
@@ -142,7 +155,21 @@ impl Inner {
             self.interaction_envelope(st, id, &token, 3, msg.channel_id, user_id)?;
         let mut data = json!({"custom_id": custom_id, "component_type": component_type});
         if component_type != 2 {
-            data["values"] = json!([]);
+            if component_type == 3 {
+                for v in values {
+                    let offered = comp["options"]
+                        .as_array()
+                        .is_some_and(|o| o.iter().any(|o| o["value"] == *v));
+                    if !offered {
+                        return Err(format!(
+                            "select {custom_id:?} on message {message_id} offers no option {v:?}"
+                        ));
+                    }
+                }
+            }
+            data["values"] = json!(values);
+        } else if !values.is_empty() {
+            return Err(format!("component {custom_id:?} is a button, not a select"));
         }
         d["data"] = data;
         d["message"] = message_json(&self.cfg, &self.api_base(), &msg);

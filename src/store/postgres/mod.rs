@@ -574,6 +574,42 @@ impl PolicyData for PgStore {
         self.policy_changed(done);
         Ok(done)
     }
+    async fn add_timed_grant(
+        &self,
+        grant: crate::domain::timed::TimedGrant,
+        audit: AuditEvent,
+    ) -> StoreResult<()> {
+        let audit = Arc::new(audit.seal());
+        let grant = Arc::new(grant);
+        self.write(move |tx| {
+            let (grant, audit) = (grant.clone(), audit.clone());
+            Box::pin(async move { write::add_timed_grant(tx, &grant, &audit).await })
+        })
+        .await?;
+        self.policy_changed(true);
+        Ok(())
+    }
+    async fn remove_timed_grant(&self, id: String, audit: AuditEvent) -> StoreResult<bool> {
+        let audit = Arc::new(audit.seal());
+        let id = Arc::new(id);
+        let done = self
+            .write(move |tx| {
+                let (id, audit) = (id.clone(), audit.clone());
+                Box::pin(async move { write::remove_timed_grant(tx, &id, &audit).await })
+            })
+            .await?;
+        self.policy_changed(done);
+        Ok(done)
+    }
+    async fn timed_grants(&self) -> StoreResult<Vec<crate::domain::timed::TimedGrant>> {
+        sqlx::query_as::<_, crate::store::timed::TimedRow>(crate::store::timed::SELECT)
+            .fetch_all(&self.reads)
+            .await
+            .map_err(db)?
+            .into_iter()
+            .map(crate::store::timed::TimedRow::into_grant)
+            .collect()
+    }
     async fn grants(&self) -> StoreResult<Vec<StoredGrant>> {
         let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(
             "SELECT scope, tool, effect, created_by, created_ms FROM grants \

@@ -844,3 +844,42 @@ async fn load_locked(
         .map(RequestRow::into_request)
         .transpose()
 }
+
+pub(super) async fn add_timed_grant(
+    tx: &mut Tx,
+    g: &crate::domain::timed::TimedGrant,
+    audit: &SealedEvent,
+) -> StoreResult<()> {
+    sqlx::query(crate::store::timed::INSERT)
+        .bind(&g.id)
+        .bind(&g.agent)
+        .bind(&g.tool)
+        .bind(g.kind.as_str())
+        .bind(&g.user_id)
+        .bind(&g.args_hash)
+        .bind(g.expires_ms)
+        .bind(&g.created_by)
+        .bind(g.created_ms)
+        .bind(&g.origin_request)
+        .bind(i64::from(g.by_admin))
+        .execute(tx.conn().await?)
+        .await
+        .map_err(db)?;
+    policy_changed(tx, true, audit).await
+}
+
+pub(super) async fn remove_timed_grant(
+    tx: &mut Tx,
+    id: &str,
+    audit: &SealedEvent,
+) -> StoreResult<bool> {
+    let done = sqlx::query(crate::store::timed::DELETE)
+        .bind(id)
+        .execute(tx.conn().await?)
+        .await
+        .map_err(db)?
+        .rows_affected()
+        == 1;
+    policy_changed(tx, done, audit).await?;
+    Ok(done)
+}

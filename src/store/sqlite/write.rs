@@ -657,3 +657,41 @@ fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
         run_plan: r.get("run_plan")?,
     })
 }
+
+pub(super) fn add_timed_grant(
+    tx: &mut Tx<'_>,
+    g: &crate::domain::timed::TimedGrant,
+    audit: &SealedEvent,
+) -> StoreResult<()> {
+    tx.prepare_cached(crate::store::timed::INSERT)?
+        .execute(params![
+            g.id,
+            g.agent,
+            g.tool,
+            g.kind.as_str(),
+            g.user_id,
+            g.args_hash,
+            g.expires_ms,
+            g.created_by,
+            g.created_ms,
+            g.origin_request,
+            i64::from(g.by_admin),
+        ])?;
+    tx.audit(std::slice::from_ref(audit))?;
+    Ok(())
+}
+
+pub(super) fn remove_timed_grant(
+    tx: &mut Tx<'_>,
+    id: &str,
+    audit: &SealedEvent,
+) -> StoreResult<bool> {
+    let done = tx
+        .prepare_cached(crate::store::timed::DELETE)?
+        .execute(params![id])?
+        == 1;
+    if done {
+        tx.audit(std::slice::from_ref(audit))?;
+    }
+    Ok(done)
+}
