@@ -203,6 +203,7 @@ risk = "low"
 [tools.run]
 argv = ["/bin/true"]
 profile = "host"
+writable = ["/tmp"]
 [[tools]]
 name = "true_exec"
 risk = "low"

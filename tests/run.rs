@@ -521,7 +521,11 @@ fn sigkill_of_keyturn_leaves_no_process_and_the_run_is_interrupted() {
         if left.is_empty() {
             break;
         }
-        assert!(Instant::now() < end, "left behind: {left:?}");
+        assert!(
+            Instant::now() < end,
+            "left behind: {left:?}; log:\n{}",
+            s.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let runs = wait_runs(
@@ -760,4 +764,37 @@ credentials = [{{ name = "token", file = "/tmp/token" }}]
         assert!(Instant::now() < end, "the reloaded value was never used");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn pausing_an_agent_kills_its_running_runs() {
+    if !have_bwrap() {
+        return;
+    }
+    let (s, _) = start(|b| sleeper(b).replace("{timeout}", "5m"));
+    let sock = s.socket().to_path_buf();
+    let t = std::thread::spawn(move || {
+        harness::rpc::call(
+            &sock,
+            "run",
+            json!({"agent": "bot", "tool": "sleep", "args": {"secs": 300}}),
+        )
+    });
+    wait_runs(
+        &s,
+        |r| {
+            r.iter()
+                .any(|r| r["state"] == "running" && !r["pid"].is_null())
+        },
+        Duration::from_secs(10),
+    );
+    let a = s
+        .admin_rpc("agent.pause", json!({"name": "bot", "reason": "runaway"}))
+        .expect("pause");
+    assert_eq!(a["killed_runs"], 1, "{a:#}");
+    let v = t.join().unwrap().expect("run answer");
+    assert_eq!(v["run"]["state"], "killed", "{v:#}");
+    let e = run(&s, "sleep", json!({"secs": 1})).expect("a refused call still answers");
+    assert_eq!(e["decision"]["rule"], "agent_paused", "{e:#}");
+    assert!(e["run"].is_null());
 }

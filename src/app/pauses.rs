@@ -25,6 +25,8 @@ pub struct PauseAnswer {
     pub pause: Pause,
     /// Pending requests cancelled by this call.
     pub cancelled: usize,
+    /// Runs of the agent that were running, killed by this call.
+    pub killed_runs: usize,
 }
 
 /// What `agent.resume` answers.
@@ -136,11 +138,24 @@ impl Gateway {
         .unwrap_or(pause);
         tracing::warn!(agent = %target, by = %by, newly = paused, "agent paused: its calls are denied");
         let cancelled = self.sweep_paused(&target, &in_force).await?;
+        // A paused agent's runs stop too: each is killed wherever it runs.
+        let mut killed_runs = 0;
+        for run in self.runs(true, 1000).await? {
+            if target == ALL_AGENTS || run.agent == target {
+                match self.kill_run(&run.id, by).await {
+                    Ok(_) => killed_runs += 1,
+                    Err(e) => {
+                        tracing::warn!(run.id = %run.id, error = %e, "pause: run not killed")
+                    }
+                }
+            }
+        }
         Ok(PauseAnswer {
             agent: target,
             paused,
             pause: in_force,
             cancelled,
+            killed_runs,
         })
     }
 

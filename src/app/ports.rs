@@ -811,7 +811,9 @@ pub trait Executor: Send + Sync + 'static {
     /// Kills what is left of a run a previous Keyturn process on this host
     /// started (found `running` at start-up), if `pid` is still that run's
     /// process group. Best effort.
-    fn kill_leftover(&self, pid: i64, started_ms: i64);
+    /// Processes of the run found by its id anywhere on the host (by the
+    /// `KEYTURN_RUN_ID` every run's environment carries) are killed too.
+    fn kill_leftover(&self, run_id: &str, pid: i64, started_ms: i64);
     /// Whether a process with this pid exists on this host (a Keyturn
     /// process that left runs behind is gone when it does not).
     fn process_exists(&self, pid: i64) -> bool;

@@ -265,6 +265,8 @@ impl Gateway {
             set(&mut env, k, v.clone());
         }
         let run_id = uuid::Uuid::now_v7().to_string();
+        // How what is left of the run is found again, whatever its group.
+        set(&mut env, "KEYTURN_RUN_ID", run_id.clone());
         let mut files = Vec::new();
         let mut used = Vec::new();
         let mut secrets: Vec<Vec<u8>> = runner.credentials.values();
@@ -562,9 +564,9 @@ impl Gateway {
             {
                 continue;
             }
-            if let Some(pid) = rec.pid {
-                runner.executor.kill_leftover(pid, rec.started_ms);
-            }
+            runner
+                .executor
+                .kill_leftover(&rec.id, rec.pid.unwrap_or(0), rec.started_ms);
             rec.state = RunState::Interrupted;
             rec.ended_ms = Some(now_ms());
             let ev = run_event(

@@ -414,6 +414,31 @@ pub fn check_spec(spec: &RunSpec) -> Result<(), String> {
             }
         }
     }
+    // The working directory is one the tool declares (the cwd allowlist):
+    // a writable directory or under a path slot's root.
+    let roots: Vec<&String> = spec
+        .slots
+        .values()
+        .filter_map(|t| match t {
+            SlotType::Path { roots, .. } => Some(roots),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    if let Some(cwd) = &spec.cwd {
+        let ok = spec.writable.iter().any(|w| under(cwd, w)) || roots.iter().any(|r| under(cwd, r));
+        if !ok {
+            return Err(format!(
+                "`cwd` `{cwd}` is neither under a `writable` directory nor under a path slot's root"
+            ));
+        }
+    } else if spec.profile == Profile::Host && spec.writable.is_empty() {
+        return Err(
+            "the host profile needs a `cwd` or a `writable` directory to run in (it has no \
+             private /tmp)"
+                .into(),
+        );
+    }
     if spec.timeout_ms == 0 {
         return Err("`timeout` must be more than 0".into());
     }

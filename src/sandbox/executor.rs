@@ -491,6 +491,11 @@ impl Executor for Sandbox {
             began,
             timeout: Duration::from_millis(job.spec.timeout_ms),
             grace: self.cfg.kill_grace.0,
+            run_uid: Some(
+                self.ids
+                    .0
+                    .unwrap_or_else(|| nix::unistd::geteuid().as_raw()),
+            ),
             streams: [(out_task, out_cap), (err_task, err_cap)],
             _keep: (slot, scratch, self.spawner.clone()),
         };
@@ -510,12 +515,15 @@ impl Executor for Sandbox {
             .is_ok_and(|p| p > 0 && std::path::Path::new(&format!("/proc/{p}")).exists())
     }
 
-    fn kill_leftover(&self, pid: i64, started_ms: i64) {
+    fn kill_leftover(&self, run_id: &str, pid: i64, started_ms: i64) {
         let uid = self
             .ids
             .0
             .unwrap_or_else(|| nix::unistd::geteuid().as_raw());
-        leftover::kill_leftover_as(pid, started_ms, Some(uid))
+        if pid > 0 {
+            leftover::kill_leftover_as(pid, started_ms, Some(uid));
+        }
+        leftover::kill_by_run_id(run_id, Some(uid));
     }
 }
 
@@ -526,6 +534,8 @@ struct Supervisor {
     began: Instant,
     timeout: Duration,
     grace: Duration,
+    /// The uid the run's processes have (for the leftover sweep).
+    run_uid: Option<u32>,
     streams: [(tokio::task::JoinHandle<()>, Arc<Mutex<Capture>>); 2],
     /// Released when the run is over: the concurrency slot, the staged
     /// files (removed), the spawner thread (the children's parent).
@@ -566,6 +576,13 @@ impl Supervisor {
             }
         };
         let reason = self.ctl.exited();
+        if reason.is_some() {
+            // Killed or timed out: a sandbox caught mid-setup may have left
+            // the group (bubblewrap's own session); find it by the run id.
+            let (run_id, uid) = (self.ctl.run_id.clone(), self.run_uid);
+            let _ =
+                tokio::task::spawn_blocking(move || leftover::kill_by_run_id(&run_id, uid)).await;
+        }
         // Reap (the zombie kept the pid, so the SIGKILL above hit our group).
         let pid = self.pid;
         let _ = tokio::task::spawn_blocking(move || {

@@ -64,6 +64,45 @@ pub(super) fn kill_leftover_as(pid: i64, started_ms: i64, uid: Option<u32>) {
 }
 
 /// Pids of the processes in process group `pgid` (field 5 of their stat).
+/// The variable every run's environment carries (set by Keyturn, so a
+/// run's processes can be found again by it, whatever group or session
+/// they moved to).
+pub const RUN_ID_VAR: &str = "KEYTURN_RUN_ID";
+
+/// SIGKILLs every process whose environment holds `KEYTURN_RUN_ID=<run_id>`
+/// (and that runs as `uid`, when given): what is left of a run after its
+/// group is gone, e.g. a sandbox that Keyturn's death reached while
+/// bubblewrap was still setting it up (before its `--die-with-parent` was
+/// armed, and in a session of its own). Returns how many were signalled.
+pub fn kill_by_run_id(run_id: &str, uid: Option<u32>) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let want = format!("{RUN_ID_VAR}={run_id}");
+    let me = std::process::id() as i32;
+    let mut n = 0;
+    for p in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        if p <= 1 || p == me || (uid.is_some() && process_uid(p) != uid) {
+            continue;
+        }
+        let Ok(env) = std::fs::read(format!("/proc/{p}/environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|e| e == want.as_bytes()) {
+            match nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL) {
+                Ok(()) => {
+                    n += 1;
+                    tracing::warn!(run.id = %run_id, process.pid = p, "leftover run process killed");
+                }
+                Err(e) => {
+                    tracing::warn!(run.id = %run_id, process.pid = p, error = %e, "leftover run process not killed")
+                }
+            }
+        }
+    }
+    n
+}
+
 fn group_members(pgid: i32) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
