@@ -230,26 +230,31 @@ tool = "true_*"
             socket_lat[i].push(t0.elapsed());
             anyhow::ensure!(v["run"]["exit_code"] == 0, "{tool} did not run: {}", v);
         }
-        for (i, args) in [
-            vec!["run", "--tool", "true_bwrap"],
-            vec!["run", "--tool", "true_host"],
-            vec!["exec", "--tool", "true_exec", "--", "/bin/true"],
+        for (i, (sub, args)) in [
+            ("run", vec!["--tool", "true_bwrap"]),
+            ("run", vec!["--tool", "true_host"]),
+            ("exec", vec!["--tool", "true_exec", "--", "/bin/true"]),
         ]
         .into_iter()
         .enumerate()
         {
             let t0 = Instant::now();
             let st = tokio::process::Command::new(&exe)
-                .args(&args)
+                .arg(sub)
                 .arg("--socket")
                 .arg(&sock)
                 .args(["--agent", "bench"])
+                .args(&args)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .status()
                 .await?;
             cli_lat[i].push(t0.elapsed());
-            anyhow::ensure!(st.success(), "keyturn {} failed: {st}", args.join(" "));
+            anyhow::ensure!(
+                st.success(),
+                "keyturn {sub} {} failed: {st}",
+                args.join(" ")
+            );
         }
     }
     let line = |what: &str, v: &mut Vec<Duration>| {

@@ -524,6 +524,7 @@ async fn start_runner(
     let exe = std::env::current_exe()
         .context("while finding the keyturn binary (runs start through it)")?;
     let sandbox = crate::sandbox::executor::Sandbox::new(&cfg.run, exe, hidden.clone());
+    sandbox.reap_orphans_from_now();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());

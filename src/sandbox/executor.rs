@@ -63,6 +63,9 @@ pub struct Sandbox {
     ids: (Option<u32>, Option<u32>),
     running: Arc<AtomicUsize>,
     spawner: Arc<Spawner>,
+    /// Pids of the runs' own processes (bwrap or the host program), which
+    /// their supervisors reap; [`reap_orphans`] leaves them alone.
+    supervised: Arc<Mutex<std::collections::HashSet<i32>>>,
 }
 
 impl Sandbox {
@@ -82,8 +85,76 @@ impl Sandbox {
             ids: run_ids(cfg),
             running: Arc::new(AtomicUsize::new(0)),
             spawner: Arc::new(Spawner::start()),
+            supervised: supervised_pids(),
         }
     }
+
+    /// Makes this process the reaper of its runs' orphans, and reaps them
+    /// every second from now on. When bubblewrap's outer process exits,
+    /// the sandbox's init (its child) is orphaned as a zombie; left to
+    /// PID 1, which in a container may reap late or never, such zombies
+    /// pile up against the run uid's process limit until runs cannot fork.
+    pub fn reap_orphans_from_now(&self) {
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            tracing::warn!(error = %e, "cannot become the reaper of runs' orphans; PID 1 reaps them");
+            return;
+        }
+        let supervised = self.supervised.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let s = supervised.clone();
+                let _ = tokio::task::spawn_blocking(move || reap_orphans(&s)).await;
+            }
+        });
+    }
+}
+
+/// The one set of supervised pids of this process (several executors may
+/// share it, e.g. in the bench; the reaper is process-wide).
+fn supervised_pids() -> Arc<Mutex<std::collections::HashSet<i32>>> {
+    static SET: std::sync::OnceLock<Arc<Mutex<std::collections::HashSet<i32>>>> =
+        std::sync::OnceLock::new();
+    SET.get_or_init(Arc::default).clone()
+}
+
+/// Reaps zombie children of this process that are orphaned sandbox
+/// processes (`bwrap`, or anything running as the run uid) and not a run
+/// a supervisor waits for. Children Keyturn started for itself (credential
+/// commands) are left to whoever waits for them.
+fn reap_orphans(supervised: &Mutex<std::collections::HashSet<i32>>) -> usize {
+    let me = std::process::id() as i64;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut n = 0;
+    for p in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let comm = stat
+            .get(stat.find('(').map_or(0, |i| i + 1)..close)
+            .unwrap_or("");
+        let mut rest = stat[close + 1..].split_whitespace();
+        let (state, ppid) = (rest.next(), rest.next().and_then(|v| v.parse::<i64>().ok()));
+        if state != Some("Z") || ppid != Some(me) || comm != "bwrap" {
+            continue;
+        }
+        if supervised.lock().map(|s| s.contains(&p)).unwrap_or(true) {
+            continue;
+        }
+        if nix::sys::wait::waitpid(Pid::from_raw(p), Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+            .is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Checks that bubblewrap is there and can create the namespaces runs use,
@@ -485,7 +556,11 @@ impl Executor for Sandbox {
                 ctl.wake.notify_one();
             }))
         };
+        if let Ok(mut s) = self.supervised.lock() {
+            s.insert(pgid.as_raw());
+        }
         let sup = Supervisor {
+            supervised: self.supervised.clone(),
             ctl,
             pid: pgid,
             began,
@@ -536,6 +611,8 @@ struct Supervisor {
     grace: Duration,
     /// The uid the run's processes have (for the leftover sweep).
     run_uid: Option<u32>,
+    /// The runs' own pids (see [`Sandbox::supervised`]).
+    supervised: Arc<Mutex<std::collections::HashSet<i32>>>,
     streams: [(tokio::task::JoinHandle<()>, Arc<Mutex<Capture>>); 2],
     /// Released when the run is over: the concurrency slot, the staged
     /// files (removed), the spawner thread (the children's parent).
@@ -585,8 +662,15 @@ impl Supervisor {
         }
         // Reap (the zombie kept the pid, so the SIGKILL above hit our group).
         let pid = self.pid;
+        let supervised = self.supervised.clone();
         let _ = tokio::task::spawn_blocking(move || {
             while let Err(nix::errno::Errno::EINTR) = waitpid(pid, None) {}
+            if let Ok(mut s) = supervised.lock() {
+                s.remove(&pid.as_raw());
+            }
+            // The sandbox's init, orphaned when bwrap exited (when this
+            // process is their reaper; see `reap_orphans_from_now`).
+            reap_orphans(&supervised);
         })
         .await;
         let duration_ms = self.began.elapsed().as_millis() as u64;
