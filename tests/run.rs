@@ -798,3 +798,36 @@ fn pausing_an_agent_kills_its_running_runs() {
     assert_eq!(e["decision"]["rule"], "agent_paused", "{e:#}");
     assert!(e["run"].is_null());
 }
+
+/// Each sandbox leaves its init orphaned when bubblewrap exits; Keyturn
+/// reaps them, so a burst of runs never runs the run uid out of processes
+/// (whoever PID 1 is, and however late it reaps).
+#[test]
+fn a_burst_of_runs_never_runs_out_of_processes() {
+    if !have_bwrap() {
+        return;
+    }
+    let (s, _) = start(|_| {
+        r#"
+[[tools]]
+name = "true"
+risk = "low"
+[tools.run]
+argv = ["/bin/true"]
+limits = { processes = 40 }
+"#
+        .to_string()
+    });
+    let mut c = std::os::unix::net::UnixStream::connect(s.socket()).expect("connect");
+    use std::io::{BufRead, BufReader, Write};
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    for i in 0..150 {
+        let line = json!({"jsonrpc": "2.0", "id": i, "method": "run",
+                          "params": {"agent": "bot", "tool": "true", "args": {}}});
+        writeln!(c, "{line}").unwrap();
+        let mut answer = String::new();
+        r.read_line(&mut answer).unwrap();
+        let v: Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(v["result"]["run"]["exit_code"], 0, "run {i}: {v:#}");
+    }
+}
