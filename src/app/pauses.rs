@@ -127,6 +127,16 @@ impl Gateway {
             since_ms: now,
             reason: reason.clone(),
         };
+        // What this pause will cancel, read before it is stored: the
+        // follower may sweep them first when it hears of the pause.
+        let covered: Vec<RequestId> = self
+            .store
+            .pending(SWEEP_LIMIT)
+            .await?
+            .into_iter()
+            .filter(|r| target == ALL_AGENTS || r.agent == target)
+            .map(|r| r.id)
+            .collect();
         let audit = events::agent_paused(now, by, &target, reason.as_deref());
         let paused = self.store.pause_agent(pause.clone(), audit).await?;
         // From here on this process denies the agent's calls.
@@ -137,7 +147,21 @@ impl Gateway {
         }
         .unwrap_or(pause);
         tracing::warn!(agent = %target, by = %by, newly = paused, "agent paused: its calls are denied");
-        let cancelled = self.sweep_paused(&target, &in_force).await?;
+        let swept = self.sweep_paused(&target, &in_force).await?;
+        // Counted whichever sweep (this one or the follower's) cancelled them.
+        let mut cancelled = 0;
+        for id in covered {
+            if let Some(r) = self.store.get_request(id).await? {
+                if r.state == State::Cancelled
+                    && r.decided_reason
+                        .as_deref()
+                        .is_some_and(|why| why.starts_with(AGENT_PAUSED))
+                {
+                    cancelled += 1;
+                }
+            }
+        }
+        let cancelled = cancelled.max(swept);
         // A paused agent's runs stop too: each is killed wherever it runs.
         let mut killed_runs = 0;
         for run in self.runs(true, 1000).await? {
