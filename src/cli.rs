@@ -1316,7 +1316,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .await?
                 .call("runs.list", json!({"running": !all, "limit": limit}))
                 .await?;
-            let runs: Vec<RunRow> = read(&v)?;
+            let runs: Vec<crate::app::ports::RunRecord> = read(&v)?;
             show(conn.json, &v, &runs, |runs| {
                 if runs.is_empty() {
                     return if all {
@@ -1330,7 +1330,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                         format!(
                             "{}  {}  {}  agent {}  tool {}  pid {}  started {}  approved by {}\n    {}",
                             r.id,
-                            r.state,
+                            r.state.as_str(),
                             r.exit_code.map(|c| format!("exit {c}")).or(r.signal.map(|s| format!("signal {s}"))).unwrap_or_default(),
                             printable(&r.agent),
                             printable(&r.tool),
@@ -1355,7 +1355,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .await?
                 .call("runs.kill", json!({"id": id, "operator": operator(op)}))
                 .await?;
-            let r: RunRow = read(&v)?;
+            let r: crate::app::ports::RunRecord = read(&v)?;
             show(conn.json, &v, &r, |r| {
                 format!(
                     "run {}: kill sent (SIGTERM, then SIGKILL to its process group)",
@@ -1369,7 +1369,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             match cmd {
                 CredentialsCmd::Status => {
                     let v = c.call("credentials.status", json!({})).await?;
-                    let list: Vec<crate::app::ports::CredentialStatus> = read_status(&v)?;
+                    let list: Vec<crate::app::ports::CredentialStatus> = read(&v)?;
                     show(conn.json, &v, &list, |list| {
                         if list.is_empty() {
                             return "no credentials configured".into();
@@ -1646,55 +1646,6 @@ fn when(ms: Option<i64>) -> String {
     ms.and_then(chrono::DateTime::from_timestamp_millis)
         .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
         .unwrap_or_else(|| "never".into())
-}
-
-/// A run as `runs.list` and `runs.kill` answer it.
-#[derive(Debug, serde::Deserialize)]
-struct RunRow {
-    id: String,
-    agent: String,
-    tool: String,
-    argv: Vec<String>,
-    pid: Option<i64>,
-    approved_by: String,
-    started_ms: i64,
-    state: String,
-    exit_code: Option<i32>,
-    signal: Option<i32>,
-}
-
-fn read_status(v: &Value) -> anyhow::Result<Vec<crate::app::ports::CredentialStatus>> {
-    #[derive(serde::Deserialize)]
-    struct P {
-        name: String,
-        failures: u32,
-        set_aside: bool,
-        unreadable: bool,
-    }
-    #[derive(serde::Deserialize)]
-    struct C {
-        name: String,
-        active: String,
-        profiles: Vec<P>,
-    }
-    let list: Vec<C> = read(v)?;
-    Ok(list
-        .into_iter()
-        .map(|c| crate::app::ports::CredentialStatus {
-            name: c.name,
-            active: c.active,
-            profiles: c
-                .profiles
-                .into_iter()
-                .map(|p| crate::app::ports::ProfileStatus {
-                    name: p.name,
-                    failures: p.failures,
-                    set_aside: p.set_aside,
-                    unreadable: p.unreadable,
-                })
-                .collect(),
-        })
-        .collect())
 }
 
 /// `keyturn run`: the decision, then the run's output on this process's

@@ -540,7 +540,7 @@ pub trait AgentPauses: Send + Sync + 'static {
 /// before), for whatever in this process follows the store: waiters, the
 /// deadline scheduler, the policy view and the card outbox.
 /// A run as the process registry records it (see [`Runs`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RunRecord {
     /// A UUID (v7), also the id `keyturn kill` takes.
     pub id: String,
@@ -833,7 +833,7 @@ impl std::fmt::Debug for Fetched {
 }
 
 /// One credential as `keyturn credentials status` shows it: names only.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct CredentialStatus {
     pub name: String,
     /// The profile in use.
@@ -841,7 +841,7 @@ pub struct CredentialStatus {
     pub profiles: Vec<ProfileStatus>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ProfileStatus {
     pub name: String,
     /// Consecutive failures.

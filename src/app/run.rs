@@ -469,20 +469,11 @@ impl Gateway {
     /// cut in half by the cap), then the content guard's masker.
     fn shown_output(&self, kept: &[u8], size: u64, sha256: &str, secrets: &[Vec<u8>]) -> Output {
         let masked = mask_credentials(kept, secrets);
-        let mut text = self
+        let text = self
             .redactor
             .redact_text(&String::from_utf8_lossy(&masked))
             .0;
-        let truncated = size > kept.len() as u64;
-        if truncated {
-            text.push_str(&run::truncation_marker(kept.len(), size));
-        }
-        Output {
-            text,
-            truncated,
-            size,
-            sha256: sha256.to_string(),
-        }
+        Output::shown(text, kept.len(), size, sha256.to_string())
     }
 
     /// Kills a running run (the whole process group), wherever it runs:
@@ -612,7 +603,7 @@ impl Gateway {
 }
 
 fn empty_output() -> Output {
-    run::cap_output(b"", 0, 1, String::new())
+    Output::shown(String::new(), 0, 0, String::new())
 }
 
 fn run_event(kind: &str, rec: &RunRecord, mut detail: serde_json::Value) -> AuditEvent {

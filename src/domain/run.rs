@@ -788,21 +788,21 @@ pub fn truncation_marker(shown: usize, size: u64) -> String {
     format!("\n[keyturn: output truncated: showing {shown} of {size} bytes]")
 }
 
-/// Cuts `bytes` (the first bytes the process wrote, at most `cap` kept) to
-/// `cap`, as text with the marker when `size` (all bytes written) is larger.
-pub fn cap_output(bytes: &[u8], size: u64, cap: usize, sha256: String) -> Output {
-    let kept = &bytes[..bytes.len().min(cap)];
-    let mut text = String::from_utf8_lossy(kept).into_owned();
-    // A cut may split a character: lossy decoding shows it as U+FFFD.
-    let truncated = size > kept.len() as u64;
-    if truncated {
-        text.push_str(&truncation_marker(kept.len(), size));
-    }
-    Output {
-        text,
-        truncated,
-        size,
-        sha256,
+impl Output {
+    /// Output as shown: `text` (made from the first `kept` bytes the process
+    /// wrote), with the truncation marker when `size` (all bytes written)
+    /// is larger.
+    pub fn shown(mut text: String, kept: usize, size: u64, sha256: String) -> Output {
+        let truncated = size > kept as u64;
+        if truncated {
+            text.push_str(&truncation_marker(kept, size));
+        }
+        Output {
+            text,
+            truncated,
+            size,
+            sha256,
+        }
     }
 }
 
@@ -968,11 +968,11 @@ mod tests {
 
     #[test]
     fn output_cap_marks_truncation_and_full_size() {
-        let o = cap_output(b"hello world", 11, 5, "h".into());
+        let o = Output::shown("hello".into(), 5, 11, "h".into());
         assert!(o.truncated);
         assert!(o.text.starts_with("hello"));
         assert!(o.text.contains("showing 5 of 11 bytes"));
-        let o = cap_output(b"hi", 2, 5, "h".into());
+        let o = Output::shown("hi".into(), 2, 2, "h".into());
         assert!(!o.truncated);
         assert_eq!(o.text, "hi");
     }
