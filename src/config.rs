@@ -629,6 +629,9 @@ pub struct RiskLevelConfig {
     pub timeout: Dur,
     /// Distinct approvals needed.
     pub approvals: u32,
+    /// `[[risk.LEVEL.escalation]]`: what happens while nobody decides
+    /// (see [`crate::domain::escalation`]).
+    pub escalation: Vec<crate::domain::escalation::StepConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -645,6 +648,7 @@ impl Default for RiskLevelConfig {
         RiskLevelConfig {
             timeout: Dur(Duration::from_secs(300)),
             approvals: 1,
+            escalation: Vec::new(),
         }
     }
 }
@@ -656,6 +660,7 @@ impl Default for RiskConfig {
             critical: RiskLevelConfig {
                 timeout: Dur(Duration::from_secs(900)),
                 approvals: 1,
+                escalation: Vec::new(),
             },
             max_timeout: Dur(Duration::from_secs(3600)),
         }
@@ -1362,6 +1367,12 @@ impl Config {
                     "must not exceed risk.max_timeout",
                 ));
             }
+            crate::domain::escalation::parse_ladder(
+                &format!("risk.{level}.escalation"),
+                &r.escalation,
+                r.timeout.0,
+            )
+            .map_err(|(key, message)| invalid(key, message))?;
         }
         if let Some(c) = self.limits.task_max_cost {
             if !(c.is_finite() && c > 0.0) {
@@ -2255,5 +2266,32 @@ mod tests {
             e.contains("`tools.kubectl_get.run`") && e.contains("argv"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn escalation_steps_are_validated_at_load_naming_the_key() {
+        let ok = Config::parse(
+            "[risk.high]\ntimeout = \"5m\"\n\
+             [[risk.high.escalation]]\nafter = \"3m\"\naction = \"reping\"\n\
+             [[risk.high.escalation]]\nbefore_deadline = \"1m\"\naction = \"last_warning\"\n\
+             [risk.critical]\ntimeout = \"15m\"\n\
+             [[risk.critical.escalation]]\nafter = \"6m\"\naction = \"dm\"\nusers = [\"111\"]\n",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.risk.high.escalation.len(), 2);
+        let e = err("[[risk.high.escalation]]\nafter = \"5m\"\naction = \"reping\"");
+        assert!(e.contains("risk.high.escalation[0].after"), "{e}");
+        let e = err(
+            "[[risk.critical.escalation]]\nafter = \"1m\"\naction = \"ping_role\"\nrole = \"@ops\"",
+        );
+        assert!(e.contains("risk.critical.escalation[0].role"), "{e}");
+        let e = err("[[risk.high.escalation]]\nafter = \"1m\"\nbefore_deadline = \"1m\"\naction = \"reping\"");
+        assert!(
+            e.contains("risk.high.escalation[0]") && e.contains("exactly one"),
+            "{e}"
+        );
+        let e = err("[[risk.high.escalation]]\nafter = \"1m\"\naction = \"reping\"\nwhen = 1");
+        assert!(e.contains("unknown field"), "{e}");
     }
 }
