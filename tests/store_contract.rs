@@ -10,11 +10,13 @@ mod harness;
 
 use harness::fixture;
 use harness::pg;
+use keyturn::app::ports::EscalationRecord;
 use keyturn::app::ports::{
     AgentPauses, AgentToken, AuditLog, Cards, Change, Changes, Inserted, PairedUser,
     PairingRefused, PolicyData, Requests, RunRecord, RunRefused, Store, StoreError,
 };
 use keyturn::domain::audit::{events, AuditEvent};
+use keyturn::domain::escalation::{self, Action, Targets};
 use keyturn::domain::pairing;
 use keyturn::domain::policy::{Effect, Grant, Pause, ALL_AGENTS};
 use keyturn::domain::request::{
@@ -151,6 +153,7 @@ async fn story(store: Arc<dyn Store>, raw: Raw<'_>) {
     tokens(&*store, &mut feed).await;
     pauses(&*store, &mut feed).await;
     cards(&*store, &mut feed).await;
+    escalations(&*store, &mut feed).await;
     deadlines(&*store).await;
     audit(&*store).await;
     pending_limits(&*store, &mut feed).await;
@@ -2290,4 +2293,128 @@ async fn postgres_schema_from_before_runs_migrates_and_checks() {
     let after = keyturn::store::postgres::check(&schema.url()).await;
     assert!(after.ok(), "{:?}", after.problems);
     assert_eq!(after.pending, Some(2));
+}
+
+/// The escalation ladder's claims: once per (request, step), only while
+/// the request is pending, audited and bumping the card in the same write;
+/// sent recorded once; a decided request's steps leave the worker's list
+/// but stay readable for its card.
+async fn escalations(store: &dyn Store, feed: &mut Feed) {
+    let mut r = request(7_001, 1, 90_000);
+    r.agent = "agent-esc".into();
+    queue(store, feed, &r).await;
+    assert!(store.escalations_of(r.id).await.unwrap().is_empty());
+    let backup = Targets {
+        roles: vec![123_456_789_012_345_678],
+        users: vec![],
+    };
+    let dm = Targets {
+        roles: vec![],
+        users: vec![111_111_111_111_111_111, 5],
+    };
+    let rec = |step: u32, action: &str, targets: &Targets, at: i64| EscalationRecord {
+        request_id: r.id,
+        step,
+        action: action.into(),
+        targets: targets.clone(),
+        claimed_ms: at,
+        sent_ms: None,
+    };
+    let audit = |step: usize, action: Action, targets: &Targets| {
+        escalation::audited(5_000, &r.id.to_string(), step, &action, targets)
+    };
+
+    // Claimed: stored, audited and the card marked due, in one write.
+    let want = store.card(r.id).await.unwrap().unwrap().want;
+    let (claimed, change) = feed
+        .write(store.claim_escalation(
+            rec(0, "ping_role", &backup, 5_000),
+            audit(0, Action::PingRole(123_456_789_012_345_678), &backup),
+        ))
+        .await;
+    assert!(claimed.unwrap());
+    assert!(matches!(change, Change::CardsDue));
+    let last = store.audit_tail(1).await.unwrap().remove(0).event;
+    assert_eq!(last.kind, "escalated");
+    assert_eq!(last.request_id, Some(r.id.to_string()));
+    assert_eq!(last.detail["step"], json!(0));
+    assert_eq!(last.detail["action"], json!("ping_role"));
+    assert_eq!(
+        last.detail["targets"],
+        json!({"roles": ["123456789012345678"], "users": []})
+    );
+    assert_eq!(store.card(r.id).await.unwrap().unwrap().want, want + 1);
+
+    // The same step again (a restart, another leader): nothing written,
+    // nothing audited, nothing published.
+    let head = store.audit_head().await.unwrap();
+    let again = feed
+        .silent(store.claim_escalation(
+            rec(0, "ping_role", &backup, 6_000),
+            audit(0, Action::PingRole(123_456_789_012_345_678), &backup),
+        ))
+        .await;
+    assert!(!again.unwrap());
+    assert_eq!(store.audit_head().await.unwrap(), head);
+    assert_eq!(
+        store.escalations_of(r.id).await.unwrap(),
+        vec![rec(0, "ping_role", &backup, 5_000)]
+    );
+
+    // A second step; both listed for the worker, unsent.
+    let (claimed, _) = feed
+        .write(store.claim_escalation(
+            rec(2, "dm", &dm, 5_500),
+            audit(2, Action::Dm(dm.users.clone()), &dm),
+        ))
+        .await;
+    assert!(claimed.unwrap());
+    let mine = |all: Vec<EscalationRecord>| -> Vec<EscalationRecord> {
+        all.into_iter().filter(|e| e.request_id == r.id).collect()
+    };
+    let listed = mine(store.pending_escalations(100).await.unwrap());
+    assert_eq!(
+        listed,
+        vec![
+            rec(0, "ping_role", &backup, 5_000),
+            rec(2, "dm", &dm, 5_500)
+        ]
+    );
+
+    // Sent: the first time counts.
+    feed.silent(store.escalation_sent(r.id, 0, 5_100))
+        .await
+        .unwrap();
+    feed.silent(store.escalation_sent(r.id, 0, 9_999))
+        .await
+        .unwrap();
+    let of = store.escalations_of(r.id).await.unwrap();
+    assert_eq!((of[0].sent_ms, of[1].sent_ms), (Some(5_100), None));
+
+    // No step for a request that does not exist.
+    let mut ghost = rec(0, "reping", &backup, 5_000);
+    ghost.request_id = RequestId(Uuid::from_u128(7_999));
+    let none = feed
+        .silent(store.claim_escalation(ghost, audit(0, Action::Reping, &backup)))
+        .await;
+    assert!(!none.unwrap());
+
+    // Decided: no further step, and none left for the worker; the card
+    // still reads the ones that fired.
+    feed.write(store.cancel(r.id, "uid:0".into(), None, 7_000))
+        .await
+        .0
+        .unwrap()
+        .unwrap();
+    let head = store.audit_head().await.unwrap();
+    let late = feed
+        .silent(store.claim_escalation(
+            rec(3, "last_warning", &backup, 7_500),
+            audit(3, Action::LastWarning, &backup),
+        ))
+        .await;
+    assert!(!late.unwrap());
+    assert_eq!(store.audit_head().await.unwrap(), head);
+    assert!(mine(store.pending_escalations(100).await.unwrap()).is_empty());
+    assert_eq!(store.escalations_of(r.id).await.unwrap().len(), 2);
 }

@@ -699,7 +699,16 @@ impl Feed {
 /// Every persistence port, as one backend implements them.
 #[async_trait]
 pub trait Store:
-    Requests + PolicyData + Pairings + AuditLog + Cards + AgentTokens + AgentPauses + Runs + Changes
+    Requests
+    + PolicyData
+    + Pairings
+    + AuditLog
+    + Cards
+    + AgentTokens
+    + AgentPauses
+    + Runs
+    + Escalations
+    + Changes
 {
     /// Why writes are refused for good (the database file was deleted or
     /// replaced under the server), if they are; `None` while writable.
@@ -870,4 +879,63 @@ pub trait Credentials: Send + Sync + 'static {
     fn reset(&self, name: &str) -> bool;
     /// Re-reads every source (SIGHUP, or a file that changed).
     async fn reload(&self);
+}
+
+/// One escalation step fired for a request (see
+/// [`crate::domain::escalation`]), as claimed in the store before anyone
+/// is pinged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EscalationRecord {
+    pub request_id: RequestId,
+    /// The step's index in its risk level's ladder.
+    pub step: u32,
+    /// `reping`, `ping_role`, `dm` or `last_warning`.
+    pub action: String,
+    /// Exactly whom the step pings.
+    pub targets: crate::domain::escalation::Targets,
+    /// When the step was claimed (it fired).
+    pub claimed_ms: i64,
+    /// When its message(s) reached Discord; `None` until then.
+    pub sent_ms: Option<i64>,
+}
+
+/// The escalation ladder's memory: each (request, step) is claimed once,
+/// durably, before anyone is pinged, so no step pings twice across a
+/// restart or a change of leader. The defaults refuse (no escalation
+/// rather than a repeated one).
+#[async_trait]
+pub trait Escalations: Send + Sync + 'static {
+    /// Claims a step of a request that is still pending: stores the record,
+    /// appends `audit` and marks the request's card due (it shows the
+    /// escalation), in one transaction. `false` (nothing written) when the
+    /// step was already claimed or the request is no longer pending.
+    async fn claim_escalation(
+        &self,
+        record: EscalationRecord,
+        audit: AuditEvent,
+    ) -> StoreResult<bool> {
+        let _ = (record, audit);
+        Err(StoreError::Unsupported("escalations".into()))
+    }
+    /// Records that a claimed step's message(s) reached Discord.
+    async fn escalation_sent(
+        &self,
+        request_id: RequestId,
+        step: u32,
+        sent_ms: i64,
+    ) -> StoreResult<()> {
+        let _ = (request_id, step, sent_ms);
+        Err(StoreError::Unsupported("escalations".into()))
+    }
+    /// The steps fired for a request, in step order.
+    async fn escalations_of(&self, request_id: RequestId) -> StoreResult<Vec<EscalationRecord>> {
+        let _ = request_id;
+        Err(StoreError::Unsupported("escalations".into()))
+    }
+    /// Up to `limit` steps fired for requests still pending, oldest claim
+    /// first: what the escalation worker resumes from.
+    async fn pending_escalations(&self, limit: u32) -> StoreResult<Vec<EscalationRecord>> {
+        let _ = limit;
+        Err(StoreError::Unsupported("escalations".into()))
+    }
 }

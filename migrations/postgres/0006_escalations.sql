@@ -1,0 +1,15 @@
+-- The escalation ladder: one row per (request, step) fired, claimed before
+-- anyone is pinged, so a step never pings twice (across a restart or a
+-- change of leader). `targets` is JSON ({"roles": [...], "users": [...]}).
+-- `sent_ms` is NULL until the step's message(s) reached Discord; a claim
+-- left unsent by a crash is resent with the same message nonce. Times are
+-- epoch milliseconds.
+CREATE TABLE escalations (
+    request_id TEXT COLLATE "C" NOT NULL REFERENCES requests (id) ON DELETE CASCADE,
+    step       BIGINT NOT NULL CHECK (step >= 0),
+    action     TEXT NOT NULL,
+    targets    TEXT NOT NULL,
+    claimed_ms BIGINT NOT NULL,
+    sent_ms    BIGINT,
+    PRIMARY KEY (request_id, step)
+);
