@@ -11,6 +11,7 @@
 pub mod card;
 pub mod chart;
 pub mod commands;
+pub mod escalation;
 mod escape;
 pub mod outbox;
 pub mod rest;
@@ -368,9 +369,10 @@ async fn connect(
             }
         }
     }
+    let rest = rest::Rest::new(&sh.cfg.token.0, sh.cfg.api_base.as_deref());
     let outbox = outbox::Outbox {
         gw: sh.gw.clone(),
-        rest: rest::Rest::new(&sh.cfg.token.0, sh.cfg.api_base.as_deref()),
+        rest: rest.clone(),
         settings: card_settings(&sh.cfg),
         wake: sh.wake.clone(),
         status: sh.status.clone(),
@@ -380,8 +382,17 @@ async fn connect(
             .map_or(outbox::DEFAULT_MAX_PAUSE, |d| d.0),
     };
     let outbox = tokio::spawn(outbox.run(stop.clone()));
+    let escalator = escalation::Escalator {
+        gw: sh.gw.clone(),
+        // The same rate limits as the cards: one bot, one budget.
+        rest,
+        guild_id: sh.cfg.guild_id,
+        channel_id: channel,
+    };
+    let escalator = tokio::spawn(escalator.run(stop.clone()));
     run_gateway(handler, gateway_url, stop).await;
     let _ = outbox.await;
+    let _ = escalator.await;
 }
 
 impl Bot {

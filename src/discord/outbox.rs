@@ -174,15 +174,24 @@ impl Outbox {
         } else {
             None
         };
+        // The escalation steps fired, shown on the card (a failure to load
+        // them shows the card without them rather than hold it back).
+        let fired = gw.escalations_of(req.id).await.unwrap_or_else(|e| {
+            tracing::warn!(request.id = %req.id, error = %e, "cannot load a card's escalations; rendering without them");
+            vec![]
+        });
         loop {
             let result = match c.message_id {
                 None => {
-                    let r = card::render_card(&req, &self.settings, true, &approvers, run.as_ref());
+                    let mut r =
+                        card::render_card(&req, &self.settings, true, &approvers, run.as_ref());
+                    super::escalation::show_on_card(&mut r.payload, &fired);
                     self.rest.post_message(c.channel_id, &r).await
                 }
                 Some(m) => {
-                    let r =
+                    let mut r =
                         card::render_card(&req, &self.settings, false, &approvers, run.as_ref());
+                    super::escalation::show_on_card(&mut r.payload, &fired);
                     self.rest
                         .edit_message(c.channel_id, m, &r.payload)
                         .await

@@ -298,6 +298,23 @@ impl Rest {
             .ok_or_else(|| RestError::Temporary("the reply had no message id".into()))
     }
 
+    /// Opens (or finds) the DM channel with `user`; returns its id.
+    pub async fn open_dm(&self, user: u64) -> Result<u64, RestError> {
+        let url = format!("{}/users/@me/channels", self.base);
+        let req = self
+            .client
+            .post(url)
+            .header("Authorization", &self.auth)
+            .header("Content-Type", "application/json")
+            .body(serde_json::json!({"recipient_id": user.to_string()}).to_string());
+        let body = self.send("POST /users/@me/channels", req).await?;
+        body["id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .or_else(|| body["id"].as_u64())
+            .ok_or_else(|| RestError::Temporary("the reply had no channel id".into()))
+    }
+
     /// Edits a card in place (attachments already there are kept).
     pub async fn edit_message(
         &self,
