@@ -133,7 +133,11 @@ async fn escalated(server: &Server, id: &str) -> Vec<Value> {
 async fn wait_dm(fake: &FakeDiscord, user: u64, id: &str) -> Vec<StoredMessage> {
     let recipient = user.to_string();
     fake.wait_for_call(
-        |c| c.matches("POST /users/@me/channels") && c.body["recipient_id"] == recipient,
+        |c| {
+            c.status == 200
+                && c.matches("POST /users/@me/channels")
+                && c.body["recipient_id"] == recipient
+        },
         WAIT,
     )
     .await
@@ -313,6 +317,62 @@ async fn a_restart_repeats_no_step_and_fires_the_rest_once() {
     for user in [ALICE, DAVE] {
         assert_eq!(fake.dms_to(user).len(), 1);
     }
+    check_audit(&escalated(&server, &id).await, created, deadline);
+    fake.assert_no_violations();
+    server.stop_async().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_delays_the_pings_never_the_deadline_and_sends_each_once() {
+    let (fake, mut server) = setup().await;
+    // Steps at 1 s, 2 s, 2 s and 9 s.
+    let r = submit(&server, 10).await;
+    let id = r["request_id"].as_str().unwrap().to_string();
+    let (created, deadline) = (
+        r["created_ms"].as_i64().unwrap(),
+        r["deadline_ms"].as_i64().unwrap(),
+    );
+    card_until(&fake, &id, |_| true).await;
+    // Discord answers 503 to everything across the first three steps.
+    fake.outage(Duration::from_secs(3), OutageMode::Unavailable);
+    let tried = fake
+        .wait_for_call(
+            |c| {
+                c.status == 503
+                    && c.matches("POST /channels/*/messages")
+                    && c.body["content"]
+                        .as_str()
+                        .is_some_and(|t| t.starts_with("🔔"))
+            },
+            WAIT,
+        )
+        .await
+        .expect("the re-ping was tried during the outage");
+    assert!(tried.body["content"].as_str().unwrap().contains(&id));
+
+    // Once Discord answers, each step arrives, once.
+    wait_ping(&fake, &id, "🔔").await;
+    wait_ping(&fake, &id, "⏫").await;
+    for user in [ALICE, DAVE] {
+        wait_dm(&fake, user, &id).await;
+    }
+    let s = server
+        .admin_call("status", json!({"id": id}))
+        .await
+        .expect("status");
+    assert_eq!(s["state"], "pending");
+    assert_eq!(
+        s["deadline_ms"], r["deadline_ms"],
+        "the deadline never moves"
+    );
+    wait_ping(&fake, &id, "⚠️").await;
+    for prefix in ["🔔", "⏫", "⚠️"] {
+        assert_eq!(pings(&fake, &id, prefix).len(), 1, "{prefix}");
+    }
+    for user in [ALICE, DAVE] {
+        assert_eq!(fake.dms_to(user).len(), 1);
+    }
+    // Claimed (and audited) at their time, during the outage.
     check_audit(&escalated(&server, &id).await, created, deadline);
     fake.assert_no_violations();
     server.stop_async().await;
