@@ -39,6 +39,8 @@ use tokio_util::sync::CancellationToken;
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// The longest pause after failed sends before they are tried again.
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How long a pass waits after a request was queued, gathering a burst.
+const COALESCE: Duration = Duration::from_millis(100);
 /// Escalation lines a card shows (the latest ones).
 pub const CARD_LINES: usize = 3;
 /// The card field's name.
@@ -211,14 +213,15 @@ fn retry_pause(failures: u32) -> Duration {
     Duration::from_millis(ms).min(MAX_RETRY)
 }
 
-/// Sleeps `wait`, waking early when a request is queued or changes may have
-/// been missed. `true` when stopped.
+/// Sleeps `wait`, waking early (within [`COALESCE`]) when a request is
+/// queued or changes may have been missed: a burst of new requests costs
+/// one pass, not one each. `true` when stopped.
 async fn wait_for_work(
     changes: &mut broadcast::Receiver<Change>,
     wait: Duration,
     stop: &CancellationToken,
 ) -> bool {
-    let until = tokio::time::Instant::now() + wait;
+    let mut until = tokio::time::Instant::now() + wait;
     let mut open = true;
     loop {
         tokio::select! {
@@ -226,7 +229,9 @@ async fn wait_for_work(
             _ = tokio::time::sleep_until(until) => return false,
             c = changes.recv(), if open => match c {
                 Ok(Change::Queued { .. } | Change::Resync)
-                | Err(broadcast::error::RecvError::Lagged(_)) => return false,
+                | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    until = until.min(tokio::time::Instant::now() + COALESCE);
+                }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Closed) => open = false,
             },
