@@ -377,3 +377,48 @@ async fn an_outage_delays_the_pings_never_the_deadline_and_sends_each_once() {
     fake.assert_no_violations();
     server.stop_async().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_claimed_but_not_sent_before_a_crash_is_sent_once_after_it() {
+    let (fake, mut server) = setup().await;
+    let r = submit(&server, 10).await;
+    let id = r["request_id"].as_str().unwrap().to_string();
+    card_until(&fake, &id, |_| true).await;
+    // The re-ping (the next message post) fails; the process dies before
+    // its retry: the step is claimed and not sent.
+    fake.fail_next("POST /channels/*/messages", 503, json!({"message": "down"}));
+    let tried = fake
+        .wait_for_call(|c| c.injected_failure && c.status == 503, WAIT)
+        .await
+        .expect("the re-ping was tried");
+    server.kill();
+    server.restart_async().await;
+
+    wait_ping(&fake, &id, "🔔").await;
+    wait_ping(&fake, &id, "⏫").await;
+    assert_eq!(pings(&fake, &id, "🔔").len(), 1);
+    // Sent again with the same nonce: had the first post reached Discord,
+    // Discord would have dropped this one.
+    let sent: Vec<RecordedCall> = fake
+        .calls_matching("POST /channels/*/messages")
+        .into_iter()
+        .filter(|c| {
+            c.body["content"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("🔔"))
+        })
+        .collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent[0].index, tried.index);
+    assert!(sent[0].body["nonce"].is_string());
+    assert_eq!(sent[0].body["nonce"], sent[1].body["nonce"]);
+    assert_eq!(sent[1].body["enforce_nonce"], json!(true));
+    let entries = escalated(&server, &id).await;
+    assert_eq!(
+        entries.iter().filter(|e| e["detail"]["step"] == 0).count(),
+        1,
+        "claimed once: {entries:?}"
+    );
+    fake.assert_no_violations();
+    server.stop_async().await;
+}
