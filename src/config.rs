@@ -638,6 +638,9 @@ pub struct RiskLevelConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RiskConfig {
     pub high: RiskLevelConfig,
+    /// A `[risk.critical]` section that leaves out `timeout` keeps the
+    /// critical default (15 minutes), not the high one.
+    #[serde(deserialize_with = "critical_level")]
     pub critical: RiskLevelConfig,
     /// The longest deadline an agent may ask for.
     pub max_timeout: Dur,
@@ -653,15 +656,40 @@ impl Default for RiskLevelConfig {
     }
 }
 
+impl RiskLevelConfig {
+    /// The defaults of `[risk.critical]`.
+    fn critical() -> Self {
+        RiskLevelConfig {
+            timeout: Dur(Duration::from_secs(900)),
+            ..RiskLevelConfig::default()
+        }
+    }
+}
+
+/// `[risk.critical]` with its own defaults for the keys it leaves out.
+fn critical_level<'de, D: serde::Deserializer<'de>>(d: D) -> Result<RiskLevelConfig, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Partial {
+        timeout: Option<Dur>,
+        approvals: Option<u32>,
+        #[serde(default)]
+        escalation: Vec<crate::domain::escalation::StepConfig>,
+    }
+    let p = Partial::deserialize(d)?;
+    let base = RiskLevelConfig::critical();
+    Ok(RiskLevelConfig {
+        timeout: p.timeout.unwrap_or(base.timeout),
+        approvals: p.approvals.unwrap_or(base.approvals),
+        escalation: p.escalation,
+    })
+}
+
 impl Default for RiskConfig {
     fn default() -> Self {
         RiskConfig {
             high: RiskLevelConfig::default(),
-            critical: RiskLevelConfig {
-                timeout: Dur(Duration::from_secs(900)),
-                approvals: 1,
-                escalation: Vec::new(),
-            },
+            critical: RiskLevelConfig::critical(),
             max_timeout: Dur(Duration::from_secs(3600)),
         }
     }
@@ -1850,6 +1878,17 @@ mod tests {
         assert_eq!(c.server.socket_mode, "0600");
         assert_eq!(c.risk.high.timeout.0, Duration::from_secs(300));
         assert_eq!(c.risk.critical.timeout.0, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn a_critical_section_without_a_timeout_keeps_the_critical_default() {
+        let c = parse_ok("[risk.critical]\napprovals = 2");
+        assert_eq!(c.risk.critical.timeout.0, Duration::from_secs(900));
+        assert_eq!(c.risk.critical.approvals, 2);
+        let c = parse_ok("[risk.critical]\ntimeout = \"2m\"");
+        assert_eq!(c.risk.critical.timeout.0, Duration::from_secs(120));
+        assert_eq!(c.risk.critical.approvals, 1);
+        assert!(err("[risk.critical]\ncolour = 1").contains("unknown field `colour`"));
     }
 
     #[test]
