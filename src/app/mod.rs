@@ -11,6 +11,8 @@ mod cards;
 pub mod connection;
 mod content;
 mod decide;
+mod edit;
+pub use edit::EditForm;
 mod follow;
 pub mod health;
 pub mod metrics;
@@ -233,6 +235,8 @@ pub struct Gateway {
     server_uid: u32,
     /// What runs tools, when this process does (`serve` sets it).
     runner: std::sync::OnceLock<run::Runner>,
+    /// Full arguments held for edits (see [`edit`]).
+    edits: edit::Held,
 }
 
 impl Gateway {
@@ -264,6 +268,7 @@ impl Gateway {
             waiters: Waiters::default(),
             server_uid,
             runner: std::sync::OnceLock::new(),
+            edits: edit::Held::default(),
         });
         // Subscribed before anything is loaded: no change is missed between.
         follow::start(&gw);
