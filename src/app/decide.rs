@@ -194,8 +194,8 @@ pub(super) fn transition(id: RequestId, e: TransitionError) -> AppError {
         TransitionError::NotDue => bad("the deadline has not been reached"),
         TransitionError::AdminOnly => AppError::AdminOnly,
         TransitionError::SelfApproval { voter } => AppError::SelfApproval(voter),
-        e @ (TransitionError::ArgsChanged | TransitionError::ApprovedAsIs { .. }) => {
-            bad(format!("{e}: the edit was not applied and the request is unchanged"))
-        }
+        e @ (TransitionError::ArgsChanged | TransitionError::ApprovedAsIs { .. }) => bad(format!(
+            "{e}: the edit was not applied and the request is unchanged"
+        )),
     }
 }

@@ -13,13 +13,15 @@
 //! still be approved or denied, but not edited (refused with a clear
 //! message). Requests with nothing masked can always be edited.
 
-use super::run::Prepared;
 use super::decide::transition;
+use super::run::Prepared;
 use super::{bad, now_ms, AppError, Gateway, Submission};
 use crate::domain::edit::{self, ArgsChange};
 use crate::domain::policy::Verdict;
 use crate::domain::redact;
-use crate::domain::request::{ApprovalRequest, RequestId, State, TransitionError, Vote, VoterRights};
+use crate::domain::request::{
+    ApprovalRequest, RequestId, State, TransitionError, Vote, VoterRights,
+};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -235,7 +237,9 @@ impl Gateway {
         if !edited.is_object() {
             return Err(bad(edit::EditError::NotObject.to_string()));
         }
-        let full = self.full_args(&r).ok_or_else(|| bad("the original arguments are not held here"))?;
+        let full = self
+            .full_args(&r)
+            .ok_or_else(|| bad("the original arguments are not held here"))?;
         let full_edited = edit::restore(&r.args, &full, &edited).map_err(|e| bad(e.to_string()))?;
         let new_hash = redact::args_hash(&full_edited);
         if new_hash == r.args_hash {

@@ -248,9 +248,8 @@ pub fn restore(shown: &Value, full: &Value, edited: &Value) -> Result<Value, Edi
     }
     // Every mask of the edit must be one of the places shown.
     let mut found = Vec::new();
-    masked_strings(edited, None, String::new(), &mut found).map_err(|_| {
-        EditError::Mask("a key of the edit holds a mask".into())
-    })?;
+    masked_strings(edited, None, String::new(), &mut found)
+        .map_err(|_| EditError::Mask("a key of the edit holds a mask".into()))?;
     for f in &found {
         if !places.iter().any(|p| p.path == f.path) {
             return Err(EditError::Mask(format!(
@@ -458,7 +457,10 @@ mod tests {
             let err = restore(&shown(), &full(), e).unwrap_err();
             assert!(matches!(err, EditError::Mask(_)), "case {i}: {err:?}");
             let text = err.to_string();
-            assert!(!text.contains("hunter2") && !text.contains("0123456789"), "{text}");
+            assert!(
+                !text.contains("hunter2") && !text.contains("0123456789"),
+                "{text}"
+            );
         }
     }
 

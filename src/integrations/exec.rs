@@ -309,10 +309,17 @@ pub fn main(a: ExecArgs) -> u8 {
 /// The argv of an approver's edit of `asked` (`{"argv", "cwd", "keep_env"}`):
 /// `None` unless it is a non-empty array of strings and every other field
 /// is unchanged.
-fn edited_argv(edited: Option<&serde_json::Value>, asked: &serde_json::Value) -> Option<Vec<String>> {
+fn edited_argv(
+    edited: Option<&serde_json::Value>,
+    asked: &serde_json::Value,
+) -> Option<Vec<String>> {
     let edited = edited?.as_object()?;
     let asked = asked.as_object()?;
-    let same_rest = edited.keys().chain(asked.keys()).filter(|k| *k != "argv").all(|k| edited.get(k) == asked.get(k));
+    let same_rest = edited
+        .keys()
+        .chain(asked.keys())
+        .filter(|k| *k != "argv")
+        .all(|k| edited.get(k) == asked.get(k));
     let argv: Vec<String> = edited
         .get("argv")?
         .as_array()?

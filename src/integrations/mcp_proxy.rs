@@ -281,13 +281,13 @@ impl Proxy {
             return;
         }
         let edited = match &outcome {
-            Outcome::Approved(d) if d.edited => Some(edited_call(&line, d.args.as_ref()).ok_or(
-                format!(
+            Outcome::Approved(d) if d.edited => {
+                Some(edited_call(&line, d.args.as_ref()).ok_or(format!(
                     "Keyturn {}: an approver edited this call, and the edited arguments cannot \
                      be forwarded; failing closed, the call was not run",
                     d.request_id
-                ),
-            )),
+                )))
+            }
             _ => None,
         };
         if let Some(Err(why)) = &edited {

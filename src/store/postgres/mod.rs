@@ -357,9 +357,9 @@ impl Requests for PgStore {
             .write(move |tx| {
                 let vote = vote.clone();
                 let change = change.clone();
-                Box::pin(async move {
-                    write::vote(tx, id, &vote, rights, cards, Some(&change)).await
-                })
+                Box::pin(
+                    async move { write::vote(tx, id, &vote, rights, cards, Some(&change)).await },
+                )
             })
             .await?;
         match &v {

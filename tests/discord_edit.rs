@@ -1,0 +1,367 @@
+//! Edit, then approve, end to end: the real `keyturn serve` binary with its
+//! bot pointed at the fake Discord, an agent waiting on the socket. The
+//! approver edits the masked arguments in a modal; the agent gets the
+//! edited call with its secrets intact; `verify` takes only the edit; the
+//! card shows the diff; the audit chain verifies. Bad edits are refused and
+//! change nothing. Every wait has a deadline; nothing sleeps to hope.
+
+mod fake_discord;
+mod harness;
+
+use fake_discord::*;
+use harness::config::{self, DISCORD_AGENT as AGENT};
+use harness::rpc::delete_file;
+use harness::{Launch, Server};
+use keyturn::domain::canonical::args_hash;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(8);
+
+const PASSWORD: &str = "hunter2-correct-horse";
+const TOKEN: &str = "ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789";
+
+/// A high-risk tool Keyturn runs itself, with a typed slot (1..=600).
+const SLEEP_TOOL: &str = r#"
+[[tools]]
+name = "sleep"
+risk = "high"
+[tools.run]
+argv = ["/bin/sleep", "{secs}"]
+timeout = "20s"
+[tools.run.slots.secs]
+type = "int"
+min = 1
+max = 600
+
+[[grants]]
+scope = "global"
+tool = "sleep"
+"#;
+
+async fn setup_with(extra: &str) -> (FakeDiscord, Server) {
+    let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!("{}\n{extra}", config::discord(&fake.api_base()));
+    let server = Launch::new(dir, text)
+        .try_start_async()
+        .await
+        .unwrap_or_else(|f| panic!("serve did not start: {:?}\n{}", f.status, f.log));
+    fake.wait_ready(WAIT).await.expect("bot ready");
+    fake.wait_for_route("PUT /applications/*/guilds/*/commands", WAIT)
+        .await
+        .expect("commands registered");
+    (fake, server)
+}
+
+async fn first_card(fake: &FakeDiscord) -> StoredMessage {
+    fake.wait_for_messages(
+        APPROVALS_CHANNEL_ID,
+        |ms| ms.iter().find(|m| !m.custom_ids().is_empty()).cloned(),
+        WAIT,
+    )
+    .await
+    .expect("card")
+}
+
+fn request_id(card: &StoredMessage) -> String {
+    card.custom_ids()[0]
+        .rsplit(':')
+        .next()
+        .expect("id")
+        .to_string()
+}
+
+fn button(card: &StoredMessage, action: &str) -> String {
+    format!("keyturn:v1:{action}:{}", request_id(card))
+}
+
+async fn card_until(
+    fake: &FakeDiscord,
+    id: u64,
+    pred: impl Fn(&StoredMessage) -> bool,
+) -> StoredMessage {
+    fake.wait_for_messages(
+        APPROVALS_CHANNEL_ID,
+        |ms| ms.iter().find(|m| m.id == id && pred(m)).cloned(),
+        WAIT,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("card {id}: {e}"))
+}
+
+/// The ephemeral text a user got: the type-4 response, or the follow-up
+/// after a type-6 acknowledgement.
+async fn ephemeral_reply(fake: &FakeDiscord, h: &InteractionHandle) -> String {
+    let resp = fake
+        .wait_interaction_response(h, WAIT)
+        .await
+        .expect("interaction answered");
+    if resp["type"] == 4 {
+        assert_eq!(resp["data"]["flags"].as_u64().unwrap_or(0) & 64, 64);
+        return resp["data"]["content"].as_str().unwrap_or("").to_string();
+    }
+    assert_eq!(resp["type"], 6, "{resp}");
+    let path = format!("/webhooks/{APPLICATION_ID}/{}", h.token);
+    let call = fake
+        .wait_for_call(|c| c.method == "POST" && c.path == path, WAIT)
+        .await
+        .expect("follow-up");
+    assert_eq!(call.body["flags"].as_u64().unwrap_or(0) & 64, 64);
+    call.body["content"].as_str().unwrap_or("").to_string()
+}
+
+/// Clicks "Edit & approve…" as `user`: the modal's JSON text.
+async fn open_edit(fake: &FakeDiscord, card: &StoredMessage, user: u64) -> String {
+    let h = fake
+        .click_button(card.id, &button(card, "edit"), user)
+        .await;
+    let resp = fake
+        .wait_interaction_response(&h, WAIT)
+        .await
+        .expect("modal");
+    assert_eq!(resp["type"], 9, "a modal opens: {resp}");
+    assert_eq!(resp["data"]["custom_id"], button(card, "edit_submit"));
+    resp["data"]["components"][0]["components"][0]["value"]
+        .as_str()
+        .expect("the arguments as text")
+        .to_string()
+}
+
+/// Submits the edit modal with `text`: the ephemeral answer.
+async fn submit_edit(fake: &FakeDiscord, card: &StoredMessage, user: u64, text: &str) -> String {
+    let h = fake
+        .submit_modal(
+            card.id,
+            &button(card, "edit_submit"),
+            user,
+            &[("args", text)],
+        )
+        .await;
+    ephemeral_reply(fake, &h).await
+}
+
+async fn status(server: &Server, id: &str) -> Value {
+    server
+        .admin_call("status", json!({"id": id}))
+        .await
+        .expect("status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_approval_runs_the_edit_with_its_secrets_and_only_it_verifies() {
+    let (fake, mut server) = setup_with("").await;
+    let original = json!({
+        "path": "/srv/x",
+        "password": PASSWORD,
+        "note": format!("token {TOKEN} for the deploy"),
+    });
+    let mut p = delete_file();
+    p["args"] = original.clone();
+    let agent = server.submit_waiting_as(AGENT, p);
+    let card = first_card(&fake).await;
+    let id = request_id(&card);
+
+    // The form holds the arguments masked exactly as the card shows them.
+    let text = open_edit(&fake, &card, DAVE).await;
+    assert!(
+        !text.contains(PASSWORD) && !text.contains(&TOKEN[4..]),
+        "{text}"
+    );
+    let shown: Value = serde_json::from_str(&text).expect("pretty JSON");
+    assert_eq!(shown["path"], "/srv/x");
+    assert_ne!(shown["password"], PASSWORD, "masked");
+    let note = shown["note"].as_str().unwrap().to_string();
+    assert!(
+        note.starts_with("token [") && note.ends_with("] for the deploy"),
+        "{note}"
+    );
+
+    // Edit the path and the text around the masked token; keep the masks.
+    let mut edited = shown.clone();
+    edited["path"] = json!("/srv/y");
+    edited["note"] = json!(note.replace("for the deploy", "for the rollback"));
+    let answer = submit_edit(
+        &fake,
+        &card,
+        DAVE,
+        &serde_json::to_string_pretty(&edited).unwrap(),
+    )
+    .await;
+    assert!(answer.contains("Approved with your edits"), "{answer}");
+
+    // The waiting agent gets the edited call, secrets intact.
+    let expected = json!({
+        "path": "/srv/y",
+        "password": PASSWORD,
+        "note": format!("token {TOKEN} for the rollback"),
+    });
+    let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
+    assert_eq!(decision["state"], "approved", "{decision}");
+    assert_eq!(decision["edited"], true);
+    assert_eq!(decision["args"], expected);
+    assert_eq!(decision["args_hash"], args_hash(&expected));
+    assert_eq!(decision["original_args_hash"], args_hash(&original));
+    assert!(
+        decision["summary"]
+            .as_str()
+            .unwrap()
+            .contains("approved with edits by"),
+        "{decision}"
+    );
+
+    // Only the edited arguments verify.
+    let verify = |args: Value| {
+        let server = &server;
+        let id = id.clone();
+        async move {
+            server
+                .agent_call("verify", json!({"agent": AGENT, "id": id, "args": args}))
+                .await
+                .expect("verify")
+        }
+    };
+    let old = verify(original.clone()).await;
+    assert_eq!(old["matches"], false, "{old}");
+    let new = verify(expected.clone()).await;
+    assert_eq!(new["matches"], true, "{new}");
+    assert_eq!(new["approved"], true);
+
+    // The card shows the change (masked) and who approved with edits.
+    let done = card_until(&fake, card.id, |m| {
+        m.components.is_empty() && m.all_text().contains("Approved with edits")
+    })
+    .await;
+    let all = done.all_text();
+    assert!(all.contains("/srv/y") && all.contains("/srv/x"), "{all}");
+    assert!(all.contains("rollback"), "{all}");
+    assert!(all.contains("discord:103"), "{all}");
+    assert!(
+        !all.contains(PASSWORD) && !all.contains(&TOKEN[4..]),
+        "{all}"
+    );
+
+    // The status keeps the original hash; the audit chain still verifies.
+    let st = status(&server, &id).await;
+    assert_eq!(st["edited"], true);
+    assert!(st.get("args").is_none(), "no arguments to an admin: {st}");
+    let out = server.cli(&["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "audit verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let export = String::from_utf8_lossy(&server.cli(&["audit", "export"]).stdout).into_owned();
+    assert!(export.contains("\"args_edited\""), "{export}");
+    assert!(!export.contains(PASSWORD) && !export.contains(&TOKEN[4..]));
+    fake.assert_no_violations();
+    server.stop_async().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_edits_are_refused_and_the_request_stays_pending() {
+    let (fake, mut server) = setup_with(SLEEP_TOOL).await;
+    let mut p = delete_file();
+    p["args"] = json!({"path": "/srv/x", "password": PASSWORD});
+    let _agent = server.submit_waiting_as(AGENT, p);
+    let card = first_card(&fake).await;
+    let id = request_id(&card);
+    let before = status(&server, &id).await;
+    let text = open_edit(&fake, &card, DAVE).await;
+    let shown: Value = serde_json::from_str(&text).unwrap();
+
+    let mut removed = shown.clone();
+    removed.as_object_mut().unwrap().remove("password");
+    let mut overwritten = shown.clone();
+    overwritten["password"] = json!("guess");
+    let mut moved = shown.clone();
+    moved["path"] = shown["password"].clone();
+    moved["password"] = json!("/srv/x");
+    let cases = [
+        ("{\"path\": ", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        (&serde_json::to_string(&removed).unwrap(), "removed"),
+        (
+            &serde_json::to_string(&overwritten).unwrap(),
+            "masked value",
+        ),
+        (&serde_json::to_string(&moved).unwrap(), "mask"),
+        (&text, "changes nothing"),
+    ];
+    for (edit, why) in cases {
+        let answer = submit_edit(&fake, &card, DAVE, edit).await;
+        assert!(
+            answer.contains("Edit refused") && answer.contains(why),
+            "{edit}: {answer}"
+        );
+        assert!(!answer.contains(PASSWORD), "{answer}");
+    }
+    let after = status(&server, &id).await;
+    assert_eq!(after["state"], "pending");
+    assert_eq!(after["args_hash"], before["args_hash"]);
+    assert!(after.get("edited").is_none(), "{after}");
+
+    // Too large for a Discord form: said at once, nothing opens.
+    let mut big = delete_file();
+    big["args"] = json!({"path": "/srv/x", "content": "y".repeat(5000)});
+    let _big_agent = server.submit_waiting_as(AGENT, big);
+    let big_card = fake
+        .wait_for_messages(
+            APPROVALS_CHANNEL_ID,
+            |ms| {
+                ms.iter()
+                    .find(|m| m.id != card.id && !m.custom_ids().is_empty())
+                    .cloned()
+            },
+            WAIT,
+        )
+        .await
+        .expect("second card");
+    let h = fake
+        .click_button(big_card.id, &button(&big_card, "edit"), DAVE)
+        .await;
+    let answer = ephemeral_reply(&fake, &h).await;
+    assert!(answer.contains("too large to edit on Discord"), "{answer}");
+
+    // A run-tool's slot rules hold for the edit: out of range is refused.
+    let run_agent = {
+        let socket_params = json!({
+            "agent": AGENT, "tool": "sleep", "args": {"secs": 5},
+            "justification": "wait a bit",
+        });
+        let mut c = server.agent_client().await;
+        tokio::spawn(async move { c.call("run", socket_params).await })
+    };
+    let run_card = fake
+        .wait_for_messages(
+            APPROVALS_CHANNEL_ID,
+            |ms| {
+                ms.iter()
+                    .find(|m| m.all_text().contains("Will run") && !m.custom_ids().is_empty())
+                    .cloned()
+            },
+            WAIT,
+        )
+        .await
+        .expect("run card");
+    let run_id = request_id(&run_card);
+    let text = open_edit(&fake, &run_card, DAVE).await;
+    let mut slow: Value = serde_json::from_str(&text).unwrap();
+    slow["secs"] = json!(9999);
+    let answer = submit_edit(
+        &fake,
+        &run_card,
+        DAVE,
+        &serde_json::to_string(&slow).unwrap(),
+    )
+    .await;
+    assert!(
+        answer.contains("Edit refused") && answer.contains("secs"),
+        "{answer}"
+    );
+    assert_eq!(status(&server, &run_id).await["state"], "pending");
+    run_agent.abort();
+    fake.assert_no_violations();
+    server.stop_async().await;
+}
