@@ -243,7 +243,7 @@ pub(super) async fn vote(
         Ok(w) => w,
         Err(e) => return Ok(Err(e)),
     };
-    if let Some(edit) = &w.request.edit {
+    if let (Some(edit), Some(_)) = (&w.request.edit, change) {
         let r = &w.request;
         let n = sqlx::query(
             "UPDATE requests SET args = $1, args_hash = $2, run_plan = $3, original_args = $4, \

@@ -171,7 +171,7 @@ pub(super) fn vote(
         Ok(w) => w,
         Err(e) => return Ok(Err(e)),
     };
-    if let Some(edit) = &w.request.edit {
+    if let (Some(edit), Some(_)) = (&w.request.edit, change) {
         let r = &w.request;
         let n = tx
             .prepare_cached(
