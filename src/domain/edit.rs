@@ -110,14 +110,12 @@ fn masked_strings<'a>(
     out: &mut Vec<Masked<'a>>,
 ) -> Result<(), EditError> {
     match shown {
-        Value::String(s) => {
-            if mask_regex().is_match(s) {
-                out.push(Masked {
-                    path,
-                    shown: s,
-                    full,
-                });
-            }
+        Value::String(s) if mask_regex().is_match(s) => {
+            out.push(Masked {
+                path,
+                shown: s,
+                full,
+            });
         }
         Value::Object(map) => {
             for (k, v) in map {
