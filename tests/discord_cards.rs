@@ -461,7 +461,7 @@ async fn restart_keeps_the_card_and_its_deadline_and_catches_up() {
     quiet.stop_async().await;
     assert_eq!(
         fake.message(card2.id).unwrap().custom_ids().len(),
-        4,
+        5,
         "not yet edited"
     );
 
