@@ -40,9 +40,13 @@ tool = "sleep"
 "#;
 
 async fn setup_with(extra: &str) -> (FakeDiscord, Server) {
+    setup_cfg(|c| format!("{c}\n{extra}")).await
+}
+
+async fn setup_cfg(cfg: impl FnOnce(String) -> String) -> (FakeDiscord, Server) {
     let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let text = format!("{}\n{extra}", config::discord(&fake.api_base()));
+    let text = cfg(config::discord(&fake.api_base()));
     let server = Launch::new(dir, text)
         .try_start_async()
         .await
@@ -363,5 +367,110 @@ async fn bad_edits_are_refused_and_the_request_stays_pending() {
     assert_eq!(status(&server, &run_id).await["state"], "pending");
     run_agent.abort();
     fake.assert_no_violations();
+    server.stop_async().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_person_edit_is_the_first_approval_and_the_second_sees_it() {
+    let (fake, mut server) = setup_cfg(|c| {
+        c.replace(
+            "[risk.high]\ntimeout = \"30s\"",
+            "[risk.high]\ntimeout = \"30s\"\napprovals = 2",
+        )
+    })
+    .await;
+    let mut p = delete_file();
+    p["args"] = json!({"path": "/srv/x", "password": PASSWORD});
+    let agent = server.submit_waiting_as(AGENT, p);
+    let card = first_card(&fake).await;
+    let text = open_edit(&fake, &card, DAVE).await;
+    let mut edited: Value = serde_json::from_str(&text).unwrap();
+    edited["path"] = json!("/srv/y");
+    let answer = submit_edit(&fake, &card, DAVE, &edited.to_string()).await;
+    assert!(answer.contains("1 of 2"), "{answer}");
+    // Still pending; the card shows the edited arguments to the second approver.
+    let shown = card_until(&fake, card.id, |m| {
+        !m.components.is_empty() && m.all_text().contains("/srv/y")
+    })
+    .await;
+    assert!(shown.all_text().contains("1 of 2"), "{}", shown.all_text());
+    // Edited once: no second edit.
+    let h = fake
+        .click_button(card.id, &button(&card, "edit"), ALICE)
+        .await;
+    let refused = ephemeral_reply(&fake, &h).await;
+    assert!(refused.contains("already edited"), "{refused}");
+    // The second approval approves the edited call.
+    let h = fake
+        .click_button(card.id, &button(&card, "approve"), ALICE)
+        .await;
+    fake.wait_interaction_response(&h, WAIT).await.unwrap();
+    let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
+    assert_eq!(decision["state"], "approved", "{decision}");
+    assert_eq!(decision["edited"], true);
+    assert_eq!(
+        decision["args"],
+        json!({"path": "/srv/y", "password": PASSWORD})
+    );
+    let out = server.cli(&["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fake.assert_no_violations();
+    server.stop_async().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_run_tool_call_runs_the_edited_argv() {
+    if !std::process::Command::new("bwrap")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "bwrap is required under CI"
+        );
+        eprintln!("skipped: bwrap is not installed");
+        return;
+    }
+    let (fake, mut server) = setup_with(SLEEP_TOOL).await;
+    let params =
+        json!({"agent": AGENT, "tool": "sleep", "args": {"secs": 30}, "justification": "nap"});
+    let mut c = server.agent_client().await;
+    let run = tokio::spawn(async move { c.call("run", params).await });
+    let card = first_card(&fake).await;
+    let id = request_id(&card);
+    assert!(card.all_text().contains("\"30\""), "{}", card.all_text());
+    let answer = server
+        .admin_call(
+            "approve",
+            json!({"id": id, "args": {"secs": 1}, "operator": "alice"}),
+        )
+        .await
+        .expect("approve with edits");
+    assert_eq!(answer["decision"]["state"], "approved", "{answer}");
+    let done = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("the run ends")
+        .unwrap()
+        .expect("run answer");
+    assert_eq!(done["decision"]["edited"], true, "{done}");
+    assert_eq!(done["decision"]["args"], json!({"secs": 1}));
+    assert_eq!(done["run"]["state"], "exited", "{done}");
+    assert_eq!(done["run"]["exit_code"], 0, "{done}");
+    let runs = server
+        .admin_call("runs.list", json!({"limit": 5}))
+        .await
+        .expect("runs.list");
+    assert_eq!(runs[0]["argv"], json!(["/bin/sleep", "1"]), "{runs}");
+    // The card shows the argv that ran.
+    let edited = card_until(&fake, card.id, |m| {
+        m.all_text().contains("Approved with edits")
+    })
+    .await;
+    assert!(edited.all_text().contains("\"1\""), "{}", edited.all_text());
     server.stop_async().await;
 }
