@@ -26,9 +26,11 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// Most requests whose full arguments are held at once; past it, new ones
-/// are not held (those can still be approved or denied, not edited).
+/// Most requests whose full arguments are held at once, and most bytes of
+/// arguments held; past either, new ones are not held (those can still be
+/// approved or denied, not edited; a warning is logged).
 const MAX_HELD: usize = 50_000;
+const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
 /// How long after its deadline a request's arguments are still held (its
 /// agent may read an edited answer a little later).
 const HELD_AFTER_DEADLINE_MS: i64 = 3_600_000;
@@ -38,46 +40,66 @@ const HELD_AFTER_DEADLINE_MS: i64 = 3_600_000;
 /// memory only: never stored, never logged.
 #[derive(Default)]
 pub(super) struct Held {
-    map: Mutex<HashMap<RequestId, HeldArgs>>,
+    state: Mutex<HeldState>,
+}
+
+#[derive(Default)]
+struct HeldState {
+    map: HashMap<RequestId, HeldArgs>,
+    /// Bytes of arguments held (their JSON text), for [`MAX_HELD_BYTES`].
+    bytes: usize,
 }
 
 struct HeldArgs {
     until_ms: i64,
-    /// (args hash, full arguments).
-    versions: Vec<(String, Value)>,
+    /// (args hash, full arguments, their size in bytes).
+    versions: Vec<(String, Value, usize)>,
 }
 
 impl Held {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, HeldArgs>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HeldState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn keep(&self, id: RequestId, hash: String, full: Value, until_ms: i64, now: i64) {
-        let mut map = self.lock();
-        if map.len() >= MAX_HELD / 2 {
-            map.retain(|_, h| h.until_ms > now);
+        let size = full.to_string().len();
+        let mut st = self.lock();
+        if st.map.len() >= MAX_HELD / 2 || st.bytes + size > MAX_HELD_BYTES / 2 {
+            let HeldState { map, bytes } = &mut *st;
+            map.retain(|_, h| {
+                let keep = h.until_ms > now;
+                if !keep {
+                    *bytes -= h.versions.iter().map(|v| v.2).sum::<usize>();
+                }
+                keep
+            });
         }
-        if map.len() >= MAX_HELD && !map.contains_key(&id) {
-            tracing::warn!(request.id = %id, "too many requests held for editing; this one cannot be edited");
+        if (st.map.len() >= MAX_HELD && !st.map.contains_key(&id))
+            || st.bytes + size > MAX_HELD_BYTES
+        {
+            tracing::warn!(request.id = %id, "too many arguments held for editing; this request can be approved or denied, not edited");
             return;
         }
-        let h = map.entry(id).or_insert_with(|| HeldArgs {
+        let h = st.map.entry(id).or_insert_with(|| HeldArgs {
             until_ms,
             versions: Vec::new(),
         });
         h.until_ms = h.until_ms.max(until_ms);
-        if !h.versions.iter().any(|(k, _)| *k == hash) {
-            h.versions.push((hash, full));
+        if h.versions.iter().any(|(k, _, _)| *k == hash) {
+            return;
         }
+        h.versions.push((hash, full, size));
+        st.bytes += size;
     }
 
     fn get(&self, id: RequestId, hash: &str) -> Option<Value> {
         self.lock()
+            .map
             .get(&id)?
             .versions
             .iter()
-            .find(|(k, _)| k == hash)
-            .map(|(_, v)| v.clone())
+            .find(|(k, _, _)| k == hash)
+            .map(|(_, v, _)| v.clone())
     }
 }
 
@@ -334,5 +356,34 @@ impl Gateway {
             }
             Err(e) => Err(transition(id, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use uuid::Uuid;
+
+    #[test]
+    fn held_arguments_are_found_by_hash_expire_and_are_bounded() {
+        let held = Held::default();
+        let a = RequestId(Uuid::from_u128(1));
+        held.keep(a, "h1".into(), json!({"k": "v1"}), 100, 0);
+        held.keep(a, "h2".into(), json!({"k": "v2"}), 100, 0);
+        assert_eq!(held.get(a, "h1"), Some(json!({"k": "v1"})));
+        assert_eq!(held.get(a, "h2"), Some(json!({"k": "v2"})));
+        assert_eq!(held.get(a, "h3"), None);
+        // Past their time, entries go when room is needed.
+        let big = json!({"k": "x".repeat(MAX_HELD_BYTES / 2)});
+        let b = RequestId(Uuid::from_u128(2));
+        held.keep(b, "hb".into(), big.clone(), 1_000, 500);
+        assert_eq!(held.get(a, "h1"), None, "expired and pruned");
+        assert!(held.get(b, "hb").is_some());
+        // Over the byte budget: not held (that request cannot be edited).
+        let c = RequestId(Uuid::from_u128(3));
+        held.keep(c, "hc".into(), big, 1_000, 500);
+        assert_eq!(held.get(c, "hc"), None);
+        assert!(held.lock().bytes <= MAX_HELD_BYTES);
     }
 }
