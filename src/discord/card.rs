@@ -263,7 +263,15 @@ pub fn render_card(
     if let Some(e) = &req.edit {
         fields.push(field(
             "Approved with edits",
-            edit_summary(e, &req.args),
+            edit_summary(
+                e,
+                &req.args,
+                if is_run_tool {
+                    RUN_EDIT_BUDGET
+                } else {
+                    EDIT_BUDGET
+                },
+            ),
             false,
         ));
     }
@@ -433,13 +441,16 @@ pub fn render_card(
     }
 }
 
-/// Room for the "Approved with edits" field: who edited, and the diff.
+/// Room for the "Approved with edits" field: who edited, and the diff
+/// (little on a run-tool card: its argv and run fields take the room, and
+/// its "Will run" field already shows the edited argv).
 const EDIT_BUDGET: usize = 450;
+const RUN_EDIT_BUDGET: usize = 120;
 
 /// "by … <t:…>" and the masked diff of an approver's edit, escaped and
 /// bounded (the arguments field above shows the edited arguments).
-fn edit_summary(e: &crate::domain::request::ArgsEdit, args: &Value) -> String {
-    let by = fit(&plain(&e.by), SHORT_BUDGET * 2).0;
+fn edit_summary(e: &crate::domain::request::ArgsEdit, args: &Value, budget: usize) -> String {
+    let by = fit(&plain(&e.by), budget / 3).0;
     let lines = crate::domain::edit::diff(&e.original_args, args);
     let diff = if lines.is_empty() {
         "(no visible change: only masked or equal values)".to_string()
@@ -447,7 +458,7 @@ fn edit_summary(e: &crate::domain::request::ArgsEdit, args: &Value) -> String {
         lines.join("\n")
     };
     let head = format!("by {by} <t:{}:f>\n", e.at_ms.div_euclid(1000));
-    let room = EDIT_BUDGET.saturating_sub(length(&head));
+    let room = budget.saturating_sub(length(&head));
     format!("{head}{}", code_block(&diff, "diff", room).0)
 }
 
@@ -1256,6 +1267,16 @@ mod tests {
             r.approvals_required = 2;
             let names = vec![bad.chars().take(200).collect::<String>(); 3];
             let c = render_card(&r, &settings(), true, &names, None);
+            check_limits(&c.payload);
+            fences_intact(&all_text(&c.payload));
+            // Edited by an approver: the diff and who edited are shown too.
+            r.edit = Some(crate::domain::request::ArgsEdit {
+                original_args: json!({"cmd": format!("{bad}{bad}"), "old": bad}),
+                original_args_hash: "h0".into(),
+                by: bad.chars().take(200).collect(),
+                at_ms: 1_700_000_400_000,
+            });
+            let c = render_card(&r, &settings(), false, &names, None);
             check_limits(&c.payload);
             fences_intact(&all_text(&c.payload));
             r.state = State::Approved;
