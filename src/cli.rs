@@ -270,8 +270,8 @@ enum Command {
         /// `agent-tool-user` (… acting for this user).
         #[arg(long, requires = "for_")]
         scope: Option<String>,
-        /// Approve with edited arguments: a JSON object as `keyturn status
-        /// ID --json` shows the request's `args` (masked), every mask kept
+        /// Approve with edited arguments: a JSON object as `keyturn pending
+        /// --json` shows the request's `args` (masked), every mask kept
         /// where it is (the original secrets are put back). `-` reads stdin.
         #[arg(long, value_name = "FILE", conflicts_with = "for_")]
         args_file: Option<PathBuf>,

@@ -474,3 +474,42 @@ async fn an_edited_run_tool_call_runs_the_edited_argv() {
     assert!(edited.all_text().contains("\"1\""), "{}", edited.all_text());
     server.stop_async().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyturn_approve_with_an_args_file_approves_the_edit() {
+    let (fake, mut server) = setup_with("").await;
+    let mut p = delete_file();
+    p["args"] = json!({"path": "/srv/x", "password": PASSWORD});
+    let agent = server.submit_waiting_as(AGENT, p);
+    let card = first_card(&fake).await;
+    let id = request_id(&card);
+    // The arguments as `pending` shows them (masked), edited.
+    let pending = server
+        .admin_call("pending", json!({}))
+        .await
+        .expect("pending");
+    let mut args = pending[0]["args"].clone();
+    assert_ne!(args["password"], PASSWORD, "masked: {args}");
+    args["path"] = json!("/srv/z");
+    let file = server.dir.path().join("edit.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&args).unwrap()).unwrap();
+    // A file that is not JSON changes nothing.
+    let bad = server.dir.path().join("bad.json");
+    std::fs::write(&bad, "{\"path\": ").unwrap();
+    let out = server.cli(&["approve", &id, "--args-file", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert_eq!(status(&server, &id).await["state"], "pending");
+    let out = server.cli(&["approve", &id, "--args-file", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decision = tokio::time::timeout(WAIT, agent).await.unwrap().unwrap();
+    assert_eq!(decision["edited"], true, "{decision}");
+    assert_eq!(
+        decision["args"],
+        json!({"path": "/srv/z", "password": PASSWORD})
+    );
+    server.stop_async().await;
+}
