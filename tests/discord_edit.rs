@@ -265,7 +265,10 @@ async fn an_edited_approval_runs_the_edit_with_its_secrets_and_only_it_verifies(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_edits_are_refused_and_the_request_stays_pending() {
-    let (fake, mut server) = setup_with(SLEEP_TOOL).await;
+    let (fake, mut server) = setup_with(&format!(
+        "{SLEEP_TOOL}\n[content]\ndeny_on_flags = [\"invisible_unicode\"]"
+    ))
+    .await;
     let mut p = delete_file();
     p["args"] = json!({"path": "/srv/x", "password": PASSWORD});
     let _agent = server.submit_waiting_as(AGENT, p);
@@ -282,8 +285,15 @@ async fn bad_edits_are_refused_and_the_request_stays_pending() {
     let mut moved = shown.clone();
     moved["path"] = shown["password"].clone();
     moved["password"] = json!("/srv/x");
+    // An edit the policy would deny (here: a content flag it denies on).
+    let mut denied = shown.clone();
+    denied["path"] = json!("/srv/x\u{200b}y");
     let cases = [
         ("{\"path\": ", "not valid JSON"),
+        (
+            &serde_json::to_string(&denied).unwrap(),
+            "policy would deny",
+        ),
         ("[1, 2]", "JSON object"),
         (&serde_json::to_string(&removed).unwrap(), "removed"),
         (

@@ -35,6 +35,15 @@ const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
 /// agent may read an edited answer a little later).
 const HELD_AFTER_DEADLINE_MS: i64 = 3_600_000;
 
+/// Policy rules about how many calls an agent, user or task made: the
+/// edited call is not one more call, so these do not refuse an edit.
+const RATE_RULES: [&str; 4] = [
+    "rate_limit_agent",
+    "rate_limit_user",
+    "task_step_limit",
+    "task_budget",
+];
+
 /// The full arguments (as submitted, and as edited) of requests this
 /// process queued that had something masked, by request and hash. In
 /// memory only: never stored, never logged.
@@ -290,6 +299,16 @@ impl Gateway {
         let content = self.content(&r.agent, &sub, true).await?;
         let (verdict, _, _) = self.evaluate(&r.agent, &sub, &content, now, true);
         match &verdict {
+            // The call's own submission already passed the rate limits and
+            // the task budget (the edit is not one more call): only what
+            // the arguments decide can still deny it.
+            Verdict::Deny { rule, .. } if RATE_RULES.contains(&rule.as_str()) => {
+                if let Some((rule, detail)) = &content.force_deny {
+                    return Err(bad(format!(
+                        "the policy would deny the edited call ({rule}: {detail}); nothing was changed"
+                    )));
+                }
+            }
             Verdict::Deny { rule, detail } => {
                 return Err(bad(format!(
                     "the policy would deny the edited call ({rule}: {detail}); nothing was changed"
@@ -300,7 +319,10 @@ impl Gateway {
                 approvals,
                 ..
             } => {
-                if *admin_only && !r.admin_only && !is_admin {
+                // An edit that makes the call critical needs an admin, and
+                // one admin's approval to decide it (a second approver
+                // could be no admin).
+                if *admin_only && !r.admin_only && (!is_admin || r.approvals_required > 1) {
                     return Err(AppError::AdminOnly);
                 }
                 if *approvals > r.approvals_required {
