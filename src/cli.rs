@@ -270,6 +270,11 @@ enum Command {
         /// `agent-tool-user` (… acting for this user).
         #[arg(long, requires = "for_")]
         scope: Option<String>,
+        /// Approve with edited arguments: a JSON object as `keyturn pending
+        /// --json` shows the request's `args` (masked), every mask kept
+        /// where it is (the original secrets are put back). `-` reads stdin.
+        #[arg(long, value_name = "FILE", conflicts_with = "for_")]
+        args_file: Option<PathBuf>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -1264,14 +1269,19 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             operator: op,
             for_,
             scope,
+            args_file,
             conn,
-        } => decide(&conn, "approve", id, reason, op, for_.map(|f| (f, scope))).await,
+        } => {
+            let args = args_file.map(|f| read_args_file(&f)).transpose()?;
+            let for_ = for_.map(|f| (f, scope));
+            decide(&conn, "approve", id, reason, op, for_, args).await
+        }
         Command::Deny {
             id,
             reason,
             operator: op,
             conn,
-        } => decide(&conn, "deny", id, reason, op, None).await,
+        } => decide(&conn, "deny", id, reason, op, None, None).await,
         Command::Grant {
             scope,
             tool,
@@ -1483,8 +1493,12 @@ async fn decide(
     reason: Option<String>,
     op: Option<String>,
     for_: Option<(String, Option<String>)>,
+    args: Option<Value>,
 ) -> anyhow::Result<u8> {
     let mut params = json!({"id": id, "reason": reason, "operator": operator(op)});
+    if let Some(args) = args {
+        params["args"] = args;
+    }
     if let Some((duration, scope)) = for_ {
         params["for"] = json!(duration);
         params["scope"] = json!(scope.unwrap_or_else(|| "call".into()));
@@ -1507,6 +1521,32 @@ async fn decide(
         text
     });
     Ok(0)
+}
+
+/// Largest `--args-file` read.
+const MAX_ARGS_FILE: u64 = 16 * 1024 * 1024;
+
+/// The edited arguments of `approve --args-file` (`-`: stdin): one JSON
+/// object, read strictly (no duplicate keys, exact numbers).
+fn read_args_file(path: &std::path::Path) -> anyhow::Result<Value> {
+    use anyhow::Context as _;
+    use std::io::Read as _;
+    let mut raw = Vec::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin()
+            .lock()
+            .take(MAX_ARGS_FILE)
+            .read_to_end(&mut raw)
+            .context("while reading the edited arguments from stdin")?;
+    } else {
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_ARGS_FILE).read_to_end(&mut raw))
+            .with_context(|| format!("while reading {}", path.display()))?;
+    }
+    let v = crate::domain::canonical::parse_strict_slice(&raw)
+        .map_err(|e| anyhow::anyhow!("the edited arguments are not valid JSON: {e}"))?;
+    anyhow::ensure!(v.is_object(), "the edited arguments must be a JSON object");
+    Ok(v)
 }
 
 async fn revoke_timed(conn: &Conn, id: String) -> anyhow::Result<u8> {
@@ -1673,8 +1713,13 @@ async fn run_cmd(
     );
     let v = client.call("run", p).await?;
     let d: DecisionView = read(&v["decision"])?;
-    if let Some(why) = d.mismatch(&asked_tool, &asked_hash) {
+    // Approved with edits: Keyturn ran the edited call the approver saw.
+    let edited = d.tool == asked_tool && d.edited_from(&asked_hash).is_some();
+    if let Some(why) = d.mismatch(&asked_tool, &asked_hash).filter(|_| !edited) {
         anyhow::bail!("Keyturn's answer is about a different call ({why}); not run");
+    }
+    if edited && !conn.json {
+        crate::errln!("keyturn: an approver edited the arguments; the edited call was run");
     }
     if conn.json {
         crate::outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -194,11 +194,12 @@ async fn card_is_posted_and_an_approver_click_unblocks_the_agent() {
     assert!(text.contains(&request_id(&card)));
     assert_eq!(e["color"], 0xE6_7E_22, "high risk colour");
     let ids = card.custom_ids();
-    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert_eq!(ids.len(), 5, "{ids:?}");
     assert!(ids[0].starts_with("keyturn:v1:approve:"));
     assert!(ids[1].starts_with("keyturn:v1:deny:"));
     assert!(ids[2].starts_with("keyturn:v1:deny_reason:"));
-    assert!(ids[3].starts_with("keyturn:v1:allow_for:"));
+    assert!(ids[3].starts_with("keyturn:v1:edit:"));
+    assert!(ids[4].starts_with("keyturn:v1:allow_for:"));
     let am = card.allowed_mentions.clone().expect("allowed_mentions");
     assert_eq!(am["parse"], json!([]));
     assert_eq!(am["users"], json!([]));
@@ -460,7 +461,7 @@ async fn restart_keeps_the_card_and_its_deadline_and_catches_up() {
     quiet.stop_async().await;
     assert_eq!(
         fake.message(card2.id).unwrap().custom_ids().len(),
-        4,
+        5,
         "not yet edited"
     );
 
@@ -1092,7 +1093,7 @@ async fn two_person_rule_shows_the_count_on_the_card() {
     assert!(text.contains("1 of 2"), "{text}");
     let shown = card_until(&fake, card.id, |m| m.all_text().contains("1 of 2")).await;
     assert!(shown.all_text().contains("discord:100"));
-    assert_eq!(shown.custom_ids().len(), 3, "still open");
+    assert_eq!(shown.custom_ids().len(), 4, "still open");
     // The same person cannot approve twice.
     let h = fake
         .click_button(card.id, &button(&card, "approve"), ALICE)

@@ -274,3 +274,44 @@ fn a_waiting_exec_prints_the_request_id_and_how_to_approve_it() {
     s.approve(&queued, "ok");
     assert_eq!(child.wait().expect("wait").code(), Some(0));
 }
+
+#[test]
+fn an_edited_argv_runs_instead_and_any_other_edit_runs_nothing() {
+    let s = Server::start(config::claude_code, EXTRA);
+    let dir = tempfile::tempdir().expect("tmp");
+    let asked = dir.path().join("asked");
+    let edited = dir.path().join("edited");
+    for f in [&asked, &edited] {
+        std::fs::write(f, "x").expect("write");
+    }
+    let a = asked.display().to_string();
+    let e = edited.display().to_string();
+    let pending_args =
+        |s: &Server| s.rpc("pending", serde_json::json!({})).expect("pending")[0]["args"].clone();
+
+    // The approver changes which file: the edited command line runs.
+    let mut c = exec(&s, &["--tool", "shell.rm"], &["rm", &a]);
+    let t = std::thread::spawn(move || out(&mut c));
+    let id = s.wait_queued("shell.rm");
+    let mut args = pending_args(&s);
+    args["argv"] = serde_json::json!(["rm", e]);
+    s.rpc("approve", serde_json::json!({"id": id, "args": args}))
+        .expect("approve with edits");
+    let (code, _, stderr) = t.join().expect("join");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("as the approver edited it"), "{stderr}");
+    assert!(!edited.exists(), "the edited command ran");
+    assert!(asked.exists(), "the asked-for command did not");
+
+    // An edit of anything but argv: nothing runs.
+    let mut c = exec(&s, &["--tool", "shell.rm"], &["rm", &a]);
+    let t = std::thread::spawn(move || out(&mut c));
+    let id = s.wait_queued("shell.rm");
+    let mut args = pending_args(&s);
+    args["cwd"] = serde_json::json!("/");
+    s.rpc("approve", serde_json::json!({"id": id, "args": args}))
+        .expect("approve with edits");
+    let (code, _, stderr) = t.join().expect("join");
+    assert_eq!(code, 126, "{stderr}");
+    assert!(asked.exists());
+}

@@ -97,6 +97,50 @@ fn human_approval_allows_and_wakes_the_hook_quickly() {
 }
 
 #[test]
+fn an_edited_approval_is_passed_on_as_updated_input() {
+    let s = Server::start(config::claude_code, "");
+    let cmd = hook(s.socket(), &[]);
+    let waiting = std::thread::spawn(move || run_with_stdin(cmd, &fixture("bash.json")));
+    let id = s.wait_queued("Bash");
+    // The approver edits the command (as `approve` with `args` on the admin
+    // socket; the Discord modal does the same).
+    let edited = serde_json::json!({
+        "command": "rm -rf build/ && npm run deploy -- --dry-run",
+        "description": "Clean the build and deploy",
+        "timeout": 120000,
+    });
+    let answer = s
+        .rpc(
+            "approve",
+            serde_json::json!({"id": id, "args": edited, "operator": "alice"}),
+        )
+        .expect("approve with edits");
+    assert_eq!(answer["decision"]["state"], "approved", "{answer}");
+    let (code, out, _) = waiting.join().expect("hook thread");
+    let v: Value = serde_json::from_str(out.trim()).expect("JSON");
+    let h = &v["hookSpecificOutput"];
+    assert_eq!(
+        (code, h["permissionDecision"].as_str()),
+        (0, Some("allow")),
+        "{out}"
+    );
+    assert_eq!(
+        h["updatedInput"], edited,
+        "Claude Code runs the edit: {out}"
+    );
+    assert!(
+        h["permissionDecisionReason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("edited"),
+        "{out}"
+    );
+    // An unedited approval carries no updatedInput.
+    let (_, out, _) = run_with_stdin(hook(s.socket(), &[]), &fixture("read.json"));
+    assert!(!out.contains("updatedInput"), "{out}");
+}
+
+#[test]
 fn human_denial_denies_with_who_and_why_and_mcp_names_are_mapped() {
     let s = Server::start(config::claude_code, "");
     let cmd = hook(s.socket(), &[]);

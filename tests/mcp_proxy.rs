@@ -612,3 +612,42 @@ fn refused_lines_are_not_forwarded_to_the_server() {
     };
     assert_eq!(got.lines().count(), 1, "only the ping was forwarded: {got}");
 }
+
+#[test]
+fn an_edited_approval_forwards_the_edited_arguments() {
+    let s = Server::start(config::claude_code, EXTRA);
+    // The stand-in server echoes what reaches it.
+    let mut c = Mcp::start(&[
+        "--name".into(),
+        "fs".into(),
+        "--socket".into(),
+        s.socket().display().to_string(),
+        "--".into(),
+        "cat".into(),
+    ]);
+    let gated = c.request(
+        "tools/call",
+        json!({"name": "write_file", "arguments": {"path": "/srv/a.txt", "content": "v1"}}),
+    );
+    let id = s.wait_queued("fs.write_file");
+    let edited = json!({"path": "/srv/a.txt", "content": "v2, as the approver wrote it"});
+    s.rpc(
+        "approve",
+        json!({"id": id, "args": edited, "operator": "alice"}),
+    )
+    .expect("approve with edits");
+    // What reached the server is the edited call, and only it.
+    let reached = loop {
+        let l = c
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the call reaches the server");
+        let v: Value = serde_json::from_str(&l).expect("json");
+        if v["id"] == json!(gated) {
+            break v;
+        }
+    };
+    assert_eq!(reached["method"], "tools/call", "{reached}");
+    assert_eq!(reached["params"]["name"], "write_file");
+    assert_eq!(reached["params"]["arguments"], edited, "{reached}");
+}

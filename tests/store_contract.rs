@@ -145,6 +145,7 @@ async fn story(store: Arc<dyn Store>, raw: Raw<'_>) {
     let mut feed = Feed(store.subscribe());
     inserts(&*store, &mut feed).await;
     votes(&*store, &mut feed).await;
+    edits(&*store, &mut feed).await;
     cancels_and_timeouts(&*store, &mut feed).await;
     rights(&*store, &mut feed).await;
     policy(&*store, &mut feed).await;
@@ -522,6 +523,131 @@ async fn votes(store: &dyn Store, feed: &mut Feed) {
         ))
         .await;
     assert_eq!(missing.unwrap().unwrap_err(), TransitionError::NotFound);
+}
+
+/// Edit, then approve: the edit and its approval in one transaction; the
+/// row takes the edited arguments and keeps the submitted ones; an edit on
+/// changed arguments, or after approvals of the submitted ones, is refused
+/// and changes nothing; the audit chain (with its request ledger) verifies.
+async fn edits(store: &dyn Store, feed: &mut Feed) {
+    use keyturn::domain::edit::ArgsChange;
+    let r = request(880, 2, 100_000);
+    queue(store, feed, &r).await;
+    let change = ArgsChange {
+        expected_hash: r.args_hash.clone(),
+        args: json!({"path": "/tmp/edited"}),
+        args_hash: "hash-880-edited".into(),
+        run: None,
+    };
+    let stale = ArgsChange {
+        expected_hash: "hash-of-something-else".into(),
+        ..change.clone()
+    };
+    let refused = feed
+        .silent(store.vote_edited(r.id, vote("uid:1", true, 2_000), ADMIN, stale))
+        .await;
+    assert_eq!(refused.unwrap().unwrap_err(), TransitionError::ArgsChanged);
+    assert_eq!(store.get_request(r.id).await.unwrap().unwrap(), r);
+    // The edit counts as the first approval; the second approver sees it.
+    let (v, ch) = feed
+        .write(store.vote_edited(r.id, vote("uid:1", true, 2_000), ADMIN, change.clone()))
+        .await;
+    let v = v.unwrap().unwrap();
+    assert_eq!((v.have, v.need, v.request.state), (1, 2, State::Pending));
+    assert!(matches!(ch, Change::Voted { id } if id == r.id));
+    let got = store.get_request(r.id).await.unwrap().unwrap();
+    assert_eq!(got, v.request, "what the write returned is what is stored");
+    assert_eq!(got.args, json!({"path": "/tmp/edited"}));
+    assert_eq!(got.args_hash, "hash-880-edited");
+    let e = got.edit.clone().expect("the edit is recorded");
+    assert_eq!(e.original_args, r.args);
+    assert_eq!(e.original_args_hash, r.args_hash);
+    assert_eq!(e.by, "uid:1");
+    assert_eq!(e.at_ms, 2_000);
+    let tail = store.audit_tail(2).await.unwrap();
+    let kinds: Vec<&str> = tail.iter().map(|e| e.event.kind.as_str()).collect();
+    assert!(
+        kinds.contains(&"args_edited") && kinds.contains(&"vote"),
+        "{kinds:?}"
+    );
+    let edited_entry = tail.iter().find(|e| e.event.kind == "args_edited").unwrap();
+    assert_eq!(edited_entry.event.detail["old_args_hash"], "hash-880");
+    assert_eq!(
+        edited_entry.event.detail["new_args_hash"],
+        "hash-880-edited"
+    );
+    // No second edit: an approval exists.
+    let again = ArgsChange {
+        expected_hash: "hash-880-edited".into(),
+        args_hash: "hash-880-again".into(),
+        ..change.clone()
+    };
+    let refused = feed
+        .silent(store.vote_edited(r.id, vote("uid:2", true, 2_001), ADMIN, again))
+        .await;
+    assert_eq!(
+        refused.unwrap().unwrap_err(),
+        TransitionError::ApprovedAsIs { have: 1 }
+    );
+    let (v, _) = feed
+        .write(store.vote(r.id, vote("uid:2", true, 2_002), ADMIN))
+        .await;
+    let done = v.unwrap().unwrap().request;
+    assert_eq!(done.state, State::Approved);
+    assert_eq!(done.args_hash, "hash-880-edited");
+    assert!(done.edit.is_some());
+
+    // Approvals of the submitted arguments exist: no edit.
+    let r = request(881, 2, 100_000);
+    queue(store, feed, &r).await;
+    feed.write(store.vote(r.id, vote("uid:1", true, 2_000), ADMIN))
+        .await
+        .0
+        .unwrap()
+        .unwrap();
+    let change = ArgsChange {
+        expected_hash: r.args_hash.clone(),
+        args: json!({"path": "/tmp/other"}),
+        args_hash: "hash-881-edited".into(),
+        run: None,
+    };
+    let refused = feed
+        .silent(store.vote_edited(r.id, vote("uid:2", true, 2_001), ADMIN, change.clone()))
+        .await;
+    assert_eq!(
+        refused.unwrap().unwrap_err(),
+        TransitionError::ApprovedAsIs { have: 1 }
+    );
+    assert_eq!(
+        store.get_request(r.id).await.unwrap().unwrap().args_hash,
+        "hash-881"
+    );
+
+    // The voter's rights hold: a critical request takes an admin.
+    let mut r = request(882, 1, 100_000);
+    r.admin_only = true;
+    queue(store, feed, &r).await;
+    let change = ArgsChange {
+        expected_hash: r.args_hash.clone(),
+        ..change
+    };
+    let refused = feed
+        .silent(store.vote_edited(
+            r.id,
+            vote("uid:2", true, 2_001),
+            VoterRights::default(),
+            change.clone(),
+        ))
+        .await;
+    assert_eq!(refused.unwrap().unwrap_err(), TransitionError::AdminOnly);
+    let (v, ch) = feed
+        .write(store.vote_edited(r.id, vote("uid:2", true, 2_001), ADMIN, change))
+        .await;
+    assert_eq!(v.unwrap().unwrap().request.state, State::Approved);
+    assert!(matches!(ch, Change::Resolved(d) if d.id == r.id && d.edit.is_some()));
+    assert_eq!(last_audit_kind(store).await, "approved");
+    let verified = store.audit_verify().await.unwrap();
+    assert!(verified.is_ok(), "{verified:?}");
 }
 
 async fn cancels_and_timeouts(store: &dyn Store, feed: &mut Feed) {

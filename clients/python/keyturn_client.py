@@ -336,6 +336,12 @@ class Decision(dict):
     def pending(self) -> bool:
         return self.get("state") == "pending"
 
+    @property
+    def edited(self) -> bool:
+        """An approver approved the call with edited arguments: run
+        ``self.args`` (hashing to ``args_hash``), never the ones submitted."""
+        return self.get("edited") is True
+
     def raise_unless_approved(self) -> "Decision":
         if self.get("approved") is True:
             return self
@@ -350,7 +356,16 @@ def _answering(d: Decision, tool: str, asked_hash: str, request_id: Optional[str
     that call's approval to this one."""
     if d.get("tool") != tool:
         raise AnswerMismatch(f"asked about tool {tool!r}, Keyturn answered about {d.get('tool')!r}; not approved")
-    if d.get("args_hash") != asked_hash:
+    if d.get("edited") and d.get("original_args_hash") == asked_hash:
+        # An approver edited the call: the answer carries the arguments to
+        # run instead (``Decision.args``), which must match their hash.
+        edited = d.get("args")
+        if not isinstance(edited, dict) or args_hash(edited) != d.get("args_hash"):
+            raise AnswerMismatch(
+                "an approver edited the arguments, and the edited arguments are missing or do not "
+                "match their hash; not approved"
+            )
+    elif d.get("args_hash") != asked_hash:
         raise AnswerMismatch(
             f"asked about arguments {asked_hash}, Keyturn answered about {d.get('args_hash')}; not approved"
         )
@@ -725,6 +740,14 @@ def require_approval(
                         f"{name} is declared {risk} risk but Keyturn approved it automatically at "
                         f"{d.get('risk')} risk; configure [[tools]] risk for {name} in Keyturn"
                     )
+            if d.edited:
+                # What runs is what the approver saw: their edit, bound to
+                # the same parameters (an edit that does not fit the
+                # function's signature is not run).
+                try:
+                    bound = sig.bind(**d["args"])
+                except TypeError as e:
+                    raise ArgsMismatch(f"{name}: the approver's edit does not fit the function ({e})") from None
             # Hash what is about to run, now, against what was approved.
             now = args_hash(dict(bound.arguments))
             if now != d.get("args_hash"):

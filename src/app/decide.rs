@@ -185,7 +185,7 @@ impl Gateway {
     }
 }
 
-fn transition(id: RequestId, e: TransitionError) -> AppError {
+pub(super) fn transition(id: RequestId, e: TransitionError) -> AppError {
     match e {
         TransitionError::NotFound => AppError::NotFound(id.to_string()),
         TransitionError::AlreadyDecided { state } => AppError::AlreadyDecided(state),
@@ -194,5 +194,8 @@ fn transition(id: RequestId, e: TransitionError) -> AppError {
         TransitionError::NotDue => bad("the deadline has not been reached"),
         TransitionError::AdminOnly => AppError::AdminOnly,
         TransitionError::SelfApproval { voter } => AppError::SelfApproval(voter),
+        e @ (TransitionError::ArgsChanged | TransitionError::ApprovedAsIs { .. }) => bad(format!(
+            "{e}: the edit was not applied and the request is unchanged"
+        )),
     }
 }

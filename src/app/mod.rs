@@ -11,7 +11,9 @@ mod cards;
 pub mod connection;
 mod content;
 mod decide;
+mod edit;
 pub mod escalation;
+pub use edit::EditForm;
 mod follow;
 pub mod health;
 pub mod metrics;
@@ -234,6 +236,8 @@ pub struct Gateway {
     server_uid: u32,
     /// What runs tools, when this process does (`serve` sets it).
     runner: std::sync::OnceLock<run::Runner>,
+    /// Full arguments held for edits (see [`edit`]).
+    edits: edit::Held,
 }
 
 impl Gateway {
@@ -265,6 +269,7 @@ impl Gateway {
             waiters: Waiters::default(),
             server_uid,
             runner: std::sync::OnceLock::new(),
+            edits: edit::Held::default(),
         });
         // Subscribed before anything is loaded: no change is missed between.
         follow::start(&gw);

@@ -209,6 +209,20 @@ pub trait Requests: Send + Sync + 'static {
         vote: Vote,
         rights: VoterRights,
     ) -> StoreResult<Result<Voted, TransitionError>>;
+    /// An approval with edited arguments, atomically: decided on the row
+    /// and votes read in the transaction
+    /// ([`crate::domain::decision::vote_edited`]: refused if the arguments
+    /// changed since `change` was checked, or approvals exist already); the
+    /// row takes the edited arguments, hash and run plan and keeps the
+    /// submitted ones; the edit, the vote and any resolution are audited
+    /// and the card row marked due, in that one transaction.
+    async fn vote_edited(
+        &self,
+        id: RequestId,
+        vote: Vote,
+        rights: VoterRights,
+        change: crate::domain::edit::ArgsChange,
+    ) -> StoreResult<Result<Voted, TransitionError>>;
     /// Cancels a pending request (audited, its card row marked due, in one
     /// transaction).
     async fn cancel(

@@ -280,6 +280,7 @@ impl Gateway {
             decided_ms: None,
             requester_uid: s.requester_uid,
             run: plan,
+            edit: None,
         };
         let tags = self.cfg.tool_tags(&req.tool);
         match &verdict {
@@ -376,6 +377,7 @@ impl Gateway {
             }
             Inserted::New(r) => r,
         };
+        self.hold_args(&req, &s.args);
         if req.state.is_terminal() {
             metrics::global().decided(&req);
         }

@@ -260,6 +260,21 @@ pub fn render_card(
     if let Some(r) = run {
         fields.push(field("Run", run_status(r), false));
     }
+    if let Some(e) = &req.edit {
+        fields.push(field(
+            "Approved with edits",
+            edit_summary(
+                e,
+                &req.args,
+                if is_run_tool {
+                    RUN_EDIT_BUDGET
+                } else {
+                    EDIT_BUDGET
+                },
+            ),
+            false,
+        ));
+    }
     if let Some(t) = &req.task_id {
         fields.push(field("Task", inline_code(t, SHORT_BUDGET), true));
     }
@@ -357,6 +372,7 @@ pub fn render_card(
                 {"type": 2, "style": 3, "label": "Approve", "custom_id": Route::Approve(req.id).custom_id()},
                 {"type": 2, "style": 4, "label": "Deny", "custom_id": Route::Deny(req.id).custom_id()},
                 {"type": 2, "style": 2, "label": "Deny with reason…", "custom_id": Route::DenyWithReason(req.id).custom_id()},
+                {"type": 2, "style": 1, "label": "Edit & approve…", "custom_id": Route::Edit(req.id).custom_id()},
             ]
         }));
         // "Allow for…": only where one approval decides (a grant never
@@ -423,6 +439,27 @@ pub fn render_card(
         file,
         truncated: truncated || reason_cut,
     }
+}
+
+/// Room for the "Approved with edits" field: who edited, and the diff
+/// (little on a run-tool card: its argv and run fields take the room, and
+/// its "Will run" field already shows the edited argv).
+const EDIT_BUDGET: usize = 450;
+const RUN_EDIT_BUDGET: usize = 120;
+
+/// "by … <t:…>" and the masked diff of an approver's edit, escaped and
+/// bounded (the arguments field above shows the edited arguments).
+fn edit_summary(e: &crate::domain::request::ArgsEdit, args: &Value, budget: usize) -> String {
+    let by = fit(&plain(&e.by), budget / 3).0;
+    let lines = crate::domain::edit::diff(&e.original_args, args);
+    let diff = if lines.is_empty() {
+        "(no visible change: only masked or equal values)".to_string()
+    } else {
+        lines.join("\n")
+    };
+    let head = format!("by {by} <t:{}:f>\n", e.at_ms.div_euclid(1000));
+    let room = budget.saturating_sub(length(&head));
+    format!("{head}{}", code_block(&diff, "diff", room).0)
 }
 
 /// The full (already redacted) request as attached to truncated cards.
@@ -624,6 +661,7 @@ mod tests {
             decided_ms: None,
             requester_uid: None,
             run: None,
+            edit: None,
         }
     }
 
@@ -735,8 +773,9 @@ mod tests {
             .iter()
             .map(|b| b["custom_id"].as_str().unwrap())
             .collect();
-        assert_eq!(ids.len(), 3);
+        assert_eq!(ids.len(), 4);
         assert!(ids[0].starts_with("keyturn:v1:approve:"));
+        assert!(ids[3].starts_with("keyturn:v1:edit:"));
         // High risk pings the approver role, and only it.
         assert!(p["content"].as_str().unwrap().starts_with("<@&30>"));
         assert_eq!(p["allowed_mentions"]["roles"], json!(["30"]));
@@ -931,7 +970,7 @@ mod tests {
         assert!(text.contains("1 of 2: alice \\(discord:100\\)"), "{text}");
         assert_eq!(
             p["components"][0]["components"].as_array().unwrap().len(),
-            3
+            4
         );
     }
 
@@ -1056,7 +1095,7 @@ mod tests {
             assert!(sandbox.contains("kube") && sandbox.contains("/srv/out"));
             // Pending: the decision buttons, no Kill and no run yet.
             assert!(field_value(&c.payload, "Run").is_none());
-            assert_eq!(custom_ids(&c.payload).len(), 3);
+            assert_eq!(custom_ids(&c.payload).len(), 4);
         }
         // A request that is not a run-tool shows none of it.
         let p = render(&request(), &settings(), true).payload;
@@ -1228,6 +1267,16 @@ mod tests {
             r.approvals_required = 2;
             let names = vec![bad.chars().take(200).collect::<String>(); 3];
             let c = render_card(&r, &settings(), true, &names, None);
+            check_limits(&c.payload);
+            fences_intact(&all_text(&c.payload));
+            // Edited by an approver: the diff and who edited are shown too.
+            r.edit = Some(crate::domain::request::ArgsEdit {
+                original_args: json!({"cmd": format!("{bad}{bad}"), "old": bad}),
+                original_args_hash: "h0".into(),
+                by: bad.chars().take(200).collect(),
+                at_ms: 1_700_000_400_000,
+            });
+            let c = render_card(&r, &settings(), false, &names, None);
             check_limits(&c.payload);
             fences_intact(&all_text(&c.payload));
             r.state = State::Approved;

@@ -413,6 +413,7 @@ mod tests {
             decided_ms: None,
             requester_uid: None,
             run: None,
+            edit: None,
         }
     }
 

@@ -11,6 +11,7 @@
 pub mod card;
 pub mod chart;
 pub mod commands;
+mod edit;
 pub mod escalation;
 mod escape;
 pub mod outbox;
@@ -769,6 +770,15 @@ impl Handler {
             }
             Route::Kill(run) => self.kill(ctx, &reply, &c.user, run).await,
             Route::AllowFor(id) => self.allow_for(ctx, &reply, &c, id, admin).await,
+            Route::Edit(id) => self.edit_open(ctx, &reply, &c, id, admin).await,
+            Route::EditSubmit(_) => {
+                reply
+                    .respond(
+                        &ctx.http,
+                        ephemeral("This button is not one Keyturn knows."),
+                    )
+                    .await;
+            }
         }
     }
 
@@ -930,8 +940,9 @@ impl Handler {
 
     async fn modal(&self, ctx: &Context, m: ModalInteraction) {
         let reply = Reply::Modal(&m);
-        let id = match Route::parse(&m.data.custom_id) {
-            Ok(Route::ReasonSubmit(id)) => id,
+        let route = Route::parse(&m.data.custom_id);
+        let id = match route {
+            Ok(Route::ReasonSubmit(id) | Route::EditSubmit(id)) => id,
             _ => {
                 tracing::warn!(custom_id = %m.data.custom_id.chars().take(100).collect::<String>(), "unknown modal");
                 reply
@@ -943,6 +954,9 @@ impl Handler {
         let Some(admin) = self.may_decide(ctx, &reply, m.member.as_ref(), false).await else {
             return;
         };
+        if let Ok(Route::EditSubmit(_)) = route {
+            return self.edit_submit(ctx, &m, id, admin).await;
+        }
         let reason = m
             .data
             .components

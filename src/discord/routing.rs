@@ -12,6 +12,8 @@ pub const PREFIX: &str = "keyturn:v1:";
 pub const MAX_CUSTOM_ID: usize = 100;
 /// The text input of the deny-with-reason modal.
 pub const REASON_INPUT: &str = "reason";
+/// The text input of the edit modal (the arguments as JSON).
+pub const ARGS_INPUT: &str = "args";
 
 /// What a button click or modal submit asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +29,10 @@ pub enum Route {
     /// The "Allow for…" select: approve and add a time-boxed grant; the
     /// picked option ([`AllowForOption`]) says how long and how far.
     AllowFor(RequestId),
+    /// "Edit & approve…": opens the edit modal.
+    Edit(RequestId),
+    /// The edit modal was submitted.
+    EditSubmit(RequestId),
 }
 
 /// One option of the "Allow for…" select: its value is
@@ -110,6 +116,8 @@ impl Route {
             Route::ReasonSubmit(id) => ("reason", id.0),
             Route::Kill(run) => ("kill", run),
             Route::AllowFor(id) => ("allow_for", id.0),
+            Route::Edit(id) => ("edit", id.0),
+            Route::EditSubmit(id) => ("edit_submit", id.0),
         }
     }
 
@@ -151,6 +159,8 @@ impl Route {
             "reason" => Route::ReasonSubmit(req),
             "kill" => Route::Kill(uuid),
             "allow_for" => Route::AllowFor(req),
+            "edit" => Route::Edit(req),
+            "edit_submit" => Route::EditSubmit(req),
             _ => return Err(unknown()),
         })
     }
@@ -174,6 +184,8 @@ mod tests {
             Route::ReasonSubmit(id()),
             Route::Kill(Uuid::from_u128(u128::MAX)),
             Route::AllowFor(id()),
+            Route::Edit(id()),
+            Route::EditSubmit(id()),
         ] {
             let s = r.custom_id();
             assert!(s.len() <= MAX_CUSTOM_ID, "{s}");

@@ -413,6 +413,17 @@ impl RequestLedger {
                 false,
             ),
         };
+        if e.event.kind == "args_edited" {
+            // An edit moves the request to new arguments: only from the
+            // ones its submission (or an earlier edit) recorded.
+            let s = |k: &str| d.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+            let t = self.told.entry(id.clone()).or_default();
+            t.seq = e.seq;
+            if t.submitted == Some(submission_digest(s("agent"), s("tool"), s("old_args_hash"))) {
+                t.submitted = Some(submission_digest(s("agent"), s("tool"), s("new_args_hash")));
+            }
+            return;
+        }
         if state.is_none() && e.event.kind != "queued" && e.event.kind != "vote" {
             return;
         }
@@ -850,6 +861,28 @@ pub mod events {
             actor: v.voter.clone(),
             request_id: Some(r.id.to_string()),
             detail: json!({"approve": v.approve, "reason": v.reason}),
+        }
+    }
+
+    /// An approver edited a pending request's arguments (with their
+    /// approval, which the `vote` entry after this one records). Names both
+    /// argument hashes, never the arguments.
+    pub fn args_edited(
+        r: &ApprovalRequest,
+        voter: &str,
+        old_args_hash: &str,
+        new_args_hash: &str,
+        at_ms: i64,
+    ) -> AuditEvent {
+        AuditEvent {
+            at_ms,
+            kind: "args_edited".into(),
+            actor: voter.to_string(),
+            request_id: Some(r.id.to_string()),
+            detail: json!({
+                "agent": r.agent, "tool": r.tool,
+                "old_args_hash": old_args_hash, "new_args_hash": new_args_hash,
+            }),
         }
     }
 

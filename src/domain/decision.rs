@@ -51,6 +51,63 @@ pub fn vote(
     })
 }
 
+/// An approval with edited arguments ([`crate::domain::edit`]): refused
+/// when the arguments changed since the edit was checked, or when approvals
+/// were already given for the arguments as submitted (they did not see the
+/// edit); else the request takes the edited arguments (keeping the
+/// submitted ones in `edit`) and the approval is applied as [`vote`] does.
+/// The edit is audited first, then the vote (and its resolution).
+pub fn vote_edited(
+    mut req: ApprovalRequest,
+    earlier: &[Vote],
+    vote_: &Vote,
+    rights: VoterRights,
+    change: &super::edit::ArgsChange,
+) -> Result<VoteWrite, TransitionError> {
+    request::authorize_vote(&req, vote_, rights)?;
+    if req.state.is_terminal() {
+        return Err(TransitionError::AlreadyDecided { state: req.state });
+    }
+    if req.args_hash != change.expected_hash {
+        return Err(TransitionError::ArgsChanged);
+    }
+    if earlier.iter().any(|v| v.voter == vote_.voter) {
+        return Err(TransitionError::AlreadyVoted {
+            voter: vote_.voter.clone(),
+        });
+    }
+    let have = earlier.iter().filter(|v| v.approve).count() as u32;
+    if have > 0 {
+        return Err(TransitionError::ApprovedAsIs { have });
+    }
+    if !vote_.approve {
+        // An edit is always an approval.
+        return Err(TransitionError::ArgsChanged);
+    }
+    if vote_.at_ms >= req.deadline_ms {
+        return Err(TransitionError::PastDeadline);
+    }
+    let edited = events::args_edited(
+        &req,
+        &vote_.voter,
+        &req.args_hash,
+        &change.args_hash,
+        vote_.at_ms,
+    );
+    let original_args = std::mem::replace(&mut req.args, change.args.clone());
+    let original_args_hash = std::mem::replace(&mut req.args_hash, change.args_hash.clone());
+    req.run = change.run.clone();
+    req.edit = Some(request::ArgsEdit {
+        original_args,
+        original_args_hash,
+        by: vote_.display(),
+        at_ms: vote_.at_ms,
+    });
+    let mut w = vote(req, earlier, vote_, rights)?;
+    w.events.insert(0, edited);
+    Ok(w)
+}
+
 /// `req` cancelled by `who`, with its audit event.
 pub fn cancel(
     mut req: ApprovalRequest,

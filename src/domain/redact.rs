@@ -352,7 +352,7 @@ const GENERIC_RULES: &[RuleSpec] = &[
 ];
 
 /// A mask produced by [`mask`]: used to skip already-masked text.
-const MASK_PATTERN: &str = r"\[[A-Za-z0-9_.\-]+:(?:(?s:.{4})…(?s:.{4})|…)\]";
+pub(crate) const MASK_PATTERN: &str = r"\[[A-Za-z0-9_.\-]+:(?:(?s:.{4})…(?s:.{4})|…)\]";
 /// Public material that looks random but is shown on purpose (public keys,
 /// certificates): exempt from the entropy heuristic, not from the rules.
 const PUBLIC_MATERIAL_PATTERN: &str = r"-----BEGIN (?:[A-Z0-9]+ )*(?:PUBLIC KEY|CERTIFICATE|CERTIFICATE REQUEST|X509 CRL|PGP PUBLIC KEY BLOCK|PGP SIGNATURE)-----(?:[\s\S]*?-----END [A-Z0-9 ]+-----|[\s\S]*)|\b(?:ssh-(?:rsa|ed25519|dss)|ecdsa-sha2-nistp[0-9]+|sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com) AAAA[A-Za-z0-9+/]+=*";

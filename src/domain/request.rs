@@ -158,6 +158,23 @@ pub struct ApprovalRequest {
     /// sandbox it will run in, as the approver is shown it.
     #[serde(default)]
     pub run: Option<crate::domain::run::RunPlan>,
+    /// Set when an approver approved the call with edited arguments: `args`,
+    /// `args_hash` and `run` are then the edited call, and this keeps the
+    /// call as submitted (see [`crate::domain::edit`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit: Option<ArgsEdit>,
+}
+
+/// The call as submitted, kept when an approver edited its arguments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArgsEdit {
+    /// The submitted arguments, masked.
+    pub original_args: serde_json::Value,
+    /// SHA-256 of the canonical JSON of the full submitted arguments.
+    pub original_args_hash: String,
+    /// Who edited (the voter's display, e.g. `alice (discord:1)`).
+    pub by: String,
+    pub at_ms: i64,
 }
 
 /// One person's vote on a pending request.
@@ -202,6 +219,14 @@ pub enum TransitionError {
     /// is not allowed.
     #[error("{voter} made this request and may not vote on it")]
     SelfApproval { voter: String },
+    /// An edit was made on arguments the request no longer has (another
+    /// edit came first).
+    #[error("the request's arguments changed since the edit was started")]
+    ArgsChanged,
+    /// An edit after approvals of the arguments as submitted: those
+    /// approvals were not given for the edited call.
+    #[error("{have} approval(s) were already given for the arguments as submitted")]
+    ApprovedAsIs { have: u32 },
 }
 
 /// What a voter may do, as the surface that authenticated them knows it.
@@ -492,6 +517,7 @@ pub(crate) mod tests {
             decided_ms: None,
             requester_uid: None,
             run: None,
+            edit: None,
         }
     }
 

@@ -265,7 +265,7 @@ pub fn main(a: ExecArgs) -> u8 {
     }
     let mut p = json!({
         "tool": a.tool,
-        "args": args,
+        "args": args.clone(),
         "justification": a.justification,
         "unattended": a.unattended,
     });
@@ -284,10 +284,49 @@ pub fn main(a: ExecArgs) -> u8 {
         .unwrap_or(Duration::from_secs(7 * 24 * 3600));
     let outcome = ask_announcing(&id, p, budget);
     crate::errln!("keyturn: {}", outcome.reason());
-    if !matches!(outcome, Outcome::Approved(_)) {
+    let Outcome::Approved(d) = &outcome else {
         return EXIT_NOT_APPROVED;
+    };
+    if d.edited {
+        // The approver edited the command line: run theirs, and only if
+        // nothing but `argv` changed (the directory and the environment
+        // names are this process's, as asked).
+        let Some(argv) = edited_argv(d.args.as_ref(), &args) else {
+            crate::errln!(
+                "keyturn exec: an approver edited this call beyond its argv (or the edit cannot be \
+                 read); failing closed, the command was not run"
+            );
+            return EXIT_NOT_APPROVED;
+        };
+        crate::errln!("keyturn: running the command line as the approver edited it");
+        let mut edited = a.clone();
+        edited.command = argv;
+        return run(&edited, &keep);
     }
     run(&a, &keep)
+}
+
+/// The argv of an approver's edit of `asked` (`{"argv", "cwd", "keep_env"}`):
+/// `None` unless it is a non-empty array of strings and every other field
+/// is unchanged.
+fn edited_argv(
+    edited: Option<&serde_json::Value>,
+    asked: &serde_json::Value,
+) -> Option<Vec<String>> {
+    let edited = edited?.as_object()?;
+    let asked = asked.as_object()?;
+    let same_rest = edited
+        .keys()
+        .chain(asked.keys())
+        .filter(|k| *k != "argv")
+        .all(|k| edited.get(k) == asked.get(k));
+    let argv: Vec<String> = edited
+        .get("argv")?
+        .as_array()?
+        .iter()
+        .map(|v| v.as_str().map(String::from))
+        .collect::<Option<_>>()?;
+    (same_rest && !argv.is_empty()).then_some(argv)
 }
 
 fn run(a: &ExecArgs, keep: &[String]) -> u8 {

@@ -174,6 +174,27 @@ pub fn submission(input: &HookInput, a: &ClaudeCodeArgs) -> Value {
 
 /// Decides one hook input: `(allow, reason)`.
 pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
+    let (allow, reason, _) = decide_input(raw, a);
+    (allow, reason)
+}
+
+/// [`decide`], with the tool input to run instead when an approver edited
+/// the call (`updatedInput`): `(allow, reason, updated_input)`. An edited
+/// approval the hook cannot pass on exactly is a deny (fail closed).
+pub fn decide_input(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String, Option<Value>) {
+    let ((allow, edited), reason) = decide_inner(raw, a);
+    match edited {
+        Some(Ok(input)) => (allow, reason, Some(input)),
+        Some(Err(why)) => (false, why, None),
+        None => (allow, reason, None),
+    }
+}
+
+/// The tool input an approver's edit replaces the call's with (`Err`: it
+/// cannot be passed on); `None` when the call was not edited.
+type Edited = Option<Result<Value, String>>;
+
+fn decide_inner(raw: &[u8], a: &ClaudeCodeArgs) -> ((bool, Edited), String) {
     // Strict: a duplicate key or a number that would be rounded means the
     // approver could see other arguments than the tool reads.
     let input: HookInput = match crate::domain::canonical::parse_strict_slice(raw)
@@ -183,7 +204,7 @@ pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
         Ok(i) => i,
         Err(e) => {
             return (
-                false,
+                (false, None),
                 format!(
                 "Keyturn could not read the hook input ({e}); failing closed, the call was not run"
             ),
@@ -192,14 +213,14 @@ pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
     };
     if let Some(ev) = input.hook_event_name.as_deref() {
         if ev != "PreToolUse" {
-            return (false, other_event_message(ev));
+            return ((false, None), other_event_message(ev));
         }
     }
     let socket = match a.url.endpoint(a.socket.as_deref(), a.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
             return (
-                false,
+                (false, None),
                 format!("Keyturn could not be reached ({e}); failing closed, the call was not run"),
             )
         }
@@ -214,7 +235,23 @@ pub fn decide(raw: &[u8], a: &ClaudeCodeArgs) -> (bool, String) {
         cut
     });
     let outcome = ask(&id, submission(&input, a), wait);
-    (matches!(outcome, Outcome::Approved(_)), outcome.reason())
+    let edited = match &outcome {
+        Outcome::Approved(d) if d.edited => Some(match (&input.tool_input, &d.args) {
+            // The approver's edit replaces the tool input (`updatedInput`).
+            (Value::Object(_), Some(args @ Value::Object(_))) => Ok(args.clone()),
+            _ => Err(format!(
+                "Keyturn {}: an approver edited this call, and its edited input cannot be passed \
+                 on; failing closed, the call was not run",
+                d.request_id
+            )),
+        }),
+        _ => None,
+    };
+    let reason = match &edited {
+        Some(Ok(_)) => format!("{} (the approver edited the tool input)", outcome.reason()),
+        _ => outcome.reason(),
+    };
+    ((matches!(outcome, Outcome::Approved(_)), edited), reason)
 }
 
 /// Runs the hook: stdin in, one JSON line out, exit 0 (or 2 if stdout is gone).
@@ -248,15 +285,16 @@ pub fn main(cmd: HookCmd) -> u8 {
         {
             Ok(_) => match other_event(&raw) {
                 Some(msg) => Err(msg),
-                None => Ok(decide(&raw, &a)),
+                None => Ok(decide_input(&raw, &a)),
             },
             Err(e) => Ok((
                 false,
                 format!("Keyturn could not read stdin ({e}); failing closed"),
+                None,
             )),
         }
     }));
-    let (allow, reason) = match result {
+    let (allow, reason, updated) = match result {
         Ok(Ok(r)) => r,
         // Another event: a PreToolUse answer would be the wrong shape for
         // it, so say why on stderr and exit 2 (Claude Code blocks where it
@@ -268,13 +306,18 @@ pub fn main(cmd: HookCmd) -> u8 {
         Err(_) => (
             false,
             "Keyturn's hook hit an internal error; failing closed, the call was not run".into(),
+            None,
         ),
     };
-    let out = json!({"hookSpecificOutput": {
+    let mut out = json!({"hookSpecificOutput": {
         "hookEventName": "PreToolUse",
         "permissionDecision": if allow { "allow" } else { "deny" },
         "permissionDecisionReason": reason,
     }});
+    if let (true, Some(input)) = (allow, updated) {
+        // An approver edited the call: Claude Code runs this input instead.
+        out["hookSpecificOutput"]["updatedInput"] = input;
+    }
     let mut stdout = std::io::stdout().lock();
     match writeln!(stdout, "{out}").and_then(|_| stdout.flush()) {
         Ok(()) => 0,

@@ -280,9 +280,25 @@ impl Proxy {
             // Answered when the server died, or withdrawn by the client.
             return;
         }
-        if matches!(outcome, Outcome::Approved(_)) {
+        let edited = match &outcome {
+            Outcome::Approved(d) if d.edited => {
+                Some(edited_call(&line, d.args.as_ref()).ok_or(format!(
+                    "Keyturn {}: an approver edited this call, and the edited arguments cannot \
+                     be forwarded; failing closed, the call was not run",
+                    d.request_id
+                )))
+            }
+            _ => None,
+        };
+        if let Some(Err(why)) = &edited {
+            st.inflight.remove(&key);
             drop(st);
-            self.forward(line);
+            crate::errln!("keyturn mcp-proxy: {why}");
+            self.send(refusal(&id, why));
+        } else if matches!(outcome, Outcome::Approved(_)) {
+            drop(st);
+            // What runs is what the approver saw: their edit, if they made one.
+            self.forward(edited.and_then(Result::ok).unwrap_or(line));
         } else {
             st.inflight.remove(&key);
             drop(st);
@@ -375,6 +391,16 @@ impl Proxy {
             self.send(error_line(&id, -32603, why));
         }
     }
+}
+
+/// The `tools/call` line with its `arguments` replaced by an approver's
+/// edit (an object); `None` when that cannot be done exactly.
+fn edited_call(line: &str, args: Option<&Value>) -> Option<String> {
+    let args = args.filter(|a| a.is_object())?;
+    let mut msg: Value = serde_json::from_str(line).ok()?;
+    let params = msg.get_mut("params")?.as_object_mut()?;
+    params.insert("arguments".into(), args.clone());
+    serde_json::to_string(&msg).ok()
 }
 
 /// The tool name and arguments of a `tools/call`, exactly as the server

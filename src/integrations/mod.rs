@@ -360,7 +360,14 @@ impl Asked {
         d: DecisionView,
         request_id: Option<&str>,
     ) -> Result<DecisionView, GateError> {
-        if let Some(why) = d.mismatch(&self.tool, &self.args_hash) {
+        // An answer an approver edited from exactly this call is accepted
+        // with its edited arguments (present and matching their hash): the
+        // gate must then run those ([`DecisionView::edited_from`]).
+        let edited_ok = d.tool == self.tool && d.edited_from(&self.args_hash).is_some();
+        if let Some(why) = d
+            .mismatch(&self.tool, &self.args_hash)
+            .filter(|_| !edited_ok)
+        {
             return Err(GateError::Mismatch(why));
         }
         if let Some(id) = request_id.filter(|id| *id != d.request_id) {

@@ -58,6 +58,14 @@ impl Call {
     }
 }
 
+/// The answer to a request's own agent: for a request an approver edited,
+/// with the edited arguments to run (secrets intact, when held here).
+fn agent_view(gw: &Gateway, r: &ApprovalRequest) -> DecisionView {
+    let mut v = DecisionView::from(r);
+    v.args = gw.edited_args(r);
+    v
+}
+
 /// Reads one JSON-RPC line strictly. `Err` is the response line refusing it.
 pub fn parse_call(line: &str) -> Result<Call, String> {
     let msg: Value = match parse_strict(line) {
@@ -381,7 +389,7 @@ impl Handler {
                 } else {
                     r
                 };
-                return Ok(Out::Decision(Box::new(DecisionView::from(&r))));
+                return Ok(Out::Decision(Box::new(agent_view(gw, &r))));
             }
             Method::Run(p) => {
                 let (agent, token, flow, mut sub) = split(p);
@@ -397,7 +405,7 @@ impl Handler {
                         _ = gone.cancelled() => self.client_left(r.id, Some(&agent), flow.detach).await?,
                     }
                 };
-                let decision = DecisionView::from(&r);
+                let decision = agent_view(gw, &r);
                 if r.state != crate::domain::request::State::Approved {
                     return Ok(Out::Value(to_value(RunAnswer {
                         decision,
@@ -407,6 +415,13 @@ impl Handler {
                 // The run is its own task: a client that leaves (or a
                 // dropped connection) never leaves it half-recorded; it
                 // ends by itself, by its timeout or by a kill.
+                // Approved with edits: what runs is the edited call, whose
+                // plan the approver saw (checked against the stored one).
+                let (args, prepared) = if r.edit.is_some() {
+                    gw.edited_run(&r)?
+                } else {
+                    (args, prepared)
+                };
                 let gw2 = gw.clone();
                 let ran = tokio::spawn(async move { gw2.execute(&r, prepared, &args).await })
                     .await
@@ -470,13 +485,19 @@ impl Handler {
                     w = waited => w?,
                     _ = gone.cancelled() => self.client_left(id, agent, q.detach).await?,
                 };
-                return Ok(Out::Decision(Box::new(DecisionView::from(&r))));
+                return Ok(Out::Decision(Box::new(match agent {
+                    Some(_) => agent_view(gw, &r),
+                    None => DecisionView::from(&r),
+                })));
             }
             Method::Status(q) => {
                 let id = parse_id(&q.id)?;
                 let agent = self.acting_agent(&peer, admin, &q.agent, &q.token)?;
                 let r = gw.status_for(id, agent).await?;
-                return Ok(Out::Decision(Box::new(DecisionView::from(&r))));
+                return Ok(Out::Decision(Box::new(match agent {
+                    Some(_) => agent_view(gw, &r),
+                    None => DecisionView::from(&r),
+                })));
             }
             Method::Cancel(q) => {
                 let id = parse_id(&q.id)?;
@@ -503,6 +524,25 @@ impl Handler {
                 .await?,
             ),
             Method::Pending(q) => to_value(gw.pending(q.limit.unwrap_or(100).min(10_000)).await?),
+            Method::Approve(q) if q.args.is_some() => {
+                if q.for_.is_some() || q.scope.is_some() {
+                    return Err(AppError::InvalidParams(
+                        "`args` (approve with edits) does not go with `for` or `scope`".into(),
+                    )
+                    .into());
+                }
+                let id = parse_id(&q.id)?;
+                let (voter, name) = actor(&q.operator)?;
+                let edited = q.args.unwrap_or_default();
+                let v = gw
+                    .approve_edited_value(id, &voter, name, edited, q.reason, true)
+                    .await?;
+                Ok(json!({
+                    "decision": DecisionView::from(&v.request),
+                    "approvals": v.have,
+                    "approvals_required": v.need,
+                }))
+            }
             Method::Approve(q) if q.for_.is_some() => {
                 let id = parse_id(&q.id)?;
                 let (voter, name) = actor(&q.operator)?;
@@ -526,9 +566,9 @@ impl Handler {
                 }))
             }
             Method::Approve(q) | Method::Deny(q) => {
-                if q.for_.is_some() || q.scope.is_some() {
+                if q.for_.is_some() || q.scope.is_some() || q.args.is_some() {
                     return Err(AppError::InvalidParams(
-                        "`for` and `scope` go with `approve` only (and `scope` needs `for`)".into(),
+                        "`for`, `scope` and `args` go with `approve` only (and `scope` needs `for`)".into(),
                     )
                     .into());
                 }

@@ -137,6 +137,19 @@ pub struct DecisionView {
     pub flags: Vec<Value>,
     /// One line for humans.
     pub summary: String,
+    /// An approver approved the call with edited arguments: run `args`
+    /// (whose hash is `args_hash`), never the arguments as submitted
+    /// (whose hash is `original_args_hash`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub edited: bool,
+    /// The edited arguments to run, secrets intact: set only for an edited
+    /// request, in answers to its own agent. Absent there when the server
+    /// no longer holds them: a client must then fail closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Value>,
+    /// The hash of the arguments as submitted, for an edited request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_args_hash: Option<String>,
 }
 
 impl DecisionView {
@@ -151,6 +164,15 @@ impl DecisionView {
                 self.tool
             ));
         }
+        if self.edited && self.original_args_hash.as_deref() == Some(args_hash) {
+            // Edited by an approver: only a client that runs the edited
+            // arguments (see [`DecisionView::edited_from`]) may act on it.
+            return Some(
+                "an approver edited the arguments; this client runs only the call it asked \
+                 about, so nothing was run"
+                    .into(),
+            );
+        }
         if self.args_hash != args_hash {
             return Some(format!(
                 "asked about arguments {args_hash}, the answer is about {}",
@@ -158,6 +180,22 @@ impl DecisionView {
             ));
         }
         None
+    }
+}
+
+impl DecisionView {
+    /// For an answer about a call submitted with arguments hashing to
+    /// `asked_hash` that an approver edited: the edited arguments to run
+    /// instead, when they are present and hash to `args_hash`. `None` for
+    /// an answer that was not edited from `asked_hash`, or whose edited
+    /// arguments are missing or do not match (fail closed: run nothing).
+    pub fn edited_from(&self, asked_hash: &str) -> Option<&Value> {
+        if !self.edited || self.original_args_hash.as_deref() != Some(asked_hash) {
+            return None;
+        }
+        self.args
+            .as_ref()
+            .filter(|a| crate::domain::canonical::args_hash(a) == self.args_hash)
     }
 }
 
@@ -183,6 +221,10 @@ impl From<&ApprovalRequest> for DecisionView {
             decided_ms: r.decided_ms,
             flags: r.flags.clone(),
             summary: summary(r),
+            edited: r.edit.is_some(),
+            // Filled in by the server for the request's own agent.
+            args: None,
+            original_args_hash: r.edit.as_ref().map(|e| e.original_args_hash.clone()),
         }
     }
 }
@@ -204,7 +246,8 @@ pub fn summary(r: &ApprovalRequest) -> String {
             format!("denied by policy ({}): {}", r.rule, r.rule_detail)
         }
         (State::Approved, _) => format!(
-            "approved by {}{}",
+            "approved{} by {}{}",
+            if r.edit.is_some() { " with edits" } else { "" },
             r.decided_who.as_deref().unwrap_or("?"),
             why(&r.decided_reason)
         ),
@@ -709,6 +752,10 @@ pub struct DecideParams {
     pub for_: Option<String>,
     /// With `for`: `call` (default), `agent-tool` or `agent-tool-user`.
     pub scope: Option<String>,
+    /// `approve` only: approve with these edited arguments instead (an
+    /// object, masked as `status` shows the request's; every mask kept in
+    /// its place, see docs/protocol.md "Edit, then approve").
+    pub args: Option<Value>,
 }
 
 /// `grant` and `revoke`.

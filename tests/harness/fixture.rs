@@ -38,6 +38,7 @@ pub fn request() -> RequestBuilder {
         decided_ms: None,
         requester_uid: None,
         run: None,
+        edit: None,
     })
 }
 

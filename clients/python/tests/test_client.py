@@ -92,6 +92,31 @@ def test_decorator_runs_only_after_human_approval(server, tmp_path):
     assert not victim.exists()
 
 
+def test_decorator_runs_the_approvers_edit(server):
+    ran = []
+
+    @kc.require_approval(tool="delete_file", risk="high", client=client(server), justification="rotate logs")
+    def delete_file(path):
+        ran.append(path)
+        return "deleted " + path
+
+    t, box = in_thread(delete_file, "/srv/old.log")
+    rid = server.wait_queued("delete_file")
+    answer = server.admin("approve", {"id": rid, "args": {"path": "/srv/older.log"}, "operator": "alice"})
+    assert answer["decision"]["state"] == "approved", answer
+    t.join(10)
+    assert box.get("value") == "deleted /srv/older.log", box
+    assert ran == ["/srv/older.log"], "only the edited call ran"
+
+
+def test_an_edited_answer_without_matching_args_is_refused():
+    d = kc.Decision(tool="t", args_hash="new", edited=True, original_args_hash="old", args={"a": 1})
+    with pytest.raises(kc.AnswerMismatch):
+        kc._answering(d, "t", "old")
+    good = kc.Decision(d, args_hash=kc.args_hash({"a": 1}))
+    assert kc._answering(good, "t", "old").edited
+
+
 def test_denial_raises_with_reason_and_approver(server):
     ran = []
 

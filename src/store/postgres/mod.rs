@@ -334,7 +334,33 @@ impl Requests for PgStore {
         let v = self
             .write(move |tx| {
                 let vote = vote.clone();
-                Box::pin(async move { write::vote(tx, id, &vote, rights, cards).await })
+                Box::pin(async move { write::vote(tx, id, &vote, rights, cards, None).await })
+            })
+            .await?;
+        match &v {
+            Ok(v) if v.request.state.is_terminal() => self.resolved(&v.request),
+            Ok(v) => self.publish(Change::Voted { id: v.request.id }),
+            Err(_) => {}
+        }
+        Ok(v)
+    }
+    async fn vote_edited(
+        &self,
+        id: RequestId,
+        vote: Vote,
+        rights: VoterRights,
+        change: crate::domain::edit::ArgsChange,
+    ) -> StoreResult<Result<Voted, TransitionError>> {
+        let cards = self.cards;
+        let vote = Arc::new(vote);
+        let change = Arc::new(change);
+        let v = self
+            .write(move |tx| {
+                let vote = vote.clone();
+                let change = change.clone();
+                Box::pin(
+                    async move { write::vote(tx, id, &vote, rights, cards, Some(&change)).await },
+                )
             })
             .await?;
         match &v {

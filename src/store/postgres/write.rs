@@ -229,15 +229,43 @@ pub(super) async fn vote(
     vote: &Vote,
     rights: VoterRights,
     cards: Option<u64>,
+    change: Option<&crate::domain::edit::ArgsChange>,
 ) -> StoreResult<Result<Voted, TransitionError>> {
     let Some(req) = load_locked(tx.conn().await?, id).await? else {
         return Ok(Err(TransitionError::NotFound));
     };
     let earlier = super::load_votes(tx.conn().await?, id).await.map_err(db)?;
-    let w = match decision::vote(req, &earlier, vote, rights) {
+    let decided = match change {
+        Some(c) => decision::vote_edited(req, &earlier, vote, rights, c),
+        None => decision::vote(req, &earlier, vote, rights),
+    };
+    let w = match decided {
         Ok(w) => w,
         Err(e) => return Ok(Err(e)),
     };
+    if let (Some(edit), Some(_)) = (&w.request.edit, change) {
+        let r = &w.request;
+        let n = sqlx::query(
+            "UPDATE requests SET args = $1, args_hash = $2, run_plan = $3, original_args = $4, \
+             original_args_hash = $5, edited_by = $6, edited_ms = $7 \
+             WHERE id = $8 AND state = 'pending' AND original_args_hash IS NULL",
+        )
+        .bind(r.args.to_string())
+        .bind(&r.args_hash)
+        .bind(crate::store::sqlite::run_plan_json(r)?)
+        .bind(edit.original_args.to_string())
+        .bind(&edit.original_args_hash)
+        .bind(&edit.by)
+        .bind(edit.at_ms)
+        .bind(id.to_string())
+        .execute(tx.conn().await?)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if n != 1 {
+            return Ok(Err(TransitionError::ArgsChanged));
+        }
+    }
     sqlx::query(
         "INSERT INTO votes (request_id, voter, name, approve, reason, at_ms) \
          VALUES ($1, $2, $3, $4, $5, $6)",

@@ -326,6 +326,11 @@ pub(super) struct RequestRow {
     pub(super) requester_uid: Option<i64>,
     /// The run plan of a run-tool's request, as JSON (migration 0010).
     pub(super) run_plan: Option<String>,
+    /// The call as submitted, when an approver edited it (migration 0014).
+    pub(super) original_args: Option<String>,
+    pub(super) original_args_hash: Option<String>,
+    pub(super) edited_by: Option<String>,
+    pub(super) edited_ms: Option<i64>,
 }
 
 /// A request's run plan as stored in its `run_plan` column (JSON), `None`
@@ -405,6 +410,30 @@ impl RequestRow {
                         .map_err(|e| corrupt(format!("request {}: bad run plan: {e}", self.id)))
                 })
                 .transpose()?,
+            edit: match (
+                self.original_args,
+                self.original_args_hash,
+                self.edited_by,
+                self.edited_ms,
+            ) {
+                (None, None, None, None) => None,
+                (Some(args), Some(hash), Some(by), Some(at_ms)) => {
+                    Some(crate::domain::request::ArgsEdit {
+                        original_args: serde_json::from_str(&args).map_err(|e| {
+                            corrupt(format!("request {}: bad original args: {e}", self.id))
+                        })?,
+                        original_args_hash: hash,
+                        by,
+                        at_ms,
+                    })
+                }
+                _ => {
+                    return Err(corrupt(format!(
+                        "request {}: its edit is half recorded",
+                        self.id
+                    )))
+                }
+            },
         })
     }
 }
@@ -486,7 +515,25 @@ impl Requests for SqliteStore {
     ) -> StoreResult<Result<Voted, TransitionError>> {
         let cards = self.cards;
         let v = self
-            .write(move |tx| write::vote(tx, id, &vote, rights, cards))
+            .write(move |tx| write::vote(tx, id, &vote, rights, cards, None))
+            .await?;
+        match &v {
+            Ok(v) if v.request.state.is_terminal() => self.resolved(&v.request),
+            Ok(v) => self.publish(Change::Voted { id: v.request.id }),
+            Err(_) => {}
+        }
+        Ok(v)
+    }
+    async fn vote_edited(
+        &self,
+        id: RequestId,
+        vote: Vote,
+        rights: VoterRights,
+        change: crate::domain::edit::ArgsChange,
+    ) -> StoreResult<Result<Voted, TransitionError>> {
+        let cards = self.cards;
+        let v = self
+            .write(move |tx| write::vote(tx, id, &vote, rights, cards, Some(&change)))
             .await?;
         match &v {
             Ok(v) if v.request.state.is_terminal() => self.resolved(&v.request),
@@ -1122,6 +1169,10 @@ mod tests {
             decided_ms: None,
             requester_uid: None,
             run_plan: None,
+            original_args: None,
+            original_args_hash: None,
+            edited_by: None,
+            edited_ms: None,
         }
     }
 

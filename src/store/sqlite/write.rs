@@ -157,15 +157,42 @@ pub(super) fn vote(
     vote: &Vote,
     rights: VoterRights,
     cards: Option<u64>,
+    change: Option<&crate::domain::edit::ArgsChange>,
 ) -> StoreResult<Result<Voted, TransitionError>> {
     let Some(req) = load(tx, id)? else {
         return Ok(Err(TransitionError::NotFound));
     };
     let earlier = load_votes(tx, id)?;
-    let w = match decision::vote(req, &earlier, vote, rights) {
+    let decided = match change {
+        Some(c) => decision::vote_edited(req, &earlier, vote, rights, c),
+        None => decision::vote(req, &earlier, vote, rights),
+    };
+    let w = match decided {
         Ok(w) => w,
         Err(e) => return Ok(Err(e)),
     };
+    if let (Some(edit), Some(_)) = (&w.request.edit, change) {
+        let r = &w.request;
+        let n = tx
+            .prepare_cached(
+                "UPDATE requests SET args = ?1, args_hash = ?2, run_plan = ?3, original_args = ?4, \
+                 original_args_hash = ?5, edited_by = ?6, edited_ms = ?7 \
+                 WHERE id = ?8 AND state = 'pending' AND original_args_hash IS NULL",
+            )?
+            .execute(params![
+                r.args.to_string(),
+                r.args_hash,
+                super::run_plan_json(r)?,
+                edit.original_args.to_string(),
+                edit.original_args_hash,
+                edit.by,
+                edit.at_ms,
+                id.to_string(),
+            ])?;
+        if n != 1 {
+            return Ok(Err(TransitionError::ArgsChanged));
+        }
+    }
     tx.prepare_cached(
         "INSERT INTO votes (request_id, voter, name, approve, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
@@ -655,6 +682,10 @@ fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
         decided_ms: r.get("decided_ms")?,
         requester_uid: r.get("requester_uid")?,
         run_plan: r.get("run_plan")?,
+        original_args: r.get("original_args")?,
+        original_args_hash: r.get("original_args_hash")?,
+        edited_by: r.get("edited_by")?,
+        edited_ms: r.get("edited_ms")?,
     })
 }
 
