@@ -6,6 +6,8 @@
 
 mod admin;
 pub use admin::ApprovedFor;
+mod anomaly;
+pub use anomaly::MAX_ALERTS_LISTED;
 mod audit;
 mod cards;
 pub mod connection;
@@ -233,6 +235,8 @@ pub struct Gateway {
     server_uid: u32,
     /// What runs tools, when this process does (`serve` sets it).
     runner: std::sync::OnceLock<run::Runner>,
+    /// The anomaly rules, when any is configured (see [`anomaly`]).
+    anomaly: Option<anomaly::AnomalyWatch>,
 }
 
 impl Gateway {
@@ -250,7 +254,9 @@ impl Gateway {
             cfg.content.allowed_domains.clone(),
             cfg.tools.iter().map(|t| t.name.clone()).collect(),
         );
+        let rules = cfg.anomaly.rules().map_err(|e| bad(e.to_string()))?;
         let gw = Arc::new(Gateway {
+            anomaly: anomaly::AnomalyWatch::new(rules),
             settings: cfg.policy_settings(),
             redactor,
             scanner,

@@ -15,6 +15,9 @@ use serde::Serialize;
 use std::sync::Arc;
 use tokio::sync::{broadcast, watch};
 
+mod anomaly;
+pub use anomaly::{Alert, Anomalies, MAX_SEEN_TOOLS_PER_AGENT};
+
 /// A storage failure, by what the caller can do about it. Callers treat
 /// every one of these as *deny*; they retry only what
 /// [`StoreError::is_retryable`] says may pass (a backend maps its driver's
@@ -699,7 +702,16 @@ impl Feed {
 /// Every persistence port, as one backend implements them.
 #[async_trait]
 pub trait Store:
-    Requests + PolicyData + Pairings + AuditLog + Cards + AgentTokens + AgentPauses + Runs + Changes
+    Requests
+    + PolicyData
+    + Pairings
+    + AuditLog
+    + Cards
+    + AgentTokens
+    + AgentPauses
+    + Runs
+    + Changes
+    + Anomalies
 {
     /// Why writes are refused for good (the database file was deleted or
     /// replaced under the server), if they are; `None` while writable.

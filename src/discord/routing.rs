@@ -27,6 +27,8 @@ pub enum Route {
     /// The "Allow for…" select: approve and add a time-boxed grant; the
     /// picked option ([`AllowForOption`]) says how long and how far.
     AllowFor(RequestId),
+    /// The Pause agent button of an anomaly alert (the alert's id).
+    PauseAgent(Uuid),
 }
 
 /// One option of the "Allow for…" select: its value is
@@ -110,13 +112,14 @@ impl Route {
             Route::ReasonSubmit(id) => ("reason", id.0),
             Route::Kill(run) => ("kill", run),
             Route::AllowFor(id) => ("allow_for", id.0),
+            Route::PauseAgent(alert) => ("pause_agent", alert),
         }
     }
 
     /// The request a route acts on; `None` for [`Route::Kill`] (a run).
     pub fn request_id(&self) -> Option<RequestId> {
         match *self {
-            Route::Kill(_) => None,
+            Route::Kill(_) | Route::PauseAgent(_) => None,
             _ => Some(RequestId(self.parts().1)),
         }
     }
@@ -151,6 +154,7 @@ impl Route {
             "reason" => Route::ReasonSubmit(req),
             "kill" => Route::Kill(uuid),
             "allow_for" => Route::AllowFor(req),
+            "pause_agent" => Route::PauseAgent(uuid),
             _ => return Err(unknown()),
         })
     }
@@ -174,6 +178,7 @@ mod tests {
             Route::ReasonSubmit(id()),
             Route::Kill(Uuid::from_u128(u128::MAX)),
             Route::AllowFor(id()),
+            Route::PauseAgent(Uuid::from_u128(u128::MAX)),
         ] {
             let s = r.custom_id();
             assert!(s.len() <= MAX_CUSTOM_ID, "{s}");
