@@ -417,6 +417,7 @@ async fn a_storm_gives_one_message_per_rule_with_its_count_and_admins_can_pause(
     let (fake, s) = discord_setup().await;
     let agent = config::DISCORD_AGENT;
     let mut c = s.agent_client().await;
+    let started = Instant::now();
     for _ in 0..200 {
         let r = c
             .call(
@@ -447,6 +448,12 @@ async fn a_storm_gives_one_message_per_rule_with_its_count_and_admins_can_pause(
         )
         .await
         .expect("both alerts reach their counts");
+    eprintln!(
+        "storm: 200 calls and both counts shown after {:?}; edits: rate {}, repeat {}",
+        started.elapsed(),
+        rate.edit_count,
+        repeat.edit_count
+    );
     assert_eq!(
         fake.messages_in(SECURITY_CHANNEL).len(),
         2,
@@ -513,4 +520,52 @@ async fn a_storm_gives_one_message_per_rule_with_its_count_and_admins_can_pause(
         .expect("submit");
     assert_eq!(denied["rule"], "agent_paused", "{denied}");
     fake.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_raised_during_a_discord_outage_is_posted_after_it() {
+    let (fake, s) = discord_setup().await;
+    let until = fake.outage(Duration::from_secs(3), OutageMode::Unavailable);
+    let mut c = s.agent_client().await;
+    // 60 calls with varied arguments: 10 over the rate, no loop.
+    for i in 0..60 {
+        let r = c
+            .call(
+                "submit",
+                json!({"agent": config::DISCORD_AGENT, "tool": "read_file", "args": {"path": format!("/x/{i}")}}),
+            )
+            .await
+            .expect("submit: the socket is served during the outage");
+        assert_eq!(r["state"], "approved", "{r}");
+    }
+    // Stored and audited at once, whatever Discord does.
+    wait_line(&s, rule_is("rate")).await;
+    assert!(Instant::now() < until, "the calls outlasted the outage");
+    let m = fake
+        .wait_for_messages(
+            SECURITY_CHANNEL,
+            |msgs| {
+                msgs.iter()
+                    .find(|m| {
+                        m.content.contains("(rule `rate`)") && m.content.contains("Count: **10**")
+                    })
+                    .cloned()
+            },
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("posted once Discord is back");
+    assert!(
+        fake.calls_matching(&format!("POST /channels/{SECURITY_CHANNEL}/messages"))
+            .iter()
+            .any(|c| c.status >= 500),
+        "the poster tried during the outage"
+    );
+    assert_eq!(
+        fake.messages_in(SECURITY_CHANNEL).len(),
+        1,
+        "{:?}",
+        m.content
+    );
+    assert_eq!(count_rule(&s, "repeat").await, 0);
 }

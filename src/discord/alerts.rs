@@ -37,7 +37,7 @@ const FAST_EDITS: u32 = 10;
 const FAST_EDIT_PAUSE: Duration = Duration::from_secs(1);
 const SLOW_EDIT_PAUSE: Duration = Duration::from_secs(15);
 /// Longest pause after Discord failures.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Alerts whose edit pacing is remembered at most.
 const MAX_TRACKED: usize = 1000;
 
@@ -191,10 +191,19 @@ impl AlertPoster {
                     }
                 }
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+            if backoff.is_zero() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            } else {
+                // Discord is failing: new alerts wait out the pause too (they
+                // are stored), so a storm does not hammer it or grow the pause.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
             }
         }
     }

@@ -369,9 +369,11 @@ async fn connect(
             }
         }
     }
+    // One client, so the card outbox and the alert poster share its pacing.
+    let rest = rest::Rest::new(&sh.cfg.token.0, sh.cfg.api_base.as_deref());
     let outbox = outbox::Outbox {
         gw: sh.gw.clone(),
-        rest: rest::Rest::new(&sh.cfg.token.0, sh.cfg.api_base.as_deref()),
+        rest: rest.clone(),
         settings: card_settings(&sh.cfg),
         wake: sh.wake.clone(),
         status: sh.status.clone(),
@@ -386,7 +388,7 @@ async fn connect(
         (Some(channel), Some(wake)) => Some(tokio::spawn(
             alerts::AlertPoster {
                 gw: sh.gw.clone(),
-                rest: rest::Rest::new(&sh.cfg.token.0, sh.cfg.api_base.as_deref()),
+                rest,
                 channel: channel.0,
                 wake,
             }
