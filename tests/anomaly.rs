@@ -135,6 +135,12 @@ async fn rate_and_repeat_fire_on_their_pattern_and_not_under_it() {
     assert!(out.status.success(), "{out:?}");
     let cli: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(cli.as_array().map(Vec::len), Some(2), "{cli}");
+    let out = s.cli(&["alerts"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("  rate  x1  "),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,6 +179,25 @@ async fn a_burst_of_denials_fires_policy_and_human_denials_alike() {
     assert!(detail.contains("3 denials within 1m"), "{detail}");
     assert!(detail.contains("denied by a person"), "{detail}");
     assert_eq!(count_rule(&s, "denials").await, 1);
+    // A timeout is a denial too: it raises the open alert's count.
+    let t = call(&s, "bot", delete(json!({"timeout_secs": 1}))).await;
+    assert_eq!(t["state"], "pending", "{t}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let list = alerts(&s).await;
+        let a = list.iter().find(|a| a["rule"] == "denials").expect("alert");
+        if a["count"] == 2 {
+            assert!(a["detail"].as_str().unwrap().contains("timed out"), "{a}");
+            break;
+        }
+        assert_eq!(a["count"], 1, "{a}");
+        assert!(
+            Instant::now() < deadline,
+            "the timeout was not counted: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count_rule(&s, "denials").await, 1, "one alert per window");
 }
 
 /// `HH:00-HH:00` hours around now (`inside`) or clear of it, computed from
