@@ -285,44 +285,43 @@ impl Gateway {
                 .opened
                 .then(|| events::anomaly(now, &hit.agent, hit.rule.as_str(), &detail, hit.count));
             match hit.action {
-                Action::Pause => {
+                // Already paused: nothing to do but count (off the path).
+                Action::Pause if self.pause_of(&hit.agent).is_none() => {
                     // Persisted before the pause it causes.
                     if let Err(e) = self.store.record_alert(alert, audit).await {
                         tracing::error!(agent = %hit.agent, error = %e, "anomaly: cannot store an alert");
                     }
-                    if self.pause_of(&hit.agent).is_none() {
-                        let reason = clip(&format!(
-                            "anomaly alert {} ({}): {detail}",
-                            hit.alert_id, hit.rule
-                        ));
-                        match self
-                            .pause_agent(Some(&hit.agent), Some(reason), ANOMALY_RULE)
-                            .await
-                        {
-                            Ok(_) => {
-                                if let Err(e) = self
-                                    .store
-                                    .alert_paused(&hit.alert_id, ANOMALY_RULE.into(), now_ms())
-                                    .await
-                                {
-                                    tracing::error!(error = %e, "anomaly: cannot record the pause on its alert");
-                                }
+                    let reason = clip(&format!(
+                        "anomaly alert {} ({}): {detail}",
+                        hit.alert_id, hit.rule
+                    ));
+                    match self
+                        .pause_agent(Some(&hit.agent), Some(reason), ANOMALY_RULE)
+                        .await
+                    {
+                        Ok(_) => {
+                            if let Err(e) = self
+                                .store
+                                .alert_paused(&hit.alert_id, ANOMALY_RULE.into(), now_ms())
+                                .await
+                            {
+                                tracing::error!(error = %e, "anomaly: cannot record the pause on its alert");
                             }
-                            Err(e) => {
-                                tracing::error!(agent = %hit.agent, error = %e, "anomaly: THE AGENT COULD NOT BE PAUSED; its call is denied");
-                                effect.force_deny = Some((
-                                    ANOMALY_RULE.to_string(),
-                                    format!(
-                                        "anomaly alert ({}): the agent was to be paused and could not be, so the call is denied",
-                                        hit.rule
-                                    ),
-                                ));
-                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(agent = %hit.agent, error = %e, "anomaly: THE AGENT COULD NOT BE PAUSED; its call is denied");
+                            effect.force_deny = Some((
+                                ANOMALY_RULE.to_string(),
+                                format!(
+                                    "anomaly alert ({}): the agent was to be paused and could not be, so the call is denied",
+                                    hit.rule
+                                ),
+                            ));
                         }
                     }
                     a.due.notify_one();
                 }
-                Action::RaiseRisk | Action::Alert => {
+                Action::Pause | Action::RaiseRisk | Action::Alert => {
                     if hit.action == Action::RaiseRisk {
                         let why = format!("{} ({detail})", hit.rule.describe());
                         let mut raised = a.raised.lock().unwrap_or_else(|e| e.into_inner());
