@@ -14,6 +14,7 @@ use super::pauses::PauseAnswer;
 use super::ports::Alert;
 use super::*;
 use crate::domain::anomaly::{Action, CallSeen, Detector, Hit, Rules, ANOMALY_RULE};
+use crate::domain::audit::AuditEvent;
 use crate::domain::policy::AGENT_PAUSED;
 use std::collections::HashSet;
 
@@ -33,7 +34,21 @@ pub(super) struct AnomalyWatch {
     raised: Mutex<HashMap<String, (i64, String)>>,
     /// Pokes whatever posts alerts (the Discord adapter).
     due: Arc<Notify>,
+    /// Alert writes not yet made, by alert id: a storm's count updates
+    /// collapse into one write per alert per flush.
+    unwritten: Arc<Mutex<Unwritten>>,
+    /// Wakes the writer of `unwritten`, started with the first alert.
+    write_due: Arc<Notify>,
+    writer: std::sync::Once,
 }
+
+/// Alert writes waiting, by alert id: the alert's latest state, and its
+/// audit line (when it opened).
+type Unwritten = HashMap<String, (Alert, Option<AuditEvent>)>;
+
+/// Most alerts waiting to be written; past it a match is written by the
+/// submit path itself (never dropped).
+const MAX_UNWRITTEN: usize = 10_000;
 
 impl AnomalyWatch {
     /// `None` when no rule is configured.
@@ -43,6 +58,9 @@ impl AnomalyWatch {
             seen: Mutex::default(),
             raised: Mutex::default(),
             due: Arc::new(Notify::new()),
+            unwritten: Arc::default(),
+            write_due: Arc::new(Notify::new()),
+            writer: std::sync::Once::new(),
         })
     }
 
@@ -52,6 +70,32 @@ impl AnomalyWatch {
             .unwrap_or_else(|e| e.into_inner())
             .rules()
             .clone()
+    }
+}
+
+/// Writes queued alerts until the process ends: each pass takes every
+/// queued alert (the latest state of each) and stores it, then pokes the
+/// alert poster.
+async fn write_alerts(
+    store: Arc<dyn Store>,
+    unwritten: Arc<Mutex<Unwritten>>,
+    write_due: Arc<Notify>,
+    due: Arc<Notify>,
+) {
+    loop {
+        write_due.notified().await;
+        let batch: Vec<(Alert, Option<AuditEvent>)> = unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, v)| v)
+            .collect();
+        for (alert, audit) in batch {
+            if let Err(e) = store.record_alert(alert, audit).await {
+                tracing::error!(error = %e, "anomaly: cannot store an alert");
+            }
+        }
+        due.notify_one();
     }
 }
 
@@ -252,6 +296,48 @@ impl Gateway {
         }
     }
 
+    /// Queues an alert write for the writer task (off the submit path; a
+    /// later state of the same alert replaces an unwritten one, keeping its
+    /// audit line). A full queue: written here.
+    async fn queue_alert(&self, a: &AnomalyWatch, alert: Alert, audit: Option<AuditEvent>) {
+        a.writer.call_once(|| {
+            tokio::spawn(write_alerts(
+                self.store.clone(),
+                a.unwritten.clone(),
+                a.write_due.clone(),
+                a.due.clone(),
+            ));
+        });
+        let overflow = {
+            let mut q = a.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((held, held_audit)) = q.get_mut(&alert.id) {
+                if alert.count >= held.count {
+                    held.count = alert.count;
+                    held.detail = alert.detail;
+                    held.updated_ms = held.updated_ms.max(alert.updated_ms);
+                }
+                if held_audit.is_none() {
+                    *held_audit = audit;
+                }
+                None
+            } else if q.len() < MAX_UNWRITTEN {
+                q.insert(alert.id.clone(), (alert, audit));
+                None
+            } else {
+                Some((alert, audit))
+            }
+        };
+        match overflow {
+            None => a.write_due.notify_one(),
+            Some((alert, audit)) => {
+                if let Err(e) = self.store.record_alert(alert, audit).await {
+                    tracing::error!(error = %e, "anomaly: cannot store an alert");
+                }
+                a.due.notify_one();
+            }
+        }
+    }
+
     /// Records each hit and carries out its action.
     async fn anomaly_act(&self, hits: Vec<Hit>) -> AnomalyEffect {
         let mut effect = AnomalyEffect::default();
@@ -328,17 +414,7 @@ impl Gateway {
                         raised.retain(|_, (until, _)| *until > now);
                         raised.insert(hit.agent.clone(), (now + raise_for, why));
                     }
-                    // Off the submit path: the store write does not delay the call.
-                    let store = self.store.clone();
-                    let due = a.due.clone();
-                    tokio::spawn(async move {
-                        match store.record_alert(alert, audit).await {
-                            Ok(()) => due.notify_one(),
-                            Err(e) => {
-                                tracing::error!(error = %e, "anomaly: cannot store an alert")
-                            }
-                        }
-                    });
+                    self.queue_alert(a, alert, audit).await;
                 }
             }
         }
