@@ -594,3 +594,49 @@ async fn an_alert_raised_during_a_discord_outage_is_posted_after_it() {
     );
     assert_eq!(count_rule(&s, "repeat").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_not_yet_posted_is_posted_after_a_restart() {
+    let (fake, mut s) = discord_setup().await;
+    // Discord down for longer than this server lives.
+    fake.outage(Duration::from_secs(600), OutageMode::Unavailable);
+    let mut c = s.agent_client().await;
+    for i in 0..55 {
+        c.call(
+            "submit",
+            json!({"agent": config::DISCORD_AGENT, "tool": "read_file", "args": {"path": format!("/x/{i}")}}),
+        )
+        .await
+        .expect("submit");
+    }
+    drop(c);
+    let line = wait_line(&s, rule_is("rate")).await;
+    // Stored with its final count before the stop.
+    let deadline = Instant::now() + WAIT;
+    while alerts(&s).await.first().map(|a| a["count"].clone()) != Some(json!(5)) {
+        assert!(Instant::now() < deadline, "{:?}", alerts(&s).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.stop_async().await;
+    assert!(fake.messages_in(SECURITY_CHANNEL).is_empty());
+    fake.end_outage();
+    s.restart_async().await;
+    let m = fake
+        .wait_for_messages(
+            SECURITY_CHANNEL,
+            |msgs| {
+                msgs.iter()
+                    .find(|m| {
+                        m.content.contains("(rule `rate`)") && m.content.contains("Count: **5**")
+                    })
+                    .cloned()
+            },
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("posted by the restarted server");
+    assert!(m
+        .content
+        .contains(line["detail"]["agent"].as_str().unwrap()));
+    assert_eq!(fake.messages_in(SECURITY_CHANNEL).len(), 1);
+}
