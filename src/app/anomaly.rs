@@ -169,8 +169,9 @@ impl Gateway {
         let answer = self
             .pause_agent(Some(&alert.agent), Some(reason), by)
             .await?;
+        // Already paused: the alert names who did.
         self.store
-            .alert_paused(&alert.id, by.to_string(), now_ms())
+            .alert_paused(&alert.id, answer.pause.paused_by.clone(), now_ms())
             .await?;
         if let Some(a) = &self.anomaly {
             a.due.notify_one();
