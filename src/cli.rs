@@ -344,6 +344,14 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Anomaly alerts, newest first (admin).
+    Alerts {
+        /// At most this many (default 50, at most 1000).
+        #[arg(long)]
+        limit: Option<u32>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Agents' bearer tokens for connections over TCP (admin).
     Token {
         #[command(subcommand)]
@@ -1314,6 +1322,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Audit { cmd, conn } => audit_cmd(&conn, cmd).await,
         Command::Token { cmd, conn } => token_cmd(&conn, cmd).await,
         Command::Agent { cmd, conn } => agent_cmd(&conn, cmd).await,
+        Command::Alerts { limit, conn } => alerts_cmd(&conn, limit).await,
         Command::Run {
             call,
             idempotency_key,
@@ -1785,6 +1794,40 @@ fn pause_text(p: &crate::domain::policy::Pause) -> String {
             .map(|r| format!(": {}", printable(r)))
             .unwrap_or_default()
     )
+}
+
+async fn alerts_cmd(conn: &Conn, limit: Option<u32>) -> anyhow::Result<u8> {
+    use crate::app::ports::Alert;
+    let mut c = conn.admin_client().await?;
+    let v = c.call("alerts.list", json!({"limit": limit})).await?;
+    let alerts: Vec<Alert> = read(&v)?;
+    show(conn.json, &v, &alerts, |list| {
+        if list.is_empty() {
+            return "no anomaly alerts".to_string();
+        }
+        list.iter()
+            .map(|a| {
+                let at = chrono::DateTime::from_timestamp_millis(a.opened_ms)
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                    .unwrap_or_default();
+                let paused = a
+                    .paused_by
+                    .as_deref()
+                    .map(|b| format!(" [agent paused by {}]", printable(b)))
+                    .unwrap_or_default();
+                format!(
+                    "{at}  {}  {}  x{}  {}  ({}){paused}",
+                    printable(&a.agent),
+                    a.rule,
+                    a.count,
+                    printable(&a.detail),
+                    a.action
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    Ok(0)
 }
 
 async fn agent_cmd(conn: &Conn, cmd: AgentCmd) -> anyhow::Result<u8> {

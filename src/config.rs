@@ -16,6 +16,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod anomaly;
+
 /// A bad configuration, with the key it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -128,6 +130,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub run: RunConfig,
+    /// `[anomaly]`: rules over the stream of calls (see [`anomaly`]).
+    #[serde(default)]
+    pub anomaly: anomaly::AnomalyConfig,
     /// `[credentials.NAME]`: secrets Keyturn injects into runs of the tools
     /// that declare them; never sent to an agent.
     #[serde(default)]
@@ -1443,6 +1448,7 @@ impl Config {
                 .map_err(|m| invalid(format!("policy.channel_autonomy.{ch}"), m))?;
         }
         self.validate_credentials()?;
+        self.anomaly.rules()?;
         self.validate_discord()
     }
 

@@ -12,7 +12,7 @@ use harness::fixture;
 use harness::pg;
 use keyturn::app::ports::EscalationRecord;
 use keyturn::app::ports::{
-    AgentPauses, AgentToken, AuditLog, Cards, Change, Changes, Inserted, PairedUser,
+    AgentPauses, AgentToken, Alert, AuditLog, Cards, Change, Changes, Inserted, PairedUser,
     PairingRefused, PolicyData, Requests, RunRecord, RunRefused, Store, StoreError,
 };
 use keyturn::domain::audit::{events, AuditEvent};
@@ -2543,4 +2543,149 @@ async fn escalations(store: &dyn Store, feed: &mut Feed) {
     assert_eq!(store.audit_head().await.unwrap(), head);
     assert!(mine(store.pending_escalations(100).await.unwrap()).is_empty());
     assert_eq!(store.escalations_of(r.id).await.unwrap().len(), 2);
+}
+
+/// Anomaly alerts and seen tools (SQLite migration 0015, PostgreSQL 0008):
+/// an alert is stored with its audit line, its count only ever grows (writes
+/// may land out of order), a message is due until posted at the latest
+/// version, a pause is recorded once and makes it due again; a tool is new
+/// once per agent, and the agent's first sighting is kept.
+async fn anomaly_story(store: &dyn Store) {
+    let alert = |count: u64, updated_ms: i64, detail: &str| Alert {
+        id: "01937a4e-8c2b-7f3d-9a1e-0123456789ab".into(),
+        agent: "bot".into(),
+        rule: "rate".into(),
+        action: "alert".into(),
+        detail: detail.into(),
+        count,
+        opened_ms: 1_000,
+        updated_ms,
+        paused_by: None,
+        version: 1,
+        message_id: None,
+        posted_version: 0,
+    };
+    assert!(store.alerts(10).await.unwrap().is_empty());
+    store
+        .record_alert(
+            alert(1, 1_000, "first"),
+            Some(events::anomaly(1_000, "bot", "rate", "first", 1)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(last_audit_kind(store).await, "anomaly");
+    let tail = store.audit_tail(1).await.unwrap();
+    assert_eq!(tail[0].event.detail["rule"], "rate");
+    assert_eq!(tail[0].event.actor, "anomaly");
+    store
+        .record_alert(alert(5, 3_000, "fifth"), None)
+        .await
+        .unwrap();
+    // An older write landing late never lowers the count.
+    store
+        .record_alert(alert(3, 2_000, "third"), None)
+        .await
+        .unwrap();
+    let a = store.alert(&alert(0, 0, "").id).await.unwrap().unwrap();
+    assert_eq!(
+        (a.count, a.detail.as_str(), a.updated_ms),
+        (5, "fifth", 3_000)
+    );
+    assert_eq!(a.version, 3);
+    assert_eq!(a.message_id, None);
+    // Due until posted at its version; `since` leaves old ones out.
+    let due = store.alerts_due(0, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert!(store.alerts_due(3_001, 10).await.unwrap().is_empty());
+    store.alert_posted(&a.id, 777, a.version).await.unwrap();
+    assert!(store.alerts_due(0, 10).await.unwrap().is_empty());
+    // A stale post never moves the version back.
+    store.alert_posted(&a.id, 777, 1).await.unwrap();
+    assert!(store.alerts_due(0, 10).await.unwrap().is_empty());
+    // A pause is recorded once and makes the message due again.
+    assert!(store
+        .alert_paused(&a.id, "discord:7".into(), 4_000)
+        .await
+        .unwrap());
+    assert!(store
+        .alert_paused(&a.id, "discord:8".into(), 5_000)
+        .await
+        .unwrap());
+    assert!(!store.alert_paused("nope", "x".into(), 5_000).await.unwrap());
+    let a = store.alert(&a.id).await.unwrap().unwrap();
+    assert_eq!(a.paused_by.as_deref(), Some("discord:7"));
+    assert_eq!(a.message_id, Some(777));
+    assert_eq!(store.alerts_due(0, 10).await.unwrap().len(), 1);
+    // Newest first.
+    let mut b = alert(1, 9_000, "other");
+    b.id = "01937a4e-8c2b-7f3d-9a1e-0123456789ac".into();
+    b.opened_ms = 9_000;
+    store.record_alert(b.clone(), None).await.unwrap();
+    let list = store.alerts(10).await.unwrap();
+    assert_eq!(
+        list.iter().map(|a| a.id.clone()).collect::<Vec<_>>(),
+        vec![b.id.clone(), a.id.clone()]
+    );
+    assert_eq!(store.alerts(1).await.unwrap().len(), 1);
+
+    // Seen tools.
+    assert_eq!(
+        store.note_tool_seen("bot", "read", 100).await.unwrap(),
+        Some(100)
+    );
+    assert_eq!(
+        store.note_tool_seen("bot", "read", 200).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.note_tool_seen("bot", "write", 300).await.unwrap(),
+        Some(100)
+    );
+    assert_eq!(
+        store.note_tool_seen("cli", "read", 400).await.unwrap(),
+        Some(400)
+    );
+    assert_eq!(
+        store.note_tool_seen("bot", "write", 500).await.unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn sqlite_keeps_the_anomaly_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("k.db").display());
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open_with(&url, &Options::default())
+            .await
+            .unwrap(),
+    );
+    anomaly_story(&*store).await;
+    store.close().await;
+    // Kept across a reopen.
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open_with(&url, &Options::default())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(store.alerts(10).await.unwrap().len(), 2);
+    assert_eq!(
+        store.note_tool_seen("bot", "read", 900).await.unwrap(),
+        None
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn postgres_keeps_the_anomaly_contract() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let store: Arc<dyn Store> = Arc::new(
+        PgStore::open(&schema.url(), &PgOptions::default())
+            .await
+            .unwrap(),
+    );
+    anomaly_story(&*store).await;
+    store.close().await;
 }

@@ -124,6 +124,9 @@ impl Gateway {
                 if v.request.state.is_terminal() {
                     tracing::info!(request.id = %id, state = %v.request.state, "decided");
                 }
+                if v.request.state == State::Denied {
+                    self.anomaly_on_denial(&v.request).await;
+                }
                 Ok(v)
             }
             Err(TransitionError::PastDeadline) => {
@@ -165,6 +168,7 @@ impl Gateway {
     pub async fn expire(&self, id: RequestId) -> Result<(), AppError> {
         if let Ok(r) = self.store.time_out(id, now_ms()).await? {
             tracing::info!(request.id = %r.id, "timed out");
+            self.anomaly_on_denial(&r).await;
         }
         Ok(())
     }

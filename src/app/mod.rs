@@ -6,6 +6,8 @@
 
 mod admin;
 pub use admin::ApprovedFor;
+mod anomaly;
+pub use anomaly::MAX_ALERTS_LISTED;
 mod audit;
 mod cards;
 pub mod connection;
@@ -238,6 +240,8 @@ pub struct Gateway {
     runner: std::sync::OnceLock<run::Runner>,
     /// Full arguments held for edits (see [`edit`]).
     edits: edit::Held,
+    /// The anomaly rules, when any is configured (see [`anomaly`]).
+    anomaly: Option<anomaly::AnomalyWatch>,
 }
 
 impl Gateway {
@@ -255,7 +259,9 @@ impl Gateway {
             cfg.content.allowed_domains.clone(),
             cfg.tools.iter().map(|t| t.name.clone()).collect(),
         );
+        let rules = cfg.anomaly.rules().map_err(|e| bad(e.to_string()))?;
         let gw = Arc::new(Gateway {
+            anomaly: anomaly::AnomalyWatch::new(rules),
             settings: cfg.policy_settings(),
             redactor,
             scanner,

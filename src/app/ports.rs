@@ -15,6 +15,9 @@ use serde::Serialize;
 use std::sync::Arc;
 use tokio::sync::{broadcast, watch};
 
+mod anomaly;
+pub use anomaly::{Alert, Anomalies, MAX_SEEN_TOOLS_PER_AGENT};
+
 /// A storage failure, by what the caller can do about it. Callers treat
 /// every one of these as *deny*; they retry only what
 /// [`StoreError::is_retryable`] says may pass (a backend maps its driver's
@@ -723,6 +726,7 @@ pub trait Store:
     + Runs
     + Escalations
     + Changes
+    + Anomalies
 {
     /// Why writes are refused for good (the database file was deleted or
     /// replaced under the server), if they are; `None` while writable.

@@ -238,7 +238,16 @@ impl Gateway {
                 return Err(conflict(&held.request));
             }
         }
-        let content = self.content(agent, &s, false).await?;
+        let mut content = self.content(agent, &s, false).await?;
+        // Anomaly rules see the call before the policy: their actions
+        // (`raise_risk`, `pause`) apply to this very call.
+        let anomaly = self.anomaly_on_call(agent, &s).await;
+        if content.force_ask.is_none() {
+            content.force_ask = anomaly.force_ask;
+        }
+        if content.force_deny.is_none() {
+            content.force_deny = anomaly.force_deny;
+        }
         let now = now_ms();
         let confidence = s.confidence;
         let (verdict, tool_risk, _) = self.evaluate(agent, &s, &content, now, false);
@@ -380,6 +389,9 @@ impl Gateway {
         self.hold_args(&req, &s.args);
         if req.state.is_terminal() {
             metrics::global().decided(&req);
+        }
+        if req.state == State::Denied {
+            self.anomaly_on_denial(&req).await;
         }
         if req.state == State::Pending {
             if let Some(p) = self.pause_of(agent) {

@@ -8,6 +8,7 @@
 //! adapter. Cards are rendered by [`card`] (pure), buttons routed by
 //! [`routing`] (pure), and posted/edited by [`outbox`] through [`rest`].
 
+pub mod alerts;
 pub mod card;
 pub mod chart;
 pub mod commands;
@@ -370,6 +371,8 @@ async fn connect(
             }
         }
     }
+    // One client, so the card outbox, the escalations and the alert poster
+    // share its pacing.
     let rest = rest::Rest::new(&sh.cfg.token.0, sh.cfg.api_base.as_deref());
     let outbox = outbox::Outbox {
         gw: sh.gw.clone(),
@@ -386,14 +389,30 @@ async fn connect(
     let escalator = escalation::Escalator {
         gw: sh.gw.clone(),
         // The same rate limits as the cards: one bot, one budget.
-        rest,
+        rest: rest.clone(),
         guild_id: sh.cfg.guild_id,
         channel_id: channel,
     };
     let escalator = tokio::spawn(escalator.run(stop.clone()));
+    // Anomaly alerts, when a security channel is configured.
+    let alerts = match (sh.gw.config().anomaly.channel, sh.gw.alerts_wake()) {
+        (Some(channel), Some(wake)) => Some(tokio::spawn(
+            alerts::AlertPoster {
+                gw: sh.gw.clone(),
+                rest,
+                channel: channel.0,
+                wake,
+            }
+            .run(stop.clone()),
+        )),
+        _ => None,
+    };
     run_gateway(handler, gateway_url, stop).await;
     let _ = outbox.await;
     let _ = escalator.await;
+    if let Some(alerts) = alerts {
+        let _ = alerts.await;
+    }
 }
 
 impl Bot {
@@ -721,6 +740,10 @@ impl Handler {
                 return;
             }
         };
+        if let Route::PauseAgent(alert) = route {
+            self.pause_from_alert(ctx, &reply, &c, alert).await;
+            return;
+        }
         let kill = matches!(route, Route::Kill(_));
         let Some(admin) = self.may_decide(ctx, &reply, c.member.as_ref(), kill).await else {
             tracing::info!(target.id = %route.target(), user.id = %c.user.id, "click refused: not an approver");
@@ -779,6 +802,7 @@ impl Handler {
                     )
                     .await;
             }
+            Route::PauseAgent(_) => {}
         }
     }
 
@@ -883,6 +907,55 @@ impl Handler {
             Err(e) => {
                 tracing::error!(request.id = %id, voter = %voter, error = %e, "allow-for on Discord failed");
                 "Something went wrong; nothing was allowed beyond what the card shows.".into()
+            }
+        };
+        reply.follow(&ctx.http, text).await;
+    }
+
+    /// The Pause agent button of an anomaly alert: admins only. Acknowledges
+    /// at once, pauses the alert's agent (reason naming the alert) and tells
+    /// the clicker ephemerally; the alert's message is edited by the alert
+    /// poster from the stored alert (it then says who paused).
+    async fn pause_from_alert(
+        &self,
+        ctx: &Context,
+        reply: &Reply<'_>,
+        c: &ComponentInteraction,
+        alert: uuid::Uuid,
+    ) {
+        let refusal = match roles_of(&self.0.cfg, c.member.as_ref()) {
+            None => Some("Agents are paused in the server."),
+            Some((_, false)) => Some("You need the admin role to pause an agent."),
+            Some((_, true)) => None,
+        };
+        if let Some(text) = refusal {
+            tracing::info!(alert.id = %alert, user.id = %c.user.id, "pause from an alert refused: not an admin");
+            reply.respond(&ctx.http, ephemeral(text)).await;
+            return;
+        }
+        if self.0.stopping.is_cancelled() || !*self.0.lead.borrow() {
+            reply.respond(&ctx.http, ephemeral(HANDING_OVER)).await;
+            return;
+        }
+        let id = alert.hyphenated().to_string();
+        let by = format!("discord:{}", c.user.id);
+        let ack = reply.respond(&ctx.http, CreateInteractionResponse::Acknowledge);
+        let ((), outcome) = tokio::join!(ack, self.0.gw.pause_from_alert(&id, &by));
+        let text = match outcome {
+            Ok((a, answer)) => {
+                tracing::warn!(alert.id = %id, agent = %a.agent, by = %by, "agent paused from an anomaly alert");
+                format!(
+                    "Paused agent `{}`{}: its calls are denied until `keyturn agent resume {}`; {} pending request(s) cancelled.",
+                    escape::single_line(&a.agent).replace('`', "ˋ"),
+                    if answer.paused { "" } else { " (it was already paused)" },
+                    escape::single_line(&a.agent).replace('`', "ˋ"),
+                    answer.cancelled
+                )
+            }
+            Err(AppError::NotFound(_)) => "Keyturn has no such alert.".to_string(),
+            Err(e) => {
+                tracing::error!(alert.id = %id, by = %by, error = %e, "pause from an alert failed");
+                format!("The agent could not be paused: {e}")
             }
         };
         reply.follow(&ctx.http, text).await;

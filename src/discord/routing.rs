@@ -33,6 +33,8 @@ pub enum Route {
     Edit(RequestId),
     /// The edit modal was submitted.
     EditSubmit(RequestId),
+    /// The Pause agent button of an anomaly alert (the alert's id).
+    PauseAgent(Uuid),
 }
 
 /// One option of the "Allow for…" select: its value is
@@ -118,13 +120,14 @@ impl Route {
             Route::AllowFor(id) => ("allow_for", id.0),
             Route::Edit(id) => ("edit", id.0),
             Route::EditSubmit(id) => ("edit_submit", id.0),
+            Route::PauseAgent(alert) => ("pause_agent", alert),
         }
     }
 
     /// The request a route acts on; `None` for [`Route::Kill`] (a run).
     pub fn request_id(&self) -> Option<RequestId> {
         match *self {
-            Route::Kill(_) => None,
+            Route::Kill(_) | Route::PauseAgent(_) => None,
             _ => Some(RequestId(self.parts().1)),
         }
     }
@@ -161,6 +164,7 @@ impl Route {
             "allow_for" => Route::AllowFor(req),
             "edit" => Route::Edit(req),
             "edit_submit" => Route::EditSubmit(req),
+            "pause_agent" => Route::PauseAgent(uuid),
             _ => return Err(unknown()),
         })
     }
@@ -186,6 +190,7 @@ mod tests {
             Route::AllowFor(id()),
             Route::Edit(id()),
             Route::EditSubmit(id()),
+            Route::PauseAgent(Uuid::from_u128(u128::MAX)),
         ] {
             let s = r.custom_id();
             assert!(s.len() <= MAX_CUSTOM_ID, "{s}");

@@ -793,6 +793,18 @@ pub mod events {
         )
     }
 
+    /// An anomaly rule matched (written when its alert opens; the alert's
+    /// count then grows in the alerts table, one alert per rule, agent and
+    /// window).
+    pub fn anomaly(at_ms: i64, agent: &str, rule: &str, detail: &str, count: u64) -> AuditEvent {
+        admin(
+            at_ms,
+            "anomaly",
+            "anomaly",
+            json!({"agent": agent, "rule": rule, "detail": detail, "count": count}),
+        )
+    }
+
     /// A pause was lifted (written only when there was one).
     pub fn agent_resumed(at_ms: i64, by: &str, agent: &str) -> AuditEvent {
         admin(at_ms, "agent_resumed", by, json!({"agent": agent}))

@@ -3,6 +3,7 @@
 //! Nothing here reads a clock, draws a random number or does I/O: time, ids and
 //! codes are parameters. Nothing here may import tokio, sqlx or serenity.
 
+pub mod anomaly;
 pub mod audit;
 pub mod canonical;
 pub mod credentials;

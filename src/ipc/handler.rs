@@ -461,6 +461,7 @@ impl Handler {
                     to_value(gw.resume_agent(agent, &by).await?)
                 }
             }
+            Method::AlertsList(q) => to_value(gw.alerts(q.limit.unwrap_or(50)).await?),
             Method::AgentList => {
                 let (agents, all) = gw.agent_statuses().await?;
                 Ok(json!({"agents": agents, "all_paused": all}))

@@ -341,6 +341,7 @@ method_names! {
     AgentPause => "agent.pause",
     AgentResume => "agent.resume",
     AgentList => "agent.list",
+    AlertsList => "alerts.list",
 }
 
 impl MethodName {
@@ -355,7 +356,7 @@ impl MethodName {
             | PairingApprove | PairingAdd | PairingRevoke | AuditTail | AuditExport
             | AuditVerify | AuditPrune | TokenIssue | TokenRotate | TokenRevoke | TokenList
             | RunsList | RunsKill | CredentialsStatus | CredentialsReset | AgentPause
-            | AgentResume | AgentList => true,
+            | AgentResume | AgentList | AlertsList => true,
         }
     }
 }
@@ -446,6 +447,8 @@ pub enum Method {
     AgentResume(AgentPauseParams),
     /// Params ignored.
     AgentList,
+    /// Anomaly alerts, newest first.
+    AlertsList(AlertsListParams),
 }
 
 /// Why a call's method or params could not be read.
@@ -524,6 +527,7 @@ impl Method {
             N::AgentPause => Method::AgentPause(params(p)?),
             N::AgentResume => Method::AgentResume(params(p)?),
             N::AgentList => Method::AgentList,
+            N::AlertsList => Method::AlertsList(params(p)?),
         })
     }
 
@@ -570,6 +574,7 @@ impl Method {
             Method::AgentPause(_) => N::AgentPause,
             Method::AgentResume(_) => N::AgentResume,
             Method::AgentList => N::AgentList,
+            Method::AlertsList(_) => N::AlertsList,
         }
     }
 
@@ -624,6 +629,14 @@ pub struct RunsListParams {
     /// Only runs still running.
     #[serde(default)]
     pub running: bool,
+    pub limit: Option<u32>,
+}
+
+/// `alerts.list` (`keyturn alerts`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsListParams {
+    /// At most this many (default 50, at most 1000).
     pub limit: Option<u32>,
 }
 
@@ -963,6 +976,7 @@ mod tests {
             | N::TokenList
             | N::RunsList
             | N::AgentList
+            | N::AlertsList
             | N::CredentialsStatus => Value::Null,
             N::AgentPause | N::AgentResume => json!({"name": "bot"}),
         }
@@ -979,7 +993,7 @@ mod tests {
             assert_eq!(parsed.name(), m);
             assert_eq!(parsed.requires_admin(), m.requires_admin());
         }
-        assert_eq!(seen.len(), 40);
+        assert_eq!(seen.len(), 41);
     }
 
     #[test]
@@ -1016,6 +1030,7 @@ mod tests {
             "agent.pause",
             "agent.resume",
             "agent.list",
+            "alerts.list",
         ];
         for name in admin {
             assert!(is_admin_method(name), "{name}");

@@ -10,6 +10,7 @@
 //! the commit, as the SQLite store does. Reads use a pool. The URL's
 //! `options=-c search_path=NAME` picks the schema (created if missing).
 
+mod anomaly;
 mod deferred;
 mod escalations;
 pub mod leader;

@@ -1,6 +1,7 @@
 //! The SQLite store: WAL, one writer thread that group-commits (see
 //! [`writer`]), a small pool of sqlx readers and a background checkpointer.
 
+mod anomaly;
 pub mod check;
 mod escalations;
 mod pauses;
