@@ -11,6 +11,7 @@ mod cards;
 pub mod connection;
 mod content;
 mod decide;
+pub mod digests;
 mod follow;
 pub mod health;
 pub mod metrics;

@@ -699,7 +699,16 @@ impl Feed {
 /// Every persistence port, as one backend implements them.
 #[async_trait]
 pub trait Store:
-    Requests + PolicyData + Pairings + AuditLog + Cards + AgentTokens + AgentPauses + Runs + Changes
+    Requests
+    + PolicyData
+    + Pairings
+    + AuditLog
+    + Cards
+    + AgentTokens
+    + AgentPauses
+    + Runs
+    + Changes
+    + super::digests::Digests
 {
     /// Why writes are refused for good (the database file was deleted or
     /// replaced under the server), if they are; `None` while writable.

@@ -11,6 +11,7 @@
 pub mod card;
 pub mod chart;
 pub mod commands;
+pub mod digest;
 mod escape;
 pub mod outbox;
 pub mod rest;
@@ -368,16 +369,30 @@ async fn connect(
             }
         }
     }
+    let rest = rest::Rest::new(&sh.cfg.token.0, sh.cfg.api_base.as_deref());
+    let max_pause = sh
+        .cfg
+        .max_retry_pause
+        .map_or(outbox::DEFAULT_MAX_PAUSE, |d| d.0);
     let outbox = outbox::Outbox {
         gw: sh.gw.clone(),
-        rest: rest::Rest::new(&sh.cfg.token.0, sh.cfg.api_base.as_deref()),
+        rest: rest.clone(),
         settings: card_settings(&sh.cfg),
         wake: sh.wake.clone(),
         status: sh.status.clone(),
-        max_pause: sh
-            .cfg
-            .max_retry_pause
-            .map_or(outbox::DEFAULT_MAX_PAUSE, |d| d.0),
+        max_pause,
+        digests: Some(digest::DigestWorker {
+            gw: sh.gw.clone(),
+            rest,
+            channel,
+            threshold: sh
+                .cfg
+                .digest_threshold
+                .unwrap_or(crate::domain::digest::DEFAULT_THRESHOLD),
+            max_pause,
+            status: sh.status.clone(),
+            settings: card_settings(&sh.cfg),
+        }),
     };
     let outbox = tokio::spawn(outbox.run(stop.clone()));
     run_gateway(handler, gateway_url, stop).await;
@@ -696,6 +711,9 @@ impl Handler {
 
     async fn component(&self, ctx: &Context, c: ComponentInteraction) {
         let reply = Reply::Component(&c);
+        if let Some(route) = digest::DigestRoute::parse(&c.data.custom_id) {
+            return self.digest_click(ctx, &reply, &c, route).await;
+        }
         let route = match Route::parse(&c.data.custom_id) {
             Ok(r) => r,
             Err(e) => {

@@ -39,6 +39,8 @@ pub struct Outbox {
     pub status: ConnectionStatus,
     /// The longest a waiting card is left alone ([`DEFAULT_MAX_PAUSE`]).
     pub max_pause: Duration,
+    /// Flood digests, stepped before each card ([`super::digest`]).
+    pub digests: Option<super::digest::DigestWorker>,
 }
 
 /// What one delivery attempt means for the outbox.
@@ -76,6 +78,14 @@ impl Outbox {
             if stop.is_cancelled() {
                 break;
             }
+            // Digests first: waiting cards may move into one before any is posted.
+            let (digest_worked, digest_next) = match &self.digests {
+                Some(d) => match d.step().await {
+                    super::digest::Step::Worked => (true, None),
+                    super::digest::Step::Idle(next) => (false, next),
+                },
+                None => (false, None),
+            };
             let due = match gw.cards_due(PASS).await {
                 Ok(d) => d,
                 Err(e) => {
@@ -123,9 +133,20 @@ impl Outbox {
                 }
                 continue;
             }
-            let wait = match gw.card_next_attempt().await {
-                Ok(Some(at)) => Duration::from_millis((at - now_ms()).clamp(1, 60_000) as u64),
-                _ => Duration::from_secs(60),
+            if digest_worked {
+                continue;
+            }
+            let next = match gw.card_next_attempt().await {
+                Ok(Some(at)) => Some(at),
+                _ => None,
+            };
+            let next = match (next, digest_next) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let wait = match next {
+                Some(at) => Duration::from_millis((at - now_ms()).clamp(1, 60_000) as u64),
+                None => Duration::from_secs(60),
             };
             tokio::select! {
                 _ = stop.cancelled() => break,

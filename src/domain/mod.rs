@@ -7,6 +7,7 @@ pub mod audit;
 pub mod canonical;
 pub mod credentials;
 pub mod decision;
+pub mod digest;
 pub mod flags;
 pub mod pairing;
 pub mod policy;

@@ -5,6 +5,7 @@
 //! sqlx or rusqlite. Every mutation writes its audit events in the same
 //! transaction, and writes are group-committed by one writer thread.
 
+mod digests;
 mod error;
 pub mod files;
 pub mod postgres;

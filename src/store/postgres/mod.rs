@@ -11,6 +11,7 @@
 //! `options=-c search_path=NAME` picks the schema (created if missing).
 
 mod deferred;
+mod digests;
 pub mod leader;
 pub mod listen;
 pub mod notify;

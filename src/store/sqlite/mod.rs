@@ -2,6 +2,7 @@
 //! [`writer`]), a small pool of sqlx readers and a background checkpointer.
 
 pub mod check;
+mod digests;
 mod pauses;
 mod runs;
 pub(super) use runs::{argv_json, not_registered, runs_sql, RunRow, RUN_COLUMNS};
