@@ -403,8 +403,8 @@ async fn a_flood_becomes_digests_whose_bulk_actions_decide_each_request_once() {
 
     // The digests show the final counts, without buttons.
     for (agent, tool, word) in [
-        ("agent", "delete_file", "denied"),
-        ("agent2", "write_file", "approved"),
+        ("agent", "delete_file", format!("⛔ {shown} denied")),
+        ("agent2", "write_file", format!("✅ {shown2} approved")),
     ] {
         let m = fake
             .wait_for_messages(
@@ -421,7 +421,7 @@ async fn a_flood_becomes_digests_whose_bulk_actions_decide_each_request_once() {
         assert!(m.custom_ids().is_empty(), "buttons gone");
         let desc = m.embeds[0]["description"].as_str().unwrap();
         assert!(desc.contains("⏳ 0 pending"), "{desc}");
-        assert!(desc.contains(&format!("{word}")), "{desc}");
+        assert!(desc.contains(&word), "{desc}");
         assert_eq!(
             m.allowed_mentions,
             Some(json!({"parse": [], "users": [], "roles": [], "replied_user": false}))

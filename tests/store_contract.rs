@@ -2296,7 +2296,6 @@ async fn postgres_schema_from_before_runs_migrates_and_checks() {
 /// from its unposted card into one digest, never both and never two; the
 /// digest counts its pending requests and finishes once shown all decided.
 async fn digests_story(store: Arc<dyn Store>) {
-    use keyturn::app::digests::Digests;
     use keyturn::domain::digest::NewDigest;
     let mut rs: Vec<ApprovalRequest> = (1..=6)
         .map(|n| request(900 + n, 1, 50_000 + n as i64))

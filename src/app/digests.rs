@@ -99,7 +99,6 @@ impl Gateway {
         threshold: u32,
         posts_per_sec: f64,
     ) -> StoreResult<u64> {
-        let (count, waiting) = self.store.cards_waiting(digest::MAX_MEMBERS * 5).await?;
         let now = now_ms();
         let live = self.store.digests_live().await?;
         let open: Vec<Open> = live
@@ -112,10 +111,13 @@ impl Gateway {
                 members: d.members,
             })
             .collect();
-        if waiting.is_empty() {
+        // Counted first: listing the waiting cards only when some may move.
+        let (count, _) = self.store.cards_waiting(0).await?;
+        let flooded = digest::flooded(count, threshold, posts_per_sec);
+        if count == 0 || (open.is_empty() && !flooded) {
             return Ok(0);
         }
-        let flooded = digest::flooded(count, threshold, posts_per_sec);
+        let (_, waiting) = self.store.cards_waiting(digest::MAX_MEMBERS * 5).await?;
         let mut ids = std::iter::repeat_with(Uuid::now_v7);
         let Plan { new, joins } = digest::plan(&waiting, &open, flooded, &mut ids);
         if joins.is_empty() {

@@ -418,6 +418,127 @@ impl DigestWorker {
     }
 }
 
+/// The bulk clicks, answered like a card's (approver role checked first,
+/// refusals ephemeral, nothing recorded while leadership moves).
+impl super::Handler {
+    pub(super) async fn digest_click(
+        &self,
+        ctx: &serenity::all::Context,
+        reply: &super::Reply<'_>,
+        c: &serenity::all::ComponentInteraction,
+        route: DigestRoute,
+    ) {
+        use serenity::all::{
+            ButtonStyle, CreateActionRow, CreateButton, CreateInteractionResponse,
+            CreateInteractionResponseMessage,
+        };
+        let Some(admin) = self.may_decide(ctx, reply, c.member.as_ref(), false).await else {
+            tracing::info!(digest.id = %route.digest(), user.id = %c.user.id, "bulk click refused: not an approver");
+            return;
+        };
+        if self.0.stopping.is_cancelled() || !*self.0.lead.borrow() {
+            reply
+                .respond(&ctx.http, super::ephemeral(super::HANDING_OVER))
+                .await;
+            return;
+        }
+        let gw = &self.0.gw;
+        let id = route.digest();
+        if let DigestRoute::ApproveAll { shown, .. } = route {
+            // The confirmation is the first answer: read within the window.
+            let read = tokio::time::timeout(super::MODAL_CHECK, async {
+                let d = gw.digest(id).await?;
+                let m = gw.digest_members(id).await?;
+                Ok::<_, crate::app::ports::StoreError>((d, m))
+            })
+            .await;
+            let (d, members) = match read {
+                Ok(Ok((Some(d), m))) => (d, crate::app::digests::shown(m, shown)),
+                Ok(Ok((None, _))) => {
+                    reply
+                        .respond(&ctx.http, super::ephemeral("Keyturn has no such digest."))
+                        .await;
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(digest.id = %id, error = %e, "cannot read a digest");
+                    reply
+                        .respond(
+                            &ctx.http,
+                            super::ephemeral("Something went wrong; nothing was approved."),
+                        )
+                        .await;
+                    return;
+                }
+                Err(_) => {
+                    reply
+                        .respond(
+                            &ctx.http,
+                            super::ephemeral("Keyturn is busy; nothing was approved. Try again."),
+                        )
+                        .await;
+                    return;
+                }
+            };
+            let t = Tally::of(&members);
+            if t.pending == 0 {
+                reply
+                    .respond(
+                        &ctx.http,
+                        super::ephemeral(format!(
+                            "Nothing to approve: all {} requests shown are already decided.",
+                            t.total
+                        )),
+                    )
+                    .await;
+                return;
+            }
+            let confirm = DigestRoute::Confirm { id, shown };
+            let msg = CreateInteractionResponseMessage::new()
+                .content(fit(&confirm_text(&d, &members), 1900).0)
+                .ephemeral(true)
+                .allowed_mentions(super::no_mentions())
+                .components(vec![CreateActionRow::Buttons(vec![CreateButton::new(
+                    confirm.custom_id(),
+                )
+                .label(format!("Confirm: approve {}", t.pending))
+                .style(ButtonStyle::Success)])]);
+            reply
+                .respond(&ctx.http, CreateInteractionResponse::Message(msg))
+                .await;
+            return;
+        }
+        let approve = matches!(route, DigestRoute::Confirm { .. });
+        let ack = reply.respond(&ctx.http, CreateInteractionResponse::Acknowledge);
+        let voter = format!("discord:{}", c.user.id);
+        let me = c.user.id.to_string();
+        let self_user = (!self.0.cfg.allow_self_approval).then_some(me.as_str());
+        let work = gw.digest_bulk(
+            id,
+            route.shown(),
+            &voter,
+            Some(c.user.name.clone()),
+            approve,
+            admin,
+            self_user,
+        );
+        let ((), outcome) = tokio::join!(ack, work);
+        let text = match outcome {
+            Ok((report, failed)) => {
+                tracing::info!(digest.id = %id, voter = %voter, approve, decided = report.decided,
+                    already = report.already, refused = report.refused, failed, "bulk action on a digest");
+                report.text(approve, failed)
+            }
+            Err(e) => {
+                tracing::error!(digest.id = %id, voter = %voter, error = %e, "bulk action failed");
+                "Something went wrong; nothing was decided.".to_string()
+            }
+        };
+        self.0.wake.notify_one();
+        reply.follow(&ctx.http, text).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,126 +682,5 @@ mod tests {
         assert!(!is_due(&d, 5), "paced");
         assert!(is_due(&d, 10));
         assert_eq!(next_due(&[d]), Some(10));
-    }
-}
-
-/// The bulk clicks, answered like a card's (approver role checked first,
-/// refusals ephemeral, nothing recorded while leadership moves).
-impl super::Handler {
-    pub(super) async fn digest_click(
-        &self,
-        ctx: &serenity::all::Context,
-        reply: &super::Reply<'_>,
-        c: &serenity::all::ComponentInteraction,
-        route: DigestRoute,
-    ) {
-        use serenity::all::{
-            ButtonStyle, CreateActionRow, CreateButton, CreateInteractionResponse,
-            CreateInteractionResponseMessage,
-        };
-        let Some(admin) = self.may_decide(ctx, reply, c.member.as_ref(), false).await else {
-            tracing::info!(digest.id = %route.digest(), user.id = %c.user.id, "bulk click refused: not an approver");
-            return;
-        };
-        if self.0.stopping.is_cancelled() || !*self.0.lead.borrow() {
-            reply
-                .respond(&ctx.http, super::ephemeral(super::HANDING_OVER))
-                .await;
-            return;
-        }
-        let gw = &self.0.gw;
-        let id = route.digest();
-        if let DigestRoute::ApproveAll { shown, .. } = route {
-            // The confirmation is the first answer: read within the window.
-            let read = tokio::time::timeout(super::MODAL_CHECK, async {
-                let d = gw.digest(id).await?;
-                let m = gw.digest_members(id).await?;
-                Ok::<_, crate::app::ports::StoreError>((d, m))
-            })
-            .await;
-            let (d, members) = match read {
-                Ok(Ok((Some(d), m))) => (d, crate::app::digests::shown(m, shown)),
-                Ok(Ok((None, _))) => {
-                    reply
-                        .respond(&ctx.http, super::ephemeral("Keyturn has no such digest."))
-                        .await;
-                    return;
-                }
-                Ok(Err(e)) => {
-                    tracing::error!(digest.id = %id, error = %e, "cannot read a digest");
-                    reply
-                        .respond(
-                            &ctx.http,
-                            super::ephemeral("Something went wrong; nothing was approved."),
-                        )
-                        .await;
-                    return;
-                }
-                Err(_) => {
-                    reply
-                        .respond(
-                            &ctx.http,
-                            super::ephemeral("Keyturn is busy; nothing was approved. Try again."),
-                        )
-                        .await;
-                    return;
-                }
-            };
-            let t = Tally::of(&members);
-            if t.pending == 0 {
-                reply
-                    .respond(
-                        &ctx.http,
-                        super::ephemeral(format!(
-                            "Nothing to approve: all {} requests shown are already decided.",
-                            t.total
-                        )),
-                    )
-                    .await;
-                return;
-            }
-            let confirm = DigestRoute::Confirm { id, shown };
-            let msg = CreateInteractionResponseMessage::new()
-                .content(fit(&confirm_text(&d, &members), 1900).0)
-                .ephemeral(true)
-                .allowed_mentions(super::no_mentions())
-                .components(vec![CreateActionRow::Buttons(vec![CreateButton::new(
-                    confirm.custom_id(),
-                )
-                .label(format!("Confirm: approve {}", t.pending))
-                .style(ButtonStyle::Success)])]);
-            reply
-                .respond(&ctx.http, CreateInteractionResponse::Message(msg))
-                .await;
-            return;
-        }
-        let approve = matches!(route, DigestRoute::Confirm { .. });
-        let ack = reply.respond(&ctx.http, CreateInteractionResponse::Acknowledge);
-        let voter = format!("discord:{}", c.user.id);
-        let me = c.user.id.to_string();
-        let self_user = (!self.0.cfg.allow_self_approval).then_some(me.as_str());
-        let work = gw.digest_bulk(
-            id,
-            route.shown(),
-            &voter,
-            Some(c.user.name.clone()),
-            approve,
-            admin,
-            self_user,
-        );
-        let ((), outcome) = tokio::join!(ack, work);
-        let text = match outcome {
-            Ok((report, failed)) => {
-                tracing::info!(digest.id = %id, voter = %voter, approve, decided = report.decided,
-                    already = report.already, refused = report.refused, failed, "bulk action on a digest");
-                report.text(approve, failed)
-            }
-            Err(e) => {
-                tracing::error!(digest.id = %id, voter = %voter, error = %e, "bulk action failed");
-                "Something went wrong; nothing was decided.".to_string()
-            }
-        };
-        self.0.wake.notify_one();
-        reply.follow(&ctx.http, text).await;
     }
 }
