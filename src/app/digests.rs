@@ -92,12 +92,13 @@ pub fn shown(members: Vec<ApprovalRequest>, shown: u32) -> Vec<ApprovalRequest> 
 impl Gateway {
     /// One pass of the grouping: reads the waiting cards and open digests,
     /// plans ([`digest::plan`]) and applies. `posts_per_sec`: the rate
-    /// Discord allows new messages in the channel. Returns how many moved.
+    /// Discord allows new messages in the channel, once known. Returns how
+    /// many moved.
     pub async fn digest_pass(
         &self,
         channel: u64,
         threshold: u32,
-        posts_per_sec: f64,
+        posts_per_sec: Option<f64>,
     ) -> StoreResult<u64> {
         let now = now_ms();
         let live = self.store.digests_live().await?;

@@ -303,7 +303,7 @@ pub enum Step {
 impl DigestWorker {
     /// Groups what waits, then posts or edits one due digest.
     pub async fn step(&self) -> Step {
-        let rate = self.rest.posts_per_sec(self.channel).unwrap_or(1.0);
+        let rate = self.rest.posts_per_sec(self.channel);
         match self
             .gw
             .digest_pass(self.channel, self.threshold, rate)

@@ -57,17 +57,19 @@ pub struct Plan {
 }
 
 /// Whether the waiting cards are a flood: more than `threshold` (0: never)
-/// and more than [`BEHIND_MS`] of posting at `posts_per_sec`.
-pub fn flooded(waiting: u64, threshold: u32, posts_per_sec: f64) -> bool {
+/// and more than [`BEHIND_MS`] of posting at `posts_per_sec`, the rate
+/// Discord allows in the channel. Unknown until Discord answered a post
+/// with its rate-limit headers: no flood before (the first card teaches it).
+pub fn flooded(waiting: u64, threshold: u32, posts_per_sec: Option<f64>) -> bool {
     if threshold == 0 || waiting <= u64::from(threshold) {
         return false;
     }
-    let rate = if posts_per_sec.is_finite() && posts_per_sec > 0.0 {
-        posts_per_sec
-    } else {
-        1.0
-    };
-    waiting as f64 / rate * 1000.0 > BEHIND_MS as f64
+    match posts_per_sec {
+        Some(rate) if rate.is_finite() && rate > 0.0 => {
+            waiting as f64 / rate * 1000.0 > BEHIND_MS as f64
+        }
+        _ => false,
+    }
 }
 
 /// Plans one pass: a waiting request whose group has an open digest with
@@ -260,12 +262,16 @@ mod tests {
 
     #[test]
     fn a_flood_needs_both_the_count_and_the_delay() {
-        assert!(!flooded(20, 20, 1.0), "at the threshold");
-        assert!(flooded(21, 20, 1.0), "one past it, 21 s behind");
-        assert!(!flooded(200, 20, 60.0), "a fast channel drains 200 in 3 s");
-        assert!(flooded(2000, 20, 60.0));
-        assert!(!flooded(10_000, 0, 1.0), "0 turns digests off");
-        assert!(flooded(21, 20, f64::NAN), "an unknown rate counts as 1/s");
+        assert!(!flooded(20, 20, Some(1.0)), "at the threshold");
+        assert!(flooded(21, 20, Some(1.0)), "one past it, 21 s behind");
+        assert!(
+            !flooded(200, 20, Some(60.0)),
+            "a fast channel drains 200 in 3 s"
+        );
+        assert!(flooded(2000, 20, Some(60.0)));
+        assert!(!flooded(10_000, 0, Some(1.0)), "0 turns digests off");
+        assert!(!flooded(10_000, 20, None), "the rate is not known yet");
+        assert!(!flooded(10_000, 20, Some(f64::NAN)));
     }
 
     #[test]
