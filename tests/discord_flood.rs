@@ -443,3 +443,136 @@ async fn a_flood_becomes_digests_whose_bulk_actions_decide_each_request_once() {
     let mut server = server;
     server.stop_async().await;
 }
+
+/// The digest row as stored: (message id, rendered key).
+fn stored_digest(db: &std::path::Path, digest: &str) -> (Option<i64>, Option<String>) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c.query_row(
+        "SELECT message_id, rendered FROM discord_digests WHERE id = ?1",
+        [digest],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+/// The shown count on a digest's Deny all button.
+fn shown_on(m: &StoredMessage) -> usize {
+    button_of(m, "keyturn:v1:digest_deny:")
+        .and_then(|c| c.rsplit(':').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Durable: a digest survives a crash. After a SIGKILL and a restart the
+/// same message is edited (nothing is posted again, no member gets a card)
+/// and new requests of its group still join it; Deny all then decides them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_survives_a_restart_and_keeps_its_requests() {
+    let fake = FakeDiscord::start(FakeDiscordConfig {
+        rate_limits: Some(FakeRateLimits {
+            bucket_limit: 5,
+            bucket_window: Duration::from_secs(5),
+            global_per_sec: 50,
+        }),
+        ..FakeDiscordConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Launch::new(dir, flood_config(&fake.api_base()))
+        .try_start_async()
+        .await
+        .unwrap_or_else(|f| panic!("serve did not start: {:?}\n{}", f.status, f.log));
+    let db = server.dir.path().join("k.db");
+    fake.wait_ready(WAIT).await.expect("bot ready");
+    // One card first (it teaches the bot the channel's rate), then a flood.
+    submit(&server, "agent", "delete_file", 0, 900).await;
+    fake.wait_for_messages(APPROVALS_CHANNEL_ID, |ms| ms.first().cloned(), WAIT)
+        .await
+        .expect("a card");
+    for n in 1..=40 {
+        submit(&server, "agent", "delete_file", n, 600).await;
+    }
+    let digest = fake
+        .wait_for_messages(
+            APPROVALS_CHANNEL_ID,
+            |ms| ms.iter().find(|m| m.content.contains("Digest")).cloned(),
+            WAIT,
+        )
+        .await
+        .expect("a digest");
+    let id = digest_id(&digest);
+    // Wait until the store records what the message shows.
+    let settled = Instant::now() + WAIT;
+    loop {
+        let m = fake.message(digest.id).expect("digest message");
+        let n = members(&db, &id).len();
+        let (message, rendered) = stored_digest(&db, &id);
+        if message == Some(digest.id as i64)
+            && shown_on(&m) == n
+            && rendered.as_deref() == Some(format!("{n}/{n}").as_str())
+        {
+            break;
+        }
+        assert!(Instant::now() < settled, "digest not settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = members(&db, &id).len();
+    let messages = fake.messages_in(APPROVALS_CHANNEL_ID).len();
+    let posts = fake.calls_matching("POST /channels/20/messages").len();
+
+    server.kill();
+    server.restart_async().await;
+    fake.wait_ready(WAIT).await.expect("bot ready again");
+    for n in 100..105 {
+        submit(&server, "agent", "delete_file", n, 600).await;
+    }
+    let m = fake
+        .wait_for_messages(
+            APPROVALS_CHANNEL_ID,
+            |ms| {
+                ms.iter()
+                    .find(|m| m.id == digest.id && shown_on(m) == before + 5)
+                    .cloned()
+            },
+            WAIT,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the new requests joined the same digest: {e}\n{}",
+                server.log()
+            )
+        });
+    assert_eq!(members(&db, &id).len(), before + 5);
+    assert_eq!(
+        fake.calls_matching("POST /channels/20/messages").len(),
+        posts,
+        "nothing posted again after the restart"
+    );
+    assert_eq!(fake.messages_in(APPROVALS_CHANNEL_ID).len(), messages);
+    assert_eq!(carded_and_digested(&db), 0);
+
+    let deny = button_of(&m, "keyturn:v1:digest_deny:").unwrap();
+    let h = fake.click_button(m.id, &deny, DAVE).await;
+    let text = answer(&fake, &h, WAIT).await["content"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(text, format!("Denied {}.", before + 5));
+    assert!(members(&db, &id)
+        .values()
+        .all(|(s, n)| s == "denied" && *n == 1));
+    fake.wait_for_messages(
+        APPROVALS_CHANNEL_ID,
+        |ms| {
+            ms.iter()
+                .find(|m| m.id == digest.id && m.content.contains("are decided"))
+                .cloned()
+        },
+        WAIT,
+    )
+    .await
+    .expect("final counts");
+    fake.assert_no_violations();
+    server.stop_async().await;
+}

@@ -331,6 +331,26 @@ impl DigestWorker {
         Step::Worked
     }
 
+    /// Whether an open digest of `req`'s group would take it (then its card
+    /// is not posted: the next step moves it). A failed read says no.
+    pub async fn takes(&self, req: &ApprovalRequest) -> bool {
+        if req.state != State::Pending {
+            return false;
+        }
+        let now = now_ms();
+        match self.gw.digests_live().await {
+            Ok(live) => live.iter().any(|d| {
+                d.channel_id == self.channel
+                    && d.open_until_ms > now
+                    && d.pending > 0
+                    && d.members < digest::MAX_MEMBERS
+                    && d.agent == req.agent
+                    && d.tool == req.tool
+            }),
+            Err(_) => false,
+        }
+    }
+
     async fn deliver(&self, d: &DigestRow) {
         let members = match self.gw.digest_members(d.id).await {
             Ok(m) => m,

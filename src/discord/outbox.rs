@@ -53,6 +53,8 @@ enum Outcome {
     Outage,
     /// A rate limit: the next call waits in [`Rest`]; go on.
     Paced,
+    /// Not posted: an open digest takes this request (next pass).
+    ToDigest,
     Stopped,
 }
 
@@ -118,7 +120,7 @@ impl Outbox {
                             }
                         }
                         Outcome::CardLater => {}
-                        Outcome::Paced => break,
+                        Outcome::Paced | Outcome::ToDigest => break,
                         Outcome::Outage => {
                             failed_passes = failed_passes.saturating_add(1);
                             let p = pause(failed_passes, self.max_pause, deadline_ms - now_ms());
@@ -166,6 +168,13 @@ impl Outbox {
                 return Outcome::CardLater;
             }
         };
+        // Queued after the digest step looked: an open digest of its group
+        // takes it rather than a card.
+        if let (None, Some(d)) = (c.message_id, &self.digests) {
+            if d.takes(&req).await {
+                return Outcome::ToDigest;
+            }
+        }
         // Who approved so far, for cards that need several approvals.
         let approvers: Vec<String> = if req.approvals_required > 1 && !req.state.is_terminal() {
             match gw.votes(req.id).await {
