@@ -444,6 +444,18 @@ async fn a_flood_becomes_digests_whose_bulk_actions_decide_each_request_once() {
     server.stop_async().await;
 }
 
+/// Cards not posted yet (pending or not).
+fn unposted_cards(db: &std::path::Path) -> i64 {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c.query_row(
+        "SELECT COUNT(*) FROM discord_cards WHERE message_id IS NULL",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
 /// The digest row as stored: (message id, rendered key).
 fn stored_digest(db: &std::path::Path, digest: &str) -> (Option<i64>, Option<String>) {
     let c = rusqlite::Connection::open(db).unwrap();
@@ -573,6 +585,109 @@ async fn a_digest_survives_a_restart_and_keeps_its_requests() {
     )
     .await
     .expect("final counts");
+    fake.assert_no_violations();
+    server.stop_async().await;
+}
+
+/// Approve all then confirm, as `user` with `roles`: the answer's text.
+async fn approve_all(fake: &FakeDiscord, m: &StoredMessage, user: u64, roles: &[u64]) -> String {
+    let open = button_of(m, "keyturn:v1:digest_approve:").expect("approve all");
+    let h = fake.click_button(m.id, &open, user).await;
+    let confirm = answer(fake, &h, WAIT).await;
+    let id = confirm["components"][0]["components"][0]["custom_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a confirm button: {confirm}"))
+        .to_string();
+    let h = click_ephemeral(fake, &id, user, roles).await;
+    answer(fake, &h, WAIT).await["content"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// A bulk approval has a card's rights checks, one request at a time: a
+/// critical request needs an admin, and nobody approves a request made on
+/// their own behalf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_approval_keeps_the_rights_of_a_single_click() {
+    let fake = FakeDiscord::start(FakeDiscordConfig {
+        rate_limits: Some(FakeRateLimits {
+            bucket_limit: 5,
+            bucket_window: Duration::from_secs(5),
+            global_per_sec: 50,
+        }),
+        ..FakeDiscordConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Launch::new(dir, flood_config(&fake.api_base()))
+        .try_start_async()
+        .await
+        .unwrap_or_else(|f| panic!("serve did not start: {:?}\n{}", f.status, f.log));
+    let db = server.dir.path().join("k.db");
+    fake.wait_ready(WAIT).await.expect("bot ready");
+    submit(&server, "agent", "delete_file", 0, 900).await;
+    fake.wait_for_messages(APPROVALS_CHANNEL_ID, |ms| ms.first().cloned(), WAIT)
+        .await
+        .expect("a card");
+    const N: usize = 30;
+    for n in 0..N {
+        submit(&server, "agent", "drop_db", n, 600).await;
+        let p = json!({"agent": "agent2", "tool": "delete_file", "args": {"path": format!("/a/{n}")},
+            "user_id": ALICE.to_string(), "justification": "for alice", "timeout_secs": 600});
+        server.agent_call("submit", p).await.expect("submit");
+    }
+    // Settled: no card waits to be posted, and each digest shows all its
+    // requests (the first few of each group went out as cards).
+    let settled = |agent: &'static str, tool: &'static str| {
+        let db = db.clone();
+        move |ms: &[StoredMessage]| {
+            ms.iter()
+                .find(|m| is_group(m, agent, tool))
+                .filter(|m| {
+                    unposted_cards(&db) == 0 && shown_on(m) == members(&db, &digest_id(m)).len()
+                })
+                .cloned()
+        }
+    };
+    let critical = fake
+        .wait_for_messages(APPROVALS_CHANNEL_ID, settled("agent", "drop_db"), WAIT)
+        .await
+        .expect("the critical digest");
+    let alices = fake
+        .wait_for_messages(APPROVALS_CHANNEL_ID, settled("agent2", "delete_file"), WAIT)
+        .await
+        .expect("the digest of alice's requests");
+    assert!(critical.embeds[0]
+        .to_string()
+        .contains("CRITICAL (admins only)"));
+    let (nc, na) = (shown_on(&critical), shown_on(&alices));
+    assert!(nc > N / 2 && na > N / 2, "{nc} and {na} of {N} in digests");
+
+    let text = approve_all(&fake, &critical, ALICE, &[APPROVER_ROLE_ID]).await;
+    assert!(
+        text.starts_with(&format!("Approved 0, {nc} were not yours to decide")),
+        "{text}"
+    );
+    let text = approve_all(&fake, &alices, ALICE, &[APPROVER_ROLE_ID]).await;
+    assert!(
+        text.starts_with(&format!("Approved 0, {na} were not yours to decide")),
+        "{text}"
+    );
+    for m in [&critical, &alices] {
+        assert!(members(&db, &digest_id(m))
+            .values()
+            .all(|(s, n)| s == "pending" && *n == 0));
+    }
+    let text = approve_all(&fake, &critical, CAROL, &[ADMIN_ROLE_ID, APPROVER_ROLE_ID]).await;
+    assert_eq!(text, format!("Approved {nc}."));
+    let text = approve_all(&fake, &alices, DAVE, &[APPROVER_ROLE_ID]).await;
+    assert_eq!(text, format!("Approved {na}."));
+    for m in [&critical, &alices] {
+        assert!(members(&db, &digest_id(m))
+            .values()
+            .all(|(s, n)| s == "approved" && *n == 1));
+    }
     fake.assert_no_violations();
     server.stop_async().await;
 }
