@@ -13,7 +13,7 @@
 //! the clicker's rights, so it gets its own decision and audit entry; those
 //! decided meanwhile are skipped and counted. Imports no store.
 
-use super::card::{colour, fit, no_mentions, plain, CardSettings, RenderedCard};
+use super::card::{colour, fit, no_mentions, plain, RenderedCard};
 use super::escape::{code_block, inline_code, SHORT_BUDGET};
 use super::outbox::pause;
 use super::rest::{Rest, RestError};
@@ -288,8 +288,6 @@ pub struct DigestWorker {
     pub threshold: u32,
     pub max_pause: Duration,
     pub status: ConnectionStatus,
-    /// Kept for the digests' look, like the cards' (no pings are sent).
-    pub settings: CardSettings,
 }
 
 /// What one step did.

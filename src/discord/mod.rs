@@ -391,7 +391,6 @@ async fn connect(
                 .unwrap_or(crate::domain::digest::DEFAULT_THRESHOLD),
             max_pause,
             status: sh.status.clone(),
-            settings: card_settings(&sh.cfg),
         }),
     };
     let outbox = tokio::spawn(outbox.run(stop.clone()));
