@@ -308,7 +308,7 @@ impl DigestWorker {
             .await
         {
             Ok(0) => {}
-            Ok(n) => tracing::warn!(
+            Ok(n) => tracing::info!(
                 requests = n,
                 "flood: requests moved from cards into digests"
             ),
