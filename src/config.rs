@@ -909,6 +909,10 @@ pub struct DiscordConfig {
     /// How long the start-up checks may take before `serve` goes on without
     /// Discord and keeps connecting in the background (default 5 s).
     pub start_timeout: Option<Dur>,
+    /// Flood digests: more cards waiting to be posted than this (and more
+    /// than Discord lets the bot post in 15 s) are grouped into digests per
+    /// agent and tool (default 20; 0 turns digests off).
+    pub digest_threshold: Option<u32>,
 }
 
 /// Refuses a socket path `key` that resolves to one of the `taken` paths

@@ -2689,3 +2689,186 @@ async fn postgres_keeps_the_anomaly_contract() {
     anomaly_story(&*store).await;
     store.close().await;
 }
+
+/// Flood digests (migrations sqlite 0016, postgres 0009): a request moves
+/// from its unposted card into one digest, never both and never two; the
+/// digest counts its pending requests and finishes once shown all decided.
+async fn digests_story(store: Arc<dyn Store>) {
+    use keyturn::domain::digest::NewDigest;
+    let mut rs: Vec<ApprovalRequest> = (1..=6)
+        .map(|n| request(900 + n, 1, 50_000 + n as i64))
+        .collect();
+    rs[5].agent = "agent-b".into();
+    for r in &rs {
+        assert!(matches!(
+            store.insert_request(r.clone(), submitted(r)).await.unwrap(),
+            Inserted::New(_)
+        ));
+    }
+    // Request 905's card is posted: it stays a card.
+    store
+        .card_done(rs[4].id, 555, 1, "pending".into())
+        .await
+        .unwrap();
+    let (n, waiting) = store.cards_waiting(3).await.unwrap();
+    assert_eq!(n, 5);
+    let ids: Vec<RequestId> = waiting.iter().map(|w| w.request_id).collect();
+    assert_eq!(
+        ids,
+        vec![rs[0].id, rs[1].id, rs[2].id],
+        "oldest deadline first"
+    );
+    assert_eq!(waiting[0].agent, "agent-a");
+
+    let d1 = Uuid::from_u128(0xd1);
+    let d2 = Uuid::from_u128(0xd2);
+    let new = vec![NewDigest {
+        id: d1,
+        agent: "agent-a".into(),
+        tool: "delete_file".into(),
+    }];
+    let joins = vec![
+        (rs[0].id, d1),
+        (rs[1].id, d1),
+        (rs[4].id, d1),
+        (rs[2].id, d1),
+    ];
+    let moved = store
+        .digest_apply(CARDS, new, joins, 1_000, 30_000)
+        .await
+        .unwrap();
+    assert_eq!(moved, 3, "the posted card stays a card");
+    assert!(
+        store.card(rs[0].id).await.unwrap().is_none(),
+        "no card once digested"
+    );
+    assert!(store.card(rs[4].id).await.unwrap().is_some());
+    let members: Vec<RequestId> = store
+        .digest_members(d1)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(
+        members,
+        vec![rs[0].id, rs[1].id, rs[2].id],
+        "in joining order"
+    );
+    // Never in two digests.
+    let again = store
+        .digest_apply(
+            CARDS,
+            vec![NewDigest {
+                id: d2,
+                agent: "agent-a".into(),
+                tool: "delete_file".into(),
+            }],
+            vec![(rs[0].id, d2)],
+            1_100,
+            30_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+    let live = store.digests_live().await.unwrap();
+    let d = live.iter().find(|d| d.id == d1).expect("live");
+    assert_eq!((d.members, d.pending, d.message_id), (3, 3, None));
+    assert_eq!(
+        (d.channel_id, d.open_until_ms, d.created_ms),
+        (CARDS, 31_000, 1_000)
+    );
+    assert_eq!(store.digest_members(d2).await.unwrap().len(), 0);
+
+    // A restart's reconcile does not card a digested request again.
+    store.card_reconcile(CARDS).await.unwrap();
+    assert!(store.card(rs[0].id).await.unwrap().is_none());
+    let (n, _) = store.cards_waiting(100).await.unwrap();
+    assert_eq!(n, 2, "904 and 906 still wait as cards");
+
+    // Decisions show in the pending count; posted, then edited.
+    store
+        .vote(rs[1].id, vote("uid:1", false, 2_000), ADMIN)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .digest_done(d1, 777, "3/2".into(), 3, false, 4_000)
+        .await
+        .unwrap();
+    let d = store.digest(d1).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            d.message_id,
+            d.pending,
+            d.rendered.as_deref(),
+            d.next_attempt_ms
+        ),
+        (Some(777), 2, Some("3/2"), 4_000)
+    );
+    store.digest_retry_later(d1, 1, 5_000, true).await.unwrap();
+    let d = store.digest(d1).await.unwrap().unwrap();
+    assert_eq!(
+        (d.message_id, d.attempts, d.next_attempt_ms),
+        (None, 1, 5_000)
+    );
+    store
+        .cancel(rs[0].id, "uid:0".into(), None, 2_100)
+        .await
+        .unwrap()
+        .unwrap();
+    store.time_out(rs[2].id, 60_000).await.unwrap().unwrap();
+    // Shown all decided, but for fewer members than joined: not finished.
+    store
+        .digest_done(d1, 778, "2/0".into(), 2, true, 6_000)
+        .await
+        .unwrap();
+    assert!(store
+        .digests_live()
+        .await
+        .unwrap()
+        .iter()
+        .any(|d| d.id == d1));
+    store
+        .digest_done(d1, 778, "3/0".into(), 3, true, 6_000)
+        .await
+        .unwrap();
+    assert!(!store
+        .digests_live()
+        .await
+        .unwrap()
+        .iter()
+        .any(|d| d.id == d1));
+    assert_eq!(store.digest(d1).await.unwrap().unwrap().pending, 0);
+    // A finished digest takes nobody: the card stays.
+    let moved = store
+        .digest_apply(CARDS, vec![], vec![(rs[3].id, d1)], 7_000, 30_000)
+        .await
+        .unwrap();
+    assert_eq!(moved, 0);
+    assert!(store.card(rs[3].id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn sqlite_keeps_the_digests_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("k.db").display());
+    let options = Options {
+        max_batch: 64,
+        cards: Some(CARDS),
+        ..Options::default()
+    };
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(&url, &options).await.unwrap());
+    digests_story(store.clone()).await;
+    store.close().await;
+}
+
+#[tokio::test]
+async fn postgres_keeps_the_digests_contract() {
+    let Some(schema) = pg::Schema::new().await else {
+        return;
+    };
+    let store: Arc<dyn Store> = pg_store(&schema, Some(CARDS)).await;
+    digests_story(store.clone()).await;
+    store.close().await;
+}

@@ -16,6 +16,7 @@ mod decide;
 mod edit;
 pub mod escalation;
 pub use edit::EditForm;
+pub mod digests;
 mod follow;
 pub mod health;
 pub mod metrics;

@@ -727,6 +727,7 @@ pub trait Store:
     + Escalations
     + Changes
     + Anomalies
+    + super::digests::Digests
 {
     /// Why writes are refused for good (the database file was deleted or
     /// replaced under the server), if they are; `None` while writable.

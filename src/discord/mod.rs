@@ -12,6 +12,7 @@ pub mod alerts;
 pub mod card;
 pub mod chart;
 pub mod commands;
+pub mod digest;
 mod edit;
 pub mod escalation;
 mod escape;
@@ -371,19 +372,31 @@ async fn connect(
             }
         }
     }
-    // One client, so the card outbox, the escalations and the alert poster
-    // share its pacing.
+    // One client, so the card outbox, the digests, the escalations and the
+    // alert poster share its pacing.
     let rest = rest::Rest::new(&sh.cfg.token.0, sh.cfg.api_base.as_deref());
+    let max_pause = sh
+        .cfg
+        .max_retry_pause
+        .map_or(outbox::DEFAULT_MAX_PAUSE, |d| d.0);
     let outbox = outbox::Outbox {
         gw: sh.gw.clone(),
         rest: rest.clone(),
         settings: card_settings(&sh.cfg),
         wake: sh.wake.clone(),
         status: sh.status.clone(),
-        max_pause: sh
-            .cfg
-            .max_retry_pause
-            .map_or(outbox::DEFAULT_MAX_PAUSE, |d| d.0),
+        max_pause,
+        digests: Some(digest::DigestWorker {
+            gw: sh.gw.clone(),
+            rest: rest.clone(),
+            channel,
+            threshold: sh
+                .cfg
+                .digest_threshold
+                .unwrap_or(crate::domain::digest::DEFAULT_THRESHOLD),
+            max_pause,
+            status: sh.status.clone(),
+        }),
     };
     let outbox = tokio::spawn(outbox.run(stop.clone()));
     let escalator = escalation::Escalator {
@@ -727,6 +740,9 @@ impl Handler {
 
     async fn component(&self, ctx: &Context, c: ComponentInteraction) {
         let reply = Reply::Component(&c);
+        if let Some(route) = digest::DigestRoute::parse(&c.data.custom_id) {
+            return self.digest_click(ctx, &reply, &c, route).await;
+        }
         let route = match Route::parse(&c.data.custom_id) {
             Ok(r) => r,
             Err(e) => {

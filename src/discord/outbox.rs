@@ -39,6 +39,8 @@ pub struct Outbox {
     pub status: ConnectionStatus,
     /// The longest a waiting card is left alone ([`DEFAULT_MAX_PAUSE`]).
     pub max_pause: Duration,
+    /// Flood digests, stepped before each card ([`super::digest`]).
+    pub digests: Option<super::digest::DigestWorker>,
 }
 
 /// What one delivery attempt means for the outbox.
@@ -51,6 +53,8 @@ enum Outcome {
     Outage,
     /// A rate limit: the next call waits in [`Rest`]; go on.
     Paced,
+    /// Not posted: an open digest takes this request (next pass).
+    ToDigest,
     Stopped,
 }
 
@@ -76,6 +80,14 @@ impl Outbox {
             if stop.is_cancelled() {
                 break;
             }
+            // Digests first: waiting cards may move into one before any is posted.
+            let (digest_worked, digest_next) = match &self.digests {
+                Some(d) => match d.step().await {
+                    super::digest::Step::Worked => (true, None),
+                    super::digest::Step::Idle(next) => (false, next),
+                },
+                None => (false, None),
+            };
             let due = match gw.cards_due(PASS).await {
                 Ok(d) => d,
                 Err(e) => {
@@ -108,7 +120,7 @@ impl Outbox {
                             }
                         }
                         Outcome::CardLater => {}
-                        Outcome::Paced => break,
+                        Outcome::Paced | Outcome::ToDigest => break,
                         Outcome::Outage => {
                             failed_passes = failed_passes.saturating_add(1);
                             let p = pause(failed_passes, self.max_pause, deadline_ms - now_ms());
@@ -123,9 +135,20 @@ impl Outbox {
                 }
                 continue;
             }
-            let wait = match gw.card_next_attempt().await {
-                Ok(Some(at)) => Duration::from_millis((at - now_ms()).clamp(1, 60_000) as u64),
-                _ => Duration::from_secs(60),
+            if digest_worked {
+                continue;
+            }
+            let next = match gw.card_next_attempt().await {
+                Ok(Some(at)) => Some(at),
+                _ => None,
+            };
+            let next = match (next, digest_next) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let wait = match next {
+                Some(at) => Duration::from_millis((at - now_ms()).clamp(1, 60_000) as u64),
+                None => Duration::from_secs(60),
             };
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -145,6 +168,13 @@ impl Outbox {
                 return Outcome::CardLater;
             }
         };
+        // Queued after the digest step looked: an open digest of its group
+        // takes it rather than a card.
+        if let (None, Some(d)) = (c.message_id, &self.digests) {
+            if d.takes(&req).await {
+                return Outcome::ToDigest;
+            }
+        }
         // Who approved so far, for cards that need several approvals.
         let approvers: Vec<String> = if req.approvals_required > 1 && !req.state.is_terminal() {
             match gw.votes(req.id).await {

@@ -69,6 +69,9 @@ struct Limits {
     in_flight: usize,
     /// A global 429 stops every call until then.
     global_until: Option<Instant>,
+    /// Calls a second each route's bucket allows, learnt from the first
+    /// answer of a window (`X-RateLimit-Limit` over its reset-after).
+    rates: HashMap<String, f64>,
 }
 
 /// The major parameter of a route key (`POST /channels/<id>/messages`).
@@ -83,6 +86,8 @@ pub struct RateHeaders {
     pub remaining: Option<u32>,
     pub reset_after: Option<f64>,
     pub global: bool,
+    /// `X-RateLimit-Limit`: calls per window.
+    pub limit: Option<u32>,
 }
 
 impl RateHeaders {
@@ -96,6 +101,7 @@ impl RateHeaders {
                 .filter(|v| v.is_finite()),
             global: get("x-ratelimit-global").is_some_and(|v| v == "true")
                 || get("x-ratelimit-scope").is_some_and(|v| v == "global"),
+            limit: get("x-ratelimit-limit").and_then(|v| v.parse().ok()),
         }
     }
 }
@@ -148,6 +154,18 @@ impl Limits {
         if let (true, Some(r)) = (h.global, retry) {
             self.global_until = Some(now + r);
             return;
+        }
+        // The first call of a window: its reset-after is the whole window.
+        if let (Some(limit), Some(remaining), Some(after), None) =
+            (h.limit, h.remaining, h.reset_after, retry)
+        {
+            if limit > 0 && remaining + 1 == limit && after > 0.0 {
+                if self.rates.len() >= MAX_BUCKETS && !self.rates.contains_key(route) {
+                    self.rates.clear();
+                }
+                self.rates
+                    .insert(route.to_string(), f64::from(limit) / after.max(0.001));
+            }
         }
         // A bucket is Discord's bucket id with the major parameter (the
         // channel). A 429 without a bucket id still holds this route back.
@@ -269,6 +287,16 @@ impl Rest {
         result
     }
 
+    /// The messages a second Discord lets the bot post in `channel`, once
+    /// learnt from its rate-limit headers (and never above the share of
+    /// the global limit cards take).
+    pub fn posts_per_sec(&self, channel: u64) -> Option<f64> {
+        let l = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        l.rates
+            .get(&format!("POST /channels/{channel}/messages"))
+            .map(|r| r.min(GLOBAL_PER_SEC as f64))
+    }
+
     /// Posts a card; returns the new message id.
     pub async fn post_message(&self, channel: u64, card: &RenderedCard) -> Result<u64, RestError> {
         let url = format!("{}/channels/{channel}/messages", self.base);
@@ -373,7 +401,25 @@ mod tests {
             remaining: Some(remaining),
             reset_after: Some(reset_after),
             global: false,
+            limit: None,
         }
+    }
+
+    #[test]
+    fn the_post_rate_is_learnt_from_the_first_call_of_a_window() {
+        let mut l = Limits::default();
+        let t0 = Instant::now();
+        let r = "POST /channels/20/messages";
+        let h = |remaining, after| RateHeaders {
+            limit: Some(5),
+            ..headers("b", remaining, after)
+        };
+        l.take(r);
+        l.answered(r, t0, &h(3, 4.0), None);
+        assert_eq!(l.rates.get(r), None, "not the window's first call");
+        l.take(r);
+        l.answered(r, t0, &h(4, 5.0), None);
+        assert_eq!(l.rates.get(r), Some(&1.0), "5 per 5 s");
     }
 
     #[test]

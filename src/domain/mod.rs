@@ -8,6 +8,7 @@ pub mod audit;
 pub mod canonical;
 pub mod credentials;
 pub mod decision;
+pub mod digest;
 pub mod edit;
 pub mod escalation;
 pub mod flags;

@@ -6,6 +6,7 @@
 //! transaction, and writes are group-committed by one writer thread.
 
 mod anomaly;
+mod digests;
 mod error;
 mod escalations;
 pub mod files;

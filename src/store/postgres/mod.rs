@@ -12,6 +12,7 @@
 
 mod anomaly;
 mod deferred;
+mod digests;
 mod escalations;
 pub mod leader;
 pub mod listen;

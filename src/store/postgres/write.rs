@@ -609,6 +609,7 @@ pub(super) async fn card_reconcile(tx: &mut Tx, channel: u64) -> StoreResult<u64
         "INSERT INTO discord_cards (request_id, channel_id, deadline_ms) \
          SELECT id, $1, deadline_ms FROM requests r WHERE r.state = 'pending' \
          AND NOT EXISTS (SELECT 1 FROM discord_cards c WHERE c.request_id = r.id) \
+         AND NOT EXISTS (SELECT 1 FROM discord_digest_members m WHERE m.request_id = r.id) \
          ON CONFLICT (request_id) DO NOTHING",
     )
     .bind(channel as i64)

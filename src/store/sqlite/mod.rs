@@ -3,6 +3,7 @@
 
 mod anomaly;
 pub mod check;
+mod digests;
 mod escalations;
 mod pauses;
 mod runs;

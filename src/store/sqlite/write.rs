@@ -456,7 +456,8 @@ pub(super) fn card_reconcile(tx: &mut Tx<'_>, channel: u64) -> StoreResult<u64> 
         .prepare_cached(
             "INSERT INTO discord_cards (request_id, channel_id, deadline_ms) \
              SELECT id, ?1, deadline_ms FROM requests r WHERE r.state = 'pending' \
-             AND NOT EXISTS (SELECT 1 FROM discord_cards c WHERE c.request_id = r.id)",
+             AND NOT EXISTS (SELECT 1 FROM discord_cards c WHERE c.request_id = r.id) \
+             AND NOT EXISTS (SELECT 1 FROM discord_digest_members m WHERE m.request_id = r.id)",
         )?
         .execute(params![channel as i64])?;
     let stale = tx
