@@ -737,7 +737,8 @@ async fn audit_verify_catches_edited_request_rows() {
                 "INSERT INTO requests SELECT '{}', agent, tool, args, args_hash, user_id, channel_id, \
                  justification, task_id, NULL, risk, approvals_required, admin_only, rule, rule_detail, \
                  flags, created_ms, deadline_ms, 'approved', decided_by, decided_who, decided_reason, \
-                 decided_ms, NULL, requester_uid, caps, run_plan FROM requests WHERE id = '{}'",
+                 decided_ms, NULL, requester_uid, caps, run_plan, \
+                 original_args, original_args_hash, edited_by, edited_ms FROM requests WHERE id = '{}'",
                 "0190c0de-0000-7000-8000-00000000beef", allowed.id
             ),
             "0190c0de-0000-7000-8000-00000000beef".parse().unwrap(),
