@@ -297,10 +297,31 @@ impl Gateway {
         }
     }
 
-    /// Queues an alert write for the writer task (off the submit path; a
-    /// later state of the same alert replaces an unwritten one, keeping its
-    /// audit line). A full queue: written here.
+    /// Stores an alert that opens at once; queues a count update for the
+    /// writer task (off the submit path; a later state of the same alert
+    /// replaces an unwritten one, keeping its audit line). A full queue:
+    /// written here.
     async fn queue_alert(&self, a: &AnomalyWatch, alert: Alert, audit: Option<AuditEvent>) {
+        // An alert that opens (it carries its audit line) is stored before
+        // the call that raised it is answered, so a crash right after
+        // loses neither; only the count updates of a storm are coalesced.
+        let audit = match audit {
+            Some(event) => match self
+                .store
+                .record_alert(alert.clone(), Some(event.clone()))
+                .await
+            {
+                Ok(()) => {
+                    a.due.notify_one();
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "anomaly: cannot store an alert; queued to try again");
+                    Some(event)
+                }
+            },
+            None => None,
+        };
         a.writer.call_once(|| {
             tokio::spawn(write_alerts(
                 self.store.clone(),
