@@ -323,7 +323,7 @@ async fn a_new_tool_fires_once_and_stays_known_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raise_risk_sends_the_agents_next_allowed_calls_to_a_person() {
-    let s = Server::start(
+    let mut s = Server::start(
         config::files,
         "\n[anomaly]\nraise_for = \"15m\"\n\n[anomaly.repeat]\ncount = 3\nwithin = \"1m\"\naction = \"raise_risk\"\n",
     );
@@ -345,6 +345,13 @@ async fn raise_risk_sends_the_agents_next_allowed_calls_to_a_person() {
     let other = call(&s, "cli", read("/srv/other")).await;
     assert_eq!(other["state"], "approved", "{other}");
     wait_line(&s, rule_is("repeat")).await;
+    // The raised risk is stored: a crash and a restart do not lift it.
+    s.kill_and_restart();
+    let after = call(&s, "bot", read("/srv/after-restart")).await;
+    assert_eq!(after["state"], "pending", "{after}");
+    assert_eq!(after["rule"], "anomaly", "{after}");
+    let other = call(&s, "cli", read("/srv/after-restart")).await;
+    assert_eq!(other["state"], "approved", "{other}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2627,6 +2627,24 @@ async fn anomaly_story(store: &dyn Store) {
         vec![b.id.clone(), a.id.clone()]
     );
     assert_eq!(store.alerts(1).await.unwrap().len(), 1);
+    // Raised risks: only `raise_risk` alerts matched at or after `since`,
+    // the latest first.
+    assert!(store.raised_alerts(0, 10).await.unwrap().is_empty());
+    for (n, updated) in [(0xd0u8, 10_000), (0xd1, 12_000), (0xd2, 11_000)] {
+        let mut r = alert(1, updated, "raised");
+        r.id = format!("01937a4e-8c2b-7f3d-9a1e-0123456789{n:02x}");
+        r.action = "raise_risk".into();
+        r.opened_ms = updated;
+        store.record_alert(r, None).await.unwrap();
+    }
+    let raised = store.raised_alerts(11_000, 10).await.unwrap();
+    assert_eq!(
+        raised.iter().map(|a| a.updated_ms).collect::<Vec<_>>(),
+        vec![12_000, 11_000]
+    );
+    assert!(raised.iter().all(|a| a.action == "raise_risk"));
+    assert_eq!(store.raised_alerts(0, 1).await.unwrap().len(), 1);
+    assert!(store.raised_alerts(12_001, 10).await.unwrap().is_empty());
 
     // Seen tools.
     assert_eq!(
@@ -2668,7 +2686,7 @@ async fn sqlite_keeps_the_anomaly_contract() {
             .await
             .unwrap(),
     );
-    assert_eq!(store.alerts(10).await.unwrap().len(), 2);
+    assert_eq!(store.alerts(10).await.unwrap().len(), 5);
     assert_eq!(
         store.note_tool_seen("bot", "read", 900).await.unwrap(),
         None

@@ -30,8 +30,14 @@ pub const MAX_ALERTS_LISTED: u32 = 1000;
 pub(super) struct AnomalyWatch {
     detector: Mutex<Detector>,
     seen: Mutex<HashSet<(String, String)>>,
-    /// Agent → (until, why): `raise_risk` in force.
-    raised: Mutex<HashMap<String, (i64, String)>>,
+    /// Agent → (until, why): `raise_risk` in force, from this process's
+    /// matches and from the store (see [`refresh_raised`]).
+    raised: Arc<Mutex<Raised>>,
+    /// The stored `raise_risk` alerts were read once (before the first call
+    /// is decided, so a restart does not lift a raised risk).
+    restored: tokio::sync::OnceCell<()>,
+    /// Starts [`refresh_raised`] with the first call.
+    refresher: std::sync::Once,
     /// Pokes whatever posts alerts (the Discord adapter).
     due: Arc<Notify>,
     /// Alert writes not yet made, by alert id: a storm's count updates
@@ -40,6 +46,52 @@ pub(super) struct AnomalyWatch {
     /// Wakes the writer of `unwritten`, started with the first alert.
     write_due: Arc<Notify>,
     writer: std::sync::Once,
+}
+
+/// Agent → (until, why) of a raised risk.
+type Raised = HashMap<String, (i64, String)>;
+
+/// How often the stored `raise_risk` alerts are read again, so a risk
+/// raised by another process on the same database holds here too.
+const RAISED_REFRESH: Duration = Duration::from_secs(1);
+/// Stored `raise_risk` alerts read at a time, at most.
+const MAX_RAISED_READ: u32 = 1000;
+
+/// Takes stored `raise_risk` alerts into `raised`: each holds until its
+/// latest match plus `raise_for_ms`; a later end wins.
+fn merge_raised(raised: &Mutex<Raised>, alerts: Vec<Alert>, raise_for_ms: i64, now: i64) {
+    let mut m = raised.lock().unwrap_or_else(|e| e.into_inner());
+    m.retain(|_, (until, _)| *until > now);
+    for alert in alerts {
+        let until = alert.updated_ms.saturating_add(raise_for_ms);
+        if until <= now || m.get(&alert.agent).is_some_and(|(u, _)| *u >= until) {
+            continue;
+        }
+        let rule = crate::domain::anomaly::RuleKind::ALL
+            .into_iter()
+            .find(|r| r.as_str() == alert.rule)
+            .map_or(alert.rule.as_str(), |r| r.describe());
+        let why = format!("{rule} ({})", alert.detail);
+        m.insert(alert.agent, (until, why));
+    }
+}
+
+/// Reads the stored `raise_risk` alerts every [`RAISED_REFRESH`] until the
+/// process ends.
+async fn refresh_raised(store: Arc<dyn Store>, raised: Arc<Mutex<Raised>>, raise_for_ms: i64) {
+    loop {
+        tokio::time::sleep(RAISED_REFRESH).await;
+        let now = now_ms();
+        match store
+            .raised_alerts(now.saturating_sub(raise_for_ms), MAX_RAISED_READ)
+            .await
+        {
+            Ok(alerts) => merge_raised(&raised, alerts, raise_for_ms, now),
+            Err(e) => {
+                tracing::warn!(error = %e, "anomaly: cannot read raised risks; retrying")
+            }
+        }
+    }
 }
 
 /// Alert writes waiting, by alert id: the alert's latest state, and its
@@ -56,7 +108,9 @@ impl AnomalyWatch {
         rules.any().then(|| AnomalyWatch {
             detector: Mutex::new(Detector::new(rules)),
             seen: Mutex::default(),
-            raised: Mutex::default(),
+            raised: Arc::default(),
+            restored: tokio::sync::OnceCell::new(),
+            refresher: std::sync::Once::new(),
             due: Arc::new(Notify::new()),
             unwritten: Arc::default(),
             write_due: Arc::new(Notify::new()),
@@ -206,6 +260,29 @@ impl Gateway {
             hits.push(hit);
         }
         let mut effect = self.anomaly_act(hits).await;
+        // Risks raised before a restart, or by another process.
+        let raise_for = a.rules().raise_for_ms;
+        let restored = a
+            .restored
+            .get_or_try_init(|| async {
+                let alerts = self
+                    .store
+                    .raised_alerts(now.saturating_sub(raise_for), MAX_RAISED_READ)
+                    .await?;
+                merge_raised(&a.raised, alerts, raise_for, now);
+                Ok::<(), StoreError>(())
+            })
+            .await;
+        if let Err(e) = restored {
+            tracing::error!(error = %e, "anomaly: cannot read raised risks (the call goes on; read again at the next call)");
+        }
+        a.refresher.call_once(|| {
+            tokio::spawn(refresh_raised(
+                self.store.clone(),
+                a.raised.clone(),
+                raise_for,
+            ));
+        });
         let raised = a
             .raised
             .lock()

@@ -51,6 +51,14 @@ pub(crate) fn select_due() -> String {
     )
 }
 
+/// `raise_risk` alerts with a match at or after `$1`, the latest first.
+pub(crate) fn select_raised() -> String {
+    format!(
+        "SELECT {COLUMNS} FROM anomaly_alerts WHERE action = 'raise_risk' \
+         AND updated_ms >= $1 ORDER BY updated_ms DESC, id LIMIT $2"
+    )
+}
+
 /// One stored alert.
 #[derive(sqlx::FromRow)]
 pub(crate) struct AlertRow {

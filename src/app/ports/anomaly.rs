@@ -52,6 +52,10 @@ pub trait Anomalies: Send + Sync + 'static {
     /// Alerts whose message is not posted or not up to date, updated at
     /// or after `since_ms`, oldest first.
     async fn alerts_due(&self, since_ms: i64, limit: u32) -> StoreResult<Vec<Alert>>;
+    /// `raise_risk` alerts with a match at or after `since_ms`, the latest
+    /// first (so a restart, or another process on the same database,
+    /// keeps the raised risk in force).
+    async fn raised_alerts(&self, since_ms: i64, limit: u32) -> StoreResult<Vec<Alert>>;
     /// Records the message of an alert as posted at `version`.
     async fn alert_posted(&self, id: &str, message_id: u64, version: i64) -> StoreResult<()>;
     /// Records who paused the agent from the alert (first one kept);

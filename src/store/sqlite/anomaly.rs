@@ -83,6 +83,15 @@ impl Anomalies for SqliteStore {
             .map_err(db)?;
         Ok(rows.into_iter().map(AlertRow::into_alert).collect())
     }
+    async fn raised_alerts(&self, since_ms: i64, limit: u32) -> StoreResult<Vec<Alert>> {
+        let rows: Vec<AlertRow> = sqlx::query_as(&sql::select_raised())
+            .bind(since_ms)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads)
+            .await
+            .map_err(db)?;
+        Ok(rows.into_iter().map(AlertRow::into_alert).collect())
+    }
     async fn alert_posted(&self, id: &str, message_id: u64, version: i64) -> StoreResult<()> {
         let id = id.to_string();
         self.write(move |tx| {
