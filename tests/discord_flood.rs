@@ -691,3 +691,96 @@ async fn a_bulk_approval_keeps_the_rights_of_a_single_click() {
     fake.assert_no_violations();
     server.stop_async().await;
 }
+
+/// The `vote` audit entries of each request in a digest, by request id.
+fn votes(db: &std::path::Path, digest: &str) -> HashMap<String, i64> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut st = c
+        .prepare(
+            "SELECT m.request_id, (SELECT COUNT(*) FROM audit a WHERE a.request_id = m.request_id \
+             AND a.kind = 'vote') FROM discord_digest_members m WHERE m.digest_id = ?1",
+        )
+        .unwrap();
+    st.query_map([digest], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// A two-person rule holds in bulk: one approver's Approve all records one
+/// approval on each request and decides none; the same approver again is
+/// refused on each; a second approver's Approve all decides them all, each
+/// with its two votes and exactly one resolution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_approval_of_two_person_requests_needs_two_people() {
+    let fake = FakeDiscord::start(FakeDiscordConfig {
+        rate_limits: Some(FakeRateLimits {
+            bucket_limit: 5,
+            bucket_window: Duration::from_secs(5),
+            global_per_sec: 50,
+        }),
+        ..FakeDiscordConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = flood_config(&fake.api_base()).replace(
+        "[risk.high]\ntimeout = \"30s\"\n",
+        "[risk.high]\ntimeout = \"30s\"\napprovals = 2\n",
+    );
+    assert!(cfg.contains("approvals = 2"), "the config changed shape");
+    let mut server = Launch::new(dir, cfg)
+        .try_start_async()
+        .await
+        .unwrap_or_else(|f| panic!("serve did not start: {:?}\n{}", f.status, f.log));
+    let db = server.dir.path().join("k.db");
+    fake.wait_ready(WAIT).await.expect("bot ready");
+    const N: usize = 30;
+    for n in 0..N {
+        submit(&server, "agent", "delete_file", n, 600).await;
+    }
+    let digest = fake
+        .wait_for_messages(
+            APPROVALS_CHANNEL_ID,
+            |ms: &[StoredMessage]| {
+                ms.iter()
+                    .find(|m| is_group(m, "agent", "delete_file"))
+                    .filter(|m| {
+                        unposted_cards(&db) == 0 && shown_on(m) == members(&db, &digest_id(m)).len()
+                    })
+                    .cloned()
+            },
+            WAIT,
+        )
+        .await
+        .expect("the digest");
+    let n = shown_on(&digest);
+    assert!(n > N / 2, "{n} of {N} in the digest");
+    let id = digest_id(&digest);
+
+    let text = approve_all(&fake, &digest, DAVE, &[APPROVER_ROLE_ID]).await;
+    assert_eq!(
+        text,
+        format!("Approved 0, {n} approvals recorded (more are needed)."),
+    );
+    assert!(members(&db, &id)
+        .values()
+        .all(|(s, r)| s == "pending" && *r == 0));
+    assert!(votes(&db, &id).values().all(|v| *v == 1));
+
+    let text = approve_all(&fake, &digest, DAVE, &[APPROVER_ROLE_ID]).await;
+    assert!(
+        text.starts_with(&format!("Approved 0, {n} were not yours to decide")),
+        "{text}"
+    );
+    assert!(votes(&db, &id).values().all(|v| *v == 1));
+
+    let text = approve_all(&fake, &digest, CAROL, &[APPROVER_ROLE_ID]).await;
+    assert_eq!(text, format!("Approved {n}."));
+    assert!(members(&db, &id)
+        .values()
+        .all(|(s, r)| s == "approved" && *r == 1));
+    assert!(votes(&db, &id).values().all(|v| *v == 2));
+    fake.assert_no_violations();
+    server.stop_async().await;
+}
