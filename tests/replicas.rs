@@ -768,3 +768,93 @@ async fn a_click_while_leadership_moves_is_applied_once_or_refused_clearly() {
     .unwrap();
     assert_eq!(votes, 1, "approved once");
 }
+
+/// The escalation messages (not cards) in the approvals channel that name
+/// `id` and start with `prefix`.
+fn escalation_pings(fake: &FakeDiscord, id: &str, prefix: &str) -> usize {
+    fake.messages_in(APPROVALS_CHANNEL_ID)
+        .iter()
+        .filter(|m| m.embeds.is_empty() && m.content.contains(id) && m.content.starts_with(prefix))
+        .count()
+}
+
+/// The escalation ladder across a leader change: a step the killed leader
+/// sent is not sent again by the new one, and the later step is sent once,
+/// by the new leader, with one `escalated` audit entry per step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escalation_steps_fire_once_across_a_leader_change() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let url = schema.url();
+    let fake = FakeDiscord::start(FakeDiscordConfig::default()).await;
+    let cfg = format!(
+        "{}\n[[risk.high.escalation]]\nafter = \"1s\"\naction = \"reping\"\n\n\
+         [[risk.high.escalation]]\nafter = \"15s\"\naction = \"ping_role\"\nrole = \"{ADMIN_ROLE_ID}\"\n",
+        discord_replica(&url, &fake.api_base(), "45s")
+    );
+    let x = start(cfg.clone()).await;
+    let y = start(cfg).await;
+    let (leader, heir) = leader_of(x, y).await;
+    fake.wait_ready(WAIT)
+        .await
+        .expect("the leader's bot is ready");
+    let r = heir
+        .agent_call("submit", {
+            let mut p = delete_file(1);
+            p["agent"] = json!(harness::config::DISCORD_AGENT);
+            p
+        })
+        .await
+        .expect("submit");
+    assert_eq!(r["state"], "pending", "{r}");
+    let id = r["request_id"].as_str().unwrap().to_string();
+    // The first step, sent by the leader.
+    fake.wait_for_messages(
+        APPROVALS_CHANNEL_ID,
+        |ms| {
+            ms.iter()
+                .find(|m| {
+                    m.embeds.is_empty() && m.content.contains(&id) && m.content.starts_with('🔔')
+                })
+                .cloned()
+        },
+        WAIT,
+    )
+    .await
+    .expect("the first step's ping");
+
+    let mut leader = leader;
+    leader.kill();
+    until(WAIT, "the other replica leads", || async {
+        role(&heir).await == "leader"
+    })
+    .await;
+    fake.wait_for_messages(
+        APPROVALS_CHANNEL_ID,
+        |ms| {
+            ms.iter()
+                .find(|m| {
+                    m.embeds.is_empty() && m.content.contains(&id) && m.content.starts_with('⏫')
+                })
+                .cloned()
+        },
+        Duration::from_secs(40),
+    )
+    .await
+    .expect("the second step's ping, from the new leader");
+    assert_eq!(fake.identify_count(), 2, "the new leader's bot sent it");
+    assert_eq!(escalation_pings(&fake, &id, "🔔"), 1, "step 1 once");
+    assert_eq!(escalation_pings(&fake, &id, "⏫"), 1, "step 2 once");
+    let mut db = connect(&schema).await;
+    let steps: Vec<(i64,)> = sqlx::query_as(
+        "SELECT count(*) FROM audit WHERE kind = 'escalated' AND request_id = $1 \
+         GROUP BY detail::jsonb->>'step' ORDER BY detail::jsonb->>'step'",
+    )
+    .bind(&id)
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(steps, vec![(1,), (1,)], "one audit entry per step");
+    fake.assert_no_violations();
+}
