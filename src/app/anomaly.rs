@@ -29,6 +29,12 @@ pub const MAX_ALERTS_LISTED: u32 = 1000;
 /// The anomaly rules in force in this process and their state.
 pub(super) struct AnomalyWatch {
     detector: Mutex<Detector>,
+    /// How long `raise_risk` lasts (the rules are read at start only).
+    raise_for_ms: i64,
+    /// Some rule's action is `raise_risk`.
+    raises_risk: bool,
+    /// The new-tool rule is on.
+    new_tool_on: bool,
     seen: Mutex<HashSet<(String, String)>>,
     /// Agent → (until, why): `raise_risk` in force, from this process's
     /// matches and from the store (see [`refresh_raised`]).
@@ -106,6 +112,9 @@ impl AnomalyWatch {
     /// `None` when no rule is configured.
     pub(super) fn new(rules: Rules) -> Option<AnomalyWatch> {
         rules.any().then(|| AnomalyWatch {
+            raise_for_ms: rules.raise_for_ms,
+            raises_risk: rules.raises_risk(),
+            new_tool_on: rules.new_tool.is_some(),
             detector: Mutex::new(Detector::new(rules)),
             seen: Mutex::default(),
             raised: Arc::default(),
@@ -116,14 +125,6 @@ impl AnomalyWatch {
             write_due: Arc::new(Notify::new()),
             writer: std::sync::Once::new(),
         })
-    }
-
-    fn rules(&self) -> Rules {
-        self.detector
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .rules()
-            .clone()
     }
 }
 
@@ -261,28 +262,35 @@ impl Gateway {
         }
         let mut effect = self.anomaly_act(hits).await;
         // Risks raised before a restart, or by another process.
-        let raise_for = a.rules().raise_for_ms;
-        let restored = a
-            .restored
-            .get_or_try_init(|| async {
-                let alerts = self
-                    .store
-                    .raised_alerts(now.saturating_sub(raise_for), MAX_RAISED_READ)
-                    .await?;
-                merge_raised(&a.raised, alerts, raise_for, now);
-                Ok::<(), StoreError>(())
-            })
-            .await;
-        if let Err(e) = restored {
-            tracing::error!(error = %e, "anomaly: cannot read raised risks (the call goes on; read again at the next call)");
+        if a.raises_risk {
+            let raise_for = a.raise_for_ms;
+            let restored = a
+                .restored
+                .get_or_try_init(|| async {
+                    let alerts = self
+                        .store
+                        .raised_alerts(now.saturating_sub(raise_for), MAX_RAISED_READ)
+                        .await?;
+                    merge_raised(&a.raised, alerts, raise_for, now);
+                    Ok::<(), StoreError>(())
+                })
+                .await;
+            if let Err(e) = restored {
+                // Unknown whether a risk is raised: a person decides.
+                tracing::error!(error = %e, "anomaly: cannot read raised risks; this call asks a person (read again at the next call)");
+                effect.force_ask = Some((
+                    ANOMALY_RULE.to_string(),
+                    "anomaly: the raised risks could not be read, so a person decides".to_string(),
+                ));
+            }
+            a.refresher.call_once(|| {
+                tokio::spawn(refresh_raised(
+                    self.store.clone(),
+                    a.raised.clone(),
+                    raise_for,
+                ));
+            });
         }
-        a.refresher.call_once(|| {
-            tokio::spawn(refresh_raised(
-                self.store.clone(),
-                a.raised.clone(),
-                raise_for,
-            ));
-        });
         let raised = a
             .raised
             .lock()
@@ -306,14 +314,7 @@ impl Gateway {
     /// agent's first call, for `learn_for`); a store error is logged and
     /// the call goes on.
     async fn new_tool(&self, a: &AnomalyWatch, agent: &str, tool: &str, now: i64) -> Option<Hit> {
-        let rules_on = a
-            .detector
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .rules()
-            .new_tool
-            .is_some();
-        if !rules_on {
+        if !a.new_tool_on {
             return None;
         }
         let key = (agent.to_string(), tool.to_string());
@@ -443,7 +444,7 @@ impl Gateway {
         let Some(a) = &self.anomaly else {
             return effect;
         };
-        let raise_for = a.rules().raise_for_ms;
+        let raise_for = a.raise_for_ms;
         for hit in hits {
             let now = now_ms();
             let detail = clip(&hit.detail);

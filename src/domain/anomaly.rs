@@ -304,6 +304,13 @@ impl Rules {
             || self.repeat.is_some()
     }
 
+    /// Whether any rule's action is `raise_risk`.
+    pub fn raises_risk(&self) -> bool {
+        RuleKind::ALL
+            .into_iter()
+            .any(|r| self.action(r) == Action::RaiseRisk)
+    }
+
     fn action(&self, rule: RuleKind) -> Action {
         match rule {
             RuleKind::Rate => self.rate.as_ref().map(|r| r.action),
